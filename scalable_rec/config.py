@@ -1,0 +1,155 @@
+"""The run's configuration: typed dataclasses, one per stage, and their CLI flags.
+
+Each stage keeps its own dataclass next to its code (``FeatureConfig``, ``SplitConfig``,
+``ModelConfig``, ``TrainConfig``, ``ScoreConfig``); ``RunConfig`` composes them and is
+what every artifact stores (``config.json``, checkpoints, manifests). Field names are
+unique across stages, so each becomes one ``--flag`` whose help is the field's entry in
+its class docstring.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from scalable_rec.graph.features import FeatureConfig
+from scalable_rec.graph.hetero import SplitConfig
+from scalable_rec.score.topk import ScoreConfig
+from scalable_rec.train.loop import TrainConfig
+from scalable_rec.train.model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the input comes from and where shards go.
+
+    Args:
+        data: MovieLens folder with ratings.csv and movies.csv (2016 or 2018 ml-latest-small,
+            ml-25m, ml-32m). Default: $SCALABLE_REC_DATA, else ml-latest-small downloaded
+            (checksummed) into ~/.cache/scalable-rec/data.
+        workdir: Folder for shards and runs (default ./runs).
+        shards: Shard directory (default <workdir>/shards/<data folder name>).
+        strict: Fail on the first malformed row, unknown id or out-of-range rating instead
+            of counting and skipping it.
+        max_rows_per_shard: Rows per Arrow shard file.
+        rating_min: Lowest valid rating.
+        rating_max: Highest valid rating.
+        overwrite: Rebuild the shards even when unchanged input would reuse them.
+    """
+
+    data: str | None = None
+    workdir: str = "runs"
+    shards: str | None = None
+    strict: bool = False
+    max_rows_per_shard: int = 1_000_000
+    rating_min: float = 0.5
+    rating_max: float = 5.0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_rows_per_shard <= 0:
+            problems.append(f"'max_rows_per_shard' needs to be positive (got {self.max_rows_per_shard})")
+        if not self.rating_min < self.rating_max:
+            problems.append(f"'rating_min' needs to be below 'rating_max' (got {self.rating_min}, {self.rating_max})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        if self.data is None and os.environ.get("SCALABLE_REC_DATA"):
+            self.data = os.environ["SCALABLE_REC_DATA"]
+
+    def shards_dir(self, data_dir: str | None = None) -> Path:
+        if self.shards:
+            return Path(self.shards)
+        name = Path(data_dir or self.data or "ml-latest-small").resolve().name
+        return Path(self.workdir) / "shards" / name
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run; stored as ``config.json`` in the run directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    run_dir: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "RunConfig":
+        groups = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "run_dir"}
+        kwargs = {name: GROUPS[name](**obj.get(name, {})) for name in groups}
+        return cls(**kwargs, run_dir=obj.get("run_dir"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RunConfig":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+GROUPS = {"data": DataConfig, "features": FeatureConfig, "split": SplitConfig, "model": ModelConfig,
+          "train": TrainConfig, "score": ScoreConfig}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Parses the ``Args:`` section of a dataclass docstring into ``{field: help}``."""
+    doc = cls.__doc__ or ""
+    docs, current = {}, None
+    in_args = False
+    for line in doc.splitlines():
+        if line.strip() == "Args:":
+            in_args = True
+            continue
+        if not in_args:
+            continue
+        m = re.match(r"^\s{4,8}(\w+): (.*)$", line)
+        if m and len(line) - len(line.lstrip()) <= 8:
+            current = m.group(1)
+            docs[current] = m.group(2).strip()
+        elif current and line.strip():
+            docs[current] += " " + line.strip()
+    return docs
+
+
+def add_group_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Adds one ``--flag`` per dataclass field (defaults stay in the dataclass)."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS,
+                                  "help": docs.get(f.name, "")}
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) else tp
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = f.name.upper()
+        if base is bool:
+            pass
+        elif typing.get_origin(base) is Literal:
+            kwargs["choices"] = list(typing.get_args(base))
+        elif typing.get_origin(base) is list:
+            kwargs.update(nargs="+", type=typing.get_args(base)[0])
+        else:
+            kwargs["type"] = base
+        group.add_argument(flag, **kwargs)
+
+
+def build_group(cls: type, namespace: argparse.Namespace, base: Any | None = None) -> Any:
+    """Instantiates ``cls`` from parsed flags over ``base`` (or the defaults); validates."""
+    given = {k.split(".", 1)[1]: v for k, v in vars(namespace).items() if k.startswith(f"{cls.__name__}.")}
+    if base is not None:
+        return dataclasses.replace(base, **given)
+    return cls(**given)

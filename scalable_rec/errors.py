@@ -1,0 +1,53 @@
+"""Exceptions a user of scalable_rec can run into.
+
+Every error names what was expected and what came. Library code raises these (``raise ...
+from err`` keeps the cause visible); ``assert`` is kept for internal invariants only.
+"""
+
+
+class ScalableRecError(Exception):
+    """Base class of every error scalable_rec raises on purpose."""
+
+
+class ConfigError(ScalableRecError, ValueError):
+    """Options that are invalid or conflict with each other (all problems in one message)."""
+
+
+class MalformedInputError(ScalableRecError):
+    """Input rows or documents that cannot be used (raised in strict mode, else counted)."""
+
+
+class ShardError(ScalableRecError):
+    """A shard directory that is missing, half-written, corrupted or disagrees with its manifest."""
+
+
+class CheckpointError(ScalableRecError):
+    """A checkpoint that is missing, corrupted or does not match the requested config."""
+
+
+class DownloadError(ScalableRecError):
+    """A data set download that failed or whose checksum did not match."""
+
+
+class DatabaseError(ScalableRecError):
+    """Base class for ArangoDB problems."""
+
+
+class DatabaseUnreachableError(DatabaseError):
+    """The server did not answer (DNS, refused connection, TLS, timeout)."""
+
+
+class AuthenticationError(DatabaseError):
+    """The server rejected the credentials (HTTP 401)."""
+
+
+class DatabaseNotFoundError(DatabaseError):
+    """The named database does not exist (errorNum 1228)."""
+
+
+class CollectionNotFoundError(DatabaseError):
+    """The named collection does not exist (errorNum 1203)."""
+
+
+class WriteMismatchError(DatabaseError):
+    """The server's created/updated/error counts disagree with what was sent."""

@@ -1,0 +1,132 @@
+"""Shards → tensors → ``HeteroData``, and the deterministic train/val/test edge split."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch_geometric.data import HeteroData
+
+from scalable_rec.graph.features import FeatureConfig, movie_features
+from scalable_rec.shards import GraphShards
+
+log = logging.getLogger(__name__)
+
+USER, MOVIE = "user", "movie"
+RATES = (USER, "rates", MOVIE)
+REV_RATES = (MOVIE, "rev_rates", USER)
+
+
+def _to_tensor(col: pa.ChunkedArray | pa.Array, dtype: torch.dtype) -> torch.Tensor:
+    arr = col.to_numpy() if isinstance(col, pa.ChunkedArray) else col.to_numpy(zero_copy_only=False)
+    return torch.from_numpy(np.array(arr, copy=True)).to(dtype)  # writable: the mmapped shard is read-only
+
+
+@dataclass
+class RatingGraph:
+    """All rating edges of a shard directory as tensors, plus node keys and movie features."""
+
+    user_keys: pa.Array
+    movie_keys: pa.Array
+    movie_x: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    rating: torch.Tensor
+    timestamp: torch.Tensor
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_keys)
+
+    @property
+    def num_movies(self) -> int:
+        return len(self.movie_keys)
+
+    @property
+    def num_edges(self) -> int:
+        return self.src.numel()
+
+    @classmethod
+    def from_shards(cls, shards: GraphShards, features: FeatureConfig = FeatureConfig()) -> "RatingGraph":
+        edges = shards.edges(*RATES)
+        ts = edges.column("timestamp")
+        return cls(
+            user_keys=shards.nodes(USER).column("key").combine_chunks(),
+            movie_keys=shards.nodes(MOVIE).column("key").combine_chunks(),
+            movie_x=torch.from_numpy(movie_features(shards, features)),
+            src=_to_tensor(edges.column("src"), torch.long),
+            dst=_to_tensor(edges.column("dst"), torch.long),
+            rating=_to_tensor(edges.column("rating"), torch.float32),
+            timestamp=_to_tensor(ts.fill_null(0), torch.long),
+        )
+
+    def hetero_data(self, edge_ids: torch.Tensor | None = None) -> HeteroData:
+        """A message-passing graph over the given rating edges (all when ``None``).
+
+        The reverse relation ``movie -rev_rates-> user`` is added so users receive
+        messages too. Users carry no features: the model looks up ``n_id`` in an
+        embedding table.
+        """
+        src, dst = (self.src, self.dst) if edge_ids is None else (self.src[edge_ids], self.dst[edge_ids])
+        data = HeteroData()
+        data[USER].num_nodes = self.num_users
+        data[MOVIE].num_nodes = self.num_movies
+        data[MOVIE].x = self.movie_x
+        data[RATES].edge_index = torch.stack([src, dst])
+        data[REV_RATES].edge_index = torch.stack([dst, src])
+        return data
+
+
+@dataclass
+class SplitConfig:
+    """How rating edges are split into train/val/test.
+
+    Args:
+        val_ratio: Share of edges for validation (default 0.1).
+        test_ratio: Share of edges for test (default 0.1).
+        strategy: ``random`` (seeded permutation) or ``temporal`` (by rating timestamp:
+            oldest for training, newest for test; ties broken by edge order).
+        split_seed: Seed of the random split.
+    """
+
+    val_ratio: float = 0.1
+    test_ratio: float = 0.1
+    strategy: Literal["random", "temporal"] = "random"
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("val_ratio", "test_ratio"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                problems.append(f"'{name}' needs to be in [0, 1) (got {v})")
+        if self.val_ratio + self.test_ratio >= 1.0:
+            problems.append(f"'val_ratio' + 'test_ratio' needs to be < 1 (got {self.val_ratio + self.test_ratio})")
+        if self.strategy not in ("random", "temporal"):
+            problems.append(f"'strategy' needs to be 'random' or 'temporal' (got {self.strategy!r})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class EdgeSplit:
+    """Edge ids (positions in ``RatingGraph``) of each split; disjoint and covering all edges."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+
+def split_edges(graph: RatingGraph, cfg: SplitConfig) -> EdgeSplit:
+    n = graph.num_edges
+    n_val, n_test = int(round(n * cfg.val_ratio)), int(round(n * cfg.test_ratio))
+    n_train = n - n_val - n_test
+    if cfg.strategy == "random":
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
+    else:
+        order = torch.from_numpy(np.argsort(graph.timestamp.numpy(), kind="stable"))
+    return EdgeSplit(train=order[:n_train].sort().values, val=order[n_train:n_train + n_val].sort().values,
+                     test=order[n_train + n_val:].sort().values)

@@ -1,0 +1,228 @@
+"""The stages a user runs: prepare → train (+ evaluate) → score, and ``run`` for all.
+
+Each stage is a plain function taking a ``RunConfig``; the CLI maps names to them.
+Under torchrun, rank 0 prepares shards and features while the other ranks wait, all
+ranks train, and rank 0 evaluates, scores and writes the run directory.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalable_rec.config import RunConfig
+from scalable_rec.errors import ShardError
+from scalable_rec.graph import RATES, RatingGraph, movie_features, split_edges
+from scalable_rec.graph.hetero import EdgeSplit
+from scalable_rec.score import (
+    RatedIndex, popularity_score_fn, ranking_metrics, rating_errors, to_record_batch, topk_chunks,
+)
+from scalable_rec.shards import GraphShards, Manifest
+from scalable_rec.shards.manifest import write_json_atomic
+from scalable_rec.sink import write_parquet
+from scalable_rec.source import MovieLensSource, RatingBounds, SkipReport, write_rating_shards
+from scalable_rec.source.download import fetch_movielens
+from scalable_rec.train import Recommender, train
+from scalable_rec.train import checkpoint as ckpt
+from scalable_rec.train.distributed import DistEnv, init_distributed
+from scalable_rec.train.loop import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def _barrier(env: DistEnv) -> None:
+    if env.enabled and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def prepare(cfg: RunConfig) -> GraphShards:
+    """MovieLens → shards (reused when input and config are unchanged) → cached features."""
+    env = DistEnv.from_environ()
+    data_dir = cfg.data.data
+    if env.is_main:
+        if data_dir is None:
+            data_dir = str(fetch_movielens())
+        source = MovieLensSource(data_dir)
+        out = cfg.data.shards_dir(data_dir)
+        fingerprint = source.fingerprint()
+        reused = False
+        if (out / "manifest.json").is_file() and not cfg.data.overwrite:
+            manifest = Manifest.load(out)
+            if manifest.fingerprint == fingerprint:
+                GraphShards(out).nodes("user")  # opening checks sizes; a read checks sha256
+                reused = True
+                log.info("prepare: input unchanged, reusing shards in %s", out)
+        if not reused:
+            t0 = time.perf_counter()
+            report = SkipReport(strict=cfg.data.strict)
+            manifest = write_rating_shards(source, str(out), report,
+                                           RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
+                                           cfg.data.max_rows_per_shard, overwrite=True)
+            log.info("prepare: wrote %s in %.1fs (%s)", out, time.perf_counter() - t0, report.summary())
+        shards = GraphShards(out)
+        movie_features(shards, cfg.features)  # computes once, then cached beside the shards
+    _barrier(env)
+    if not env.is_main:
+        shards = GraphShards(cfg.data.shards_dir(data_dir or "ml-latest-small"))
+    return shards
+
+
+def _open_shards(cfg: RunConfig) -> GraphShards:
+    path = cfg.data.shards_dir()
+    try:
+        return GraphShards(path)
+    except ShardError:
+        if cfg.data.shards is None and not (path / "manifest.json").exists():
+            raise ShardError(f"No shards at '{path}': run 'scalable-rec prepare' first or pass --shards") from None
+        raise
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.data.workdir) / f"run-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def train_stage(cfg: RunConfig, shards: GraphShards | None = None) -> dict[str, Any]:
+    """Trains, evaluates on the test split and writes the run directory (rank 0)."""
+    env = DistEnv.from_environ()
+    init_distributed(env, resolve_device(cfg.train, env))
+    shards = shards or _open_shards(cfg)
+    if cfg.data.shards is None:
+        cfg.data.shards = str(shards.directory.resolve())
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+    if run_dir is None:
+        from scalable_rec.train.distributed import broadcast_object
+
+        run_dir = broadcast_object(new_run_dir(cfg), env)
+    cfg.run_dir = str(run_dir)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    graph = RatingGraph.from_shards(shards, cfg.features)
+    split = split_edges(graph, cfg.split)
+    timings["load_graph_s"] = time.perf_counter() - t0
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", cfg.to_json())
+    result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json())
+    timings["train_s"] = result.seconds
+    metrics: dict[str, Any] = {"history": result.history, "best_val_rmse": result.best_val_rmse,
+                               "global_step": result.global_step, "stopped_early": result.stopped_early,
+                               "interrupted": result.interrupted}
+    if env.is_main and not result.interrupted:
+        t1 = time.perf_counter()
+        metrics["test"] = evaluate(result.model, graph, split, cfg)
+        timings["evaluate_s"] = time.perf_counter() - t1
+        log.info("test: %s", json.dumps(metrics["test"]))
+    metrics["timings"] = timings
+    metrics["input_report"] = shards.manifest.report
+    if env.is_main:
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        plot_curves(result.history, run_dir / "curves.png")
+    _barrier(env)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: Recommender, graph: RatingGraph, split: EdgeSplit, cfg: RunConfig) -> dict[str, Any]:
+    """Test RMSE/MAE on every test edge and Recall/NDCG@10 on test edges rated ≥ 4.
+
+    Message passing uses training and validation edges; those are also the ones masked
+    from the ranking, so held-out test movies stay rankable.
+    """
+    model.eval()
+    device = model.rating_mean.device
+    seen_ids = torch.cat([split.train, split.val])
+    z = model.encode_all(graph.hetero_data(seen_ids))
+    test_src, test_dst = graph.src[split.test].to(device), graph.dst[split.test].to(device)
+    pred = torch.cat([model.decoder(z["user"][s], z["movie"][d], s, d) + model.rating_mean
+                      for s, d in zip(test_src.split(65536), test_dst.split(65536))])
+    out: dict[str, Any] = rating_errors(pred.cpu(), graph.rating[split.test], cfg.data.rating_min,
+                                        cfg.data.rating_max)
+    out["test_edges"] = int(split.test.numel())
+    relevant = graph.rating[split.test] >= 4.0
+    seen = RatedIndex.from_edges(graph.src[seen_ids], graph.dst[seen_ids], graph.num_users)
+    k = cfg.score.k
+    args = (graph.num_users, graph.num_movies, seen, graph.src[split.test][relevant],
+            graph.dst[split.test][relevant], k, cfg.score.score_memory_mb)
+    all_movies = torch.arange(graph.num_movies, device=device)
+    out["model"] = ranking_metrics(lambda u: model.score_block(z, u.to(device), all_movies), *args)
+    out["popularity"] = ranking_metrics(popularity_score_fn(graph.dst[split.train], graph.num_movies), *args)
+    return out
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed (pip install 'scalable-rec[plot]'): no %s", path.name)
+        return
+    if not history:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_rmse"] for h in history], marker="o", label="train RMSE")
+    ax.plot(epochs, [h["val_rmse"] for h in history], marker="o", label="validation RMSE")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("RMSE")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def score_stage(cfg: RunConfig, run_dir: str | Path | None = None) -> Path:
+    """Encodes with all rating edges, ranks the whole catalog per user, writes Parquet."""
+    run_dir = Path(run_dir or cfg.run_dir)
+    saved = RunConfig.load(run_dir / "config.json")
+    shards = GraphShards(saved.data.shards_dir())
+    graph = RatingGraph.from_shards(shards, saved.features)
+    device = resolve_device(saved.train, DistEnv())
+    state = ckpt.load(run_dir / "best.pt", map_location=device)
+    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    t0 = time.perf_counter()
+    batches = recommend(model, graph, cfg.score)
+    out = run_dir / "recommendations.parquet"
+    rows = write_parquet(batches, out, metadata={"run_dir": str(run_dir), "k": str(cfg.score.k)})
+    log.info("score: %d recommendations for %d users in %.2fs → %s", rows, graph.num_users,
+             time.perf_counter() - t0, out)
+    return out
+
+
+def recommend(model: Recommender, graph: RatingGraph, cfg):
+    """Yields ranked record batches for every user (all rated movies excluded)."""
+    device = model.rating_mean.device
+    z = model.encode_all(graph.hetero_data())
+    exclude = RatedIndex.from_edges(graph.src, graph.dst, graph.num_users) if cfg.exclude_rated else None
+    movies = torch.arange(graph.num_movies, device=device)
+    for users, top, scores in topk_chunks(lambda u: model.score_block(z, u.to(device), movies),
+                                          graph.num_users, graph.num_movies, cfg, exclude):
+        yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys)
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """prepare → train → evaluate → score, all in one run directory."""
+    env = DistEnv.from_environ()
+    init_distributed(env, resolve_device(cfg.train, env))
+    shards = prepare(cfg)
+    metrics = train_stage(cfg, shards)
+    if env.is_main and not metrics["interrupted"]:
+        score_stage(cfg, cfg.run_dir)
+    return metrics

@@ -1,0 +1,138 @@
+"""The shard manifest: what a finished shard directory contains and how it was made."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from scalable_rec.errors import ShardError
+
+FORMAT = "scalable_rec.graph_shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def edge_type_name(src: str, rel: str, dst: str) -> str:
+    return f"{src}__{rel}__{dst}"
+
+
+def schema_to_json(schema: pa.Schema) -> list[dict[str, str]]:
+    return [{"name": f.name, "type": str(f.type)} for f in schema]
+
+
+@dataclass
+class ShardFile:
+    """One finished ``part-NNNNN-of-MMMMM`` file."""
+
+    path: str
+    """Path relative to the shard directory."""
+    num_rows: int
+    num_bytes: int
+    sha256: str
+
+
+@dataclass
+class TableInfo:
+    """A node or edge table: its schema and its shard files in order."""
+
+    schema: list[dict[str, str]]
+    files: list[ShardFile] = field(default_factory=list)
+    src: str | None = None
+    """Source node type (edge tables only)."""
+    rel: str | None = None
+    dst: str | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(f.num_bytes for f in self.files)
+
+
+@dataclass
+class Manifest:
+    """Contents of ``manifest.json``."""
+
+    node_types: dict[str, TableInfo]
+    edge_types: dict[str, TableInfo]
+    config: dict[str, Any]
+    """The resolved config of the source that produced the shards."""
+    report: dict[str, Any] = field(default_factory=dict)
+    """Counted skips and other facts about the input (see ``SkipReport``)."""
+    fingerprint: str = ""
+    """Hash of the inputs and source config; a rerun with the same one reuses the shards."""
+    created_at: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for group in ("node_types", "edge_types"):
+            for info in out[group].values():
+                info["num_rows"] = sum(f["num_rows"] for f in info["files"])
+                info["num_bytes"] = sum(f["num_bytes"] for f in info["files"])
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Manifest":
+        def table(d: dict[str, Any]) -> TableInfo:
+            return TableInfo(
+                schema=d["schema"],
+                files=[ShardFile(**f) for f in d["files"]],
+                src=d.get("src"),
+                rel=d.get("rel"),
+                dst=d.get("dst"),
+            )
+
+        return cls(
+            node_types={k: table(v) for k, v in obj["node_types"].items()},
+            edge_types={k: table(v) for k, v in obj["edge_types"].items()},
+            config=obj.get("config", {}),
+            report=obj.get("report", {}),
+            fingerprint=obj.get("fingerprint", ""),
+            created_at=obj.get("created_at", ""),
+            format=obj["format"],
+            format_version=obj["format_version"],
+        )
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            hint = ""
+            if Path(f"{directory}.incomplete").exists():
+                hint = f" ('{directory}.incomplete' exists: a run writing it did not finish)"
+            raise ShardError(f"No shard manifest at '{path}'{hint}")
+        try:
+            obj = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ShardError(f"Shard manifest '{path}' is not valid JSON: {err}") from err
+        if obj.get("format") != FORMAT:
+            raise ShardError(f"'{path}' is not a scalable_rec shard manifest (format={obj.get('format')!r})")
+        if obj.get("format_version") != FORMAT_VERSION:
+            raise ShardError(
+                f"Shard format version {obj.get('format_version')} in '{path}' is not supported "
+                f"(expected {FORMAT_VERSION}); re-run 'scalable-rec prepare'"
+            )
+        try:
+            return cls.from_json(obj)
+        except (KeyError, TypeError) as err:
+            raise ShardError(f"Shard manifest '{path}' is missing a field: {err}") from err
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON under a temporary name, fsyncs and renames, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,173 @@
+"""What every graph source yields, and the one function that turns it into shards.
+
+A source produces Arrow record batches keyed by the source's own ids; it knows nothing
+about node indices or files. ``write_rating_shards`` consumes those batches, maps keys to
+dense indices (``KeyIndex``), validates ratings and endpoints, and writes a shard
+directory. MovieLens CSV, the ArangoDB export and the synthetic generator all go through
+it, so the trainer sees one format.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from scalable_rec.shards import GraphShardWriter, KeyIndex, Manifest
+from scalable_rec.source.report import SkipReport
+
+log = logging.getLogger(__name__)
+
+USER, MOVIE, RATES = "user", "movie", "rates"
+RATING_EDGE = (USER, RATES, MOVIE)
+
+
+class RatingGraphSource(Protocol):
+    """A producer of a user–movie rating graph as Arrow record batches.
+
+    ``movies()`` yields batches with ``key`` plus either ``title``/``genres`` (text
+    features computed later) or ``features`` (a fixed-size float list, used as is).
+    ``users()`` yields batches with ``key`` or returns ``None`` when users are only known
+    from the ratings. ``ratings()`` yields ``user_key``, ``movie_key``, ``rating`` (float)
+    and ``timestamp`` (int64, may be null); rows it could not parse are counted in
+    ``report`` by the source itself.
+    """
+
+    def config(self) -> dict[str, Any]: ...
+
+    def fingerprint(self) -> str | None: ...
+
+    def users(self, report: SkipReport) -> Iterator[pa.RecordBatch] | None: ...
+
+    def movies(self, report: SkipReport) -> Iterator[pa.RecordBatch]: ...
+
+    def ratings(self, report: SkipReport) -> Iterator[pa.RecordBatch]: ...
+
+
+@dataclass
+class RatingBounds:
+    """Valid rating range (inclusive). MovieLens uses half stars from 0.5 to 5.0."""
+
+    min: float = 0.5
+    max: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.min < self.max:
+            raise ValueError(f"Rating bounds need min < max (got min={self.min}, max={self.max})")
+
+
+EDGE_SCHEMA = pa.schema([
+    ("src", pa.int64()), ("dst", pa.int64()), ("rating", pa.float32()), ("timestamp", pa.int64()),
+])
+
+
+def validate_ratings(
+    batch: pa.RecordBatch,
+    users: KeyIndex,
+    movies: KeyIndex,
+    report: SkipReport,
+    bounds: RatingBounds,
+    insert_users: bool,
+) -> pa.RecordBatch:
+    """Maps a ratings batch to an edge batch, counting rows that cannot be used."""
+    rating = batch.column("rating").to_numpy(zero_copy_only=False).astype(np.float64)
+    bad = ~np.isfinite(rating) | (rating < bounds.min) | (rating > bounds.max)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        report.skip("rating_out_of_range", f"{_row(batch, first)} (valid: {bounds.min}..{bounds.max})",
+                    count=int(bad.sum()))
+    dst = movies.lookup(batch.column("movie_key"))
+    unknown_movie = (dst < 0) & ~bad
+    if unknown_movie.any():
+        first = int(np.flatnonzero(unknown_movie)[0])
+        report.skip("unknown_movie", _row(batch, first), count=int(unknown_movie.sum()))
+    keep = ~bad & ~unknown_movie
+    user_keys = batch.column("user_key")
+    if insert_users:
+        # Only rows that survive add users, so a user with only bad rows is not a node.
+        src = np.full(len(rating), -1, dtype=np.int64)
+        src[keep] = users.lookup(user_keys.filter(pa.array(keep)), insert=True)
+    else:
+        src = users.lookup(user_keys)
+        unknown_user = (src < 0) & keep
+        if unknown_user.any():
+            first = int(np.flatnonzero(unknown_user)[0])
+            report.skip("unknown_user", _row(batch, first), count=int(unknown_user.sum()))
+        keep &= ~unknown_user
+    ts = batch.column("timestamp")
+    out = pa.record_batch(
+        [pa.array(src[keep]), pa.array(dst[keep]), pa.array(rating[keep], pa.float32()),
+         pc.filter(ts.cast(pa.int64()), pa.array(keep))],
+        schema=EDGE_SCHEMA,
+    )
+    report.accept("ratings", out.num_rows)
+    return out
+
+
+def _row(batch: pa.RecordBatch, i: int) -> str:
+    return str({name: batch.column(name)[int(i)].as_py() for name in batch.schema.names})
+
+
+def write_rating_shards(
+    source: RatingGraphSource,
+    out: str,
+    report: SkipReport,
+    bounds: RatingBounds = RatingBounds(),
+    max_rows_per_shard: int = 1_000_000,
+    overwrite: bool = False,
+) -> Manifest:
+    """Streams a source into a shard directory.
+
+    Memory: the user and movie key maps plus one shard's rows; the edges are never held
+    whole. Returns the committed manifest (also written to ``<out>/manifest.json``).
+    """
+    config = {**source.config(), "rating_bounds": [bounds.min, bounds.max],
+              "max_rows_per_shard": max_rows_per_shard}
+    with GraphShardWriter(out, config, max_rows_per_shard, overwrite=overwrite) as writer:
+        movies = _write_nodes(source.movies(report), writer, MOVIE, report)
+        if movies is None:
+            raise ValueError(f"Source {source.config()} yielded no movies")
+        user_batches = source.users(report)
+        users = _write_nodes(user_batches, writer, USER, report) if user_batches is not None else None
+        discover_users = users is None
+        users = users if users is not None else KeyIndex()
+        edge_writer = writer.edge_writer(USER, RATES, MOVIE, EDGE_SCHEMA)
+        user_key_type = pa.int64()
+        for batch in source.ratings(report):
+            user_key_type = batch.schema.field("user_key").type
+            edge_writer.write(validate_ratings(batch, users, movies, report, bounds,
+                                               insert_users=discover_users))
+        if discover_users:
+            user_writer = writer.node_writer(USER, pa.schema([("key", user_key_type)]))
+            user_writer.write(pa.record_batch([pa.array(users.keys, user_key_type)], names=["key"]))
+            report.accept("users", len(users))
+        if report.counts:
+            log.warning("%s", report.summary())
+        return writer.commit(report=report.to_json(), fingerprint=source.fingerprint() or "")
+
+
+def _write_nodes(batches, writer: GraphShardWriter, node_type: str, report: SkipReport) -> KeyIndex | None:
+    """Writes node batches, dropping (and counting) repeated keys; returns the key map."""
+    index, table_writer = KeyIndex(), None
+    for batch in batches:
+        if table_writer is None:
+            table_writer = writer.node_writer(node_type, batch.schema)
+        fresh = np.ones(batch.num_rows, dtype=bool)
+        for i, k in enumerate(batch.column("key").to_pylist()):
+            if k is None or k in index:
+                fresh[i] = False
+                report.skip(f"{'missing' if k is None else 'duplicate'}_{node_type}_key", _node_row(batch, i))
+            else:
+                index.add(k)
+        table_writer.write(batch if fresh.all() else batch.filter(pa.array(fresh)))
+    if table_writer is None:
+        return None
+    report.accept(f"{node_type}s", len(index))
+    return index
+
+
+def _node_row(batch: pa.RecordBatch, i: int) -> str:
+    return str({n: batch.column(n)[i].as_py() for n in batch.schema.names if n != "features"})

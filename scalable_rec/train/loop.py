@@ -1,0 +1,380 @@
+"""The training loop, top to bottom in one file.
+
+Single process or torchrun DDP (NCCL on CUDA, gloo on CPU), fp32/bf16/fp16 through one
+autocast path (``GradScaler(enabled=fp16)``), ``LinkNeighborLoader`` mini-batches over a
+per-rank slice of the training edges, validation RMSE every epoch through the same loader
+machinery, early stopping, and checkpoints only from rank 0: ``best.pt`` (model for
+scoring) and ``last.pt`` (everything needed to resume exactly, written at epoch ends,
+every ``checkpoint_every`` steps, at ``max_steps`` and on SIGTERM/SIGINT).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch_geometric.loader import LinkNeighborLoader
+from tqdm.auto import tqdm
+
+from scalable_rec.graph.hetero import RATES, EdgeSplit, RatingGraph
+from scalable_rec.train import checkpoint as ckpt
+from scalable_rec.train.distributed import (
+    DistEnv, EdgeEpochSampler, all_reduce_sum, init_distributed,
+)
+from scalable_rec.train.model import ModelConfig, Recommender
+
+log = logging.getLogger(__name__)
+
+# torch-sparse's sampler works and is what CPU-only installs have; PyG's nudge towards
+# pyg-lib is not actionable where no pyg-lib wheel exists for the installed torch.
+warnings.filterwarnings("ignore", message=".*without a 'pyg-lib' installation is deprecated.*")
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and input-pipeline settings.
+
+    Args:
+        epochs: Maximum epochs (default 30); early stopping may end sooner.
+        batch_size: Labelled edges per step and rank (default 2048).
+        eval_batch_size: Labelled edges per validation/test batch.
+        num_neighbors: Neighbours sampled per hop, one entry per GraphSAGE layer;
+            ``-1`` takes all.
+        lr: Adam learning rate.
+        weight_decay: Adam L2 penalty.
+        loss: ``mse`` (optimises RMSE directly) or ``weighted_mse`` (each half-star
+            rating class weighted by its inverse training frequency, mean weight 1).
+        patience: Epochs without a better validation RMSE before stopping.
+        precision: ``fp32``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA, with GradScaler).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        num_workers: Sampler worker processes per rank; ``-1`` picks 0 on CPU (the
+            sampler competes with the model for the same cores) and up to 4 on CUDA.
+        seed: Seed of model init, shuffling and neighbour sampling.
+        max_steps: Stop after this many optimiser steps in total (``last.pt`` is written;
+            ``resume`` continues). ``None``: no cap.
+        checkpoint_every: Also write ``last.pt`` every N steps (0: at epoch ends only).
+        resume: Continue from ``<run_dir>/last.pt``.
+        progress: Show progress bars (rank 0 only).
+    """
+
+    epochs: int = 30
+    batch_size: int = 2048
+    eval_batch_size: int = 8192
+    num_neighbors: list[int] = field(default_factory=lambda: [10, 5])
+    lr: float = 0.003
+    weight_decay: float = 0.0
+    loss: Literal["mse", "weighted_mse"] = "mse"
+    patience: int = 3
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
+    num_workers: int = -1
+    seed: int = 0
+    max_steps: int | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"'{name}' needs to be positive (got {getattr(self, name)})")
+        if not self.num_neighbors or any(n == 0 or n < -1 for n in self.num_neighbors):
+            problems.append(f"'num_neighbors' needs positive entries or -1 (got {self.num_neighbors})")
+        if self.loss not in ("mse", "weighted_mse"):
+            problems.append(f"'loss' needs to be 'mse' or 'weighted_mse' (got {self.loss!r})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"'precision' needs to be one of {list(PRECISIONS)} (got {self.precision!r})")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            problems.append(f"'device' needs to be 'auto', 'cpu' or 'cuda' (got {self.device!r})")
+        if self.max_steps is not None and self.max_steps <= 0:
+            problems.append(f"'max_steps' needs to be positive (got {self.max_steps})")
+        if self.lr <= 0:
+            problems.append(f"'lr' needs to be positive (got {self.lr})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class TrainResult:
+    model: Recommender
+    history: list[dict[str, Any]]
+    best_val_rmse: float
+    global_step: int
+    stopped_early: bool
+    interrupted: bool
+    seconds: float
+
+
+def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    problems = []
+    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        problems.append(f"'device' is {cfg.device!r} but no CUDA device is available")
+    if cfg.precision == "fp16" and not want_cuda:
+        problems.append("'precision' fp16 needs CUDA (CPU autocast supports bf16)")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if want_cuda:
+        return torch.device(cfg.device if ":" in cfg.device else f"cuda:{env.local_rank}")
+    return torch.device("cpu")
+
+
+def rating_class_weights(rating: torch.Tensor) -> torch.Tensor:
+    """Inverse-frequency weight per half-star class (index ``round(2r)``), mean 1 over ``rating``."""
+    cls = torch.round(rating * 2).long().clamp(min=0)
+    counts = torch.bincount(cls).float()
+    weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
+    return weights / weights[cls].mean()
+
+
+def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor, cfg: TrainConfig,
+                batch_size: int, env: DistEnv, shuffle: bool, device: torch.device,
+                generator: torch.Generator | None = None):
+    """A ``LinkNeighborLoader`` over this rank's slice of ``(src, dst)`` supervision edges.
+
+    ``label`` is ``[n, 2]``: rating and sample weight. ``world_size - 1`` zero-weight
+    copies are appended so that every rank gets the same number of batches.
+    """
+    n = src.numel()
+    pad = EdgeEpochSampler.num_pad(n, env.world_size)
+    if pad:
+        src, dst = torch.cat([src, src[:pad]]), torch.cat([dst, dst[:pad]])
+        label = torch.cat([label, torch.stack([label[:pad, 0], torch.zeros(pad)], 1)])
+    sampler = EdgeEpochSampler(n, env.rank, env.world_size, cfg.seed, shuffle=shuffle)
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (
+        0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // max(1, env.world_size) - 1)))
+    loader = LinkNeighborLoader(
+        data, num_neighbors=cfg.num_neighbors, edge_label_index=(RATES, torch.stack([src, dst])),
+        edge_label=label, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None, generator=generator,
+    )
+    return loader, sampler
+
+
+@torch.no_grad()
+def evaluate_rmse(model, loader, device: torch.device, autocast, progress: bool = False) -> dict[str, float]:
+    """RMSE and MAE (predictions clamped to the rating range) reduced over ranks."""
+    model.eval()
+    sse = sae = count = 0.0
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        batch = batch.to(device, non_blocking=True)
+        with autocast:
+            pred = model(batch)
+        rating, weight = batch[RATES].edge_label.unbind(-1)
+        err = (pred.float().clamp(0.5, 5.0) - rating) * weight.bool()
+        sse += float((err ** 2).sum())
+        sae += float(err.abs().sum())
+        count += float(weight.bool().sum())
+    sse, sae, count = all_reduce_sum([sse, sae, count], device)
+    return {"rmse": math.sqrt(sse / max(count, 1)), "mae": sae / max(count, 1), "count": int(count)}
+
+
+def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
+          run_dir: str | os.PathLike, config: dict[str, Any] | None = None) -> TrainResult:
+    """Trains a recommender on ``split.train`` and early-stops on ``split.val``.
+
+    Under torchrun this joins the process group (and leaves it joined, so the caller can
+    evaluate with the same ranks); the caller calls ``shutdown_distributed``.
+
+    Args:
+        graph: All rating edges and features.
+        split: Edge ids per split. Validation and test edges never take part in
+            training message passing.
+        model_cfg: Model shape.
+        cfg: Training settings.
+        run_dir: Where rank 0 writes ``best.pt`` and ``last.pt``.
+        config: The resolved config of the whole run, stored in every checkpoint.
+    """
+    env = DistEnv.from_environ()
+    device = resolve_device(cfg, env)
+    init_distributed(env, device)
+    run_dir = Path(run_dir)
+    config = config or {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
+    torch.manual_seed(cfg.seed + env.rank)  # ranks sample different neighbourhoods
+    t0 = time.perf_counter()
+
+    # ---- data: message passing over training edges only --------------------------
+    train_rating = graph.rating[split.train]
+    weights = (rating_class_weights(train_rating) if cfg.loss == "weighted_mse"
+               else torch.ones_like(train_rating))
+    train_data = graph.hetero_data(split.train)
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader, train_sampler = make_loader(
+        train_data, graph.src[split.train], graph.dst[split.train], torch.stack([train_rating, weights], 1),
+        cfg, cfg.batch_size, env, shuffle=True, device=device, generator=loader_gen)
+    val_loader, _ = make_loader(
+        train_data, graph.src[split.val], graph.dst[split.val],
+        torch.stack([graph.rating[split.val], torch.ones(split.val.numel())], 1),
+        cfg, cfg.eval_batch_size, env, shuffle=False, device=device)
+
+    # ---- model, optimiser, precision -----------------------------------------------
+    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), model_cfg,
+                        rating_mean=float(train_rating.mean())).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
+
+    # ---- resume ------------------------------------------------------------------------
+    start_epoch, skip_steps, global_step = 0, 0, 0
+    history: list[dict[str, Any]] = []
+    best_val, bad_epochs = math.inf, 0
+    if cfg.resume:
+        state = ckpt.load(run_dir / "last.pt", map_location=device)
+        ckpt.check_compatible(state["config"], config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, skip_steps, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        history, best_val, bad_epochs = state["history"], state["best_val_rmse"], state["bad_epochs"]
+        ckpt.set_rng_state(state["rng"][env.rank], loader_gen)
+        if env.is_main:
+            log.info("resumed from %s at epoch %d step %d", run_dir / "last.pt", start_epoch, skip_steps)
+
+    ddp_model = model
+    if env.enabled:
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        find_unused_parameters=_has_unused_parameters(model, train_loader, device, loader_gen))
+
+    # Preemption (SIGTERM from a scheduler, Ctrl-C): finish the step, save, stop.
+    stop = {"signal": None}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, lambda signum, _frame: stop.update(signal=signum))
+
+    def save_last(epoch: int, step_in_epoch: int) -> None:
+        # Every rank's RNG state goes into rank 0's file (gathered), so resume is exact per rank.
+        states = [ckpt.rng_state(loader_gen)]
+        if env.enabled:
+            states = [None] * env.world_size
+            torch.distributed.all_gather_object(states, ckpt.rng_state(loader_gen))
+        if env.is_main:
+            ckpt.save_atomic({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "global_step": global_step, "history": history, "best_val_rmse": best_val,
+                "bad_epochs": bad_epochs, "rng": states, "config": config,
+            }, run_dir / "last.pt")
+
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    stopped_early = interrupted = False
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            # ---- one epoch -------------------------------------------------------------
+            ddp_model.train()
+            train_sampler.set_epoch(epoch, skip=skip_steps * cfg.batch_size)
+            step_in_epoch = skip_steps
+            skip_steps = 0
+            sse = count = 0.0
+            load_s = compute_s = 0.0
+            t_epoch = time.perf_counter()
+            bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}", disable=not (cfg.progress and env.is_main),
+                       leave=False)
+            it = iter(train_loader)
+            while True:
+                t_load = time.perf_counter()
+                batch = next(it, None)
+                if batch is None:
+                    break
+                batch = batch.to(device, non_blocking=True)
+                t_step = time.perf_counter()
+                load_s += t_step - t_load
+                rating, weight = batch[RATES].edge_label.unbind(-1)
+                with autocast:
+                    pred = ddp_model(batch)
+                # Loss in fp32 whatever the autocast dtype; pads have weight 0.
+                se = (pred.float() - rating) ** 2
+                loss = (se * weight).sum() / weight.bool().sum().clamp(min=1)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                step_in_epoch += 1
+                global_step += 1
+                # Accumulate on device; read back once per epoch (avoids a sync per step).
+                sse += (se.detach() * weight.bool()).sum()
+                count += float(weight.bool().sum())
+                compute_s += time.perf_counter() - t_step
+                bar.update(1)
+                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
+                    save_last(epoch, step_in_epoch)
+                if stop["signal"] is not None or (cfg.max_steps and global_step >= cfg.max_steps):
+                    interrupted = True
+                    break
+            bar.close()
+            if interrupted:
+                save_last(epoch, step_in_epoch)
+                break
+            # ---- validation, early stopping, checkpoints (rank 0 writes) ---------------
+            sse_t, count_t = all_reduce_sum([float(sse), count], device)
+            val = evaluate_rmse(ddp_model, val_loader, device, autocast)
+            elapsed = time.perf_counter() - t_epoch
+            record = {"epoch": epoch, "train_rmse": math.sqrt(sse_t / max(count_t, 1)), "val_rmse": val["rmse"],
+                      "val_mae": val["mae"], "seconds": elapsed, "steps": step_in_epoch,
+                      "edges_per_s": count_t / max(load_s + compute_s, 1e-9),
+                      "loader_share": load_s / max(load_s + compute_s, 1e-9)}
+            history.append(record)
+            if env.is_main:
+                log.info("epoch %d: train rmse %.4f  val rmse %.4f  (%.1fs, %.0f edges/s, loader %.0f%%)",
+                         epoch, record["train_rmse"], val["rmse"], elapsed, record["edges_per_s"],
+                         100 * record["loader_share"])
+            if val["rmse"] < best_val - 1e-5:
+                best_val, bad_epochs = val["rmse"], 0
+                if env.is_main:
+                    ckpt.save_atomic({"model": model.state_dict(), "config": config, "epoch": epoch,
+                                      "val_rmse": best_val}, run_dir / "best.pt")
+            else:
+                bad_epochs += 1
+            save_last(epoch + 1, 0)
+            if bad_epochs >= cfg.patience:
+                stopped_early = True
+                if env.is_main:
+                    log.info("early stop: no better val rmse for %d epochs (best %.4f)", bad_epochs, best_val)
+                break
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    # The best weights (or the current ones if no epoch finished) are what gets scored.
+    if (run_dir / "best.pt").is_file():
+        if env.enabled:
+            torch.distributed.barrier()
+        model.load_state_dict(ckpt.load(run_dir / "best.pt", map_location=device)["model"])
+    elif env.is_main:
+        ckpt.save_atomic({"model": model.state_dict(), "config": config, "epoch": epoch,
+                          "val_rmse": None}, run_dir / "best.pt")
+    return TrainResult(model=model, history=history, best_val_rmse=best_val, global_step=global_step,
+                       stopped_early=stopped_early, interrupted=interrupted,
+                       seconds=time.perf_counter() - t0)
+
+
+def _has_unused_parameters(model: Recommender, loader, device: torch.device,
+                           loader_gen: torch.Generator) -> bool:
+    """One probe forward/backward: does any parameter get no gradient (unused edge type)?
+
+    Runs under a forked RNG on a fresh iterator so the real run's random streams are
+    unchanged. Also initialises lazy modules before DDP wraps the model.
+    """
+    gen_state = loader_gen.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        batch = next(iter(loader)).to(device)
+        model(batch).float().sum().backward()
+    loader_gen.set_state(gen_state)
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return bool(unused)

@@ -1,0 +1,188 @@
+"""Heterogeneous GraphSAGE encoder with a rating MLP or a dot-product decoder.
+
+Decoders:
+- ``mlp`` (the article's): an MLP on ``[user ‖ movie]``. It can model non-linear
+  user–movie interactions, but scoring the full catalog needs one MLP pass per pair
+  (done here by splitting the first layer: ``W[u‖m] = W_u u + W_m m``).
+- ``dot``: ``⟨u, m⟩ + b_user + b_movie + μ``. Scoring all pairs is one matrix multiply,
+  orders of magnitude cheaper at catalog scale; on MovieLens it gives a similar or better
+  RMSE than the MLP (see README for measured numbers), because user/movie biases carry
+  most of the explainable variance of explicit ratings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import HeteroConv, SAGEConv
+
+from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
+
+
+@dataclass
+class ModelConfig:
+    """Model shape.
+
+    Args:
+        hidden: Width of embeddings and of every GraphSAGE layer (default 64).
+        num_layers: GraphSAGE layers, i.e. hops of message passing (default 2).
+        decoder: ``dot`` (matrix-multiply scoring) or ``mlp`` (the article's decoder).
+        dropout: Dropout between layers.
+        aggr: Neighbour aggregation of SAGEConv (``mean``, ``sum``, ``max``).
+    """
+
+    hidden: int = 64
+    num_layers: int = 2
+    decoder: Literal["dot", "mlp"] = "dot"
+    dropout: float = 0.0
+    aggr: str = "mean"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.hidden <= 0:
+            problems.append(f"'hidden' needs to be positive (got {self.hidden})")
+        if self.num_layers < 1:
+            problems.append(f"'num_layers' needs to be at least 1 (got {self.num_layers})")
+        if self.decoder not in ("dot", "mlp"):
+            problems.append(f"'decoder' needs to be 'dot' or 'mlp' (got {self.decoder!r})")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"'dropout' needs to be in [0, 1) (got {self.dropout})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class HeteroSAGEEncoder(nn.Module):
+    """User and movie embeddings refined by ``num_layers`` hetero GraphSAGE layers.
+
+    Inputs are global node ids (``n_id``) for the embedding tables and movie features.
+    Every layer's input is cast to fp32 before message passing: SAGEConv aggregates with a
+    scatter over all neighbours, and a sum over thousands of fp16 messages overflows
+    (max 65504). The linear layers inside still run in the autocast dtype, so the
+    matmuls keep their speed-up; only the aggregation pays fp32 bandwidth.
+    """
+
+    def __init__(self, num_users: int, num_movies: int, movie_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        h = cfg.hidden
+        self.user_emb = nn.Embedding(num_users, h)
+        self.movie_emb = nn.Embedding(num_movies, h)
+        self.movie_lin = nn.Linear(movie_dim, h)
+        self.convs = nn.ModuleList(
+            HeteroConv({RATES: SAGEConv((h, h), h, aggr=cfg.aggr),
+                        REV_RATES: SAGEConv((h, h), h, aggr=cfg.aggr)}, aggr="sum")
+            for _ in range(cfg.num_layers)
+        )
+        self.dropout = cfg.dropout
+        nn.init.normal_(self.user_emb.weight, std=0.1)
+        nn.init.normal_(self.movie_emb.weight, std=0.1)
+
+    def forward(self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict) -> dict[str, Tensor]:
+        x = {USER: self.user_emb(n_id[USER]),
+             MOVIE: self.movie_emb(n_id[MOVIE]) + self.movie_lin(movie_x)}
+        for i, conv in enumerate(self.convs):
+            x = conv({k: v.float() for k, v in x.items()}, edge_index)
+            if i < len(self.convs) - 1:
+                x = {k: F.dropout(F.relu(v), self.dropout, self.training) for k, v in x.items()}
+        return x
+
+
+class DotDecoder(nn.Module):
+    """``⟨u, m⟩ + b_u + b_m + μ``: all-pairs scores are a matrix multiply."""
+
+    def __init__(self, num_users: int, num_movies: int, hidden: int) -> None:
+        super().__init__()
+        self.user_bias = nn.Embedding(num_users, 1)
+        self.movie_bias = nn.Embedding(num_movies, 1)
+        nn.init.zeros_(self.user_bias.weight)
+        nn.init.zeros_(self.movie_bias.weight)
+
+    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor) -> Tensor:
+        return (zu * zm).sum(-1) + self.user_bias(uid).squeeze(-1) + self.movie_bias(mid).squeeze(-1)
+
+    def score_block(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor) -> Tensor:
+        """Scores ``[len(uid), len(mid)]``; the matmul is the whole cost."""
+        out = zu @ zm.T
+        out += self.user_bias.weight[uid]
+        out += self.movie_bias.weight[mid].T
+        return out
+
+
+class MLPDecoder(nn.Module):
+    """The article's decoder: ``Linear(2h, h) → ReLU → Linear(h, 1)`` on ``[u ‖ m]``."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(2 * hidden, hidden)
+        self.lin2 = nn.Linear(hidden, 1)
+
+    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor) -> Tensor:
+        return self.lin2(F.relu(self.lin1(torch.cat([zu, zm], dim=-1)))).squeeze(-1)
+
+    def score_block(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor,
+                    max_elements: int = 1 << 25) -> Tensor:
+        """Scores all pairs without materialising ``[users, movies, 2h]`` inputs.
+
+        ``lin1([u ‖ m]) = W_u u + W_m m + b``: the two halves are computed once per user
+        and per movie, and only the ``[rows, movies, h]`` hidden activations of a few
+        users at a time (``max_elements`` floats) exist at once.
+        """
+        h = zu.size(1)
+        a = zu @ self.lin1.weight[:, :h].T + self.lin1.bias
+        b = zm @ self.lin1.weight[:, h:].T
+        out = zu.new_empty(zu.size(0), zm.size(0))
+        rows = max(1, max_elements // max(1, zm.size(0) * h))
+        for i in range(0, zu.size(0), rows):
+            hidden = F.relu(a[i:i + rows, None, :] + b[None, :, :])
+            out[i:i + rows] = (hidden @ self.lin2.weight.T).squeeze(-1) + self.lin2.bias
+        return out
+
+
+class Recommender(nn.Module):
+    """Encoder + decoder; predicts ratings for ``batch[RATES].edge_label_index``.
+
+    Args:
+        num_users: Rows of the user embedding table.
+        num_movies: Rows of the movie embedding table.
+        movie_dim: Width of movie features.
+        cfg: Model shape.
+        rating_mean: Global mean of training ratings, added to every prediction so the
+            model learns deviations from it.
+    """
+
+    def __init__(self, num_users: int, num_movies: int, movie_dim: int, cfg: ModelConfig,
+                 rating_mean: float = 0.0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = HeteroSAGEEncoder(num_users, num_movies, movie_dim, cfg)
+        self.decoder = (DotDecoder(num_users, num_movies, cfg.hidden) if cfg.decoder == "dot"
+                        else MLPDecoder(cfg.hidden))
+        self.register_buffer("rating_mean", torch.tensor(float(rating_mean)))
+
+    def forward(self, batch) -> Tensor:
+        n_id = {USER: batch[USER].n_id, MOVIE: batch[MOVIE].n_id}
+        z = self.encoder(n_id, batch[MOVIE].x, batch.edge_index_dict)
+        u, m = batch[RATES].edge_label_index
+        return self.decoder(z[USER][u], z[MOVIE][m], n_id[USER][u], n_id[MOVIE][m]) + self.rating_mean
+
+    @torch.no_grad()
+    def encode_all(self, data) -> dict[str, Tensor]:
+        """Embeds every node once over the full graph ``data`` (all neighbours).
+
+        Message passing runs on sparse adjacency (``SparseTensor``/CSR), so no per-edge
+        message tensor ``[E, hidden]`` is materialised.
+        """
+        from torch_geometric.transforms import ToSparseTensor
+
+        sparse = ToSparseTensor(remove_edge_index=False)(data.clone())
+        device = self.rating_mean.device
+        n_id = {USER: torch.arange(data[USER].num_nodes, device=device),
+                MOVIE: torch.arange(data[MOVIE].num_nodes, device=device)}
+        adj = {et: sparse[et].adj_t.to(device) for et in (RATES, REV_RATES)}
+        return self.encoder(n_id, data[MOVIE].x.to(device), adj)
+
+    def score_block(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:
+        """Predicted ratings for all pairs of ``uid`` × ``mid`` (global node ids)."""
+        return self.decoder.score_block(z[USER][uid], z[MOVIE][mid], uid, mid) + self.rating_mean

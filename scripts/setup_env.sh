@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Creates (once) and prints the path of a virtual environment keyed by the dependency spec.
+#
+#   venv=$(scripts/setup_env.sh)        # then "$venv/bin/scalable-rec ..."
+#
+# The environment lives outside the checkout, in $SCALABLE_REC_VENV_ROOT (default
+# ~/.cache/scalable-rec), named by a hash of pyproject.toml and this script, so a warm
+# machine reuses it across clones and a changed spec builds a new one. It is only used
+# once the marker file .complete exists, so an interrupted install is redone, never used.
+#
+# Neighbor sampling: pyg-lib is used wherever it installs for this torch; otherwise
+# torch-sparse + torch-scatter, taken from $SCALABLE_REC_WHEELS (a --find-links folder of
+# prebuilt wheels, default ../shared/wheels/torch-2.13.0-cpu-cp311) and built from source
+# (about 30 minutes on 2 cores) when no matching wheel is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+TORCH_SPEC=${SCALABLE_REC_TORCH:-torch==2.13.0}
+WHEELS=${SCALABLE_REC_WHEELS:-$root/../shared/wheels/torch-2.13.0-cpu-cp311}
+EXTRAS=${1:-test}
+
+key=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
+venv_root=${SCALABLE_REC_VENV_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/scalable-rec}
+venv=$venv_root/venv-$key-$EXTRAS
+log=$venv_root/install-$key-$EXTRAS.log
+mkdir -p "$venv_root"
+
+if [ ! -f "$venv/.complete" ]; then
+  echo "setup: building $venv (log: $log)" >&2
+  rm -rf "$venv"
+  "$PY" -m venv "$venv"
+  pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+  {
+    "${pip[@]}" install -U pip setuptools wheel
+    "${pip[@]}" install "$TORCH_SPEC"
+    findlinks=()
+    [ -d "$WHEELS" ] && findlinks=(--find-links "$WHEELS")
+    if ! "${pip[@]}" install pyg-lib -f "https://data.pyg.org/whl/$("$venv/bin/python" -c 'import torch;print("torch-"+torch.__version__)').html" 2>/dev/null; then
+      # --no-build-isolation: the sdists compile against the torch installed above.
+      "${pip[@]}" install --no-build-isolation "${findlinks[@]}" torch-scatter==2.1.2 torch-sparse==0.6.18
+    fi
+    "${pip[@]}" install -e ".[$EXTRAS]"
+    "$venv/bin/python" -c 'import torch_geometric.typing as t; assert t.WITH_PYG_LIB or t.WITH_TORCH_SPARSE, "no neighbor sampler backend (pyg-lib or torch-sparse) imports"'
+  } >"$log" 2>&1 || { echo "setup: install failed, see $log" >&2; tail -n 30 "$log" >&2; exit 1; }
+  touch "$venv/.complete"
+else
+  # The environment is shared between clones: point the editable install at this one.
+  "$venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation -e . >/dev/null
+fi
+ln -sfn "$venv" .venv
+echo "$venv"
