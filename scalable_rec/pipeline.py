@@ -57,7 +57,7 @@ def prepare(cfg: RunConfig) -> GraphShards:
         if (out / "manifest.json").is_file() and not cfg.data.overwrite:
             manifest = Manifest.load(out)
             if manifest.fingerprint == fingerprint:
-                GraphShards(out).nodes("user")  # opening checks sizes; a read checks sha256
+                GraphShards(out).verify_all()  # sizes, row counts, schemas and sha256 of every file
                 reused = True
                 log.info("prepare: input unchanged, reusing shards in %s", out)
         if not reused:

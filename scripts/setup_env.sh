@@ -19,12 +19,11 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 TORCH_SPEC=${SCALABLE_REC_TORCH:-torch==2.13.0}
 WHEELS=${SCALABLE_REC_WHEELS:-$root/../shared/wheels/torch-2.13.0-cpu-cp311}
-EXTRAS=${1:-test}
 
 key=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
 venv_root=${SCALABLE_REC_VENV_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/scalable-rec}
-venv=$venv_root/venv-$key-$EXTRAS
-log=$venv_root/install-$key-$EXTRAS.log
+venv=$venv_root/venv-$key
+log=$venv_root/install-$key.log
 mkdir -p "$venv_root"
 
 if [ ! -f "$venv/.complete" ]; then
@@ -41,7 +40,7 @@ if [ ! -f "$venv/.complete" ]; then
       # --no-build-isolation: the sdists compile against the torch installed above.
       "${pip[@]}" install --no-build-isolation "${findlinks[@]}" torch-scatter==2.1.2 torch-sparse==0.6.18
     fi
-    "${pip[@]}" install -e ".[$EXTRAS]"
+    "${pip[@]}" install -e ".[test]"
     "$venv/bin/python" -c 'import torch_geometric.typing as t; assert t.WITH_PYG_LIB or t.WITH_TORCH_SPARSE, "no neighbor sampler backend (pyg-lib or torch-sparse) imports"'
   } >"$log" 2>&1 || { echo "setup: install failed, see $log" >&2; tail -n 30 "$log" >&2; exit 1; }
   touch "$venv/.complete"

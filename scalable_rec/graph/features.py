@@ -87,7 +87,7 @@ def movie_features(shards: GraphShards, cfg: FeatureConfig = FeatureConfig(),
     if "features" in table.column_names:
         col = table.column("features").combine_chunks()
         width = col.type.list_size
-        return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32, copy=False)
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32, copy=True)
     titles = table.column("title").to_pylist()
     genres = table.column("genres").to_pylist()
     h = hashlib.sha256(json.dumps([FEATURES_VERSION, cfg.text_model], sort_keys=True).encode())

@@ -48,10 +48,12 @@ class KeyIndex:
             keys = keys.to_numpy(zero_copy_only=False)
         if len(keys) == 0:
             return np.empty(0, dtype=np.int64)
-        uniq, inverse = np.unique(keys, return_inverse=True)
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         if insert:
-            mapped = np.fromiter((self.add(k.item() if hasattr(k, "item") else k) for k in uniq),
-                                 dtype=np.int64, count=len(uniq))
+            mapped = np.empty(len(uniq), dtype=np.int64)
+            for j in np.argsort(first, kind="stable"):  # new keys get indices in first-seen order
+                k = uniq[j]
+                mapped[j] = self.add(k.item() if hasattr(k, "item") else k)
         else:
             get = self._index.get
             mapped = np.fromiter((get(k.item() if hasattr(k, "item") else k, -1) for k in uniq),

@@ -42,6 +42,11 @@ class GraphShards:
                         "(truncated or half-written)"
                     )
 
+    def verify_all(self) -> None:
+        """Reads every file once, checking row counts, schema and (if ``verify``) sha256."""
+        for name, info in self._tables().items():
+            self._read(info, name)
+
     def _tables(self) -> dict[str, TableInfo]:
         return {**{f"nodes/{k}": v for k, v in self.manifest.node_types.items()},
                 **{f"edges/{k}": v for k, v in self.manifest.edge_types.items()}}

@@ -7,6 +7,7 @@ and report the bad rows. Ratings stay floats (4.5 stays 4.5).
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -64,6 +65,11 @@ class MovieLensSource:
                         f"(expected {row.expected_columns} columns, got {row.actual_columns})")
             return "skip"
 
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise ValueError(f"'{path}' has columns {header}, expected {columns} (missing {missing})")
         reader = pacsv.open_csv(
             path,
             read_options=pacsv.ReadOptions(block_size=self.block_size),
@@ -72,9 +78,6 @@ class MovieLensSource:
                 column_types={c: pa.string() for c in columns}, include_columns=columns,
                 strings_can_be_null=False),
         )
-        found = reader.schema.names
-        if found != columns:
-            raise ValueError(f"'{path}' has columns {found}, expected {columns}")
         yield from reader
 
     def movies(self, report: SkipReport) -> Iterator[pa.RecordBatch]:

@@ -74,7 +74,7 @@ class TrainConfig:
     eval_batch_size: int = 8192
     num_neighbors: list[int] = field(default_factory=lambda: [10, 5])
     lr: float = 0.003
-    weight_decay: float = 0.0
+    weight_decay: float = 1e-4
     loss: Literal["mse", "weighted_mse"] = "mse"
     patience: int = 3
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -133,11 +133,16 @@ def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
 
 
 def rating_class_weights(rating: torch.Tensor) -> torch.Tensor:
-    """Inverse-frequency weight per half-star class (index ``round(2r)``), mean 1 over ``rating``."""
+    """Per-rating weights: inverse frequency of its half-star class (``round(2r)``), mean 1.
+
+    The article's weighted MSE bucketed by ``int(rating)``, which merges 4.0 with 4.5 and
+    0.5 with nothing (class 0); half stars are classes of their own here.
+    """
     cls = torch.round(rating * 2).long().clamp(min=0)
     counts = torch.bincount(cls).float()
     weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
-    return weights / weights[cls].mean()
+    per_rating = weights[cls]
+    return per_rating / per_rating.mean()
 
 
 def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor, cfg: TrainConfig,

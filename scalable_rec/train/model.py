@@ -37,7 +37,7 @@ class ModelConfig:
     hidden: int = 64
     num_layers: int = 2
     decoder: Literal["dot", "mlp"] = "dot"
-    dropout: float = 0.0
+    dropout: float = 0.3
     aggr: str = "mean"
 
     def __post_init__(self) -> None:
