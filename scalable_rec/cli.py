@@ -4,6 +4,7 @@
     scalable-rec prepare  [flags]   MovieLens → Arrow shards + cached movie features
     scalable-rec train    [flags]   shards → run directory (checkpoint, metrics, curves)
     scalable-rec score    --run-dir DIR [--k 10]   → DIR/recommendations.parquet
+    scalable-rec synth    --preset tiny|...|ml-25m --out DIR   synthetic graph → shards
 
 Run under ``torchrun`` unchanged for DDP. ``scalable-rec COMMAND --help`` lists flags.
 """
@@ -18,6 +19,7 @@ from typing import Callable
 from scalable_rec import pipeline
 from scalable_rec.config import GROUPS, RunConfig, add_group_arguments, build_group
 from scalable_rec.errors import ScalableRecError
+from scalable_rec.source.synthetic import PRESETS
 from scalable_rec.train.distributed import DistEnv, shutdown_distributed
 
 log = logging.getLogger("scalable_rec")
@@ -42,6 +44,19 @@ def cmd_score(cfg: RunConfig) -> None:
 def cmd_run(cfg: RunConfig) -> None:
     metrics = pipeline.run(cfg)
     _print_summary(cfg, metrics)
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    """Writes a synthetic rating graph straight to a shard directory (streamed)."""
+    from scalable_rec.source import SkipReport, write_rating_shards
+    from scalable_rec.source.synthetic import SyntheticSource
+
+    overrides = {k: v for k, v in {"num_users": args.users, "num_movies": args.movies,
+                                    "num_edges": args.edges, "seed": args.seed}.items() if v is not None}
+    source = SyntheticSource.preset(args.preset, **overrides)
+    manifest = write_rating_shards(source, args.out, SkipReport(), max_rows_per_shard=args.max_rows_per_shard,
+                                   overwrite=args.overwrite)
+    print(json.dumps({"shards": args.out, "config": manifest.config}, indent=2))
 
 
 def _print_summary(cfg: RunConfig, metrics: dict) -> None:
@@ -71,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run directory (default: <workdir>/run-<time>-<id>)")
         for g in groups:
             add_group_arguments(p, GROUPS[g])
+    synth = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
+    synth.add_argument("--preset", default="small", choices=sorted(PRESETS),
+                       help="size preset (users, movies, edges): " + ", ".join(f"{k}={v}" for k, v in PRESETS.items()))
+    synth.add_argument("--users", type=int, help="override the preset's number of users")
+    synth.add_argument("--movies", type=int, help="override the preset's number of movies")
+    synth.add_argument("--edges", type=int, help="override the preset's number of rating edges")
+    synth.add_argument("--seed", type=int, help="random seed (default 0)")
+    synth.add_argument("--out", required=True, help="shard directory to write")
+    synth.add_argument("--max-rows-per-shard", type=int, default=1_000_000, help="rows per Arrow file")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
     return parser
 
 
@@ -102,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "synth":
+            cmd_synth(args)
+            return 0
         cfg = config_from_args(args)
         COMMANDS[args.command][0](cfg)
     except ScalableRecError as err:

@@ -15,7 +15,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 
@@ -97,11 +97,20 @@ class ShardWriter:
         """Rows written to finished parts plus rows still buffered."""
         return sum(f.num_rows for f in self.files) + self._pending_rows
 
-    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+    def write(self, batch: pa.RecordBatch | pa.Table, state: Any = None) -> None:
+        """Buffers rows, writing a part whenever ``max_rows_per_shard`` are buffered.
+
+        Args:
+            batch: Rows with the writer's schema (cast when compatible).
+            state: Resume token that holds once all of ``batch`` is on disk. It is recorded
+                with the part that this batch's last row completes, if any (see ``flush``);
+                a part completed in the middle of the batch keeps the previous token.
+        """
         assert not self._closed, "write() after close()"
         if isinstance(batch, pa.Table):
-            for b in batch.to_batches():
-                self.write(b)
+            batches = batch.to_batches()
+            for i, b in enumerate(batches):
+                self.write(b, state if i == len(batches) - 1 else None)
             return
         if not batch.schema.equals(self.schema):
             try:
@@ -116,7 +125,7 @@ class ShardWriter:
             self._pending_rows += take
             batch = batch.slice(take)
             if self._pending_rows == self.max_rows_per_shard:
-                self.flush()
+                self.flush(state if not batch.num_rows else None)
 
     def flush(self, state: Any = None) -> None:
         """Writes buffered rows as one finished part and records ``state`` as the resume token.
@@ -146,6 +155,11 @@ class ShardWriter:
         )
         self._pending, self._pending_rows = [], 0
         self._save_progress()
+
+    def read_finished(self) -> Iterator[pa.Table]:
+        """Reads back the finished parts in order, e.g. to rebuild key maps when resuming."""
+        for f in self.files:
+            yield pa.ipc.open_file(pa.memory_map(str(self.directory / Path(f.path).name), "r")).read_all()
 
     def _save_progress(self) -> None:
         write_json_atomic(

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -255,10 +256,13 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
                         find_unused_parameters=_has_unused_parameters(model, train_loader, device, loader_gen))
 
     # Preemption (SIGTERM from a scheduler, Ctrl-C): finish the step, save, stop.
+    # Only the main thread may install handlers; elsewhere the caller handles signals.
     stop = {"signal": None}
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    for s in previous:
-        signal.signal(s, lambda signum, _frame: stop.update(signal=signum))
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, lambda signum, _frame: stop.update(signal=signum))
 
     def save_last(epoch: int, step_in_epoch: int) -> None:
         # Every rank's RNG state goes into rank 0's file (gathered), so resume is exact per rank.

@@ -11,6 +11,7 @@ Decoders:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,11 @@ from torch import Tensor, nn
 from torch_geometric.nn import HeteroConv, SAGEConv
 
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
+
+# Full-graph encoding goes through torch.sparse CSR (via torch-sparse); torch labels it
+# beta on every call, which is noise for users of a stable code path.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 @dataclass

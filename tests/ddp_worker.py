@@ -1,0 +1,25 @@
+"""Worker for tests/test_distributed.py, launched by torchrun (not collected by pytest).
+
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py SHARDS RUN_DIR OUT_PREFIX JSON_TRAIN_CONFIG
+"""
+import json
+import sys
+
+import torch
+
+from scalable_rec.graph import RatingGraph, SplitConfig, split_edges
+from scalable_rec.shards import GraphShards
+from scalable_rec.train import ModelConfig, TrainConfig, train
+from scalable_rec.train.distributed import DistEnv, shutdown_distributed
+
+shards, run_dir, out_prefix, train_json = sys.argv[1:5]
+env = DistEnv.from_environ()
+torch.set_num_threads(1)
+graph = RatingGraph.from_shards(GraphShards(shards))
+split = split_edges(graph, SplitConfig())
+result = train(graph, split, ModelConfig(hidden=16, dropout=0.0), TrainConfig(**json.loads(train_json)), run_dir)
+# With one epoch, the returned (best) model holds the parameters after the last step.
+torch.save({k: v.detach().cpu() for k, v in result.model.state_dict().items()}, f"{out_prefix}-rank{env.rank}.pt")
+json.dump({"history": result.history, "steps": result.global_step, "world": env.world_size},
+          open(f"{out_prefix}-rank{env.rank}.json", "w"))
+shutdown_distributed()
