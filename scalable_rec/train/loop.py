@@ -162,6 +162,12 @@ def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor,
     sampler = EdgeEpochSampler(n, env.rank, env.world_size, cfg.seed, shuffle=shuffle)
     workers = cfg.num_workers if cfg.num_workers >= 0 else (
         0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // max(1, env.world_size) - 1)))
+    if workers > 0:
+        # Worker processes then map the same pages instead of each holding a copy.
+        for store in data.stores:
+            for value in store.values():
+                if isinstance(value, torch.Tensor):
+                    value.share_memory_()
     loader = LinkNeighborLoader(
         data, num_neighbors=cfg.num_neighbors, edge_label_index=(RATES, torch.stack([src, dst])),
         edge_label=label, batch_size=batch_size, sampler=sampler, num_workers=workers,

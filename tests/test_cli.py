@@ -1,0 +1,45 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from scalable_rec.cli import build_parser, main
+from scalable_rec.config import RunConfig, field_docs
+from scalable_rec.train import TrainConfig
+
+
+def test_every_flag_has_help_from_its_docstring():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("run", "train", "prepare", "score"):
+        for action in sub.choices[name]._actions:
+            if action.option_strings and action.dest not in ("help",):
+                assert action.help, f"{name} {action.option_strings} has no help"
+    assert "half-star" in field_docs(TrainConfig)["loss"]
+
+
+def test_invalid_options_are_reported_together(caplog):
+    rc = main(["train", "--shards", "/nowhere", "--epochs", "0", "--dropout", "2"])
+    assert rc == 2
+    err = caplog.text
+    assert "'epochs' needs to be positive" in err and "'dropout' needs to be in [0, 1)" in err
+
+
+def test_synth_train_score_through_the_cli(tmp_path, capsys):
+    shards = tmp_path / "shards"
+    assert main(["synth", "--preset", "tiny", "--out", str(shards)]) == 0
+    run_dir = tmp_path / "run"
+    assert main(["train", "--shards", str(shards), "--run-dir", str(run_dir), "--epochs", "1",
+                 "--batch-size", "64", "--hidden", "8", "--no-progress"]) == 0
+    saved = RunConfig.load(run_dir / "config.json")
+    assert saved.model.hidden == 8 and saved.train.batch_size == 64
+    assert main(["score", "--run-dir", str(run_dir), "--k", "3"]) == 0
+    table = pq.read_table(run_dir / "recommendations.parquet")
+    assert table.num_rows == 50 * 3
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "rmse" in metrics["test"]
+
+
+def test_missing_shards_is_a_clear_error(tmp_path, caplog):
+    assert main(["train", "--workdir", str(tmp_path), "--data", str(tmp_path / "ml")]) == 2
+    assert "run 'scalable-rec prepare' first" in caplog.text
