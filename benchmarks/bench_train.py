@@ -29,10 +29,10 @@ def graph(synthetic_shards):
 
 
 def _train_once(g, split, tmp_path, **kw):
-    # One epoch capped at STEPS steps; validation runs on a slice so it does not dominate.
-    cfg = TrainConfig(epochs=1, progress=False, **kw)
-    small_split = type(split)(train=split.train[: STEPS * cfg.batch_size], val=split.val[:20_000], test=split.test)
-    return train(g, small_split, ModelConfig(), cfg, tmp_path)
+    # One epoch capped at STEPS steps over the full training graph; validation on a slice.
+    cfg = TrainConfig(epochs=1, steps_per_epoch=STEPS, progress=False, **kw)
+    return train(g, type(split)(train=split.train, val=split.val[:20_000], test=split.test), ModelConfig(), cfg,
+                 tmp_path)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -53,9 +53,8 @@ def test_train_cpu_single_process(benchmark, graph, tmp_path, precision, threads
 
 def test_train_cpu_two_processes(benchmark, synthetic_shards, tmp_path):
     """torchrun, 2 gloo ranks with one intra-op thread each, the same edges as 1 process."""
-    batch = TrainConfig().batch_size
-    cfg = {"epochs": 1, "progress": False, "device": "cpu"}
-    options = {"train_edges": STEPS * batch, "val_edges": 20_000, "model": {}}  # default ModelConfig
+    cfg = {"epochs": 1, "steps_per_epoch": STEPS // 2, "progress": False, "device": "cpu"}
+    options = {"val_edges": 20_000, "model": {}}  # default ModelConfig
 
     def run():
         env = {**os.environ, "OMP_NUM_THREADS": "1"}

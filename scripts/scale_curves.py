@@ -57,8 +57,7 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int) -> dict:
         g = RatingGraph.from_shards(GraphShards(shards_dir))
         split = split_edges(g, SplitConfig())
         split.val = split.val[:50_000]  # validation of a capped epoch on a slice
-        cfg = TrainConfig(epochs=1, max_steps=None, progress=False)
-        split.train = split.train[torch.randperm(split.train.numel())[: train_steps * cfg.batch_size]].sort().values
+        cfg = TrainConfig(epochs=1, steps_per_epoch=train_steps, progress=False)
         result = train(g, split, ModelConfig(), cfg, workdir / f"run-{edges}")
         out.update(steps=result.history[-1]["steps"], labelled_edges_per_s=result.history[-1]["edges_per_s"],
                    message_passing_edges=edges)

@@ -2,9 +2,9 @@
 
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py SHARDS RUN_DIR OUT_PREFIX JSON_TRAIN_CONFIG [JSON_OPTIONS]
 
-JSON_OPTIONS (optional, used by benchmarks/bench_train.py): {"train_edges": N, "val_edges": M,
-"model": {...ModelConfig fields}} keeps the first N training and M validation edges of the
-split and sets the model (default: hidden 16, no dropout, for the exactness tests).
+JSON_OPTIONS (optional, used by benchmarks/bench_train.py): {"val_edges": M, "model": {...}}
+keeps the first M validation edges of the split and sets the ModelConfig (default: hidden
+16, no dropout, for the exactness tests).
 """
 import json
 import sys
@@ -22,9 +22,8 @@ torch.set_num_threads(1)
 graph = RatingGraph.from_shards(GraphShards(shards))
 split = split_edges(graph, SplitConfig())
 options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
-if "train_edges" in options:
-    split = type(split)(train=split.train[: options["train_edges"]], val=split.val[: options["val_edges"]],
-                        test=split.test)
+if "val_edges" in options:
+    split = type(split)(train=split.train, val=split.val[: options["val_edges"]], test=split.test)
 model_cfg = ModelConfig(**options.get("model", {"hidden": 16, "dropout": 0.0}))
 result = train(graph, split, model_cfg, TrainConfig(**json.loads(train_json)), run_dir)
 # With one epoch, the returned (best) model holds the parameters after the last step.

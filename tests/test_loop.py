@@ -89,3 +89,9 @@ def test_config_mismatch_names_the_fields():
     with pytest.raises(CheckpointError, match="model.hidden: checkpoint 64 vs now 32"):
         ckpt.check_compatible(saved, now)
     ckpt.check_compatible(saved, {**saved, "train": {"lr": 0.01, "epochs": 9}})  # epochs may change
+
+
+def test_steps_per_epoch_caps_each_epoch(small, tmp_path):
+    g, split = small
+    result = train(g, split, ModelConfig(hidden=8), _cfg(epochs=2, steps_per_epoch=3), tmp_path)
+    assert [h["steps"] for h in result.history] == [3, 3] and result.global_step == 6

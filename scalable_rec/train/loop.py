@@ -63,6 +63,8 @@ class TrainConfig:
         num_workers: Sampler worker processes per rank; ``-1`` picks 0 on CPU (the
             sampler competes with the model for the same cores) and up to 4 on CUDA.
         seed: Seed of model init, shuffling and neighbour sampling.
+        steps_per_epoch: End each epoch after this many steps (a random sample of the
+            epoch's shuffled slice; validation still runs). ``None``: a full pass.
         max_steps: Stop after this many optimiser steps in total (``last.pt`` is written;
             ``resume`` continues). ``None``: no cap.
         checkpoint_every: Also write ``last.pt`` every N steps (0: at epoch ends only).
@@ -82,6 +84,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = -1
     seed: int = 0
+    steps_per_epoch: int | None = None
     max_steps: int | None = None
     checkpoint_every: int = 0
     resume: bool = False
@@ -100,6 +103,8 @@ class TrainConfig:
             problems.append(f"'precision' needs to be one of {list(PRECISIONS)} (got {self.precision!r})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             problems.append(f"'device' needs to be 'auto', 'cpu' or 'cuda' (got {self.device!r})")
+        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+            problems.append(f"'steps_per_epoch' needs to be positive (got {self.steps_per_epoch})")
         if self.max_steps is not None and self.max_steps <= 0:
             problems.append(f"'max_steps' needs to be positive (got {self.max_steps})")
         if self.lr <= 0:
@@ -298,10 +303,12 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
             sse = count = 0.0
             load_s = compute_s = 0.0
             t_epoch = time.perf_counter()
-            bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}", disable=not (cfg.progress and env.is_main),
+            full_epoch = len(train_loader) + step_in_epoch  # the sampler skips resumed steps
+            steps_this_epoch = min(full_epoch, cfg.steps_per_epoch or full_epoch)
+            bar = tqdm(total=steps_this_epoch, initial=step_in_epoch, desc=f"epoch {epoch}", disable=not (cfg.progress and env.is_main),
                        leave=False)
             it = iter(train_loader)
-            while True:
+            while step_in_epoch < steps_this_epoch:
                 t_load = time.perf_counter()
                 batch = next(it, None)
                 if batch is None:
