@@ -4,7 +4,10 @@
     scalable-rec prepare  [flags]   MovieLens → Arrow shards + cached movie features
     scalable-rec train    [flags]   shards → run directory (checkpoint, metrics, curves)
     scalable-rec score    --run-dir DIR [--k 10]   → DIR/recommendations.parquet
+                          [--sink arango [--replace-previous]]   → edges in ArangoDB
     scalable-rec synth    --preset tiny|...|ml-25m --out DIR   synthetic graph → shards
+    scalable-rec arango load   [--data DIR]     MovieLens → ArangoDB collections + named graph
+    scalable-rec arango export --shards DIR [--export-resume]   ArangoDB → Arrow shards
 
 Run under ``torchrun`` unchanged for DDP. ``scalable-rec COMMAND --help`` lists flags.
 """
@@ -59,6 +62,28 @@ def cmd_synth(args: argparse.Namespace) -> None:
     print(json.dumps({"shards": args.out, "config": manifest.config}, indent=2))
 
 
+def cmd_arango_load(cfg: RunConfig) -> None:
+    """MovieLens (--data) → ArangoDB: Users, Movie, Ratings and the graph movie_rating_graph."""
+    from scalable_rec.sink.arango_load import load_movielens_dir
+    from scalable_rec.source.download import fetch_movielens
+
+    data_dir = cfg.data.data or str(fetch_movielens())
+    print(json.dumps(load_movielens_dir(data_dir, cfg.arango, cfg.arango_load, strict=cfg.data.strict), indent=2))
+
+
+def cmd_arango_export(cfg: RunConfig) -> None:
+    """ArangoDB rating graph → Arrow shards (--shards DIR) that 'scalable-rec train' reads."""
+    from scalable_rec.source import RatingBounds
+    from scalable_rec.source.arango_export import export_command
+
+    if not cfg.data.shards:
+        raise ScalableRecError("'arango export' needs --shards DIR (the shard directory to write)")
+    manifest = export_command(cfg.data.shards, cfg.arango, cfg.export, strict=cfg.data.strict,
+                              bounds=RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
+                              max_rows_per_shard=cfg.data.max_rows_per_shard, overwrite=cfg.data.overwrite)
+    print(json.dumps({"shards": cfg.data.shards, "report": manifest.report}, indent=2))
+
+
 def _print_summary(cfg: RunConfig, metrics: dict) -> None:
     if DistEnv.from_environ().is_main:
         summary = {"run_dir": cfg.run_dir, "best_val_rmse": metrics["best_val_rmse"],
@@ -68,10 +93,16 @@ def _print_summary(cfg: RunConfig, metrics: dict) -> None:
 
 # name → (function, config groups it takes flags for)
 COMMANDS: dict[str, tuple[Callable[[RunConfig], None], tuple[str, ...]]] = {
-    "run": (cmd_run, ("data", "features", "split", "model", "train", "score")),
+    "run": (cmd_run, ("data", "features", "split", "model", "train", "score", "sink", "arango")),
     "prepare": (cmd_prepare, ("data", "features")),
     "train": (cmd_train, ("data", "features", "split", "model", "train")),
-    "score": (cmd_score, ("score",)),
+    "score": (cmd_score, ("score", "sink", "arango")),
+}
+
+# scalable-rec arango ACTION: name → (function, config groups it takes flags for)
+ARANGO_COMMANDS: dict[str, tuple[Callable[[RunConfig], None], tuple[str, ...]]] = {
+    "load": (cmd_arango_load, ("data", "arango", "arango_load")),
+    "export": (cmd_arango_export, ("data", "arango", "export")),
 }
 
 
@@ -96,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="shard directory to write")
     synth.add_argument("--max-rows-per-shard", type=int, default=1_000_000, help="rows per Arrow file")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
+    arango = sub.add_parser("arango", help="ArangoDB: load MovieLens into it, export its graph to shards",
+                            description="The password comes from $SCALABLE_REC_ARANGO_PASSWORD, "
+                                        "$SCALABLE_REC_ARANGO_PASSWORD_FILE or --arango-config-file, never a flag.")
+    actions = arango.add_subparsers(dest="action", required=True)
+    for name, (fn, groups) in ARANGO_COMMANDS.items():
+        p = actions.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        p.set_defaults(run_dir=None)
+        for g in groups:
+            add_group_arguments(p, GROUPS[g])
     return parser
 
 
@@ -131,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_synth(args)
             return 0
         cfg = config_from_args(args)
-        COMMANDS[args.command][0](cfg)
+        (ARANGO_COMMANDS[args.action] if args.command == "arango" else COMMANDS[args.command])[0](cfg)
     except ScalableRecError as err:
         log.error("%s", err)
         return 2

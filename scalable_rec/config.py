@@ -18,9 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from scalable_rec.connection import ArangoConfig
 from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.hetero import SplitConfig
 from scalable_rec.score.topk import ScoreConfig
+from scalable_rec.sink.arango import WritebackConfig
+from scalable_rec.sink.arango_load import LoadConfig
+from scalable_rec.source.arango import ExportConfig
 from scalable_rec.train.loop import TrainConfig
 from scalable_rec.train.model import ModelConfig
 
@@ -80,6 +84,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    sink: WritebackConfig = field(default_factory=WritebackConfig)
+    arango: ArangoConfig = field(default_factory=ArangoConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    arango_load: LoadConfig = field(default_factory=LoadConfig)  # not "load": RunConfig.load reads a file
     run_dir: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -97,7 +105,8 @@ class RunConfig:
 
 
 GROUPS = {"data": DataConfig, "features": FeatureConfig, "split": SplitConfig, "model": ModelConfig,
-          "train": TrainConfig, "score": ScoreConfig}
+          "train": TrainConfig, "score": ScoreConfig, "sink": WritebackConfig, "arango": ArangoConfig,
+          "export": ExportConfig, "arango_load": LoadConfig}
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -130,7 +130,11 @@ class ArangoSettings:
             values["password"] = _read_password_file(file_password_file, f"'password_file' in {config_file}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "request_timeout" in values:
-            values["request_timeout"] = float(values["request_timeout"])
+            try:
+                values["request_timeout"] = float(values["request_timeout"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"'request_timeout' needs to be a number of seconds "
+                                  f"(got {values['request_timeout']!r})") from None
         return cls(**values)
 
 
@@ -161,7 +165,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         obj = dict(parser["arango"])
     unknown = sorted(set(obj) - set(FILE_KEYS))
     if unknown:
-        raise ConfigError(f"ArangoDB config file '{path}' has unknown keys {unknown} (expected some of {list(FILE_KEYS)})")
+        raise ConfigError(f"ArangoDB config file '{path}' has unknown keys {unknown} "
+                          f"(expected some of {list(FILE_KEYS)})")
     return dict(obj)
 
 
@@ -364,8 +369,8 @@ def require_collection(db: StandardDatabase, name: str, edge: bool | None = None
     except (ConnectionError, requests.exceptions.RequestException) as err:
         raise database_error(err, f"Reading collection '{name}'") from err
     if edge is not None and bool(props.get("edge")) != edge:
-        want, got = ("edge", "document") if edge else ("document", "edge")
-        raise DatabaseError(f"Collection '{name}' in database '{db.name}' is a {got} collection, "
-                            f"expected a {want} collection")
+        want, got = ("an edge", "a document") if edge else ("a document", "an edge")
+        raise DatabaseError(f"Collection '{name}' in database '{db.name}' is {got} collection, "
+                            f"expected {want} collection")
     return db.collection(name)
 

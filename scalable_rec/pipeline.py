@@ -187,7 +187,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def score_stage(cfg: RunConfig, run_dir: str | Path | None = None) -> Path:
-    """Encodes with all rating edges, ranks the whole catalog per user, writes Parquet."""
+    """Encodes with all rating edges, ranks the whole catalog per user, writes Parquet (or
+    ArangoDB edges with ``--sink arango``)."""
     run_dir = Path(run_dir or cfg.run_dir)
     saved = RunConfig.load(run_dir / "config.json")
     shards = GraphShards(saved.data.shards_dir())
@@ -199,6 +200,13 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None) -> Path:
     model.eval()
     t0 = time.perf_counter()
     batches = recommend(model, graph, cfg.score)
+    if cfg.sink.sink == "arango":  # edges Users/<key> → Movie/<key>; outcome in arango_writeback.json
+        from scalable_rec.sink.arango import writeback_run
+
+        out = writeback_run(batches, cfg.arango, cfg.sink, run_dir)
+        log.info("score: recommendations for %d users written to ArangoDB in %.2fs (%s)", graph.num_users,
+                 time.perf_counter() - t0, out)
+        return out
     out = run_dir / "recommendations.parquet"
     rows = write_parquet(batches, out, metadata={"run_dir": str(run_dir), "k": str(cfg.score.k)})
     log.info("score: %d recommendations for %d users in %.2fs → %s", rows, graph.num_users,

@@ -236,29 +236,26 @@ def user_batch(rows: list[list[Any]]) -> pa.RecordBatch:
     return pa.record_batch([pa.array([r[0] for r in rows], pa.string())], schema=USER_SCHEMA)
 
 
-def _strings(values: list[Any]) -> pa.Array:
+def _strings(values: tuple[Any, ...]) -> pa.Array:
     try:
         return pa.array(values, pa.string())
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return pa.array([v if isinstance(v, str) else None for v in values], pa.string())
 
 
-def _strip_prefix(values: list[Any], prefix: str) -> tuple[pa.Array, np.ndarray]:
+def _strip_prefix(values: tuple[Any, ...], prefix: str) -> tuple[pa.Array, np.ndarray]:
     """Keys after ``prefix`` (``Users/``) and a mask of the values that carry it."""
     arr = _strings(values)
     ok = pc.fill_null(pc.starts_with(arr, prefix), False).to_numpy(zero_copy_only=False)
     return pc.utf8_slice_codeunits(arr, len(prefix)), ok
 
 
-def _ratings(values: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ratings(values: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float64 ratings plus masks of missing (null/absent) and non-numeric values."""
-    if not any(v.__class__ is bool for v in values):  # pyarrow would turn True into 1.0
-        try:
-            arr = pa.array(values, pa.float64())
-            missing = arr.is_null().to_numpy(zero_copy_only=False)
-            return pc.fill_null(arr, np.nan).to_numpy(zero_copy_only=False), missing, np.zeros(len(values), bool)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            pass
+    if set(map(type, values)) <= {int, float, type(None)}:  # not bool: pyarrow would make True 1.0
+        arr = pa.array(values, pa.float64())
+        missing = arr.is_null().to_numpy(zero_copy_only=False)
+        return pc.fill_null(arr, np.nan).to_numpy(zero_copy_only=False), missing, np.zeros(len(values), bool)
     out = np.full(len(values), np.nan)
     missing = np.zeros(len(values), bool)
     wrong = np.zeros(len(values), bool)
@@ -272,7 +269,7 @@ def _ratings(values: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return out, missing, wrong
 
 
-def _timestamps(values: list[Any]) -> pa.Array:
+def _timestamps(values: tuple[Any, ...]) -> pa.Array:
     """int64 Unix times; values that are not whole numbers become null (the edge is kept)."""
     try:
         return pa.array(values, pa.int64())
@@ -288,7 +285,7 @@ def rating_batch(rows: list[list[Any]], layout: ArangoConfig, report: SkipReport
     numbers, are counted in ``report`` (each row once, under its first problem) and dropped.
     Unknown vertices and out-of-range ratings are left to ``validate_ratings``.
     """
-    keys, froms, tos, ratings, stamps = (list(c) for c in zip(*rows))
+    keys, froms, tos, ratings, stamps = zip(*rows)
     user_key, ok_from = _strip_prefix(froms, f"{layout.users_collection}/")
     movie_key, ok_to = _strip_prefix(tos, f"{layout.movies_collection}/")
     rating, missing, wrong = _ratings(ratings)

@@ -1,0 +1,191 @@
+"""Writeback of ranked recommendations as edges, and the MovieLens round trip through ArangoDB.
+
+Runs against the double, or the real server named by ``SCALABLE_REC_ARANGO_URL`` (fault
+tests then skip).
+"""
+import hashlib
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+
+from scalable_rec import cli, pipeline
+from scalable_rec.config import DataConfig, RunConfig
+from scalable_rec.connection import ENV_DATABASE, ENV_PASSWORD, ENV_URL, ENV_USER, ArangoConfig, ArangoSettings, connect
+from scalable_rec.errors import WriteMismatchError
+from scalable_rec.graph import features
+from scalable_rec.shards import GraphShards
+from scalable_rec.sink.arango import WritebackConfig, recommendation_key, write_recommendations
+from scalable_rec.train import ModelConfig, TrainConfig
+
+LAYOUT = ArangoConfig(arango_retries=3, arango_backoff=0.01)
+COLLECTION = "Recommendation_Inferences"
+EDGE_QUERY = "FOR v IN @@c RETURN [v._key, v._from, v._to, v.score, v.rank, v.run_id, v.created_at]"
+
+
+def _ranked(users, k=3, movies=20, seed=0) -> list[pa.RecordBatch]:
+    """One batch per two users of ``k`` ranked movies each."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for i in range(0, len(users), 2):
+        chunk = users[i:i + 2]
+        picks = [rng.choice(movies, k, replace=False) + 1 for _ in chunk]
+        batches.append(pa.record_batch({
+            "user_key": pa.array([u for u in chunk for _ in range(k)]),
+            "movie_key": pa.array([int(m) for p in picks for m in p]),
+            "score": pa.array(np.sort(rng.random(len(chunk) * k))[::-1], pa.float32()),
+            "rank": pa.array(list(range(1, k + 1)) * len(chunk), pa.int32())}))
+    return batches
+
+
+def _edges(db, name=COLLECTION) -> dict[str, tuple]:
+    cursor = db.aql.execute(EDGE_QUERY, bind_vars={"@c": name})
+    return {row[0]: tuple(row[1:]) for row in cursor}
+
+
+@pytest.fixture
+def db(arango_endpoint):
+    return connect(ArangoSettings(url=arango_endpoint.url, database=arango_endpoint.database,
+                                  username=arango_endpoint.username, password=arango_endpoint.password))
+
+
+def _write(db, batches, run_id="run-a", **cfg):
+    return write_recommendations(db, batches, LAYOUT, WritebackConfig(sink="arango", **cfg), run_id,
+                                 created_at="2024-01-01T00:00:00+00:00")
+
+
+def test_writeback_edges_and_idempotent_rerun(db):
+    users = [str(u) for u in range(1, 11)]
+    first = _write(db, _ranked(users))
+    edges = _edges(db)
+    assert first.counts.sent == first.counts.created == len(edges) == 30 and first.users == 10
+    key = recommendation_key("run-a", "1", str(_ranked(users)[0].column("movie_key")[0].as_py()))
+    assert edges[key][:2] == ("Users/1", f"Movie/{_ranked(users)[0].column('movie_key')[0].as_py()}")
+    assert edges[key][3:] == (1, "run-a", "2024-01-01T00:00:00+00:00")
+    again = _write(db, _ranked(users))
+    assert (again.counts.created, again.counts.updated) == (0, 30)
+    assert _edges(db) == edges
+
+
+def test_batches_are_bounded_by_count_and_bytes(db, arango_endpoint):
+    users = [str(u) for u in range(1, 21)]
+    result = _write(db, _ranked(users), writeback_batch_docs=25, writeback_batch_mb=4096 / (1 << 20))
+    assert result.counts.sent == 60 and result.counts.requests >= 3
+    if arango_endpoint.double is not None:
+        imports = arango_endpoint.double.requests.matching("POST", "/_api/import")
+        assert all(r.body_items <= 25 and r.body_bytes <= 4096 * 1.1 for r in imports)
+
+
+@pytest.mark.parametrize("fault", ["503", "connection-reset"])
+def test_transient_failures_are_retried(db, arango_faults, fault):
+    users = [str(u) for u in range(1, 11)]
+    if fault == "503":
+        arango_faults.fail_next("/_api/import", 503, times=5)
+    else:
+        arango_faults.drop_next("/_api/import", times=4, lose_response=True)
+    result = _write(db, _ranked(users), writeback_batch_docs=10)
+    assert result.counts.created + result.counts.updated == result.counts.sent == 30
+    assert len(_edges(db)) == 30
+
+
+def test_keys_the_server_rejects_are_reported(db):
+    batch = pa.record_batch({"user_key": pa.array(["1", "bad user"]), "movie_key": pa.array(["5", "6"]),
+                             "score": pa.array([1.0, 0.5], pa.float32()), "rank": pa.array([1, 2], pa.int32())})
+    with pytest.raises(WriteMismatchError, match=r"sent 2, server created 1 \+ updated 0, errors 1"):
+        _write(db, [batch])
+
+
+def test_replace_previous_keeps_every_user_covered(db, arango_endpoint):
+    users = [str(u) for u in range(1, 11)]
+    _write(db, _ranked(users, seed=1), run_id="run-a")
+    double = arango_endpoint.double
+    if double is not None:
+        double.requests.clear()
+    result = _write(db, _ranked(users[:6], seed=2), run_id="run-b", replace_previous=True, writeback_batch_docs=5)
+    if double is not None:  # the removal comes after every import of the new run
+        log = [r.api_path for r in double.requests if r.api_path in ("/_api/import", "/_api/cursor")]
+        assert log == ["/_api/import"] * 4 + ["/_api/cursor"]
+    runs_by_user: dict[str, set] = {}
+    for _from, _to, score, rank, run_id, _ in _edges(db).values():
+        runs_by_user.setdefault(_from[6:], set()).add(run_id)
+    assert all(runs_by_user[u] == {"run-b"} for u in users[:6])
+    assert all(runs_by_user[u] == {"run-a"} for u in users[6:])
+    assert result.removed_previous == 18
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def _cheap_titles(titles, cfg):
+    """Stands in for the sentence-transformer (20-40 s on two cores): the round trip tests data flow."""
+    return np.stack([np.frombuffer(hashlib.sha256(t.encode()).digest()[:16], np.uint8) / 255.0
+                     for t in titles]).astype(np.float32)
+
+
+def _checksum(triples) -> tuple[int, str]:
+    """Order-independent: count and sha256 over the sorted (from, to, rating) triples."""
+    rows = sorted(f"{u}|{m}|{float(r)}" for u, m, r in triples)
+    return len(rows), hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def _shard_triples(out):
+    shards = GraphShards(out)
+    users = shards.nodes("user").column("key").to_pylist()
+    movies = shards.nodes("movie").column("key").to_pylist()
+    e = shards.edges("user", "rates", "movie").to_pydict()
+    return [(users[s], movies[d], r) for s, d, r in zip(e["src"], e["dst"], e["rating"])]
+
+
+def _manifest_files(out):
+    m = GraphShards(out).manifest
+    return {f.path: f.sha256 for info in {**m.node_types, **m.edge_types}.values() for f in info.files}
+
+
+def _files_containing(root, secret: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_movielens_round_trip(arango_endpoint, movielens_dir, tmp_path, monkeypatch, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    for var, value in ((ENV_URL, arango_endpoint.url), (ENV_DATABASE, arango_endpoint.database),
+                       (ENV_USER, arango_endpoint.username), (ENV_PASSWORD, arango_endpoint.password)):
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(features, "embed_titles", _cheap_titles)
+    db = connect(LAYOUT.settings())
+    csv = pacsv.read_csv(movielens_dir / "ratings.csv").to_pydict()
+    expected = _checksum(zip(map(str, csv["userId"]), map(str, csv["movieId"]), csv["rating"]))
+    k, users = 5, len(set(csv["userId"]))
+
+    assert cli.main(["arango", "load", "--data", str(movielens_dir)]) == 0
+    assert db.collection("Ratings").count() == expected[0] == 100_004
+    out = tmp_path / "shards"
+    assert cli.main(["arango", "export", "--shards", str(out), "--max-rows-per-shard", "40000"]) == 0
+    assert _checksum(_shard_triples(out)) == expected
+    shards_before = _manifest_files(out)
+
+    run_dir = tmp_path / "run"
+    cfg = RunConfig(data=DataConfig(shards=str(out), workdir=str(tmp_path)), model=ModelConfig(hidden=16),
+                    train=TrainConfig(epochs=1, max_steps=20, batch_size=1024, num_neighbors=[5, 3],
+                                      progress=False), run_dir=str(run_dir))
+    pipeline.train_stage(cfg)
+    assert cli.main(["score", "--run-dir", str(run_dir), "--sink", "arango", "--k", str(k)]) == 0
+    recommendations = _edges(db)
+    assert len(recommendations) == users * k
+    assert {v[4] for v in recommendations.values()} == {run_dir.name}
+
+    # Again, end to end: nothing changes.
+    assert cli.main(["arango", "load", "--data", str(movielens_dir)]) == 0
+    assert cli.main(["arango", "export", "--shards", str(out), "--max-rows-per-shard", "40000", "--overwrite"]) == 0
+    assert _manifest_files(out) == shards_before
+    assert cli.main(["score", "--run-dir", str(run_dir), "--sink", "arango", "--k", str(k)]) == 0
+    assert _edges(db) == recommendations
+    assert db.collection("Ratings").count() == expected[0] and db.collection("Users").count() == users
+
+    # The password is in no file, log line or printed output of the whole round trip.
+    secret = arango_endpoint.password
+    if secret:
+        assert _files_containing(tmp_path, secret) == []
+        assert secret not in caplog.text and secret not in capsys.readouterr().out
