@@ -9,18 +9,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from scalable_rec.config import RunConfig
-from scalable_rec.errors import ShardError
-from scalable_rec.graph import RATES, RatingGraph, movie_features, split_edges
+from scalable_rec.errors import ScalableRecError, ShardError
+from scalable_rec.graph import RatingGraph, movie_features, split_edges
 from scalable_rec.graph.hetero import EdgeSplit
 from scalable_rec.score import (
     RatedIndex, popularity_score_fn, ranking_metrics, rating_errors, to_record_batch, topk_chunks,
@@ -32,7 +30,7 @@ from scalable_rec.source import MovieLensSource, RatingBounds, SkipReport, write
 from scalable_rec.source.download import fetch_movielens
 from scalable_rec.train import Recommender, train
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.train.distributed import DistEnv, init_distributed
+from scalable_rec.train.distributed import DistEnv, broadcast_object, init_distributed
 from scalable_rec.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
@@ -44,35 +42,44 @@ def _barrier(env: DistEnv) -> None:
 
 
 def prepare(cfg: RunConfig) -> GraphShards:
-    """MovieLens → shards (reused when input and config are unchanged) → cached features."""
+    """MovieLens → shards (reused when input and config are unchanged) → cached features.
+
+    Under torchrun only rank 0 does the work; the others wait for its result (or its error,
+    so no rank is left waiting at a collective).
+    """
     env = DistEnv.from_environ()
-    data_dir = cfg.data.data
+    out, error = None, None
     if env.is_main:
-        if data_dir is None:
-            data_dir = str(fetch_movielens())
-        source = MovieLensSource(data_dir)
-        out = cfg.data.shards_dir(data_dir)
-        fingerprint = source.fingerprint()
-        reused = False
-        if (out / "manifest.json").is_file() and not cfg.data.overwrite:
-            manifest = Manifest.load(out)
-            if manifest.fingerprint == fingerprint:
-                GraphShards(out).verify_all()  # sizes, row counts, schemas and sha256 of every file
-                reused = True
-                log.info("prepare: input unchanged, reusing shards in %s", out)
-        if not reused:
-            t0 = time.perf_counter()
-            report = SkipReport(strict=cfg.data.strict)
-            manifest = write_rating_shards(source, str(out), report,
-                                           RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
-                                           cfg.data.max_rows_per_shard, overwrite=True)
-            log.info("prepare: wrote %s in %.1fs (%s)", out, time.perf_counter() - t0, report.summary())
-        shards = GraphShards(out)
-        movie_features(shards, cfg.features)  # computes once, then cached beside the shards
-    _barrier(env)
-    if not env.is_main:
-        shards = GraphShards(cfg.data.shards_dir(data_dir or "ml-latest-small"))
-    return shards
+        try:
+            out = str(_prepare_on_this_rank(cfg))
+        except Exception as err:
+            if not env.enabled:
+                raise
+            error = err
+    out, message = broadcast_object((out, None if error is None else f"{type(error).__name__}: {error}"), env)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ScalableRecError(f"rank 0 failed to prepare the shards: {message}")
+    return GraphShards(out)
+
+
+def _prepare_on_this_rank(cfg: RunConfig) -> Path:
+    data_dir = cfg.data.data or str(fetch_movielens())
+    source = MovieLensSource(data_dir)
+    out = cfg.data.shards_dir(data_dir)
+    if (out / "manifest.json").is_file() and not cfg.data.overwrite \
+            and Manifest.load(out).fingerprint == source.fingerprint():
+        GraphShards(out).verify_all()  # sizes, row counts, schemas and sha256 of every file
+        log.info("prepare: input unchanged, reusing shards in %s", out)
+    else:
+        t0 = time.perf_counter()
+        report = SkipReport(strict=cfg.data.strict)
+        write_rating_shards(source, str(out), report, RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
+                            cfg.data.max_rows_per_shard, overwrite=True)
+        log.info("prepare: wrote %s in %.1fs (%s)", out, time.perf_counter() - t0, report.summary())
+    movie_features(GraphShards(out), cfg.features)  # computes once, then cached beside the shards
+    return out
 
 
 def _open_shards(cfg: RunConfig) -> GraphShards:
@@ -101,8 +108,6 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None) -> dict[str, 
         cfg.data.shards = str(shards.directory.resolve())
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     if run_dir is None:
-        from scalable_rec.train.distributed import broadcast_object
-
         run_dir = broadcast_object(new_run_dir(cfg), env)
     cfg.run_dir = str(run_dir)
     timings: dict[str, float] = {}

@@ -1,7 +1,6 @@
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from scalable_rec.cli import build_parser, main
 from scalable_rec.config import RunConfig, field_docs

@@ -1,4 +1,3 @@
-import hashlib
 
 import pyarrow.compute as pc
 import pytest
