@@ -149,8 +149,7 @@ def evaluate(model: Recommender, graph: RatingGraph, split: EdgeSplit, cfg: RunC
     seen_ids = torch.cat([split.train, split.val])
     z = model.encode_all(graph.hetero_data(seen_ids))
     test_src, test_dst = graph.src[split.test].to(device), graph.dst[split.test].to(device)
-    pred = torch.cat([model.decoder(z["user"][s], z["movie"][d], s, d) + model.rating_mean
-                      for s, d in zip(test_src.split(65536), test_dst.split(65536))])
+    pred = torch.cat([model.predict_pairs(z, s, d) for s, d in zip(test_src.split(65536), test_dst.split(65536))])
     out: dict[str, Any] = rating_errors(pred.cpu(), graph.rating[split.test], cfg.data.rating_min,
                                         cfg.data.rating_max)
     out["test_edges"] = int(split.test.numel())
@@ -160,7 +159,7 @@ def evaluate(model: Recommender, graph: RatingGraph, split: EdgeSplit, cfg: RunC
     args = (graph.num_users, graph.num_movies, seen, graph.src[split.test][relevant],
             graph.dst[split.test][relevant], k, cfg.score.score_memory_mb)
     all_movies = torch.arange(graph.num_movies, device=device)
-    out["model"] = ranking_metrics(lambda u: model.score_block(z, u.to(device), all_movies), *args)
+    out["model"] = ranking_metrics(lambda u: model.rank_block(z, u.to(device), all_movies), *args)
     out["popularity"] = ranking_metrics(popularity_score_fn(graph.dst[split.train], graph.num_movies), *args)
     return out
 
@@ -220,14 +219,21 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None) -> Path:
 
 
 def recommend(model: Recommender, graph: RatingGraph, cfg):
-    """Yields ranked record batches for every user (all rated movies excluded)."""
+    """Yields ranked record batches for every user (all rated movies excluded).
+
+    ``score`` is the ranking score (``Recommender.rank_block``); ``predicted_rating`` is the
+    rating the model predicts for that pair, clamped to the rating range.
+    """
     device = model.rating_mean.device
     z = model.encode_all(graph.hetero_data())
     exclude = RatedIndex.from_edges(graph.src, graph.dst, graph.num_users) if cfg.exclude_rated else None
     movies = torch.arange(graph.num_movies, device=device)
-    for users, top, scores in topk_chunks(lambda u: model.score_block(z, u.to(device), movies),
+    for users, top, scores in topk_chunks(lambda u: model.rank_block(z, u.to(device), movies),
                                           graph.num_users, graph.num_movies, cfg, exclude):
-        yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys)
+        with torch.no_grad():
+            rated = model.predict_pairs(z, users.repeat_interleave(top.size(1)).to(device), top.flatten().to(device))
+        yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys,
+                              predicted_rating=rated.view_as(top).clamp(0.5, 5.0).cpu())
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

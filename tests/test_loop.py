@@ -55,6 +55,28 @@ def test_early_stopping(small, tmp_path):
     assert result.stopped_early and len(result.history) < 50
 
 
+def test_in_batch_softmax_loss_masks_repeated_movies_and_pads():
+    from scalable_rec.train.loop import in_batch_softmax_loss
+    ru = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
+    rm = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    movies = torch.tensor([7, 8, 7])  # rows 0 and 2 share a movie: not each other's negative
+    log_q = torch.zeros(10)
+    loss = in_batch_softmax_loss(ru, rm, movies, movies, log_q, torch.ones(3))
+    assert loss.item() < 0.01
+    padded = in_batch_softmax_loss(ru, rm, movies, movies, log_q, torch.tensor([1.0, 1.0, 0.0]))
+    # a pad row (weight 0) adds nothing: same as dropping the row but keeping its column
+    assert padded.item() == pytest.approx(
+        in_batch_softmax_loss(ru[:2], rm, movies[:2], movies, log_q, torch.ones(2)).item(), abs=1e-6)
+    # logQ correction: a popular negative is penalised less
+    popular = torch.log(torch.tensor([0.0] * 7 + [0.9, 0.1, 0.0]).clamp(min=1e-9))
+    assert in_batch_softmax_loss(ru, rm, movies, movies, popular, torch.ones(3)) != loss
+    # with an offset, rows pick their column inside a larger (gathered) batch
+    wide = torch.cat([torch.tensor([[0.0, 0.0]]), rm])
+    cols = torch.cat([torch.tensor([3]), movies])
+    shifted = in_batch_softmax_loss(ru, wide, movies, cols, log_q, torch.ones(3), offset=1)
+    assert shifted.item() < 0.05
+
+
 def test_rating_class_weights_half_stars():
     r = torch.tensor([4.0, 4.0, 4.0, 4.5, 0.5, 0.5])
     w = rating_class_weights(r)

@@ -19,6 +19,34 @@ def test_score_block_equals_pairwise_decoder(tiny_shards, decoder):
     torch.testing.assert_close(block, pairwise.view(7, -1) + 3.5, rtol=1e-5, atol=1e-5)
 
 
+def test_rank_block_and_training_logits_agree(tiny_shards):
+    from torch_geometric.loader import LinkNeighborLoader
+
+    from scalable_rec.graph import RATES
+    g = RatingGraph.from_shards(tiny_shards)
+    torch.manual_seed(0)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, dropout=0.0)).eval()
+    z = model.encode_all(g.hetero_data())
+    users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
+    expected = model.retrieval.user(z["user"][users]) @ model.retrieval.movie(z["movie"][movies]).T
+    torch.testing.assert_close(model.rank_block(z, users, movies), expected)
+    # with all neighbours, the mini-batch logits equal the full-graph ones
+    loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
+                                edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
+    pred, (ru, rm) = model(next(iter(loader)))
+    assert ru.shape == rm.shape == (8, 16)
+    torch.testing.assert_close(ru @ rm.T, model.rank_block(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pred, model.predict_pairs(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
+
+
+def test_without_retrieval_head_ranking_uses_predicted_ratings(tiny_shards):
+    g = RatingGraph.from_shards(tiny_shards)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8, retrieval_head=False))
+    z = model.encode_all(g.hetero_data())
+    u, m = torch.arange(3), torch.arange(4)
+    assert model.retrieval is None and torch.equal(model.rank_block(z, u, m), model.score_block(z, u, m))
+
+
 def test_mlp_block_chunking_is_exact():
     from scalable_rec.train.model import MLPDecoder
     dec = MLPDecoder(8)

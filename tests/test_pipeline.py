@@ -15,7 +15,9 @@ from scalable_rec.train import ModelConfig, TrainConfig
 
 def _check_recommendations(run_dir, shards, k):
     table = pq.read_table(run_dir / "recommendations.parquet")
-    assert table.column_names == ["user_key", "movie_key", "score", "rank"]
+    assert table.column_names == ["user_key", "movie_key", "score", "rank", "predicted_rating"]
+    predicted = table.column("predicted_rating").to_pylist()
+    assert min(predicted) >= 0.5 and max(predicted) <= 5.0
     users = shards.nodes("user").column("key").to_pylist()
     movies = shards.nodes("movie").column("key").to_pylist()
     edges = shards.edges("user", "rates", "movie")

@@ -100,15 +100,20 @@ RECOMMENDATION_SCHEMA_FIELDS = ("user_key", "movie_key", "score", "rank")
 
 
 def to_record_batch(users: Tensor, movies: Tensor, scores: Tensor, user_keys: pa.Array,
-                    movie_keys: pa.Array) -> pa.RecordBatch:
-    """Ranked rows with the source's original keys; rank 1 is the best."""
+                    movie_keys: pa.Array, predicted_rating: Tensor | None = None) -> pa.RecordBatch:
+    """Ranked rows with the source's original keys; rank 1 is the best.
+
+    ``predicted_rating`` (``[c, k]``, optional) becomes an extra column of that name.
+    """
     c, k = movies.shape
     valid = torch.isfinite(scores).flatten().numpy()
     u = np.repeat(users.numpy(), k)[valid]
     m = movies.flatten().numpy()[valid]
     rank = np.tile(np.arange(1, k + 1, dtype=np.int32), c)[valid]
-    return pa.record_batch(
-        [user_keys.take(pa.array(u)), movie_keys.take(pa.array(m)),
-         pa.array(scores.flatten().numpy()[valid], pa.float32()), pa.array(rank)],
-        names=list(RECOMMENDATION_SCHEMA_FIELDS),
-    )
+    columns = [user_keys.take(pa.array(u)), movie_keys.take(pa.array(m)),
+               pa.array(scores.flatten().numpy()[valid], pa.float32()), pa.array(rank)]
+    names = list(RECOMMENDATION_SCHEMA_FIELDS)
+    if predicted_rating is not None:
+        columns.append(pa.array(predicted_rating.flatten().float().numpy()[valid], pa.float32()))
+        names.append("predicted_rating")
+    return pa.record_batch(columns, names=names)

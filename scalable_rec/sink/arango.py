@@ -210,12 +210,18 @@ def write_recommendations(db: StandardDatabase, batches: Iterable[pa.RecordBatch
         for batch in batches:
             user_col = [str(u) for u in batch.column("user_key").to_pylist()]
             users.update(user_col)
-            for user, movie, score, rank in zip(user_col, batch.column("movie_key").to_pylist(),
-                                                batch.column("score").to_pylist(), batch.column("rank").to_pylist()):
+            predicted = (batch.column("predicted_rating").to_pylist() if "predicted_rating" in batch.schema.names
+                         else [None] * batch.num_rows)
+            for user, movie, score, rank, rating in zip(user_col, batch.column("movie_key").to_pylist(),
+                                                        batch.column("score").to_pylist(),
+                                                        batch.column("rank").to_pylist(), predicted):
                 movie = str(movie)
-                yield {"_key": recommendation_key(run_id, user, movie),
+                doc = {"_key": recommendation_key(run_id, user, movie),
                        "_from": f"{layout.users_collection}/{user}", "_to": f"{layout.movies_collection}/{movie}",
                        "score": score, "rank": rank, "run_id": run_id, "created_at": created_at}
+                if rating is not None:
+                    doc["predicted_rating"] = rating
+                yield doc
 
     counts = import_documents(collection, docs(), policy, cfg.writeback_batch_docs,
                               int(cfg.writeback_batch_mb * (1 << 20)))

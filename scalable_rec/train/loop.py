@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch_geometric.loader import LinkNeighborLoader
 from tqdm.auto import tqdm
@@ -54,6 +55,9 @@ class TrainConfig:
             ``-1`` takes all.
         lr: Adam learning rate.
         weight_decay: Adam L2 penalty.
+        rank_loss_weight: Weight of the retrieval head's in-batch sampled-softmax loss
+            (logQ-corrected for the popularity of in-batch negatives) added to the rating
+            loss; ignored when the model has no retrieval head.
         loss: ``mse`` (optimises RMSE directly) or ``weighted_mse`` (each half-star
             rating class weighted by its inverse training frequency, mean weight 1).
         patience: Epochs without a better validation RMSE before stopping.
@@ -78,6 +82,7 @@ class TrainConfig:
     lr: float = 0.003
     weight_decay: float = 1e-4
     loss: Literal["mse", "weighted_mse"] = "mse"
+    rank_loss_weight: float = 1.0
     patience: int = 3
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"
@@ -106,6 +111,8 @@ class TrainConfig:
             problems.append(f"'steps_per_epoch' needs to be positive (got {self.steps_per_epoch})")
         if self.max_steps is not None and self.max_steps <= 0:
             problems.append(f"'max_steps' needs to be positive (got {self.max_steps})")
+        if self.rank_loss_weight < 0:
+            problems.append(f"'rank_loss_weight' needs to be non-negative (got {self.rank_loss_weight})")
         if self.lr <= 0:
             problems.append(f"'lr' needs to be positive (got {self.lr})")
         if problems:
@@ -150,6 +157,38 @@ def rating_class_weights(rating: torch.Tensor) -> torch.Tensor:
     return per_rating / per_rating.mean()
 
 
+def in_batch_softmax_loss(ru: torch.Tensor, rm: torch.Tensor, row_movies: torch.Tensor,
+                          col_movies: torch.Tensor, log_q: torch.Tensor, weight: torch.Tensor,
+                          offset: int = 0) -> torch.Tensor:
+    """Sampled softmax of each labelled user over all labelled movies of the global batch.
+
+    Row ``i`` (user ``ru[i]``, whose movie is ``row_movies[i]``) should pick column
+    ``offset + i`` among ``rm`` (under DDP, every rank's movies, gathered). Negatives are
+    drawn by popularity (they are other users' rated movies), so ``log q`` is subtracted
+    (logQ correction) to keep the logits an estimate of the full-catalog softmax instead of
+    a penalty on popular movies. Columns holding the row's own movie are not negatives.
+    """
+    logits = ru @ rm.T - log_q[col_movies][None, :]
+    target = torch.arange(ru.size(0), device=ru.device) + offset
+    same = row_movies[:, None] == col_movies[None, :]
+    same[torch.arange(ru.size(0), device=ru.device), target] = False
+    logits = logits.masked_fill(same, float("-inf"))
+    ce = F.cross_entropy(logits, target, reduction="none")
+    return (ce * weight).sum() / weight.bool().sum().clamp(min=1)
+
+
+def gather_columns(rm: torch.Tensor, movies: torch.Tensor, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every rank's ranking movies (differentiable all-gather) so the softmax sees the global
+    batch, which makes DDP compute the single-process objective; returns this rank's offset."""
+    if not env.enabled:
+        return rm, movies, 0
+    from torch.distributed.nn.functional import all_gather
+
+    ids = [torch.empty_like(movies) for _ in range(env.world_size)]
+    torch.distributed.all_gather(ids, movies)
+    return torch.cat(all_gather(rm)), torch.cat(ids), env.rank * rm.size(0)
+
+
 def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor, cfg: TrainConfig,
                 batch_size: int, env: DistEnv, shuffle: bool, device: torch.device,
                 generator: torch.Generator | None = None):
@@ -189,7 +228,7 @@ def evaluate_rmse(model, loader, device: torch.device, autocast, progress: bool 
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
         batch = batch.to(device, non_blocking=True)
         with autocast:
-            pred = model(batch)
+            pred, _ = model(batch)
         rating, weight = batch[RATES].edge_label.unbind(-1)
         err = (pred.float().clamp(0.5, 5.0) - rating) * weight.bool()
         sse += float((err ** 2).sum())
@@ -236,6 +275,10 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
         train_data, graph.src[split.val], graph.dst[split.val],
         torch.stack([graph.rating[split.val], torch.ones(split.val.numel())], 1),
         cfg, cfg.eval_batch_size, env, shuffle=False, device=device)
+
+    # log of each movie's share of training edges: how often it turns up as an in-batch negative
+    log_q = torch.log(torch.bincount(graph.dst[split.train], minlength=graph.num_movies).float().clamp(min=1)
+                      / split.train.numel()).to(device)
 
     # ---- model, optimiser, precision -----------------------------------------------
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), model_cfg,
@@ -317,10 +360,16 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
                 load_s += t_step - t_load
                 rating, weight = batch[RATES].edge_label.unbind(-1)
                 with autocast:
-                    pred = ddp_model(batch)
-                # Loss in fp32 whatever the autocast dtype; pads have weight 0.
+                    pred, rank = ddp_model(batch)
+                # Losses in fp32 whatever the autocast dtype; pads have weight 0.
                 se = (pred.float() - rating) ** 2
                 loss = (se * weight).sum() / weight.bool().sum().clamp(min=1)
+                if rank is not None and cfg.rank_loss_weight > 0:
+                    ru, rm = rank[0].float(), rank[1].float()
+                    movies = batch["movie"].n_id[batch[RATES].edge_label_index[1]]
+                    rm_all, movies_all, offset = gather_columns(rm, movies, env)
+                    loss = loss + cfg.rank_loss_weight * in_batch_softmax_loss(
+                        ru, rm_all, movies, movies_all, log_q, weight, offset)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -394,7 +443,8 @@ def _has_unused_parameters(model: Recommender, loader, device: torch.device,
     gen_state = loader_gen.get_state()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         batch = next(iter(loader)).to(device)
-        model(batch).float().sum().backward()
+        pred, rank = model(batch)
+        (pred.float().sum() + (sum(r.float().sum() for r in rank) if rank is not None else 0)).backward()
     loader_gen.set_state(gen_state)
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
