@@ -7,7 +7,7 @@
 Every stage runs in its own process, so its peak RSS (``ru_maxrss``) is its own:
 ``prepare`` (synthetic generator → shards, streamed), ``load`` (shards → tensors →
 HeteroData), ``train`` (one epoch capped at ``--train-steps`` steps through the real
-loop) and ``score`` (encode once + full-catalog top-10 for every user, dot decoder).
+loop) and ``score`` (encode once + full-catalog top-10 for every user by the ranking head).
 Users and movies grow with edges like MovieLens-25M (162k × 59k at 25M). Writes
 ``scale.json``, ``scale.md`` and ``scale.png`` (time and RSS vs edges, log-log).
 """
@@ -74,7 +74,7 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int) -> dict:
         all_movies = torch.arange(g.num_movies)
         t2 = time.perf_counter()
         n = 0
-        for users_chunk, _, _ in topk_chunks(lambda u: model.score_block(z, u, all_movies), g.num_users,
+        for users_chunk, _, _ in topk_chunks(lambda u: model.rank_block(z, u, all_movies), g.num_users,
                                              g.num_movies, ScoreConfig(), rated):
             n += users_chunk.numel()
         out["rank_s"] = time.perf_counter() - t2
