@@ -46,7 +46,8 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 else
   # The environment is shared between clones: point the editable install at this one.
-  "$venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation -e . >/dev/null
+  "$venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation -e . \
+    >"$venv_root/editable.log" 2>&1 || { echo "setup: editable install failed, see $venv_root/editable.log" >&2; exit 1; }
 fi
 ln -sfn "$venv" .venv
 echo "$venv"
