@@ -44,6 +44,8 @@ if [ ! -f "$venv/.complete" ]; then
     "$venv/bin/python" -c 'import torch_geometric.typing as t; assert t.WITH_PYG_LIB or t.WITH_TORCH_SPARSE, "no neighbor sampler backend (pyg-lib or torch-sparse) imports"'
   } >"$log" 2>&1 || { echo "setup: install failed, see $log" >&2; tail -n 30 "$log" >&2; exit 1; }
   touch "$venv/.complete"
+  # Each spec change builds a new environment (~1.8 GB); keep this one and the previous.
+  ls -dt "$venv_root"/venv-*/ 2>/dev/null | tail -n +3 | xargs -r rm -rf
 else
   # The environment is shared between clones: point the editable install at this one.
   "$venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation -e . \
