@@ -182,11 +182,16 @@ def gather_columns(rm: torch.Tensor, movies: torch.Tensor, env: DistEnv) -> tupl
     batch, which makes DDP compute the single-process objective; returns this rank's offset."""
     if not env.enabled:
         return rm, movies, 0
-    from torch.distributed.nn.functional import all_gather
+    import torch.distributed._functional_collectives as funcol
 
+    # torch ≥ 2.13 renamed the differentiable all-gather; older releases have only the old name.
+    all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
     ids = [torch.empty_like(movies) for _ in range(env.world_size)]
     torch.distributed.all_gather(ids, movies)
-    return torch.cat(all_gather(rm)), torch.cat(ids), env.rank * rm.size(0)
+    # The backward of the autograd all-gather reduce-scatters (sums) each rank's gradient
+    # share back to the rank that produced the rows.
+    gathered = all_gather(rm, 0, torch.distributed.group.WORLD)
+    return gathered, torch.cat(ids), env.rank * rm.size(0)
 
 
 def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor, cfg: TrainConfig,
