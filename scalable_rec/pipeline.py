@@ -61,7 +61,8 @@ def prepare(cfg: RunConfig) -> GraphShards:
         raise error
     if message is not None:
         raise ScalableRecError(f"rank 0 failed to prepare the shards: {message}")
-    return GraphShards(out)
+    # Rank 0 has just written or fully verified every file: later reads skip the checksums.
+    return GraphShards(out, verify=False)
 
 
 def _prepare_on_this_rank(cfg: RunConfig) -> Path:
@@ -99,8 +100,12 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.data.workdir) / f"run-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
-def train_stage(cfg: RunConfig, shards: GraphShards | None = None) -> dict[str, Any]:
-    """Trains, evaluates on the test split and writes the run directory (rank 0)."""
+def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
+                graph: RatingGraph | None = None) -> dict[str, Any]:
+    """Trains, evaluates on the test split and writes the run directory (rank 0).
+
+    ``shards``/``graph`` are read from ``cfg`` when not given (``run`` passes them in).
+    """
     env = DistEnv.from_environ()
     init_distributed(env, resolve_device(cfg.train, env))
     shards = shards or _open_shards(cfg)
@@ -112,7 +117,7 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None) -> dict[str, 
     cfg.run_dir = str(run_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    graph = RatingGraph.from_shards(shards, cfg.features)
+    graph = graph or RatingGraph.from_shards(shards, cfg.features)
     split = split_edges(graph, cfg.split)
     timings["load_graph_s"] = time.perf_counter() - t0
     if env.is_main:
@@ -190,13 +195,13 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
-def score_stage(cfg: RunConfig, run_dir: str | Path | None = None) -> Path:
+def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: RatingGraph | None = None) -> Path:
     """Encodes with all rating edges, ranks the whole catalog per user, writes Parquet (or
-    ArangoDB edges with ``--sink arango``)."""
+    ArangoDB edges with ``--sink arango``). ``graph`` is read from the run's shards when
+    not given."""
     run_dir = Path(run_dir or cfg.run_dir)
     saved = RunConfig.load(run_dir / "config.json")
-    shards = GraphShards(saved.data.shards_dir())
-    graph = RatingGraph.from_shards(shards, saved.features)
+    graph = graph or RatingGraph.from_shards(GraphShards(saved.data.shards_dir()), saved.features)
     device = resolve_device(saved.train, DistEnv())
     state = ckpt.load(run_dir / "best.pt", map_location=device)
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model).to(device)
@@ -241,7 +246,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     env = DistEnv.from_environ()
     init_distributed(env, resolve_device(cfg.train, env))
     shards = prepare(cfg)
-    metrics = train_stage(cfg, shards)
+    graph = RatingGraph.from_shards(shards, cfg.features)  # read once, shared by the stages
+    metrics = train_stage(cfg, shards, graph)
     if env.is_main and not metrics["interrupted"]:
-        score_stage(cfg, cfg.run_dir)
+        score_stage(cfg, cfg.run_dir, graph)
     return metrics
