@@ -26,6 +26,7 @@ import os
 import resource
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import psutil
@@ -170,18 +171,21 @@ def test_export_rows_per_s(benchmark, server, tmp_path, variant):
     benchmark.extra_info.update(extra)
 
 
-def _ranked(n: int, k: int = 10, seed: int = 1) -> list[pa.RecordBatch]:
+def _ranked_iter(n: int, k: int = 10, seed: int = 1) -> Iterator[pa.RecordBatch]:
+    """``n`` ranked rows (``n // k`` users × top ``k``), generated 1,000 users at a time."""
     rng = np.random.default_rng(seed)
     users = n // k
     _, movies = _graph_size(EDGES)
-    batches = []
     for start in range(0, users, 1000):
         u = np.arange(start, min(users, start + 1000))
-        batches.append(pa.record_batch({
+        yield pa.record_batch({
             "user_key": pa.array(np.repeat(u, k)), "movie_key": pa.array(rng.integers(0, movies, len(u) * k)),
             "score": pa.array(rng.random(len(u) * k), pa.float32()),
-            "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), len(u)))}))
-    return batches
+            "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), len(u)))})
+
+
+def _ranked(n: int, k: int = 10, seed: int = 1) -> list[pa.RecordBatch]:
+    return list(_ranked_iter(n, k, seed))
 
 
 def _import_bulk_100(db, batches, run_id: str) -> int:
@@ -221,3 +225,38 @@ def test_writeback_edges_per_s(benchmark, server, variant):
     if variant == "sink" and "import_bulk_100" in RESULTS:
         extra["speedup"] = RESULTS["import_bulk_100"]["seconds"] / benchmark.stats.stats.median
     benchmark.extra_info.update(extra)
+
+
+def _writeback_child(conn, server, n: int, run_id: str) -> None:
+    import scalable_rec.sink.arango  # noqa: F401 - imports are not part of the writeback
+
+    baseline = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    sent = _sink(_db(server), _ranked_iter(n), run_id)  # batches generated lazily, as scoring yields them
+    conn.send({"sent": sent, "seconds": time.perf_counter() - t0, "baseline_rss_mb": baseline / (1 << 20),
+               "peak_rss_mb": _peak_rss_mb()})
+
+
+@pytest.mark.parametrize("scale", [1, 4])
+def test_writeback_peak_rss_is_flat(benchmark, server, scale):
+    """Writeback memory must not grow with the number of edges (beyond the set of user keys)."""
+    n = WRITEBACK * scale
+
+    def run() -> dict:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_writeback_child, args=(child, server, n, f"rss_{scale}"))
+        proc.start()
+        result = parent.recv()
+        proc.join()
+        return result
+
+    result = benchmark.pedantic(run, rounds=1, iterations=1)
+    assert result["sent"] == n
+    growth = result["peak_rss_mb"] - result["baseline_rss_mb"]
+    RESULTS[f"writeback_rss_{scale}"] = growth
+    benchmark.extra_info.update(edges=n, edges_per_s=n / result["seconds"], peak_rss_mb=result["peak_rss_mb"],
+                                peak_minus_baseline_rss_mb=growth)
+    if scale == 4 and "writeback_rss_1" in RESULTS:
+        # 4× the edges may add the user-key set (n/10 short strings) and allocator noise, not 4× memory.
+        assert growth <= RESULTS["writeback_rss_1"] + 32, (RESULTS["writeback_rss_1"], growth)
