@@ -137,6 +137,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _in_child(target, *args) -> dict:
+    """Runs ``target(conn, *args)`` in a fresh (spawned) process, so its peak RSS is its own."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(child, *args))
+    proc.start()
+    result = parent.recv()
+    proc.join()
+    return result
+
+
 def _child(conn, variant: str, server, out: str) -> None:
     import scalable_rec.source.arango_export  # noqa: F401 - imports are not part of the export
 
@@ -149,16 +160,8 @@ def _child(conn, variant: str, server, out: str) -> None:
 
 @pytest.mark.parametrize("variant", ["article_loop", "stream_export"])
 def test_export_rows_per_s(benchmark, server, tmp_path, variant):
-    def run() -> dict:
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(child, variant, server, str(tmp_path / "shards")))
-        proc.start()
-        result = parent.recv()
-        proc.join()
-        return result
-
-    result = benchmark.pedantic(run, rounds=1, iterations=1)
+    result = benchmark.pedantic(_in_child, args=(_child, variant, server, str(tmp_path / "shards")),
+                                rounds=1, iterations=1)
     assert result["rows"] == EDGES
     RESULTS[variant] = result
     extra = {"edges": EDGES, "rows_per_s": result["rows"] / result["seconds"], "export_s": result["seconds"],
@@ -242,16 +245,7 @@ def test_writeback_peak_rss_is_flat(benchmark, server, scale):
     """Writeback memory must not grow with the number of edges (beyond the set of user keys)."""
     n = WRITEBACK * scale
 
-    def run() -> dict:
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_writeback_child, args=(child, server, n, f"rss_{scale}"))
-        proc.start()
-        result = parent.recv()
-        proc.join()
-        return result
-
-    result = benchmark.pedantic(run, rounds=1, iterations=1)
+    result = benchmark.pedantic(_in_child, args=(_writeback_child, server, n, f"rss_{scale}"), rounds=1, iterations=1)
     assert result["sent"] == n
     growth = result["peak_rss_mb"] - result["baseline_rss_mb"]
     RESULTS[f"writeback_rss_{scale}"] = growth

@@ -143,16 +143,12 @@ def add_group_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         base = args[0] if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) else tp
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["metavar"] = f.name.upper()
-        if base is bool:
-            pass
         elif typing.get_origin(base) is Literal:
-            kwargs["choices"] = list(typing.get_args(base))
+            kwargs.update(choices=list(typing.get_args(base)), metavar=f.name.upper())
         elif typing.get_origin(base) is list:
-            kwargs.update(nargs="+", type=typing.get_args(base)[0])
+            kwargs.update(nargs="+", type=typing.get_args(base)[0], metavar=f.name.upper())
         else:
-            kwargs["type"] = base
+            kwargs.update(type=base, metavar=f.name.upper())
         group.add_argument(flag, **kwargs)
 
 

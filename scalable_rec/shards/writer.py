@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -74,8 +75,6 @@ class ShardWriter:
         self._closed = False
         progress = self.directory / PROGRESS_NAME
         if resume and progress.is_file():
-            import json
-
             saved = json.loads(progress.read_text())
             if saved["schema"] != schema_to_json(schema):
                 raise ShardError(
