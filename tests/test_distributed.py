@@ -37,7 +37,7 @@ def test_sampler_reshuffles_per_epoch_and_is_seeded():
     assert list(a) != first
     b = EdgeEpochSampler(100, seed=0)
     assert list(b) == first
-    b.set_epoch(0, skip=30)
+    b.set_epoch(0, position=30)
     assert list(b) == first[30:]
 
 
