@@ -14,9 +14,17 @@ from scalable_rec.score.topk import RatedIndex, ScoreConfig, to_record_batch, to
 from scalable_rec.train.model import Recommender
 
 
-def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig) -> Iterator[pa.RecordBatch]:
-    """Yields ranked record batches for every user (rated movies excluded when
-    ``cfg.exclude_rated``).
+def user_slice(num_users: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous block of user ids: blocks in rank order are all users
+    in order, so parts concatenated by rank equal one process's output."""
+    per = -(-num_users // world_size)
+    return torch.arange(min(rank * per, num_users), min((rank + 1) * per, num_users))
+
+
+def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig,
+              users: torch.Tensor | None = None) -> Iterator[pa.RecordBatch]:
+    """Yields ranked record batches for every user, or for ``users`` in that order (rated
+    movies excluded when ``cfg.exclude_rated``).
 
     ``score`` is the ranking score (``Recommender.rank_block``); ``predicted_rating`` is the
     rating the model predicts for that pair, clamped to the rating range.
@@ -26,7 +34,7 @@ def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig) -> Itera
     exclude = RatedIndex.from_edges(graph.src, graph.dst, graph.num_users) if cfg.exclude_rated else None
     movies = torch.arange(graph.num_movies, device=device)
     for users, top, scores in topk_chunks(lambda u: model.rank_block(z, u.to(device), movies),
-                                          graph.num_users, graph.num_movies, cfg, exclude):
+                                          graph.num_users, graph.num_movies, cfg, exclude, users):
         with torch.no_grad():
             rated = model.predict_pairs(z, users.repeat_interleave(top.size(1)).to(device), top.flatten().to(device))
         yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys,

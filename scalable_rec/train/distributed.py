@@ -103,16 +103,15 @@ def from_rank0(fn: Callable[[], T], env: DistEnv, what: str) -> T:
     Nothing but rank 0 touches the file system, so a run directory or cache that only
     rank 0 can see works, and no rank waits at a collective for a rank that failed.
     """
+    if not env.enabled:
+        return fn()
+    assert dist.is_initialized(), "from_rank0 needs the process group (init_distributed first)"
     result, error = None, None
     if env.is_main:
         try:
             result = fn()
-        except Exception as err:
-            if not env.enabled or not dist.is_initialized():
-                raise
+        except Exception as err:  # handed to every rank below
             error = err
-    if not env.enabled or not dist.is_initialized():
-        return result  # type: ignore[return-value]
     result, message = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"), env)
     if error is not None:
         raise error
