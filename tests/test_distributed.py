@@ -179,8 +179,8 @@ def test_rank_loss_weight_zero_trains_under_ddp(tiny_shards, tmp_path):
 
 
 def test_resume_with_another_world_size_redeals_the_rest_of_the_epoch(tiny_shards, tmp_path):
-    """A 2-rank checkpoint at step 13 resumed by 1 process: the 140 edges the ranks had not
-    reached of epoch 1 are dealt to it (7 steps of 20), deterministically."""
+    """A 2-rank checkpoint at step 13 (epoch 1, step 3: 120 of its 400 edges consumed)
+    resumed by 1 process: the other 280 are dealt to it (14 steps of 20), deterministically."""
     cfg = {**EXACT, "batch_size": 20}
     _torchrun(tmp_path, tiny_shards, {**cfg, "max_steps": 13}, nproc=2, name="w2", timeout=180)
     g = RatingGraph.from_shards(tiny_shards)
@@ -188,7 +188,7 @@ def test_resume_with_another_world_size_redeals_the_rest_of_the_epoch(tiny_shard
     shutil.copytree(tmp_path / "run-w2", tmp_path / "run-w2b")
     runs = [train(g, split, ModelConfig(hidden=16, dropout=0.0), TrainConfig(**cfg, resume=True), tmp_path / d)
             for d in ("run-w2", "run-w2b")]
-    assert [r.global_step for r in runs] == [13 + 7, 13 + 7]
+    assert [r.global_step for r in runs] == [13 + 14, 13 + 14]
     _assert_same_params(_last_model(tmp_path / "run-w2"), _last_model(tmp_path / "run-w2b"), atol=0)
     assert torch.load(tmp_path / "run-w2" / "last.pt", weights_only=False)["world_size"] == 1
 

@@ -70,16 +70,24 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float | None
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                            device_id=device if device.type == "cuda" else None, **kwargs)
+    timeout = datetime.timedelta(seconds=timeout_s or 1800)
+    store = None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Workers share the launcher's store across torchrun restarts; without a key prefix
+        # per attempt a restarted group reads the dead group's addresses and cannot connect
+        # (pytorch/pytorch#135712).
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                             is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"scalable_rec/attempt-{env.restart_count}", base)
+    dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
+                            timeout=timeout, device_id=device if device.type == "cuda" else None)
 
 
 def is_collective_timeout(err: BaseException) -> bool:
     """Whether ``err`` is a collective that gave up waiting (gloo/NCCL word it differently)."""
     text = str(err).lower()
     return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text
-                                              or "connection closed by peer" in text)
+                                              or "connection closed by peer" in text or "connection reset by peer" in text)
 
 
 def agree_stop(local_stop: bool, device: torch.device) -> bool:
