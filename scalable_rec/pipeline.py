@@ -201,6 +201,8 @@ def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: Di
     try:
         if users.numel():
             rows = write_parquet(recommend(model, graph, cfg.score, users), part)
+        log.debug("score: rank %d ranked users %d..%d (%d rows)", env.rank, int(users[0]) if users.numel() else 0,
+                  int(users[-1]) if users.numel() else -1, rows)
     except Exception as err:  # reported to every rank below
         error = f"rank {env.rank}: {type(err).__name__}: {err}"
     reports: list = [None] * env.world_size

@@ -263,3 +263,72 @@ def test_resuming_an_early_stopped_run_trains_no_further(tiny_shards, tmp_path):
     assert first.stopped_early and len(first.history) == 2
     again = train(g, split, ModelConfig(hidden=8), TrainConfig(**cfg, epochs=8, resume=True), tmp_path)
     assert again.stopped_early and again.global_step == first.global_step and len(again.history) == 2
+
+
+def _tiny_movielens(d: Path, users: int = 40, movies: int = 30, per_user: int = 15) -> None:
+    """A MovieLens-format folder (titles, so features are text-encoded and cached)."""
+    g = torch.Generator().manual_seed(0)
+    d.mkdir(parents=True)
+    genres = ["Drama", "Comedy", "Action|Crime", "Animation|Children"]
+    (d / "movies.csv").write_text("movieId,title,genres\n" + "".join(
+        f"{m},Movie number {m} ({1950 + m}),{genres[m % 4]}\n" for m in range(1, movies + 1)))
+    rows = []
+    for u in range(1, users + 1):
+        for m in torch.randperm(movies, generator=g)[:per_user].tolist():
+            rows.append(f"{u},{m + 1},{0.5 * int(torch.randint(1, 11, (1,), generator=g))},{u * 1000 + m}\n")
+    (d / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(rows))
+
+
+def _cli_torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scalable_rec",
+           "-v", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_rank_train_and_score_match_one_process(tmp_path):
+    """`train` under torchrun on shards without a feature cache: only rank 0 encodes the
+    titles; test metrics are reduced over ranks and equal one process's evaluation of the
+    same best.pt; 2-rank `score` writes exactly the recommendations of 1 process."""
+    import pyarrow.parquet as pq
+
+    from scalable_rec import pipeline
+    from scalable_rec.config import RunConfig
+    from scalable_rec.score import evaluate_split
+    from scalable_rec.shards import GraphShards
+    from scalable_rec.source import MovieLensSource, SkipReport, write_rating_shards
+    from scalable_rec.train import Recommender
+
+    _tiny_movielens(tmp_path / "ml")
+    shards = tmp_path / "shards"
+    write_rating_shards(MovieLensSource(str(tmp_path / "ml")), str(shards), SkipReport())
+    run = tmp_path / "run"
+    proc = _cli_torchrun(["train", "--shards", str(shards), "--run-dir", str(run), "--epochs", "2", "--batch-size",
+                          "64", "--num-neighbors", "3", "2", "--device", "cpu", "--no-progress", "--hidden", "16"])
+    encodes = [line for line in proc.stderr.splitlines() if "movie features: encoding" in line]
+    assert len(encodes) == 1 and "[rank 0]" in encodes[0], encodes
+    test = json.loads((run / "metrics.json").read_text())["test"]
+
+    saved = RunConfig.load(run / "config.json")
+    g = RatingGraph.from_shards(GraphShards(shards), saved.features)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), saved.model)
+    model.load_state_dict(torch.load(run / "best.pt", weights_only=False)["model"])
+    one = evaluate_split(model, g, split_edges(g, saved.split), k=saved.score.k)
+    assert test["test_edges"] == one["test_edges"] and test["model"]["eval_users"] == one["model"]["eval_users"]
+    for key in ("rmse", "mae"):
+        assert test[key] == pytest.approx(one[key], rel=1e-5)
+    for group in ("model", "popularity"):
+        for key, value in one[group].items():
+            assert test[group][key] == pytest.approx(value, rel=1e-5), (group, key)
+
+    proc = _cli_torchrun(["score", "--run-dir", str(run)])
+    assert "[rank 1]" in "".join(line for line in proc.stderr.splitlines() if "score: rank 1 ranked users" in line)
+    (run / "recommendations.parquet").rename(tmp_path / "two.parquet")
+    assert not list(run.glob(".recommendations.parquet*"))  # parts merged and removed
+    pipeline.score_stage(RunConfig(run_dir=str(run)), run)
+    two, single = pq.read_table(tmp_path / "two.parquet"), pq.read_table(run / "recommendations.parquet")
+    assert two.num_rows == single.num_rows == 40 * 10
+    assert two.equals(single)
