@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +70,20 @@ def test_real_loader_rank_slices_see_every_training_edge_once(tiny_shards):
     assert sorted(seen) == list(range(split.train.numel())) and real == 395
 
 
+def _run_group(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Runs torchrun in its own process group; a deadlock fails the test after ``timeout``
+    seconds and its workers are killed with it (none is left behind)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout}s (deadlock?):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _torchrun(tmp_path, shards, cfg: dict, nproc: int, name: str | None = None, extra_env: dict | None = None,
               torchrun_args: tuple = (), expect_ok: bool = True, timeout: int = 300, options: dict | None = None):
     """Runs tests/ddp_worker.py under torchrun; returns (output prefix, completed process)."""
@@ -79,7 +94,7 @@ def _torchrun(tmp_path, shards, cfg: dict, nproc: int, name: str | None = None, 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            *torchrun_args, str(WORKER), str(shards.directory), str(tmp_path / f"run-{name}"), str(prefix),
            json.dumps(cfg)] + ([json.dumps(options)] if options else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = _run_group(cmd, env, timeout)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return prefix, proc
@@ -284,7 +299,7 @@ def _cli_torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedPr
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scalable_rec",
            "-v", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = _run_group(cmd, env, timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
