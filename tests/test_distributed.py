@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -78,6 +79,10 @@ def _run_group(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedP
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # torchrun starts each worker in a session of its own: kill them one by one, or
+        # they keep the pipes open (and keep running)
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"torchrun did not finish within {timeout}s (deadlock?):\n{err[-3000:]}")
