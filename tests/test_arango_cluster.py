@@ -142,3 +142,29 @@ def test_repeated_node_key_is_an_error(tmp_path, parallelism):
         _fill(double)
         with pytest.raises(ExportVerificationError, match="repeated _key"):
             _export(double, tmp_path / "out", source_cls=_RepeatsUsers, parallelism=parallelism)
+
+
+class _LeaksAUserAcrossPartitions(ArangoSource):
+    """A server whose second user partition also returns a row of the first one."""
+
+    first_rows: list = []
+
+    def read(self, spec, part, consume, on_start=lambda: None):
+        if spec.collection != "Users":
+            return super().read(spec, part, consume, on_start)
+        if part.index == 0:
+            def keep(rows):
+                type(self).first_rows = rows[:1]
+                consume(rows)
+            return super().read(spec, part, keep, on_start)
+
+        def leak(rows):
+            consume(rows + type(self).first_rows)
+        return super().read(spec, part, leak, on_start)
+
+
+def test_node_key_repeated_across_partitions_is_an_error(tmp_path):
+    with ArangoDouble() as double:
+        _fill(double)
+        with pytest.raises(ExportVerificationError, match=r"Users.: \d+ _key.s. read twice across partitions"):
+            _export(double, tmp_path / "out", source_cls=_LeaksAUserAcrossPartitions, parallelism=2)

@@ -254,3 +254,30 @@ def test_export_command_names_a_wrong_password(arango_endpoint, tmp_path, monkey
             "--arango-database", arango_endpoint.database, "--arango-username", arango_endpoint.username]
     assert cli.main(argv) == 2
     assert "rejected the credentials for user" in caplog.text and "not-the-password" not in caplog.text
+
+
+def test_killed_between_parts_of_one_partition_drops_the_unrecorded_part(db, clean, monkeypatch, tmp_path):
+    # A partition of more than SHARD_ROWS rows is written as two parts; a process killed after the
+    # first part reached disk but before the partition's checkpoint leaves a part no checkpoint
+    # covers. Resuming must delete it, or its rows would be exported twice.
+    from scalable_rec.shards.writer import ShardWriter
+
+    _, manifest, report, rows = clean
+    write = ShardWriter.write
+
+    class Killed(Exception):
+        pass
+
+    def dies_after_a_part(self, batch, state=None):
+        before = len(self.files)
+        write(self, batch, state)
+        if self.directory.name == "user__rates__movie" and len(self.files) > before and state is None:
+            raise Killed()
+
+    monkeypatch.setattr(ShardWriter, "write", dies_after_a_part)
+    with pytest.raises(Killed):
+        _export(db, tmp_path / "killed")
+    monkeypatch.setattr(ShardWriter, "write", write)
+    resumed, resumed_report = _export(db, tmp_path / "killed", resume=True)
+    assert sorted(_edge_rows(tmp_path / "killed")) == sorted(rows)
+    assert _files(resumed) == _files(manifest) and resumed_report.to_json() == report.to_json()
