@@ -24,7 +24,8 @@ Modelled:
     variable name, used consistently), values always from bind variables; anything else is
     400 / 1501 "AQL: syntax error, unexpected ..."::
 
-      FOR v IN @@c [FILTER v._key > @after] [SORT v._key [ASC]] [LIMIT @limit]
+      FOR v IN @@c [FILTER v._key > @after | FILTER SUBSTRING(MD5(v._key), 0, N) IN @buckets]
+          [SORT v._key [ASC]] [LIMIT @limit]
           RETURN v | v.attr | [v.attr|v.@attr, ...]              (missing attributes give null)
       FOR v IN @@c [FILTER cond [AND cond ...]]... REMOVE v|v._key IN @@c
           cond: v.attr|v.@attr (== | != | IN) @bind              (result [], stats.writesExecuted)
@@ -36,16 +37,28 @@ Modelled:
   * Fault injection through ``ArangoDouble.faults`` (see `Faults`) and a request log
     (``ArangoDouble.requests``, see `RequestLog`).
 
+  * Server switches (``ArangoDouble(version=, role=, shards=, read_only=)``): ``version`` 3.10
+    (cursors ignore ``allowRetry``: no ``nextBatchId``, so python-arango's re-sent fetch skips a
+    batch), 3.11 or 3.12 (``/_api/version``); ``role`` SINGLE or COORDINATOR
+    (``/_admin/server/role``); with COORDINATOR every new collection gets ``shards`` shards
+    (or its ``numberOfShards``), a document living on shard ``crc32(_key) % shards``; users in
+    ``read_only`` get 403 / errorNum 11 "forbidden" for every write.
+  * Collation: AQL compares and sorts strings like ICU (``icu_key``: the Unicode Collation
+    Algorithm via pyuca, ``a < A < b``, punctuation before digits before letters, ties by code
+    point). A single server's primary index iterates in byte order, and a ``_key`` FILTER/SORT
+    scan follows it (the optimizer uses the index for both). On a cluster each shard scans in
+    byte order and the coordinator merges the shards' streams in ICU order, as ArangoDB's
+    GatherNode does, so paging by ``_key > @after`` over ``SORT v._key`` skips and repeats rows
+    once keys hold upper case or ``_ : . @``.
+  * Injected per-document write-write conflicts in ``/_api/import`` (`Faults.conflict_next_imports`).
+
 Not modelled: transactions, indexes other than the primary index and edge-attribute checks,
-revision checks (``If-Match`` and ``_rev`` are ignored), JWT, users/permissions beyond the password
-map, clusters (single-server semantics only), snapshots (a stream cursor sees writes made while it
-is open), views, AQL beyond the shapes above (``collection.all()``/``find()`` are rejected;
-``keys()``/``ids()`` work). Collation is simplified: strings compare by Unicode code point (UTF-8
-byte order). Real ArangoDB applies its own AQL comparison/collation rules, which may order
-non-ASCII keys differently; code under test may only rely on ``FILTER v._key > @after`` and
-``SORT v._key`` agreeing with each other. Scans with a ``_key`` FILTER or SORT run in ``_key``
-order (like a primary-index range scan); plain full scans run in insertion order (like RocksDB's
-document order), so forgetting ``SORT`` is not hidden by accident. Import ``details`` positions
+revision checks (``If-Match`` and ``_rev`` are ignored), JWT, per-collection permissions,
+cluster failover, ``shardIds`` query option, snapshots (a stream cursor sees writes made while
+it is open), views, AQL beyond the shapes above (``collection.all()``/``find()`` and
+adbpyg-adapter's ``MERGE``/``KEEP`` are rejected; ``keys()``/``ids()`` work). pyuca implements
+DUCET, not ICU's CLDR root tailoring; they agree on ASCII. Plain full scans run in insertion
+order (shard after shard on a cluster), so forgetting ``SORT`` is not hidden by accident. Import ``details`` positions
 are 0-based indexes into the request array. ``nextBatchId`` follows 3.11 (only with allowRetry);
 a response carries the cursor ``id`` only while ``hasMore`` is true, except that with allowRetry the
 cursor outlives its last batch (until DELETE or ttl) and every batch carries the ``id``.
@@ -129,7 +142,9 @@ def icu_key(text: str) -> tuple:
 
 
 def _aql_key(value: Any) -> tuple:
-    """Sort/equality key following AQL's type order: null < bool < number < string < array < object."""
+    """Equality key following AQL's type order: null < bool < number < string < array < object.
+
+    Orderings of strings (the coordinator's merge) use `icu_key` instead."""
     if value is None:
         return (0, 0)
     if isinstance(value, bool):
@@ -137,7 +152,7 @@ def _aql_key(value: Any) -> tuple:
     if isinstance(value, (int, float)):
         return (2, value)
     if isinstance(value, str):
-        return (3, icu_key(value))
+        return (3, value)  # equality and IN only: ICU equality is code point equality here
     if isinstance(value, list):
         return (4, tuple(_aql_key(v) for v in value))
     return (5, tuple(sorted((k, _aql_key(v)) for k, v in value.items())))
