@@ -47,8 +47,8 @@ Modelled:
     Algorithm via pyuca, ``a < A < b``, punctuation before digits before letters, ties by code
     point). A single server's primary index iterates in byte order, and a ``_key`` FILTER/SORT
     scan follows it (the optimizer uses the index for both). On a cluster each shard scans in
-    byte order and the coordinator merges the shards' streams in ICU order, as ArangoDB's
-    GatherNode does, so paging by ``_key > @after`` over ``SORT v._key`` skips and repeats rows
+    byte order and the coordinator merges the shards' streams in ICU order (modelled on a reading
+    of the 3.11/3.12 source in issue 10, not checked against a real cluster), so paging by ``_key > @after`` over ``SORT v._key`` skips and repeats rows
     once keys hold upper case or ``_ : . @``.
   * Injected per-document write-write conflicts in ``/_api/import`` (`Faults.conflict_next_imports`).
 
@@ -251,7 +251,7 @@ class _Collection:
 
         Single server: one byte-ordered primary-index range scan. Cluster: every shard runs
         that scan in byte order and the coordinator merges the streams by AQL (ICU) order,
-        as ArangoDB's GatherNode does for ``SORT v._key``; the two orders disagree once
+        as issue 10 reads ArangoDB's GatherNode for ``SORT v._key``; the two orders disagree once
         upper case or ``_ : . @`` appear in keys.
         """
         if self.shards == 1:
