@@ -281,3 +281,14 @@ def test_killed_between_parts_of_one_partition_drops_the_unrecorded_part(db, cle
     resumed, resumed_report = _export(db, tmp_path / "killed", resume=True)
     assert sorted(_edge_rows(tmp_path / "killed")) == sorted(rows)
     assert _files(resumed) == _files(manifest) and resumed_report.to_json() == report.to_json()
+
+
+def test_export_command_with_parallelism_flag(db, clean, arango_endpoint, tmp_path, monkeypatch):
+    docs, *_ = clean
+    monkeypatch.setenv("SCALABLE_REC_ARANGO_PASSWORD", arango_endpoint.password)
+    argv = ["arango", "export", "--shards", str(tmp_path / "cli"), "--arango-url", arango_endpoint.url,
+            "--arango-database", arango_endpoint.database, "--arango-username", arango_endpoint.username,
+            "--parallelism", "3", "--export-partition-rows", "150", "--export-batch-size", "40"]
+    assert cli.main(argv) == 0
+    assert sorted(_edge_rows(tmp_path / "cli")) == sorted(_expected(docs))
+    assert Manifest.load(tmp_path / "cli").config["parallelism"] == 3
