@@ -89,6 +89,7 @@ def test_export_writes_every_rating_once_in_bounded_shards(db, clean, tmp_path):
     docs, manifest, report, rows = clean
     assert sorted(rows) == sorted(_expected(docs)) and len(rows) == RATINGS
     edges = manifest.edge_types["user__rates__movie"]
+    assert not list(tmp_path.glob(".*spill*"))  # spilled partitions are temporary
     sizes = [f.num_rows for f in edges.files]  # one or more parts per hash partition, none above the bound
     assert sum(sizes) == RATINGS and max(sizes) <= SHARD_ROWS and len(sizes) >= RATINGS // SHARD_ROWS
     shards = GraphShards(tmp_path / "clean")
@@ -277,6 +278,7 @@ def test_killed_between_parts_of_one_partition_drops_the_unrecorded_part(db, cle
     monkeypatch.setattr(ShardWriter, "write", dies_after_a_part)
     with pytest.raises(Killed):
         _export(db, tmp_path / "killed")
+    assert not list(tmp_path.glob(".*spill*"))
     monkeypatch.setattr(ShardWriter, "write", write)
     resumed, resumed_report = _export(db, tmp_path / "killed", resume=True)
     assert sorted(_edge_rows(tmp_path / "killed")) == sorted(rows)

@@ -2,8 +2,9 @@
 
 Each table (movies, users, ratings) is read in hash partitions of ``_key`` (see
 ``scalable_rec.source.arango``), ``parallelism`` partitions at a time, one thread and one
-stream cursor each. A worker reads its whole partition into Arrow batches (memory: one
-partition per worker), checks that no ``_key`` repeats in it, and then, under the export's
+stream cursor each. A worker converts its partition's cursor batches to Arrow and spills them
+to a temporary IPC file next to the output (memory: one cursor batch and the partition's keys
+per worker), checks that no ``_key`` repeats in it, and then, under the export's
 lock, writes it as its own parts and records a checkpoint in the table's ``_progress.json``:
 the partitions done, the parts that hold them, the rows read and a copy of the
 ``SkipReport``. Parts written after the last checkpoint (a process killed mid-partition)
@@ -24,11 +25,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -87,21 +89,55 @@ def _drop_unrecorded_parts(w: ShardWriter, keep: int) -> None:
 
 
 class _Read:
-    """One partition's converted batches, its rows read and its own skip report."""
+    """One attempt at one partition: its converted rows spilled to a temporary Arrow file (so a
+    worker's memory is one cursor batch plus the partition's keys), its row count and skip report.
 
-    def __init__(self, strict: bool) -> None:
-        self.batches: list[pa.RecordBatch] = []
-        self.keys: list[pa.Array] = []
+    Args:
+        path: The spill file (deleted by ``discard``).
+        strict: Strict mode of the partition's own ``SkipReport``.
+    """
+
+    def __init__(self, path: Path, strict: bool) -> None:
+        self.path = path
         self.rows = 0
+        self.keys: list[pa.Array] = []
         self.report = SkipReport(strict=strict)
+        self._sink: Any = None
+        self._file: Any = None
+        self._closed = False
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if self._file is None:
+            self._sink = pa.OSFile(str(self.path), "wb")
+            self._file = pa.ipc.new_file(self._sink, batch.schema)
+        self._file.write_batch(batch)
+
+    def close(self) -> None:
+        if self._file is not None and not self._closed:
+            self._file.close()
+            self._sink.close()
+        self._closed = True
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """The spilled batches, memory-mapped one at a time."""
+        if self._file is None:
+            return
+        reader = pa.ipc.open_file(pa.memory_map(str(self.path), "r"))
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
 
 
 class _Export:
     """Reads every table partition by partition into ``writer``, continuing from its checkpoints."""
 
     def __init__(self, source: ArangoSource, writer: GraphShardWriter, report: SkipReport,
-                 bounds: RatingBounds, identity: dict[str, Any], progress: bool) -> None:
+                 bounds: RatingBounds, identity: dict[str, Any], progress: bool, spill: Path) -> None:
         self.source, self.writer, self.report, self.bounds = source, writer, report, bounds
+        self.spill = spill
         self.identity, self.progress = identity, progress
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -143,19 +179,22 @@ class _Export:
             if self.stop.is_set():
                 return
             result = read(part)
-            with self.lock:
-                if self.stop.is_set():
-                    return
-                commit(result)
-                merge_report(self.report, result.report)
-                for batch in result.batches:
-                    w.write(batch)
-                w.flush()
-                done.append(part.index)
-                rows += result.rows
-                w.flush(state=self.checkpoint(w, count, done, rows, False))
-                if bar is not None:
-                    bar.update(result.rows)
+            try:
+                with self.lock:
+                    if self.stop.is_set():
+                        return
+                    commit(result)
+                    merge_report(self.report, result.report)
+                    for batch in result.batches():
+                        w.write(batch)
+                    w.flush()
+                    done.append(part.index)
+                    rows += result.rows
+                    w.flush(state=self.checkpoint(w, count, done, rows, False))
+                    if bar is not None:
+                        bar.update(result.rows)
+            finally:
+                result.discard()
 
         with ThreadPoolExecutor(max_workers=cfg.parallelism, thread_name_prefix="arango-export") as pool:
             futures = [pool.submit(work, part) for part in todo]
@@ -175,18 +214,31 @@ class _Export:
         def batch(rows: list[list[Any]], out: _Read) -> None:
             out.rows += len(rows)
             out.keys.append(pa.array([r[0] for r in rows], pa.string()))
-            out.batches.append(convert(rows, out.report))
+            out.add(convert(rows, out.report))
 
         attempts: list[_Read] = []  # a fresh _Read per attempt: nothing of a failed read is kept
-        self.source.read(spec, part, lambda rows: batch(rows, attempts[-1]),
-                         on_start=lambda: attempts.append(_Read(self.report.strict)))
+        path = self.spill / f"{spec.collection}-{part.index:05d}.arrow"
+
+        def start() -> None:
+            if attempts:
+                attempts[-1].discard()
+            attempts.append(_Read(path, self.report.strict))
+
+        try:
+            self.source.read(spec, part, lambda rows: batch(rows, attempts[-1]), on_start=start)
+        except BaseException:
+            if attempts:
+                attempts[-1].discard()
+            raise
         out = attempts[-1]
+        out.close()
         if out.rows:
             keys = pa.chunked_array(out.keys, pa.string())
             distinct = pc.count_distinct(keys).as_py()
             if distinct != out.rows:
                 counts = pc.value_counts(keys)
                 repeated = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:3]
+                out.discard()
                 raise ExportVerificationError(
                     f"'{spec.collection}' partition {part.index + 1}/{part.count}: {out.rows - distinct} "
                     f"repeated _key(s), e.g. {repeated}")
@@ -203,7 +255,7 @@ class _Export:
         def commit(result: _Read) -> None:
             before = len(index)
             n = 0
-            for batch in result.batches:
+            for batch in result.batches():
                 for key in batch.column("key").to_pylist():
                     index.add(key)
                 n += batch.num_rows
@@ -256,7 +308,9 @@ def export_shards(source: ArangoSource, out: str | os.PathLike, report: SkipRepo
                 "max_rows_per_shard": max_rows_per_shard}
     config = {**source.config(), "rating_bounds": [bounds.min, bounds.max], "max_rows_per_shard": max_rows_per_shard}
     writer = GraphShardWriter(out, config, max_rows_per_shard, resume=resume, overwrite=overwrite)
-    _Export(source, writer, report, bounds, identity, progress).run()
+    parent = Path(out).resolve().parent
+    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.spill-", dir=parent) as spill:
+        _Export(source, writer, report, bounds, identity, progress, Path(spill)).run()
     if report.counts:
         log.warning("%s", report.summary())
     return writer.commit(report=report.to_json(), fingerprint="")
