@@ -78,8 +78,8 @@ class ExportConfig:
             finished partition.
         parallelism: Partitions read at once, one cursor and one thread each (1-64).
         export_partition_rows: Target rows per partition: a collection is read in at least
-            count/export_partition_rows hash partitions (memory per worker and the re-read after a
-            failure are bounded by one partition).
+            count/export_partition_rows hash partitions (the re-read after a failure, a worker's
+            spill file and the keys it holds for the repeat check are bounded by one partition).
         rating_attribute: Attribute of a rating edge holding the rating.
         timestamp_attribute: Attribute of a rating edge holding the Unix time (may be missing).
         title_attribute: Attribute of a movie holding its title.
