@@ -31,7 +31,7 @@ def test_layerwise_equals_full_graph_encoding(small, tmp_path, model_cfg, batch_
     assert set(got) == set(ref)
     for key in ref:
         # sums over hundreds of neighbours in another order: tolerance relative to the scale
-        atol = 1e-5 * max(1.0, float(ref[key].abs().max()))
+        atol = 5e-5 * max(1.0, float(ref[key].abs().max()))
         torch.testing.assert_close(got[key], ref[key], atol=atol, rtol=1e-4, msg=key)
     if spill:
         assert list(tmp_path.iterdir()) == []  # spill files are unlinked on return
