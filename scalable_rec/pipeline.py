@@ -16,15 +16,12 @@ from typing import Any
 
 import torch
 
+from scalable_rec.atomic import write_json_atomic
 from scalable_rec.config import RunConfig
 from scalable_rec.errors import ScalableRecError, ShardError
 from scalable_rec.graph import RatingGraph, movie_features, split_edges
-from scalable_rec.graph.hetero import EdgeSplit
-from scalable_rec.score import (
-    RatedIndex, popularity_score_fn, ranking_metrics, rating_errors, to_record_batch, topk_chunks,
-)
+from scalable_rec.score import evaluate_split, plot_curves, recommend
 from scalable_rec.shards import GraphShards, Manifest
-from scalable_rec.shards.manifest import write_json_atomic
 from scalable_rec.sink import write_parquet
 from scalable_rec.source import MovieLensSource, RatingBounds, SkipReport, write_rating_shards
 from scalable_rec.source.download import fetch_movielens
@@ -130,7 +127,9 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
                                "interrupted": result.interrupted}
     if env.is_main and not result.interrupted:
         t1 = time.perf_counter()
-        metrics["test"] = evaluate(result.model, graph, split, cfg)
+        metrics["test"] = evaluate_split(result.model, graph, split, k=cfg.score.k,
+                                         memory_mb=cfg.score.score_memory_mb, rating_min=cfg.data.rating_min,
+                                         rating_max=cfg.data.rating_max)
         timings["evaluate_s"] = time.perf_counter() - t1
         log.info("test: %s", json.dumps(metrics["test"]))
     metrics["timings"] = timings
@@ -140,59 +139,6 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
         plot_curves(result.history, run_dir / "curves.png")
     _barrier(env)
     return metrics
-
-
-@torch.no_grad()
-def evaluate(model: Recommender, graph: RatingGraph, split: EdgeSplit, cfg: RunConfig) -> dict[str, Any]:
-    """Test RMSE/MAE on every test edge and Recall/NDCG@10 on test edges rated ≥ 4.
-
-    Message passing uses training and validation edges; those are also the ones masked
-    from the ranking, so held-out test movies stay rankable.
-    """
-    model.eval()
-    device = model.rating_mean.device
-    seen_ids = torch.cat([split.train, split.val])
-    z = model.encode_all(graph.hetero_data(seen_ids))
-    test_src, test_dst = graph.src[split.test].to(device), graph.dst[split.test].to(device)
-    pred = torch.cat([model.predict_pairs(z, s, d) for s, d in zip(test_src.split(65536), test_dst.split(65536))])
-    out: dict[str, Any] = rating_errors(pred.cpu(), graph.rating[split.test], cfg.data.rating_min,
-                                        cfg.data.rating_max)
-    out["test_edges"] = int(split.test.numel())
-    relevant = graph.rating[split.test] >= 4.0
-    seen = RatedIndex.from_edges(graph.src[seen_ids], graph.dst[seen_ids], graph.num_users)
-    k = cfg.score.k
-    args = (graph.num_users, graph.num_movies, seen, graph.src[split.test][relevant],
-            graph.dst[split.test][relevant], k, cfg.score.score_memory_mb)
-    all_movies = torch.arange(graph.num_movies, device=device)
-    out["model"] = ranking_metrics(lambda u: model.rank_block(z, u.to(device), all_movies), *args)
-    out["popularity"] = ranking_metrics(popularity_score_fn(graph.dst[split.train], graph.num_movies), *args)
-    return out
-
-
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed (pip install 'scalable-rec[plot]'): no %s", path.name)
-        return
-    if not history:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_rmse"] for h in history], marker="o", label="train RMSE")
-    ax.plot(epochs, [h["val_rmse"] for h in history], marker="o", label="validation RMSE")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("RMSE")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: RatingGraph | None = None) -> Path:
@@ -221,24 +167,6 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
     log.info("score: %d recommendations for %d users in %.2fs → %s", rows, graph.num_users,
              time.perf_counter() - t0, out)
     return out
-
-
-def recommend(model: Recommender, graph: RatingGraph, cfg):
-    """Yields ranked record batches for every user (all rated movies excluded).
-
-    ``score`` is the ranking score (``Recommender.rank_block``); ``predicted_rating`` is the
-    rating the model predicts for that pair, clamped to the rating range.
-    """
-    device = model.rating_mean.device
-    z = model.encode_all(graph.hetero_data())
-    exclude = RatedIndex.from_edges(graph.src, graph.dst, graph.num_users) if cfg.exclude_rated else None
-    movies = torch.arange(graph.num_movies, device=device)
-    for users, top, scores in topk_chunks(lambda u: model.rank_block(z, u.to(device), movies),
-                                          graph.num_users, graph.num_movies, cfg, exclude):
-        with torch.no_grad():
-            rated = model.predict_pairs(z, users.repeat_interleave(top.size(1)).to(device), top.flatten().to(device))
-        yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys,
-                              predicted_rating=rated.view_as(top).clamp(0.5, 5.0).cpu())
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

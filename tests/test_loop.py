@@ -7,7 +7,7 @@ from scalable_rec.errors import CheckpointError
 from scalable_rec.graph import RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import ModelConfig, TrainConfig, train
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.train.loop import rating_class_weights
+from scalable_rec.train.losses import rating_class_weights
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_early_stopping(small, tmp_path):
 
 
 def test_in_batch_softmax_loss_masks_repeated_movies_and_pads():
-    from scalable_rec.train.loop import in_batch_softmax_loss
+    from scalable_rec.train.losses import in_batch_softmax_loss
     ru = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
     rm = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     movies = torch.tensor([7, 8, 7])  # rows 0 and 2 share a movie: not each other's negative

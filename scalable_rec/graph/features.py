@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from scalable_rec.shards import GraphShards
-from scalable_rec.shards.manifest import write_json_atomic
+from scalable_rec.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 

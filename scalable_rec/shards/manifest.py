@@ -124,15 +124,3 @@ class Manifest:
             return cls.from_json(obj)
         except (KeyError, TypeError) as err:
             raise ShardError(f"Shard manifest '{path}' is missing a field: {err}") from err
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON under a temporary name, fsyncs and renames, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

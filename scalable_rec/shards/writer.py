@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
+from scalable_rec.atomic import write_json_atomic
 from scalable_rec.errors import ShardError
 from scalable_rec.shards.manifest import (
     MANIFEST_NAME,
@@ -28,7 +29,6 @@ from scalable_rec.shards.manifest import (
     TableInfo,
     edge_type_name,
     schema_to_json,
-    write_json_atomic,
 )
 
 PROGRESS_NAME = "_progress.json"

@@ -24,7 +24,7 @@ from arango.exceptions import ArangoServerError
 
 from scalable_rec.connection import ArangoConfig, RetryPolicy, connect, database_error, require_collection
 from scalable_rec.errors import CollectionNotFoundError, DatabaseError, WriteMismatchError
-from scalable_rec.shards.manifest import write_json_atomic
+from scalable_rec.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 

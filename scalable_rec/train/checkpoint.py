@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scalable_rec.atomic import atomic_open
 from scalable_rec.errors import CheckpointError
 
 # Config fields that may differ between a checkpoint and a resumed run without changing
@@ -18,14 +19,9 @@ RESUMABLE_DIFFERENCES = {"epochs", "max_steps", "num_workers", "checkpoint_every
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary name, fsync, rename: a crash never leaves a torn file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """``torch.save`` under a temporary name, fsync, rename: a crash never leaves a torn file."""
+    with atomic_open(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -9,6 +9,7 @@ every ``checkpoint_every`` steps, at ``max_steps`` and on SIGTERM/SIGINT).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch_geometric.data import HeteroData
 from torch_geometric.loader import LinkNeighborLoader
@@ -33,6 +33,7 @@ from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.distributed import (
     DistEnv, EdgeEpochSampler, all_reduce_sum, init_distributed,
 )
+from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, rating_class_weights
 from scalable_rec.train.model import ModelConfig, Recommender
 
 log = logging.getLogger(__name__)
@@ -145,56 +146,6 @@ def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def rating_class_weights(rating: torch.Tensor) -> torch.Tensor:
-    """Per-rating weights: inverse frequency of its half-star class (``round(2r)``), mean 1.
-
-    The article's weighted MSE bucketed by ``int(rating)``, which merges 4.0 with 4.5 and
-    0.5 with nothing (class 0); half stars are classes of their own here.
-    """
-    cls = torch.round(rating * 2).long().clamp(min=0)
-    counts = torch.bincount(cls).float()
-    weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
-    per_rating = weights[cls]
-    return per_rating / per_rating.mean()
-
-
-def in_batch_softmax_loss(ru: torch.Tensor, rm: torch.Tensor, row_movies: torch.Tensor,
-                          col_movies: torch.Tensor, log_q: torch.Tensor, weight: torch.Tensor,
-                          offset: int = 0) -> torch.Tensor:
-    """Sampled softmax of each labelled user over all labelled movies of the global batch.
-
-    Row ``i`` (user ``ru[i]``, whose movie is ``row_movies[i]``) should pick column
-    ``offset + i`` among ``rm`` (under DDP, every rank's movies, gathered). Negatives are
-    drawn by popularity (they are other users' rated movies), so ``log q`` is subtracted
-    (logQ correction) to keep the logits an estimate of the full-catalog softmax instead of
-    a penalty on popular movies. Columns holding the row's own movie are not negatives.
-    """
-    logits = ru @ rm.T - log_q[col_movies][None, :]
-    target = torch.arange(ru.size(0), device=ru.device) + offset
-    same = row_movies[:, None] == col_movies[None, :]
-    same[torch.arange(ru.size(0), device=ru.device), target] = False
-    logits = logits.masked_fill(same, float("-inf"))
-    ce = F.cross_entropy(logits, target, reduction="none")
-    return (ce * weight).sum() / weight.bool().sum().clamp(min=1)
-
-
-def gather_columns(rm: torch.Tensor, movies: torch.Tensor, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Every rank's ranking movies (differentiable all-gather) so the softmax sees the global
-    batch, which makes DDP compute the single-process objective; returns this rank's offset."""
-    if not env.enabled:
-        return rm, movies, 0
-    import torch.distributed._functional_collectives as funcol
-
-    # torch ≥ 2.13 renamed the differentiable all-gather; older releases have only the old name.
-    all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-    ids = [torch.empty_like(movies) for _ in range(env.world_size)]
-    torch.distributed.all_gather(ids, movies)
-    # The backward of the autograd all-gather reduce-scatters (sums) each rank's gradient
-    # share back to the rank that produced the rows.
-    gathered = all_gather(rm, 0, torch.distributed.group.WORLD)
-    return gathered, torch.cat(ids), env.rank * rm.size(0)
-
-
 def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor, cfg: TrainConfig,
                 batch_size: int, env: DistEnv, shuffle: bool, device: torch.device,
                 generator: torch.Generator | None = None):
@@ -245,6 +196,39 @@ def evaluate_rmse(model, loader, device: torch.device, autocast, progress: bool 
     return {"rmse": math.sqrt(sse / max(count, 1)), "mae": sae / max(count, 1), "count": int(count)}
 
 
+@dataclass
+class Job:
+    """What one training run holds: data, model, optimiser and precision, built once."""
+
+    env: DistEnv
+    device: torch.device
+    cfg: TrainConfig
+    run_dir: Path
+    config: dict[str, Any]
+    model: Recommender
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: torch.autocast
+    train_loader: Any
+    train_sampler: EdgeEpochSampler
+    val_loader: Any
+    loader_gen: torch.Generator
+    log_q: torch.Tensor
+
+
+@dataclass
+class Progress:
+    """Where the run stands; everything in it goes into ``last.pt``."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_rmse: float = math.inf
+    bad_epochs: int = 0
+
+
 def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
           run_dir: str | os.PathLike, config: dict[str, Any] | None = None,
           data: HeteroData | tuple | None = None) -> TrainResult:
@@ -266,15 +250,37 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
             (``scalable_rec.graph.store.open_stores(index, "train")``) samples from the
             memory-mapped index instead.
     """
+    t0 = time.perf_counter()
+    job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config)
+    progress = restore(job) if cfg.resume else Progress()
+    stopped_early = interrupted = False
+    with preemption_signals() as stop:
+        for epoch in range(progress.epoch, cfg.epochs):
+            progress.epoch = epoch
+            stats = train_epoch(job, progress, stop)
+            if stats["interrupted"]:
+                interrupted = True
+                save_last(job, progress, progress.epoch, progress.step_in_epoch)
+                break
+            stopped_early = validate_and_checkpoint(job, progress, stats)
+            if stopped_early:
+                break
+    load_best(job, progress.epoch)
+    return TrainResult(model=job.model, history=progress.history, best_val_rmse=progress.best_val_rmse,
+                       global_step=progress.global_step, stopped_early=stopped_early, interrupted=interrupted,
+                       seconds=time.perf_counter() - t0)
+
+
+def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
+              run_dir: Path, config: dict[str, Any] | None) -> Job:
+    """Joins the process group, builds the loaders (message passing over training edges
+    only), the model, optimiser and precision, and wraps the model for DDP."""
     env = DistEnv.from_environ()
     device = resolve_device(cfg, env)
     init_distributed(env, device)
-    run_dir = Path(run_dir)
     config = config or {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
     torch.manual_seed(cfg.seed + env.rank)  # ranks sample different neighbourhoods
-    t0 = time.perf_counter()
 
-    # ---- data: message passing over training edges only --------------------------
     train_rating = graph.rating[split.train]
     weights = (rating_class_weights(train_rating) if cfg.loss == "weighted_mse"
                else torch.ones_like(train_rating))
@@ -287,162 +293,183 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
         train_data, graph.src[split.val], graph.dst[split.val],
         torch.stack([graph.rating[split.val], torch.ones(split.val.numel())], 1),
         cfg, cfg.eval_batch_size, env, shuffle=False, device=device)
-
     # log of each movie's share of training edges: how often it turns up as an in-batch negative
     log_q = torch.log(torch.bincount(graph.dst[split.train], minlength=graph.num_movies).float().clamp(min=1)
                       / split.train.numel()).to(device)
 
-    # ---- model, optimiser, precision -----------------------------------------------
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), model_cfg,
                         rating_mean=float(train_rating.mean())).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
-
-    # ---- resume ------------------------------------------------------------------------
-    start_epoch, skip_steps, global_step = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    best_val, bad_epochs = math.inf, 0
-    if cfg.resume:
-        state = ckpt.load(run_dir / "last.pt", map_location=device)
-        ckpt.check_compatible(state["config"], config)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, skip_steps, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        history, best_val, bad_epochs = state["history"], state["best_val_rmse"], state["bad_epochs"]
-        ckpt.set_rng_state(state["rng"][env.rank], loader_gen)
-        if env.is_main:
-            log.info("resumed from %s at epoch %d step %d", run_dir / "last.pt", start_epoch, skip_steps)
-
-    ddp_model = model
+    ddp_model: torch.nn.Module = model
     if env.enabled:
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                         find_unused_parameters=_has_unused_parameters(model, train_loader, device, loader_gen))
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return Job(env=env, device=device, cfg=cfg, run_dir=run_dir, config=config, model=model,
+               ddp_model=ddp_model, optimizer=optimizer, scaler=scaler, autocast=autocast,
+               train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader,
+               loader_gen=loader_gen, log_q=log_q)
 
-    # Preemption (SIGTERM from a scheduler, Ctrl-C): finish the step, save, stop.
-    # Only the main thread may install handlers; elsewhere the caller handles signals.
-    stop = {"signal": None}
+
+def restore(job: Job) -> Progress:
+    """Loads ``last.pt``: weights, optimiser, scaler, progress and this rank's RNG streams."""
+    state = ckpt.load(job.run_dir / "last.pt", map_location=job.device)
+    ckpt.check_compatible(state["config"], job.config)
+    job.model.load_state_dict(state["model"])
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scaler.load_state_dict(state["scaler"])
+    ckpt.set_rng_state(state["rng"][job.env.rank], job.loader_gen)
+    if job.env.is_main:
+        log.info("resumed from %s at epoch %d step %d", job.run_dir / "last.pt", state["epoch"],
+                 state["step_in_epoch"])
+    return Progress(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], global_step=state["global_step"],
+                    history=state["history"], best_val_rmse=state["best_val_rmse"], bad_epochs=state["bad_epochs"])
+
+
+@contextlib.contextmanager
+def preemption_signals():
+    """Preemption (SIGTERM from a scheduler, Ctrl-C) sets a flag: the loop finishes the step,
+    saves and stops. Only the main thread may install handlers; elsewhere the caller
+    handles signals."""
+    stop: dict[str, int | None] = {"signal": None}
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, lambda signum, _frame: stop.update(signal=signum))
-
-    def save_last(epoch: int, step_in_epoch: int) -> None:
-        # Every rank's RNG state goes into rank 0's file (gathered), so resume is exact per rank.
-        states = [ckpt.rng_state(loader_gen)]
-        if env.enabled:
-            states = [None] * env.world_size
-            torch.distributed.all_gather_object(states, ckpt.rng_state(loader_gen))
-        if env.is_main:
-            ckpt.save_atomic({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "global_step": global_step, "history": history, "best_val_rmse": best_val,
-                "bad_epochs": bad_epochs, "rng": states, "config": config,
-            }, run_dir / "last.pt")
-
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    stopped_early = interrupted = False
-    epoch = start_epoch
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            # ---- one epoch -------------------------------------------------------------
-            ddp_model.train()
-            train_sampler.set_epoch(epoch, skip=skip_steps * cfg.batch_size)
-            step_in_epoch = skip_steps
-            skip_steps = 0
-            sse = count = 0.0
-            load_s = compute_s = 0.0
-            t_epoch = time.perf_counter()
-            full_epoch = len(train_loader) + step_in_epoch  # the sampler skips resumed steps
-            steps_this_epoch = min(full_epoch, cfg.steps_per_epoch or full_epoch)
-            bar = tqdm(total=steps_this_epoch, initial=step_in_epoch, desc=f"epoch {epoch}", disable=not (cfg.progress and env.is_main),
-                       leave=False)
-            it = iter(train_loader)
-            while step_in_epoch < steps_this_epoch:
-                t_load = time.perf_counter()
-                batch = next(it, None)
-                if batch is None:
-                    break
-                batch = batch.to(device, non_blocking=True)
-                t_step = time.perf_counter()
-                load_s += t_step - t_load
-                rating, weight = batch[RATES].edge_label.unbind(-1)
-                with autocast:
-                    pred, rank = ddp_model(batch)
-                # Losses in fp32 whatever the autocast dtype; pads have weight 0.
-                se = (pred.float() - rating) ** 2
-                loss = (se * weight).sum() / weight.bool().sum().clamp(min=1)
-                if rank is not None and cfg.rank_loss_weight > 0:
-                    ru, rm = rank[0].float(), rank[1].float()
-                    movies = batch["movie"].n_id[batch[RATES].edge_label_index[1]]
-                    rm_all, movies_all, offset = gather_columns(rm, movies, env)
-                    loss = loss + cfg.rank_loss_weight * in_batch_softmax_loss(
-                        ru, rm_all, movies, movies_all, log_q, weight, offset)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                step_in_epoch += 1
-                global_step += 1
-                # Accumulate on device; read back once per epoch (avoids a sync per step).
-                sse += (se.detach() * weight.bool()).sum()
-                count += float(weight.bool().sum())
-                compute_s += time.perf_counter() - t_step
-                bar.update(1)
-                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
-                    save_last(epoch, step_in_epoch)
-                if stop["signal"] is not None or (cfg.max_steps and global_step >= cfg.max_steps):
-                    interrupted = True
-                    break
-            bar.close()
-            if interrupted:
-                save_last(epoch, step_in_epoch)
-                break
-            # ---- validation, early stopping, checkpoints (rank 0 writes) ---------------
-            sse_t, count_t = all_reduce_sum([float(sse), count], device)
-            val = evaluate_rmse(ddp_model, val_loader, device, autocast)
-            elapsed = time.perf_counter() - t_epoch
-            record = {"epoch": epoch, "train_rmse": math.sqrt(sse_t / max(count_t, 1)), "val_rmse": val["rmse"],
-                      "val_mae": val["mae"], "seconds": elapsed, "steps": step_in_epoch,
-                      "edges_per_s": count_t / max(load_s + compute_s, 1e-9),
-                      "loader_share": load_s / max(load_s + compute_s, 1e-9)}
-            history.append(record)
-            if env.is_main:
-                log.info("epoch %d: train rmse %.4f  val rmse %.4f  (%.1fs, %.0f edges/s, loader %.0f%%)",
-                         epoch, record["train_rmse"], val["rmse"], elapsed, record["edges_per_s"],
-                         100 * record["loader_share"])
-            if val["rmse"] < best_val - 1e-5:
-                best_val, bad_epochs = val["rmse"], 0
-                if env.is_main:
-                    ckpt.save_atomic({"model": model.state_dict(), "config": config, "epoch": epoch,
-                                      "val_rmse": best_val}, run_dir / "best.pt")
-            else:
-                bad_epochs += 1
-            save_last(epoch + 1, 0)
-            if bad_epochs >= cfg.patience:
-                stopped_early = True
-                if env.is_main:
-                    log.info("early stop: no better val rmse for %d epochs (best %.4f)", bad_epochs, best_val)
-                break
+        yield stop
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-    # The best weights (or the current ones if no epoch finished) are what gets scored.
-    if (run_dir / "best.pt").is_file():
-        if env.enabled:
+
+def training_loss(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rating loss (+ the retrieval head's in-batch softmax) in fp32 whatever the autocast
+    dtype; pads have weight 0. Returns the loss, the squared errors and the weights."""
+    rating, weight = batch[RATES].edge_label.unbind(-1)
+    with job.autocast:
+        pred, rank = job.ddp_model(batch)
+    se = (pred.float() - rating) ** 2
+    loss = (se * weight).sum() / weight.bool().sum().clamp(min=1)
+    if rank is not None and job.cfg.rank_loss_weight > 0:
+        ru, rm = rank[0].float(), rank[1].float()
+        movies = batch["movie"].n_id[batch[RATES].edge_label_index[1]]
+        rm_all, movies_all, offset = gather_columns(rm, movies, job.env)
+        loss = loss + job.cfg.rank_loss_weight * in_batch_softmax_loss(
+            ru, rm_all, movies, movies_all, job.log_q, weight, offset)
+    return loss, se, weight
+
+
+def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> dict[str, Any]:
+    """One pass over this rank's slice (from ``progress.step_in_epoch`` on a resume).
+
+    Stops early, with ``interrupted`` set, on a preemption signal or at ``max_steps``.
+    """
+    cfg, env = job.cfg, job.env
+    job.ddp_model.train()
+    job.train_sampler.set_epoch(progress.epoch, skip=progress.step_in_epoch * cfg.batch_size)
+    sse = count = 0.0
+    load_s = compute_s = 0.0
+    t_epoch = time.perf_counter()
+    full_epoch = len(job.train_loader) + progress.step_in_epoch  # the sampler skips resumed steps
+    steps_this_epoch = min(full_epoch, cfg.steps_per_epoch or full_epoch)
+    bar = tqdm(total=steps_this_epoch, initial=progress.step_in_epoch, desc=f"epoch {progress.epoch}",
+               disable=not (cfg.progress and env.is_main), leave=False)
+    interrupted = False
+    it = iter(job.train_loader)
+    while progress.step_in_epoch < steps_this_epoch:
+        t_load = time.perf_counter()
+        batch = next(it, None)
+        if batch is None:
+            break
+        batch = batch.to(job.device, non_blocking=True)
+        t_step = time.perf_counter()
+        load_s += t_step - t_load
+        loss, se, weight = training_loss(job, batch)
+        job.optimizer.zero_grad(set_to_none=True)
+        job.scaler.scale(loss).backward()
+        job.scaler.step(job.optimizer)
+        job.scaler.update()
+        progress.step_in_epoch += 1
+        progress.global_step += 1
+        # Accumulate on device; read back once per epoch (avoids a sync per step).
+        sse += (se.detach() * weight.bool()).sum()
+        count += float(weight.bool().sum())
+        compute_s += time.perf_counter() - t_step
+        bar.update(1)
+        if cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0:
+            save_last(job, progress, progress.epoch, progress.step_in_epoch)
+        if stop["signal"] is not None or (cfg.max_steps and progress.global_step >= cfg.max_steps):
+            interrupted = True
+            break
+    bar.close()
+    return {"sse": float(sse), "count": count, "load_s": load_s, "compute_s": compute_s,
+            "started": t_epoch, "interrupted": interrupted}
+
+
+def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any]) -> bool:
+    """Validation RMSE, history, ``best.pt``/``last.pt`` (rank 0 writes) and the early-stop
+    decision; returns whether to stop."""
+    env = job.env
+    sse_t, count_t = all_reduce_sum([stats["sse"], stats["count"]], job.device)
+    val = evaluate_rmse(job.ddp_model, job.val_loader, job.device, job.autocast)
+    busy = max(stats["load_s"] + stats["compute_s"], 1e-9)
+    record = {"epoch": progress.epoch, "train_rmse": math.sqrt(sse_t / max(count_t, 1)), "val_rmse": val["rmse"],
+              "val_mae": val["mae"], "seconds": time.perf_counter() - stats["started"], "steps": progress.step_in_epoch,
+              "edges_per_s": count_t / busy, "loader_share": stats["load_s"] / busy}
+    progress.history.append(record)
+    if env.is_main:
+        log.info("epoch %d: train rmse %.4f  val rmse %.4f  (%.1fs, %.0f edges/s, loader %.0f%%)",
+                 progress.epoch, record["train_rmse"], val["rmse"], record["seconds"], record["edges_per_s"],
+                 100 * record["loader_share"])
+    if val["rmse"] < progress.best_val_rmse - 1e-5:
+        progress.best_val_rmse, progress.bad_epochs = val["rmse"], 0
+        if env.is_main:
+            ckpt.save_atomic({"model": job.model.state_dict(), "config": job.config, "epoch": progress.epoch,
+                              "val_rmse": progress.best_val_rmse}, job.run_dir / "best.pt")
+    else:
+        progress.bad_epochs += 1
+    save_last(job, progress, progress.epoch + 1, 0)
+    progress.step_in_epoch = 0
+    if progress.bad_epochs >= job.cfg.patience:
+        if env.is_main:
+            log.info("early stop: no better val rmse for %d epochs (best %.4f)", progress.bad_epochs,
+                     progress.best_val_rmse)
+        return True
+    return False
+
+
+def save_last(job: Job, progress: Progress, epoch: int, step_in_epoch: int) -> None:
+    """``last.pt``: everything needed to resume exactly. Every rank's RNG state goes into
+    rank 0's file (gathered), so resume is exact per rank."""
+    states = [ckpt.rng_state(job.loader_gen)]
+    if job.env.enabled:
+        states = [None] * job.env.world_size
+        torch.distributed.all_gather_object(states, ckpt.rng_state(job.loader_gen))
+    if job.env.is_main:
+        ckpt.save_atomic({
+            "model": job.model.state_dict(), "optimizer": job.optimizer.state_dict(),
+            "scaler": job.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "global_step": progress.global_step, "history": progress.history,
+            "best_val_rmse": progress.best_val_rmse, "bad_epochs": progress.bad_epochs, "rng": states,
+            "config": job.config,
+        }, job.run_dir / "last.pt")
+
+
+def load_best(job: Job, epoch: int) -> None:
+    """The best weights (or the current ones if no epoch finished) are what gets scored."""
+    best = job.run_dir / "best.pt"
+    if best.is_file():
+        if job.env.enabled:
             torch.distributed.barrier()
-        model.load_state_dict(ckpt.load(run_dir / "best.pt", map_location=device)["model"])
-    elif env.is_main:
-        ckpt.save_atomic({"model": model.state_dict(), "config": config, "epoch": epoch,
-                          "val_rmse": None}, run_dir / "best.pt")
-    return TrainResult(model=model, history=history, best_val_rmse=best_val, global_step=global_step,
-                       stopped_early=stopped_early, interrupted=interrupted,
-                       seconds=time.perf_counter() - t0)
+        job.model.load_state_dict(ckpt.load(best, map_location=job.device)["model"])
+    elif job.env.is_main:
+        ckpt.save_atomic({"model": job.model.state_dict(), "config": job.config, "epoch": epoch,
+                          "val_rmse": None}, best)
 
 
 def _has_unused_parameters(model: Recommender, loader, device: torch.device,

@@ -1,0 +1,33 @@
+"""Ranked recommendations for every user: encode once, rank the catalog in chunks.
+
+Embeddings in, ranked record batches out; the sinks (Parquet, ArangoDB) consume them.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pyarrow as pa
+import torch
+
+from scalable_rec.graph import RatingGraph
+from scalable_rec.score.topk import RatedIndex, ScoreConfig, to_record_batch, topk_chunks
+from scalable_rec.train.model import Recommender
+
+
+def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig) -> Iterator[pa.RecordBatch]:
+    """Yields ranked record batches for every user (rated movies excluded when
+    ``cfg.exclude_rated``).
+
+    ``score`` is the ranking score (``Recommender.rank_block``); ``predicted_rating`` is the
+    rating the model predicts for that pair, clamped to the rating range.
+    """
+    device = model.rating_mean.device
+    z = model.encode_all(graph.hetero_data())
+    exclude = RatedIndex.from_edges(graph.src, graph.dst, graph.num_users) if cfg.exclude_rated else None
+    movies = torch.arange(graph.num_movies, device=device)
+    for users, top, scores in topk_chunks(lambda u: model.rank_block(z, u.to(device), movies),
+                                          graph.num_users, graph.num_movies, cfg, exclude):
+        with torch.no_grad():
+            rated = model.predict_pairs(z, users.repeat_interleave(top.size(1)).to(device), top.flatten().to(device))
+        yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys,
+                              predicted_rating=rated.view_as(top).clamp(0.5, 5.0).cpu())

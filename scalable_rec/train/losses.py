@@ -1,0 +1,58 @@
+"""Training objectives: the rating loss's class weights and the retrieval head's in-batch
+sampled softmax (logQ-corrected, gathered across DDP ranks)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from scalable_rec.train.distributed import DistEnv
+
+
+def rating_class_weights(rating: torch.Tensor) -> torch.Tensor:
+    """Per-rating weights: inverse frequency of its half-star class (``round(2r)``), mean 1.
+
+    The article's weighted MSE bucketed by ``int(rating)``, which merges 4.0 with 4.5 and
+    0.5 with nothing (class 0); half stars are classes of their own here.
+    """
+    cls = torch.round(rating * 2).long().clamp(min=0)
+    counts = torch.bincount(cls).float()
+    weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
+    per_rating = weights[cls]
+    return per_rating / per_rating.mean()
+
+
+def in_batch_softmax_loss(ru: torch.Tensor, rm: torch.Tensor, row_movies: torch.Tensor,
+                          col_movies: torch.Tensor, log_q: torch.Tensor, weight: torch.Tensor,
+                          offset: int = 0) -> torch.Tensor:
+    """Sampled softmax of each labelled user over all labelled movies of the global batch.
+
+    Row ``i`` (user ``ru[i]``, whose movie is ``row_movies[i]``) should pick column
+    ``offset + i`` among ``rm`` (under DDP, every rank's movies, gathered). Negatives are
+    drawn by popularity (they are other users' rated movies), so ``log q`` is subtracted
+    (logQ correction) to keep the logits an estimate of the full-catalog softmax instead of
+    a penalty on popular movies. Columns holding the row's own movie are not negatives.
+    """
+    logits = ru @ rm.T - log_q[col_movies][None, :]
+    target = torch.arange(ru.size(0), device=ru.device) + offset
+    same = row_movies[:, None] == col_movies[None, :]
+    same[torch.arange(ru.size(0), device=ru.device), target] = False
+    logits = logits.masked_fill(same, float("-inf"))
+    ce = F.cross_entropy(logits, target, reduction="none")
+    return (ce * weight).sum() / weight.bool().sum().clamp(min=1)
+
+
+def gather_columns(rm: torch.Tensor, movies: torch.Tensor, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every rank's ranking movies (differentiable all-gather) so the softmax sees the global
+    batch, which makes DDP compute the single-process objective; returns this rank's offset."""
+    if not env.enabled:
+        return rm, movies, 0
+    import torch.distributed._functional_collectives as funcol
+
+    # torch ≥ 2.13 renamed the differentiable all-gather; older releases have only the old name.
+    all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    ids = [torch.empty_like(movies) for _ in range(env.world_size)]
+    torch.distributed.all_gather(ids, movies)
+    # The backward of the autograd all-gather reduce-scatters (sums) each rank's gradient
+    # share back to the rank that produced the rows.
+    gathered = all_gather(rm, 0, torch.distributed.group.WORLD)
+    return gathered, torch.cat(ids), env.rank * rm.size(0)
