@@ -251,7 +251,7 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
             memory-mapped index instead.
     """
     t0 = time.perf_counter()
-    job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config)
+    job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config, data)
     progress = restore(job) if cfg.resume else Progress()
     stopped_early = interrupted = False
     with preemption_signals() as stop:
@@ -272,7 +272,7 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
 
 
 def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
-              run_dir: Path, config: dict[str, Any] | None) -> Job:
+              run_dir: Path, config: dict[str, Any] | None, data: HeteroData | tuple | None = None) -> Job:
     """Joins the process group, builds the loaders (message passing over training edges
     only), the model, optimiser and precision, and wraps the model for DDP."""
     env = DistEnv.from_environ()
