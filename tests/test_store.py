@@ -99,8 +99,9 @@ def test_store_errors_name_what_is_wrong():
 
 
 def test_store_config_chooses_by_size_and_validates():
-    assert StoreConfig(backend="auto", min_edges=100).use_store(100)
-    assert not StoreConfig(backend="auto", min_edges=100).use_store(99)
-    assert StoreConfig(backend="store").use_store(1) and not StoreConfig(backend="memory").use_store(10 ** 12)
-    with pytest.raises(ValueError, match="'backend' needs to be .* \\(got 'disk'\\); 'min_edges' needs"):
-        StoreConfig(backend="disk", min_edges=-1)
+    assert StoreConfig(graph_backend="auto", store_min_edges=100).use_store(100)
+    assert not StoreConfig(graph_backend="auto", store_min_edges=100).use_store(99)
+    assert StoreConfig(graph_backend="store").use_store(1)
+    assert not StoreConfig(graph_backend="memory").use_store(10 ** 12)
+    with pytest.raises(ValueError, match="'graph_backend' needs to be .* \\(got 'disk'\\); 'store_min_edges' needs"):
+        StoreConfig(graph_backend="disk", store_min_edges=-1)

@@ -23,28 +23,29 @@ from scalable_rec.graph.index import GraphIndex
 
 @dataclass
 class StoreConfig:
-    """Where the message-passing graph lives while training and scoring.
+    """Where the message-passing graph lives while training, evaluating and scoring.
 
     Args:
-        backend: ``memory`` (``HeteroData`` tensors in each process), ``store`` (PyG
-            stores over the memory-mapped index, shared by all processes of a node) or
-            ``auto`` (``store`` from ``min_edges`` rating edges on).
-        min_edges: Crossover of ``auto``: below it the in-memory path is used.
-        verify: Check the sha256 of every index file when it is opened.
-        layer_batch_size: Destination nodes per batch of layer-wise inference.
+        graph_backend: ``memory`` (``HeteroData`` tensors in each process, full-graph
+            encoding), ``store`` (PyG stores over the memory-mapped graph index, shared by
+            all processes of a node; layer-wise encoding) or ``auto`` (``store`` from
+            ``store_min_edges`` rating edges on).
+        store_min_edges: Crossover of ``auto``: graphs with fewer rating edges stay in memory.
+        store_verify: Check the sha256 of every index file when it is opened.
+        layer_batch_size: Destination nodes per batch of layer-wise encoding.
     """
 
-    backend: Literal["auto", "memory", "store"] = "auto"
-    min_edges: int = 5_000_000
-    verify: bool = True
+    graph_backend: Literal["auto", "memory", "store"] = "auto"
+    store_min_edges: int = 5_000_000
+    store_verify: bool = True
     layer_batch_size: int = 16384
 
     def __post_init__(self) -> None:
         problems = []
-        if self.backend not in ("auto", "memory", "store"):
-            problems.append(f"'backend' needs to be 'auto', 'memory' or 'store' (got {self.backend!r})")
-        if self.min_edges < 0:
-            problems.append(f"'min_edges' needs to be non-negative (got {self.min_edges})")
+        if self.graph_backend not in ("auto", "memory", "store"):
+            problems.append(f"'graph_backend' needs to be 'auto', 'memory' or 'store' (got {self.graph_backend!r})")
+        if self.store_min_edges < 0:
+            problems.append(f"'store_min_edges' needs to be non-negative (got {self.store_min_edges})")
         if self.layer_batch_size <= 0:
             problems.append(f"'layer_batch_size' needs to be positive (got {self.layer_batch_size})")
         if problems:
@@ -52,7 +53,7 @@ class StoreConfig:
 
     def use_store(self, num_edges: int) -> bool:
         """Whether a graph of ``num_edges`` rating edges goes through the stores."""
-        return self.backend == "store" or (self.backend == "auto" and num_edges >= self.min_edges)
+        return self.graph_backend == "store" or (self.graph_backend == "auto" and num_edges >= self.store_min_edges)
 
 
 class MappedFeatureStore(FeatureStore):
