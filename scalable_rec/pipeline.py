@@ -150,11 +150,14 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
                                "interrupted": result.interrupted}
     if env.is_main and not result.interrupted:
         t1 = time.perf_counter()
-        z = None if index is None else encode_layerwise(
-            result.model, *open_stores(index, "seen"), batch_size=cfg.store.layer_batch_size)
+        z = seen = None
+        if index is not None:  # layer-wise over train + validation edges, masks from their CSC
+            z = encode_layerwise(result.model, *open_stores(index, "seen"), batch_size=cfg.store.layer_batch_size)
+            rev_row, rev_colptr = index.csc("seen")["rev_rates"]
+            seen = RatedIndex(rowptr=rev_colptr, col=rev_row)
         metrics["test"] = evaluate_split(result.model, graph, split, k=cfg.score.k,
                                          memory_mb=cfg.score.score_memory_mb, rating_min=cfg.data.rating_min,
-                                         rating_max=cfg.data.rating_max, z=z)
+                                         rating_max=cfg.data.rating_max, z=z, seen=seen)
         timings["evaluate_s"] = time.perf_counter() - t1
         log.info("test: %s", json.dumps(metrics["test"]))
     metrics["timings"] = timings
