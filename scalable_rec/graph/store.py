@@ -36,7 +36,7 @@ class StoreConfig:
     """
 
     graph_backend: Literal["auto", "memory", "store"] = "auto"
-    store_min_edges: int = 5_000_000
+    store_min_edges: int = 1_000_000
     store_verify: bool = True
     layer_batch_size: int = 16384
 
