@@ -5,7 +5,7 @@
     scalable-rec train    [flags]   shards → run directory (checkpoint, metrics, curves)
     scalable-rec score    --run-dir DIR [--k 10]   → DIR/recommendations.parquet
                           [--sink arango [--replace-previous]]   → edges in ArangoDB
-    scalable-rec refresh  --run-dir DIR --new-ratings FILE|DIR [--mode exact|bounded]
+    scalable-rec refresh  --run-dir DIR --new-ratings FILE|DIR [--mode exact|bounded] [--sink arango]
                           fold new ratings into the graph, re-score only affected users
     scalable-rec synth    --preset tiny|...|ml-25m --out DIR   synthetic graph → shards
     scalable-rec arango load   [--data DIR]     MovieLens → ArangoDB collections + named graph
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_group_arguments(p, GROUPS[g])
     refresh = sub.add_parser("refresh", help=cmd_refresh.__doc__, description=pipeline_doc("refresh"))
     refresh.add_argument("--run-dir", dest="run_dir", default=None, help="run directory written by 'train' or 'run'")
-    for cls in (GROUPS["score"], RefreshConfig):
+    for cls in (GROUPS["score"], RefreshConfig, GROUPS["sink"], GROUPS["arango"]):
         add_group_arguments(refresh, cls)
     refresh.add_argument("--strict", dest="DataConfig.strict", action="store_true", default=argparse.SUPPRESS,
                          help="fail on the first unusable new rating instead of counting and skipping it")

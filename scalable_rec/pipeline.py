@@ -174,7 +174,7 @@ def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Pat
     """Folds new ratings into the run's message-passing graph (not its weights) and
     re-scores only the users whose recommendations can change (``--mode exact``) or only
     the users who rated (``--mode bounded``); replaces their rows in
-    recommendations.parquet. Users the run has never seen get recommendations from their
+    recommendations.parquet (or, with ``--sink arango``, their edges in ArangoDB). Users the run has never seen get recommendations from their
     new ratings. The report also goes to <run_dir>/refresh/last_report.json."""
     from scalable_rec.score.refresh import refresh
     from scalable_rec.source import RatingBounds
@@ -185,8 +185,15 @@ def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Pat
     state = ckpt.load(run_dir / "best.pt", map_location="cpu")
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model)
     model.load_state_dict(state["model"])
+    writer = None
+    if cfg.sink.sink == "arango":  # replace exactly the refreshed users' edges
+        from scalable_rec.sink.arango import replace_users
+
+        def writer(batch, users, fingerprint):
+            return replace_users(batch, cfg.arango, cfg.sink, run_dir, fingerprint[:12])
     report = refresh(run_dir, model, graph, refresh_cfg, k=cfg.score.k, memory_mb=cfg.score.score_memory_mb,
-                     bounds=RatingBounds(saved.data.rating_min, saved.data.rating_max), strict=cfg.data.strict)
+                     bounds=RatingBounds(saved.data.rating_min, saved.data.rating_max), strict=cfg.data.strict,
+                     writer=writer)
     if not report["already_folded"]:
         write_json_atomic(run_dir / "refresh" / "last_report.json", report)
     log.info("refresh: %s", json.dumps({k: v for k, v in report.items() if k != "input_report"}))

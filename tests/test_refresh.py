@@ -55,7 +55,7 @@ def _new_edges(graph: RatingGraph, seed: int, n: int = 8, new_users: int = 2):
 def test_encode_layers_matches_encode_all(sparse_graph, num_layers, retrieval_head):
     model = _model(sparse_graph, num_layers=num_layers, retrieval_head=retrieval_head)
     z = model.encode_all(sparse_graph.hetero_data())
-    layers = encode_layers(model, edge_list(sparse_graph, empty_extra(), 0), sparse_graph.movie_x)
+    layers = encode_layers(model, edge_list(sparse_graph, empty_extra(), 0), sparse_graph.movie_x).layers
     for key in z:
         torch.testing.assert_close(layers[-1][key], z[key])
 
@@ -224,3 +224,53 @@ def test_user_id_dropout_trains_the_unknown_vector(tiny_shards):
 def test_user_id_dropout_is_validated():
     with pytest.raises(ValueError, match="'user_id_dropout' needs to be in \\[0, 1\\) \\(got 1.5\\)"):
         ModelConfig(user_id_dropout=1.5)
+
+
+def test_refresh_into_arango_replaces_exactly_the_refreshed_users(trained_run, tiny_shards, tmp_path,
+                                                                    arango_endpoint, monkeypatch):
+    from scalable_rec.connection import ENV_DATABASE, ENV_PASSWORD, ENV_URL, ENV_USER, ArangoConfig, connect
+
+    for var, value in ((ENV_URL, arango_endpoint.url), (ENV_DATABASE, arango_endpoint.database),
+                       (ENV_USER, arango_endpoint.username), (ENV_PASSWORD, arango_endpoint.password)):
+        monkeypatch.setenv(var, value)
+    assert cli.main(["score", "--run-dir", str(trained_run), "--sink", "arango", "--k", str(K)]) == 0
+    db = connect(ArangoConfig().settings())
+    query = "FOR v IN @@c RETURN [v._from, v._to, v.score, v.rank, v.run_id]"
+
+    def by_user() -> dict:
+        out: dict = {}
+        for row in db.aql.execute(query, bind_vars={"@c": "Recommendation_Inferences"}):
+            out.setdefault(row[0], set()).add(tuple(row[1:]))
+        return out
+
+    before = by_user()
+    graph = RatingGraph.from_shards(tiny_shards)
+    users, movies = graph.user_keys.to_pylist(), graph.movie_keys.to_pylist()
+    new = tmp_path / "new.csv"
+    _write_ratings(new, [[users[0], movies[1], 4.5, 1], [NEW_USER, movies[3], 5.0, 3]])
+    assert cli.main(["refresh", "--run-dir", str(trained_run), "--new-ratings", str(new), "--k", str(K),
+                     "--sink", "arango"]) == 0
+    report = json.loads((trained_run / "refresh" / "last_report.json").read_text())
+    after = by_user()
+    changed = {u for u in after if after[u] != before.get(u)}
+    assert len(changed) == report["replaced_users"] == report["written"]["users"]
+    assert f"Users/{NEW_USER}" in changed and all(len(after[u]) == K for u in after)
+    assert all({r[-1] for r in after[u]} == {report["written"]["run_id"]} for u in changed)
+
+
+def test_bounded_incremental_mean_matches_full_aggregate_at_layer_one(sparse_graph):
+    """Layer-1 inputs of existing nodes do not change, so the incremental mean update of
+    the endpoints' first-layer aggregates must equal a full recomputation."""
+    from scalable_rec.score.incremental import Encoded, bounded_update
+
+    model = _model(sparse_graph, num_layers=2)
+    state = initial_state(model, sparse_graph, K, 10, 1, "sha")
+    src, dst, _, _ = _new_edges(sparse_graph, 0, new_users=2)
+    extra = {"src": src, "dst": dst, "rating": torch.ones(src.numel()), "timestamp": src * 0}
+    edges = edge_list(sparse_graph, extra, 2)
+    enc = bounded_update(model, edges, sparse_graph.movie_x, Encoded(state.layers, state.aggs, state.degree), src, dst)
+    full = encode_layers(model, edges, sparse_graph.movie_x)
+    for t, rows in (("user", src.unique()), ("movie", dst.unique())):
+        torch.testing.assert_close(enc.aggs[0][t][rows], full.aggs[0][t][rows], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(enc.layers[0][t][rows], full.layers[0][t][rows], rtol=1e-5, atol=1e-6)
+        assert torch.equal(enc.degree[t], full.degree[t])

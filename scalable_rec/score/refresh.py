@@ -17,10 +17,11 @@ dot-product ranking (``⟨r_u, r_m⟩``): user ``u``'s score for movie ``m`` cha
 
 ``exact`` mode does exactly that, so its top-``k`` equals a full re-score of the
 updated graph for every user (tests/test_refresh.py checks it). ``bounded`` mode
-re-encodes only the endpoints of the new edges (users who rated, movies they rated)
-from their neighbours' cached states and re-scores only the users who rated: cost
-independent of how popular the rated movies are, at the price of drift in the lists
-of users it does not touch (measured by benchmarks/bench_refresh.py). The state is then
+re-encodes only the endpoints of the new edges (users who rated, movies they rated),
+updating their cached mean aggregates with the new messages alone, and re-scores only
+the users who rated: cost independent of how popular the rated movies are, at the
+price of drift in the lists of users it does not touch (measured by
+benchmarks/bench_refresh.py). The state is then
 marked inexact, and the next ``exact`` refresh re-encodes and re-scores everything.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +41,9 @@ from torch import Tensor
 from scalable_rec.atomic import atomic_open, write_json_atomic
 from scalable_rec.errors import CheckpointError
 from scalable_rec.graph.hetero import MOVIE, USER, RatingGraph
-from scalable_rec.score.incremental import EdgeList, affected_sets, encode_layers, recompute
+from scalable_rec.score.incremental import (
+    EdgeList, Encoded, affected_sets, bounded_update, encode_layers, recompute,
+)
 from scalable_rec.score.topk import RatedIndex, to_record_batch
 from scalable_rec.shards import KeyIndex
 from scalable_rec.sink.parquet import replace_user_rows, write_parquet
@@ -93,6 +96,8 @@ class RefreshState:
     new_user_keys: list
     extra: dict[str, Tensor]
     layers: list[dict[str, Tensor]]
+    aggs: list[dict[str, Tensor]]
+    degree: dict[str, Tensor]
     cand_idx: Tensor
     cand_score: Tensor
     floor: Tensor
@@ -213,11 +218,11 @@ def initial_state(model: Recommender, graph: RatingGraph, k: int, margin: int, m
     extra = extra if extra is not None else empty_extra()
     new_user_keys = new_user_keys or []
     edges = edge_list(graph, extra, len(new_user_keys))
-    layers = encode_layers(model, edges, graph.movie_x)
-    idx, score, floor = score_rows(model, layers[-1], edges, torch.arange(edges.num_users), k + margin, memory_mb)
+    enc = encode_layers(model, edges, graph.movie_x)
+    idx, score, floor = score_rows(model, enc.layers[-1], edges, torch.arange(edges.num_users), k + margin, memory_mb)
     return RefreshState(k=k, width=k + margin, exact=True, model_sha=model_sha, new_user_keys=new_user_keys,
-                        extra=extra, layers=layers, cand_idx=idx, cand_score=score, floor=floor,
-                        folded=folded or [])
+                        extra=extra, layers=enc.layers, aggs=enc.aggs, degree=enc.degree, cand_idx=idx,
+                        cand_score=score, floor=floor, folded=folded or [])
 
 
 @dataclass
@@ -257,8 +262,14 @@ def apply_edges(model: Recommender, graph: RatingGraph, state: RefreshState, src
         state.__dict__.update(fresh.__dict__)
         stats.update(full_rescore=True, rescored_users=edges.num_users)
     else:
-        sets = affected_sets(edges, endpoints, len(state.layers), exact=mode == "exact")
-        state.layers = recompute(model, edges, graph.movie_x, state.layers, sets)
+        cached = Encoded(state.layers, state.aggs, state.degree)
+        if mode == "exact":
+            sets = affected_sets(edges, endpoints, len(state.layers))
+            enc = recompute(model, edges, graph.movie_x, cached, sets)
+        else:
+            sets = [endpoints]
+            enc = bounded_update(model, edges, graph.movie_x, cached, src, dst)
+        state.layers, state.aggs, state.degree = enc.layers, enc.aggs, enc.degree
         z = state.layers[-1]
         changed_users, changed_movies = sets[-1][USER], sets[-1][MOVIE]
         if mode == "bounded":
@@ -302,17 +313,33 @@ def user_keys_of(graph: RatingGraph, state: RefreshState) -> pa.Array:
     return pa.concat_arrays([graph.user_keys, pa.array(np.array(state.new_user_keys)).cast(graph.user_keys.type)])
 
 
+RowWriter = Callable[[pa.RecordBatch, pa.Array, str], dict[str, Any]]
+"""Replaces the given users' recommendations by the batch's rows; gets the input's
+fingerprint (for deterministic keys) and returns what it wrote."""
+
+
+def parquet_writer(run_dir: Path, k: int) -> RowWriter:
+    """Replaces rows in ``<run_dir>/recommendations.parquet`` (written in full from the state
+    by ``refresh`` when it does not exist yet)."""
+    def write(batch: pa.RecordBatch, users: pa.Array, fingerprint: str) -> dict[str, Any]:
+        out = run_dir / "recommendations.parquet"
+        return {"parquet": str(out), "parquet_rows": replace_user_rows(out, batch, users)}
+    return write
+
+
 def refresh(run_dir: str | Path, model: Recommender, graph: RatingGraph, cfg: RefreshConfig, k: int = 10,
-            memory_mb: int = 256, bounds: RatingBounds | None = None, strict: bool = False) -> dict[str, Any]:
+            memory_mb: int = 256, bounds: RatingBounds | None = None, strict: bool = False,
+            writer: RowWriter | None = None) -> dict[str, Any]:
     """Folds ``cfg.new_ratings`` into the run's graph and updates its recommendations.
 
     ``<run_dir>/refresh/state.pt`` holds the per-layer embeddings, candidate lists and the
     folded edges; it is built by a full encode and score the first time (or when the
-    checkpoint, ``k`` or margin changed). ``recommendations.parquet`` gets new rows for
-    exactly the users whose top ``k`` changed (written in full from the state when it does
-    not exist), then the state is replaced. Both writes are atomic, the Parquet file first:
-    a crash between them leaves the old state, and re-running the same input reproduces
-    the same file. An input whose fingerprint was folded before changes nothing.
+    checkpoint, ``k`` or margin changed). ``writer`` (default: ``recommendations.parquet``,
+    written in full from the state when it does not exist) gets new rows for exactly the
+    users whose top ``k`` changed, then the state is replaced. Both writes are atomic, the
+    recommendations first: a crash between them leaves the old state, and re-running the
+    same input reproduces the same rows. An input whose fingerprint was folded before
+    changes nothing.
 
     Returns a report: counts, skipped rows, timings.
     """
@@ -345,18 +372,20 @@ def refresh(run_dir: str | Path, model: Recommender, graph: RatingGraph, cfg: Re
     t2 = time.perf_counter()
     keys = user_keys_of(graph, state)
     out = run_dir / "recommendations.parquet"
-    if out.is_file():
-        batch = record_batch(model, state, graph, outcome.replaced_users, keys)
-        rows = replace_user_rows(out, batch, keys.take(pa.array(outcome.replaced_users.numpy())))
+    if writer is None and not out.is_file():
+        written = {"parquet": str(out), "parquet_rows": write_parquet(
+            [record_batch(model, state, graph, torch.arange(len(keys)), keys)], out,
+            metadata={"run_dir": str(run_dir), "k": str(k)})}
     else:
-        rows = write_parquet([record_batch(model, state, graph, torch.arange(len(keys)), keys)], out,
-                             metadata={"run_dir": str(run_dir), "k": str(k)})
+        batch = record_batch(model, state, graph, outcome.replaced_users, keys)
+        written = (writer or parquet_writer(run_dir, k))(batch, keys.take(pa.array(outcome.replaced_users.numpy())),
+                                                         fp)
     record = {"fingerprint": fp, "source": new.source, "mode": cfg.mode, "edges": int(new.src.size),
               "new_users": len(users) - known, "skipped": skips.counts,
               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     state.folded = state.folded + [record]
     state.save(state_path)
     write_json_atomic(run_dir / "refresh" / "folded.json", state.folded)
-    report.update(outcome.stats, input_report=skips.to_json(), parquet_rows=rows, parquet=str(out),
+    report.update(outcome.stats, input_report=skips.to_json(), written=written,
                   write_s=time.perf_counter() - t2, total_s=time.perf_counter() - t0)
     return report

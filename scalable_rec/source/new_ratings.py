@@ -12,6 +12,7 @@ shard directory), so the run directory can tell an input it has already folded i
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def _batches(path: Path, report: SkipReport):
                               names=["user_key", "movie_key", "rating", "timestamp"])
         return
     with open(path, newline="", encoding="utf-8") as f:
-        header = f.readline().strip().split(",")
+        header = next(csv.reader(f), [])
     missing = [c for c in RATINGS_COLUMNS if c not in header]
     if missing:
         raise ConfigError(f"'new_ratings' file '{path}' needs columns {RATINGS_COLUMNS} (missing {missing})")
