@@ -21,6 +21,7 @@ in a full encode.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +38,37 @@ NodeSets = dict[str, Tensor]
 
 @dataclass
 class EdgeList:
-    """All user→movie rating edges of the message-passing graph (trained + folded)."""
+    """All user→movie rating edges of the message-passing graph: the trained graph's
+    and the folded ones, concatenated (``src``/``dst``) only on first use; a bounded
+    refresh reads the two ``parts`` and never makes the copy."""
 
-    src: Tensor
-    dst: Tensor
+    base_src: Tensor
+    base_dst: Tensor
     num_users: int
     num_movies: int
+    extra_src: Tensor | None = None
+    extra_dst: Tensor | None = None
+
+    def parts(self) -> list[tuple[Tensor, Tensor]]:
+        out = [(self.base_src, self.base_dst)]
+        if self.extra_src is not None and self.extra_src.numel():
+            out.append((self.extra_src, self.extra_dst))
+        return out
+
+    @cached_property
+    def _all(self) -> tuple[Tensor, Tensor]:
+        parts = self.parts()
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    @property
+    def src(self) -> Tensor:
+        return self._all[0]
+
+    @property
+    def dst(self) -> Tensor:
+        return self._all[1]
 
     def _rows(self, edge_type: tuple[str, str, str], rows: Tensor | None) -> SparseTensor:
         """Adjacency ``[len(rows), num_src]`` for destination ``rows`` of ``edge_type``
@@ -213,7 +239,13 @@ def bounded_update(model: Recommender, edges: EdgeList, movie_x: Tensor, cached:
     old_deg = {t: _grown(cached.degree[t], edges.num_users if t == USER else edges.num_movies) for t in (USER, MOVIE)}
     new_deg = {USER: old_deg[USER] + torch.bincount(src, minlength=edges.num_users),
                MOVIE: old_deg[MOVIE] + torch.bincount(dst, minlength=edges.num_movies)}
-    x = _inputs(model, edges, movie_x)
+    # Layer-0 inputs are needed only at the endpoints (the new messages' sources and the
+    # re-encoded rows), so the movie-feature projection runs on those rows alone.
+    h = cached.layers[0][USER].size(1)
+    first = model.encoder.input_features(rows, movie_x[rows[MOVIE]])
+    x = {t: torch.zeros(edges.num_users if t == USER else edges.num_movies, h) for t in (USER, MOVIE)}
+    for t in (USER, MOVIE):
+        x[t][rows[t]] = first[t].float()
     layers, aggs = [], []
     for i in range(len(model.encoder.convs)):
         new, agg = _grown_all(cached.layers[i], edges), _grown_all(cached.aggs[i], edges)

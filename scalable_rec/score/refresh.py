@@ -135,16 +135,20 @@ def empty_extra() -> dict[str, Tensor]:
 
 
 def edge_list(graph: RatingGraph, extra: dict[str, Tensor], num_new_users: int) -> EdgeList:
-    return EdgeList(src=torch.cat([graph.src, extra["src"]]), dst=torch.cat([graph.dst, extra["dst"]]),
-                    num_users=graph.num_users + num_new_users, num_movies=graph.num_movies)
+    return EdgeList(base_src=graph.src, base_dst=graph.dst, num_users=graph.num_users + num_new_users,
+                    num_movies=graph.num_movies, extra_src=extra["src"], extra_dst=extra["dst"])
 
 
 def _rated_subset(edges: EdgeList, users: Tensor) -> RatedIndex:
     """Movies rated by ``users``, indexed by position in ``users``."""
     local = torch.full((edges.num_users,), -1, dtype=torch.long)
     local[users] = torch.arange(users.numel())
-    keep = local[edges.src] >= 0
-    return RatedIndex.from_edges(local[edges.src[keep]], edges.dst[keep], users.numel())
+    src, dst = [], []
+    for part_src, part_dst in edges.parts():
+        keep = local[part_src] >= 0
+        src.append(local[part_src[keep]])
+        dst.append(part_dst[keep])
+    return RatedIndex.from_edges(torch.cat(src), torch.cat(dst), users.numel())
 
 
 def _chunk(budget_mb: int, columns: int) -> int:
@@ -275,6 +279,9 @@ def apply_edges(model: Recommender, graph: RatingGraph, state: RefreshState, src
         if mode == "bounded":
             rescore, merged, fallback = endpoints[USER], 0, 0
             state.exact = False
+        elif changed_movies.numel() * 2 >= edges.num_movies:
+            # Merging that many columns costs about as much as scoring whole rows.
+            rescore, merged, fallback = torch.arange(edges.num_users), 0, 0
         else:
             rescore = changed_users
             others = torch.ones(edges.num_users, dtype=torch.bool)
