@@ -110,10 +110,13 @@ class HeteroSAGEEncoder(nn.Module):
         uid = n_id[USER]
         rows = self.user_emb.num_embeddings
         users = self.user_emb(uid.clamp(max=rows - 1))
-        known = uid < rows
-        if not bool(known.all()):
-            unknown = self.unknown_user if self.unknown_user is not None else self.user_emb.weight.mean(0)
-            users = torch.where(known[:, None], users, unknown.to(users.dtype).expand_as(users))
+        known = (uid < rows)[:, None]
+        # No host sync in training: a learned vector is always blended in; the table mean is
+        # only needed at inference (training graphs never hold ids past the table).
+        if self.unknown_user is not None:
+            users = torch.where(known, users, self.unknown_user.to(users.dtype))
+        elif not self.training and not bool(known.all()):
+            users = torch.where(known, users, self.user_emb.weight.mean(0).to(users.dtype))
         return {USER: users, MOVIE: self.movie_emb(n_id[MOVIE]) + self.movie_lin(movie_x)}
 
     def forward(self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict) -> dict[str, Tensor]:
@@ -144,10 +147,11 @@ class DotDecoder(nn.Module):
         rows = self.user_bias.num_embeddings
         bias = self.user_bias(uid.clamp(max=rows - 1)).squeeze(-1)
         known = uid < rows
-        if bool(known.all()):
-            return bias
-        unknown = self.unknown_bias if self.unknown_bias is not None else self.user_bias.weight.mean(0)
-        return torch.where(known, bias, unknown.to(bias.dtype))
+        if self.unknown_bias is not None:
+            return torch.where(known, bias, self.unknown_bias.to(bias.dtype))
+        if not self.training and not bool(known.all()):
+            return torch.where(known, bias, self.user_bias.weight.mean(0).to(bias.dtype))
+        return bias
 
     def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor) -> Tensor:
         return (zu * zm).sum(-1) + self._user_bias(uid) + self.movie_bias(mid).squeeze(-1)
