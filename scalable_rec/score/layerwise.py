@@ -93,11 +93,15 @@ def encode_layerwise(model, feature_store: FeatureStore, graph_store: GraphStore
     try:
         # ---- layer 0: embedding tables (+ projected movie features) -----------------------
         x = {USER: buffers.new(num[USER], hidden), MOVIE: buffers.new(num[MOVIE], hidden)}
+        none = torch.empty(0, dtype=torch.long, device=device)
+        no_x = torch.empty(0, enc.movie_lin.in_features, device=device)
         for a, b in batches(num[USER]):
-            x[USER][a:b] = enc.user_emb.weight[a:b].float().cpu()
+            ids = {USER: torch.arange(a, b, device=device), MOVIE: none}
+            x[USER][a:b] = enc.input_features(ids, no_x)[USER].float().cpu()
         for a, b in batches(num[MOVIE]):
             feats = feature_store.get_tensor(MOVIE, "x", index=slice(a, b)).to(device)
-            x[MOVIE][a:b] = (enc.movie_emb.weight[a:b] + enc.movie_lin(feats)).float().cpu()
+            ids = {USER: none, MOVIE: torch.arange(a, b, device=device)}
+            x[MOVIE][a:b] = enc.input_features(ids, feats)[MOVIE].float().cpu()
         # ---- message-passing layers: full neighbourhoods, destination batches -------------
         for i, hetero_conv in enumerate(enc.convs):
             out = {}
