@@ -20,11 +20,16 @@ import torch
 from scalable_rec.atomic import write_json_atomic
 from scalable_rec.config import RunConfig
 from scalable_rec.errors import ScalableRecError, ShardError
-from scalable_rec.graph import RatingGraph, movie_features, split_edges
+from scalable_rec.graph import RATES, RatingGraph, movie_features, split_edges
 from scalable_rec.graph.features import FeatureConfig
-from scalable_rec.score import evaluate_split, plot_curves, recommend
+from scalable_rec.graph.index import GraphIndex, build_index
+from scalable_rec.graph.store import open_stores
+from scalable_rec.score import RatedIndex, evaluate_split, plot_curves, recommend
+from scalable_rec.score.layerwise import encode_layerwise
 from scalable_rec.score.recommend import user_slice
+from scalable_rec.score.refresh import RefreshConfig
 from scalable_rec.shards import GraphShards, Manifest
+from scalable_rec.shards.manifest import edge_type_name
 from scalable_rec.sink import merge_parts, part_path, write_parquet
 from scalable_rec.source import MovieLensSource, RatingBounds, SkipReport, write_rating_shards
 from scalable_rec.source.download import fetch_movielens
@@ -79,7 +84,10 @@ def _prepare_on_this_rank(cfg: RunConfig) -> Path:
         write_rating_shards(source, str(out), report, RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
                             cfg.data.max_rows_per_shard, overwrite=True)
         log.info("prepare: wrote %s in %.1fs (%s)", out, time.perf_counter() - t0, report.summary())
-    movie_features(GraphShards(out), cfg.features)  # computes once, then cached beside the shards
+    shards = GraphShards(out, verify=False)  # verified or written just above
+    movie_features(shards, cfg.features)  # computes once, then cached beside the shards
+    if _graph_index_wanted(cfg, shards):
+        build_index(shards, cfg.split, cfg.features)  # memory-mapped graph index, reused when unchanged
     return out
 
 
@@ -88,6 +96,18 @@ def load_graph(shards: GraphShards, features: FeatureConfig, env: DistEnv) -> Ra
     encoding) when it is missing, the other ranks then read it."""
     from_rank0(lambda: movie_features(shards, features) is None, env, "build the movie features")
     return RatingGraph.from_shards(shards, features)
+
+
+def _graph_index_wanted(cfg: RunConfig, shards: GraphShards) -> bool:
+    return cfg.store.use_store(shards.manifest.edge_types[edge_type_name(*RATES)].num_rows)
+
+
+def _graph_index(cfg: RunConfig, shards: GraphShards) -> GraphIndex | None:
+    """The memory-mapped graph index when ``cfg.store`` picks it for this graph's size
+    (built here if ``prepare`` did not)."""
+    if not _graph_index_wanted(cfg, shards):
+        return None
+    return GraphIndex.for_shards(shards, cfg.split, cfg.features, verify=cfg.store.store_verify)
 
 
 def _open_shards(cfg: RunConfig) -> GraphShards:
@@ -124,22 +144,31 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
     cfg.run_dir = str(run_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    graph = graph or load_graph(shards, cfg.features, env)
-    split = split_edges(graph, cfg.split)
+    index = _graph_index(cfg, shards)
+    if index is not None:  # edges, split and CSC memory-mapped: shared by the ranks of a node
+        graph, split, data = index.rating_graph(shards), index.split(), open_stores(index, "train")
+    else:
+        graph = graph or load_graph(shards, cfg.features, env)
+        split, data = split_edges(graph, cfg.split), None
     timings["load_graph_s"] = time.perf_counter() - t0
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", cfg.to_json())
-    result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json())
+    result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json(), data=data)
     timings["train_s"] = result.seconds
     metrics: dict[str, Any] = {"history": result.history, "best_val_rmse": result.best_val_rmse,
                                "global_step": result.global_step, "stopped_early": result.stopped_early,
                                "interrupted": result.interrupted}
     if not result.interrupted:  # the same on every rank: the stop was agreed
         t1 = time.perf_counter()
+        z = seen = None
+        if index is not None:  # layer-wise over train + validation edges, masks from their CSC
+            z = encode_layerwise(result.model, *open_stores(index, "seen"), batch_size=cfg.store.layer_batch_size)
+            rev_row, rev_colptr = index.csc("seen")["rev_rates"]
+            seen = RatedIndex(rowptr=rev_colptr, col=rev_row)
         metrics["test"] = evaluate_split(result.model, graph, split, k=cfg.score.k,
                                          memory_mb=cfg.score.score_memory_mb, rating_min=cfg.data.rating_min,
-                                         rating_max=cfg.data.rating_max, env=env)
+                                         rating_max=cfg.data.rating_max, z=z, seen=seen, env=env)
         timings["evaluate_s"] = time.perf_counter() - t1
         log.info("test: %s", json.dumps(metrics["test"]))
     metrics["timings"] = timings
@@ -165,34 +194,45 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
     run_dir = Path(run_dir or cfg.run_dir)
     init_distributed(env, resolve_device(cfg.train, env), cfg.train.collective_timeout_s)
     saved = from_rank0(lambda: RunConfig.load(run_dir / "config.json"), env, "read the run's config.json")
+    saved.store = cfg.store  # the backend is this command's choice, the index key the run's
+    shards = GraphShards(saved.data.shards_dir(), verify=False)
+    index = _graph_index(saved, shards)
+    if index is not None:
+        graph = index.rating_graph(shards)
+    graph = graph or load_graph(shards, saved.features, env)
     device = resolve_device(saved.train, env)
-    graph = graph or load_graph(GraphShards(saved.data.shards_dir(), verify=env.is_main), saved.features, env)
     state = from_rank0(lambda: ckpt.load(run_dir / "best.pt", map_location="cpu"), env, "read best.pt")
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model).to(device)
     model.load_state_dict(state["model"])
     model.eval()
     t0 = time.perf_counter()
+    z = rated = None
+    if index is not None:  # layer-wise over the mapped CSC; rated movies = each user's CSC row
+        z = encode_layerwise(model, *open_stores(index, "all"), batch_size=cfg.store.layer_batch_size)
+        rev_row, rev_colptr = index.csc("all")["rev_rates"]
+        rated = RatedIndex(rowptr=rev_colptr, col=rev_row)
     if cfg.sink.sink == "arango":  # edges Users/<key> → Movie/<key>; outcome in arango_writeback.json
         from scalable_rec.sink.arango import writeback_run
 
-        out = from_rank0(lambda: writeback_run(recommend(model, graph, cfg.score), cfg.arango, cfg.sink, run_dir),
-                         env, "write recommendations to ArangoDB")
+        out = from_rank0(lambda: writeback_run(recommend(model, graph, cfg.score, z=z, rated=rated), cfg.arango,
+                                               cfg.sink, run_dir), env, "write recommendations to ArangoDB")
         log.info("score: recommendations for %d users written to ArangoDB in %.2fs (%s)", graph.num_users,
                  time.perf_counter() - t0, out)
         return out
     out = run_dir / "recommendations.parquet"
     metadata = {"run_dir": str(run_dir), "k": str(cfg.score.k)}
     if not env.enabled:
-        rows = write_parquet(recommend(model, graph, cfg.score), out, metadata=metadata)
+        rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated), out, metadata=metadata)
     else:
-        rows = _score_parts(model, graph, cfg, env, out, metadata)
+        rows = _score_parts(model, graph, cfg, env, out, metadata, z, rated)
     log.info("score: %d recommendations for %d users in %.2fs → %s", rows, graph.num_users,
              time.perf_counter() - t0, out)
     return out
 
 
 def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: DistEnv, out: Path,
-                 metadata: dict[str, str]) -> int:
+                 metadata: dict[str, str], z: dict[str, torch.Tensor] | None = None,
+                 rated: RatedIndex | None = None) -> int:
     """Each rank writes its users' part; rank 0 merges them once every rank has reported
     (a failed rank's error reaches every rank, and no part is left behind)."""
     users = user_slice(graph.num_users, env.rank, env.world_size)
@@ -200,7 +240,7 @@ def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: Di
     rows, error = 0, None
     try:
         if users.numel():
-            rows = write_parquet(recommend(model, graph, cfg.score, users), part)
+            rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated, users=users), part)
         log.debug("score: rank %d ranked users %d..%d (%d rows)", env.rank, int(users[0]) if users.numel() else 0,
                   int(users[-1]) if users.numel() else -1, rows)
     except Exception as err:  # reported to every rank below
@@ -220,12 +260,43 @@ def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: Di
     return from_rank0(merge, env, "merge the recommendation parts")
 
 
+def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Folds new ratings into the run's message-passing graph (not its weights) and
+    re-scores only the users whose recommendations can change (``--mode exact``) or only
+    the users who rated (``--mode bounded``); replaces their rows in
+    recommendations.parquet (or, with ``--sink arango``, their edges in ArangoDB). Users the run has never seen get recommendations from their
+    new ratings. The report also goes to <run_dir>/refresh/last_report.json."""
+    from scalable_rec.score.refresh import refresh
+    from scalable_rec.source import RatingBounds
+
+    run_dir = Path(run_dir or cfg.run_dir)
+    saved = RunConfig.load(run_dir / "config.json")
+    graph = RatingGraph.from_shards(GraphShards(saved.data.shards_dir()), saved.features)
+    state = ckpt.load(run_dir / "best.pt", map_location="cpu")
+    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model)
+    model.load_state_dict(state["model"])
+    writer = None
+    if cfg.sink.sink == "arango":  # replace exactly the refreshed users' edges
+        from scalable_rec.sink.arango import replace_users
+
+        def writer(batch, users, fingerprint):
+            return replace_users(batch, cfg.arango, cfg.sink, run_dir, fingerprint[:12])
+    report = refresh(run_dir, model, graph, refresh_cfg, k=cfg.score.k, memory_mb=cfg.score.score_memory_mb,
+                     bounds=RatingBounds(saved.data.rating_min, saved.data.rating_max), strict=cfg.data.strict,
+                     writer=writer)
+    if not report["already_folded"]:
+        write_json_atomic(run_dir / "refresh" / "last_report.json", report)
+    log.info("refresh: %s", json.dumps({k: v for k, v in report.items() if k != "input_report"}))
+    return report
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """prepare → train → evaluate → score, all in one run directory."""
     env = DistEnv.from_environ()
     init_distributed(env, resolve_device(cfg.train, env), cfg.train.collective_timeout_s)
     shards = prepare(cfg)
-    graph = RatingGraph.from_shards(shards, cfg.features)  # read once, shared by the stages
+    # Read once and shared by the stages; with the graph index each stage maps it instead.
+    graph = None if _graph_index_wanted(cfg, shards) else RatingGraph.from_shards(shards, cfg.features)
     metrics = train_stage(cfg, shards, graph)
     if not metrics["interrupted"]:  # every rank scores its block of users
         score_stage(cfg, cfg.run_dir, graph)
