@@ -9,6 +9,10 @@ Targets checked here (issues #2 and #5):
 """
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -112,3 +116,37 @@ def test_dot_scoring_vs_matmul_roofline(benchmark, users, movies):
     benchmark.extra_info.update(users=users, movies=movies, hidden=hidden, pairs_per_s=users * movies / ours_s,
                                 mm_pairs_per_s=users * movies / mm_s, fraction_of_mm=ratio)
     assert ratio >= 0.5, f"scoring reaches {ratio:.0%} of torch.mm throughput (target ≥ 50%)"
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(synthetic_shards, tmp_path_factory):
+    """A run directory (config.json, best.pt) trained for a few steps on the synthetic graph."""
+    from scalable_rec.config import DataConfig, RunConfig
+    from scalable_rec.pipeline import train_stage
+
+    run = tmp_path_factory.mktemp("score-run") / "run"
+    cfg = RunConfig(data=DataConfig(shards=str(synthetic_shards.directory)), run_dir=str(run),
+                    train=TrainConfig(epochs=1, steps_per_epoch=2, progress=False, device="cpu"))
+    train_stage(cfg)
+    return run
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_score_stage_one_vs_two_processes(benchmark, synthetic_run, nproc):
+    """`scalable-rec score` under torchrun with 1 and 2 CPU processes (one thread each):
+    the stage's own time (encode, rank the catalog, write and merge Parquet), as logged,
+    and the command's wall time (process start and graph load included)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "scalable_rec", "score", "--run-dir", str(synthetic_run)]
+    procs = []
+    benchmark.pedantic(lambda: procs.append(subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                                           timeout=1200)), rounds=1)
+    proc = procs[-1]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"score: (\d+) recommendations for (\d+) users in ([\d.]+)s", proc.stderr)
+    assert m, proc.stderr[-3000:]
+    rows, users, seconds = int(m[1]), int(m[2]), float(m[3])
+    benchmark.extra_info.update(processes=nproc, threads_per_process=1, users=users, rows=rows,
+                                stage_seconds=seconds, command_wall_seconds=benchmark.stats.stats.median)

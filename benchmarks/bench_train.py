@@ -51,9 +51,12 @@ def test_train_cpu_single_process(benchmark, graph, tmp_path, precision, threads
                                 labelled_edges_per_s=rec["edges_per_s"], loader_share=rec["loader_share"])
 
 
-def test_train_cpu_two_processes(benchmark, synthetic_shards, tmp_path):
-    """torchrun, 2 gloo ranks with one intra-op thread each, the same edges as 1 process."""
-    cfg = {"epochs": 1, "steps_per_epoch": STEPS // 2, "progress": False, "device": "cpu"}
+@pytest.mark.parametrize("stop_check_every", [1, 1_000_000_000])
+def test_train_cpu_two_processes(benchmark, synthetic_shards, tmp_path, stop_check_every):
+    """torchrun, 2 gloo ranks with one intra-op thread each, the same edges as 1 process;
+    with the stop agreement every step (the default) and, for its cost, never."""
+    cfg = {"epochs": 1, "steps_per_epoch": STEPS // 2, "progress": False, "device": "cpu",
+           "stop_check_every": stop_check_every}
     options = {"val_edges": 20_000, "model": {}}  # default ModelConfig
 
     def run():
@@ -67,8 +70,21 @@ def test_train_cpu_two_processes(benchmark, synthetic_shards, tmp_path):
 
     benchmark.pedantic(run, rounds=1)
     rec = json.loads((tmp_path / "out-rank0.json").read_text())["history"][-1]
-    benchmark.extra_info.update(processes=2, steps_per_rank=rec["steps"], labelled_edges_per_s=rec["edges_per_s"],
+    benchmark.extra_info.update(processes=2, threads_per_process=1, stop_check_every=stop_check_every,
+                                steps_per_rank=rec["steps"], labelled_edges_per_s=rec["edges_per_s"],
                                 loader_share=rec["loader_share"])
+
+
+def test_stop_agreement_latency_two_gloo_ranks(benchmark, tmp_path):
+    """One ``agree_stop`` (an all-reduce of one number) on 2 gloo ranks, in microseconds:
+    the per-step price of stopping all ranks together on a signal."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    out = tmp_path / "agree.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("stop_agreement_worker.py")), str(out), "2000"]
+    benchmark.pedantic(lambda: subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300), rounds=1)
+    benchmark.extra_info.update(json.loads(out.read_text()), threads_per_process=1)
 
 
 @pytest.mark.cuda

@@ -25,6 +25,10 @@ class CheckpointError(ScalableRecError):
     """A checkpoint that is missing, corrupted or does not match the requested config."""
 
 
+class CollectiveError(ScalableRecError):
+    """A torchrun collective timed out or lost its peer: another rank hung or died."""
+
+
 class DownloadError(ScalableRecError):
     """A data set download that failed or whose checksum did not match."""
 

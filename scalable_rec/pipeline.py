@@ -2,7 +2,8 @@
 
 Each stage is a plain function taking a ``RunConfig``; the CLI maps names to them.
 Under torchrun, rank 0 prepares shards and features while the other ranks wait, all
-ranks train, and rank 0 evaluates, scores and writes the run directory.
+ranks train, evaluate (metrics reduced over ranks) and score a disjoint block of users
+each; rank 0 merges the recommendation parts and writes the run directory.
 """
 from __future__ import annotations
 
@@ -20,19 +21,21 @@ from scalable_rec.atomic import write_json_atomic
 from scalable_rec.config import RunConfig
 from scalable_rec.errors import ScalableRecError, ShardError
 from scalable_rec.graph import RATES, RatingGraph, movie_features, split_edges
+from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.index import GraphIndex, build_index
 from scalable_rec.graph.store import open_stores
 from scalable_rec.score import RatedIndex, evaluate_split, plot_curves, recommend
 from scalable_rec.score.layerwise import encode_layerwise
+from scalable_rec.score.recommend import user_slice
 from scalable_rec.score.refresh import RefreshConfig
 from scalable_rec.shards import GraphShards, Manifest
 from scalable_rec.shards.manifest import edge_type_name
-from scalable_rec.sink import write_parquet
+from scalable_rec.sink import merge_parts, part_path, write_parquet
 from scalable_rec.source import MovieLensSource, RatingBounds, SkipReport, write_rating_shards
 from scalable_rec.source.download import fetch_movielens
 from scalable_rec.train import Recommender, train
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.train.distributed import DistEnv, broadcast_object, init_distributed
+from scalable_rec.train.distributed import DistEnv, broadcast_object, from_rank0, init_distributed
 from scalable_rec.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,13 @@ def _prepare_on_this_rank(cfg: RunConfig) -> Path:
     return out
 
 
+def load_graph(shards: GraphShards, features: FeatureConfig, env: DistEnv) -> RatingGraph:
+    """The rating graph; under torchrun rank 0 alone builds the movie feature cache (text
+    encoding) when it is missing, the other ranks then read it."""
+    from_rank0(lambda: movie_features(shards, features) is None, env, "build the movie features")
+    return RatingGraph.from_shards(shards, features)
+
+
 def _graph_index_wanted(cfg: RunConfig, shards: GraphShards) -> bool:
     return cfg.store.use_store(shards.manifest.edge_types[edge_type_name(*RATES)].num_rows)
 
@@ -124,7 +134,7 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
     ``shards``/``graph`` are read from ``cfg`` when not given (``run`` passes them in).
     """
     env = DistEnv.from_environ()
-    init_distributed(env, resolve_device(cfg.train, env))
+    init_distributed(env, resolve_device(cfg.train, env), cfg.train.collective_timeout_s)
     shards = shards or _open_shards(cfg)
     if cfg.data.shards is None:
         cfg.data.shards = str(shards.directory.resolve())
@@ -138,7 +148,7 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
     if index is not None:  # edges, split and CSC memory-mapped: shared by the ranks of a node
         graph, split, data = index.rating_graph(shards), index.split(), open_stores(index, "train")
     else:
-        graph = graph or RatingGraph.from_shards(shards, cfg.features)
+        graph = graph or load_graph(shards, cfg.features, env)
         split, data = split_edges(graph, cfg.split), None
     timings["load_graph_s"] = time.perf_counter() - t0
     if env.is_main:
@@ -149,7 +159,7 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
     metrics: dict[str, Any] = {"history": result.history, "best_val_rmse": result.best_val_rmse,
                                "global_step": result.global_step, "stopped_early": result.stopped_early,
                                "interrupted": result.interrupted}
-    if env.is_main and not result.interrupted:
+    if not result.interrupted:  # the same on every rank: the stop was agreed
         t1 = time.perf_counter()
         z = seen = None
         if index is not None:  # layer-wise over train + validation edges, masks from their CSC
@@ -158,7 +168,7 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
             seen = RatedIndex(rowptr=rev_colptr, col=rev_row)
         metrics["test"] = evaluate_split(result.model, graph, split, k=cfg.score.k,
                                          memory_mb=cfg.score.score_memory_mb, rating_min=cfg.data.rating_min,
-                                         rating_max=cfg.data.rating_max, z=z, seen=seen)
+                                         rating_max=cfg.data.rating_max, z=z, seen=seen, env=env)
         timings["evaluate_s"] = time.perf_counter() - t1
         log.info("test: %s", json.dumps(metrics["test"]))
     metrics["timings"] = timings
@@ -173,17 +183,25 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
 def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: RatingGraph | None = None) -> Path:
     """Encodes with all rating edges, ranks the whole catalog per user, writes Parquet (or
     ArangoDB edges with ``--sink arango``). ``graph`` is read from the run's shards when
-    not given."""
+    not given.
+
+    Under torchrun every rank encodes and ranks its own contiguous block of users into a
+    hidden part file; rank 0 then merges the parts in rank order into
+    ``recommendations.parquet`` (atomically), so the file equals one process's. The
+    ArangoDB sink is written by rank 0 alone.
+    """
+    env = DistEnv.from_environ()
     run_dir = Path(run_dir or cfg.run_dir)
-    saved = RunConfig.load(run_dir / "config.json")
+    init_distributed(env, resolve_device(cfg.train, env), cfg.train.collective_timeout_s)
+    saved = from_rank0(lambda: RunConfig.load(run_dir / "config.json"), env, "read the run's config.json")
     saved.store = cfg.store  # the backend is this command's choice, the index key the run's
     shards = GraphShards(saved.data.shards_dir(), verify=False)
     index = _graph_index(saved, shards)
     if index is not None:
         graph = index.rating_graph(shards)
-    graph = graph or RatingGraph.from_shards(shards, saved.features)
-    device = resolve_device(saved.train, DistEnv())
-    state = ckpt.load(run_dir / "best.pt", map_location=device)
+    graph = graph or load_graph(shards, saved.features, env)
+    device = resolve_device(saved.train, env)
+    state = from_rank0(lambda: ckpt.load(run_dir / "best.pt", map_location="cpu"), env, "read best.pt")
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model).to(device)
     model.load_state_dict(state["model"])
     model.eval()
@@ -193,19 +211,53 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
         z = encode_layerwise(model, *open_stores(index, "all"), batch_size=cfg.store.layer_batch_size)
         rev_row, rev_colptr = index.csc("all")["rev_rates"]
         rated = RatedIndex(rowptr=rev_colptr, col=rev_row)
-    batches = recommend(model, graph, cfg.score, z=z, rated=rated)
     if cfg.sink.sink == "arango":  # edges Users/<key> → Movie/<key>; outcome in arango_writeback.json
         from scalable_rec.sink.arango import writeback_run
 
-        out = writeback_run(batches, cfg.arango, cfg.sink, run_dir)
+        out = from_rank0(lambda: writeback_run(recommend(model, graph, cfg.score, z=z, rated=rated), cfg.arango,
+                                               cfg.sink, run_dir), env, "write recommendations to ArangoDB")
         log.info("score: recommendations for %d users written to ArangoDB in %.2fs (%s)", graph.num_users,
                  time.perf_counter() - t0, out)
         return out
     out = run_dir / "recommendations.parquet"
-    rows = write_parquet(batches, out, metadata={"run_dir": str(run_dir), "k": str(cfg.score.k)})
+    metadata = {"run_dir": str(run_dir), "k": str(cfg.score.k)}
+    if not env.enabled:
+        rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated), out, metadata=metadata)
+    else:
+        rows = _score_parts(model, graph, cfg, env, out, metadata, z, rated)
     log.info("score: %d recommendations for %d users in %.2fs → %s", rows, graph.num_users,
              time.perf_counter() - t0, out)
     return out
+
+
+def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: DistEnv, out: Path,
+                 metadata: dict[str, str], z: dict[str, torch.Tensor] | None = None,
+                 rated: RatedIndex | None = None) -> int:
+    """Each rank writes its users' part; rank 0 merges them once every rank has reported
+    (a failed rank's error reaches every rank, and no part is left behind)."""
+    users = user_slice(graph.num_users, env.rank, env.world_size)
+    part = part_path(out, env.rank, env.world_size)
+    rows, error = 0, None
+    try:
+        if users.numel():
+            rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated, users=users), part)
+        log.debug("score: rank %d ranked users %d..%d (%d rows)", env.rank, int(users[0]) if users.numel() else 0,
+                  int(users[-1]) if users.numel() else -1, rows)
+    except Exception as err:  # reported to every rank below
+        error = f"rank {env.rank}: {type(err).__name__}: {err}"
+    reports: list = [None] * env.world_size
+    torch.distributed.all_gather_object(reports, (rows, error))
+    errors = [e for _, e in reports if e]
+
+    def merge() -> int:
+        parts = [part_path(out, r, env.world_size) for r, (n, _) in enumerate(reports) if n]
+        if errors:
+            for p in parts:
+                p.unlink(missing_ok=True)
+            raise ScalableRecError("scoring failed: " + "; ".join(errors))
+        return merge_parts(parts, out, metadata)
+
+    return from_rank0(merge, env, "merge the recommendation parts")
 
 
 def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -241,11 +293,11 @@ def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Pat
 def run(cfg: RunConfig) -> dict[str, Any]:
     """prepare → train → evaluate → score, all in one run directory."""
     env = DistEnv.from_environ()
-    init_distributed(env, resolve_device(cfg.train, env))
+    init_distributed(env, resolve_device(cfg.train, env), cfg.train.collective_timeout_s)
     shards = prepare(cfg)
     # Read once and shared by the stages; with the graph index each stage maps it instead.
     graph = None if _graph_index_wanted(cfg, shards) else RatingGraph.from_shards(shards, cfg.features)
     metrics = train_stage(cfg, shards, graph)
-    if env.is_main and not metrics["interrupted"]:
+    if not metrics["interrupted"]:  # every rank scores its block of users
         score_stage(cfg, cfg.run_dir, graph)
     return metrics

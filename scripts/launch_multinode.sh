@@ -9,8 +9,9 @@
 # differ between jobs. --workdir/--shards/--run-dir must be on a filesystem all nodes
 # share: rank 0 writes shards, features and the run directory, the other ranks read them
 # after a barrier. NCCL picks the network; set NCCL_SOCKET_IFNAME if a node has several.
-# --max-restarts lets torchrun restart the workers after a failure; pair it with
-# --checkpoint-every N and --resume so a restart continues from last.pt.
+# MAX_RESTARTS lets torchrun restart the workers after a failure; a restarted group
+# resumes from <run-dir>/last.pt by itself, so pass --run-dir (and --checkpoint-every N to
+# bound the work redone). --collective-timeout-s bounds how long a rank waits for a hung one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${NNODES:?set NNODES}" "${MASTER_ADDR:?set MASTER_ADDR}"

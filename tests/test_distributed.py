@@ -1,17 +1,21 @@
 """DDP under torchrun (gloo, 2 CPU processes), per-rank edge slices and exact resume."""
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from scalable_rec.errors import CheckpointError
 from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import ModelConfig, TrainConfig, train
-from scalable_rec.train.distributed import DistEnv, EdgeEpochSampler
+from scalable_rec.train.distributed import FAULT_ENV, DistEnv, EdgeEpochSampler
 from scalable_rec.train.loop import make_loader
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -37,7 +41,7 @@ def test_sampler_reshuffles_per_epoch_and_is_seeded():
     assert list(a) != first
     b = EdgeEpochSampler(100, seed=0)
     assert list(b) == first
-    b.set_epoch(0, skip=30)
+    b.set_epoch(0, position=30)
     assert list(b) == first[30:]
 
 
@@ -67,34 +71,165 @@ def test_real_loader_rank_slices_see_every_training_edge_once(tiny_shards):
     assert sorted(seen) == list(range(split.train.numel())) and real == 395
 
 
-def _torchrun(tmp_path, shards, cfg: dict, nproc: int) -> Path:
-    prefix = tmp_path / f"out-{nproc}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run_group(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Runs torchrun in its own process group; a deadlock fails the test after ``timeout``
+    seconds and its workers are killed with it (none is left behind)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun starts each worker in a session of its own: kill them one by one, or
+        # they keep the pipes open (and keep running)
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout}s (deadlock?):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _torchrun(tmp_path, shards, cfg: dict, nproc: int, name: str | None = None, extra_env: dict | None = None,
+              torchrun_args: tuple = (), expect_ok: bool = True, timeout: int = 300, options: dict | None = None):
+    """Runs tests/ddp_worker.py under torchrun; returns (output prefix, completed process)."""
+    name = name or str(nproc)
+    prefix = tmp_path / f"out-{name}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), str(shards.directory), str(tmp_path / f"run-{nproc}"), str(prefix), json.dumps(cfg)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return prefix
+           *torchrun_args, str(WORKER), str(shards.directory), str(tmp_path / f"run-{name}"), str(prefix),
+           json.dumps(cfg)] + ([json.dumps(options)] if options else [])
+    proc = _run_group(cmd, env, timeout)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return prefix, proc
 
 
-def test_torchrun_two_ranks_match_single_process_on_same_global_batches(tiny_shards, tmp_path):
-    # All neighbours (-1): sampling is deterministic, so DDP with per-rank batch b and one
-    # process with batch 2b see identical subgraphs and must reach the same parameters.
-    common = dict(epochs=1, num_neighbors=[-1, -1], seed=7, progress=False, device="cpu", lr=0.01,
-                  weight_decay=0.0)
-    ddp = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 20}, nproc=2)
-    single = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 40}, nproc=1)
+# Two epochs of 10 steps on 2 ranks (400 training edges / (2 × 20)); all neighbours make
+# sampling deterministic. The uninterrupted run is the reference the fault tests resume to.
+EXACT = dict(epochs=2, num_neighbors=[-1, -1], seed=7, progress=False, device="cpu", lr=0.01, weight_decay=0.0,
+             patience=10)
+
+
+@pytest.fixture(scope="module")
+def reference_two_ranks(tiny_shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp-ref")
+    prefix, _ = _torchrun(tmp, tiny_shards, {**EXACT, "batch_size": 20}, nproc=2)
+    return tmp, prefix
+
+
+def _last_model(run_dir) -> dict:
+    return torch.load(Path(run_dir) / "last.pt", weights_only=False)["model"]
+
+
+def _assert_same_params(a: dict, b: dict, atol: float = 1e-6) -> None:
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=f"{name} differs")
+
+
+def test_torchrun_two_ranks_match_single_process_on_same_global_batches(tiny_shards, tmp_path,
+                                                                       reference_two_ranks):
+    # DDP with per-rank batch b and one process with batch 2b see identical subgraphs and
+    # must reach the same parameters.
+    ref_dir, ddp = reference_two_ranks
+    single, _ = _torchrun(tmp_path, tiny_shards, {**EXACT, "batch_size": 40}, nproc=1)
     r0 = torch.load(f"{ddp}-rank0.pt")
     r1 = torch.load(f"{ddp}-rank1.pt")
-    one = torch.load(f"{single}-rank0.pt")
     meta = json.loads(Path(f"{ddp}-rank0.json").read_text())
-    assert meta["world"] == 2 and meta["steps"] == 10  # 400 training edges / (2 × 20)
+    assert meta["world"] == 2 and meta["steps"] == 20  # 2 epochs × 400 training edges / (2 × 20)
     for name in r0:
         assert torch.equal(r0[name], r1[name]), f"{name} differs between ranks"
-        torch.testing.assert_close(r0[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs from 1 process")
-    start = torch.load(f"{tmp_path}/run-2/best.pt", weights_only=False)  # only rank 0 wrote the run dir
+    one, two = _last_model(tmp_path / "run-1"), _last_model(ref_dir / "run-2")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs from 1 process")
+    start = torch.load(ref_dir / "run-2" / "best.pt", weights_only=False)  # only rank 0 wrote the run dir
     assert start["config"]["train"]["batch_size"] == 20
+    assert torch.load(ref_dir / "run-2" / "last.pt", weights_only=False)["world_size"] == 2
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tiny_shards, tmp_path,
+                                                                            reference_two_ranks):
+    """SIGTERM reaches rank 1 only (after its step 13); before the stop agreement rank 1
+    went to the checkpoint alone while rank 0 trained on: a deadlock torchrun had to kill."""
+    ref_dir, _ = reference_two_ranks
+    cfg = {**EXACT, "batch_size": 20}
+    t0 = time.monotonic()
+    prefix, _ = _torchrun(tmp_path, tiny_shards, cfg, nproc=2, name="term", timeout=120,
+                          extra_env={FAULT_ENV: "1:13:TERM"})
+    assert time.monotonic() - t0 < 120
+    for rank in (0, 1):
+        assert json.loads(Path(f"{prefix}-rank{rank}.json").read_text())["steps"] == 13
+    state = torch.load(tmp_path / "run-term" / "last.pt", weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"], state["world_size"]) == (1, 3, 13, 2)
+    shutil.copytree(tmp_path / "run-term", tmp_path / "run-term-copy")  # for the world-size test below
+    _torchrun(tmp_path, tiny_shards, {**cfg, "resume": True}, nproc=2, name="term", timeout=120)
+    _assert_same_params(_last_model(ref_dir / "run-2"), _last_model(tmp_path / "run-term"))
+
+
+def test_torchrun_restart_after_sigkill_resumes_from_last_checkpoint_by_itself(tiny_shards, tmp_path,
+                                                                              reference_two_ranks):
+    """Rank 1 SIGKILLs itself after step 13 (first attempt only); torchrun restarts the
+    group, which resumes from the step-12 last.pt without --resume and ends where an
+    uninterrupted run ends."""
+    ref_dir, _ = reference_two_ranks
+    cfg = {**EXACT, "batch_size": 20, "checkpoint_every": 4}
+    prefix, proc = _torchrun(tmp_path, tiny_shards, cfg, nproc=2, name="kill", timeout=240,
+                             torchrun_args=("--max-restarts=1",), extra_env={FAULT_ENV: "1:13:KILL"})
+    assert "torchrun restart 1: resuming from" in proc.stderr
+    assert json.loads(Path(f"{prefix}-rank0.json").read_text())["steps"] == 20
+    _assert_same_params(_last_model(ref_dir / "run-2"), _last_model(tmp_path / "run-kill"))
+
+
+def test_hung_rank_fails_with_a_clear_error_after_the_collective_timeout(tiny_shards, tmp_path):
+    cfg = {**EXACT, "epochs": 1, "batch_size": 20, "collective_timeout_s": 5}
+    t0 = time.monotonic()
+    _, proc = _torchrun(tmp_path, tiny_shards, cfg, nproc=2, name="hang", timeout=180, expect_ok=False,
+                        extra_env={FAULT_ENV: "1:3:HANG"})
+    assert proc.returncode != 0
+    assert "did not complete within 'collective_timeout_s' (5s)" in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - t0 < 180
+
+
+def test_rank_loss_weight_zero_trains_under_ddp(tiny_shards, tmp_path):
+    """The unused-parameter probe runs the real loss: with the retrieval head out of the
+    loss DDP must know some parameters get no gradient."""
+    cfg = {**EXACT, "epochs": 1, "batch_size": 20, "steps_per_epoch": 3, "rank_loss_weight": 0.0}
+    prefix, _ = _torchrun(tmp_path, tiny_shards, cfg, nproc=2, name="nork", timeout=180)
+    assert json.loads(Path(f"{prefix}-rank0.json").read_text())["steps"] == 3
+
+
+def test_resume_with_another_world_size_redeals_the_rest_of_the_epoch(tiny_shards, tmp_path):
+    """A 2-rank checkpoint at step 13 (epoch 1, step 3: 120 of its 400 edges consumed)
+    resumed by 1 process: the other 280 are dealt to it (14 steps of 20), deterministically."""
+    cfg = {**EXACT, "batch_size": 20}
+    _torchrun(tmp_path, tiny_shards, {**cfg, "max_steps": 13}, nproc=2, name="w2", timeout=180)
+    g = RatingGraph.from_shards(tiny_shards)
+    split = split_edges(g, SplitConfig())
+    shutil.copytree(tmp_path / "run-w2", tmp_path / "run-w2b")
+    runs = [train(g, split, ModelConfig(hidden=16, dropout=0.0), TrainConfig(**cfg, resume=True), tmp_path / d)
+            for d in ("run-w2", "run-w2b")]
+    assert [r.global_step for r in runs] == [13 + 14, 13 + 14]
+    _assert_same_params(_last_model(tmp_path / "run-w2"), _last_model(tmp_path / "run-w2b"), atol=0)
+    assert torch.load(tmp_path / "run-w2" / "last.pt", weights_only=False)["world_size"] == 1
+
+
+@pytest.mark.parametrize("old,new", [(2, 1), (2, 3), (1, 2), (3, 2)])
+def test_sampler_redeals_the_unconsumed_rest_of_the_epoch(old, new):
+    n, b, steps = 101, 4, 5
+    consumed = []
+    for rank in range(old):
+        s = EdgeEpochSampler(n, rank, old, seed=2)
+        s.set_epoch(1)
+        consumed += list(s)[:steps * b]
+    rest = []
+    for rank in range(new):
+        s = EdgeEpochSampler(n, rank, new, seed=2)
+        s.set_epoch(1, position=steps * b * old)
+        assert len(s) == len(list(s))
+        rest.append(list(s))
+    assert len({len(x) for x in rest}) == 1  # equal slices on the new world size
+    real = sorted(i for i in consumed + [i for x in rest for i in x] if i < n)
+    assert real == list(range(n))  # every edge exactly once in the epoch
 
 
 @pytest.mark.parametrize("stop_at", [5, 17])
@@ -135,6 +270,88 @@ def test_bf16_reaches_fp32_validation_rmse_on_movielens(movielens_run_config, tm
     fp32 = train(g, split, ModelConfig(), TrainConfig(**schedule), tmp_path / "fp32")
     bf16 = train(g, split, ModelConfig(), TrainConfig(**schedule, precision="bf16"), tmp_path / "bf16")
     assert abs(bf16.best_val_rmse - fp32.best_val_rmse) < 0.02, (fp32.best_val_rmse, bf16.best_val_rmse)
+
+
+def test_resuming_an_early_stopped_run_trains_no_further(tiny_shards, tmp_path):
+    """A learning rate too small to improve validation: epoch 1 is a bad epoch and, with
+    patience 1, the run stops. last.pt records that decision, so a resume (with a larger
+    epoch budget) returns at once instead of training one more epoch."""
+    g = RatingGraph.from_shards(tiny_shards)
+    split = split_edges(g, SplitConfig())
+    cfg = dict(batch_size=64, num_neighbors=[2, 2], progress=False, patience=1, lr=1e-12)
+    first = train(g, split, ModelConfig(hidden=8), TrainConfig(**cfg, epochs=5), tmp_path)
+    assert first.stopped_early and len(first.history) == 2
+    again = train(g, split, ModelConfig(hidden=8), TrainConfig(**cfg, epochs=8, resume=True), tmp_path)
+    assert again.stopped_early and again.global_step == first.global_step and len(again.history) == 2
+
+
+def _tiny_movielens(d: Path, users: int = 40, movies: int = 30, per_user: int = 15) -> None:
+    """A MovieLens-format folder (titles, so features are text-encoded and cached)."""
+    g = torch.Generator().manual_seed(0)
+    d.mkdir(parents=True)
+    genres = ["Drama", "Comedy", "Action|Crime", "Animation|Children"]
+    (d / "movies.csv").write_text("movieId,title,genres\n" + "".join(
+        f"{m},Movie number {m} ({1950 + m}),{genres[m % 4]}\n" for m in range(1, movies + 1)))
+    rows = []
+    for u in range(1, users + 1):
+        for m in torch.randperm(movies, generator=g)[:per_user].tolist():
+            rows.append(f"{u},{m + 1},{0.5 * int(torch.randint(1, 11, (1,), generator=g))},{u * 1000 + m}\n")
+    (d / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(rows))
+
+
+def _cli_torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scalable_rec",
+           "-v", *args]
+    proc = _run_group(cmd, env, timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_rank_train_and_score_match_one_process(tmp_path):
+    """`train` under torchrun on shards without a feature cache: only rank 0 encodes the
+    titles; test metrics are reduced over ranks and equal one process's evaluation of the
+    same best.pt; 2-rank `score` writes exactly the recommendations of 1 process."""
+    import pyarrow.parquet as pq
+
+    from scalable_rec import pipeline
+    from scalable_rec.config import RunConfig
+    from scalable_rec.score import evaluate_split
+    from scalable_rec.shards import GraphShards
+    from scalable_rec.source import MovieLensSource, SkipReport, write_rating_shards
+    from scalable_rec.train import Recommender
+
+    _tiny_movielens(tmp_path / "ml")
+    shards = tmp_path / "shards"
+    write_rating_shards(MovieLensSource(str(tmp_path / "ml")), str(shards), SkipReport())
+    run = tmp_path / "run"
+    proc = _cli_torchrun(["train", "--shards", str(shards), "--run-dir", str(run), "--epochs", "2", "--batch-size",
+                          "64", "--num-neighbors", "3", "2", "--device", "cpu", "--no-progress", "--hidden", "16"])
+    encodes = [line for line in proc.stderr.splitlines() if "movie features: encoding" in line]
+    assert len(encodes) == 1 and "[rank 0]" in encodes[0], encodes
+    test = json.loads((run / "metrics.json").read_text())["test"]
+
+    saved = RunConfig.load(run / "config.json")
+    g = RatingGraph.from_shards(GraphShards(shards), saved.features)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), saved.model)
+    model.load_state_dict(torch.load(run / "best.pt", weights_only=False)["model"])
+    one = evaluate_split(model, g, split_edges(g, saved.split), k=saved.score.k)
+    assert test["test_edges"] == one["test_edges"] and test["model"]["eval_users"] == one["model"]["eval_users"]
+    for key in ("rmse", "mae"):
+        assert test[key] == pytest.approx(one[key], rel=1e-5)
+    for group in ("model", "popularity"):
+        for key, value in one[group].items():
+            assert test[group][key] == pytest.approx(value, rel=1e-5), (group, key)
+
+    proc = _cli_torchrun(["score", "--run-dir", str(run)])
+    assert "[rank 1]" in "".join(line for line in proc.stderr.splitlines() if "score: rank 1 ranked users" in line)
+    (run / "recommendations.parquet").rename(tmp_path / "two.parquet")
+    assert not list(run.glob(".recommendations.parquet*"))  # parts merged and removed
+    pipeline.score_stage(RunConfig(run_dir=str(run)), run)
+    two, single = pq.read_table(tmp_path / "two.parquet"), pq.read_table(run / "recommendations.parquet")
+    assert two.num_rows == single.num_rows == 40 * 10
+    assert two.equals(single)
 
 
 def test_epoch_sampler_does_not_hold_the_epoch_as_python_ints():

@@ -1,6 +1,7 @@
 """Test-split evaluation: rating error and top-K ranking quality, beside a popularity baseline."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -8,6 +9,7 @@ from torch import Tensor
 from torch_geometric.metrics import LinkPredNDCG, LinkPredRecall
 
 from scalable_rec.score.topk import RatedIndex, ScoreConfig, ScoreFn, topk_chunks
+from scalable_rec.train.distributed import DistEnv, all_reduce_sum
 
 
 def rating_errors(pred: Tensor, target: Tensor, low: float = 0.5, high: float = 5.0) -> dict[str, float]:
@@ -18,26 +20,34 @@ def rating_errors(pred: Tensor, target: Tensor, low: float = 0.5, high: float = 
 
 def ranking_metrics(score_fn: ScoreFn, num_users: int, num_movies: int, seen: RatedIndex,
                     test_src: Tensor, test_dst: Tensor, k: int = 10,
-                    memory_mb: int = 256) -> dict[str, float]:
+                    memory_mb: int = 256, env: DistEnv = DistEnv(),
+                    device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """Recall@k and NDCG@k over users with held-out relevant movies.
 
     Only the training and validation edges (``seen``) are masked, so the held-out movies
-    stay rankable. Users without a relevant test movie are not counted.
+    stay rankable. Users without a relevant test movie are not counted. Under torchrun
+    each rank ranks every ``world_size``-th user and the sums are reduced (``device``
+    holds the reduction: CUDA under NCCL).
     """
     users = torch.unique(test_src)
-    if users.numel() == 0:
+    total_users = users.numel()
+    if total_users == 0:
         return {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), "eval_users": 0}
+    users = users[env.rank::env.world_size]
     row_of = torch.full((num_users,), -1, dtype=torch.long)
     row_of[users] = torch.arange(users.numel())
     recall, ndcg = LinkPredRecall(k), LinkPredNDCG(k)
-    gt = torch.stack([row_of[test_src], test_dst])
+    mine = row_of[test_src] >= 0
+    gt = torch.stack([row_of[test_src][mine], test_dst[mine]])
     preds = [movies for _, movies, _ in topk_chunks(score_fn, num_users, num_movies,
                                                      ScoreConfig(k=k, score_memory_mb=memory_mb), seen, users)]
-    pred_index = torch.cat(preds)
-    recall.update(pred_index, gt)
-    ndcg.update(pred_index, gt)
-    return {f"recall@{k}": float(recall.compute()), f"ndcg@{k}": float(ndcg.compute()),
-            "eval_users": int(users.numel())}
+    if preds:
+        pred_index = torch.cat(preds)
+        recall.update(pred_index, gt)
+        ndcg.update(pred_index, gt)
+    sums = all_reduce_sum([float(recall.accum), float(recall.total), float(ndcg.accum), float(ndcg.total)], device)
+    return {f"recall@{k}": sums[0] / max(sums[1], 1), f"ndcg@{k}": sums[2] / max(sums[3], 1),
+            "eval_users": int(total_users)}
 
 
 def popularity_score_fn(train_dst: Tensor, num_movies: int) -> ScoreFn:
@@ -49,7 +59,8 @@ def popularity_score_fn(train_dst: Tensor, num_movies: int) -> ScoreFn:
 @torch.no_grad()
 def evaluate_split(model, graph, split, k: int = 10, memory_mb: int = 256, rating_min: float = 0.5,
                    rating_max: float = 5.0, relevant_min: float = 4.0,
-                   z: dict[str, Tensor] | None = None, seen: RatedIndex | None = None) -> dict[str, Any]:
+                   z: dict[str, Tensor] | None = None, seen: RatedIndex | None = None,
+                   env: DistEnv = DistEnv()) -> dict[str, Any]:
     """Test RMSE/MAE on every test edge and Recall/NDCG@k on test edges rated ≥ ``relevant_min``.
 
     Message passing uses training and validation edges; those are also the ones masked
@@ -57,21 +68,27 @@ def evaluate_split(model, graph, split, k: int = 10, memory_mb: int = 256, ratin
     scored on the same users and masks. ``z``: embeddings over those edges computed
     elsewhere (layer-wise over the graph index's ``seen`` subset); default: ``encode_all``.
     ``seen``: each user's training and validation movies (the index's ``seen`` CSC);
-    default: built from ``graph``.
+    default: built from ``graph``. Under torchrun (``env``) every rank encodes, then
+    takes every ``world_size``-th test edge and user; errors and metric sums are reduced,
+    so every rank returns the same numbers.
     """
     model.eval()
     device = model.rating_mean.device
     seen_ids = torch.cat([split.train, split.val])
     z = model.encode_all(graph.hetero_data(seen_ids)) if z is None else z
-    test_src, test_dst = graph.src[split.test].to(device), graph.dst[split.test].to(device)
-    pred = torch.cat([model.predict_pairs(z, s, d) for s, d in zip(test_src.split(65536), test_dst.split(65536))])
-    out: dict[str, Any] = rating_errors(pred.cpu(), graph.rating[split.test], rating_min, rating_max)
+    mine = split.test[env.rank::env.world_size]
+    test_src, test_dst = graph.src[mine].to(device), graph.dst[mine].to(device)
+    pred = torch.cat([model.predict_pairs(z, s, d) for s, d in zip(test_src.split(65536), test_dst.split(65536))]
+                     + [torch.empty(0, device=device)])
+    err = pred.float().cpu().clamp(rating_min, rating_max) - graph.rating[mine].float()
+    sse, sae, n = all_reduce_sum([float(err.pow(2).sum()), float(err.abs().sum()), float(err.numel())], device)
+    out: dict[str, Any] = {"rmse": math.sqrt(sse / max(n, 1)), "mae": sae / max(n, 1)}
     out["test_edges"] = int(split.test.numel())
     relevant = graph.rating[split.test] >= relevant_min
     if seen is None:
         seen = RatedIndex.from_edges(graph.src[seen_ids], graph.dst[seen_ids], graph.num_users)
     args = (graph.num_users, graph.num_movies, seen, graph.src[split.test][relevant],
-            graph.dst[split.test][relevant], k, memory_mb)
+            graph.dst[split.test][relevant], k, memory_mb, env, device)
     all_movies = torch.arange(graph.num_movies, device=device)
     out["model"] = ranking_metrics(lambda u: model.rank_block(z, u.to(device), all_movies), *args)
     out["popularity"] = ranking_metrics(popularity_score_fn(graph.dst[split.train], graph.num_movies), *args)

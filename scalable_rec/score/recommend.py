@@ -14,10 +14,17 @@ from scalable_rec.score.topk import RatedIndex, ScoreConfig, to_record_batch, to
 from scalable_rec.train.model import Recommender
 
 
+def user_slice(num_users: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous block of user ids: blocks in rank order are all users
+    in order, so parts concatenated by rank equal one process's output."""
+    per = -(-num_users // world_size)
+    return torch.arange(min(rank * per, num_users), min((rank + 1) * per, num_users))
+
+
 def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig, z: dict[str, torch.Tensor] | None = None,
-              rated: RatedIndex | None = None) -> Iterator[pa.RecordBatch]:
-    """Yields ranked record batches for every user (rated movies excluded when
-    ``cfg.exclude_rated``).
+              rated: RatedIndex | None = None, users: torch.Tensor | None = None) -> Iterator[pa.RecordBatch]:
+    """Yields ranked record batches for every user, or for ``users`` in that order (rated
+    movies excluded when ``cfg.exclude_rated``).
 
     ``score`` is the ranking score (``Recommender.rank_block``); ``predicted_rating`` is the
     rating the model predicts for that pair, clamped to the rating range.
@@ -27,6 +34,7 @@ def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig, z: dict[
             ``model.encode_all`` over the whole graph in memory.
         rated: Each user's rated movies (e.g. the graph index's ``rev_rates`` CSC); default:
             built from ``graph``'s edges.
+        users: Only these users (e.g. one torchrun rank's ``user_slice``); default: all.
     """
     device = model.rating_mean.device
     z = model.encode_all(graph.hetero_data()) if z is None else z
@@ -35,7 +43,7 @@ def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig, z: dict[
         exclude = RatedIndex.from_edges(graph.src, graph.dst, graph.num_users) if rated is None else rated
     movies = torch.arange(graph.num_movies, device=device)
     for users, top, scores in topk_chunks(lambda u: model.rank_block(z, u.to(device), movies),
-                                          graph.num_users, graph.num_movies, cfg, exclude):
+                                          graph.num_users, graph.num_movies, cfg, exclude, users):
         with torch.no_grad():
             rated = model.predict_pairs(z, users.repeat_interleave(top.size(1)).to(device), top.flatten().to(device))
         yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys,

@@ -39,6 +39,28 @@ def write_parquet(batches: Iterable[pa.RecordBatch], path: str | os.PathLike,
     return rows
 
 
+def part_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` writes its share of ``path`` before rank 0 merges the parts."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.part-{rank:05d}-of-{world_size:05d}")
+
+
+def merge_parts(parts: Iterable[str | os.PathLike], path: str | os.PathLike,
+                metadata: dict[str, str] | None = None) -> int:
+    """Streams the parts' rows, in the order given, into ``path`` (atomically, as
+    ``write_parquet``), then removes the parts. Returns the number of rows."""
+    parts = [Path(p) for p in parts]
+
+    def batches():
+        for part in parts:
+            yield from pq.ParquetFile(part).iter_batches()
+
+    rows = write_parquet(batches(), path, metadata)
+    for part in parts:
+        part.unlink()
+    return rows
+
+
 def replace_user_rows(path: str | os.PathLike, batch: pa.RecordBatch, users: pa.Array) -> int:
     """Replaces every row of ``users`` in the Parquet file ``path`` by ``batch``'s rows
     (atomically: the whole file is rewritten under a temporary name and renamed).

@@ -15,7 +15,8 @@ from scalable_rec.errors import CheckpointError
 # Config fields that may differ between a checkpoint and a resumed run without changing
 # what is computed. Anything else that differs is refused.
 RESUMABLE_DIFFERENCES = {"epochs", "max_steps", "num_workers", "checkpoint_every", "log_every",
-                         "patience", "run_dir", "resume", "progress"}
+                         "patience", "run_dir", "resume", "progress",
+                         "stop_check_every", "collective_timeout_s"}
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:

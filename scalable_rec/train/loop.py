@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 
 from scalable_rec.graph.hetero import RATES, EdgeSplit, RatingGraph
 from scalable_rec.train import checkpoint as ckpt
+from scalable_rec.errors import CollectiveError
 from scalable_rec.train.distributed import (
-    DistEnv, EdgeEpochSampler, all_reduce_sum, init_distributed,
+    DistEnv, EdgeEpochSampler, agree_stop, all_reduce_sum, broadcast_tensors_, from_rank0, init_distributed,
+    inject_fault, is_collective_timeout,
 )
 from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, rating_class_weights
 from scalable_rec.train.model import ModelConfig, Recommender
@@ -73,8 +75,14 @@ class TrainConfig:
         max_steps: Stop after this many optimiser steps in total (``last.pt`` is written;
             ``resume`` continues). ``None``: no cap.
         checkpoint_every: Also write ``last.pt`` every N steps (0: at epoch ends only).
-        resume: Continue from ``<run_dir>/last.pt``.
+        resume: Continue from ``<run_dir>/last.pt``. Under torchrun a restarted job
+            (``--max-restarts``) resumes from an existing ``last.pt`` without it.
         progress: Show progress bars (rank 0 only).
+        stop_check_every: Under torchrun, agree every N steps (one all-reduce of a flag)
+            whether any rank got SIGTERM/SIGINT, so all ranks stop at the same step and
+            write ``last.pt`` together (default 1: a signal stops within one step).
+        collective_timeout_s: Seconds a collective may wait for the other ranks before
+            it fails with an error naming this flag (a hung or dead rank; default 1800).
     """
 
     epochs: int = 30
@@ -95,6 +103,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: bool = False
     progress: bool = True
+    stop_check_every: int = 1
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -117,6 +127,10 @@ class TrainConfig:
             problems.append(f"'rank_loss_weight' needs to be non-negative (got {self.rank_loss_weight})")
         if self.lr <= 0:
             problems.append(f"'lr' needs to be positive (got {self.lr})")
+        if self.stop_check_every <= 0:
+            problems.append(f"'stop_check_every' needs to be positive (got {self.stop_check_every})")
+        if self.collective_timeout_s <= 0:
+            problems.append(f"'collective_timeout_s' needs to be positive (got {self.collective_timeout_s})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -155,7 +169,7 @@ def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor,
     copies are appended so that every rank gets the same number of batches.
     """
     n = src.numel()
-    pad = EdgeEpochSampler.num_pad(n, env.world_size)
+    pad = env.world_size - 1  # enough for any remainder the sampler deals (also a re-dealt resume)
     if pad:
         src, dst = torch.cat([src, src[:pad]]), torch.cat([dst, dst[:pad]])
         label = torch.cat([label, torch.stack([label[:pad, 0], torch.zeros(pad)], 1)])
@@ -227,6 +241,8 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_val_rmse: float = math.inf
     bad_epochs: int = 0
+    epoch_position: int = 0  # positions of the epoch's global edge order consumed (all ranks)
+    stopped_early: bool = False
 
 
 def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
@@ -252,20 +268,27 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
     """
     t0 = time.perf_counter()
     job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config, data)
-    progress = restore(job) if cfg.resume else Progress()
-    stopped_early = interrupted = False
-    with preemption_signals() as stop:
-        for epoch in range(progress.epoch, cfg.epochs):
-            progress.epoch = epoch
-            stats = train_epoch(job, progress, stop)
-            if stats["interrupted"]:
-                interrupted = True
-                save_last(job, progress, progress.epoch, progress.step_in_epoch)
-                break
-            stopped_early = validate_and_checkpoint(job, progress, stats)
-            if stopped_early:
-                break
-    load_best(job, progress.epoch)
+    try:
+        progress = restore(job) if wants_resume(job) else Progress()
+        stopped_early, interrupted = progress.stopped_early, False
+        with preemption_signals() as stop:
+            for epoch in range(progress.epoch, cfg.epochs):
+                if stopped_early:  # a resumed run that had already early-stopped
+                    break
+                progress.epoch = epoch
+                stats = train_epoch(job, progress, stop)
+                if stats["interrupted"]:
+                    interrupted = True
+                    save_last(job, progress, progress.epoch, progress.step_in_epoch)
+                    break
+                stopped_early = validate_and_checkpoint(job, progress, stats)
+        load_best(job, progress.epoch)
+    except RuntimeError as err:
+        if job.env.enabled and is_collective_timeout(err):
+            raise CollectiveError(
+                f"rank {job.env.rank}: a collective did not complete within 'collective_timeout_s' "
+                f"({cfg.collective_timeout_s:g}s) or lost its peer: another rank hung or died ({err})") from err
+        raise
     return TrainResult(model=job.model, history=progress.history, best_val_rmse=progress.best_val_rmse,
                        global_step=progress.global_step, stopped_early=stopped_early, interrupted=interrupted,
                        seconds=time.perf_counter() - t0)
@@ -277,7 +300,7 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
     only), the model, optimiser and precision, and wraps the model for DDP."""
     env = DistEnv.from_environ()
     device = resolve_device(cfg, env)
-    init_distributed(env, device)
+    init_distributed(env, device, cfg.collective_timeout_s)
     config = config or {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
     torch.manual_seed(cfg.seed + env.rank)  # ranks sample different neighbourhoods
 
@@ -302,31 +325,63 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
-    ddp_model: torch.nn.Module = model
-    if env.enabled:
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        find_unused_parameters=_has_unused_parameters(model, train_loader, device, loader_gen))
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    return Job(env=env, device=device, cfg=cfg, run_dir=run_dir, config=config, model=model,
-               ddp_model=ddp_model, optimizer=optimizer, scaler=scaler, autocast=autocast,
-               train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader,
-               loader_gen=loader_gen, log_q=log_q)
+    job = Job(env=env, device=device, cfg=cfg, run_dir=run_dir, config=config, model=model,
+              ddp_model=model, optimizer=optimizer, scaler=scaler, autocast=autocast,
+              train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader,
+              loader_gen=loader_gen, log_q=log_q)
+    if env.enabled:
+        job.ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                            find_unused_parameters=_has_unused_parameters(job))
+    return job
+
+
+def wants_resume(job: Job) -> bool:
+    """``--resume``, or a torchrun restart (``--max-restarts``) whose run dir has ``last.pt``."""
+    if job.cfg.resume:
+        return True
+    if job.env.restart_count == 0:
+        return False
+    found = from_rank0(lambda: (job.run_dir / "last.pt").is_file(), job.env, "look for last.pt")
+    if job.env.is_main:
+        log.warning("torchrun restart %d: %s", job.env.restart_count,
+                    f"resuming from {job.run_dir / 'last.pt'}" if found else "no last.pt yet, starting over")
+    return bool(found)
 
 
 def restore(job: Job) -> Progress:
-    """Loads ``last.pt``: weights, optimiser, scaler, progress and this rank's RNG streams."""
-    state = ckpt.load(job.run_dir / "last.pt", map_location=job.device)
+    """Loads ``last.pt``: weights, optimiser, scaler, progress and this rank's RNG streams.
+
+    Only rank 0 reads the file; the others receive it (no shared file system needed on
+    one node). A checkpoint from another world size continues the interrupted epoch with
+    its remaining edges re-dealt over the current ranks (``EdgeEpochSampler``); ranks
+    that existed then get their RNG streams back, new ranks seed theirs from
+    ``(seed, rank, global_step)``.
+    """
+    env = job.env
+    state = from_rank0(lambda: ckpt.load(job.run_dir / "last.pt", map_location="cpu"), env, "read last.pt")
     ckpt.check_compatible(state["config"], job.config)
     job.model.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     job.scaler.load_state_dict(state["scaler"])
-    ckpt.set_rng_state(state["rng"][job.env.rank], job.loader_gen)
-    if job.env.is_main:
+    saved_world = int(state.get("world_size", len(state["rng"])))
+    position = state.get("epoch_position", state["step_in_epoch"] * job.cfg.batch_size * saved_world)
+    if env.rank < len(state["rng"]):
+        ckpt.set_rng_state(state["rng"][env.rank], job.loader_gen)
+    else:
+        torch.manual_seed(job.cfg.seed + env.rank + 1_000_003 * state["global_step"])
+        job.loader_gen.manual_seed(job.cfg.seed + 1_000_003 * state["global_step"])
+    if env.is_main:
         log.info("resumed from %s at epoch %d step %d", job.run_dir / "last.pt", state["epoch"],
                  state["step_in_epoch"])
+        if saved_world != env.world_size:
+            log.warning("resuming with world size %d (checkpoint: %d): the rest of epoch %d (from position "
+                        "%d of its edge order) is re-dealt over %d rank(s)", env.world_size, saved_world,
+                        state["epoch"], position, env.world_size)
     return Progress(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], global_step=state["global_step"],
-                    history=state["history"], best_val_rmse=state["best_val_rmse"], bad_epochs=state["bad_epochs"])
+                    history=state["history"], best_val_rmse=state["best_val_rmse"], bad_epochs=state["bad_epochs"],
+                    epoch_position=position, stopped_early=bool(state.get("stopped_early", False)))
 
 
 @contextlib.contextmanager
@@ -371,7 +426,7 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
     """
     cfg, env = job.cfg, job.env
     job.ddp_model.train()
-    job.train_sampler.set_epoch(progress.epoch, skip=progress.step_in_epoch * cfg.batch_size)
+    job.train_sampler.set_epoch(progress.epoch, position=progress.epoch_position)
     sse = count = 0.0
     load_s = compute_s = 0.0
     t_epoch = time.perf_counter()
@@ -396,19 +451,32 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
         job.scaler.update()
         progress.step_in_epoch += 1
         progress.global_step += 1
+        progress.epoch_position += cfg.batch_size * env.world_size
         # Accumulate on device; read back once per epoch (avoids a sync per step).
         sse += (se.detach() * weight.bool()).sum()
         count += float(weight.bool().sum())
         compute_s += time.perf_counter() - t_step
         bar.update(1)
-        if cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0:
-            save_last(job, progress, progress.epoch, progress.step_in_epoch)
-        if stop["signal"] is not None or (cfg.max_steps and progress.global_step >= cfg.max_steps):
+        inject_fault(env, progress.global_step)
+        if should_stop(job, progress, stop):
             interrupted = True
             break
+        if cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0:
+            save_last(job, progress, progress.epoch, progress.step_in_epoch)
     bar.close()
     return {"sse": float(sse), "count": count, "load_s": load_s, "compute_s": compute_s,
             "started": t_epoch, "interrupted": interrupted}
+
+
+def should_stop(job: Job, progress: Progress, stop: dict[str, int | None]) -> bool:
+    """``max_steps`` reached (the same step on every rank), or a signal on any rank, agreed
+    every ``stop_check_every`` steps so that all ranks leave at the same step."""
+    cfg = job.cfg
+    if cfg.max_steps and progress.global_step >= cfg.max_steps:
+        return True
+    if job.env.enabled and progress.global_step % cfg.stop_check_every:
+        return False
+    return agree_stop(stop["signal"] is not None, job.device)
 
 
 def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any]) -> bool:
@@ -433,9 +501,12 @@ def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any])
                               "val_rmse": progress.best_val_rmse}, job.run_dir / "best.pt")
     else:
         progress.bad_epochs += 1
+    # Decided before last.pt is written, so resuming a finished run does not train on.
+    progress.stopped_early = progress.bad_epochs >= job.cfg.patience
+    progress.epoch_position = 0
     save_last(job, progress, progress.epoch + 1, 0)
     progress.step_in_epoch = 0
-    if progress.bad_epochs >= job.cfg.patience:
+    if progress.stopped_early:
         if env.is_main:
             log.info("early stop: no better val rmse for %d epochs (best %.4f)", progress.bad_epochs,
                      progress.best_val_rmse)
@@ -456,35 +527,46 @@ def save_last(job: Job, progress: Progress, epoch: int, step_in_epoch: int) -> N
             "scaler": job.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
             "global_step": progress.global_step, "history": progress.history,
             "best_val_rmse": progress.best_val_rmse, "bad_epochs": progress.bad_epochs, "rng": states,
-            "config": job.config,
+            "config": job.config, "world_size": job.env.world_size, "epoch_position": progress.epoch_position,
+            "stopped_early": progress.stopped_early,
         }, job.run_dir / "last.pt")
 
 
 def load_best(job: Job, epoch: int) -> None:
-    """The best weights (or the current ones if no epoch finished) are what gets scored."""
+    """The best weights (or the current ones if no epoch finished) are what gets scored.
+
+    Rank 0 alone looks at ``best.pt`` (writing it from the current weights when no epoch
+    finished) and sends its weights to the other ranks, so they never read a file only
+    rank 0 may see.
+    """
     best = job.run_dir / "best.pt"
-    if best.is_file():
-        if job.env.enabled:
-            torch.distributed.barrier()
-        job.model.load_state_dict(ckpt.load(best, map_location=job.device)["model"])
-    elif job.env.is_main:
+
+    def read_or_write() -> bool:
+        if best.is_file():
+            job.model.load_state_dict(ckpt.load(best, map_location=job.device)["model"])
+            return True
         ckpt.save_atomic({"model": job.model.state_dict(), "config": job.config, "epoch": epoch,
                           "val_rmse": None}, best)
+        return False
+
+    if from_rank0(read_or_write, job.env, "load best.pt"):
+        broadcast_tensors_(list(job.model.state_dict().values()))
 
 
-def _has_unused_parameters(model: Recommender, loader, device: torch.device,
-                           loader_gen: torch.Generator) -> bool:
-    """One probe forward/backward: does any parameter get no gradient (unused edge type)?
+def _has_unused_parameters(job: Job) -> bool:
+    """One probe forward/backward of the real training loss: does any parameter get no
+    gradient (an unused edge type, or the retrieval head with ``rank_loss_weight`` 0)?
 
     Runs under a forked RNG on a fresh iterator so the real run's random streams are
     unchanged. Also initialises lazy modules before DDP wraps the model.
     """
-    gen_state = loader_gen.get_state()
+    model, device = job.model, job.device
+    gen_state = job.loader_gen.get_state()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        batch = next(iter(loader)).to(device)
-        pred, rank = model(batch)
-        (pred.float().sum() + (sum(r.float().sum() for r in rank) if rank is not None else 0)).backward()
-    loader_gen.set_state(gen_state)
+        batch = next(iter(job.train_loader)).to(device)
+        loss, _, _ = training_loss(job, batch)
+        loss.backward()
+    job.loader_gen.set_state(gen_state)
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
     return bool(unused)
