@@ -87,9 +87,9 @@ class RuntimeConfig:
     ``deterministic`` is off and threads differ.
 
     Args:
-        threads: CPU threads per process (torch intra-op). Default: the machine's cores
-            divided by the processes torchrun starts on this node ($LOCAL_WORLD_SIZE), so
-            DDP ranks do not oversubscribe the CPU.
+        threads: CPU threads per process (torch intra-op). Default: under torchrun the
+            machine's cores divided by its processes on this node ($LOCAL_WORLD_SIZE), so
+            ranks do not oversubscribe the CPU; else $OMP_NUM_THREADS if set, else all cores.
         deterministic: Bit-identical reruns: deterministic torch algorithms (an error for
             an op without one), cuDNN autotuning off, and one CPU thread (multi-threaded
             scatter sums floats in varying order). Costs speed; see the README.
@@ -108,8 +108,11 @@ class RuntimeConfig:
             return 1
         if self.threads is not None:
             return self.threads
-        local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
-        return max(1, (os.cpu_count() or 1) // local)
+        if "LOCAL_WORLD_SIZE" in env:  # torchrun: share the cores (it would set OMP_NUM_THREADS=1)
+            return max(1, (os.cpu_count() or 1) // max(1, int(env["LOCAL_WORLD_SIZE"] or 1)))
+        if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+            return int(env["OMP_NUM_THREADS"])  # an explicit setting of a single process wins
+        return os.cpu_count() or 1
 
     def apply(self) -> int:
         """Sets torch's thread count and determinism for this process; returns the threads."""
@@ -119,8 +122,8 @@ class RuntimeConfig:
         torch.set_num_threads(n)
         if self.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
-            torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(self.deterministic)
         return n
 
 

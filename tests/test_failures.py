@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from scalable_rec import cli
 from scalable_rec.atomic import write_json_atomic
-from scalable_rec.config import RuntimeConfig
 from scalable_rec.errors import CheckpointError, ShardError
 from scalable_rec.graph import features as feat
 from scalable_rec.shards import GraphShards
@@ -192,7 +192,7 @@ def test_corrupted_feature_cache_is_rebuilt(tmp_path, monkeypatch):
     good = feat.movie_features(GraphShards(tmp_path / "s"))
     cache = next((tmp_path / "s" / "features").glob("movie-*.npy"))
     poisoned = np.load(cache)
-    poisoned[0, 0] = np.nan
+    poisoned[0, 0] += 1.0  # finite and the same size: only the checksum can tell
     np.save(cache, poisoned)
     again = feat.movie_features(GraphShards(tmp_path / "s"))
     assert len(calls) == 2 and np.isfinite(again).all()
@@ -203,6 +203,20 @@ def feat_source(data: Path):
     from scalable_rec.source import MovieLensSource
 
     return MovieLensSource(str(data))
+
+
+@pytest.mark.parametrize("batches, match", [
+    ([], "No rows to write"),
+    ([pa.record_batch([pa.array([], pa.int64()), pa.array([], pa.int64()), pa.array([], pa.float32()),
+                       pa.array([], pa.int32())], names=["user_key", "movie_key", "score", "rank"])],
+     "got 0 rows"),
+])
+def test_an_empty_recommendation_set_is_not_success(run_copy, caplog, monkeypatch, batches, match):
+    from scalable_rec import pipeline
+
+    monkeypatch.setattr(pipeline, "recommend", lambda model, graph, cfg: iter(batches))
+    fails(["score", "--run-dir", str(run_copy)], caplog, match=match)
+    assert not (run_copy / "recommendations.parquet").exists() and temp_files(run_copy) == []
 
 
 @pytest.mark.parametrize("flags, first_rows, second_rows", [
@@ -405,15 +419,20 @@ def test_deterministic_runs_are_identical(shards, tmp_path):
         assert cli.main(["train", "--shards", str(shards), "--run-dir", str(tmp_path / name), "--deterministic",
                          *TINY]) == 0
         states.append(torch.load(tmp_path / name / "best.pt", weights_only=True)["model"])
-    torch.use_deterministic_algorithms(False)
+    cli.main(["score", "--run-dir", str(tmp_path / "a")])  # leaves deterministic mode off again
+    assert not torch.are_deterministic_algorithms_enabled()
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_threads_are_split_between_local_ranks():
+    from scalable_rec.config import RuntimeConfig
+
     cores = os.cpu_count() or 1
-    assert RuntimeConfig().resolved_threads({"LOCAL_WORLD_SIZE": "2"}) == max(1, cores // 2)
+    # torchrun sets OMP_NUM_THREADS=1 for every rank; the cores are shared out instead
+    assert RuntimeConfig().resolved_threads({"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}) == max(1, cores // 2)
     assert RuntimeConfig().resolved_threads({}) == cores
+    assert RuntimeConfig().resolved_threads({"OMP_NUM_THREADS": "1"}) == 1
     assert RuntimeConfig(threads=3).resolved_threads({"LOCAL_WORLD_SIZE": "8"}) == 3
     assert RuntimeConfig(deterministic=True).resolved_threads({}) == 1
 
