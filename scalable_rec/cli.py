@@ -81,11 +81,13 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 def cmd_arango_load(cfg: RunConfig, args: argparse.Namespace) -> None:
     """MovieLens (--data) → ArangoDB: Users, Movie, Ratings and the graph movie_rating_graph."""
-    from scalable_rec.sink.arango_load import load_movielens_dir
+    from scalable_rec.source import RatingBounds
+    from scalable_rec.source.arango_load import load_movielens_dir
     from scalable_rec.source.download import fetch_movielens
 
     data_dir = cfg.data.data or str(fetch_movielens())
-    print(json.dumps(load_movielens_dir(data_dir, cfg.arango, cfg.arango_load, strict=cfg.data.strict), indent=2))
+    print(json.dumps(load_movielens_dir(data_dir, cfg.arango, cfg.arango_load, strict=cfg.data.strict,
+                                        bounds=RatingBounds(cfg.data.rating_min, cfg.data.rating_max)), indent=2))
 
 
 def cmd_arango_export(cfg: RunConfig, args: argparse.Namespace) -> None:

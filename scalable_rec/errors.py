@@ -53,6 +53,14 @@ class WriteMismatchError(DatabaseError):
     """The server's created/updated/error counts disagree with what was sent."""
 
 
+class PermissionDeniedError(DatabaseError):
+    """The user may not do this (HTTP 403, e.g. a read-only user writing)."""
+
+
+class ExportVerificationError(DatabaseError):
+    """An export's rows disagree with the server: a count differs or a key repeats."""
+
+
 class RunStateError(ScalableRecError):
     """A run directory that belongs to another config, was interrupted, or no longer matches
     its shards (``--resume``, ``--overwrite`` or ``--allow-interrupted`` say what to do)."""
