@@ -119,17 +119,21 @@ def test_url_userinfo_is_refused_before_anything_is_written(tmp_path, caplog):
     assert files_containing(tmp_path, "s3cr3t") == []
 
 
-def test_run_checks_the_arango_sink_before_training(arango_endpoint, tmp_path, caplog, monkeypatch, no_encoder):
-    monkeypatch.setenv("SCALABLE_REC_ARANGO_URL", arango_endpoint.url)
-    monkeypatch.setenv("SCALABLE_REC_ARANGO_DB", arango_endpoint.database)
-    monkeypatch.setenv("SCALABLE_REC_ARANGO_USER", arango_endpoint.username)
-    monkeypatch.setenv("SCALABLE_REC_ARANGO_PASSWORD", "wrong-password-xyz")
-    run_dir = tmp_path / "run"
-    fails(["run", "--data", str(movielens(tmp_path)), "--workdir", str(tmp_path / "w"), "--run-dir", str(run_dir),
-           "--sink", "arango", *TINY], caplog, match="rejected the credentials")
+@pytest.mark.parametrize("case, match", [("wrong password", "rejected the credentials"),
+                                         ("read-only user", "HTTP 403")])
+def test_run_checks_the_arango_sink_before_training(tmp_path, caplog, monkeypatch, no_encoder, case, match):
+    from arango_double import ArangoDouble
+
+    with ArangoDouble({"root": "pw-123456", "reader": "pw-abcdef"}, read_only=("reader",)) as double:
+        double.create_database("recs")
+        user, password = ("root", "wrong-password-xyz") if case == "wrong password" else ("reader", "pw-abcdef")
+        for var, value in (("URL", double.url), ("DB", "recs"), ("USER", user), ("PASSWORD", password)):
+            monkeypatch.setenv(f"SCALABLE_REC_ARANGO_{var}", value)
+        run_dir = tmp_path / "run"
+        fails(["run", "--data", str(movielens(tmp_path)), "--workdir", str(tmp_path / "w"), "--run-dir",
+               str(run_dir), "--sink", "arango", *TINY], caplog, match=match)
     assert not (run_dir / "best.pt").exists() and not (tmp_path / "w" / "shards").exists()
-    assert files_containing(tmp_path, "wrong-password-xyz") == []
-    assert "wrong-password-xyz" not in caplog.text
+    assert files_containing(tmp_path, password) == [] and password not in caplog.text
 
 
 class _Payload:
@@ -323,8 +327,12 @@ def test_a_locked_run_dir_names_its_holder(shards, tmp_path, caplog):
               match=f"is in use by pid {holder.pid} on host {os.uname().nodename}")
         assert not (run_dir / "config.json").exists()
     finally:
-        holder.kill()
+        holder.kill()  # SIGKILL: the kernel drops the lock with the process
         holder.wait()
+    from scalable_rec import locking
+
+    with locking.hold(run_dir):  # no stale lock after kill -9
+        pass
 
 
 def test_bom_and_undecodable_rows(tmp_path, caplog, no_encoder):
