@@ -1,13 +1,13 @@
 """What ``--deterministic`` costs and buys: two identical CLI trainings per mode.
 
-    PYTHONPATH=. python benchmarks/bench_determinism.py [--edges 100000] [--steps 40] [--out FILE]
+    PYTHONPATH=. python benchmarks/bench_determinism.py [--edges 100000] [--steps 40] [--modes ...] [--out FILE]
 
 Each mode trains the same synthetic graph twice through ``scalable-rec train`` in child
 processes (one epoch capped at ``--steps`` steps, then validation) and reports the
 training seconds of each run (``metrics.json`` ``timings.train_s``) and the largest
-absolute difference between the two runs' ``best.pt`` parameters. Modes: the default
-thread count (all cores), one thread, and ``--deterministic`` (one thread plus torch's
-deterministic algorithms).
+absolute difference between the two runs' ``best.pt`` parameters. Modes: ``default``
+(all cores), ``threads1`` (``--threads 1``) and ``deterministic`` (``--deterministic``: one
+thread plus torch's deterministic algorithms).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"default threads": [], "--threads 1": ["--threads", "1"], "--deterministic": ["--deterministic"]}
+MODES = {"default": [], "threads1": ["--threads", "1"], "deterministic": ["--deterministic"]}
 
 
 def cli(*argv: str) -> None:
@@ -36,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--edges", type=int, default=100_000)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="modes to run")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     results = {"cores": os.cpu_count(), "edges": args.edges, "steps": args.steps,
@@ -43,10 +44,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         cli("synth", "--preset", "small", "--edges", str(args.edges), "--out", str(shards))
-        for mode, flags in MODES.items():
+        for mode in args.modes:
+            flags = MODES[mode]
             seconds, params = [], []
             for i in range(2):
-                run_dir = Path(tmp) / f"{mode.strip('-').replace(' ', '_')}-{i}"
+                run_dir = Path(tmp) / f"{mode}-{i}"
                 cli("train", "--shards", str(shards), "--run-dir", str(run_dir), "--epochs", "1",
                     "--steps-per-epoch", str(args.steps), "--no-progress", *flags)
                 seconds.append(json.loads((run_dir / "metrics.json").read_text())["timings"]["train_s"])
