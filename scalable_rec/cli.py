@@ -5,6 +5,8 @@
     scalable-rec train    [flags]   shards → run directory (checkpoint, metrics, curves)
     scalable-rec score    --run-dir DIR [--k 10]   → DIR/recommendations.parquet
                           [--sink arango [--replace-previous]]   → edges in ArangoDB
+    scalable-rec refresh  --run-dir DIR --new-ratings FILE|DIR [--mode exact|bounded] [--sink arango]
+                          fold new ratings into the graph, re-score only affected users
     scalable-rec synth    --preset tiny|...|ml-25m --out DIR   synthetic graph → shards
     scalable-rec arango load   [--data DIR]     MovieLens → ArangoDB collections + named graph
     scalable-rec arango export --shards DIR [--export-resume]   ArangoDB → Arrow shards
@@ -24,6 +26,7 @@ from scalable_rec import pipeline
 from scalable_rec.atomic import dumps
 from scalable_rec.config import GROUPS, RunConfig, add_group_arguments, build_group
 from scalable_rec.errors import ConfigError, InterruptedRunError, ScalableRecError
+from scalable_rec.score.refresh import RefreshConfig
 from scalable_rec.source.synthetic import PRESETS
 from scalable_rec.train.distributed import DistEnv, shutdown_distributed
 from scalable_rec.train.loop import resolve_device
@@ -58,6 +61,18 @@ def cmd_score(cfg: RunConfig, args: argparse.Namespace) -> None:
         raise ConfigError("'score' needs --run-dir (a directory written by 'train' or 'run')")
     print(pipeline.score_stage(cfg, cfg.run_dir, allow_interrupted=args.allow_interrupted,
                                allow_shard_mismatch=args.allow_shard_mismatch))
+
+
+def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig) -> None:
+    """Fold new ratings into a run's graph and re-score only the users they can affect."""
+    problems = []
+    if not cfg.run_dir:
+        problems.append("'refresh' needs --run-dir (a directory written by 'train' or 'run')")
+    if not refresh_cfg.new_ratings:
+        problems.append("'refresh' needs --new-ratings (a ratings.csv file, a folder holding one, or a shard directory)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    print(dumps(pipeline.refresh_stage(cfg, refresh_cfg)))
 
 
 def cmd_run(cfg: RunConfig, args: argparse.Namespace) -> None:
@@ -112,10 +127,10 @@ def _print_summary(cfg: RunConfig, metrics: dict) -> None:
 
 # name → (function, config groups it takes flags for)
 COMMANDS: dict[str, tuple[Callable[[RunConfig, argparse.Namespace], None], tuple[str, ...]]] = {
-    "run": (cmd_run, ("data", "features", "split", "model", "train", "score", "sink", "arango")),
-    "prepare": (cmd_prepare, ("data", "features")),
-    "train": (cmd_train, ("data", "features", "split", "model", "train")),
-    "score": (cmd_score, ("score", "sink", "arango")),
+    "run": (cmd_run, ("data", "features", "split", "model", "train", "score", "store", "sink", "arango")),
+    "prepare": (cmd_prepare, ("data", "features", "split", "store")),
+    "train": (cmd_train, ("data", "features", "split", "model", "train", "store")),
+    "score": (cmd_score, ("score", "store", "sink", "arango")),
 }
 
 # scalable-rec arango ACTION: name → (function, config groups it takes flags for)
@@ -144,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                            default=argparse.SUPPRESS, help="show progress bars")
         for g in groups + ("runtime",):
             add_group_arguments(p, GROUPS[g])
+    refresh = sub.add_parser("refresh", help=cmd_refresh.__doc__, description=pipeline_doc("refresh"))
+    refresh.add_argument("--run-dir", dest="run_dir", default=None, help="run directory written by 'train' or 'run'")
+    for cls in (GROUPS["score"], RefreshConfig, GROUPS["sink"], GROUPS["arango"]):
+        add_group_arguments(refresh, cls)
+    refresh.add_argument("--strict", dest="DataConfig.strict", action="store_true", default=argparse.SUPPRESS,
+                         help="fail on the first unusable new rating instead of counting and skipping it")
     synth = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
     synth.add_argument("--preset", default="small", choices=sorted(PRESETS),
                        help="size preset (users, movies, edges): " + ", ".join(f"{k}={v}" for k, v in PRESETS.items()))
@@ -168,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pipeline_doc(name: str) -> str:
     fn = {"run": pipeline.run, "prepare": pipeline.prepare, "train": pipeline.train_stage,
-          "score": pipeline.score_stage}[name]
+          "score": pipeline.score_stage, "refresh": pipeline.refresh_stage}[name]
     return (fn.__doc__ or "").strip()
 
 
@@ -214,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         check_device(cfg, args.command)
         threads = cfg.runtime.apply()
         log.debug("torch threads per process: %d (deterministic: %s)", threads, cfg.runtime.deterministic)
+        if args.command == "refresh":
+            try:
+                refresh_cfg = build_group(RefreshConfig, args)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"Invalid options:\n  refresh: {err}") from err
+            cmd_refresh(cfg, refresh_cfg)
+            return 0
         (ARANGO_COMMANDS[args.action] if args.command == "arango" else COMMANDS[args.command])[0](cfg, args)
     except InterruptedRunError as err:
         log.error("%s", err)

@@ -26,9 +26,14 @@ from scalable_rec.errors import (
     CheckpointError, ConfigError, InterruptedRunError, MalformedInputError, RunStateError, ScalableRecError,
     ShardError,
 )
-from scalable_rec.graph import RatingGraph, movie_features, split_edges
-from scalable_rec.score import evaluate_split, plot_curves, recommend
+from scalable_rec.graph import RATES, RatingGraph, movie_features, split_edges
+from scalable_rec.graph.index import GraphIndex, build_index
+from scalable_rec.graph.store import open_stores
+from scalable_rec.score import RatedIndex, evaluate_split, plot_curves, recommend
+from scalable_rec.score.layerwise import encode_layerwise
+from scalable_rec.score.refresh import RefreshConfig
 from scalable_rec.shards import GraphShards, Manifest
+from scalable_rec.shards.manifest import edge_type_name
 from scalable_rec.sink import write_parquet
 from scalable_rec.source import MovieLensSource, RatingBounds, SkipReport, write_rating_shards
 from scalable_rec.source.download import fetch_movielens
@@ -118,8 +123,11 @@ def _prepare_on_this_rank(cfg: RunConfig) -> Path:
                 shutil.rmtree(f"{out}.incomplete", ignore_errors=True)  # refused input: nothing half-written
                 raise
             log.info("prepare: wrote %s in %.1fs (%s)", out, time.perf_counter() - t0, report.summary())
+        shards = GraphShards(out, verify=False)  # verified or written just above
         # computes once, then cached (and checksummed) beside the shards
-        movie_features(GraphShards(out), cfg.features, progress=cfg.train.progress)
+        movie_features(shards, cfg.features, progress=cfg.train.progress)
+        if _graph_index_wanted(cfg, shards):
+            build_index(shards, cfg.split, cfg.features)  # memory-mapped graph index, reused when unchanged
     return out
 
 
@@ -148,6 +156,18 @@ def _why_not_reuse(out: Path, cfg: RunConfig, fingerprint: str) -> str | None:
     if read and skipped / read > cfg.data.max_skipped_share:
         return f"the existing shards skipped {skipped / read:.1%} of rows, above --max-skipped-share"
     return None
+
+
+def _graph_index_wanted(cfg: RunConfig, shards: GraphShards) -> bool:
+    return cfg.store.use_store(shards.manifest.edge_types[edge_type_name(*RATES)].num_rows)
+
+
+def _graph_index(cfg: RunConfig, shards: GraphShards) -> GraphIndex | None:
+    """The memory-mapped graph index when ``cfg.store`` picks it for this graph's size
+    (built here if ``prepare`` did not)."""
+    if not _graph_index_wanted(cfg, shards):
+        return None
+    return GraphIndex.for_shards(shards, cfg.split, cfg.features, verify=cfg.store.store_verify)
 
 
 def _open_shards(cfg: RunConfig) -> GraphShards:
@@ -230,13 +250,17 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
     config = {**cfg.to_json(), "shards_identity": shards.manifest.identity()}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    graph = graph or RatingGraph.from_shards(shards, cfg.features)
-    split = split_edges(graph, cfg.split)
+    index = _graph_index(cfg, shards)
+    if index is not None:  # edges, split and CSC memory-mapped: shared by the ranks of a node
+        graph, split, data = index.rating_graph(shards), index.split(), open_stores(index, "train")
+    else:
+        graph = graph or RatingGraph.from_shards(shards, cfg.features)
+        split, data = split_edges(graph, cfg.split), None
     timings["load_graph_s"] = time.perf_counter() - t0
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", config)
-    result = train(graph, split, cfg.model, cfg.train, run_dir, config=config)
+    result = train(graph, split, cfg.model, cfg.train, run_dir, config=config, data=data)
     timings["train_s"] = result.seconds
     interrupted_by = (signal.Signals(result.signal).name if result.signal is not None
                       else "max_steps" if result.interrupted else None)
@@ -245,9 +269,14 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
                                "interrupted": result.interrupted, "interrupted_by": interrupted_by}
     if env.is_main and not result.interrupted:
         t1 = time.perf_counter()
+        z = seen = None
+        if index is not None:  # layer-wise over train + validation edges, masks from their CSC
+            z = encode_layerwise(result.model, *open_stores(index, "seen"), batch_size=cfg.store.layer_batch_size)
+            rev_row, rev_colptr = index.csc("seen")["rev_rates"]
+            seen = RatedIndex(rowptr=rev_colptr, col=rev_row)
         metrics["test"] = evaluate_split(result.model, graph, split, k=cfg.score.k,
                                          memory_mb=cfg.score.score_memory_mb, rating_min=cfg.data.rating_min,
-                                         rating_max=cfg.data.rating_max)
+                                         rating_max=cfg.data.rating_max, z=z, seen=seen)
         timings["evaluate_s"] = time.perf_counter() - t1
         log.info("test: %s", dumps(metrics["test"], indent=None))
     metrics["timings"] = timings
@@ -276,15 +305,24 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
     run_dir = Path(run_dir or cfg.run_dir)
     with locking.hold(run_dir, "run directory"):
         saved, state = _check_scorable(run_dir, allow_interrupted)
-        shards = GraphShards(saved.data.shards_dir(), verify=graph is None)
+        saved.store = cfg.store  # the backend is this command's choice, the index key the run's
+        shards = GraphShards(saved.data.shards_dir(), verify=False)
         _check_same_shards(run_dir, state.get("config", {}).get("shards_identity"), shards, allow_shard_mismatch)
+        index = _graph_index(saved, shards)
+        if index is not None:
+            graph = index.rating_graph(shards)
         graph = graph or RatingGraph.from_shards(shards, saved.features)
         device = resolve_device(saved.train, DistEnv())
         model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model).to(device)
         model.load_state_dict({k: v.to(device) for k, v in state["model"].items()})
         model.eval()
         t0 = time.perf_counter()
-        batches = recommend(model, graph, cfg.score)
+        z = rated = None
+        if index is not None:  # layer-wise over the mapped CSC; rated movies = each user's CSC row
+            z = encode_layerwise(model, *open_stores(index, "all"), batch_size=cfg.store.layer_batch_size)
+            rev_row, rev_colptr = index.csc("all")["rev_rates"]
+            rated = RatedIndex(rowptr=rev_colptr, col=rev_row)
+        batches = recommend(model, graph, cfg.score, z=z, rated=rated)
         if cfg.sink.sink == "arango":  # edges Users/<key> → Movie/<key>; outcome in arango_writeback.json
             from scalable_rec.sink.arango import writeback_run
 
@@ -359,6 +397,36 @@ def check_sink(cfg: RunConfig) -> None:
     check_writable(cfg.arango, cfg.sink)
 
 
+def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Folds new ratings into the run's message-passing graph (not its weights) and
+    re-scores only the users whose recommendations can change (``--mode exact``) or only
+    the users who rated (``--mode bounded``); replaces their rows in
+    recommendations.parquet (or, with ``--sink arango``, their edges in ArangoDB). Users the run has never seen get recommendations from their
+    new ratings. The report also goes to <run_dir>/refresh/last_report.json."""
+    from scalable_rec.score.refresh import refresh
+    from scalable_rec.source import RatingBounds
+
+    run_dir = Path(run_dir or cfg.run_dir)
+    saved = RunConfig.load(run_dir / "config.json")
+    graph = RatingGraph.from_shards(GraphShards(saved.data.shards_dir()), saved.features)
+    state = ckpt.load(run_dir / "best.pt", map_location="cpu")
+    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model)
+    model.load_state_dict(state["model"])
+    writer = None
+    if cfg.sink.sink == "arango":  # replace exactly the refreshed users' edges
+        from scalable_rec.sink.arango import replace_users
+
+        def writer(batch, users, fingerprint):
+            return replace_users(batch, cfg.arango, cfg.sink, run_dir, fingerprint[:12])
+    report = refresh(run_dir, model, graph, refresh_cfg, k=cfg.score.k, memory_mb=cfg.score.score_memory_mb,
+                     bounds=RatingBounds(saved.data.rating_min, saved.data.rating_max), strict=cfg.data.strict,
+                     writer=writer)
+    if not report["already_folded"]:
+        write_json_atomic(run_dir / "refresh" / "last_report.json", report)
+    log.info("refresh: %s", json.dumps({k: v for k, v in report.items() if k != "input_report"}))
+    return report
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """prepare → train → evaluate → score, all in one run directory."""
     env = DistEnv.from_environ()
@@ -370,7 +438,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         _on_main(env, lambda: claim_run_dir(cfg, run_dir))  # before any work
         _on_main(env, lambda: check_sink(cfg))
         shards = prepare(cfg)
-        graph = RatingGraph.from_shards(shards, cfg.features)  # read once, shared by the stages
+        # Read once and shared by the stages; with the graph index each stage maps it instead.
+        graph = None if _graph_index_wanted(cfg, shards) else RatingGraph.from_shards(shards, cfg.features)
         metrics = train_stage(cfg, shards, graph)
         if env.is_main and not metrics["interrupted"]:
             score_stage(cfg, cfg.run_dir, graph)

@@ -48,23 +48,28 @@ def popularity_score_fn(train_dst: Tensor, num_movies: int) -> ScoreFn:
 
 @torch.no_grad()
 def evaluate_split(model, graph, split, k: int = 10, memory_mb: int = 256, rating_min: float = 0.5,
-                   rating_max: float = 5.0, relevant_min: float = 4.0) -> dict[str, Any]:
+                   rating_max: float = 5.0, relevant_min: float = 4.0,
+                   z: dict[str, Tensor] | None = None, seen: RatedIndex | None = None) -> dict[str, Any]:
     """Test RMSE/MAE on every test edge and Recall/NDCG@k on test edges rated ≥ ``relevant_min``.
 
     Message passing uses training and validation edges; those are also the ones masked
     from the ranking, so held-out test movies stay rankable. The popularity baseline is
-    scored on the same users and masks.
+    scored on the same users and masks. ``z``: embeddings over those edges computed
+    elsewhere (layer-wise over the graph index's ``seen`` subset); default: ``encode_all``.
+    ``seen``: each user's training and validation movies (the index's ``seen`` CSC);
+    default: built from ``graph``.
     """
     model.eval()
     device = model.rating_mean.device
     seen_ids = torch.cat([split.train, split.val])
-    z = model.encode_all(graph.hetero_data(seen_ids))
+    z = model.encode_all(graph.hetero_data(seen_ids)) if z is None else z
     test_src, test_dst = graph.src[split.test].to(device), graph.dst[split.test].to(device)
     pred = torch.cat([model.predict_pairs(z, s, d) for s, d in zip(test_src.split(65536), test_dst.split(65536))])
     out: dict[str, Any] = rating_errors(pred.cpu(), graph.rating[split.test], rating_min, rating_max)
     out["test_edges"] = int(split.test.numel())
     relevant = graph.rating[split.test] >= relevant_min
-    seen = RatedIndex.from_edges(graph.src[seen_ids], graph.dst[seen_ids], graph.num_users)
+    if seen is None:
+        seen = RatedIndex.from_edges(graph.src[seen_ids], graph.dst[seen_ids], graph.num_users)
     args = (graph.num_users, graph.num_movies, seen, graph.src[split.test][relevant],
             graph.dst[split.test][relevant], k, memory_mb)
     all_movies = torch.arange(graph.num_movies, device=device)

@@ -9,6 +9,7 @@ once everything that could be written has been.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import logging
@@ -371,3 +372,21 @@ def check_writable(layout: ArangoConfig, cfg: WritebackConfig) -> None:
     except (ArangoServerError, ArangoClientError) as err:
         raise database_error(err, f"Checking write access to collection '{collection.name}'") from err
     log.info("sink: collection %s in %s is writable", collection.name, db.name)
+
+
+def replace_users(batch: pa.RecordBatch, layout: ArangoConfig, cfg: WritebackConfig, run_dir: str | os.PathLike,
+                  tag: str) -> dict[str, Any]:
+    """Replaces the recommendation edges of exactly ``batch``'s users (a refresh).
+
+    The new edges get run id ``<run_dir name>-refresh-<tag>`` (deterministic keys, so a
+    repeat replaces them), and only then are those users' edges of every other run id
+    removed: each user always has recommendations. Other users' edges are not touched.
+    """
+    run_dir = Path(run_dir).resolve()
+    settings = layout.settings()
+    result = write_recommendations(connect(settings), [batch], layout, dataclasses.replace(cfg, replace_previous=True),
+                                   run_id=f"{run_dir.name}-refresh-{tag}",
+                                   created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    return {"run_id": result.run_id, "collection": result.collection, "users": result.users,
+            "counts": asdict(result.counts), "removed_previous": result.removed_previous,
+            "server": settings.describe()}

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch_geometric.data import HeteroData
 from torch_geometric.loader import LinkNeighborLoader
 from tqdm.auto import tqdm
 
@@ -169,8 +170,9 @@ def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor,
     sampler = EdgeEpochSampler(n, env.rank, env.world_size, cfg.seed, shuffle=shuffle)
     workers = cfg.num_workers if cfg.num_workers >= 0 else (
         0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // max(1, env.world_size) - 1)))
-    if workers > 0:
-        # Worker processes then map the same pages instead of each holding a copy.
+    if workers > 0 and isinstance(data, HeteroData):
+        # Worker processes then map the same pages instead of each holding a copy
+        # (a (feature_store, graph_store) pair is file-mapped already).
         for store in data.stores:
             for value in store.values():
                 if isinstance(value, torch.Tensor):
@@ -236,7 +238,8 @@ class Progress:
 
 
 def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
-          run_dir: str | os.PathLike, config: dict[str, Any] | None = None) -> TrainResult:
+          run_dir: str | os.PathLike, config: dict[str, Any] | None = None,
+          data: HeteroData | tuple | None = None) -> TrainResult:
     """Trains a recommender on ``split.train`` and early-stops on ``split.val``.
 
     Under torchrun this joins the process group (and leaves it joined, so the caller can
@@ -250,9 +253,13 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
         cfg: Training settings.
         run_dir: Where rank 0 writes ``best.pt`` and ``last.pt``.
         config: The resolved config of the whole run, stored in every checkpoint.
+        data: The message-passing graph of ``split.train`` edges: ``None`` builds it in
+            memory (``graph.hetero_data``); a ``(feature_store, graph_store)`` pair
+            (``scalable_rec.graph.store.open_stores(index, "train")``) samples from the
+            memory-mapped index instead.
     """
     t0 = time.perf_counter()
-    job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config)
+    job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config, data)
     progress = restore(job) if cfg.resume else Progress()
     stopped_early = interrupted = False
     with preemption_signals() as stop:
@@ -273,7 +280,7 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
 
 
 def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
-              run_dir: Path, config: dict[str, Any] | None) -> Job:
+              run_dir: Path, config: dict[str, Any] | None, data: HeteroData | tuple | None = None) -> Job:
     """Joins the process group, builds the loaders (message passing over training edges
     only), the model, optimiser and precision, and wraps the model for DDP."""
     env = DistEnv.from_environ()
@@ -285,7 +292,7 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
     train_rating = graph.rating[split.train]
     weights = (rating_class_weights(train_rating) if cfg.loss == "weighted_mse"
                else torch.ones_like(train_rating))
-    train_data = graph.hetero_data(split.train)
+    train_data = graph.hetero_data(split.train) if data is None else data
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     train_loader, train_sampler = make_loader(
         train_data, graph.src[split.train], graph.dst[split.train], torch.stack([train_rating, weights], 1),
