@@ -218,7 +218,7 @@ def feat_source(data: Path):
 def test_an_empty_recommendation_set_is_not_success(run_copy, caplog, monkeypatch, batches, match):
     from scalable_rec import pipeline
 
-    monkeypatch.setattr(pipeline, "recommend", lambda model, graph, cfg: iter(batches))
+    monkeypatch.setattr(pipeline, "recommend", lambda model, graph, cfg, **kw: iter(batches))
     fails(["score", "--run-dir", str(run_copy)], caplog, match=match)
     assert not (run_copy / "recommendations.parquet").exists() and temp_files(run_copy) == []
 

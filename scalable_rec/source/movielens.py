@@ -195,8 +195,9 @@ def _parse(column: pa.Array, to: pa.DataType) -> tuple[np.ndarray, np.ndarray]:
     return out, ok
 
 
-def _skip_rows(batch: pa.RecordBatch, bad: np.ndarray, reason: str, report: SkipReport, line_of: LineOf) -> None:
+def _skip_rows(batch: pa.RecordBatch, bad: np.ndarray, reason: str, report: SkipReport,
+               line_of: LineOf | None = None) -> None:
     idx = np.flatnonzero(bad)
     if len(idx):
         row = {n: batch.column(n)[int(idx[0])].as_py() for n in batch.schema.names}
-        report.skip(reason, f"{line_of.where(int(idx[0]))}: {row}", count=len(idx))
+        report.skip(reason, f"{line_of.where(int(idx[0]))}: {row}" if line_of else row, count=len(idx))
