@@ -14,7 +14,6 @@ not sampled), to check the script where no GPU is present; its numbers are not G
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import subprocess

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -34,8 +35,25 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]
         tmp.unlink(missing_ok=True)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/Infinity floats replaced by ``None``: JSON has no such values, and
+    ``json.dump`` would otherwise write ``NaN`` that strict parsers reject."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text (non-finite floats as ``null``), for files and printed summaries."""
+    return json.dumps(json_safe(obj), indent=indent, sort_keys=False, default=str, allow_nan=False)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON so readers never see half a file."""
+    """Writes strict JSON (``null`` for NaN/Infinity) so readers never see half a file."""
+    text = dumps(obj)
     with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
+        f.write(text + "\n")

@@ -16,35 +16,51 @@ Run under ``torchrun`` unchanged for DDP. ``scalable-rec COMMAND --help`` lists 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
 from typing import Callable
 
 from scalable_rec import pipeline
+from scalable_rec.atomic import dumps
 from scalable_rec.config import GROUPS, RunConfig, add_group_arguments, build_group
-from scalable_rec.errors import ScalableRecError
+from scalable_rec.errors import ConfigError, InterruptedRunError, ScalableRecError
 from scalable_rec.score.refresh import RefreshConfig
 from scalable_rec.source.synthetic import PRESETS
 from scalable_rec.train.distributed import DistEnv, shutdown_distributed
+from scalable_rec.train.loop import resolve_device
 
 log = logging.getLogger("scalable_rec")
 
 
-def cmd_prepare(cfg: RunConfig) -> None:
+# Exit status of a user error (bad option, bad input, refused state), as argparse uses.
+USAGE_ERROR = 2
+# OS errors that are the environment's, not a bug: one line and exit 2, no traceback.
+USER_OS_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+                  errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                  errno.ENOENT: "no such file or directory", errno.ENOTDIR: "not a directory",
+                  errno.EDQUOT: "disk quota exceeded", errno.EISDIR: "is a directory"}
+
+
+def cmd_prepare(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """MovieLens → Arrow shards + cached movie features (reused when input and options are unchanged)."""
     shards = pipeline.prepare(cfg)
-    print(json.dumps({"shards": str(shards.directory), "report": shards.manifest.report}, indent=2))
+    print(dumps({"shards": str(shards.directory), "report": shards.manifest.report}))
 
 
-def cmd_train(cfg: RunConfig) -> None:
+def cmd_train(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """Shards → run directory: checkpoints, metrics, curves."""
     metrics = pipeline.train_stage(cfg)
     _print_summary(cfg, metrics)
 
 
-def cmd_score(cfg: RunConfig) -> None:
+def cmd_score(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """Run directory → top-K per user (Parquet or ArangoDB)."""
     if not cfg.run_dir:
-        raise ScalableRecError("'score' needs --run-dir (a directory written by 'train' or 'run')")
-    print(pipeline.score_stage(cfg, cfg.run_dir))
+        raise ConfigError("'score' needs --run-dir (a directory written by 'train' or 'run')")
+    print(pipeline.score_stage(cfg, cfg.run_dir, allow_interrupted=args.allow_interrupted,
+                               allow_shard_mismatch=args.allow_shard_mismatch))
 
 
 def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig) -> None:
@@ -55,11 +71,12 @@ def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig) -> None:
     if not refresh_cfg.new_ratings:
         problems.append("'refresh' needs --new-ratings (a ratings.csv file, a folder holding one, or a shard directory)")
     if problems:
-        raise ScalableRecError("; ".join(problems))
-    print(json.dumps(pipeline.refresh_stage(cfg, refresh_cfg), indent=2, default=str))
+        raise ConfigError("; ".join(problems))
+    print(dumps(pipeline.refresh_stage(cfg, refresh_cfg)))
 
 
-def cmd_run(cfg: RunConfig) -> None:
+def cmd_run(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """Prepare → train → evaluate → score in one run directory."""
     metrics = pipeline.run(cfg)
     _print_summary(cfg, metrics)
 
@@ -77,7 +94,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     print(json.dumps({"shards": args.out, "config": manifest.config}, indent=2))
 
 
-def cmd_arango_load(cfg: RunConfig) -> None:
+def cmd_arango_load(cfg: RunConfig, args: argparse.Namespace) -> None:
     """MovieLens (--data) → ArangoDB: Users, Movie, Ratings and the graph movie_rating_graph."""
     from scalable_rec.source import RatingBounds
     from scalable_rec.source.arango_load import load_movielens_dir
@@ -88,7 +105,7 @@ def cmd_arango_load(cfg: RunConfig) -> None:
                                         bounds=RatingBounds(cfg.data.rating_min, cfg.data.rating_max)), indent=2))
 
 
-def cmd_arango_export(cfg: RunConfig) -> None:
+def cmd_arango_export(cfg: RunConfig, args: argparse.Namespace) -> None:
     """ArangoDB rating graph → Arrow shards (--shards DIR) that 'scalable-rec train' reads."""
     from scalable_rec.source import RatingBounds
     from scalable_rec.source.arango_export import export_command
@@ -105,11 +122,11 @@ def _print_summary(cfg: RunConfig, metrics: dict) -> None:
     if DistEnv.from_environ().is_main:
         summary = {"run_dir": cfg.run_dir, "best_val_rmse": metrics["best_val_rmse"],
                    "test": metrics.get("test"), "interrupted": metrics["interrupted"]}
-        print(json.dumps(summary, indent=2))
+        print(dumps(summary))
 
 
 # name → (function, config groups it takes flags for)
-COMMANDS: dict[str, tuple[Callable[[RunConfig], None], tuple[str, ...]]] = {
+COMMANDS: dict[str, tuple[Callable[[RunConfig, argparse.Namespace], None], tuple[str, ...]]] = {
     "run": (cmd_run, ("data", "features", "split", "model", "train", "score", "store", "sink", "arango")),
     "prepare": (cmd_prepare, ("data", "features", "split", "store")),
     "train": (cmd_train, ("data", "features", "split", "model", "train", "store")),
@@ -117,7 +134,7 @@ COMMANDS: dict[str, tuple[Callable[[RunConfig], None], tuple[str, ...]]] = {
 }
 
 # scalable-rec arango ACTION: name → (function, config groups it takes flags for)
-ARANGO_COMMANDS: dict[str, tuple[Callable[[RunConfig], None], tuple[str, ...]]] = {
+ARANGO_COMMANDS: dict[str, tuple[Callable[[RunConfig, argparse.Namespace], None], tuple[str, ...]]] = {
     "load": (cmd_arango_load, ("data", "arango", "arango_load")),
     "export": (cmd_arango_export, ("data", "arango", "export")),
 }
@@ -129,10 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, groups) in COMMANDS.items():
-        p = sub.add_parser(name, help=fn.__doc__ or name, description=pipeline_doc(name))
+        p = sub.add_parser(name, help=fn.__doc__, description=pipeline_doc(name))
         p.add_argument("--run-dir", dest="run_dir", default=None,
                        help="run directory (default: <workdir>/run-<time>-<id>)")
-        for g in groups:
+        if name == "score":
+            p.add_argument("--allow-interrupted", action="store_true",
+                           help="score best.pt even if training was interrupted, killed or diverged")
+            p.add_argument("--allow-shard-mismatch", action="store_true",
+                           help="score even if the shards differ from those the model was trained on")
+        if "train" not in groups:  # --no-progress also silences prepare's text encoder
+            p.add_argument("--progress", action=argparse.BooleanOptionalAction, dest="TrainConfig.progress",
+                           default=argparse.SUPPRESS, help="show progress bars")
+        for g in groups + ("runtime",):
             add_group_arguments(p, GROUPS[g])
     refresh = sub.add_parser("refresh", help=cmd_refresh.__doc__, description=pipeline_doc("refresh"))
     refresh.add_argument("--run-dir", dest="run_dir", default=None, help="run directory written by 'train' or 'run'")
@@ -177,8 +202,21 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         except (ValueError, TypeError) as err:
             problems.append(f"{name}: {err}")
     if problems:
-        raise ScalableRecError("Invalid options:\n  " + "\n  ".join(problems))
-    return RunConfig(**groups, run_dir=args.run_dir)
+        raise ConfigError("Invalid options:\n  " + "\n  ".join(problems))
+    try:
+        return RunConfig(**groups, run_dir=args.run_dir)
+    except ValueError as err:  # checks across groups
+        raise ConfigError(str(err)) from None
+
+
+def check_device(cfg: RunConfig, command: str) -> None:
+    """``--device``/``--precision`` against this machine, before any work."""
+    if command not in ("run", "train"):
+        return
+    try:
+        resolve_device(cfg.train, DistEnv.from_environ())
+    except ValueError as err:
+        raise ConfigError(f"Invalid options: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,20 +232,36 @@ def main(argv: list[str] | None = None) -> int:
             cmd_synth(args)
             return 0
         cfg = config_from_args(args)
+        check_device(cfg, args.command)
+        threads = cfg.runtime.apply()
+        log.debug("torch threads per process: %d (deterministic: %s)", threads, cfg.runtime.deterministic)
         if args.command == "refresh":
             try:
                 refresh_cfg = build_group(RefreshConfig, args)
             except (ValueError, TypeError) as err:
-                raise ScalableRecError(f"Invalid options:\n  refresh: {err}") from err
+                raise ConfigError(f"Invalid options:\n  refresh: {err}") from err
             cmd_refresh(cfg, refresh_cfg)
             return 0
-        (ARANGO_COMMANDS[args.action] if args.command == "arango" else COMMANDS[args.command])[0](cfg)
-    except ScalableRecError as err:
+        (ARANGO_COMMANDS[args.action] if args.command == "arango" else COMMANDS[args.command])[0](cfg, args)
+    except InterruptedRunError as err:
         log.error("%s", err)
-        return 2
+        return 128 + err.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    except (ScalableRecError, OSError) as err:
+        if isinstance(err, OSError) and err.errno not in USER_OS_ERRORS:
+            raise
+        log.error("%s", one_line(err), exc_info=args.verbose)
+        return USAGE_ERROR
     finally:
         shutdown_distributed()
     return 0
+
+
+def one_line(err: BaseException) -> str:
+    """A user-facing message: the error's own text, or for OS errors what failed and where."""
+    if isinstance(err, OSError) and not isinstance(err, ScalableRecError):
+        where = f" '{err.filename}'" if err.filename else ""
+        return f"{USER_OS_ERRORS.get(err.errno, err.strerror)}{where} ({type(err).__name__}: {err.strerror})"
+    return str(err)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from scalable_rec.connection import ArangoConfig
+from scalable_rec.errors import ConfigError
 from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.hetero import SplitConfig
 from scalable_rec.graph.store import StoreConfig
@@ -45,7 +46,10 @@ class DataConfig:
         max_rows_per_shard: Rows per Arrow shard file.
         rating_min: Lowest valid rating.
         rating_max: Highest valid rating.
-        overwrite: Rebuild the shards even when unchanged input would reuse them.
+        max_skipped_share: Fail 'prepare' when more than this share of input rows is skipped
+            as malformed or invalid (default 0.1); 1.0 accepts any share.
+        overwrite: Rebuild the shards even when unchanged input would reuse them, and replace
+            the artifacts of an existing run directory (else a used --run-dir needs --resume).
     """
 
     data: str | None = None
@@ -55,6 +59,7 @@ class DataConfig:
     max_rows_per_shard: int = 1_000_000
     rating_min: float = 0.5
     rating_max: float = 5.0
+    max_skipped_share: float = 0.1
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -63,6 +68,8 @@ class DataConfig:
             problems.append(f"'max_rows_per_shard' needs to be positive (got {self.max_rows_per_shard})")
         if not self.rating_min < self.rating_max:
             problems.append(f"'rating_min' needs to be below 'rating_max' (got {self.rating_min}, {self.rating_max})")
+        if not 0.0 <= self.max_skipped_share <= 1.0:
+            problems.append(f"'max_skipped_share' needs to be in [0, 1] (got {self.max_skipped_share})")
         if problems:
             raise ValueError("; ".join(problems))
         if self.data is None and os.environ.get("SCALABLE_REC_DATA"):
@@ -73,6 +80,52 @@ class DataConfig:
             return Path(self.shards)
         name = Path(data_dir or self.data or "ml-latest-small").resolve().name
         return Path(self.workdir) / "shards" / name
+
+
+@dataclass
+class RuntimeConfig:
+    """How this process runs (threads, determinism); results do not depend on it unless
+    ``deterministic`` is off and threads differ.
+
+    Args:
+        threads: CPU threads per process (torch intra-op). Default: under torchrun the
+            machine's cores divided by its processes on this node ($LOCAL_WORLD_SIZE), so
+            ranks do not oversubscribe the CPU; else $OMP_NUM_THREADS if set, else all cores.
+        deterministic: Bit-identical reruns: deterministic torch algorithms (an error for
+            an op without one), cuDNN autotuning off, and one CPU thread (multi-threaded
+            scatter sums floats in varying order). Costs speed; see the README.
+    """
+
+    threads: int | None = None
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"'threads' needs to be positive (got {self.threads})")
+
+    def resolved_threads(self, environ: dict[str, str] | None = None) -> int:
+        env = os.environ if environ is None else environ
+        if self.deterministic:
+            return 1
+        if self.threads is not None:
+            return self.threads
+        if "LOCAL_WORLD_SIZE" in env:  # torchrun: share the cores (it would set OMP_NUM_THREADS=1)
+            return max(1, (os.cpu_count() or 1) // max(1, int(env["LOCAL_WORLD_SIZE"] or 1)))
+        if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+            return int(env["OMP_NUM_THREADS"])  # an explicit setting of a single process wins
+        return os.cpu_count() or 1
+
+    def apply(self) -> int:
+        """Sets torch's thread count and determinism for this process; returns the threads."""
+        import torch
+
+        n = self.resolved_threads()
+        torch.set_num_threads(n)
+        if self.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+            torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(self.deterministic)
+        return n
 
 
 @dataclass
@@ -90,7 +143,20 @@ class RunConfig:
     arango: ArangoConfig = field(default_factory=ArangoConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     arango_load: LoadConfig = field(default_factory=LoadConfig)  # not "load": RunConfig.load reads a file
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     run_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        """Checks that span groups (each group checks its own fields)."""
+        problems = []
+        if len(self.train.num_neighbors) != self.model.num_layers:
+            problems.append(f"'num_neighbors' needs one entry per layer: {self.model.num_layers} for "
+                            f"--num-layers {self.model.num_layers} (got {self.train.num_neighbors})")
+        if self.split.val_ratio <= 0:
+            problems.append(f"'val_ratio' needs to be positive: validation picks the best epoch and stops "
+                            f"early (got {self.split.val_ratio})")
+        if problems:
+            raise ConfigError("Invalid options:\n  " + "\n  ".join(problems))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,7 +174,7 @@ class RunConfig:
 
 GROUPS = {"data": DataConfig, "features": FeatureConfig, "split": SplitConfig, "model": ModelConfig,
           "train": TrainConfig, "score": ScoreConfig, "store": StoreConfig, "sink": WritebackConfig,
-          "arango": ArangoConfig, "export": ExportConfig, "arango_load": LoadConfig}
+          "arango": ArangoConfig, "export": ExportConfig, "arango_load": LoadConfig, "runtime": RuntimeConfig}
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -221,6 +221,14 @@ class ArangoConfig:
             problems.append(f"'arango_retries' needs to be >= 0 (got {self.arango_retries})")
         if self.arango_backoff < 0:
             problems.append(f"'arango_backoff' needs to be >= 0 (got {self.arango_backoff})")
+        if self.arango_url is not None:
+            parts = urlsplit(self.arango_url)
+            if parts.username is not None or parts.password is not None:
+                # Refused before anything is written (config.json, checkpoints); named without
+                # the URL itself, which holds the secret.
+                problems.append(f"'arango_url' must not contain user:password@ (it would be stored in the run "
+                                f"directory); set the user with --arango-username or {ENV_USER} and the password "
+                                f"with {ENV_PASSWORD} or {ENV_PASSWORD_FILE}")
         names = [self.users_collection, self.movies_collection, self.ratings_collection]
         if len(set(names)) != 3:
             problems.append(f"users, movies and ratings collections need distinct names (got {names})")

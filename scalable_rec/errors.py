@@ -63,3 +63,26 @@ class PermissionDeniedError(DatabaseError):
 
 class ExportVerificationError(DatabaseError):
     """An export's rows disagree with the server: a count differs or a key repeats."""
+
+
+class RunStateError(ScalableRecError):
+    """A run directory that belongs to another config, was interrupted, or no longer matches
+    its shards (``--resume``, ``--overwrite`` or ``--allow-interrupted`` say what to do)."""
+
+
+class LockedError(ScalableRecError):
+    """Another process holds the lock of a shard or run directory (the message names it)."""
+
+
+class DivergedError(ScalableRecError):
+    """Training produced a non-finite loss or validation metric (learning rate too high,
+    corrupted features)."""
+
+
+class InterruptedRunError(ScalableRecError):
+    """Training stopped on SIGTERM/SIGINT; ``last.pt`` allows ``--resume``. The CLI exits
+    with the shell's convention ``128 + signal`` (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

@@ -7,9 +7,12 @@ each; rank 0 merges the recommendation parts and writes the run directory.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
+import shutil
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -17,9 +20,13 @@ from typing import Any
 
 import torch
 
-from scalable_rec.atomic import write_json_atomic
+from scalable_rec import locking
+from scalable_rec.atomic import dumps, write_json_atomic
 from scalable_rec.config import RunConfig
-from scalable_rec.errors import ScalableRecError, ShardError
+from scalable_rec.errors import (
+    CheckpointError, ConfigError, InterruptedRunError, MalformedInputError, RunStateError, ScalableRecError,
+    ShardError,
+)
 from scalable_rec.graph import RATES, RatingGraph, movie_features, split_edges
 from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.index import GraphIndex, build_index
@@ -41,6 +48,12 @@ from scalable_rec.train.loop import resolve_device
 log = logging.getLogger(__name__)
 
 
+# What a run directory holds; ``--overwrite`` removes exactly these (never the folder itself,
+# which may be one the user named by mistake).
+RUN_ARTIFACTS = ("config.json", "metrics.json", "best.pt", "last.pt", "curves.png", "recommendations.parquet",
+                 "arango_writeback.json")
+
+
 def _barrier(env: DistEnv) -> None:
     if env.enabled and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -53,41 +66,41 @@ def prepare(cfg: RunConfig) -> GraphShards:
     so no rank is left waiting at a collective).
     """
     env = DistEnv.from_environ()
-    out, error = None, None
-    if env.is_main:
-        try:
-            out = str(_prepare_on_this_rank(cfg))
-        except Exception as err:
-            if not env.enabled:
-                raise
-            error = err
-    out, message = broadcast_object((out, None if error is None else f"{type(error).__name__}: {error}"), env)
-    if error is not None:
-        raise error
-    if message is not None:
-        raise ScalableRecError(f"rank 0 failed to prepare the shards: {message}")
+    out = from_rank0(lambda: str(_prepare_on_this_rank(cfg)), env, "prepare the shards")
     # Rank 0 has just written or fully verified every file: later reads skip the checksums.
     return GraphShards(out, verify=False)
 
 
 def _prepare_on_this_rank(cfg: RunConfig) -> Path:
     data_dir = cfg.data.data or str(fetch_movielens())
-    source = MovieLensSource(data_dir)
+    try:
+        source = MovieLensSource(data_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(f"'data' {data_dir!r}: {err}") from None
     out = cfg.data.shards_dir(data_dir)
-    if (out / "manifest.json").is_file() and not cfg.data.overwrite \
-            and Manifest.load(out).fingerprint == source.fingerprint():
-        GraphShards(out).verify_all()  # sizes, row counts, schemas and sha256 of every file
-        log.info("prepare: input unchanged, reusing shards in %s", out)
-    else:
-        t0 = time.perf_counter()
-        report = SkipReport(strict=cfg.data.strict)
-        write_rating_shards(source, str(out), report, RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
-                            cfg.data.max_rows_per_shard, overwrite=True)
-        log.info("prepare: wrote %s in %.1fs (%s)", out, time.perf_counter() - t0, report.summary())
-    shards = GraphShards(out, verify=False)  # verified or written just above
-    movie_features(shards, cfg.features)  # computes once, then cached beside the shards
-    if _graph_index_wanted(cfg, shards):
-        build_index(shards, cfg.split, cfg.features)  # memory-mapped graph index, reused when unchanged
+    with locking.hold(out, "shard directory"):
+        why_not = _why_not_reuse(out, cfg, source.fingerprint())
+        if why_not is None:
+            GraphShards(out).verify_all()  # sizes, row counts, schemas and sha256 of every file
+            log.info("prepare: input and options unchanged, reusing shards in %s", out)
+        else:
+            log.info("prepare: writing %s (%s)", out, why_not)
+            t0 = time.perf_counter()
+            report = SkipReport(strict=cfg.data.strict)
+            try:
+                write_rating_shards(source, str(out), report,
+                                    RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
+                                    cfg.data.max_rows_per_shard, overwrite=True,
+                                    max_skipped_share=cfg.data.max_skipped_share)
+            except (MalformedInputError, OSError):
+                shutil.rmtree(f"{out}.incomplete", ignore_errors=True)  # refused input: nothing half-written
+                raise
+            log.info("prepare: wrote %s in %.1fs (%s)", out, time.perf_counter() - t0, report.summary())
+        shards = GraphShards(out, verify=False)  # verified or written just above
+        # computes once, then cached (and checksummed) beside the shards
+        movie_features(shards, cfg.features, progress=cfg.train.progress)
+        if _graph_index_wanted(cfg, shards):
+            build_index(shards, cfg.split, cfg.features)  # memory-mapped graph index, reused when unchanged
     return out
 
 
@@ -96,6 +109,33 @@ def load_graph(shards: GraphShards, features: FeatureConfig, env: DistEnv) -> Ra
     encoding) when it is missing, the other ranks then read it."""
     from_rank0(lambda: movie_features(shards, features) is None, env, "build the movie features")
     return RatingGraph.from_shards(shards, features)
+
+
+def _why_not_reuse(out: Path, cfg: RunConfig, fingerprint: str) -> str | None:
+    """``None`` when existing shards are what these input bytes and options would produce,
+    else why they are rebuilt. Options are compared by their effect: the rating bounds and
+    shard size as recorded in the manifest, ``--strict`` (shards made with skips are not
+    what a strict run gives) and ``--max-skipped-share`` (the recorded share must pass)."""
+    if not (out / "manifest.json").is_file():
+        return "no shards yet"
+    if cfg.data.overwrite:
+        return "--overwrite"
+    manifest = Manifest.load(out)
+    if manifest.fingerprint != fingerprint:
+        return "input files changed"
+    bounds = [cfg.data.rating_min, cfg.data.rating_max]
+    if manifest.config.get("rating_bounds") != bounds:
+        return f"rating bounds {manifest.config.get('rating_bounds')} -> {bounds}"
+    if manifest.config.get("max_rows_per_shard") != cfg.data.max_rows_per_shard:
+        return f"max rows per shard {manifest.config.get('max_rows_per_shard')} -> {cfg.data.max_rows_per_shard}"
+    skipped = sum(manifest.report.get("skipped", {}).values())
+    if cfg.data.strict and skipped:
+        return f"--strict, and the existing shards skipped {skipped} rows"
+    accepted = manifest.report.get("accepted", {})
+    read = skipped + accepted.get("ratings", 0) + accepted.get("movies", 0)
+    if read and skipped / read > cfg.data.max_skipped_share:
+        return f"the existing shards skipped {skipped / read:.1%} of rows, above --max-skipped-share"
+    return None
 
 
 def _graph_index_wanted(cfg: RunConfig, shards: GraphShards) -> bool:
@@ -120,6 +160,38 @@ def _open_shards(cfg: RunConfig) -> GraphShards:
         raise
 
 
+def claim_run_dir(cfg: RunConfig, run_dir: Path, env: DistEnv) -> None:
+    """A run directory belongs to one config: reusing one needs ``--resume`` (continue it;
+    the checkpoint's config must match) or ``--overwrite`` (its artifacts are removed). A
+    group that torchrun restarted (``--max-restarts``) continues its own run."""
+    if cfg.train.resume and cfg.data.overwrite:
+        raise ConfigError("'resume' and 'overwrite' exclude each other: --resume continues the run in "
+                          f"'{run_dir}', --overwrite replaces it")
+    found = [n for n in RUN_ARTIFACTS if (run_dir / n).exists()]
+    if not found or cfg.train.resume or env.restart_count > 0:
+        return
+    if not cfg.data.overwrite:
+        raise RunStateError(f"Run directory '{run_dir}' already holds a run ({', '.join(found)}); pass --resume "
+                            "to continue it or --overwrite to replace it")
+    for name in found:
+        (run_dir / name).unlink()
+    log.info("--overwrite: removed %s from %s", ", ".join(found), run_dir)
+
+
+def _stopped_early(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """On ``--resume``: the saved metrics of a run that already stopped early (patience
+    used up), which is not trained further; ``None`` otherwise."""
+    metrics_path, last = run_dir / "metrics.json", run_dir / "last.pt"
+    if not (cfg.train.resume and metrics_path.is_file() and last.is_file()):
+        return None
+    metrics = json.loads(metrics_path.read_text())
+    if not metrics.get("stopped_early") or metrics.get("interrupted"):
+        return None
+    if ckpt.load(last)["bad_epochs"] < cfg.train.patience:
+        return None  # a larger --patience on resume trains on
+    return metrics
+
+
 def new_run_dir(cfg: RunConfig) -> Path:
     if cfg.run_dir:
         return Path(cfg.run_dir)
@@ -135,13 +207,28 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
     """
     env = DistEnv.from_environ()
     init_distributed(env, resolve_device(cfg.train, env), cfg.train.collective_timeout_s)
-    shards = shards or _open_shards(cfg)
-    if cfg.data.shards is None:
-        cfg.data.shards = str(shards.directory.resolve())
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     if run_dir is None:
         run_dir = broadcast_object(new_run_dir(cfg), env)
     cfg.run_dir = str(run_dir)
+    with (locking.hold(run_dir, "run directory") if env.is_main else contextlib.nullcontext()):
+        from_rank0(lambda: claim_run_dir(cfg, run_dir, env), env, "claim the run directory")
+        return _train_in(cfg, run_dir, env, shards, graph)
+
+
+def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards | None,
+              graph: RatingGraph | None) -> dict[str, Any]:
+    shards = shards or _open_shards(cfg)
+    if cfg.data.shards is None:
+        cfg.data.shards = str(shards.directory.resolve())
+    finished = _stopped_early(run_dir, cfg)
+    if finished is not None:
+        log.info("resume: the run in %s already stopped early (best val rmse %s); not training further",
+                 run_dir, finished.get("best_val_rmse"))
+        return finished
+    # The shards' identity goes into config.json and every checkpoint: 'score' and '--resume'
+    # refuse shards that changed since.
+    config = {**cfg.to_json(), "shards_identity": shards.manifest.identity()}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     index = _graph_index(cfg, shards)
@@ -153,12 +240,14 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
     timings["load_graph_s"] = time.perf_counter() - t0
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", cfg.to_json())
-    result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json(), data=data)
+        write_json_atomic(run_dir / "config.json", config)
+    result = train(graph, split, cfg.model, cfg.train, run_dir, config=config, data=data)
     timings["train_s"] = result.seconds
+    interrupted_by = (signal.Signals(result.signal).name if result.signal is not None
+                      else "max_steps" if result.interrupted else None)
     metrics: dict[str, Any] = {"history": result.history, "best_val_rmse": result.best_val_rmse,
                                "global_step": result.global_step, "stopped_early": result.stopped_early,
-                               "interrupted": result.interrupted}
+                               "interrupted": result.interrupted, "interrupted_by": interrupted_by}
     if not result.interrupted:  # the same on every rank: the stop was agreed
         t1 = time.perf_counter()
         z = seen = None
@@ -170,64 +259,134 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
                                          memory_mb=cfg.score.score_memory_mb, rating_min=cfg.data.rating_min,
                                          rating_max=cfg.data.rating_max, z=z, seen=seen, env=env)
         timings["evaluate_s"] = time.perf_counter() - t1
-        log.info("test: %s", json.dumps(metrics["test"]))
+        log.info("test: %s", dumps(metrics["test"], indent=None))
     metrics["timings"] = timings
     metrics["input_report"] = shards.manifest.report
     if env.is_main:
         write_json_atomic(run_dir / "metrics.json", metrics)
         plot_curves(result.history, run_dir / "curves.png")
     _barrier(env)
+    if result.signal is not None:
+        raise InterruptedRunError(
+            f"Training was interrupted by {interrupted_by} at step {result.global_step}; '{run_dir}' is marked "
+            "interrupted in metrics.json. Continue with --resume", result.signal)
     return metrics
 
 
-def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: RatingGraph | None = None) -> Path:
+def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: RatingGraph | None = None,
+                allow_interrupted: bool = False, allow_shard_mismatch: bool = False) -> Path:
     """Encodes with all rating edges, ranks the whole catalog per user, writes Parquet (or
     ArangoDB edges with ``--sink arango``). ``graph`` is read from the run's shards when
     not given.
-
     Under torchrun every rank encodes and ranks its own contiguous block of users into a
     hidden part file; rank 0 then merges the parts in rank order into
     ``recommendations.parquet`` (atomically), so the file equals one process's. The
     ArangoDB sink is written by rank 0 alone.
+
+    Refuses a run whose training did not finish (interrupted, killed, diverged) unless
+    ``allow_interrupted``, and shards that differ from those the model was trained on
+    unless ``allow_shard_mismatch``. An empty result is an error, never success.
     """
     env = DistEnv.from_environ()
     run_dir = Path(run_dir or cfg.run_dir)
     init_distributed(env, resolve_device(cfg.train, env), cfg.train.collective_timeout_s)
-    saved = from_rank0(lambda: RunConfig.load(run_dir / "config.json"), env, "read the run's config.json")
-    saved.store = cfg.store  # the backend is this command's choice, the index key the run's
-    shards = GraphShards(saved.data.shards_dir(), verify=False)
-    index = _graph_index(saved, shards)
-    if index is not None:
-        graph = index.rating_graph(shards)
-    graph = graph or load_graph(shards, saved.features, env)
-    device = resolve_device(saved.train, env)
-    state = from_rank0(lambda: ckpt.load(run_dir / "best.pt", map_location="cpu"), env, "read best.pt")
-    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model).to(device)
-    model.load_state_dict(state["model"])
-    model.eval()
-    t0 = time.perf_counter()
-    z = rated = None
-    if index is not None:  # layer-wise over the mapped CSC; rated movies = each user's CSC row
-        z = encode_layerwise(model, *open_stores(index, "all"), batch_size=cfg.store.layer_batch_size)
-        rev_row, rev_colptr = index.csc("all")["rev_rates"]
-        rated = RatedIndex(rowptr=rev_colptr, col=rev_row)
-    if cfg.sink.sink == "arango":  # edges Users/<key> → Movie/<key>; outcome in arango_writeback.json
-        from scalable_rec.sink.arango import writeback_run
+    with (locking.hold(run_dir, "run directory") if env.is_main else contextlib.nullcontext()):
+        saved, state = from_rank0(lambda: _check_scorable(run_dir, allow_interrupted), env, "read the run")
+        saved.store = cfg.store  # the backend is this command's choice, the index key the run's
+        shards = GraphShards(saved.data.shards_dir(), verify=False)
+        _check_same_shards(run_dir, state.get("config", {}).get("shards_identity"), shards, allow_shard_mismatch)
+        index = _graph_index(saved, shards)
+        if index is not None:
+            graph = index.rating_graph(shards)
+        graph = graph or load_graph(shards, saved.features, env)
+        device = resolve_device(saved.train, env)
+        model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model).to(device)
+        model.load_state_dict({k: v.to(device) for k, v in state["model"].items()})
+        model.eval()
+        t0 = time.perf_counter()
+        z = rated = None
+        if index is not None:  # layer-wise over the mapped CSC; rated movies = each user's CSC row
+            z = encode_layerwise(model, *open_stores(index, "all"), batch_size=cfg.store.layer_batch_size)
+            rev_row, rev_colptr = index.csc("all")["rev_rates"]
+            rated = RatedIndex(rowptr=rev_colptr, col=rev_row)
+        if cfg.sink.sink == "arango":  # edges Users/<key> → Movie/<key>; outcome in arango_writeback.json
+            from scalable_rec.sink.arango import writeback_run
 
-        out = from_rank0(lambda: writeback_run(recommend(model, graph, cfg.score, z=z, rated=rated), cfg.arango,
-                                               cfg.sink, run_dir), env, "write recommendations to ArangoDB")
-        log.info("score: recommendations for %d users written to ArangoDB in %.2fs (%s)", graph.num_users,
+            out = from_rank0(lambda: writeback_run(recommend(model, graph, cfg.score, z=z, rated=rated),
+                                                   cfg.arango, cfg.sink, run_dir),
+                             env, "write recommendations to ArangoDB")
+            log.info("score: recommendations for %d users written to ArangoDB in %.2fs (%s)", graph.num_users,
+                     time.perf_counter() - t0, out)
+            return out
+        out = run_dir / "recommendations.parquet"
+        metadata = {"run_dir": str(run_dir), "k": str(cfg.score.k)}
+        if not env.enabled:
+            try:
+                rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated), out, metadata=metadata)
+            except ValueError as err:
+                raise ScalableRecError(f"score: {err}") from err
+        else:
+            rows = _score_parts(model, graph, cfg, env, out, metadata, z, rated)
+        if rows == 0:
+            from_rank0(lambda: out.unlink(missing_ok=True), env, "remove the empty recommendations")
+            raise ScalableRecError(f"score: no recommendations for run '{run_dir}' (expected up to "
+                                   f"{cfg.score.k} per user for {graph.num_users} users, got 0 rows)")
+        log.info("score: %d recommendations for %d users in %.2fs → %s", rows, graph.num_users,
                  time.perf_counter() - t0, out)
         return out
-    out = run_dir / "recommendations.parquet"
-    metadata = {"run_dir": str(run_dir), "k": str(cfg.score.k)}
-    if not env.enabled:
-        rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated), out, metadata=metadata)
+
+
+def _check_scorable(run_dir: Path, allow_interrupted: bool) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's config and best checkpoint, if training finished (or ``allow_interrupted``)."""
+    if not (run_dir / "config.json").is_file():
+        raise RunStateError(f"No config.json in '{run_dir}': expected a run directory written by 'train' or "
+                            "'run' (pass --run-dir)")
+    try:
+        saved = RunConfig.load(run_dir / "config.json")
+    except (ValueError, TypeError, KeyError) as err:
+        raise RunStateError(f"'{run_dir / 'config.json'}' is not a valid run config: {err}") from err
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        problem = "training did not finish (no metrics.json: killed, crashed or diverged)"
     else:
-        rows = _score_parts(model, graph, cfg, env, out, metadata, z, rated)
-    log.info("score: %d recommendations for %d users in %.2fs → %s", rows, graph.num_users,
-             time.perf_counter() - t0, out)
-    return out
+        metrics = json.loads(metrics_path.read_text())
+        by = metrics.get("interrupted_by")
+        problem = f"training was interrupted by {by}" if by and by != "max_steps" else None
+    if problem:
+        if not allow_interrupted:
+            raise RunStateError(f"Refusing to score '{run_dir}': {problem}. Continue it with 'train --resume "
+                                f"--run-dir {run_dir}', or pass --allow-interrupted to score best.pt anyway")
+        log.warning("score: %s; scoring best.pt anyway (--allow-interrupted)", problem)
+    try:
+        state = ckpt.load(run_dir / "best.pt")
+    except CheckpointError as err:
+        raise RunStateError(f"Cannot score '{run_dir}': {err}") from err
+    return saved, state
+
+
+def _check_same_shards(run_dir: Path, trained: dict[str, str] | None, shards: GraphShards, allow: bool) -> None:
+    now = shards.manifest.identity()
+    if trained is None:
+        log.warning("score: best.pt in %s records no shard identity (older run); cannot check the shards", run_dir)
+        return
+    if trained.get("content_sha256") == now["content_sha256"]:
+        return
+    message = (f"The shards in '{shards.directory}' are not the ones the model in '{run_dir}' was trained on "
+               f"(trained on content sha256 {trained.get('content_sha256')}, now {now['content_sha256']}): "
+               "node indices may map to other users and movies")
+    if not allow:
+        raise RunStateError(message + "; re-train, or pass --allow-shard-mismatch")
+    log.warning("score: %s (--allow-shard-mismatch)", message)
+
+
+def check_sink(cfg: RunConfig) -> None:
+    """``--sink arango``: resolves the settings, connects and checks write access before any
+    training, so a bad URL, password or permission costs seconds, not a whole run."""
+    if cfg.sink.sink != "arango":
+        return
+    from scalable_rec.sink.arango import check_writable
+
+    check_writable(cfg.arango, cfg.sink)
 
 
 def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: DistEnv, out: Path,
@@ -294,10 +453,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """prepare → train → evaluate → score, all in one run directory."""
     env = DistEnv.from_environ()
     init_distributed(env, resolve_device(cfg.train, env), cfg.train.collective_timeout_s)
-    shards = prepare(cfg)
-    # Read once and shared by the stages; with the graph index each stage maps it instead.
-    graph = None if _graph_index_wanted(cfg, shards) else RatingGraph.from_shards(shards, cfg.features)
-    metrics = train_stage(cfg, shards, graph)
-    if not metrics["interrupted"]:  # every rank scores its block of users
-        score_stage(cfg, cfg.run_dir, graph)
+    if cfg.run_dir is None:
+        cfg.run_dir = str(broadcast_object(new_run_dir(cfg), env))
+    run_dir = Path(cfg.run_dir)
+    with (locking.hold(run_dir, "run directory") if env.is_main else contextlib.nullcontext()):
+        from_rank0(lambda: claim_run_dir(cfg, run_dir, env), env, "claim the run directory")  # before any work
+        from_rank0(lambda: check_sink(cfg), env, "check the sink")
+        shards = prepare(cfg)
+        # Read once and shared by the stages; with the graph index each stage maps it instead.
+        graph = None if _graph_index_wanted(cfg, shards) else RatingGraph.from_shards(shards, cfg.features)
+        metrics = train_stage(cfg, shards, graph)
+        if not metrics["interrupted"]:  # every rank scores its block of users
+            score_stage(cfg, cfg.run_dir, graph)
     return metrics

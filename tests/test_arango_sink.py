@@ -118,7 +118,7 @@ def test_replace_previous_keeps_every_user_covered(db, arango_endpoint):
 # ----------------------------------------------------------------------------- round trip
 
 
-def _cheap_titles(titles, cfg):
+def _cheap_titles(titles, cfg, progress=True):
     """Stands in for the sentence-transformer (20-40 s on two cores): the round trip tests data flow."""
     return np.stack([np.frombuffer(hashlib.sha256(t.encode()).digest()[:16], np.uint8) / 255.0
                      for t in titles]).astype(np.float32)

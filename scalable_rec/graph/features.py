@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from scalable_rec.atomic import atomic_open, write_json_atomic
+from scalable_rec.errors import ConfigError
 from scalable_rec.shards import GraphShards
-from scalable_rec.atomic import write_json_atomic
+from scalable_rec.shards.writer import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,14 @@ class FeatureConfig:
     encode_device: str | None = None
 
     def __post_init__(self) -> None:
+        problems = []
         if self.encode_batch_size <= 0:
-            raise ValueError(f"'encode_batch_size' needs to be positive (got {self.encode_batch_size})")
+            problems.append(f"'encode_batch_size' needs to be positive (got {self.encode_batch_size})")
+        if self.text_model.startswith(("/", "./", "../", "~")) and not Path(self.text_model).expanduser().is_dir():
+            problems.append(f"'text_model' {self.text_model!r} looks like a local path but is not a folder; "
+                            "expected a sentence-transformers model name or a model folder")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 def resolve_model(name: str) -> str:
@@ -66,22 +75,53 @@ def genre_multi_hot(genres: list[str]) -> tuple[np.ndarray, list[str]]:
     return out, vocab
 
 
-def embed_titles(titles: list[str], cfg: FeatureConfig) -> np.ndarray:
+def load_text_model(cfg: FeatureConfig):
+    """The sentence-transformer named by ``text_model``; an unknown name is a ``ConfigError``."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(resolve_model(cfg.text_model), device=cfg.encode_device)
-    return model.encode(titles, batch_size=cfg.encode_batch_size, show_progress_bar=True,
+    try:
+        return SentenceTransformer(resolve_model(cfg.text_model), device=cfg.encode_device)
+    except (OSError, ValueError, RuntimeError) as err:  # not on disk, not on the hub, or no network
+        raise ConfigError(f"'text_model' {cfg.text_model!r} cannot be loaded: expected a sentence-transformers "
+                          f"model name or a local model folder ({type(err).__name__}: {str(err)[:200]})") from err
+
+
+def embed_titles(titles: list[str], cfg: FeatureConfig, progress: bool = True) -> np.ndarray:
+    model = load_text_model(cfg)
+    return model.encode(titles, batch_size=cfg.encode_batch_size, show_progress_bar=progress,
                         convert_to_numpy=True, normalize_embeddings=True).astype(np.float32)
 
 
+def _load_cached(path: Path, meta: Path) -> np.ndarray | None:
+    """The cached matrix if its sha256 (recorded beside it) matches and it is finite, else
+    ``None`` with a warning: the cache is rebuilt rather than trusted."""
+    try:
+        expected = json.loads(meta.read_text()).get("sha256")
+    except (OSError, json.JSONDecodeError):
+        expected = None
+    if expected is None or sha256_file(path) != expected:
+        log.warning("movie features: cache %s does not match its recorded sha256 (corrupted or from an "
+                    "older version); re-encoding", path)
+        return None
+    feats = np.load(path, allow_pickle=False)
+    if not np.isfinite(feats).all():
+        log.warning("movie features: cache %s holds non-finite values; re-encoding", path)
+        return None
+    return feats
+
+
 def movie_features(shards: GraphShards, cfg: FeatureConfig = FeatureConfig(),
-                   cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+                   cache_dir: str | os.PathLike | None = None, progress: bool = True) -> np.ndarray:
     """Returns a ``[num_movies, dim]`` float32 feature matrix for the shards' movies.
 
     A ``features`` column in the movie table (synthetic graphs) is used as is. Otherwise
     titles are embedded and genres multi-hot encoded; the result is cached in
     ``<shards>/features/`` (or ``cache_dir``) under a hash of model name and inputs, so a
-    second run with unchanged input does not re-encode.
+    second run with unchanged input does not re-encode. The cache's sha256 is recorded in
+    ``movie-<key>.json`` and checked on every hit, like the shards'.
+
+    Args:
+        progress: Show the text encoder's progress bar (``--no-progress`` turns it off).
     """
     table = shards.nodes("movie")
     if "features" in table.column_names:
@@ -95,18 +135,20 @@ def movie_features(shards: GraphShards, cfg: FeatureConfig = FeatureConfig(),
         h.update(json.dumps(value).encode())
     key = h.hexdigest()[:24]
     root = Path(cache_dir) if cache_dir is not None else shards.directory / "features"
-    path = root / f"movie-{key}.npy"
+    path, meta = root / f"movie-{key}.npy", root / f"movie-{key}.json"
     if path.is_file():
-        log.info("movie features: cache hit %s", path)
-        return np.load(path)
+        feats = _load_cached(path, meta)
+        if feats is not None:
+            log.info("movie features: cache hit %s", path)
+            return feats
     log.info("movie features: encoding %d titles with %s", len(titles), cfg.text_model)
     genre_hot, vocab = genre_multi_hot(genres)
-    feats = np.concatenate([embed_titles(titles, cfg), genre_hot], axis=1)
+    feats = np.concatenate([embed_titles(titles, cfg, progress), genre_hot], axis=1)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{path.name}.tmp-{os.getpid()}.npy"
-    np.save(tmp, feats)
-    os.replace(tmp, path)
-    write_json_atomic(root / f"movie-{key}.json", {"model": cfg.text_model, "shape": list(feats.shape),
-                                                   "genres": vocab})
+    meta.unlink(missing_ok=True)  # no window where an old checksum describes a new matrix
+    with atomic_open(path) as f:
+        np.save(f, feats)
+    write_json_atomic(meta, {"model": cfg.text_model, "shape": list(feats.shape), "genres": vocab,
+                             "sha256": sha256_file(path)})
     return feats
 

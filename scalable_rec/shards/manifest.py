@@ -1,6 +1,7 @@
 """The shard manifest: what a finished shard directory contains and how it was made."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,17 @@ class Manifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
+    def identity(self) -> dict[str, str]:
+        """What the shards hold, for checkpoints: ``content_sha256`` hashes every file's path
+        and sha256 (the same ratings in another row order give another value), and
+        ``fingerprint`` is the input hash that produced them."""
+        h = hashlib.sha256()
+        for group in (self.node_types, self.edge_types):
+            for name in sorted(group):
+                for f in group[name].files:
+                    h.update(f"{f.path}\0{f.sha256}\n".encode())
+        return {"content_sha256": h.hexdigest(), "fingerprint": self.fingerprint}
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         for group in ("node_types", "edge_types"):
@@ -121,6 +133,23 @@ class Manifest:
                 f"(expected {FORMAT_VERSION}); re-run 'scalable-rec prepare'"
             )
         try:
-            return cls.from_json(obj)
+            manifest = cls.from_json(obj)
         except (KeyError, TypeError) as err:
             raise ShardError(f"Shard manifest '{path}' is missing a field: {err}") from err
+        manifest.check_paths(directory)
+        return manifest
+
+    def check_paths(self, directory: str | os.PathLike) -> None:
+        """Refuses a manifest naming a file outside its directory (``../x``, ``/etc/...``, a
+        symlink leading out): readers must never be pointed at arbitrary files."""
+        root = Path(directory).resolve()
+        for group in (self.node_types, self.edge_types):
+            for name, info in group.items():
+                for f in info.files:
+                    rel = Path(f.path)
+                    target = (root / rel).resolve()
+                    if rel.is_absolute() or ".." in rel.parts or not target.is_relative_to(root):
+                        raise ShardError(
+                            f"Shard manifest '{Path(directory) / MANIFEST_NAME}' lists '{f.path}' for table "
+                            f"'{name}', which is outside the shard directory; expected a relative path "
+                            "inside it (manifest rejected)")

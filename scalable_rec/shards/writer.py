@@ -142,12 +142,15 @@ class ShardWriter:
         final = self.directory / f"part-{index:05d}.arrow"
         tmp = self.directory / f".part-{index:05d}.arrow.tmp"
         table = pa.Table.from_batches(self._pending, schema=self.schema)
-        with pa.OSFile(str(tmp), "wb") as sink:
-            with pa.ipc.new_file(sink, self.schema) as writer:
-                writer.write_table(table)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink:
+                with pa.ipc.new_file(sink, self.schema) as writer:
+                    writer.write_table(table)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:  # a full disk must not leave a half-written temporary part behind
+            tmp.unlink(missing_ok=True)
         self.files.append(
             ShardFile(path=final.name, num_rows=table.num_rows, num_bytes=final.stat().st_size,
                       sha256=sha256_file(final))
@@ -222,7 +225,7 @@ class GraphShardWriter:
         self.max_rows_per_shard = max_rows_per_shard
         self.resume = resume
         if self.out.exists() and not overwrite:
-            raise ShardError(f"Shard directory '{self.out}' exists; pass overwrite=True to replace it")
+            raise ShardError(f"Shard directory '{self.out}' exists; pass --overwrite to replace it")
         if not resume:
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)

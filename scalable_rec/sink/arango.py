@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Literal
 import pyarrow as pa
 from arango.collection import StandardCollection
 from arango.database import StandardDatabase
-from arango.exceptions import ArangoServerError
+from arango.exceptions import ArangoClientError, ArangoServerError
 
 from scalable_rec.connection import ArangoConfig, RetryPolicy, connect, database_error, require_collection
 from scalable_rec.errors import CollectionNotFoundError, DatabaseError, WriteMismatchError
@@ -359,6 +359,19 @@ def writeback_run(batches: Iterable[pa.RecordBatch], layout: ArangoConfig, cfg: 
                             "counts": asdict(result.counts), "removed_previous": result.removed_previous,
                             "server": settings.describe(), "config": asdict(cfg)})
     return out
+
+
+def check_writable(layout: ArangoConfig, cfg: WritebackConfig) -> None:
+    """Before training: resolves the settings (a bad URL or password file fails here),
+    connects (credentials, database), and makes sure the recommendation collection exists
+    and accepts writes (an empty import: a read-only user gets HTTP 403). Writes no edge."""
+    db = connect(layout.settings())
+    collection = ensure_collection(db, cfg.inference_collection, edge=True)
+    try:
+        collection.import_bulk([], on_duplicate="replace")
+    except (ArangoServerError, ArangoClientError) as err:
+        raise database_error(err, f"Checking write access to collection '{collection.name}'") from err
+    log.info("sink: collection %s in %s is writable", collection.name, db.name)
 
 
 def replace_users(batch: pa.RecordBatch, layout: ArangoConfig, cfg: WritebackConfig, run_dir: str | os.PathLike,

@@ -118,11 +118,14 @@ def write_rating_shards(
     bounds: RatingBounds = RatingBounds(),
     max_rows_per_shard: int = 1_000_000,
     overwrite: bool = False,
+    max_skipped_share: float | None = None,
 ) -> Manifest:
     """Streams a source into a shard directory.
 
     Memory: the user and movie key maps plus one shard's rows; the edges are never held
     whole. Returns the committed manifest (also written to ``<out>/manifest.json``).
+    With ``max_skipped_share`` set, input with no usable ratings or with more than that
+    share of rows skipped raises ``MalformedInputError`` before anything is published.
     """
     config = {**source.config(), "rating_bounds": [bounds.min, bounds.max],
               "max_rows_per_shard": max_rows_per_shard}
@@ -146,6 +149,8 @@ def write_rating_shards(
             report.accept("users", len(users))
         if report.counts:
             log.warning("%s", report.summary())
+        if max_skipped_share is not None:
+            report.check_usable(max_skipped_share)
         return writer.commit(report=report.to_json(), fingerprint=source.fingerprint() or "")
 
 

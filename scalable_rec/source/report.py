@@ -41,6 +41,20 @@ class SkipReport:
     def total_skipped(self) -> int:
         return sum(self.counts.values())
 
+    def check_usable(self, max_skipped_share: float = 1.0) -> None:
+        """Refuses input that yielded no ratings, or of which more than ``max_skipped_share``
+        of the rows read (skipped + accepted ratings and movies) had to be skipped."""
+        ratings = self.accepted.get("ratings", 0)
+        if ratings == 0:
+            raise MalformedInputError(f"The input has no usable ratings (expected at least one; "
+                                      f"{self.summary()})")
+        read = self.total_skipped + ratings + self.accepted.get("movies", 0)
+        share = self.total_skipped / read
+        if share > max_skipped_share:
+            raise MalformedInputError(
+                f"{share:.1%} of the {read} input rows were skipped, more than --max-skipped-share "
+                f"{max_skipped_share:.1%} allows ({self.summary()})")
+
     def to_json(self) -> dict[str, Any]:
         return {"accepted": self.accepted, "skipped": self.counts, "examples": self.examples}
 

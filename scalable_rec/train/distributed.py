@@ -90,8 +90,9 @@ def is_collective_timeout(err: BaseException) -> bool:
                                               or "connection closed by peer" in text or "connection reset by peer" in text)
 
 
-def agree_stop(local_stop: bool, device: torch.device) -> bool:
-    """True on every rank when any rank wants to stop (one all-reduce of one number).
+def agree_stop(local_signal: int, device: torch.device) -> int:
+    """The largest signal number any rank received (0: none), the same on every rank (one
+    all-reduce of one number).
 
     Each rank's signal handler only sets its own flag; agreeing on it at the same step
     makes every rank leave the loop together, so all of them reach the checkpoint's
@@ -99,10 +100,10 @@ def agree_stop(local_stop: bool, device: torch.device) -> bool:
     gradient all-reduce). A CPU↔GPU sync point on CUDA.
     """
     if not dist.is_initialized():
-        return local_stop
-    flag = torch.tensor([1.0 if local_stop else 0.0], device=device)
+        return local_signal
+    flag = torch.tensor([float(local_signal)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+    return int(flag.item())
 
 
 def from_rank0(fn: Callable[[], T], env: DistEnv, what: str) -> T:

@@ -28,9 +28,9 @@ from torch_geometric.data import HeteroData
 from torch_geometric.loader import LinkNeighborLoader
 from tqdm.auto import tqdm
 
+from scalable_rec.errors import CollectiveError, DivergedError
 from scalable_rec.graph.hetero import RATES, EdgeSplit, RatingGraph
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.errors import CollectiveError
 from scalable_rec.train.distributed import (
     DistEnv, EdgeEpochSampler, agree_stop, all_reduce_sum, broadcast_tensors_, from_rank0, init_distributed,
     inject_fault, is_collective_timeout,
@@ -39,6 +39,11 @@ from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, rat
 from scalable_rec.train.model import ModelConfig, Recommender
 
 log = logging.getLogger(__name__)
+
+# Steps between checks of the accumulated training loss for NaN/inf in a single process:
+# one device-to-host read per interval instead of one per step. Under DDP the check runs
+# at epoch end on the all-reduced sum, so every rank stops together.
+FINITE_CHECK_EVERY = 50
 
 # torch-sparse's sampler works and is what CPU-only installs have; PyG's nudge towards
 # pyg-lib is not actionable where no pyg-lib wheel exists for the installed torch.
@@ -144,6 +149,8 @@ class TrainResult:
     stopped_early: bool
     interrupted: bool
     seconds: float
+    signal: int | None = None
+    """The signal (SIGTERM/SIGINT) that interrupted training; ``None`` for ``max_steps``."""
 
 
 def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
@@ -291,7 +298,7 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
         raise
     return TrainResult(model=job.model, history=progress.history, best_val_rmse=progress.best_val_rmse,
                        global_step=progress.global_step, stopped_early=stopped_early, interrupted=interrupted,
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, signal=stop["signal"] if interrupted else None)
 
 
 def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
@@ -458,6 +465,8 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
         compute_s += time.perf_counter() - t_step
         bar.update(1)
         inject_fault(env, progress.global_step)
+        if not env.enabled and progress.step_in_epoch % FINITE_CHECK_EVERY == 0:
+            check_finite("training loss", float(sse), progress)
         if should_stop(job, progress, stop):
             interrupted = True
             break
@@ -476,7 +485,10 @@ def should_stop(job: Job, progress: Progress, stop: dict[str, int | None]) -> bo
         return True
     if job.env.enabled and progress.global_step % cfg.stop_check_every:
         return False
-    return agree_stop(stop["signal"] is not None, job.device)
+    agreed = agree_stop(stop["signal"] or 0, job.device)
+    if agreed and stop["signal"] is None:
+        stop["signal"] = agreed  # another rank was signalled: leave with its exit code (128 + signal)
+    return bool(agreed)
 
 
 def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any]) -> bool:
@@ -484,7 +496,9 @@ def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any])
     decision; returns whether to stop."""
     env = job.env
     sse_t, count_t = all_reduce_sum([stats["sse"], stats["count"]], job.device)
+    check_finite("training loss", sse_t, progress)
     val = evaluate_rmse(job.ddp_model, job.val_loader, job.device, job.autocast)
+    check_finite("validation RMSE", val["rmse"], progress)
     busy = max(stats["load_s"] + stats["compute_s"], 1e-9)
     record = {"epoch": progress.epoch, "train_rmse": math.sqrt(sse_t / max(count_t, 1)), "val_rmse": val["rmse"],
               "val_mae": val["mae"], "seconds": time.perf_counter() - stats["started"], "steps": progress.step_in_epoch,
@@ -512,6 +526,14 @@ def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any])
                      progress.best_val_rmse)
         return True
     return False
+
+
+def check_finite(what: str, value: float, progress: Progress) -> None:
+    """Stops a diverged run: a NaN/inf loss would otherwise train on and save NaN weights."""
+    if not math.isfinite(value):
+        raise DivergedError(
+            f"Training diverged: {what} is {value} at epoch {progress.epoch} step {progress.global_step}; "
+            "lower --lr, check the movie features, or resume from an earlier last.pt")
 
 
 def save_last(job: Job, progress: Progress, epoch: int, step_in_epoch: int) -> None:

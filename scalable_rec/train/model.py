@@ -67,6 +67,8 @@ class ModelConfig:
             problems.append(f"'decoder' needs to be 'dot' or 'mlp' (got {self.decoder!r})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"'dropout' needs to be in [0, 1) (got {self.dropout})")
+        if self.aggr not in ("mean", "sum", "max"):
+            problems.append(f"'aggr' needs to be 'mean', 'sum' or 'max' (got {self.aggr!r})")
         if not 0.0 <= self.user_id_dropout < 1.0:
             problems.append(f"'user_id_dropout' needs to be in [0, 1) (got {self.user_id_dropout})")
         if problems:
