@@ -10,6 +10,7 @@ import pyarrow as pa
 import torch
 from torch_geometric.data import HeteroData
 
+from scalable_rec.errors import ShardError
 from scalable_rec.graph.features import FeatureConfig, movie_features
 from scalable_rec.shards import GraphShards
 
@@ -121,7 +122,17 @@ class EdgeSplit:
 
 
 def split_edges(graph: RatingGraph, cfg: SplitConfig) -> EdgeSplit:
+    """Splits edge ids by ``cfg``; every (user, movie) pair is on one side only.
+
+    Shards hold one rating per pair (``write_rating_shards`` keeps the latest), so an edge
+    split is a pair split. Shards written before that rule are refused here rather than
+    split with one pair on both sides.
+    """
     n = graph.num_edges
+    repeats = n - torch.unique(graph.src * graph.num_movies + graph.dst).numel()
+    if repeats:
+        raise ShardError(f"The graph has {repeats} repeated (user, movie) pairs; shards need one rating per "
+                         "pair (rebuild them: 'scalable-rec prepare --overwrite' or 'synth --overwrite')")
     n_val, n_test = int(round(n * cfg.val_ratio)), int(round(n * cfg.test_ratio))
     n_train = n - n_val - n_test
     if cfg.strategy == "random":

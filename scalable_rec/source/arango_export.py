@@ -32,7 +32,9 @@ from scalable_rec.shards import GraphShardWriter, KeyIndex, Manifest, ShardWrite
 from scalable_rec.source.arango import (
     MOVIE_SCHEMA, USER_SCHEMA, ArangoSource, ExportConfig, ReadSpec, movie_batch, rating_batch, user_batch,
 )
-from scalable_rec.source.base import EDGE_SCHEMA, MOVIE, RATES, USER, RatingBounds, validate_ratings
+from scalable_rec.source.base import (
+    EDGE_SCHEMA, MOVIE, RATES, USER, RatingBounds, keep_latest_per_pair, validate_ratings,
+)
 from scalable_rec.source.report import SkipReport
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ class _Export:
         movies = self.nodes(movie_w, self.source.movie_spec, movie_batch, "movies")
         users = self.nodes(user_w, self.source.user_spec, user_batch, "users")
         self.edges(edge_w, FrozenKeyIndex(users.keys), FrozenKeyIndex(movies.keys))
+        keep_latest_per_pair(edge_w, self.report)  # idempotent: a resumed run finds nothing left
 
     def nodes(self, w: ShardWriter, spec: ReadSpec, convert: Callable[[list], pa.RecordBatch],
               what: str) -> KeyIndex:
