@@ -63,8 +63,14 @@ def prepare(cfg: RunConfig) -> GraphShards:
 
 
 def _prepare_on_this_rank(cfg: RunConfig) -> Path:
-    data_dir = cfg.data.data or str(fetch_movielens())
-    source = MovieLensSource(data_dir)
+    if cfg.data.train_file:
+        from scalable_rec.source.rating_files import RatingFilesSource
+
+        data_dir = cfg.data.data
+        source = RatingFilesSource(cfg.data.train_file, cfg.data.test_file, movies_dir=data_dir)
+    else:
+        data_dir = cfg.data.data or str(fetch_movielens())
+        source = MovieLensSource(data_dir)
     out = cfg.data.shards_dir(data_dir)
     if (out / "manifest.json").is_file() and not cfg.data.overwrite \
             and Manifest.load(out).fingerprint == source.fingerprint():
@@ -120,16 +126,18 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", cfg.to_json())
-    result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json())
+    result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json(),
+                   rating_range=(cfg.data.rating_min, cfg.data.rating_max))
     timings["train_s"] = result.seconds
     metrics: dict[str, Any] = {"history": result.history, "best_val_rmse": result.best_val_rmse,
+                               "best_val_recall@10": result.best_val_recall, "select_metric": cfg.train.select_metric,
                                "global_step": result.global_step, "stopped_early": result.stopped_early,
                                "interrupted": result.interrupted}
     if env.is_main and not result.interrupted:
         t1 = time.perf_counter()
         metrics["test"] = evaluate_split(result.model, graph, split, k=cfg.score.k,
                                          memory_mb=cfg.score.score_memory_mb, rating_min=cfg.data.rating_min,
-                                         rating_max=cfg.data.rating_max)
+                                         rating_max=cfg.data.rating_max, relevant_min=cfg.train.relevant_min)
         timings["evaluate_s"] = time.perf_counter() - t1
         log.info("test: %s", json.dumps(metrics["test"]))
     metrics["timings"] = timings
@@ -154,7 +162,7 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
     model.load_state_dict(state["model"])
     model.eval()
     t0 = time.perf_counter()
-    batches = recommend(model, graph, cfg.score)
+    batches = recommend(model, graph, cfg.score, rating_range=(saved.data.rating_min, saved.data.rating_max))
     if cfg.sink.sink == "arango":  # edges Users/<key> → Movie/<key>; outcome in arango_writeback.json
         from scalable_rec.sink.arango import writeback_run
 

@@ -67,12 +67,13 @@ def test_real_loader_rank_slices_see_every_training_edge_once(tiny_shards):
     assert sorted(seen) == list(range(split.train.numel())) and real == 395
 
 
-def _torchrun(tmp_path, shards, cfg: dict, nproc: int) -> Path:
+def _torchrun(tmp_path, shards, cfg: dict, nproc: int, options: dict | None = None) -> Path:
     prefix = tmp_path / f"out-{nproc}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), str(shards.directory), str(tmp_path / f"run-{nproc}"), str(prefix), json.dumps(cfg)]
+           str(WORKER), str(shards.directory), str(tmp_path / f"run-{nproc}"), str(prefix), json.dumps(cfg),
+           json.dumps(options or {})]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return prefix
@@ -81,15 +82,21 @@ def _torchrun(tmp_path, shards, cfg: dict, nproc: int) -> Path:
 def test_torchrun_two_ranks_match_single_process_on_same_global_batches(tiny_shards, tmp_path):
     # All neighbours (-1): sampling is deterministic, so DDP with per-rank batch b and one
     # process with batch 2b see identical subgraphs and must reach the same parameters.
+    # 399 training edges: rank 1 gets a zero-weight pad, which must change nothing (the
+    # rating loss, the softmax rows and its columns all ignore it). Supervision "none":
+    # with exclude_targets each rank drops only its own targets from its subgraph, a
+    # legitimately different subgraph from the single process's.
     common = dict(epochs=1, num_neighbors=[-1, -1], seed=7, progress=False, device="cpu", lr=0.01,
-                  weight_decay=0.0)
-    ddp = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 20}, nproc=2)
-    single = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 40}, nproc=1)
+                  weight_decay=0.0, supervision="none")
+    options = {"train_edges": 399, "model": {"hidden": 16, "dropout": 0.0}}
+    assert EdgeEpochSampler.num_pad(399, 2) == 1
+    ddp = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 20}, nproc=2, options=options)
+    single = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 40}, nproc=1, options=options)
     r0 = torch.load(f"{ddp}-rank0.pt")
     r1 = torch.load(f"{ddp}-rank1.pt")
     one = torch.load(f"{single}-rank0.pt")
     meta = json.loads(Path(f"{ddp}-rank0.json").read_text())
-    assert meta["world"] == 2 and meta["steps"] == 10  # 400 training edges / (2 × 20)
+    assert meta["world"] == 2 and meta["steps"] == 10  # (399 + 1 pad) training edges / (2 × 20)
     for name in r0:
         assert torch.equal(r0[name], r1[name]), f"{name} differs between ranks"
         torch.testing.assert_close(r0[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs from 1 process")

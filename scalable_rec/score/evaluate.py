@@ -47,6 +47,37 @@ def popularity_score_fn(train_dst: Tensor, num_movies: int) -> ScoreFn:
 
 
 @torch.no_grad()
+def evaluate_edges(model, graph, message_ids: Tensor, eval_ids: Tensor, k: int = 10, memory_mb: int = 256,
+                   rating_min: float = 0.5, rating_max: float = 5.0, relevant_min: float = 4.0,
+                   baseline_ids: Tensor | None = None) -> dict[str, Any]:
+    """Full-neighbourhood evaluation of ``eval_ids``: RMSE/MAE on every edge, Recall/NDCG@k
+    on edges rated ``>= relevant_min``.
+
+    Message passing runs over all of ``message_ids`` (no sampling), and those edges are
+    also the ones masked from the ranking. Validation (``message_ids`` = train) and test
+    (train + val) therefore run the same inference.
+
+    Args:
+        baseline_ids: Also rank by popularity counted over these edges (``popularity``).
+    """
+    model.eval()
+    device = model.rating_mean.device
+    z = model.encode_all(graph.hetero_data(message_ids))
+    src, dst = graph.src[eval_ids], graph.dst[eval_ids]
+    pred = torch.cat([model.predict_pairs(z, s.to(device), d.to(device))
+                      for s, d in zip(src.split(65536), dst.split(65536))]) if src.numel() else torch.empty(0)
+    out: dict[str, Any] = rating_errors(pred.cpu(), graph.rating[eval_ids], rating_min, rating_max)
+    out["edges"] = int(eval_ids.numel())
+    relevant = graph.rating[eval_ids] >= relevant_min
+    seen = RatedIndex.from_edges(graph.src[message_ids], graph.dst[message_ids], graph.num_users)
+    args = (graph.num_users, graph.num_movies, seen, src[relevant], dst[relevant], k, memory_mb)
+    all_movies = torch.arange(graph.num_movies, device=device)
+    out["model"] = ranking_metrics(lambda u: model.rank_block(z, u.to(device), all_movies), *args)
+    if baseline_ids is not None:
+        out["popularity"] = ranking_metrics(popularity_score_fn(graph.dst[baseline_ids], graph.num_movies), *args)
+    return out
+
+
 def evaluate_split(model, graph, split, k: int = 10, memory_mb: int = 256, rating_min: float = 0.5,
                    rating_max: float = 5.0, relevant_min: float = 4.0) -> dict[str, Any]:
     """Test RMSE/MAE on every test edge and Recall/NDCG@k on test edges rated ≥ ``relevant_min``.
@@ -55,19 +86,7 @@ def evaluate_split(model, graph, split, k: int = 10, memory_mb: int = 256, ratin
     from the ranking, so held-out test movies stay rankable. The popularity baseline is
     scored on the same users and masks.
     """
-    model.eval()
-    device = model.rating_mean.device
-    seen_ids = torch.cat([split.train, split.val])
-    z = model.encode_all(graph.hetero_data(seen_ids))
-    test_src, test_dst = graph.src[split.test].to(device), graph.dst[split.test].to(device)
-    pred = torch.cat([model.predict_pairs(z, s, d) for s, d in zip(test_src.split(65536), test_dst.split(65536))])
-    out: dict[str, Any] = rating_errors(pred.cpu(), graph.rating[split.test], rating_min, rating_max)
-    out["test_edges"] = int(split.test.numel())
-    relevant = graph.rating[split.test] >= relevant_min
-    seen = RatedIndex.from_edges(graph.src[seen_ids], graph.dst[seen_ids], graph.num_users)
-    args = (graph.num_users, graph.num_movies, seen, graph.src[split.test][relevant],
-            graph.dst[split.test][relevant], k, memory_mb)
-    all_movies = torch.arange(graph.num_movies, device=device)
-    out["model"] = ranking_metrics(lambda u: model.rank_block(z, u.to(device), all_movies), *args)
-    out["popularity"] = ranking_metrics(popularity_score_fn(graph.dst[split.train], graph.num_movies), *args)
+    out = evaluate_edges(model, graph, torch.cat([split.train, split.val]), split.test, k, memory_mb, rating_min,
+                         rating_max, relevant_min, baseline_ids=split.train)
+    out["test_edges"] = out.pop("edges")
     return out

@@ -14,12 +14,14 @@ from scalable_rec.score.topk import RatedIndex, ScoreConfig, to_record_batch, to
 from scalable_rec.train.model import Recommender
 
 
-def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig) -> Iterator[pa.RecordBatch]:
+def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig,
+              rating_range: tuple[float, float] = (0.5, 5.0)) -> Iterator[pa.RecordBatch]:
     """Yields ranked record batches for every user (rated movies excluded when
     ``cfg.exclude_rated``).
 
     ``score`` is the ranking score (``Recommender.rank_block``); ``predicted_rating`` is the
-    rating the model predicts for that pair, clamped to the rating range.
+    rating the model predicts for that pair, clamped to ``rating_range`` (the run's
+    ``--rating-min``/``--rating-max``).
     """
     device = model.rating_mean.device
     z = model.encode_all(graph.hetero_data())
@@ -30,4 +32,4 @@ def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig) -> Itera
         with torch.no_grad():
             rated = model.predict_pairs(z, users.repeat_interleave(top.size(1)).to(device), top.flatten().to(device))
         yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys,
-                              predicted_rating=rated.view_as(top).clamp(0.5, 5.0).cpu())
+                              predicted_rating=rated.view_as(top).clamp(*rating_range).cpu())
