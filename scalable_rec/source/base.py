@@ -62,6 +62,8 @@ class RatingBounds:
 EDGE_SCHEMA = pa.schema([
     ("src", pa.int64()), ("dst", pa.int64()), ("rating", pa.float32()), ("timestamp", pa.int64()),
 ])
+# Sources of a given train/test split (``RatingFilesSource``) add which side an edge is on.
+GIVEN_SPLIT_EDGE_SCHEMA = EDGE_SCHEMA.append(pa.field("given_split", pa.int8()))
 
 
 def validate_ratings(
@@ -98,11 +100,12 @@ def validate_ratings(
             report.skip("unknown_user", _row(batch, first), count=int(unknown_user.sum()))
         keep &= ~unknown_user
     ts = batch.column("timestamp")
-    out = pa.record_batch(
-        [pa.array(src[keep]), pa.array(dst[keep]), pa.array(rating[keep], pa.float32()),
-         pc.filter(ts.cast(pa.int64()), pa.array(keep))],
-        schema=EDGE_SCHEMA,
-    )
+    columns = [pa.array(src[keep]), pa.array(dst[keep]), pa.array(rating[keep], pa.float32()),
+               pc.filter(ts.cast(pa.int64()), pa.array(keep))]
+    given = "given_split" in batch.schema.names
+    if given:
+        columns.append(pc.filter(batch.column("given_split").cast(pa.int8()), pa.array(keep)))
+    out = pa.record_batch(columns, schema=GIVEN_SPLIT_EDGE_SCHEMA if given else EDGE_SCHEMA)
     report.accept("ratings", out.num_rows)
     return out
 
@@ -135,12 +138,16 @@ def write_rating_shards(
         users = _write_nodes(user_batches, writer, USER, report) if user_batches is not None else None
         discover_users = users is None
         users = users if users is not None else KeyIndex()
-        edge_writer = writer.edge_writer(USER, RATES, MOVIE, EDGE_SCHEMA)
+        edge_writer = None
         user_key_type = pa.int64()
         for batch in source.ratings(report):
             user_key_type = batch.schema.field("user_key").type
-            edge_writer.write(validate_ratings(batch, users, movies, report, bounds,
-                                               insert_users=discover_users))
+            edges = validate_ratings(batch, users, movies, report, bounds, insert_users=discover_users)
+            if edge_writer is None:
+                edge_writer = writer.edge_writer(USER, RATES, MOVIE, edges.schema)
+            edge_writer.write(edges)
+        if edge_writer is None:
+            edge_writer = writer.edge_writer(USER, RATES, MOVIE, EDGE_SCHEMA)
         if discover_users:
             user_writer = writer.node_writer(USER, pa.schema([("key", user_key_type)]))
             user_writer.write(pa.record_batch([pa.array(users.keys, user_key_type)], names=["key"]))
