@@ -423,20 +423,30 @@ def preemption_signals():
 
 def training_loss(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rating loss (+ the retrieval head's in-batch softmax) in fp32 whatever the autocast
-    dtype; pads have weight 0. Returns the loss, the squared errors and the weights."""
+    dtype; pads have weight 0. Returns the loss, the squared errors and the weights.
+
+    Both terms are means over the *global* batch: each rank's sum is divided by the
+    all-reduced count of rated rows (and of relevant rows) and multiplied by the world
+    size, which DDP's gradient averaging divides back out. Ranks then hold different
+    numbers of pads and positives and still optimise the single-process objective.
+    """
     rating, weight = batch[RATES].edge_label.unbind(-1)
     with job.autocast:
         pred, rank = job.ddp_model(batch)
     se = (pred.float() - rating) ** 2
-    loss = (se * weight).sum() / weight.bool().sum().clamp(min=1)
+    positive = ranking_positives(rating, weight, job.cfg.relevant_min)
+    counts = torch.stack([weight.bool().sum(), positive.sum()]).float()
+    if job.env.enabled:
+        torch.distributed.all_reduce(counts)  # two scalars per step; a sync point on CUDA
+    counts = counts.clamp(min=1) / job.env.world_size
+    loss = (se * weight).sum() / counts[0]
     if rank is not None and job.cfg.rank_loss_weight > 0:
         ru, rm = rank[0].float(), rank[1].float()
         movies = batch["movie"].n_id[batch[RATES].edge_label_index[1]]
         # pads (weight 0) become column id -1: not a negative of any row
         rm_all, movies_all, offset = gather_columns(rm, torch.where(weight > 0, movies, -1), job.env)
         loss = loss + job.cfg.rank_loss_weight * in_batch_softmax_loss(
-            ru, rm_all, movies, movies_all, job.log_q, ranking_positives(rating, weight, job.cfg.relevant_min),
-            offset)
+            ru, rm_all, movies, movies_all, job.log_q, positive, offset, denominator=counts[1])
     return loss, se, weight
 
 

@@ -34,7 +34,7 @@ def ranking_positives(rating: torch.Tensor, weight: torch.Tensor, relevant_min: 
 
 def in_batch_softmax_loss(ru: torch.Tensor, rm: torch.Tensor, row_movies: torch.Tensor,
                           col_movies: torch.Tensor, log_q: torch.Tensor, weight: torch.Tensor,
-                          offset: int = 0) -> torch.Tensor:
+                          offset: int = 0, denominator: torch.Tensor | float | None = None) -> torch.Tensor:
     """Sampled softmax of each labelled user over all labelled movies of the global batch.
 
     Row ``i`` (user ``ru[i]``, whose movie is ``row_movies[i]``) should pick column
@@ -43,7 +43,8 @@ def in_batch_softmax_loss(ru: torch.Tensor, rm: torch.Tensor, row_movies: torch.
     (logQ correction) to keep the logits an estimate of the full-catalog softmax instead of
     a penalty on popular movies. Columns holding the row's own movie are not negatives, nor
     are pad columns (``col_movies < 0``: the zero-weight copies that even out DDP ranks),
-    so padding never changes the objective.
+    so padding never changes the objective. ``denominator`` (default: the number of
+    weighted rows) lets DDP normalise by the global batch's count.
     """
     logits = ru @ rm.T - log_q[col_movies.clamp(min=0)][None, :]
     target = torch.arange(ru.size(0), device=ru.device) + offset
@@ -51,7 +52,9 @@ def in_batch_softmax_loss(ru: torch.Tensor, rm: torch.Tensor, row_movies: torch.
     masked[torch.arange(ru.size(0), device=ru.device), target] = False
     logits = logits.masked_fill(masked, float("-inf"))
     ce = F.cross_entropy(logits, target, reduction="none")
-    return (ce * weight).sum() / weight.bool().sum().clamp(min=1)
+    if denominator is None:  # this batch's mean over weighted rows
+        denominator = weight.bool().sum().clamp(min=1)
+    return (ce * weight).sum() / denominator
 
 
 def gather_columns(rm: torch.Tensor, movies: torch.Tensor, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor, int]:
