@@ -263,7 +263,7 @@ def test_validation_runs_like_the_test_and_selects_by_the_configured_metric(smal
 
     g, split = small
     result = train(g, split, ModelConfig(hidden=16), _cfg(epochs=2, select_metric="recall"), tmp_path,
-                   rating_range=(1.0, 4.0))
+                   rating_range=(3.0, 4.0))
     h = result.history
     assert all(0.0 <= r["val_recall@10"] <= 1.0 for r in h)
     best = max(h, key=lambda r: r["val_recall@10"])
@@ -271,13 +271,13 @@ def test_validation_runs_like_the_test_and_selects_by_the_configured_metric(smal
     assert ckpt.load(tmp_path / "best.pt")["epoch"] == best["epoch"]
     # the loaded best model, evaluated the way the test is (full neighbourhoods over train),
     # gives the recorded validation numbers, with predictions clamped to the given range
-    again = evaluate_edges(result.model, g, split.train, split.val, rating_min=1.0, rating_max=4.0)
+    again = evaluate_edges(result.model, g, split.train, split.val, rating_min=3.0, rating_max=4.0)
     assert again["model"]["recall@10"] == pytest.approx(result.best_val_recall, abs=1e-6)
     assert again["rmse"] == pytest.approx(result.best_val_rmse, abs=1e-6)
     wide = evaluate_edges(result.model, g, split.train, split.val, rating_min=0.5, rating_max=5.0)
-    assert wide["rmse"] != pytest.approx(again["rmse"], abs=1e-4)  # the bounds are really applied
+    assert wide["rmse"] < again["rmse"] - 0.003  # the bounds are really applied (a narrow range costs)
     from scalable_rec.score import ScoreConfig, recommend
 
     rated = torch.cat([torch.from_numpy(b.column("predicted_rating").to_numpy())
-                       for b in recommend(result.model, g, ScoreConfig(k=5), rating_range=(1.0, 4.0))])
-    assert rated.min() >= 1.0 and rated.max() == 4.0  # clamped to the run's range, not 0.5–5.0
+                       for b in recommend(result.model, g, ScoreConfig(k=5), rating_range=(3.0, 4.0))])
+    assert rated.min() >= 3.0 and rated.max() == 4.0  # clamped to the run's range, not 0.5–5.0
