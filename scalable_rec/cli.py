@@ -5,6 +5,8 @@
     scalable-rec train    [flags]   shards → run directory (checkpoint, metrics, curves)
     scalable-rec score    --run-dir DIR [--k 10]   → DIR/recommendations.parquet
                           [--sink arango [--replace-previous]]   → edges in ArangoDB
+    scalable-rec refresh  --run-dir DIR --new-ratings FILE|DIR [--mode exact|bounded] [--sink arango]
+                          fold new ratings into the graph, re-score only affected users
     scalable-rec synth    --preset tiny|...|ml-25m --out DIR   synthetic graph → shards
     scalable-rec arango load   [--data DIR]     MovieLens → ArangoDB collections + named graph
     scalable-rec arango export --shards DIR [--export-resume]   ArangoDB → Arrow shards
@@ -22,6 +24,7 @@ from typing import Callable
 from scalable_rec import pipeline
 from scalable_rec.config import GROUPS, RunConfig, add_group_arguments, build_group
 from scalable_rec.errors import ScalableRecError
+from scalable_rec.score.refresh import RefreshConfig
 from scalable_rec.source.synthetic import PRESETS
 from scalable_rec.train.distributed import DistEnv, shutdown_distributed
 
@@ -44,6 +47,18 @@ def cmd_score(cfg: RunConfig) -> None:
     print(pipeline.score_stage(cfg, cfg.run_dir))
 
 
+def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig) -> None:
+    """Fold new ratings into a run's graph and re-score only the users they can affect."""
+    problems = []
+    if not cfg.run_dir:
+        problems.append("'refresh' needs --run-dir (a directory written by 'train' or 'run')")
+    if not refresh_cfg.new_ratings:
+        problems.append("'refresh' needs --new-ratings (a ratings.csv file, a folder holding one, or a shard directory)")
+    if problems:
+        raise ScalableRecError("; ".join(problems))
+    print(json.dumps(pipeline.refresh_stage(cfg, refresh_cfg), indent=2, default=str))
+
+
 def cmd_run(cfg: RunConfig) -> None:
     metrics = pipeline.run(cfg)
     _print_summary(cfg, metrics)
@@ -64,11 +79,13 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 def cmd_arango_load(cfg: RunConfig) -> None:
     """MovieLens (--data) → ArangoDB: Users, Movie, Ratings and the graph movie_rating_graph."""
-    from scalable_rec.sink.arango_load import load_movielens_dir
+    from scalable_rec.source import RatingBounds
+    from scalable_rec.source.arango_load import load_movielens_dir
     from scalable_rec.source.download import fetch_movielens
 
     data_dir = cfg.data.data or str(fetch_movielens())
-    print(json.dumps(load_movielens_dir(data_dir, cfg.arango, cfg.arango_load, strict=cfg.data.strict), indent=2))
+    print(json.dumps(load_movielens_dir(data_dir, cfg.arango, cfg.arango_load, strict=cfg.data.strict,
+                                        bounds=RatingBounds(cfg.data.rating_min, cfg.data.rating_max)), indent=2))
 
 
 def cmd_arango_export(cfg: RunConfig) -> None:
@@ -117,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run directory (default: <workdir>/run-<time>-<id>)")
         for g in groups:
             add_group_arguments(p, GROUPS[g])
+    refresh = sub.add_parser("refresh", help=cmd_refresh.__doc__, description=pipeline_doc("refresh"))
+    refresh.add_argument("--run-dir", dest="run_dir", default=None, help="run directory written by 'train' or 'run'")
+    for cls in (GROUPS["score"], RefreshConfig, GROUPS["sink"], GROUPS["arango"]):
+        add_group_arguments(refresh, cls)
+    refresh.add_argument("--strict", dest="DataConfig.strict", action="store_true", default=argparse.SUPPRESS,
+                         help="fail on the first unusable new rating instead of counting and skipping it")
     synth = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
     synth.add_argument("--preset", default="small", choices=sorted(PRESETS),
                        help="size preset (users, movies, edges): " + ", ".join(f"{k}={v}" for k, v in PRESETS.items()))
@@ -141,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pipeline_doc(name: str) -> str:
     fn = {"run": pipeline.run, "prepare": pipeline.prepare, "train": pipeline.train_stage,
-          "score": pipeline.score_stage}[name]
+          "score": pipeline.score_stage, "refresh": pipeline.refresh_stage}[name]
     return (fn.__doc__ or "").strip()
 
 
@@ -171,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             cmd_synth(args)
             return 0
         cfg = config_from_args(args)
+        if args.command == "refresh":
+            try:
+                refresh_cfg = build_group(RefreshConfig, args)
+            except (ValueError, TypeError) as err:
+                raise ScalableRecError(f"Invalid options:\n  refresh: {err}") from err
+            cmd_refresh(cfg, refresh_cfg)
+            return 0
         (ARANGO_COMMANDS[args.action] if args.command == "arango" else COMMANDS[args.command])[0](cfg)
     except ScalableRecError as err:
         log.error("%s", err)

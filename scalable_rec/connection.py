@@ -32,7 +32,7 @@ from arango.http import DefaultHTTPClient
 
 from scalable_rec.errors import (
     AuthenticationError, CollectionNotFoundError, ConfigError, DatabaseError, DatabaseNotFoundError,
-    DatabaseUnreachableError,
+    DatabaseUnreachableError, PermissionDeniedError,
 )
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,10 @@ def database_error(err: BaseException, what: str, settings: ArangoSettings | Non
             user = f" for user '{settings.username}'" if settings else ""
             return AuthenticationError(f"{what}: ArangoDB rejected the credentials{user}{where} (HTTP 401). "
                                        f"Check the user and {ENV_PASSWORD} / {ENV_PASSWORD_FILE}")
+        if err.http_code == 403:
+            user = f"user '{settings.username}'" if settings else "the user"
+            return PermissionDeniedError(f"{what}: ArangoDB refused the request{where} (HTTP 403, {detail}); "
+                                         f"{user} needs read/write access to the database and its collections")
         if err.error_code == 1228 or code == (404, 1228):
             name = f"'{settings.database}' " if settings else ""
             return DatabaseNotFoundError(f"{what}: database {name}does not exist{where} (expected an existing "
@@ -326,8 +330,24 @@ def _short(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def connect(settings: ArangoSettings) -> StandardDatabase:
+def json_loads() -> Callable[[str], Any]:
+    """The fastest JSON decoder at hand for python-arango's responses: orjson, else the stdlib's.
+
+    Both raise ``ValueError`` on bad input, which python-arango expects of a deserializer.
+    """
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover - orjson is a dependency; a bare install still works
+        return json.loads
+    return orjson.loads
+
+
+def connect(settings: ArangoSettings, fast_json: bool = True) -> StandardDatabase:
     """Opens ``settings.database`` and verifies it with one request.
+
+    Args:
+        settings: Where and as whom.
+        fast_json: Decode responses with orjson (``json_loads``) instead of the stdlib.
 
     Raises:
         DatabaseUnreachableError: No answer (DNS, refused, TLS, timeout).
@@ -339,6 +359,7 @@ def connect(settings: ArangoSettings) -> StandardDatabase:
         http_client=DefaultHTTPClient(request_timeout=settings.request_timeout,
                                       retry_attempts=settings.http_retries, backoff_factor=0.5),
         verify_override=settings.ca_file,
+        deserializer=json_loads() if fast_json else json.loads,
     )
     try:
         db = client.db(settings.database, username=settings.username, password=settings.password,
@@ -348,6 +369,65 @@ def connect(settings: ArangoSettings) -> StandardDatabase:
         raise database_error(err, f"Connecting to database '{settings.database}'", settings) from err
     log.info("connected to %s database %s as %s", settings.url, settings.database, settings.username)
     return db
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the exporter needs to know about the server, read once at connect time.
+
+    Args:
+        version: (major, minor) of ``/_api/version``.
+        version_text: The full version string.
+        role: ``/_admin/server/role``: SINGLE, COORDINATOR (a cluster), PRIMARY, AGENT, UNDEFINED.
+    """
+
+    version: tuple[int, int]
+    version_text: str
+    role: str
+
+    @property
+    def legacy_cursors(self) -> bool:
+        """Before 3.11 cursors have no ``allowRetry``/``nextBatchId``: a re-sent fetch skips a batch."""
+        return self.version < (3, 11)
+
+    @property
+    def cluster(self) -> bool:
+        return self.role == "COORDINATOR"
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version_text, "role": self.role}
+
+
+SUPPORTED_ROLES = ("SINGLE", "COORDINATOR")
+
+
+def server_info(db: StandardDatabase) -> ServerInfo:
+    """Reads the server's version and role.
+
+    Raises:
+        DatabaseError: The version cannot be parsed, is older than 3.0, or the role is not one a
+            client may read from (a DB-server or agent instead of a coordinator).
+    """
+    try:
+        text = str(db.version())
+        role = str(db.role())
+    except ArangoServerError as err:
+        raise database_error(err, "Reading the server version and role") from err
+    except (ConnectionError, requests.exceptions.RequestException) as err:
+        raise database_error(err, "Reading the server version and role") from err
+    parts = text.split(".")
+    try:
+        version = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        raise DatabaseError(f"Cannot read the ArangoDB version: expected 'MAJOR.MINOR...', got {text!r}") from None
+    if version < (3, 0):
+        raise DatabaseError(f"ArangoDB {text} is too old: expected 3.x or later")
+    if role not in SUPPORTED_ROLES:
+        raise DatabaseError(f"ArangoDB answers with role {role!r}: expected one of {SUPPORTED_ROLES} "
+                            "(connect to a single server or a cluster's coordinator)")
+    info = ServerInfo(version, text, role)
+    log.info("ArangoDB %s, role %s", text, role)
+    return info
 
 
 def require_collection(db: StandardDatabase, name: str, edge: bool | None = None) -> StandardCollection:

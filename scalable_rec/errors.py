@@ -51,3 +51,11 @@ class CollectionNotFoundError(DatabaseError):
 
 class WriteMismatchError(DatabaseError):
     """The server's created/updated/error counts disagree with what was sent."""
+
+
+class PermissionDeniedError(DatabaseError):
+    """The user may not do this (HTTP 403, e.g. a read-only user writing)."""
+
+
+class ExportVerificationError(DatabaseError):
+    """An export's rows disagree with the server: a count differs or a key repeats."""

@@ -21,6 +21,7 @@ from scalable_rec.config import RunConfig
 from scalable_rec.errors import ScalableRecError, ShardError
 from scalable_rec.graph import RatingGraph, movie_features, split_edges
 from scalable_rec.score import evaluate_split, plot_curves, recommend
+from scalable_rec.score.refresh import RefreshConfig
 from scalable_rec.shards import GraphShards, Manifest
 from scalable_rec.sink import write_parquet
 from scalable_rec.source import MovieLensSource, RatingBounds, SkipReport, write_rating_shards
@@ -175,6 +176,36 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
     log.info("score: %d recommendations for %d users in %.2fs → %s", rows, graph.num_users,
              time.perf_counter() - t0, out)
     return out
+
+
+def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Folds new ratings into the run's message-passing graph (not its weights) and
+    re-scores only the users whose recommendations can change (``--mode exact``) or only
+    the users who rated (``--mode bounded``); replaces their rows in
+    recommendations.parquet (or, with ``--sink arango``, their edges in ArangoDB). Users the run has never seen get recommendations from their
+    new ratings. The report also goes to <run_dir>/refresh/last_report.json."""
+    from scalable_rec.score.refresh import refresh
+    from scalable_rec.source import RatingBounds
+
+    run_dir = Path(run_dir or cfg.run_dir)
+    saved = RunConfig.load(run_dir / "config.json")
+    graph = RatingGraph.from_shards(GraphShards(saved.data.shards_dir()), saved.features)
+    state = ckpt.load(run_dir / "best.pt", map_location="cpu")
+    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model)
+    model.load_state_dict(state["model"])
+    writer = None
+    if cfg.sink.sink == "arango":  # replace exactly the refreshed users' edges
+        from scalable_rec.sink.arango import replace_users
+
+        def writer(batch, users, fingerprint):
+            return replace_users(batch, cfg.arango, cfg.sink, run_dir, fingerprint[:12])
+    report = refresh(run_dir, model, graph, refresh_cfg, k=cfg.score.k, memory_mb=cfg.score.score_memory_mb,
+                     bounds=RatingBounds(saved.data.rating_min, saved.data.rating_max), strict=cfg.data.strict,
+                     writer=writer)
+    if not report["already_folded"]:
+        write_json_atomic(run_dir / "refresh" / "last_report.json", report)
+    log.info("refresh: %s", json.dumps({k: v for k, v in report.items() if k != "input_report"}))
+    return report
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

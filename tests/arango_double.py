@@ -24,7 +24,8 @@ Modelled:
     variable name, used consistently), values always from bind variables; anything else is
     400 / 1501 "AQL: syntax error, unexpected ..."::
 
-      FOR v IN @@c [FILTER v._key > @after] [SORT v._key [ASC]] [LIMIT @limit]
+      FOR v IN @@c [FILTER v._key > @after | FILTER SUBSTRING(MD5(v._key), 0, N) IN @buckets]
+          [SORT v._key [ASC]] [LIMIT @limit]
           RETURN v | v.attr | [v.attr|v.@attr, ...]              (missing attributes give null)
       FOR v IN @@c [FILTER cond [AND cond ...]]... REMOVE v|v._key IN @@c
           cond: v.attr|v.@attr (== | != | IN) @bind              (result [], stats.writesExecuted)
@@ -36,16 +37,28 @@ Modelled:
   * Fault injection through ``ArangoDouble.faults`` (see `Faults`) and a request log
     (``ArangoDouble.requests``, see `RequestLog`).
 
+  * Server switches (``ArangoDouble(version=, role=, shards=, read_only=)``): ``version`` 3.10
+    (cursors ignore ``allowRetry``: no ``nextBatchId``, so python-arango's re-sent fetch skips a
+    batch), 3.11 or 3.12 (``/_api/version``); ``role`` SINGLE or COORDINATOR
+    (``/_admin/server/role``); with COORDINATOR every new collection gets ``shards`` shards
+    (or its ``numberOfShards``), a document living on shard ``crc32(_key) % shards``; users in
+    ``read_only`` get 403 / errorNum 11 "forbidden" for every write.
+  * Collation: AQL compares and sorts strings like ICU (``icu_key``: the Unicode Collation
+    Algorithm via pyuca, ``a < A < b``, punctuation before digits before letters, ties by code
+    point). A single server's primary index iterates in byte order, and a ``_key`` FILTER/SORT
+    scan follows it (the optimizer uses the index for both). On a cluster each shard scans in
+    byte order and the coordinator merges the shards' streams in ICU order (modelled on a reading
+    of the 3.11/3.12 source in issue 10, not checked against a real cluster), so paging by ``_key > @after`` over ``SORT v._key`` skips and repeats rows
+    once keys hold upper case or ``_ : . @``.
+  * Injected per-document write-write conflicts in ``/_api/import`` (`Faults.conflict_next_imports`).
+
 Not modelled: transactions, indexes other than the primary index and edge-attribute checks,
-revision checks (``If-Match`` and ``_rev`` are ignored), JWT, users/permissions beyond the password
-map, clusters (single-server semantics only), snapshots (a stream cursor sees writes made while it
-is open), views, AQL beyond the shapes above (``collection.all()``/``find()`` are rejected;
-``keys()``/``ids()`` work). Collation is simplified: strings compare by Unicode code point (UTF-8
-byte order). Real ArangoDB applies its own AQL comparison/collation rules, which may order
-non-ASCII keys differently; code under test may only rely on ``FILTER v._key > @after`` and
-``SORT v._key`` agreeing with each other. Scans with a ``_key`` FILTER or SORT run in ``_key``
-order (like a primary-index range scan); plain full scans run in insertion order (like RocksDB's
-document order), so forgetting ``SORT`` is not hidden by accident. Import ``details`` positions
+revision checks (``If-Match`` and ``_rev`` are ignored), JWT, per-collection permissions,
+cluster failover, ``shardIds`` query option, snapshots (a stream cursor sees writes made while
+it is open), views, AQL beyond the shapes above (``collection.all()``/``find()`` and
+adbpyg-adapter's ``MERGE``/``KEEP`` are rejected; ``keys()``/``ids()`` work). pyuca implements
+DUCET, not ICU's CLDR root tailoring; they agree on ASCII. Plain full scans run in insertion
+order (shard after shard on a cluster), so forgetting ``SORT`` is not hidden by accident. Import ``details`` positions
 are 0-based indexes into the request array. ``nextBatchId`` follows 3.11 (only with allowRetry);
 a response carries the cursor ``id`` only while ``hasMore`` is true, except that with allowRetry the
 cursor outlives its last batch (until DELETE or ttl) and every batch carries the ``id``.
@@ -70,7 +83,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator, NoReturn
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import heapq
+import hashlib
+from functools import lru_cache
+
 import pytest
+import pyuca
 
 __all__ = [
     "ArangoDouble", "ArangoEndpoint", "Faults", "RequestLog", "RequestRecord",
@@ -78,6 +96,7 @@ __all__ = [
 ]
 
 DEFAULT_USERS = {"root": "test-password"}
+SERVER_VERSIONS = ("3.10", "3.11", "3.12")
 _CHUNK = 1000  # documents read from a collection per lock acquisition by lazy scans
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-:.@()+,=;$!*'%]{1,254}$")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,255}$")
@@ -108,8 +127,24 @@ def _flag(query: dict, name: str, default: bool = False) -> bool:
     return default if value is None else value.lower() in ("1", "true", "yes", "on")
 
 
+_COLLATOR = pyuca.Collator()
+
+
+@lru_cache(maxsize=1 << 20)
+def icu_key(text: str) -> tuple:
+    """ICU-like collation key of ``text`` (Unicode Collation Algorithm, DUCET, via pyuca).
+
+    ArangoDB compares AQL strings with its ICU collator (language ``en``/root), which sorts
+    ``a < A < b < B`` and puts ``_ : . @ -`` before digits and letters, unlike byte order;
+    strings with equal collation keys fall back to code point order (a total order).
+    """
+    return (_COLLATOR.sort_key(text), text)
+
+
 def _aql_key(value: Any) -> tuple:
-    """Sort/equality key following AQL's type order: null < bool < number < string < array < object."""
+    """Equality key following AQL's type order: null < bool < number < string < array < object.
+
+    Orderings of strings (the coordinator's merge) use `icu_key` instead."""
     if value is None:
         return (0, 0)
     if isinstance(value, bool):
@@ -117,7 +152,7 @@ def _aql_key(value: Any) -> tuple:
     if isinstance(value, (int, float)):
         return (2, value)
     if isinstance(value, str):
-        return (3, value)
+        return (3, value)  # equality and IN only: ICU equality is code point equality here
     if isinstance(value, list):
         return (4, tuple(_aql_key(v) for v in value))
     return (5, tuple(sorted((k, _aql_key(v)) for k, v in value.items())))
@@ -140,17 +175,26 @@ def _merge(old: dict, new: dict, keep_null: bool = True, merge_objects: bool = T
 
 class _Collection:
     """Documents of one collection, with a lazily sorted key list (primary index) and an
-    append-only insertion log (document order); scans never hold the lock between chunks."""
+    append-only insertion log (document order); scans never hold the lock between chunks.
 
-    def __init__(self, name: str, edge: bool, ident: str) -> None:
-        self.name, self.edge, self.id = name, edge, ident
+    With ``shards > 1`` (a cluster) each document lives on shard ``crc32(_key) % shards``;
+    each shard's primary index iterates in byte order and a ``_key``-ordered scan is the
+    coordinator's merge of the shards' streams in ICU order (see `key_scan`).
+    """
+
+    def __init__(self, name: str, edge: bool, ident: str, shards: int = 1) -> None:
+        self.name, self.edge, self.id, self.shards = name, edge, ident, shards
         self.truncate()
 
     def truncate(self) -> None:
         self.docs: dict[str, dict] = {}
         self._sorted: list[str] | None = []
+        self._shard_sorted: list[list[str]] | None = None
         self._log: list[str | None] = []
         self._slot: dict[str, int] = {}
+
+    def shard_of(self, key: str) -> int:
+        return zlib.crc32(key.encode()) % self.shards
 
     def info(self) -> dict:
         return {"id": self.id, "name": self.name, "type": 3 if self.edge else 2, "status": 3,
@@ -166,24 +210,34 @@ class _Collection:
                 self._sorted.append(key)
             else:
                 self._sorted = None
+            self._shard_sorted = None
         self.docs[key] = doc
 
     def remove(self, key: str) -> None:
         del self.docs[key]
         self._log[self._slot.pop(key)] = None
         self._sorted = None
+        self._shard_sorted = None
 
     def sorted_keys(self) -> list[str]:
         if self._sorted is None:
             self._sorted = sorted(self.docs)
         return self._sorted
 
-    def key_scan(self, lock: threading.RLock, after: str | None) -> Iterator[dict]:
-        """Documents with ``_key > after`` (all when None) in key order, one chunk per lock."""
+    def shard_sorted_keys(self, shard: int) -> list[str]:
+        if self._shard_sorted is None:
+            per: list[list[str]] = [[] for _ in range(self.shards)]
+            for key in self.sorted_keys():
+                per[self.shard_of(key)].append(key)
+            self._shard_sorted = per
+        return self._shard_sorted[shard]
+
+    def _range_scan(self, lock: threading.RLock, keys_of: Callable[[], list[str]],
+                    after: str | None) -> Iterator[dict]:
         last = after
         while True:
             with lock:
-                keys = self.sorted_keys()
+                keys = keys_of()
                 start = 0 if last is None else bisect.bisect_right(keys, last)
                 chunk_keys = keys[start:start + _CHUNK]
                 chunk = [self.docs[k] for k in chunk_keys]
@@ -192,19 +246,36 @@ class _Collection:
             last = chunk_keys[-1]
             yield from chunk
 
+    def key_scan(self, lock: threading.RLock, after: str | None) -> Iterator[dict]:
+        """Documents with ``_key > after`` (all when None), one chunk per lock.
+
+        Single server: one byte-ordered primary-index range scan. Cluster: every shard runs
+        that scan in byte order and the coordinator merges the streams by AQL (ICU) order,
+        as issue 10 reads ArangoDB's GatherNode for ``SORT v._key``; the two orders disagree once
+        upper case or ``_ : . @`` appear in keys.
+        """
+        if self.shards == 1:
+            yield from self._range_scan(lock, self.sorted_keys, after)
+            return
+        streams = [self._range_scan(lock, lambda s=s: self.shard_sorted_keys(s), after)
+                   for s in range(self.shards)]
+        yield from heapq.merge(*streams, key=lambda doc: icu_key(doc["_key"]))
+
     def insertion_scan(self, lock: threading.RLock) -> Iterator[dict]:
-        """All documents in insertion order, one chunk per lock."""
+        """All documents in insertion order (shard after shard on a cluster), one chunk per lock."""
         with lock:
             log = self._log
-        pos = 0
-        while True:
-            with lock:
-                chunk = [self.docs[k] for k in log[pos:pos + _CHUNK] if k in self.docs]
-                pos += _CHUNK
-                done = pos >= len(log)
-            yield from chunk
-            if done:
-                return
+        for shard in range(self.shards):
+            pos = 0
+            while True:
+                with lock:
+                    chunk = [self.docs[k] for k in log[pos:pos + _CHUNK]
+                             if k in self.docs and (self.shards == 1 or self.shard_of(k) == shard)]
+                    pos += _CHUNK
+                    done = pos >= len(log)
+                yield from chunk
+                if done:
+                    break
 
 
 class _Database:
@@ -223,9 +294,11 @@ class _Database:
 class _State:
     """All databases, the users and the tick generator; one re-entrant lock guards it all."""
 
-    def __init__(self, users: dict[str, str]) -> None:
+    def __init__(self, users: dict[str, str], version: str = "3.11", role: str = "SINGLE",
+                 shards: int = 1, read_only: frozenset = frozenset()) -> None:
         self.lock = threading.RLock()
         self.users = dict(users)
+        self.version, self.role, self.shards, self.read_only = version, role, shards, read_only
         self._ticks = itertools.count(1_000_000)
         self.databases = {"_system": _Database("_system", "1")}
 
@@ -241,12 +314,23 @@ class _State:
         except KeyError:
             raise ApiError(404, 1228, "database not found") from None
 
-    def create_collection(self, db: _Database, name: Any, edge: bool) -> _Collection:
+    @property
+    def allow_retry(self) -> bool:
+        """Cursors honour ``allowRetry`` / ``nextBatchId`` (ArangoDB 3.11 and later)."""
+        return tuple(int(x) for x in self.version.split(".")[:2]) >= (3, 11)
+
+    def create_collection(self, db: _Database, name: Any, edge: bool, shards: Any = None) -> _Collection:
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ApiError(400, 1208, f"illegal name: expected a collection name, got {name!r}")
         if name in db.collections:
             raise ApiError(409, 1207, "duplicate name")
-        db.collections[name] = coll = _Collection(name, edge, self.tick())
+        if self.role != "COORDINATOR":
+            shards = 1
+        elif shards is None:
+            shards = self.shards
+        elif isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ApiError(400, 10, f"invalid numberOfShards: expected a positive integer, got {shards!r}")
+        db.collections[name] = coll = _Collection(name, edge, self.tick(), shards)
         return coll
 
     def prepare(self, coll: _Collection, raw: Any, from_prefix: str = "", to_prefix: str = "") -> dict:
@@ -420,6 +504,10 @@ def _attr_name(binds: dict, attr: tuple[str, bool]) -> str:
     return binds[name] if is_bind else name
 
 
+def _md5_prefix(key: str, width: int) -> str:
+    return hashlib.md5(key.encode()).hexdigest()[:width]
+
+
 @dataclasses.dataclass
 class _ReadPlan:
     coll: str
@@ -427,6 +515,7 @@ class _ReadPlan:
     sort: bool
     limit: str | None
     projection: Any  # None (whole document), (attr, is_bind), or a list of those
+    buckets: tuple[int, str] | None = None  # FILTER SUBSTRING(MD5(v._key), 0, width) IN @buckets
 
     def run(self, state: _State, db: _Database, binds: dict) -> _Run:
         coll, stats = _bound_collection(db, binds, self.coll), _new_stats()
@@ -443,6 +532,15 @@ class _ReadPlan:
                 after = binds[self.after] if rank == 3 else None
             docs = iter(()) if rank > 3 else coll.key_scan(state.lock, after)
             counter = "scannedIndex"
+
+        if self.buckets is not None:
+            width, key = self.buckets
+            wanted = binds[key]
+            if not isinstance(wanted, list):
+                raise _bind_error(key)
+            wanted_set = set(w for w in wanted if isinstance(w, str))
+            unfiltered = docs
+            docs = (d for d in unfiltered if _md5_prefix(d["_key"], width) in wanted_set)
 
         def produce() -> Iterator[Any]:
             for doc in itertools.islice(docs, limit):
@@ -504,13 +602,34 @@ class _LengthPlan:
 
 
 def _shape_read(p: _Parser) -> _ReadPlan:
-    """FOR v IN @@c [FILTER v._key > @after] [SORT v._key [ASC]] [LIMIT @limit] RETURN ..."""
+    """FOR v IN @@c [FILTER v._key > @after | FILTER SUBSTRING(MD5(v._key), 0, N) IN @buckets]
+    [SORT v._key [ASC]] [LIMIT @limit] RETURN ..."""
     var, coll = _for_head(p)
-    after = limit = None
+    after = limit = buckets = None
     if p.keyword("FILTER"):
-        p.fixed_attribute("_key")
-        p.expect_op(">")
-        after = p.bind()
+        if p.keyword("SUBSTRING"):
+            p.expect_op("(")
+            p.expect_keyword("MD5")
+            p.expect_op("(")
+            p.fixed_attribute("_key")
+            p.expect_op(")")
+            p.expect_op(",")
+            tok = p.peek()
+            if tok is None or tok.text != "0":
+                p.fail("0")
+            p.i += 1
+            p.expect_op(",")
+            tok = p.peek()
+            if tok is None or tok.kind != "number" or not tok.text.isdigit():
+                p.fail("number")
+            p.i += 1
+            p.expect_op(")")
+            p.expect_keyword("IN")
+            buckets = (int(tok.text), p.bind())
+        else:
+            p.fixed_attribute("_key")
+            p.expect_op(">")
+            after = p.bind()
     sort = p.keyword("SORT")
     if sort:
         p.fixed_attribute("_key")
@@ -531,7 +650,7 @@ def _shape_read(p: _Parser) -> _ReadPlan:
             p.i = start
             projection = p.attribute()
     p.end()
-    return _ReadPlan(coll, after, sort, limit, projection)
+    return _ReadPlan(coll, after, sort, limit, projection, buckets)
 
 
 def _shape_remove(p: _Parser) -> _RemovePlan:
@@ -826,6 +945,7 @@ class Faults:
         self._rules: list[_Rule] = []
         self._batches = 0
         self._expire_at: list[int] = []
+        self._conflicts: list[set[int]] = []
 
     @property
     def batches_served(self) -> int:
@@ -888,6 +1008,19 @@ class Faults:
         """
         self._add(_Rule("delay", times, method, path_prefix, seconds=seconds))
 
+    def conflict_next_imports(self, positions: int | list[int], *, times: int = 1) -> None:
+        """The next ``times`` ``/_api/import`` requests report a write-write conflict (errorNum
+        1200, in ``details``, counted in ``errors``, document not written) for the documents at
+        ``positions`` (a count: the first that many), inside an otherwise successful 201 answer.
+        """
+        chosen = list(range(positions)) if isinstance(positions, int) else list(positions)
+        with self._lock:
+            self._conflicts.extend([set(chosen)] * times)
+
+    def _take_conflicts(self, n: int) -> set[int]:
+        with self._lock:
+            return {p for p in self._conflicts.pop(0) if p < n} if self._conflicts else set()
+
     def expire_cursors(self) -> int:
         """Make every open cursor vanish now; returns how many there were."""
         return self._cursors.remove_all()
@@ -902,6 +1035,7 @@ class Faults:
         with self._lock:
             self._rules.clear()
             self._expire_at.clear()
+            self._conflicts.clear()
 
     def _add(self, rule: _Rule) -> None:
         with self._lock:
@@ -944,6 +1078,7 @@ class _Request:
     db: _Database
     params: dict
     raw: bytes
+    user: str = ""
 
     def json(self) -> Any:
         try:
@@ -963,6 +1098,7 @@ class _Request:
 
 _ROUTES: list[tuple[str, re.Pattern, str]] = [(m, re.compile(p + "$"), h) for m, p, h in [
     ("GET", r"/_api/version", "version"),
+    ("GET", r"/_admin/server/role", "server_role"),
     ("GET", r"/_api/database(?:/user)?", "list_databases"),
     ("GET", r"/_api/database/current", "current_database"),
     ("POST", r"/_api/database", "create_database"),
@@ -996,13 +1132,16 @@ class _Api:
 
     def handle(self, record: RequestRecord, authorization: str | None, raw: bytes) -> tuple[int, Any]:
         try:
-            self._authenticate(authorization)
+            user = self._authenticate(authorization)
+            if user in self.state.read_only and record.method not in ("GET", "HEAD") and not (
+                    record.api_path.startswith("/_api/cursor") or record.api_path == "/_api/version"):
+                raise ApiError(403, 11, "forbidden")
             db = self.state.database(record.db)
             allowed = False
             for method, pattern, handler in _ROUTES:
                 match = pattern.match(record.api_path)
                 if match and method == record.method:
-                    request = _Request(record, db, record.query, raw)
+                    request = _Request(record, db, record.query, raw, user)
                     return getattr(self, handler)(request, **match.groupdict())
                 allowed |= bool(match)
             if allowed:
@@ -1013,7 +1152,7 @@ class _Api:
         except Exception as err:  # a bug in the double: answer like ArangoDB's internal error
             return 500, ApiError(500, 4, f"internal error in arango_double: {err!r}").body()
 
-    def _authenticate(self, authorization: str | None) -> None:
+    def _authenticate(self, authorization: str | None) -> str:
         scheme, _, token = (authorization or "").partition(" ")
         try:
             user, _, password = base64.b64decode(token).decode().partition(":")
@@ -1021,6 +1160,7 @@ class _Api:
             user = password = None
         if scheme.lower() != "basic" or user not in self.state.users or self.state.users[user] != password:
             raise ApiError(401, 11, "not authorized to execute this request")
+        return user
 
     @staticmethod
     def _system_only(req: _Request) -> None:
@@ -1029,10 +1169,13 @@ class _Api:
 
     # -- server and databases
     def version(self, req: _Request) -> tuple[int, Any]:
-        body = {"server": "arango", "version": "3.11.99-double", "license": "community"}
+        body = {"server": "arango", "version": f"{self.state.version}.99-double", "license": "community"}
         if _flag(req.params, "details"):
-            body["details"] = {"mode": "server", "role": "SINGLE", "engine": "rocksdb"}
+            body["details"] = {"mode": "server", "role": self.state.role, "engine": "rocksdb"}
         return 200, body
+
+    def server_role(self, req: _Request) -> tuple[int, Any]:
+        return 200, {"error": False, "code": 200, "role": self.state.role, "mode": "default"}
 
     def list_databases(self, req: _Request) -> tuple[int, Any]:
         if not req.record.api_path.endswith("/user"):
@@ -1079,13 +1222,15 @@ class _Api:
         if body.get("type", 2) not in (2, 3):
             raise ApiError(400, 1218, f"collection type invalid: expected 2 or 3, got {body['type']!r}")
         with self.state.lock:
-            coll = self.state.create_collection(req.db, body.get("name"), body.get("type") == 3)
+            coll = self.state.create_collection(req.db, body.get("name"), body.get("type") == 3,
+                                                body.get("numberOfShards"))
             return 200, self._properties(coll, body.get("waitForSync", False))
 
     @staticmethod
     def _properties(coll: _Collection, wait_for_sync: bool = False) -> dict:
         return {**coll.info(), "waitForSync": wait_for_sync, "cacheEnabled": False,
                 "writeConcern": 1, "replicationFactor": 1, "schema": None, "computedValues": None,
+                "numberOfShards": coll.shards,
                 "keyOptions": {"type": "traditional", "allowUserKeys": True, "lastValue": 0}}
 
     def collection(self, req: _Request, name: str, aspect: str | None) -> tuple[int, Any]:
@@ -1255,7 +1400,12 @@ class _Api:
                 details.append(f"at position {position}: {what}, offending document: "
                                f"{json.dumps(raw, ensure_ascii=False)[:255]}")
 
+            conflicts = self.faults._take_conflicts(len(docs))
             for position, raw in enumerate(docs):
+                if position in conflicts:  # a concurrent writer holds this document: 1200, not applied
+                    reject(position, ApiError(409, 1200, "write-write conflict"), raw,
+                           "creating document failed with error 'write-write conflict'")
+                    continue
                 try:
                     doc = self.state.prepare(coll, raw, *prefixes)
                 except ApiError as err:
@@ -1308,6 +1458,8 @@ class _Api:
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
             ttl = 30
         plan = compile_query(str(body.get("query") or ""), bind_vars)
+        if isinstance(plan, _RemovePlan) and req.user in self.state.read_only:
+            raise ApiError(403, 11, "forbidden")
         started = time.perf_counter()
         run = plan.run(self.state, req.db, bind_vars)
         results, count = run.results, None
@@ -1317,7 +1469,8 @@ class _Api:
             count = len(materialised) if body.get("count") else None
         run.stats["executionTime"] = time.perf_counter() - started
         cursor = _Cursor(self.state.tick(), req.db.name, results, run.stats, batch_size=batch_size,
-                         ttl=float(ttl), allow_retry=bool(options.get("allowRetry")), count=count)
+                         ttl=float(ttl), allow_retry=bool(options.get("allowRetry")) and self.state.allow_retry,
+                         count=count)
         batch = cursor.advance()
         if cursor.has_more:
             self.cursors.add(cursor)
@@ -1455,9 +1608,17 @@ class ArangoDouble:
         requests: `RequestLog` of every request received.
     """
 
-    def __init__(self, users: dict[str, str] | None = None, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, users: dict[str, str] | None = None, *, host: str = "127.0.0.1",
+                 version: str = "3.11", role: str = "SINGLE", shards: int = 1,
+                 read_only: tuple[str, ...] = ()) -> None:
+        if version not in SERVER_VERSIONS:
+            raise ValueError(f"'version' needs to be one of {SERVER_VERSIONS} (got {version!r})")
+        if role not in ("SINGLE", "COORDINATOR"):
+            raise ValueError(f"'role' needs to be SINGLE or COORDINATOR (got {role!r})")
+        if shards < 1 or (shards > 1 and role != "COORDINATOR"):
+            raise ValueError(f"'shards' needs to be 1, or >= 1 with role COORDINATOR (got {shards}, {role})")
         users = dict(users or DEFAULT_USERS)
-        self._state = _State(users)
+        self._state = _State(users, version, role, shards, frozenset(read_only))
         self._cursors = _CursorRegistry()
         self.faults = Faults(self._cursors)
         self.requests = RequestLog()

@@ -8,7 +8,7 @@ import pytest
 from scalable_rec.connection import ArangoConfig, ArangoSettings, RetryPolicy, connect
 from scalable_rec.errors import DatabaseError, WriteMismatchError
 from scalable_rec.sink.arango import import_documents
-from scalable_rec.sink.arango_load import LoadConfig, load_movielens
+from scalable_rec.source.arango_load import LoadConfig, load_movielens
 from scalable_rec.source import MovieLensSource
 
 LAYOUT = ArangoConfig(arango_retries=3, arango_backoff=0.01)
@@ -105,3 +105,64 @@ def test_ratings_collection_of_wrong_type_is_an_error(db, tmp_path):
     source, _ = _movielens(tmp_path)
     with pytest.raises(DatabaseError, match="'Ratings' .* is a document collection, expected an edge collection"):
         load_movielens(db, source, LAYOUT)
+
+
+# ----------------------------------------------------------------------------- issue 10: validation, conflicts, 403
+
+
+def test_load_skips_bad_ratings_exactly_like_prepare(db, tmp_path):
+    from scalable_rec.source import SkipReport, write_rating_shards
+
+    (tmp_path / "movies.csv").write_text(MOVIES)
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,10\n1,2,nan,11\n2,1,inf,12\n"
+                                          "2,2,7.5,13\n3,3,0.5,14\n4,1,-inf,15\n")
+    load_report, prepare_report = SkipReport(), SkipReport()
+    load_movielens(db, MovieLensSource(str(tmp_path)), LAYOUT, report=load_report)
+    write_rating_shards(MovieLensSource(str(tmp_path)), str(tmp_path / "shards"), prepare_report)
+    assert load_report.counts == prepare_report.counts == {"rating_out_of_range": 4}
+    assert _count(db, "Ratings") == 2 and _count(db, "Users") == 2  # users with only bad ratings are no nodes
+
+
+def test_import_retries_write_write_conflicts(db, arango_faults):
+    db.create_collection("C")
+    arango_faults.conflict_next_imports([0, 2, 3])
+    counts = import_documents(db.collection("C"), [{"_key": str(i), "v": i} for i in range(5)],
+                              RetryPolicy(attempts=2, backoff=0.0))
+    assert (counts.created, counts.errors, counts.conflicts_retried) == (5, 0, 3) and _count(db, "C") == 5
+
+
+def test_import_conflicts_that_never_clear_are_a_mismatch(db, arango_faults):
+    db.create_collection("C")
+    arango_faults.conflict_next_imports(1, times=5)
+    with pytest.raises(WriteMismatchError, match="write-write conflict"):
+        import_documents(db.collection("C"), [{"_key": "a"}, {"_key": "b"}], RetryPolicy(attempts=2, backoff=0.0))
+
+
+def test_import_refuses_nan_and_inf_before_sending(db, arango_endpoint, caplog):
+    db.create_collection("C")
+    docs = [{"_key": "ok", "score": 1.0}, {"_key": "nan", "score": float("nan")},
+            {"_key": "inf", "score": float("-inf")}]
+    counts = import_documents(db.collection("C"), docs, RetryPolicy(attempts=0))
+    assert (counts.sent, counts.refused_non_finite) == (1, 2) and _count(db, "C") == 1
+    assert "refused 2 documents with NaN/inf values" in caplog.text and "'nan': score=nan" in caplog.text
+
+
+def test_read_only_user_gets_a_permission_error(tmp_path):
+    from arango_double import ArangoDouble
+    from scalable_rec.errors import PermissionDeniedError
+
+    with ArangoDouble({"root": "pw", "reader": "pw"}, read_only=("reader",)) as double:
+        double.create_database("t")
+        reader = connect(ArangoSettings(url=double.url, database="t", username="reader", password="pw"))
+        source, _ = _movielens(tmp_path)
+        with pytest.raises(PermissionDeniedError, match="Creating collection 'Users'.*HTTP 403.*needs read/write access"):
+            load_movielens(reader, source, LAYOUT)
+
+
+def test_graph_create_whose_answer_was_lost_is_fine(db, arango_faults, arango_endpoint, tmp_path):
+    source, rows = _movielens(tmp_path)
+    arango_faults.drop_next("/_api/gharial", method="POST", lose_response=True)
+    load_movielens(db, source, LAYOUT)
+    assert db.has_graph("movie_rating_graph") and _count(db, "Ratings") == len(rows)
+    creates = arango_endpoint.double.requests.matching("POST", "/_api/gharial")
+    assert [r.status for r in creates] == [None, 409]  # created, answer lost; the re-sent create: 1925

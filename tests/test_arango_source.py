@@ -44,7 +44,8 @@ def _fill(db, extra_ratings=()):
 
 
 def _source(db, layout=LAYOUT, **export):
-    return ArangoSource(db, layout, ExportConfig(export_batch_size=BATCH, **export), range_rows=SHARD_ROWS)
+    export.setdefault("export_partition_rows", SHARD_ROWS)
+    return ArangoSource(db, layout, ExportConfig(export_batch_size=BATCH, **export))
 
 
 def _export(db, out, strict=False, resume=False, **export):
@@ -88,10 +89,12 @@ def test_export_writes_every_rating_once_in_bounded_shards(db, clean, tmp_path):
     docs, manifest, report, rows = clean
     assert sorted(rows) == sorted(_expected(docs)) and len(rows) == RATINGS
     edges = manifest.edge_types["user__rates__movie"]
-    assert [f.num_rows for f in edges.files] == [SHARD_ROWS] * (RATINGS // SHARD_ROWS)
+    assert not list(tmp_path.glob(".*spill*"))  # spilled partitions are temporary
+    sizes = [f.num_rows for f in edges.files]  # one or more parts per hash partition, none above the bound
+    assert sum(sizes) == RATINGS and max(sizes) <= SHARD_ROWS and len(sizes) >= RATINGS // SHARD_ROWS
     shards = GraphShards(tmp_path / "clean")
     movies = shards.nodes("movie").to_pydict()
-    assert movies["key"] == sorted(str(m) for m in range(1, MOVIES + 1))  # _key order
+    assert sorted(movies["key"]) == sorted(str(m) for m in range(1, MOVIES + 1))
     assert movies["genres"][movies["key"].index("1")] == "Drama|Comedy"  # list → pipe-joined
     assert movies["genres"][movies["key"].index("2")] == "Action|Sci-Fi"
     assert shards.nodes("user").num_rows == USERS
@@ -113,9 +116,12 @@ def test_queries_are_stream_cursors_with_bind_variables(db, monkeypatch, tmp_pat
     for query, kw in calls:
         assert "@@collection" in query and "Ratings" not in query and "rating" not in query.replace("@rating", "")
         assert (kw["stream"], kw["allow_retry"], kw["fill_block_cache"], kw["batch_size"]) == (True, True, False, BATCH)
-        assert kw["ttl"] > 0 and kw["bind_vars"]["limit"] == SHARD_ROWS
-    rating_queries = [q for q, kw in calls if kw["bind_vars"]["@collection"] == "Ratings"]
-    assert rating_queries[0].endswith("RETURN [v._key, v._from, v._to, v.@rating, v.@timestamp]")
+        assert kw["ttl"] > 0 and "limit" not in kw["bind_vars"] and "SORT" not in query
+    rating_calls = [(q, kw) for q, kw in calls if kw["bind_vars"]["@collection"] == "Ratings"]
+    assert rating_calls[0][0].endswith("RETURN [v._key, v._from, v._to, v.@rating, v.@timestamp]")
+    # 600 ratings / 100 rows per partition: 6 disjoint hash partitions covering all 256 MD5 prefixes
+    buckets = [b for _, kw in rating_calls for b in kw["bind_vars"]["buckets"]]
+    assert len(rating_calls) == 6 and sorted(buckets) == [f"{i:02x}" for i in range(256)]
 
 
 def test_source_drives_write_rating_shards(db, clean, tmp_path):
@@ -141,7 +147,7 @@ def test_connection_dropped_mid_cursor(db, clean, arango_faults, tmp_path, times
 
 def test_expired_cursor_resumes_from_last_shard(db, clean, arango_faults, arango_endpoint, tmp_path):
     _, manifest, report, _ = clean
-    arango_faults.expire_cursor_after_batches(9)
+    arango_faults.expire_cursor_after_batches(7)  # movies 2 batches, users 2, mid-way through ratings
     faulty, faulty_report = _export(db, tmp_path / "faulty")
     assert _files(faulty) == _files(manifest) and faulty_report.to_json() == report.to_json()
     assert any(r.status == 404 for r in arango_endpoint.double.requests.matching("POST", "/_api/cursor/"))
@@ -185,7 +191,7 @@ def test_resume_refuses_a_different_export(db, clean, monkeypatch, tmp_path):
 def test_cursor_that_keeps_dying_gives_up(db, arango_faults, tmp_path):
     _fill(db)
     arango_faults.fail_next("/_api/cursor", 503, times=1000)
-    with pytest.raises(DatabaseUnreachableError, match="gave up after 3 attempts without finishing a shard"):
+    with pytest.raises(DatabaseUnreachableError, match="gave up after 3 re-reads"):
         _export(db, tmp_path / "dead")
 
 
@@ -249,3 +255,42 @@ def test_export_command_names_a_wrong_password(arango_endpoint, tmp_path, monkey
             "--arango-database", arango_endpoint.database, "--arango-username", arango_endpoint.username]
     assert cli.main(argv) == 2
     assert "rejected the credentials for user" in caplog.text and "not-the-password" not in caplog.text
+
+
+def test_killed_between_parts_of_one_partition_drops_the_unrecorded_part(db, clean, monkeypatch, tmp_path):
+    # A partition of more than SHARD_ROWS rows is written as two parts; a process killed after the
+    # first part reached disk but before the partition's checkpoint leaves a part no checkpoint
+    # covers. Resuming must delete it, or its rows would be exported twice.
+    from scalable_rec.shards.writer import ShardWriter
+
+    _, manifest, report, rows = clean
+    write = ShardWriter.write
+
+    class Killed(Exception):
+        pass
+
+    def dies_after_a_part(self, batch, state=None):
+        before = len(self.files)
+        write(self, batch, state)
+        if self.directory.name == "user__rates__movie" and len(self.files) > before and state is None:
+            raise Killed()
+
+    monkeypatch.setattr(ShardWriter, "write", dies_after_a_part)
+    with pytest.raises(Killed):
+        _export(db, tmp_path / "killed")
+    assert not list(tmp_path.glob(".*spill*"))
+    monkeypatch.setattr(ShardWriter, "write", write)
+    resumed, resumed_report = _export(db, tmp_path / "killed", resume=True)
+    assert sorted(_edge_rows(tmp_path / "killed")) == sorted(rows)
+    assert _files(resumed) == _files(manifest) and resumed_report.to_json() == report.to_json()
+
+
+def test_export_command_with_parallelism_flag(db, clean, arango_endpoint, tmp_path, monkeypatch):
+    docs, *_ = clean
+    monkeypatch.setenv("SCALABLE_REC_ARANGO_PASSWORD", arango_endpoint.password)
+    argv = ["arango", "export", "--shards", str(tmp_path / "cli"), "--arango-url", arango_endpoint.url,
+            "--arango-database", arango_endpoint.database, "--arango-username", arango_endpoint.username,
+            "--parallelism", "3", "--export-partition-rows", "150", "--export-batch-size", "40"]
+    assert cli.main(argv) == 0
+    assert sorted(_edge_rows(tmp_path / "cli")) == sorted(_expected(docs))
+    assert Manifest.load(tmp_path / "cli").config["parallelism"] == 3

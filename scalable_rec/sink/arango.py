@@ -9,10 +9,14 @@ once everything that could be written has been.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import logging
+import math
 import os
+import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
@@ -76,9 +80,14 @@ class ImportCounts:
     errors: int = 0
     ignored: int = 0
     requests: int = 0
+    conflicts_retried: int = 0
+    """Documents the server refused with a write-write conflict (1200) and that were sent again."""
+    refused_non_finite: int = 0
+    """Documents not sent because a value was NaN or infinite (JSON has no such numbers)."""
 
     def add(self, other: "ImportCounts") -> None:
-        for name in ("sent", "created", "updated", "errors", "ignored", "requests"):
+        for name in ("sent", "created", "updated", "errors", "ignored", "requests", "conflicts_retried",
+                     "refused_non_finite"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -102,6 +111,70 @@ def batched(docs: Iterable[dict[str, Any]], max_docs: int, max_bytes: int) -> It
         yield batch
 
 
+_POSITION = re.compile(r"at position (\d+):")
+
+
+def conflict_positions(details: list[Any]) -> list[int]:
+    """Positions of an import's ``details`` lines that report a write-write conflict (1200)."""
+    out = []
+    for line in details:
+        text = str(line)
+        match = _POSITION.search(text)
+        if match and "conflict" in text and "unique constraint" not in text:
+            out.append(int(match.group(1)))
+    return out
+
+
+def non_finite(doc: dict[str, Any]) -> str | None:
+    """The first attribute of ``doc`` holding NaN or ±inf, else None."""
+    for name, value in doc.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return name
+    return None
+
+
+def _finite_only(docs: Iterable[dict[str, Any]], refused: list[str]) -> Iterator[dict[str, Any]]:
+    for doc in docs:
+        bad = non_finite(doc)
+        if bad is None:
+            yield doc
+        else:
+            if len(refused) < MAX_LISTED_MISMATCHES:
+                refused.append(f"{doc.get('_key')!r}: {bad}={doc[bad]!r}")
+            else:
+                refused.append("")
+
+
+def _send_with_conflict_retry(collection: StandardCollection, batch: list[dict[str, Any]], policy: RetryPolicy,
+                              what: str) -> tuple[dict[str, Any], int]:
+    """One import request; documents refused with 1200 (write-write conflict) are sent again with
+    backoff. Returns the merged answer (counts over all tries) and how many were re-sent."""
+    def send(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        return policy.call(lambda: collection.import_bulk(docs, halt_on_error=False, details=True,
+                                                          on_duplicate="replace"), what)
+
+    result = dict(send(batch))
+    retried, delays, pending = 0, policy.delays(), batch
+    while True:
+        positions = conflict_positions(result.get("details") or [])
+        if not positions:
+            return result, retried
+        delay = next(delays, None)
+        if delay is None:
+            return result, retried
+        pending = [pending[i] for i in positions if i < len(pending)]
+        log.warning("%s: %d write-write conflict(s) (1200); sending them again in %.2fs", what, len(pending), delay)
+        time.sleep(delay)
+        retried += len(pending)
+        again = send(pending)
+        others = [d for d in result.get("details") or [] if not conflict_positions([d])]
+        result = {"created": result.get("created", 0) + again.get("created", 0),
+                  "updated": result.get("updated", 0) + again.get("updated", 0),
+                  "ignored": result.get("ignored", 0) + again.get("ignored", 0),
+                  "errors": result.get("errors", 0) - len(positions) + again.get("errors", 0),
+                  "details": list(again.get("details") or []) + others}
+
+
 def import_documents(collection: StandardCollection, docs: Iterable[dict[str, Any]], policy: RetryPolicy,
                      max_docs: int = 10_000, max_bytes: int = 32 << 20, progress: Any = None) -> ImportCounts:
     """Imports documents idempotently and checks the server's counts for every batch.
@@ -118,19 +191,16 @@ def import_documents(collection: StandardCollection, docs: Iterable[dict[str, An
         WriteMismatchError: Some batch's ``created + updated`` differs from what was sent, or
             the server reported errors; raised after all batches, listing the mismatches.
     """
-    total, mismatches = ImportCounts(), []
-    for number, batch in enumerate(batched(docs, max_docs, max_bytes)):
+    total, mismatches, refused = ImportCounts(), [], []
+    for number, batch in enumerate(batched(_finite_only(docs, refused), max_docs, max_bytes)):
         what = f"import of {len(batch)} documents into '{collection.name}'"
-
-        def send(batch: list[dict[str, Any]] = batch) -> dict[str, Any]:
-            return collection.import_bulk(batch, halt_on_error=False, details=True, on_duplicate="replace")
-
         try:
-            result = policy.call(send, what)
+            result, retried = _send_with_conflict_retry(collection, batch, policy, what)
         except ArangoServerError as err:
             raise database_error(err, what) from err
         counts = ImportCounts(sent=len(batch), created=result.get("created", 0), updated=result.get("updated", 0),
-                              errors=result.get("errors", 0), ignored=result.get("ignored", 0), requests=1)
+                              errors=result.get("errors", 0), ignored=result.get("ignored", 0), requests=1,
+                              conflicts_retried=retried)
         total.add(counts)
         if counts.errors or counts.ignored or counts.created + counts.updated != counts.sent:
             line = (f"request {number} (keys {batch[0].get('_key')!r}..{batch[-1].get('_key')!r}): sent "
@@ -143,6 +213,10 @@ def import_documents(collection: StandardCollection, docs: Iterable[dict[str, An
             mismatches.append(line)
         if progress is not None:
             progress.update(len(batch))
+    total.refused_non_finite = len(refused)
+    if refused:
+        log.warning("%s: refused %d documents with NaN/inf values (not valid JSON numbers), e.g. %s",
+                    collection.name, len(refused), "; ".join(r for r in refused[:3] if r))
     if mismatches:
         listed = mismatches[:MAX_LISTED_MISMATCHES]
         more = len(mismatches) - len(listed)
@@ -285,3 +359,21 @@ def writeback_run(batches: Iterable[pa.RecordBatch], layout: ArangoConfig, cfg: 
                             "counts": asdict(result.counts), "removed_previous": result.removed_previous,
                             "server": settings.describe(), "config": asdict(cfg)})
     return out
+
+
+def replace_users(batch: pa.RecordBatch, layout: ArangoConfig, cfg: WritebackConfig, run_dir: str | os.PathLike,
+                  tag: str) -> dict[str, Any]:
+    """Replaces the recommendation edges of exactly ``batch``'s users (a refresh).
+
+    The new edges get run id ``<run_dir name>-refresh-<tag>`` (deterministic keys, so a
+    repeat replaces them), and only then are those users' edges of every other run id
+    removed: each user always has recommendations. Other users' edges are not touched.
+    """
+    run_dir = Path(run_dir).resolve()
+    settings = layout.settings()
+    result = write_recommendations(connect(settings), [batch], layout, dataclasses.replace(cfg, replace_previous=True),
+                                   run_id=f"{run_dir.name}-refresh-{tag}",
+                                   created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    return {"run_id": result.run_id, "collection": result.collection, "users": result.users,
+            "counts": asdict(result.counts), "removed_previous": result.removed_previous,
+            "server": settings.describe()}

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -36,3 +37,16 @@ def write_parquet(batches: Iterable[pa.RecordBatch], path: str | os.PathLike,
             writer.close()
         tmp.unlink(missing_ok=True)
     return rows
+
+
+def replace_user_rows(path: str | os.PathLike, batch: pa.RecordBatch, users: pa.Array) -> int:
+    """Replaces every row of ``users`` in the Parquet file ``path`` by ``batch``'s rows
+    (atomically: the whole file is rewritten under a temporary name and renamed).
+
+    Rows of other users keep their order; the new rows come last. Returns the rows written.
+    """
+    old = pq.read_table(path)
+    keep = pc.invert(pc.is_in(old.column("user_key"), value_set=users.cast(old.schema.field("user_key").type)))
+    new = pa.Table.from_batches([batch]).select(old.column_names).cast(old.schema)
+    table = pa.concat_tables([old.filter(keep), new])
+    return write_parquet(table.to_batches(max_chunksize=1 << 16), path, metadata=None)

@@ -1,53 +1,69 @@
-"""ArangoDB source: the rating graph read out by ``_key`` ranges, as Arrow record batches.
+"""ArangoDB source: the rating graph read out by hash partitions of ``_key``, as Arrow batches.
 
-Every read is one query shape, with collection and attribute names as bind variables::
+Why partitions and not key ranges. AQL compares strings with the server's ICU collator,
+while a shard's primary index iterates in byte order; on a cluster the coordinator merges
+the shards' ``SORT v._key`` streams in ICU order. A reader that pages with
+``FILTER v._key > @after SORT v._key LIMIT @n`` therefore skips and repeats rows once keys
+hold upper case or ``_ : . @`` (``tests/test_arango_cluster.py`` shows it). Nothing here
+depends on how the server orders strings: a collection is split into ``P`` partitions by
+the first hex digits of ``MD5(_key)``::
 
-    FOR v IN @@collection FILTER v._key > @after SORT v._key LIMIT @limit
-        RETURN [v._key, v._from, v._to, v.@rating, v.@timestamp]
+    FOR v IN @@collection FILTER SUBSTRING(MD5(v._key), 0, 2) IN @buckets RETURN [...]
 
-run as a stream cursor (``stream=True``, ``fill_block_cache=False``, ``allow_retry=True``),
-so the server walks the primary index lazily and python-arango can re-ask for a batch whose
-response was lost. Rows come back as compact arrays, not documents. ``LIMIT`` bounds each
-query to one key range, and the next range starts after the last key read, so a lost or
-expired cursor (connection reset after python-arango's own retries, 404/1600) is replaced
-by a new query that neither skips nor repeats a row. A background thread fetches the next
-batch (at most ``export_prefetch`` ahead) while the caller converts the current one.
+(no FILTER when ``P == 1``). Partitions are disjoint and cover the collection whatever the
+sharding or collation, because membership is a string equality on a hash. Each partition
+is read whole by one stream cursor (``allowRetry``: python-arango re-asks for a batch whose
+response was lost) and is the unit of retry, of resume and of parallelism: a partition
+whose cursor dies (connection reset after retries, expired cursor 404/1600, 503) is read
+again from its start and its rows count only once it is complete. The price is one
+server-side scan of the collection per partition; ``P`` is the largest of the parallelism
+and ``count / export_partition_rows``, so on a big collection a failure re-reads at most
+one partition.
+
+Servers before 3.11 have no ``allowRetry``: python-arango re-sends a cursor fetch after a
+lost response and the server serves the *next* batch, skipping one. There each partition
+is read by a non-stream cursor with ``count``, and a partition whose rows differ from the
+server's count is read again (``ServerInfo.legacy_cursors``); that mode cannot skip a
+batch unnoticed, at the cost of the server materialising one partition.
 
 ``ArangoSource`` follows ``RatingGraphSource`` (``write_rating_shards`` can drive it); the
-checkpointed, resumable export into shards is ``scalable_rec.source.arango_export``.
+checkpointed, parallel, verified export into shards is ``scalable_rec.source.arango_export``.
 """
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from arango.database import StandardDatabase
 from arango.exceptions import ArangoServerError
 
 from scalable_rec.connection import (
-    ArangoConfig, RetryPolicy, database_error, is_cursor_lost, is_transient, require_collection,
+    ArangoConfig, RetryPolicy, ServerInfo, database_error, is_cursor_lost, is_transient, require_collection,
+    server_info,
+)
+from scalable_rec.errors import ExportVerificationError
+from scalable_rec.source.arango_rows import (  # noqa: F401 - re-exported: the rows of each read
+    MOVIE_SCHEMA, RATING_SCHEMA, USER_SCHEMA, movie_batch, rating_batch, user_batch,
 )
 from scalable_rec.source.report import SkipReport
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-RANGE_QUERY = ("FOR v IN @@collection FILTER v._key > @after SORT v._key LIMIT @limit "
-               "RETURN [{projection}]")
+FULL_QUERY = "FOR v IN @@collection RETURN [{projection}]"
+PARTITION_QUERY = ("FOR v IN @@collection FILTER SUBSTRING(MD5(v._key), 0, {width}) IN @buckets "
+                   "RETURN [{projection}]")
 MOVIE_PROJECTION = "v._key, v.@title, v.@genres"
 USER_PROJECTION = "v._key"
 RATING_PROJECTION = "v._key, v._from, v._to, v.@rating, v.@timestamp"
+MAX_PARTITIONS = 4096  # three hex digits of MD5
 
-MOVIE_SCHEMA = pa.schema([("key", pa.string()), ("title", pa.string()), ("genres", pa.string())])
-USER_SCHEMA = pa.schema([("key", pa.string())])
-RATING_SCHEMA = pa.schema([("user_key", pa.string()), ("movie_key", pa.string()), ("rating", pa.float64()),
-                           ("timestamp", pa.int64())])
 
 
 @dataclass
@@ -59,7 +75,11 @@ class ExportConfig:
         export_ttl: Seconds a server-side cursor may sit idle between batches.
         export_prefetch: Cursor batches fetched ahead while the current one is converted (1-8).
         export_resume: Continue an interrupted export from '<shards>.incomplete' after its last
-            finished shard.
+            finished partition.
+        parallelism: Partitions read at once, one cursor and one thread each (1-64).
+        export_partition_rows: Target rows per partition: a collection is read in at least
+            count/export_partition_rows hash partitions (the re-read after a failure, a worker's
+            spill file and the keys it holds for the repeat check are bounded by one partition).
         rating_attribute: Attribute of a rating edge holding the rating.
         timestamp_attribute: Attribute of a rating edge holding the Unix time (may be missing).
         title_attribute: Attribute of a movie holding its title.
@@ -70,6 +90,8 @@ class ExportConfig:
     export_ttl: float = 120.0
     export_prefetch: int = 2
     export_resume: bool = False
+    parallelism: int = 1
+    export_partition_rows: int = 2_000_000
     rating_attribute: str = "rating"
     timestamp_attribute: str = "timestamp"
     title_attribute: str = "title"
@@ -83,21 +105,12 @@ class ExportConfig:
             problems.append(f"'export_ttl' needs to be positive (got {self.export_ttl})")
         if not 1 <= self.export_prefetch <= 8:
             problems.append(f"'export_prefetch' needs to be between 1 and 8 (got {self.export_prefetch})")
+        if not 1 <= self.parallelism <= 64:
+            problems.append(f"'parallelism' needs to be between 1 and 64 (got {self.parallelism})")
+        if self.export_partition_rows <= 0:
+            problems.append(f"'export_partition_rows' needs to be positive (got {self.export_partition_rows})")
         if problems:
             raise ValueError("; ".join(problems))
-
-
-@dataclass
-class Chunk:
-    """One cursor batch of rows and where the read stands after it."""
-
-    rows: list[list[Any]]
-    last_key: str
-    """``_key`` of the last row read so far: the next range starts after it."""
-    range_end: bool
-    """This batch ends one key-range query."""
-    exhausted: bool
-    """No rows remain after this batch."""
 
 
 @dataclass(frozen=True)
@@ -112,42 +125,70 @@ class ReadSpec:
     """Bind variables of the projection (attribute names)."""
 
 
-def scan_ranges(db: StandardDatabase, spec: ReadSpec, after: str, range_rows: int,
-                cfg: ExportConfig) -> Iterator[Chunk]:
-    """Reads a collection in ``_key`` order after ``after``, one query per ``range_rows`` rows.
+@dataclass(frozen=True)
+class Partition:
+    """Partition ``index`` of ``count``: the documents whose ``MD5(_key)`` starts with a bucket
+    ``b`` (``width`` hex digits) with ``int(b, 16) % count == index``."""
 
-    Args:
-        db: Database.
-        spec: Collection, projection and its bind variables.
-        after: Start after this key (``""``: from the first).
-        range_rows: ``LIMIT`` of each query.
-        cfg: Cursor batch size and ttl.
+    index: int
+    count: int
+
+    @property
+    def width(self) -> int:
+        return 2 if self.count <= 256 else 3
+
+    @property
+    def buckets(self) -> list[str]:
+        width = self.width
+        return [f"{b:0{width}x}" for b in range(16 ** width) if b % self.count == self.index]
+
+
+def partition_count(rows: int, parallelism: int, partition_rows: int) -> int:
+    """Partitions for a collection of ``rows``: enough for the workers and for the row target."""
+    return max(1, min(MAX_PARTITIONS, max(parallelism, math.ceil(rows / partition_rows))))
+
+
+def partitions(count: int) -> list[Partition]:
+    if not 1 <= count <= MAX_PARTITIONS:
+        raise ValueError(f"partition count needs to be between 1 and {MAX_PARTITIONS} (got {count})")
+    return [Partition(i, count) for i in range(count)]
+
+
+def read_partition(db: StandardDatabase, spec: ReadSpec, part: Partition, cfg: ExportConfig,
+                   server: ServerInfo) -> Iterator[list[list[Any]]]:
+    """Cursor batches of one partition, in server order (any order).
+
+    Raises:
+        ExportVerificationError: (pre-3.11 servers) the rows received differ from the cursor's count.
     """
-    query = RANGE_QUERY.format(projection=spec.projection)
-    while True:
-        read = 0
-        cursor = db.aql.execute(query, bind_vars={"@collection": spec.collection, "after": after,
-                                                  "limit": range_rows, **spec.binds},
-                                batch_size=cfg.export_batch_size, ttl=cfg.export_ttl, stream=True,
-                                fill_block_cache=False, allow_retry=True)
-        try:
-            while True:
-                batch = cursor.batch()
-                rows = list(batch)
-                batch.clear()
-                read += len(rows)
-                if rows:
-                    after = rows[-1][0]
-                done = not cursor.has_more()
-                if rows or done:
-                    yield Chunk(rows, after, done, done and read < range_rows)
-                if done:
-                    break
-                cursor.fetch()
-        finally:
-            _close_quietly(cursor)
-        if read < range_rows:
-            return
+    binds: dict[str, Any] = {"@collection": spec.collection, **spec.binds}
+    if part.count == 1:
+        query = FULL_QUERY.format(projection=spec.projection)
+    else:
+        query = PARTITION_QUERY.format(width=part.width, projection=spec.projection)
+        binds["buckets"] = part.buckets
+    legacy = server.legacy_cursors
+    cursor = db.aql.execute(query, bind_vars=binds, batch_size=cfg.export_batch_size, ttl=cfg.export_ttl,
+                            stream=not legacy, count=legacy, fill_block_cache=False, allow_retry=not legacy)
+    received = 0
+    try:
+        while True:
+            batch = cursor.batch()
+            rows = list(batch)
+            batch.clear()
+            received += len(rows)
+            if rows:
+                yield rows
+            if not cursor.has_more():
+                break
+            cursor.fetch()
+    finally:
+        _close_quietly(cursor)
+    if legacy and received != cursor.count():
+        raise ExportVerificationError(
+            f"Reading partition {part.index + 1}/{part.count} of '{spec.collection}': received {received} rows, "
+            f"the server's cursor counted {cursor.count()} (a cursor batch was lost; ArangoDB "
+            f"{server.version_text} has no allowRetry)")
 
 
 def _close_quietly(cursor: Any) -> None:
@@ -157,6 +198,30 @@ def _close_quietly(cursor: Any) -> None:
         cursor.close(ignore_missing=True)
     except Exception as err:  # noqa: BLE001
         log.debug("closing cursor %s failed (it expires with its ttl): %s", cursor.id, err)
+
+
+def retry_partition(read: Callable[[], T], policy: RetryPolicy, what: str) -> T:
+    """Runs ``read`` (one whole partition), starting it over after a lost cursor or connection.
+
+    A partition's rows count only once it was read to its end, so starting over neither loses
+    nor repeats a row. ``ExportVerificationError`` (a lost pre-3.11 batch) is also retried.
+    """
+    delays = policy.delays()
+    while True:
+        try:
+            return read()
+        except Exception as err:  # noqa: BLE001 - classified right below
+            if not (is_transient(err) or is_cursor_lost(err) or isinstance(err, ExportVerificationError)):
+                if isinstance(err, ArangoServerError):
+                    raise database_error(err, what) from err
+                raise
+            delay = next(delays, None)
+            if delay is None:
+                if isinstance(err, ExportVerificationError):
+                    raise
+                raise database_error(err, f"{what} (gave up after {policy.attempts} re-reads)") from err
+            log.warning("%s: %s; reading the partition again in %.2fs", what, err, delay)
+            time.sleep(delay)
 
 
 class Prefetcher:
@@ -220,92 +285,6 @@ class Prefetcher:
         self.close()
 
 
-# ----------------------------------------------------------------------------- row conversion
-
-
-def movie_batch(rows: list[list[Any]]) -> pa.RecordBatch:
-    """``[key, title, genres]`` rows → ``key, title, genres`` strings (genre lists pipe-joined)."""
-    keys, titles, genres = zip(*rows)
-    genres = ["|".join(str(g) for g in v) if isinstance(v, list) else ("" if v is None else str(v)) for v in genres]
-    titles = ["" if t is None else str(t) for t in titles]
-    return pa.record_batch([pa.array(keys, pa.string()), pa.array(titles, pa.string()),
-                            pa.array(genres, pa.string())], schema=MOVIE_SCHEMA)
-
-
-def user_batch(rows: list[list[Any]]) -> pa.RecordBatch:
-    return pa.record_batch([pa.array([r[0] for r in rows], pa.string())], schema=USER_SCHEMA)
-
-
-def _strings(values: tuple[Any, ...]) -> pa.Array:
-    try:
-        return pa.array(values, pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([v if isinstance(v, str) else None for v in values], pa.string())
-
-
-def _strip_prefix(values: tuple[Any, ...], prefix: str) -> tuple[pa.Array, np.ndarray]:
-    """Keys after ``prefix`` (``Users/``) and a mask of the values that carry it."""
-    arr = _strings(values)
-    ok = pc.fill_null(pc.starts_with(arr, prefix), False).to_numpy(zero_copy_only=False)
-    return pc.utf8_slice_codeunits(arr, len(prefix)), ok
-
-
-def _ratings(values: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float64 ratings plus masks of missing (null/absent) and non-numeric values."""
-    if set(map(type, values)) <= {int, float, type(None)}:  # not bool: pyarrow would make True 1.0
-        arr = pa.array(values, pa.float64())
-        missing = arr.is_null().to_numpy(zero_copy_only=False)
-        return pc.fill_null(arr, np.nan).to_numpy(zero_copy_only=False), missing, np.zeros(len(values), bool)
-    out = np.full(len(values), np.nan)
-    missing = np.zeros(len(values), bool)
-    wrong = np.zeros(len(values), bool)
-    for i, v in enumerate(values):
-        if v is None:
-            missing[i] = True
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[i] = v
-        else:
-            wrong[i] = True
-    return out, missing, wrong
-
-
-def _timestamps(values: tuple[Any, ...]) -> pa.Array:
-    """int64 Unix times; values that are not whole numbers become null (the edge is kept)."""
-    try:
-        return pa.array(values, pa.int64())
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
-                         else None for v in values], pa.int64())
-
-
-def rating_batch(rows: list[list[Any]], layout: ArangoConfig, report: SkipReport) -> pa.RecordBatch:
-    """``[key, _from, _to, rating, timestamp]`` rows → ``RATING_SCHEMA`` rows a shard can use.
-
-    Edges whose ``_from``/``_to`` name another collection, and ratings that are missing or not
-    numbers, are counted in ``report`` (each row once, under its first problem) and dropped.
-    Unknown vertices and out-of-range ratings are left to ``validate_ratings``.
-    """
-    keys, froms, tos, ratings, stamps = zip(*rows)
-    user_key, ok_from = _strip_prefix(froms, f"{layout.users_collection}/")
-    movie_key, ok_to = _strip_prefix(tos, f"{layout.movies_collection}/")
-    rating, missing, wrong = _ratings(ratings)
-    pending = np.ones(len(keys), bool)
-    for reason, bad, expected in (
-            ("wrong_from_collection", ~ok_from, f"_from in '{layout.users_collection}'"),
-            ("wrong_to_collection", ~ok_to, f"_to in '{layout.movies_collection}'"),
-            ("missing_rating", missing, "a rating"),
-            ("non_numeric_rating", wrong, "a numeric rating")):
-        hit = np.flatnonzero(pending & bad)
-        if len(hit):
-            i = int(hit[0])
-            report.skip(reason, f"{layout.ratings_collection}/{keys[i]}: expected {expected}, got _from="
-                                f"{froms[i]!r}, _to={tos[i]!r}, rating={ratings[i]!r}", count=len(hit))
-            pending[hit] = False
-    keep = pa.array(pending)
-    return pa.record_batch([user_key.filter(keep), movie_key.filter(keep), pa.array(rating[pending]),
-                            _timestamps(stamps).filter(keep)], schema=RATING_SCHEMA)
-
-
 # ----------------------------------------------------------------------------- the source
 
 
@@ -313,28 +292,32 @@ def rating_batch(rows: list[list[Any]], layout: ArangoConfig, report: SkipReport
 class ArangoSource:
     """The rating graph in ArangoDB, as a ``RatingGraphSource``.
 
-    Checks on construction that the three collections exist with the right types. Reads
-    recover from a lost cursor by reopening after the last key received (with backoff from
-    ``layout``), so ``write_rating_shards`` sees every row exactly once.
+    Checks on construction that the three collections exist with the right types and reads
+    the server's version and role (``server``). Reads go partition by partition; a partition
+    whose cursor is lost is read again (with backoff from ``layout``) before any of its rows
+    are handed on, so ``write_rating_shards`` sees every row exactly once.
 
     Args:
         db: The database (see ``scalable_rec.connection.connect``).
         layout: Collection names and retry settings.
-        export: Cursor settings and attribute names.
-        range_rows: ``LIMIT`` of each key-range query.
+        export: Cursor settings, parallelism and attribute names.
+        server: Version and role (default: asked from the server).
     """
 
     db: StandardDatabase
     layout: ArangoConfig = field(default_factory=ArangoConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    range_rows: int = 1_000_000
+    server: ServerInfo | None = None
 
     def __post_init__(self) -> None:
-        if self.range_rows <= 0:
-            raise ValueError(f"'range_rows' needs to be positive (got {self.range_rows})")
         require_collection(self.db, self.layout.users_collection, edge=False)
         require_collection(self.db, self.layout.movies_collection, edge=False)
         require_collection(self.db, self.layout.ratings_collection, edge=True)
+        if self.server is None:
+            self.server = server_info(self.db)
+        if self.server.legacy_cursors:
+            log.warning("ArangoDB %s has no cursor allowRetry: reading each partition with a counted, "
+                        "non-stream cursor and re-reading it when a batch goes missing", self.server.version_text)
 
     def identity(self) -> dict[str, Any]:
         """What determines the rows read (a resumed export must match it)."""
@@ -346,7 +329,8 @@ class ArangoSource:
 
     def config(self) -> dict[str, Any]:
         return {**self.identity(), "export_batch_size": self.export.export_batch_size,
-                "export_ttl": self.export.export_ttl}
+                "export_ttl": self.export.export_ttl, "parallelism": self.export.parallelism,
+                "server": self.server.describe()}
 
     def fingerprint(self) -> None:
         return None  # a live database has no content hash; shards are never reused by fingerprint
@@ -365,46 +349,81 @@ class ArangoSource:
         return ReadSpec(self.layout.ratings_collection, RATING_PROJECTION,
                         {"rating": self.export.rating_attribute, "timestamp": self.export.timestamp_attribute})
 
-    def scan(self, spec: ReadSpec, after: str = "", range_rows: int | None = None) -> Prefetcher:
-        """Prefetched ``scan_ranges`` chunks of one collection; the caller handles a lost cursor."""
-        return Prefetcher(scan_ranges(self.db, spec, after, range_rows or self.range_rows, self.export),
-                          self.export.export_prefetch)
+    def count(self, collection: str) -> int:
+        """The server's document count of ``collection``."""
+        try:
+            return int(self.db.collection(collection).count())
+        except ArangoServerError as err:
+            raise database_error(err, f"Counting '{collection}'") from err
 
-    def _rows(self, spec: ReadSpec) -> Iterator[list[list[Any]]]:
-        """All rows in key order; a lost cursor is reopened after the last key received."""
-        policy: RetryPolicy = self.layout.retry_policy()
+    def read(self, spec: ReadSpec, part: Partition, consume: Callable[[list[list[Any]]], None],
+             on_start: Callable[[], None] = lambda: None) -> None:
+        """Passes every cursor batch of one whole partition to ``consume``.
 
-        def produce() -> Iterator[list[list[Any]]]:
-            after, delays = "", policy.delays()
-            while True:
-                try:
-                    for chunk in scan_ranges(self.db, spec, after, self.range_rows, self.export):
-                        after = chunk.last_key
-                        if chunk.rows:
-                            delays = policy.delays()  # progress: the next failure starts a fresh backoff
-                            yield chunk.rows
-                    return
-                except Exception as err:  # noqa: BLE001 - classified right below
-                    if not (is_transient(err) or is_cursor_lost(err)):
-                        if isinstance(err, ArangoServerError):
-                            raise database_error(err, f"Reading '{spec.collection}'") from err
-                        raise
-                    delay = next(delays, None)
-                    if delay is None:
-                        raise database_error(err, f"Reading '{spec.collection}' (gave up after "
-                                                  f"{policy.attempts} reopens)") from err
-                    log.warning("reading %s: cursor lost (%s); reopening after key %r in %.2fs",
-                                spec.collection, err, after, delay)
-                    time.sleep(delay)
+        The partition is read again from its start after a lost cursor or connection;
+        ``on_start`` runs before each attempt, so the caller can drop what a failed one gave.
+        """
+        def once() -> None:
+            on_start()
+            with Prefetcher(read_partition(self.db, spec, part, self.export, self.server),
+                            self.export.export_prefetch) as batches:
+                for rows in batches:
+                    consume(rows)
+        retry_partition(once, self.layout.retry_policy(),
+                        f"Reading partition {part.index + 1}/{part.count} of '{spec.collection}'")
 
-        with Prefetcher(produce(), self.export.export_prefetch) as rows:
-            yield from rows
+    def _batches(self, spec: ReadSpec, convert: Callable[..., pa.RecordBatch],
+                 report: SkipReport | None = None) -> Iterator[pa.RecordBatch]:
+        """Every row of ``spec``'s collection exactly once, checked against the server's count.
+
+        One partition is held in memory at a time (``export_partition_rows``)."""
+        expected = self.count(spec.collection)
+        count = partition_count(expected, 1, self.export.export_partition_rows)
+        read = 0
+        for part in partitions(count):
+            attempt: dict[str, Any] = {}
+
+            def start() -> None:  # a failed attempt's rows and skips are dropped with it
+                attempt.update(batches=[], rows=0, report=None if report is None else SkipReport(strict=report.strict))
+
+            def consume(rows: list[list[Any]]) -> None:
+                attempt["rows"] += len(rows)
+                attempt["batches"].append(convert(rows) if report is None else convert(rows, attempt["report"]))
+
+            self.read(spec, part, consume, on_start=start)
+            if report is not None:
+                merge_report(report, attempt["report"])
+            read += attempt["rows"]
+            yield from attempt["batches"]
+        check_count(spec.collection, read, expected, self.count(spec.collection))
 
     def movies(self, report: SkipReport) -> Iterator[pa.RecordBatch]:
-        return (movie_batch(rows) for rows in self._rows(self.movie_spec))
+        return self._batches(self.movie_spec, movie_batch)
 
     def users(self, report: SkipReport) -> Iterator[pa.RecordBatch]:
-        return (user_batch(rows) for rows in self._rows(self.user_spec))
+        return self._batches(self.user_spec, user_batch)
 
     def ratings(self, report: SkipReport) -> Iterator[pa.RecordBatch]:
-        return (rating_batch(rows, self.layout, report) for rows in self._rows(self.rating_spec))
+        return self._batches(self.rating_spec, lambda rows, rep: rating_batch(rows, self.layout, rep), report)
+
+
+def merge_report(into: SkipReport, part: SkipReport) -> None:
+    """Adds a partition's skip counts and examples to the export's report."""
+    for reason, n in part.counts.items():
+        into.counts[reason] = into.counts.get(reason, 0) + n
+        examples = into.examples.setdefault(reason, [])
+        examples.extend(part.examples.get(reason, [])[:max(0, into.max_examples - len(examples))])
+    for what, n in part.accepted.items():
+        into.accept(what, n)
+
+
+def check_count(collection: str, read: int, before: int, after: int) -> None:
+    """Raises unless ``read`` rows equal the server's count before and after the read."""
+    if before != after:
+        raise ExportVerificationError(
+            f"'{collection}' changed during the export: count() was {before} before and {after} after; "
+            "export from a collection nobody writes to")
+    if read != before:
+        raise ExportVerificationError(
+            f"Exported {read} rows of '{collection}', but the server counts {before} "
+            f"({'missing' if read < before else 'extra'}: {abs(before - read)})")

@@ -43,6 +43,11 @@ class ModelConfig:
             in-batch sampled softmax next to the rating loss; top-K lists rank by it. Rating
             regression alone ranks obscure, rarely rated movies first (their biases are
             noisy), which is what a top-10 list must avoid.
+        user_id_dropout: Share of users (per batch node, training only) whose ID embedding is
+            replaced by the "unknown user" input, so the encoder learns to represent a user
+            from the movies they rated alone (users added after training are served that
+            way). With 0 the unknown-user input is the mean of the trained user table; with
+            more it is a learned vector (and a learned bias for the dot decoder).
     """
 
     hidden: int = 64
@@ -51,6 +56,7 @@ class ModelConfig:
     dropout: float = 0.3
     aggr: str = "mean"
     retrieval_head: bool = True
+    user_id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -62,6 +68,8 @@ class ModelConfig:
             problems.append(f"'decoder' needs to be 'dot' or 'mlp' (got {self.decoder!r})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"'dropout' needs to be in [0, 1) (got {self.dropout})")
+        if not 0.0 <= self.user_id_dropout < 1.0:
+            problems.append(f"'user_id_dropout' needs to be in [0, 1) (got {self.user_id_dropout})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -83,6 +91,9 @@ class HeteroSAGEEncoder(nn.Module):
     so would the backward of every layer below it (the hub's gradient is as large): the
     whole encoder then runs with autocast off, in fp32 (``fp32_guard``), and so do the
     decoder and retrieval head that consume its output (``Recommender``).
+
+    A user id at or past the end of the user table (a user added after training, or one
+    hidden by ``user_id_dropout``) gets the "unknown user" input vector instead of a row.
     """
 
     def __init__(self, num_users: int, num_movies: int, movie_dim: int, cfg: ModelConfig) -> None:
@@ -98,13 +109,30 @@ class HeteroSAGEEncoder(nn.Module):
         )
         self.dropout = cfg.dropout
         self.unbounded = cfg.aggr == "sum"
+        # Only a model trained with ID dropout learns its own vector; otherwise the table's
+        # mean stands in (and no parameter sits unused, which DDP would have to search for).
+        self.unknown_user = nn.Parameter(torch.zeros(h)) if cfg.user_id_dropout > 0 else None
         nn.init.normal_(self.user_emb.weight, std=0.1)
         nn.init.normal_(self.movie_emb.weight, std=0.1)
 
+    def input_features(self, n_id: dict[str, Tensor], movie_x: Tensor) -> dict[str, Tensor]:
+        """Layer-0 inputs: user table rows (the unknown-user vector past its end) and movie
+        embeddings plus projected features."""
+        uid = n_id[USER]
+        rows = self.user_emb.num_embeddings
+        users = self.user_emb(uid.clamp(max=rows - 1))
+        known = (uid < rows)[:, None]
+        # No host sync in training: a learned vector is always blended in; the table mean is
+        # only needed at inference (training graphs never hold ids past the table).
+        if self.unknown_user is not None:
+            users = torch.where(known, users, self.unknown_user.to(users.dtype))
+        elif not self.training and not bool(known.all()):
+            users = torch.where(known, users, self.user_emb.weight.mean(0).to(users.dtype))
+        return {USER: users, MOVIE: self.movie_emb(n_id[MOVIE]) + self.movie_lin(movie_x)}
+
     def forward(self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict) -> dict[str, Tensor]:
         with fp32_guard(self.unbounded, movie_x.device):
-            x = {USER: self.user_emb(n_id[USER]),
-                 MOVIE: self.movie_emb(n_id[MOVIE]) + self.movie_lin(movie_x)}
+            x = self.input_features(n_id, movie_x)
             for i, conv in enumerate(self.convs):
                 x = conv({k: v.float() for k, v in x.items()}, edge_index)
                 if i < len(self.convs) - 1:
@@ -113,22 +141,37 @@ class HeteroSAGEEncoder(nn.Module):
 
 
 class DotDecoder(nn.Module):
-    """``⟨u, m⟩ + b_u + b_m + μ``: all-pairs scores are a matrix multiply."""
+    """``⟨u, m⟩ + b_u + b_m + μ``: all-pairs scores are a matrix multiply.
 
-    def __init__(self, num_users: int, num_movies: int, hidden: int) -> None:
+    A user id past the bias table (unknown user) gets a learned bias when the model was
+    trained with user ID dropout, else the table's mean.
+    """
+
+    def __init__(self, num_users: int, num_movies: int, hidden: int, learn_unknown: bool = False) -> None:
         super().__init__()
         self.user_bias = nn.Embedding(num_users, 1)
         self.movie_bias = nn.Embedding(num_movies, 1)
+        self.unknown_bias = nn.Parameter(torch.zeros(1)) if learn_unknown else None
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.movie_bias.weight)
 
+    def _user_bias(self, uid: Tensor) -> Tensor:
+        rows = self.user_bias.num_embeddings
+        bias = self.user_bias(uid.clamp(max=rows - 1)).squeeze(-1)
+        known = uid < rows
+        if self.unknown_bias is not None:
+            return torch.where(known, bias, self.unknown_bias.to(bias.dtype))
+        if not self.training and not bool(known.all()):
+            return torch.where(known, bias, self.user_bias.weight.mean(0).to(bias.dtype))
+        return bias
+
     def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor) -> Tensor:
-        return (zu * zm).sum(-1) + self.user_bias(uid).squeeze(-1) + self.movie_bias(mid).squeeze(-1)
+        return (zu * zm).sum(-1) + self._user_bias(uid) + self.movie_bias(mid).squeeze(-1)
 
     def score_block(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor) -> Tensor:
         """Scores ``[len(uid), len(mid)]``; the matmul is the whole cost."""
         out = zu @ zm.T
-        out += self.user_bias.weight[uid]
+        out += self._user_bias(uid)[:, None]
         out += self.movie_bias.weight[mid].T
         return out
 
@@ -192,16 +235,23 @@ class Recommender(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = HeteroSAGEEncoder(num_users, num_movies, movie_dim, cfg)
-        self.decoder = (DotDecoder(num_users, num_movies, cfg.hidden) if cfg.decoder == "dot"
-                        else MLPDecoder(cfg.hidden))
+        self.decoder = (DotDecoder(num_users, num_movies, cfg.hidden, learn_unknown=cfg.user_id_dropout > 0)
+                        if cfg.decoder == "dot" else MLPDecoder(cfg.hidden))
         self.retrieval = RetrievalHead(cfg.hidden) if cfg.retrieval_head else None
         self.register_buffer("rating_mean", torch.tensor(float(rating_mean)))
 
     def forward(self, batch) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Predicted ratings of the batch's labelled edges, and (with the retrieval head) the
         ranking embeddings ``(r_user, r_movie)`` of its labelled users and movies; the loss
-        scores every user against every movie of the (global) batch."""
+        scores every user against every movie of the (global) batch.
+
+        In training, ``cfg.user_id_dropout`` of the batch's user nodes are given an id past
+        the user table, i.e. treated as unknown users (encoder input and decoder bias).
+        """
         n_id = {USER: batch[USER].n_id, MOVIE: batch[MOVIE].n_id}
+        if self.training and self.cfg.user_id_dropout > 0:
+            drop = torch.rand(n_id[USER].shape, device=n_id[USER].device) < self.cfg.user_id_dropout
+            n_id[USER] = n_id[USER].masked_fill(drop, self.encoder.user_emb.num_embeddings)
         z = self.encoder(n_id, batch[MOVIE].x, batch.edge_index_dict)
         u, m = batch[RATES].edge_label_index
         zu, zm = z[USER][u], z[MOVIE][m]

@@ -1,0 +1,272 @@
+"""Layer-wise encoding with every layer kept, and re-encoding of only the rows a graph
+change can reach.
+
+A ``k``-layer GraphSAGE output of node ``v`` at layer ``l`` depends on ``v``'s own layer
+``l-1`` state, its neighbours' layer ``l-1`` states and its neighbour *set*. Adding edges
+therefore changes, at layer ``l``, exactly the nodes in
+
+    D_1 = E  (endpoints of the new edges, new users included),
+    D_l = D_{l-1} ∪ N(D_{l-1})   (neighbours in the updated graph),
+
+so ``recompute`` evaluates layer ``l`` only on the rows of ``D_l``, reading the cached
+layer ``l-1`` states of everything else (exact). ``bounded_update`` refreshes only the
+endpoints, updating their cached mean aggregates with the new edges' messages alone
+(cost O(new edges), however popular the rated movies are), and touches nothing further
+away (approximate).
+
+The per-row aggregation uses the same sparse CSR ``spmm`` as ``Recommender.encode_all``,
+over rows taken from the same sorted adjacency, so a row's sum runs in the same order as
+in a full encode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch_geometric.utils import spmm
+from torch_sparse import SparseTensor
+
+from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
+from scalable_rec.train.model import Recommender
+
+NodeSets = dict[str, Tensor]
+"""Sorted node indices per node type (``user``, ``movie``)."""
+
+
+@dataclass
+class EdgeList:
+    """All user→movie rating edges of the message-passing graph: the trained graph's
+    and the folded ones, concatenated (``src``/``dst``) only on first use; a bounded
+    refresh reads the two ``parts`` and never makes the copy."""
+
+    base_src: Tensor
+    base_dst: Tensor
+    num_users: int
+    num_movies: int
+    extra_src: Tensor | None = None
+    extra_dst: Tensor | None = None
+
+    def parts(self) -> list[tuple[Tensor, Tensor]]:
+        out = [(self.base_src, self.base_dst)]
+        if self.extra_src is not None and self.extra_src.numel():
+            out.append((self.extra_src, self.extra_dst))
+        return out
+
+    @cached_property
+    def _all(self) -> tuple[Tensor, Tensor]:
+        parts = self.parts()
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    @property
+    def src(self) -> Tensor:
+        return self._all[0]
+
+    @property
+    def dst(self) -> Tensor:
+        return self._all[1]
+
+    def _rows(self, edge_type: tuple[str, str, str], rows: Tensor | None) -> SparseTensor:
+        """Adjacency ``[len(rows), num_src]`` for destination ``rows`` of ``edge_type``
+        (all destinations when ``None``), sorted by (row, col) as ``ToSparseTensor`` sorts."""
+        if edge_type == RATES:
+            dst, src, n_dst, n_src = self.dst, self.src, self.num_movies, self.num_users
+        else:
+            dst, src, n_dst, n_src = self.src, self.dst, self.num_users, self.num_movies
+        if rows is None:
+            return SparseTensor(row=dst, col=src, sparse_sizes=(n_dst, n_src))
+        local = torch.full((n_dst,), -1, dtype=torch.long)
+        local[rows] = torch.arange(rows.numel())
+        keep = local[dst] >= 0
+        return SparseTensor(row=local[dst[keep]], col=src[keep], sparse_sizes=(rows.numel(), n_src))
+
+    def neighbours(self, nodes: NodeSets) -> NodeSets:
+        """Users adjacent to ``nodes[movie]`` and movies adjacent to ``nodes[user]``."""
+        users = _members(nodes[USER], self.num_users)
+        movies = _members(nodes[MOVIE], self.num_movies)
+        return {USER: torch.unique(self.src[movies[self.dst]]), MOVIE: torch.unique(self.dst[users[self.src]])}
+
+
+def _members(index: Tensor, size: int) -> Tensor:
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[index] = True
+    return mask
+
+
+def union(a: NodeSets, b: NodeSets) -> NodeSets:
+    return {t: torch.unique(torch.cat([a[t], b[t]])) for t in (USER, MOVIE)}
+
+
+def affected_sets(edges: EdgeList, endpoints: NodeSets, num_layers: int) -> list[NodeSets]:
+    """``D_1..D_L``: rows whose layer-``l`` output changes when the ``endpoints``' edges are
+    added (``edges`` already holds them)."""
+    sets = [endpoints]
+    for _ in range(1, num_layers):
+        sets.append(union(sets[-1], edges.neighbours(sets[-1])))
+    return sets
+
+
+def _inputs(model: Recommender, edges: EdgeList, movie_x: Tensor) -> dict[str, Tensor]:
+    n_id = {USER: torch.arange(edges.num_users), MOVIE: torch.arange(edges.num_movies)}
+    return model.encoder.input_features(n_id, movie_x)
+
+
+def _check_supported(model: Recommender) -> None:
+    """The layer is evaluated from its parts (aggregate, ``lin_l``, ``lin_r``): only the
+    SAGEConv options the encoder uses are reproduced, and one relation per node type."""
+    for hetero in model.encoder.convs:
+        dst_types = [et[2] for et in hetero.convs]
+        assert len(set(dst_types)) == len(dst_types), "one relation per destination type"
+        for conv in hetero.convs.values():
+            assert isinstance(conv.aggr, str) and not conv.project and not conv.normalize and conv.root_weight
+
+
+def _combine(model: Recommender, i: int, agg: dict[str, Tensor], x_dst: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``lin_l(aggregate) + lin_r(own state)`` per destination type (SAGEConv's forward),
+    then ReLU between layers (dropout is off in eval)."""
+    out = {}
+    for (_, _, d), conv in model.encoder.convs[i].convs.items():
+        out[d] = conv.lin_l(agg[d]) + conv.lin_r(x_dst[d].float())
+    if i < len(model.encoder.convs) - 1:
+        out = {k: F.relu(v) for k, v in out.items()}
+    return out
+
+
+def _aggregate(model: Recommender, i: int, prev: dict[str, Tensor], adj: dict) -> dict[str, Tensor]:
+    """Neighbour aggregation of layer ``i`` per destination type, as SAGEConv computes it."""
+    return {d: spmm(adj[(s, r, d)], prev[s].float(), reduce=conv.aggr)
+            for (s, r, d), conv in model.encoder.convs[i].convs.items()}
+
+
+def _finish(model: Recommender, z: dict[str, Tensor]) -> dict[str, Tensor]:
+    if model.retrieval is not None:
+        z["user_rank"], z["movie_rank"] = model.retrieval(z[USER], z[MOVIE])
+    return z
+
+
+@dataclass
+class Encoded:
+    """Per layer ``l`` (``[0..L-1]`` for layers 1..L): node states ``layers[l]`` and the
+    neighbour aggregates ``aggs[l]`` that produced them; in-degrees per node type. The
+    last layer also holds the retrieval head's ``user_rank``/``movie_rank``."""
+
+    layers: list[dict[str, Tensor]]
+    aggs: list[dict[str, Tensor]]
+    degree: dict[str, Tensor]
+
+
+def degrees(edges: EdgeList) -> dict[str, Tensor]:
+    return {USER: torch.bincount(edges.src, minlength=edges.num_users),
+            MOVIE: torch.bincount(edges.dst, minlength=edges.num_movies)}
+
+
+@torch.no_grad()
+def encode_layers(model: Recommender, edges: EdgeList, movie_x: Tensor) -> Encoded:
+    """Every layer's output and aggregate for every node. Matches ``Recommender.encode_all``."""
+    model.eval()
+    _check_supported(model)
+    adj = {et: edges._rows(et, None) for et in (RATES, REV_RATES)}
+    x = _inputs(model, edges, movie_x)
+    layers, aggs = [], []
+    for i in range(len(model.encoder.convs)):
+        agg = _aggregate(model, i, x, adj)
+        x = _combine(model, i, agg, x)
+        layers.append(x)
+        aggs.append(agg)
+    _finish(model, layers[-1])
+    return Encoded(layers, aggs, degrees(edges))
+
+
+def _project_rows(model: Recommender, cached: dict[str, Tensor], last: dict[str, Tensor], rows: NodeSets) -> None:
+    if model.retrieval is None:
+        return
+    for t, key, proj in ((USER, "user_rank", model.retrieval.user), (MOVIE, "movie_rank", model.retrieval.movie)):
+        last[key] = _grown(cached[key], last[t].size(0))
+        last[key][rows[t]] = proj(last[t][rows[t]])
+
+
+def _grown_all(cached: dict[str, Tensor], edges: EdgeList) -> dict[str, Tensor]:
+    return {t: _grown(cached[t], edges.num_users if t == USER else edges.num_movies) for t in (USER, MOVIE)}
+
+
+@torch.no_grad()
+def recompute(model: Recommender, edges: EdgeList, movie_x: Tensor, cached: Encoded,
+              sets: list[NodeSets]) -> Encoded:
+    """Exact update: rows in ``sets[l]`` recomputed at layer ``l`` from all their
+    neighbours' new layer ``l-1`` states; all other rows copied from ``cached``.
+
+    ``cached`` may have fewer user rows than ``edges`` (users added since): their rows
+    must be in every ``sets[l]``.
+    """
+    model.eval()
+    x = _inputs(model, edges, movie_x)
+    layers, aggs = [], []
+    for i, rows in enumerate(sets):
+        adj = {et: edges._rows(et, rows[et[2]]) for et in (RATES, REV_RATES)}
+        part_agg = _aggregate(model, i, x, adj)
+        part = _combine(model, i, part_agg, {t: x[t][rows[t]] for t in (USER, MOVIE)})
+        new, agg = _grown_all(cached.layers[i], edges), _grown_all(cached.aggs[i], edges)
+        for t in (USER, MOVIE):
+            new[t][rows[t]], agg[t][rows[t]] = part[t], part_agg[t]
+        layers.append(new)
+        aggs.append(agg)
+        x = new
+    _project_rows(model, cached.layers[-1], layers[-1], sets[-1])
+    return Encoded(layers, aggs, degrees(edges))
+
+
+@torch.no_grad()
+def bounded_update(model: Recommender, edges: EdgeList, movie_x: Tensor, cached: Encoded, src: Tensor,
+                   dst: Tensor) -> Encoded:
+    """Approximate update for new edges ``(src, dst)``: only their endpoints are
+    re-encoded, with mean aggregates updated incrementally,
+
+        agg'[v] = (agg[v]·deg[v] + Σ_new-neighbours h[u]) / (deg[v] + new),
+
+    in O(new edges) instead of O(all edges of the endpoints). Contributions of
+    neighbours whose state changed (other endpoints) stay as cached: that, and not
+    refreshing anything beyond the endpoints, is the drift from ``recompute``.
+    Mean aggregation only.
+    """
+    model.eval()
+    for hetero in model.encoder.convs:
+        assert all(c.aggr == "mean" for c in hetero.convs.values()), "bounded refresh needs mean aggregation"
+    rows = {USER: torch.unique(src), MOVIE: torch.unique(dst)}
+    old_deg = {t: _grown(cached.degree[t], edges.num_users if t == USER else edges.num_movies) for t in (USER, MOVIE)}
+    new_deg = {USER: old_deg[USER] + torch.bincount(src, minlength=edges.num_users),
+               MOVIE: old_deg[MOVIE] + torch.bincount(dst, minlength=edges.num_movies)}
+    # Layer-0 inputs are needed only at the endpoints (the new messages' sources and the
+    # re-encoded rows), so the movie-feature projection runs on those rows alone.
+    h = cached.layers[0][USER].size(1)
+    first = model.encoder.input_features(rows, movie_x[rows[MOVIE]])
+    x = {t: torch.zeros(edges.num_users if t == USER else edges.num_movies, h) for t in (USER, MOVIE)}
+    for t in (USER, MOVIE):
+        x[t][rows[t]] = first[t].float()
+    layers, aggs = [], []
+    for i in range(len(model.encoder.convs)):
+        new, agg = _grown_all(cached.layers[i], edges), _grown_all(cached.aggs[i], edges)
+        part_agg = {}
+        for t, other, index, own in ((MOVIE, USER, src, dst), (USER, MOVIE, dst, src)):
+            total = agg[t][rows[t]] * old_deg[t][rows[t], None]
+            pos = torch.searchsorted(rows[t], own)
+            total.index_add_(0, pos, x[other][index].float())
+            part_agg[t] = total / new_deg[t][rows[t], None]
+        part = _combine(model, i, part_agg, {t: x[t][rows[t]] for t in (USER, MOVIE)})
+        for t in (USER, MOVIE):
+            new[t][rows[t]], agg[t][rows[t]] = part[t], part_agg[t]
+        layers.append(new)
+        aggs.append(agg)
+        x = new
+    _project_rows(model, cached.layers[-1], layers[-1], rows)
+    return Encoded(layers, aggs, new_deg)
+
+
+def _grown(t: Tensor, rows: int) -> Tensor:
+    """A copy of ``t`` with zero rows appended up to ``rows``."""
+    out = t.new_zeros((rows,) + tuple(t.shape[1:]))
+    out[:t.size(0)] = t
+    return out

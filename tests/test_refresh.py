@@ -1,0 +1,277 @@
+"""Incremental refresh: exact mode equals a full re-score, bounded mode touches only the
+raters, the run directory is updated atomically and idempotently, new users are served."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from scalable_rec import cli
+from scalable_rec.graph import RatingGraph
+from scalable_rec.score.incremental import encode_layers
+from scalable_rec.score.refresh import (
+    RefreshConfig, apply_edges, edge_list, empty_extra, initial_state, refresh,
+)
+from scalable_rec.shards import GraphShards
+from scalable_rec.source import SkipReport, write_rating_shards
+from scalable_rec.source.synthetic import SyntheticSource
+from scalable_rec.train import checkpoint as ckpt
+from scalable_rec.train.model import ModelConfig, Recommender
+
+K = 5
+NEW_USER = 10**6  # not a key of the tiny synthetic graph
+
+
+@pytest.fixture(scope="module")
+def sparse_graph(tmp_path_factory) -> RatingGraph:
+    """120 users × 150 movies × 600 ratings: sparse enough that two hops of a few new
+    edges do not reach everything, so the column-merge path is exercised."""
+    out = tmp_path_factory.mktemp("sparse") / "shards"
+    write_rating_shards(SyntheticSource(num_users=120, num_movies=150, num_edges=600, feature_dim=12, seed=3),
+                        str(out), SkipReport())
+    return RatingGraph.from_shards(GraphShards(out))
+
+
+def _model(graph: RatingGraph, **kw) -> Recommender:
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden=16, **kw)
+    return Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), cfg).eval()
+
+
+def _new_edges(graph: RatingGraph, seed: int, n: int = 8, new_users: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, graph.num_users, (n,), generator=gen)
+    first_new = graph.num_users + seed * 10  # unique per call: grows with earlier calls' users
+    src = torch.cat([src, torch.arange(new_users).repeat_interleave(2) + first_new])
+    dst = torch.randint(0, graph.num_movies, (src.numel(),), generator=gen)
+    return src, dst, torch.full((src.numel(),), 4.0), torch.zeros(src.numel(), dtype=torch.long)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("retrieval_head", [True, False])
+def test_encode_layers_matches_encode_all(sparse_graph, num_layers, retrieval_head):
+    model = _model(sparse_graph, num_layers=num_layers, retrieval_head=retrieval_head)
+    z = model.encode_all(sparse_graph.hetero_data())
+    layers = encode_layers(model, edge_list(sparse_graph, empty_extra(), 0), sparse_graph.movie_x).layers
+    for key in z:
+        torch.testing.assert_close(layers[-1][key], z[key])
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("decoder,retrieval_head", [("dot", True), ("dot", False), ("mlp", False)])
+@pytest.mark.parametrize("margin", [0, 10])
+def test_exact_refresh_equals_full_rescore(sparse_graph, num_layers, decoder, retrieval_head, margin):
+    """Three successive refreshes (new users included); after each, every user's top-k
+    equals a full encode + score of the updated graph, scores within float tolerance."""
+    model = _model(sparse_graph, num_layers=num_layers, decoder=decoder, retrieval_head=retrieval_head)
+    state = initial_state(model, sparse_graph, K, margin, 1, "sha")
+    merged = 0
+    for step in range(3):
+        src, dst, rating, ts = _new_edges(sparse_graph, step)
+        # new users are numbered from the current total: remap this call's ones onto it
+        total = sparse_graph.num_users + len(state.new_user_keys)
+        new = src >= sparse_graph.num_users
+        src[new] = src[new] - src[new].min() + total
+        keys = [f"new-{step}-{i}" for i in range(int(src[new].unique().numel()))]
+        out = apply_edges(model, sparse_graph, state, src, dst, rating, ts, keys, "exact", memory_mb=1)
+        merged += out.stats["column_merged_users"]
+        full = initial_state(model, sparse_graph, K, margin, 1, "sha", state.extra, state.new_user_keys)
+        assert torch.equal(state.cand_idx[:, :K], full.cand_idx[:, :K])
+        torch.testing.assert_close(state.cand_score[:, :K], full.cand_score[:, :K], rtol=1e-5, atol=1e-5)
+        if num_layers < 3:  # not a full re-score in disguise (3 hops reach most of this graph)
+            assert out.stats["rescored_users"] < state.cand_idx.size(0)
+    if num_layers < 3:
+        assert merged > 0  # the column-merge path ran
+
+
+def test_refresh_detects_when_margin_is_exhausted(sparse_graph):
+    """With no margin, a changed movie leaving a top-k list forces that user's full re-score."""
+    model = _model(sparse_graph, num_layers=1)
+    state = initial_state(model, sparse_graph, K, 0, 1, "sha")
+    # new ratings on the movies most often in top-k lists: their embeddings change
+    popular = torch.bincount(state.cand_idx[:, :K].flatten(), minlength=sparse_graph.num_movies).topk(5).indices
+    src = torch.arange(5)
+    out = apply_edges(model, sparse_graph, state, src, popular, torch.ones(5), torch.zeros(5, dtype=torch.long),
+                      [], "exact", memory_mb=1)
+    assert out.stats["fallback_users"] > 0
+    full = initial_state(model, sparse_graph, K, 0, 1, "sha", state.extra)
+    assert torch.equal(state.cand_idx[:, :K], full.cand_idx[:, :K])
+
+
+def test_bounded_rescores_only_raters(sparse_graph):
+    model = _model(sparse_graph, num_layers=2)
+    state = initial_state(model, sparse_graph, K, 10, 1, "sha")
+    before = state.cand_idx.clone()
+    src, dst, rating, ts = _new_edges(sparse_graph, 0, new_users=1)
+    out = apply_edges(model, sparse_graph, state, src, dst, rating, ts, ["n"], "bounded", memory_mb=1)
+    raters = set(src.tolist())
+    assert set(out.replaced_users.tolist()) <= raters
+    untouched = [u for u in range(sparse_graph.num_users) if u not in raters]
+    assert torch.equal(state.cand_idx[untouched], before[untouched])
+    assert out.stats["rescored_users"] == len(raters)
+    assert state.exact is False
+    # the next exact refresh repairs the stale states: full re-score, then exact again
+    src2, dst2, r2, t2 = _new_edges(sparse_graph, 5, new_users=0)
+    out2 = apply_edges(model, sparse_graph, state, src2, dst2, r2, t2, [], "exact", memory_mb=1)
+    assert out2.stats["full_rescore"]
+    full = initial_state(model, sparse_graph, K, 10, 1, "sha", state.extra, state.new_user_keys)
+    assert torch.equal(state.cand_idx[:, :K], full.cand_idx[:, :K])
+
+
+@pytest.fixture
+def trained_run(tiny_shards, tmp_path):
+    """A run directory (config.json, best.pt, recommendations.parquet) on the tiny graph."""
+    run = tmp_path / "run"
+    code = cli.main(["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run), "--epochs", "1",
+                     "--hidden", "16", "--batch-size", "128", "--no-progress", "--user-id-dropout", "0.2"])
+    assert code == 0
+    assert cli.main(["score", "--run-dir", str(run), "--k", str(K)]) == 0
+    return run
+
+
+def _rows_by_user(table) -> dict:
+    out: dict = {}
+    for row in table.to_pylist():
+        out.setdefault(row["user_key"], []).append(tuple(row.values()))
+    return out
+
+
+def _write_ratings(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["userId", "movieId", "rating", "timestamp"])
+        w.writerows(rows)
+
+
+def test_refresh_command_replaces_exactly_changed_users_and_is_idempotent(trained_run, tiny_shards, tmp_path):
+    graph = RatingGraph.from_shards(tiny_shards)
+    users, movies = graph.user_keys.to_pylist(), graph.movie_keys.to_pylist()
+    new = tmp_path / "new.csv"
+    _write_ratings(new, [[users[0], movies[1], 4.5, 1], [users[1], movies[2], 3.0, 2],
+                         [NEW_USER, movies[3], 5.0, 3], [NEW_USER, movies[4], 4.0, 4],
+                         [users[2], 10**9, 4.0, 5], [users[2], "x", 4.0, 5], [users[2], movies[5], 9.0, 6]])
+    out = trained_run / "recommendations.parquet"
+    before = _rows_by_user(pq.read_table(out))
+    code = cli.main(["refresh", "--run-dir", str(trained_run), "--new-ratings", str(new), "--k", str(K)])
+    assert code == 0
+    report = json.loads((trained_run / "refresh" / "last_report.json").read_text())
+    assert report["new_users"] == 1 and report["new_edges"] == 4
+    assert report["input_report"]["skipped"] == {"unparseable_movie_id": 1, "rating_out_of_range": 1,
+                                                 "unknown_movie": 1}
+    after = _rows_by_user(pq.read_table(out))
+    assert NEW_USER not in before and len(after[NEW_USER]) == K
+    # exactly the reported number of users got new rows; everyone else's are identical
+    changed = {u for u in after if after[u] != before.get(u)}
+    assert len(changed) == report["replaced_users"] > 1
+    # equal to a full re-score of the updated graph (from the state the refresh saved)
+    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1),
+                        ModelConfig(hidden=16, user_id_dropout=0.2))
+    model.load_state_dict(ckpt.load(trained_run / "best.pt")["model"])
+    model.eval()
+    saved = torch.load(trained_run / "refresh" / "state.pt", weights_only=True)
+    full = initial_state(model, graph, K, 20, 256, "sha", saved["extra"], saved["new_user_keys"])
+    assert torch.equal(saved["cand_idx"][:, :K], full.cand_idx[:, :K])
+    # a repeated refresh of the same input changes nothing
+    state_bytes, parquet_bytes = (trained_run / "refresh" / "state.pt").read_bytes(), out.read_bytes()
+    report2 = refresh(trained_run, model, graph, RefreshConfig(new_ratings=str(new)), k=K)
+    assert report2["already_folded"]
+    assert (trained_run / "refresh" / "state.pt").read_bytes() == state_bytes
+    assert out.read_bytes() == parquet_bytes
+    assert len(json.loads((trained_run / "refresh" / "folded.json").read_text())) == 1
+
+
+def test_refresh_cli_errors(trained_run, tmp_path):
+    assert cli.main(["refresh", "--run-dir", str(trained_run)]) == 2
+    assert cli.main(["refresh", "--run-dir", str(trained_run), "--new-ratings", str(tmp_path / "nope.csv")]) == 2
+    assert cli.main(["refresh", "--run-dir", str(trained_run), "--new-ratings", "x", "--candidate-margin", "-1"]) == 2
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,movie\n1,2\n")
+    assert cli.main(["refresh", "--run-dir", str(trained_run), "--new-ratings", str(bad)]) == 2
+
+
+def test_new_user_is_unknown_to_the_table_and_uses_the_learned_vector(sparse_graph):
+    model = _model(sparse_graph, user_id_dropout=0.1)
+    with torch.no_grad():
+        model.encoder.unknown_user.fill_(0.5)
+    n_id = {"user": torch.tensor([0, sparse_graph.num_users + 3]), "movie": torch.arange(2)}
+    x = model.encoder.input_features(n_id, sparse_graph.movie_x[:2])
+    assert torch.equal(x["user"][1], torch.full((16,), 0.5))
+    assert torch.equal(x["user"][0], model.encoder.user_emb.weight[0])
+    no_dropout = _model(sparse_graph)
+    assert no_dropout.encoder.unknown_user is None  # falls back to the table mean
+    x = no_dropout.encoder.input_features(n_id, sparse_graph.movie_x[:2])
+    torch.testing.assert_close(x["user"][1], no_dropout.encoder.user_emb.weight.mean(0))
+
+
+def test_user_id_dropout_trains_the_unknown_vector(tiny_shards):
+    from scalable_rec.graph import split_edges
+    from scalable_rec.graph.hetero import SplitConfig
+    from scalable_rec.train.loop import TrainConfig, build_job, training_loss
+
+    graph = RatingGraph.from_shards(tiny_shards)
+    job = build_job(graph, split_edges(graph, SplitConfig()), ModelConfig(hidden=16, user_id_dropout=0.5),
+                    TrainConfig(batch_size=64, progress=False, device="cpu"), tiny_shards.directory.parent / "j",
+                    None)
+    job.model.train()
+    loss, _, _ = training_loss(job, next(iter(job.train_loader)))
+    loss.backward()
+    assert job.model.encoder.unknown_user.grad is not None and job.model.encoder.unknown_user.grad.abs().sum() > 0
+    assert job.model.decoder.unknown_bias.grad is not None
+
+
+def test_user_id_dropout_is_validated():
+    with pytest.raises(ValueError, match="'user_id_dropout' needs to be in \\[0, 1\\) \\(got 1.5\\)"):
+        ModelConfig(user_id_dropout=1.5)
+
+
+def test_refresh_into_arango_replaces_exactly_the_refreshed_users(trained_run, tiny_shards, tmp_path,
+                                                                    arango_endpoint, monkeypatch):
+    from scalable_rec.connection import ENV_DATABASE, ENV_PASSWORD, ENV_URL, ENV_USER, ArangoConfig, connect
+
+    for var, value in ((ENV_URL, arango_endpoint.url), (ENV_DATABASE, arango_endpoint.database),
+                       (ENV_USER, arango_endpoint.username), (ENV_PASSWORD, arango_endpoint.password)):
+        monkeypatch.setenv(var, value)
+    assert cli.main(["score", "--run-dir", str(trained_run), "--sink", "arango", "--k", str(K)]) == 0
+    db = connect(ArangoConfig().settings())
+    query = "FOR v IN @@c RETURN [v._from, v._to, v.score, v.rank, v.run_id]"
+
+    def by_user() -> dict:
+        out: dict = {}
+        for row in db.aql.execute(query, bind_vars={"@c": "Recommendation_Inferences"}):
+            out.setdefault(row[0], set()).add(tuple(row[1:]))
+        return out
+
+    before = by_user()
+    graph = RatingGraph.from_shards(tiny_shards)
+    users, movies = graph.user_keys.to_pylist(), graph.movie_keys.to_pylist()
+    new = tmp_path / "new.csv"
+    _write_ratings(new, [[users[0], movies[1], 4.5, 1], [NEW_USER, movies[3], 5.0, 3]])
+    assert cli.main(["refresh", "--run-dir", str(trained_run), "--new-ratings", str(new), "--k", str(K),
+                     "--sink", "arango"]) == 0
+    report = json.loads((trained_run / "refresh" / "last_report.json").read_text())
+    after = by_user()
+    changed = {u for u in after if after[u] != before.get(u)}
+    assert len(changed) == report["replaced_users"] == report["written"]["users"]
+    assert f"Users/{NEW_USER}" in changed and all(len(after[u]) == K for u in after)
+    assert all({r[-1] for r in after[u]} == {report["written"]["run_id"]} for u in changed)
+
+
+def test_bounded_incremental_mean_matches_full_aggregate_at_layer_one(sparse_graph):
+    """Layer-1 inputs of existing nodes do not change, so the incremental mean update of
+    the endpoints' first-layer aggregates must equal a full recomputation."""
+    from scalable_rec.score.incremental import Encoded, bounded_update
+
+    model = _model(sparse_graph, num_layers=2)
+    state = initial_state(model, sparse_graph, K, 10, 1, "sha")
+    src, dst, _, _ = _new_edges(sparse_graph, 0, new_users=2)
+    extra = {"src": src, "dst": dst, "rating": torch.ones(src.numel()), "timestamp": src * 0}
+    edges = edge_list(sparse_graph, extra, 2)
+    enc = bounded_update(model, edges, sparse_graph.movie_x, Encoded(state.layers, state.aggs, state.degree), src, dst)
+    full = encode_layers(model, edges, sparse_graph.movie_x)
+    for t, rows in (("user", src.unique()), ("movie", dst.unique())):
+        torch.testing.assert_close(enc.aggs[0][t][rows], full.aggs[0][t][rows], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(enc.layers[0][t][rows], full.layers[0][t][rows], rtol=1e-5, atol=1e-6)
+        assert torch.equal(enc.degree[t], full.degree[t])
