@@ -278,6 +278,6 @@ def test_validation_runs_like_the_test_and_selects_by_the_configured_metric(smal
     assert wide["rmse"] < again["rmse"] - 0.003  # the bounds are really applied (a narrow range costs)
     from scalable_rec.score import ScoreConfig, recommend
 
-    rated = torch.cat([torch.from_numpy(b.column("predicted_rating").to_numpy())
+    rated = torch.cat([torch.from_numpy(b.column("predicted_rating").to_numpy().copy())
                        for b in recommend(result.model, g, ScoreConfig(k=5), rating_range=(3.0, 4.0))])
     assert rated.min() >= 3.0 and rated.max() == 4.0  # clamped to the run's range, not 0.5–5.0
