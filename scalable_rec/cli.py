@@ -110,10 +110,10 @@ def _print_summary(cfg: RunConfig, metrics: dict) -> None:
 
 # name → (function, config groups it takes flags for)
 COMMANDS: dict[str, tuple[Callable[[RunConfig], None], tuple[str, ...]]] = {
-    "run": (cmd_run, ("data", "features", "split", "model", "train", "score", "sink", "arango")),
-    "prepare": (cmd_prepare, ("data", "features")),
-    "train": (cmd_train, ("data", "features", "split", "model", "train")),
-    "score": (cmd_score, ("score", "sink", "arango")),
+    "run": (cmd_run, ("data", "features", "split", "model", "train", "score", "store", "sink", "arango")),
+    "prepare": (cmd_prepare, ("data", "features", "split", "store")),
+    "train": (cmd_train, ("data", "features", "split", "model", "train", "store")),
+    "score": (cmd_score, ("score", "store", "sink", "arango")),
 }
 
 # scalable-rec arango ACTION: name → (function, config groups it takes flags for)

@@ -1,7 +1,7 @@
 """The run's configuration: typed dataclasses, one per stage, and their CLI flags.
 
 Each stage keeps its own dataclass next to its code (``FeatureConfig``, ``SplitConfig``,
-``ModelConfig``, ``TrainConfig``, ``ScoreConfig``); ``RunConfig`` composes them and is
+``ModelConfig``, ``TrainConfig``, ``ScoreConfig``, ``StoreConfig``); ``RunConfig`` composes them and is
 what every artifact stores (``config.json``, checkpoints, manifests). Field names are
 unique across stages, so each becomes one ``--flag`` whose help is the field's entry in
 its class docstring.
@@ -21,6 +21,7 @@ from typing import Any, Literal
 from scalable_rec.connection import ArangoConfig
 from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.hetero import SplitConfig
+from scalable_rec.graph.store import StoreConfig
 from scalable_rec.score.topk import ScoreConfig
 from scalable_rec.sink.arango import WritebackConfig
 from scalable_rec.source.arango_load import LoadConfig
@@ -96,6 +97,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     sink: WritebackConfig = field(default_factory=WritebackConfig)
     arango: ArangoConfig = field(default_factory=ArangoConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -117,8 +119,8 @@ class RunConfig:
 
 
 GROUPS = {"data": DataConfig, "features": FeatureConfig, "split": SplitConfig, "model": ModelConfig,
-          "train": TrainConfig, "score": ScoreConfig, "sink": WritebackConfig, "arango": ArangoConfig,
-          "export": ExportConfig, "arango_load": LoadConfig}
+          "train": TrainConfig, "score": ScoreConfig, "store": StoreConfig, "sink": WritebackConfig,
+          "arango": ArangoConfig, "export": ExportConfig, "arango_load": LoadConfig}
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -19,10 +19,14 @@ import torch
 from scalable_rec.atomic import write_json_atomic
 from scalable_rec.config import RunConfig
 from scalable_rec.errors import ScalableRecError, ShardError
-from scalable_rec.graph import RatingGraph, movie_features, split_edges
-from scalable_rec.score import evaluate_split, plot_curves, recommend
+from scalable_rec.graph import RATES, RatingGraph, movie_features, split_edges
+from scalable_rec.graph.index import GraphIndex, build_index
+from scalable_rec.graph.store import open_stores
+from scalable_rec.score import RatedIndex, evaluate_split, plot_curves, recommend
+from scalable_rec.score.layerwise import encode_layerwise
 from scalable_rec.score.refresh import RefreshConfig
 from scalable_rec.shards import GraphShards, Manifest
+from scalable_rec.shards.manifest import edge_type_name
 from scalable_rec.sink import write_parquet
 from scalable_rec.source import MovieLensSource, RatingBounds, SkipReport, write_rating_shards
 from scalable_rec.source.download import fetch_movielens
@@ -83,8 +87,23 @@ def _prepare_on_this_rank(cfg: RunConfig) -> Path:
         write_rating_shards(source, str(out), report, RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
                             cfg.data.max_rows_per_shard, overwrite=True)
         log.info("prepare: wrote %s in %.1fs (%s)", out, time.perf_counter() - t0, report.summary())
-    movie_features(GraphShards(out), cfg.features)  # computes once, then cached beside the shards
+    shards = GraphShards(out, verify=False)  # verified or written just above
+    movie_features(shards, cfg.features)  # computes once, then cached beside the shards
+    if _graph_index_wanted(cfg, shards):
+        build_index(shards, cfg.split, cfg.features)  # memory-mapped graph index, reused when unchanged
     return out
+
+
+def _graph_index_wanted(cfg: RunConfig, shards: GraphShards) -> bool:
+    return cfg.store.use_store(shards.manifest.edge_types[edge_type_name(*RATES)].num_rows)
+
+
+def _graph_index(cfg: RunConfig, shards: GraphShards) -> GraphIndex | None:
+    """The memory-mapped graph index when ``cfg.store`` picks it for this graph's size
+    (built here if ``prepare`` did not)."""
+    if not _graph_index_wanted(cfg, shards):
+        return None
+    return GraphIndex.for_shards(shards, cfg.split, cfg.features, verify=cfg.store.store_verify)
 
 
 def _open_shards(cfg: RunConfig) -> GraphShards:
@@ -121,13 +140,17 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
     cfg.run_dir = str(run_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    graph = graph or RatingGraph.from_shards(shards, cfg.features)
-    split = split_edges(graph, cfg.split)
+    index = _graph_index(cfg, shards)
+    if index is not None:  # edges, split and CSC memory-mapped: shared by the ranks of a node
+        graph, split, data = index.rating_graph(shards), index.split(), open_stores(index, "train")
+    else:
+        graph = graph or RatingGraph.from_shards(shards, cfg.features)
+        split, data = split_edges(graph, cfg.split), None
     timings["load_graph_s"] = time.perf_counter() - t0
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", cfg.to_json())
-    result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json(),
+    result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json(), data=data,
                    rating_range=(cfg.data.rating_min, cfg.data.rating_max))
     timings["train_s"] = result.seconds
     metrics: dict[str, Any] = {"history": result.history, "best_val_rmse": result.best_val_rmse,
@@ -136,9 +159,15 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
                                "interrupted": result.interrupted}
     if env.is_main and not result.interrupted:
         t1 = time.perf_counter()
+        z = seen = None
+        if index is not None:  # layer-wise over train + validation edges, masks from their CSC
+            z = encode_layerwise(result.model, *open_stores(index, "seen"), batch_size=cfg.store.layer_batch_size)
+            rev_row, rev_colptr = index.csc("seen")["rev_rates"]
+            seen = RatedIndex(rowptr=rev_colptr, col=rev_row)
         metrics["test"] = evaluate_split(result.model, graph, split, k=cfg.score.k,
                                          memory_mb=cfg.score.score_memory_mb, rating_min=cfg.data.rating_min,
-                                         rating_max=cfg.data.rating_max, relevant_min=cfg.train.relevant_min)
+                                         rating_max=cfg.data.rating_max, relevant_min=cfg.train.relevant_min,
+                                         z=z, seen=seen)
         timings["evaluate_s"] = time.perf_counter() - t1
         log.info("test: %s", json.dumps(metrics["test"]))
     metrics["timings"] = timings
@@ -156,14 +185,25 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
     not given."""
     run_dir = Path(run_dir or cfg.run_dir)
     saved = RunConfig.load(run_dir / "config.json")
-    graph = graph or RatingGraph.from_shards(GraphShards(saved.data.shards_dir()), saved.features)
+    saved.store = cfg.store  # the backend is this command's choice, the index key the run's
+    shards = GraphShards(saved.data.shards_dir(), verify=False)
+    index = _graph_index(saved, shards)
+    if index is not None:
+        graph = index.rating_graph(shards)
+    graph = graph or RatingGraph.from_shards(shards, saved.features)
     device = resolve_device(saved.train, DistEnv())
     state = ckpt.load(run_dir / "best.pt", map_location=device)
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model).to(device)
     model.load_state_dict(state["model"])
     model.eval()
     t0 = time.perf_counter()
-    batches = recommend(model, graph, cfg.score, rating_range=(saved.data.rating_min, saved.data.rating_max))
+    z = rated = None
+    if index is not None:  # layer-wise over the mapped CSC; rated movies = each user's CSC row
+        z = encode_layerwise(model, *open_stores(index, "all"), batch_size=cfg.store.layer_batch_size)
+        rev_row, rev_colptr = index.csc("all")["rev_rates"]
+        rated = RatedIndex(rowptr=rev_colptr, col=rev_row)
+    batches = recommend(model, graph, cfg.score, z=z, rated=rated,
+                        rating_range=(saved.data.rating_min, saved.data.rating_max))
     if cfg.sink.sink == "arango":  # edges Users/<key> → Movie/<key>; outcome in arango_writeback.json
         from scalable_rec.sink.arango import writeback_run
 
@@ -213,7 +253,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     env = DistEnv.from_environ()
     init_distributed(env, resolve_device(cfg.train, env))
     shards = prepare(cfg)
-    graph = RatingGraph.from_shards(shards, cfg.features)  # read once, shared by the stages
+    # Read once and shared by the stages; with the graph index each stage maps it instead.
+    graph = None if _graph_index_wanted(cfg, shards) else RatingGraph.from_shards(shards, cfg.features)
     metrics = train_stage(cfg, shards, graph)
     if env.is_main and not metrics["interrupted"]:
         score_stage(cfg, cfg.run_dir, graph)

@@ -1,20 +1,39 @@
 #!/usr/bin/env python
-"""Scale curves: time and peak RSS of each stage against the number of rating edges.
+"""Scale curves: time and memory of each stage against the number of rating edges.
 
     python scripts/scale_curves.py                          # 100k, 1M, 10M, 25M edges
     python scripts/scale_curves.py --edges 100000 1000000 --out runs/scale
+    python scripts/scale_curves.py --edges 25000000 --stages index train-store train-store-2 score-store
 
-Every stage runs in its own process, so its peak RSS (``ru_maxrss``) is its own:
-``prepare`` (synthetic generator → shards, streamed), ``load`` (shards → tensors →
-HeteroData), ``train`` (one epoch capped at ``--train-steps`` steps through the real
-loop) and ``score`` (encode once + full-catalog top-10 for every user by the ranking head).
-Users and movies grow with edges like MovieLens-25M (162k × 59k at 25M). Writes
-``scale.json``, ``scale.md`` and ``scale.png`` (time and RSS vs edges, log-log).
+Every stage runs in its own process (tree), so its memory is its own:
+``prepare`` (synthetic generator → shards, streamed), ``index`` (shards → memory-mapped
+graph index, ``scalable_rec.graph.index``), ``load`` (shards → tensors → HeteroData),
+``train`` (one epoch capped at ``--train-steps`` steps through the real loop, graph in
+memory), ``train-store`` (the same through the PyG stores over the index),
+``train-store-2`` / ``train-2`` (two torchrun ranks, gloo), ``score`` (full-graph encode +
+full-catalog top-10 for every user by the ranking head) and ``score-store`` (layer-wise
+encode over the index + the same top-10). Users and movies grow with edges like
+MovieLens-25M (162k × 59k at 25M).
+
+Memory, sampled every 50 ms by the parent from ``/proc`` and summed over the stage's
+process tree (peaks of the sums):
+
+- ``private_mib``: RSS minus file-backed pages (``RssAnon + RssShmem``): what a process
+  holds that no other process can share (the ``≤ 2 GiB`` target is on this);
+- ``uss_mib``: ``Private_Clean + Private_Dirty`` (psutil's USS); it also counts mapped
+  file pages that only this process happens to map, so one process over the index shows
+  the index here, while they are shared page cache as soon as a second rank maps them;
+- ``pss_mib``: proportional set size, shared pages split between the processes mapping
+  them; the sum over ranks is the tree's real footprint (the two-rank ratio uses it);
+- ``peak_rss_mib``: ``ru_maxrss`` of the stage's main process (as before).
+
+Writes ``scale.json``, ``scale.md`` and ``scale.png`` (time and memory vs edges, log-log).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -22,7 +41,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "load", "train", "score")
+STAGES = ("prepare", "index", "load", "train", "train-store", "train-2", "train-store-2", "score", "score-store")
+DEFAULT_STAGES = ("prepare", "index", "load", "train", "train-store", "score", "score-store")
+TWO_RANKS = ("train-2", "train-store-2")
 
 
 def sizes_for(edges: int) -> tuple[int, int]:
@@ -35,6 +56,8 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int) -> dict:
     import torch
 
     from scalable_rec.graph import RatingGraph, SplitConfig, split_edges
+    from scalable_rec.graph.index import GraphIndex, build_index
+    from scalable_rec.graph.store import open_stores
     from scalable_rec.shards import GraphShards
     from scalable_rec.source import SkipReport, write_rating_shards
     from scalable_rec.source.synthetic import SyntheticSource
@@ -47,41 +70,122 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int) -> dict:
         source = SyntheticSource(num_users=users, num_movies=movies, num_edges=edges)
         write_rating_shards(source, str(shards_dir), SkipReport(), overwrite=True)
         out["edges_per_s"] = edges / (time.perf_counter() - t0)
+    elif stage == "index":
+        build_index(GraphShards(shards_dir), SplitConfig())
+        out["edges_per_s"] = edges / (time.perf_counter() - t0)
     elif stage == "load":
         g = RatingGraph.from_shards(GraphShards(shards_dir))
         g.hetero_data()
         out["edges_per_s"] = edges / (time.perf_counter() - t0)
-    elif stage == "train":
+    elif stage.startswith("train"):
         from scalable_rec.train import ModelConfig, TrainConfig, train
 
-        g = RatingGraph.from_shards(GraphShards(shards_dir))
-        split = split_edges(g, SplitConfig())
+        shards = GraphShards(shards_dir, verify=False)
+        data = None
+        if "store" in stage:  # mapped edges, split and CSC; the checksums were checked by 'index'
+            index = GraphIndex.for_shards(shards, SplitConfig(), verify=False)
+            g, split, data = index.rating_graph(shards), index.split(), open_stores(index, "train")
+        else:
+            g = RatingGraph.from_shards(shards)
+            split = split_edges(g, SplitConfig())
         split.val = split.val[:50_000]  # validation of a capped epoch on a slice
         cfg = TrainConfig(epochs=1, steps_per_epoch=train_steps, progress=False)
-        result = train(g, split, ModelConfig(), cfg, workdir / f"run-{edges}")
+        c0 = time.process_time()
+        result = train(g, split, ModelConfig(), cfg, workdir / f"run-{stage}-{edges}", data=data)
+        out["train_cpu_s"] = time.process_time() - c0
         out.update(steps=result.history[-1]["steps"], labelled_edges_per_s=result.history[-1]["edges_per_s"],
-                   message_passing_edges=edges)
-    elif stage == "score":
+                   message_passing_edges=edges, ranks=int(os.environ.get("WORLD_SIZE", "1")),
+                   train_loop_s=result.seconds)
+    elif stage.startswith("score"):
         from scalable_rec.score import RatedIndex, ScoreConfig, topk_chunks
+        from scalable_rec.score.layerwise import encode_layerwise
         from scalable_rec.train import ModelConfig, Recommender
 
-        g = RatingGraph.from_shards(GraphShards(shards_dir))
-        model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig()).eval()
-        t1 = time.perf_counter()
-        z = model.encode_all(g.hetero_data())
+        shards = GraphShards(shards_dir, verify=False)
+        if stage == "score-store":
+            index = GraphIndex.for_shards(shards, SplitConfig(), verify=False)
+            num_users, num_movies = index.num_users, index.num_movies
+            model = Recommender(num_users, num_movies, index.tensor("movie_x").size(1), ModelConfig()).eval()
+            t1, c1 = time.perf_counter(), time.process_time()
+            z = encode_layerwise(model, *open_stores(index, "all"), spill_dir=workdir)
+            rev_row, rev_colptr = index.csc("all")["rev_rates"]
+            rated = RatedIndex(rowptr=rev_colptr, col=rev_row)  # each user's movies: the mapped CSR
+        else:
+            g = RatingGraph.from_shards(shards)
+            num_users, num_movies = g.num_users, g.num_movies
+            model = Recommender(num_users, num_movies, g.movie_x.size(1), ModelConfig()).eval()
+            t1, c1 = time.perf_counter(), time.process_time()
+            z = model.encode_all(g.hetero_data())
+            rated = RatedIndex.from_edges(g.src, g.dst, num_users)
         out["encode_s"] = time.perf_counter() - t1
-        rated = RatedIndex.from_edges(g.src, g.dst, g.num_users)
-        all_movies = torch.arange(g.num_movies)
-        t2 = time.perf_counter()
+        out["encode_cpu_s"] = time.process_time() - c1
+        all_movies = torch.arange(num_movies)
+        t2, c2 = time.perf_counter(), time.process_time()
         n = 0
-        for users_chunk, _, _ in topk_chunks(lambda u: model.rank_block(z, u, all_movies), g.num_users,
-                                             g.num_movies, ScoreConfig(), rated):
+        for users_chunk, _, _ in topk_chunks(lambda u: model.rank_block(z, u, all_movies), num_users,
+                                             num_movies, ScoreConfig(), rated):
             n += users_chunk.numel()
         out["rank_s"] = time.perf_counter() - t2
-        out["pairs_per_s"] = n * g.num_movies / out["rank_s"]
+        out["rank_cpu_s"] = time.process_time() - c2
+        out["pairs_per_s"] = n * num_movies / out["rank_s"]
     out["seconds"] = time.perf_counter() - t0
+    # CPU seconds (user + sys of this process): on a shared, oversubscribed machine they
+    # compare two code paths more fairly than wall time.
+    out["cpu_s"] = time.process_time()
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def _proc_kib(pid: int) -> dict[str, int]:
+    """``/proc/<pid>/status`` and ``smaps_rollup`` fields in KiB (empty if it has gone)."""
+    out: dict[str, int] = {}
+    for name in ("status", "smaps_rollup"):
+        try:
+            text = Path(f"/proc/{pid}/{name}").read_text()
+        except OSError:
+            return {}
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                out[f"{name}.{key}"] = int(parts[0])
+    return out
+
+
+def tree_memory(root: int, ranks_only: bool) -> dict[str, float]:
+    """Summed memory (MiB) of ``root``'s process tree; ``ranks_only`` leaves the root (the
+    torchrun launcher) out."""
+    import psutil
+
+    try:
+        procs = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {}
+    pids = [p.pid for p in procs] + ([] if ranks_only else [root])
+    tot = {"private_mib": 0.0, "uss_mib": 0.0, "pss_mib": 0.0, "max_private_mib": 0.0}
+    for pid in pids:
+        kv = _proc_kib(pid)
+        if not kv:
+            continue
+        private = (kv.get("status.RssAnon", 0) + kv.get("status.RssShmem", 0)) / 1024
+        tot["private_mib"] += private
+        tot["max_private_mib"] = max(tot["max_private_mib"], private)
+        tot["uss_mib"] += (kv.get("smaps_rollup.Private_Clean", 0) + kv.get("smaps_rollup.Private_Dirty", 0)) / 1024
+        tot["pss_mib"] += kv.get("smaps_rollup.Pss", 0) / 1024
+    return tot
+
+
+def run_child(cmd: list[str], ranks_only: bool, log_dir: Path) -> tuple[int, str, str, dict[str, float]]:
+    """Runs ``cmd``, sampling its tree's memory every 50 ms; returns rc, stdout, stderr, peaks."""
+    out_path, err_path = log_dir / ".child.out", log_dir / ".child.err"
+    peaks: dict[str, float] = {}
+    with open(out_path, "w") as fo, open(err_path, "w") as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True)
+        while proc.poll() is None:
+            for key, value in tree_memory(proc.pid, ranks_only).items():
+                peaks[key] = max(peaks.get(key, 0.0), value)
+            time.sleep(0.05)
+    return proc.returncode, out_path.read_text(), err_path.read_text(), peaks
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -90,62 +194,88 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for stage in STAGES:
-        pts = sorted((r["edges"], r) for r in rows if r["stage"] == stage)
+        pts = sorted(((r["edges"], r) for r in rows if r["stage"] == stage and "error" not in r),
+                     key=lambda p: p[0])
         if not pts:
             continue
         xs = [e for e, _ in pts]
         axes[0].plot(xs, [r["seconds"] for _, r in pts], marker="o", label=stage)
-        axes[1].plot(xs, [r["peak_rss_mib"] for _, r in pts], marker="o", label=stage)
-    for ax, label in zip(axes, ("seconds", "peak RSS (MiB)")):
+        axes[1].plot(xs, [r.get("private_mib", float("nan")) for _, r in pts], marker="o", label=stage)
+        axes[2].plot(xs, [r.get("pss_mib", float("nan")) for _, r in pts], marker="o", label=stage)
+    for ax, label in zip(axes, ("seconds", "peak private MiB (RSS − file pages, all ranks)",
+                                "peak PSS MiB (all ranks)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("rating edges")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| edges | users × movies | stage | seconds | peak RSS MiB | throughput |", "|---:|---|---|---:|---:|---|"]
+    lines = ["| edges | users × movies | stage | seconds | CPU s | private MiB | USS MiB | PSS MiB | peak RSS MiB "
+             "| throughput |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    nan = float("nan")
     for r in sorted(rows, key=lambda r: (r["edges"], STAGES.index(r["stage"]))):
+        if "error" in r:
+            lines.append(f"| {r['edges']:,} | | {r['stage']} | failed | | | | | | {r['error'][-80:]!r} |")
+            continue
         thr = ", ".join(f"{k}={v:,.0f}" for k, v in r.items() if k.endswith("_per_s"))
         lines.append(f"| {r['edges']:,} | {r['users']:,} × {r['movies']:,} | {r['stage']} | {r['seconds']:.1f} | "
-                     f"{r['peak_rss_mib']:,.0f} | {thr} |")
+                     f"{r.get('cpu_s', nan):.1f} | {r.get('private_mib', nan):,.0f} | {r.get('uss_mib', nan):,.0f} | "
+                     f"{r.get('pss_mib', nan):,.0f} | {r['peak_rss_mib']:,.0f} | {thr} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--edges", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000, 25_000_000])
-    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=STAGES)
     p.add_argument("--train-steps", type=int, default=50)
     p.add_argument("--out", default="runs/scale")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--report", action="store_true", help="only rewrite scale.md and scale.png from scale.json")
     args = p.parse_args()
     out = Path(args.out)
+    if args.report:
+        rows = json.loads((out / "scale.json").read_text())
+        (out / "scale.md").write_text(markdown(rows))
+        plot(rows, out / "scale.png")
+        print(markdown(rows))
+        return
     if args.stage:
-        print(json.dumps(run_stage(args.stage, args.edges[0], out, args.train_steps)))
+        row = run_stage(args.stage, args.edges[0], out, args.train_steps)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(row))
         return
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    results = out / "scale.json"
+    rows = json.loads(results.read_text()) if results.is_file() else []  # runs add to earlier ones
     for edges in args.edges:
         for stage in args.stages:
-            cmd = [sys.executable, __file__, "--stage", stage, "--edges", str(edges), "--out", str(out),
-                   "--train-steps", str(args.train_steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{stage} at {edges:,} edges failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            child = [__file__, "--stage", stage, "--edges", str(edges), "--out", str(out),
+                     "--train-steps", str(args.train_steps)]
+            two = stage in TWO_RANKS
+            cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *child]
+                   if two else [sys.executable, *child])
+            rc, stdout, stderr, peaks = run_child(cmd, ranks_only=two, log_dir=out)
+            rows = [r for r in rows if (r["stage"], r["edges"]) != (stage, edges)]
+            if rc != 0:
+                print(f"{stage} at {edges:,} edges failed:\n{stderr[-2000:]}", file=sys.stderr)
                 rows.append({"stage": stage, "edges": edges, "users": 0, "movies": 0, "seconds": float("nan"),
-                             "peak_rss_mib": float("nan"), "error": proc.stderr[-500:]})
+                             "peak_rss_mib": float("nan"), "error": stderr[-500:]})
                 continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = json.loads(stdout.strip().splitlines()[-1])
+            row.update({k: round(v, 1) for k, v in peaks.items()}, threads=os.environ.get("OMP_NUM_THREADS"))
             rows.append(row)
-            print(f"{edges:>11,} {stage:8s} {row['seconds']:8.1f}s  {row['peak_rss_mib']:8,.0f} MiB", flush=True)
-            (out / "scale.json").write_text(json.dumps(rows, indent=2))
+            print(f"{edges:>11,} {stage:14s} {row['seconds']:8.1f}s  private {row.get('private_mib', 0):8,.0f} MiB"
+                  f"  USS {row.get('uss_mib', 0):8,.0f}  PSS {row.get('pss_mib', 0):8,.0f}"
+                  f"  RSS {row['peak_rss_mib']:8,.0f} MiB", flush=True)
+            results.write_text(json.dumps(rows, indent=2))
     (out / "scale.md").write_text(markdown(rows))
     plot(rows, out / "scale.png")
     print(markdown(rows))

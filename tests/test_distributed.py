@@ -142,3 +142,22 @@ def test_bf16_reaches_fp32_validation_rmse_on_movielens(movielens_run_config, tm
     fp32 = train(g, split, ModelConfig(), TrainConfig(**schedule), tmp_path / "fp32")
     bf16 = train(g, split, ModelConfig(), TrainConfig(**schedule, precision="bf16"), tmp_path / "bf16")
     assert abs(bf16.best_val_rmse - fp32.best_val_rmse) < 0.02, (fp32.best_val_rmse, bf16.best_val_rmse)
+
+
+def test_epoch_sampler_does_not_hold_the_epoch_as_python_ints():
+    """A list of 10M ids would take ~360 MB of Python objects in every rank."""
+    import tracemalloc
+
+    from scalable_rec.train.distributed import EdgeEpochSampler
+
+    sampler = EdgeEpochSampler(10_000_000, rank=1, world_size=2, seed=3)
+    tracemalloc.start()
+    try:
+        it = iter(sampler)
+        first = [next(it) for _ in range(5)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"iterating allocated {peak / 2**20:.0f} MiB of Python objects"
+    g = torch.Generator().manual_seed(3 * 100_003)
+    assert first == torch.randperm(10_000_000, generator=g)[1::2][:5].tolist()

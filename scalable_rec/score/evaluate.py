@@ -49,7 +49,8 @@ def popularity_score_fn(train_dst: Tensor, num_movies: int) -> ScoreFn:
 @torch.no_grad()
 def evaluate_edges(model, graph, message_ids: Tensor, eval_ids: Tensor, k: int = 10, memory_mb: int = 256,
                    rating_min: float = 0.5, rating_max: float = 5.0, relevant_min: float = 4.0,
-                   baseline_ids: Tensor | None = None) -> dict[str, Any]:
+                   baseline_ids: Tensor | None = None, z: dict[str, Tensor] | None = None,
+                   seen: RatedIndex | None = None) -> dict[str, Any]:
     """Full-neighbourhood evaluation of ``eval_ids``: RMSE/MAE on every edge, Recall/NDCG@k
     on edges rated ``>= relevant_min``.
 
@@ -59,17 +60,21 @@ def evaluate_edges(model, graph, message_ids: Tensor, eval_ids: Tensor, k: int =
 
     Args:
         baseline_ids: Also rank by popularity counted over these edges (``popularity``).
+        z: Embeddings over ``message_ids`` computed elsewhere (layer-wise over the graph
+            index); default: ``encode_all``.
+        seen: Each user's ``message_ids`` movies; default: built from ``graph``.
     """
     model.eval()
     device = model.rating_mean.device
-    z = model.encode_all(graph.hetero_data(message_ids))
+    z = model.encode_all(graph.hetero_data(message_ids)) if z is None else z
     src, dst = graph.src[eval_ids], graph.dst[eval_ids]
     pred = torch.cat([model.predict_pairs(z, s.to(device), d.to(device))
                       for s, d in zip(src.split(65536), dst.split(65536))]) if src.numel() else torch.empty(0)
     out: dict[str, Any] = rating_errors(pred.cpu(), graph.rating[eval_ids], rating_min, rating_max)
     out["edges"] = int(eval_ids.numel())
     relevant = graph.rating[eval_ids] >= relevant_min
-    seen = RatedIndex.from_edges(graph.src[message_ids], graph.dst[message_ids], graph.num_users)
+    if seen is None:
+        seen = RatedIndex.from_edges(graph.src[message_ids], graph.dst[message_ids], graph.num_users)
     args = (graph.num_users, graph.num_movies, seen, src[relevant], dst[relevant], k, memory_mb)
     all_movies = torch.arange(graph.num_movies, device=device)
     out["model"] = ranking_metrics(lambda u: model.rank_block(z, u.to(device), all_movies), *args)
@@ -79,14 +84,18 @@ def evaluate_edges(model, graph, message_ids: Tensor, eval_ids: Tensor, k: int =
 
 
 def evaluate_split(model, graph, split, k: int = 10, memory_mb: int = 256, rating_min: float = 0.5,
-                   rating_max: float = 5.0, relevant_min: float = 4.0) -> dict[str, Any]:
+                   rating_max: float = 5.0, relevant_min: float = 4.0,
+                   z: dict[str, Tensor] | None = None, seen: RatedIndex | None = None) -> dict[str, Any]:
     """Test RMSE/MAE on every test edge and Recall/NDCG@k on test edges rated ≥ ``relevant_min``.
 
     Message passing uses training and validation edges; those are also the ones masked
     from the ranking, so held-out test movies stay rankable. The popularity baseline is
-    scored on the same users and masks.
+    scored on the same users and masks. ``z``: embeddings over those edges computed
+    elsewhere (layer-wise over the graph index's ``seen`` subset); default: ``encode_all``.
+    ``seen``: each user's training and validation movies (the index's ``seen`` CSC);
+    default: built from ``graph``.
     """
     out = evaluate_edges(model, graph, torch.cat([split.train, split.val]), split.test, k, memory_mb, rating_min,
-                         rating_max, relevant_min, baseline_ids=split.train)
+                         rating_max, relevant_min, baseline_ids=split.train, z=z, seen=seen)
     out["test_edges"] = out.pop("edges")
     return out

@@ -14,7 +14,8 @@ from scalable_rec.score.topk import RatedIndex, ScoreConfig, to_record_batch, to
 from scalable_rec.train.model import Recommender
 
 
-def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig,
+def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig, z: dict[str, torch.Tensor] | None = None,
+              rated: RatedIndex | None = None,
               rating_range: tuple[float, float] = (0.5, 5.0)) -> Iterator[pa.RecordBatch]:
     """Yields ranked record batches for every user (rated movies excluded when
     ``cfg.exclude_rated``).
@@ -22,10 +23,18 @@ def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig,
     ``score`` is the ranking score (``Recommender.rank_block``); ``predicted_rating`` is the
     rating the model predicts for that pair, clamped to ``rating_range`` (the run's
     ``--rating-min``/``--rating-max``).
+
+    Args:
+        z: Embeddings of every node (e.g. ``score.layerwise.encode_layerwise``); default:
+            ``model.encode_all`` over the whole graph in memory.
+        rated: Each user's rated movies (e.g. the graph index's ``rev_rates`` CSC); default:
+            built from ``graph``'s edges.
     """
     device = model.rating_mean.device
-    z = model.encode_all(graph.hetero_data())
-    exclude = RatedIndex.from_edges(graph.src, graph.dst, graph.num_users) if cfg.exclude_rated else None
+    z = model.encode_all(graph.hetero_data()) if z is None else z
+    exclude = None
+    if cfg.exclude_rated:
+        exclude = RatedIndex.from_edges(graph.src, graph.dst, graph.num_users) if rated is None else rated
     movies = torch.arange(graph.num_movies, device=device)
     for users, top, scores in topk_chunks(lambda u: model.rank_block(z, u.to(device), movies),
                                           graph.num_users, graph.num_movies, cfg, exclude):

@@ -115,5 +115,7 @@ class EdgeEpochSampler(Sampler[int]):
         pad = self.num_pad(self.num_edges, self.world_size)
         if pad:
             order = torch.cat([order, torch.arange(self.num_edges, self.num_edges + pad)])
-        mine = order[self.rank::self.world_size]
-        return iter(mine[self.skip:].tolist())
+        mine = order[self.rank::self.world_size][self.skip:]
+        # Converted to Python ints a chunk at a time: a list of the whole slice costs
+        # ~36 bytes per edge (720 MiB for 20M training edges) in every rank.
+        return (i for chunk in mine.split(1 << 16) for i in chunk.tolist())

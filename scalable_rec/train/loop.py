@@ -24,10 +24,11 @@ from typing import Any, Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch_geometric.data import HeteroData
 from torch_geometric.loader import LinkNeighborLoader
 from tqdm.auto import tqdm
 
-from scalable_rec.graph.hetero import RATES, REV_RATES, EdgeSplit, RatingGraph
+from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER, EdgeSplit, RatingGraph
 from scalable_rec.score.evaluate import evaluate_edges
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.distributed import (
@@ -182,26 +183,31 @@ class ExcludeTargets:
     """Loader transform: drops a batch's supervision edges, in both directions, from that
     batch's sampled message-passing edges (DGL's ``exclude="reverse_id"``).
 
-    Valid when supervision edge ``i`` is message-passing edge ``i`` of both relations, as
-    ``RatingGraph.hetero_data`` builds them (``rev_rates`` is ``rates`` flipped, same
-    order), so the sampled edges' global ids (``e_id``) identify a target and its reverse.
-    Pads (ids ``>= num_edges``, zero-weight copies of the first edges) exclude nothing.
-    Under DDP each rank excludes its own batch's targets (as DGL's per-rank samplers do).
+    Edges are matched by their (user, movie) pair in global ids (``n_id``): shards hold one
+    rating per pair, so a pair is an edge id, valid for the in-memory graph and the
+    memory-mapped store alike (whose sampled ``e_id`` are CSC positions, not edge ids).
+    Pads (``input_id >= num_edges``, zero-weight copies) exclude nothing. Under DDP each
+    rank excludes its own batch's targets (as DGL's per-rank samplers do).
 
     Args:
-        num_edges: Message-passing edges per relation (= supervision edges before pads).
+        num_edges: Supervision edges before pads.
     """
 
     def __init__(self, num_edges: int) -> None:
         self.num_edges = num_edges
 
     def __call__(self, data):
-        targets = data[RATES].input_id
-        targets = targets[targets < self.num_edges]
-        for edge_type in (RATES, REV_RATES):
+        users, movies = data[USER].n_id, data[MOVIE].n_id
+        u, m = data[RATES].edge_label_index
+        real = data[RATES].input_id < self.num_edges
+        targets = (users[u[real]] << 32) | movies[m[real]]  # node ids stay below 2**31
+        for edge_type, (ui, mi) in ((RATES, (0, 1)), (REV_RATES, (1, 0))):
             store = data[edge_type]
-            keep = ~torch.isin(store.e_id, targets)
-            store.edge_index, store.e_id = store.edge_index[:, keep], store.e_id[keep]
+            ei = store.edge_index
+            keep = ~torch.isin((users[ei[ui]] << 32) | movies[ei[mi]], targets)
+            store.edge_index = ei[:, keep]
+            if "e_id" in store:
+                store.e_id = store.e_id[keep]
         return data
 
 
@@ -212,8 +218,7 @@ def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor,
 
     ``label`` is ``[n, 2]``: rating and sample weight. ``world_size - 1`` zero-weight
     copies are appended so that every rank gets the same number of batches. With
-    ``exclude_targets`` the supervision edges must be ``data``'s edges in the same order
-    (``ExcludeTargets``).
+    ``exclude_targets`` each batch's targets leave its subgraph (``ExcludeTargets``).
     """
     n = src.numel()
     pad = EdgeEpochSampler.num_pad(n, env.world_size)
@@ -223,8 +228,9 @@ def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor,
     sampler = EdgeEpochSampler(n, env.rank, env.world_size, cfg.seed, shuffle=shuffle)
     workers = cfg.num_workers if cfg.num_workers >= 0 else (
         0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // max(1, env.world_size) - 1)))
-    if workers > 0:
-        # Worker processes then map the same pages instead of each holding a copy.
+    if workers > 0 and isinstance(data, HeteroData):
+        # Worker processes then map the same pages instead of each holding a copy
+        # (a (feature_store, graph_store) pair is file-mapped already).
         for store in data.stores:
             for value in store.values():
                 if isinstance(value, torch.Tensor):
@@ -278,6 +284,7 @@ class Progress:
 
 def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
           run_dir: str | os.PathLike, config: dict[str, Any] | None = None,
+          data: HeteroData | tuple | None = None,
           rating_range: tuple[float, float] = (0.5, 5.0)) -> TrainResult:
     """Trains a recommender on ``split.train`` and early-stops on ``split.val``.
 
@@ -292,10 +299,14 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
         cfg: Training settings.
         run_dir: Where rank 0 writes ``best.pt`` and ``last.pt``.
         config: The resolved config of the whole run, stored in every checkpoint.
+        data: The message-passing graph of ``split.train`` edges: ``None`` builds it in
+            memory (``graph.hetero_data``); a ``(feature_store, graph_store)`` pair
+            (``scalable_rec.graph.store.open_stores(index, "train")``) samples from the
+            memory-mapped index instead.
         rating_range: Valid ratings ``(min, max)``; validation clamps predictions to it.
     """
     t0 = time.perf_counter()
-    job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config, rating_range)
+    job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config, data, rating_range)
     progress = restore(job) if cfg.resume else Progress()
     stopped_early = interrupted = False
     with preemption_signals() as stop:
@@ -316,7 +327,7 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
 
 
 def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
-              run_dir: Path, config: dict[str, Any] | None,
+              run_dir: Path, config: dict[str, Any] | None, data: HeteroData | tuple | None = None,
               rating_range: tuple[float, float] = (0.5, 5.0)) -> Job:
     """Joins the process group, builds the loaders (message passing over training edges
     only), the model, optimiser and precision, and wraps the model for DDP."""
@@ -330,7 +341,10 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
     train_rating = graph.rating[target_ids]
     weights = (rating_class_weights(train_rating) if cfg.loss == "weighted_mse"
                else torch.ones_like(train_rating))
-    train_data = graph.hetero_data(message_ids)
+    if data is not None and cfg.supervision == "disjoint":
+        raise ValueError("'supervision' disjoint needs the in-memory graph (the mapped index passes messages "
+                         "over all training edges)")
+    train_data = graph.hetero_data(message_ids) if data is None else data
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     train_loader, train_sampler = make_loader(
         train_data, graph.src[target_ids], graph.dst[target_ids], torch.stack([train_rating, weights], 1),

@@ -1,0 +1,136 @@
+"""PyG ``FeatureStore`` and ``GraphStore`` over the memory-mapped graph index.
+
+``LinkNeighborLoader((feature_store, graph_store), ...)`` then samples straight from the
+mapped CSC files (no ``to_csc`` copy of the edge index per process, as ``HeteroData``
+input needs) and gathers movie features row by row from the mapped feature matrix.
+The stores hold tensor references only: what they hold is whatever was put into them,
+and ``open_stores`` puts the index's mapped tensors there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch_geometric.data import EdgeAttr, FeatureStore, GraphStore, TensorAttr
+from torch_geometric.data.graph_store import EdgeLayout
+
+from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
+from scalable_rec.graph.index import GraphIndex
+
+
+@dataclass
+class StoreConfig:
+    """Where the message-passing graph lives while training, evaluating and scoring.
+
+    Args:
+        graph_backend: ``memory`` (``HeteroData`` tensors in each process, full-graph
+            encoding), ``store`` (PyG stores over the memory-mapped graph index, shared by
+            all processes of a node; layer-wise encoding) or ``auto`` (``store`` from
+            ``store_min_edges`` rating edges on).
+        store_min_edges: Crossover of ``auto``: graphs with fewer rating edges stay in memory.
+        store_verify: Check the sha256 of every index file when it is opened.
+        layer_batch_size: Destination nodes per batch of layer-wise encoding.
+    """
+
+    graph_backend: Literal["auto", "memory", "store"] = "auto"
+    store_min_edges: int = 1_000_000
+    store_verify: bool = True
+    layer_batch_size: int = 16384
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.graph_backend not in ("auto", "memory", "store"):
+            problems.append(f"'graph_backend' needs to be 'auto', 'memory' or 'store' (got {self.graph_backend!r})")
+        if self.store_min_edges < 0:
+            problems.append(f"'store_min_edges' needs to be non-negative (got {self.store_min_edges})")
+        if self.layer_batch_size <= 0:
+            problems.append(f"'layer_batch_size' needs to be positive (got {self.layer_batch_size})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def use_store(self, num_edges: int) -> bool:
+        """Whether a graph of ``num_edges`` rating edges goes through the stores."""
+        return self.graph_backend == "store" or (self.graph_backend == "auto" and num_edges >= self.store_min_edges)
+
+
+class MappedFeatureStore(FeatureStore):
+    """Node features by ``(node type, attribute)``; rows are gathered per request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tensors: dict[tuple[str, str], Tensor] = {}
+
+    def _put_tensor(self, tensor: Tensor, attr: TensorAttr) -> bool:
+        if attr.index is not None and not (isinstance(attr.index, slice) and attr.index == slice(None)):
+            raise ValueError(f"'index' of a put needs to be None: the store holds whole tensors (got {attr.index})")
+        self._tensors[(attr.group_name, attr.attr_name)] = tensor
+        return True
+
+    def _get_tensor(self, attr: TensorAttr) -> Tensor | None:
+        tensor = self._tensors.get((attr.group_name, attr.attr_name))
+        if tensor is None:
+            raise KeyError(f"No tensor '{attr.attr_name}' of '{attr.group_name}' in {self}")
+        index = attr.index
+        if index is None or (isinstance(index, slice) and index == slice(None)):
+            return tensor
+        if isinstance(index, np.ndarray):
+            index = torch.from_numpy(index)
+        # Advanced indexing gathers the rows into a new (private, batch-sized) tensor.
+        return tensor[index]
+
+    def _remove_tensor(self, attr: TensorAttr) -> bool:
+        return self._tensors.pop((attr.group_name, attr.attr_name), None) is not None
+
+    def _get_tensor_size(self, attr: TensorAttr) -> tuple[int, ...] | None:
+        tensor = self._tensors.get((attr.group_name, attr.attr_name))
+        return None if tensor is None else tuple(tensor.shape)
+
+    def get_all_tensor_attrs(self) -> list[TensorAttr]:
+        return [TensorAttr(group, name) for group, name in self._tensors]
+
+
+class MappedGraphStore(GraphStore):
+    """Edge indexes by ``(edge type, layout)``; CSC entries are what the sampler reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._edges: dict[tuple[tuple[str, str, str], EdgeLayout], tuple[EdgeAttr, tuple[Tensor, Tensor]]] = {}
+
+    def _put_edge_index(self, edge_index: tuple[Tensor, Tensor], edge_attr: EdgeAttr) -> bool:
+        if edge_attr.size is None:
+            raise ValueError(f"'size' of edge type {edge_attr.edge_type} needs to be given "
+                             "(the sampler infers node counts from it)")
+        self._edges[(edge_attr.edge_type, edge_attr.layout)] = (edge_attr, edge_index)
+        return True
+
+    def _get_edge_index(self, edge_attr: EdgeAttr) -> tuple[Tensor, Tensor] | None:
+        entry = self._edges.get((edge_attr.edge_type, edge_attr.layout))
+        return None if entry is None else entry[1]
+
+    def _remove_edge_index(self, edge_attr: EdgeAttr) -> bool:
+        return self._edges.pop((edge_attr.edge_type, edge_attr.layout), None) is not None
+
+    def get_all_edge_attrs(self) -> list[EdgeAttr]:
+        return [attr for attr, _ in self._edges.values()]
+
+
+def open_stores(index: GraphIndex, subset: str) -> tuple[MappedFeatureStore, MappedGraphStore]:
+    """The ``(feature_store, graph_store)`` pair of one edge subset of ``index``.
+
+    ``subset``: ``train`` (training message passing), ``seen`` (train + validation) or
+    ``all``. Users have no features; a zero-width ``x`` (no bytes) makes them a node type
+    the sampler sees.
+    """
+    features, graph = MappedFeatureStore(), MappedGraphStore()
+    features.put_tensor(index.tensor("movie_x"), group_name=MOVIE, attr_name="x", index=None)
+    features.put_tensor(torch.empty(index.num_users, 0), group_name=USER, attr_name="x", index=None)
+    csc = index.csc(subset)
+    sizes = {RATES: (index.num_users, index.num_movies), REV_RATES: (index.num_movies, index.num_users)}
+    for edge_type in (RATES, REV_RATES):
+        row, colptr = csc[edge_type[1]]
+        graph.put_edge_index((row, colptr), edge_type=edge_type, layout="csc", size=sizes[edge_type],
+                             is_sorted=True)
+    return features, graph

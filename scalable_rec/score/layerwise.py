@@ -1,0 +1,131 @@
+"""Layer-wise full-catalog encoding over a graph store (PyG's layer-wise inference pattern).
+
+``Recommender.encode_all`` runs every layer on the whole graph at once: it holds the
+sparse adjacency of all edges (a private copy) and every layer's activations. Here each
+layer runs over destination nodes in batches with their *full* neighbourhood, read as one
+contiguous slice of the memory-mapped CSC index, so a step needs the previous layer's
+embeddings and one batch's neighbourhood; with ``spill_dir`` the per-layer embeddings are
+memory-mapped files too. The result equals ``encode_all`` up to float summation order.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch_geometric.data import FeatureStore, GraphStore
+
+import torch_geometric.typing as pyg_typing
+from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
+
+# Destination type → the edge type whose messages it receives (one each in this model).
+INCOMING = {MOVIE: RATES, USER: REV_RATES}
+
+
+def _adjacency(colptr: Tensor, row: Tensor, start: int, stop: int, num_src: int):
+    """Sparse ``[stop - start, num_src]`` adjacency of destinations ``start:stop``."""
+    ptr = colptr[start:stop + 1]
+    lo, hi = int(ptr[0]), int(ptr[-1])
+    rowptr, col = ptr - lo, row[lo:hi]
+    if pyg_typing.WITH_TORCH_SPARSE:  # what encode_all's ToSparseTensor builds
+        return pyg_typing.SparseTensor(rowptr=rowptr, col=col, sparse_sizes=(stop - start, num_src),
+                                       is_sorted=True, trust_data=True)
+    return torch.sparse_csr_tensor(rowptr, col, torch.ones(col.numel()), size=(stop - start, num_src))
+
+
+class _Buffers:
+    """Per-layer ``[n, hidden]`` float32 tables: in memory, or files under ``spill_dir``."""
+
+    def __init__(self, spill_dir: Path | None) -> None:
+        self.spill_dir = spill_dir
+        self.count = 0
+
+    def new(self, rows: int, cols: int) -> Tensor:
+        if self.spill_dir is None:
+            return torch.empty(rows, cols)
+        self.count += 1
+        path = self.spill_dir / f"z-{self.count}.npy"
+        return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, cols)))
+
+
+@torch.no_grad()
+def encode_layerwise(model, feature_store: FeatureStore, graph_store: GraphStore, batch_size: int = 16384,
+                     spill_dir: str | os.PathLike | None = None) -> dict[str, Tensor]:
+    """Embeds every user and movie like ``model.encode_all``, one layer and node batch at a time.
+
+    Args:
+        model: A ``Recommender`` (its device is used for the compute; tables stay on CPU).
+        feature_store: Holds ``movie.x`` (e.g. ``scalable_rec.graph.store.open_stores``).
+        graph_store: Holds the CSC of ``rates`` and ``rev_rates`` with their sizes.
+        batch_size: Destination nodes per step.
+        spill_dir: Write each layer's embeddings to memory-mapped files in a fresh
+            directory under this one; the names are removed on return (the returned
+            tensors keep their mappings until they are dropped), so nothing is left behind.
+            ``None`` keeps them in memory (``(users + movies) × hidden`` floats per layer).
+
+    Returns:
+        ``{"user", "movie"}`` embeddings and, with a retrieval head, ``user_rank`` and
+        ``movie_rank``, as ``encode_all`` returns them (on CPU).
+    """
+    if batch_size <= 0:
+        raise ValueError(f"'batch_size' needs to be positive (got {batch_size})")
+    enc = model.encoder
+    device = model.rating_mean.device
+    row, colptr, _ = graph_store.csc()
+    sizes = {attr.edge_type: attr.size for attr in graph_store.get_all_edge_attrs()}
+    num = {USER: sizes[RATES][0], MOVIE: sizes[RATES][1]}
+    missing = [et for et in INCOMING.values() if et not in row]
+    if missing:
+        raise ValueError(f"'graph_store' needs CSC edges of {missing} (got {list(row)})")
+    work = Path(tempfile.mkdtemp(prefix="layerwise-", dir=spill_dir)) if spill_dir is not None else None
+    buffers = _Buffers(work)
+    hidden = enc.user_emb.embedding_dim
+
+    def batches(n: int):
+        for start in range(0, n, batch_size):
+            yield start, min(start + batch_size, n)
+
+    try:
+        # ---- layer 0: embedding tables (+ projected movie features) -----------------------
+        x = {USER: buffers.new(num[USER], hidden), MOVIE: buffers.new(num[MOVIE], hidden)}
+        none = torch.empty(0, dtype=torch.long, device=device)
+        no_x = torch.empty(0, enc.movie_lin.in_features, device=device)
+        for a, b in batches(num[USER]):
+            ids = {USER: torch.arange(a, b, device=device), MOVIE: none}
+            x[USER][a:b] = enc.input_features(ids, no_x)[USER].float().cpu()
+        for a, b in batches(num[MOVIE]):
+            feats = feature_store.get_tensor(MOVIE, "x", index=slice(a, b)).to(device)
+            ids = {USER: none, MOVIE: torch.arange(a, b, device=device)}
+            x[MOVIE][a:b] = enc.input_features(ids, feats)[MOVIE].float().cpu()
+        # ---- message-passing layers: full neighbourhoods, destination batches -------------
+        for i, hetero_conv in enumerate(enc.convs):
+            out = {}
+            for dst, edge_type in INCOMING.items():
+                src = edge_type[0]
+                conv = hetero_conv.convs[edge_type]  # PyG's ModuleDict takes edge-type tuples
+                x_src = x[src].to(device)
+                out[dst] = buffers.new(num[dst], hidden)
+                for a, b in batches(num[dst]):
+                    adj = _adjacency(colptr[edge_type], row[edge_type], a, b, num[src]).to(device)
+                    h = conv((x_src, x[dst][a:b].to(device)), adj)
+                    if i < len(enc.convs) - 1:
+                        h = F.relu(h)  # dropout is the identity in inference
+                    out[dst][a:b] = h.float().cpu()
+            x = out
+        z = {USER: x[USER], MOVIE: x[MOVIE]}
+        if model.retrieval is not None:
+            for key, node, lin in (("user_rank", USER, model.retrieval.user), ("movie_rank", MOVIE,
+                                                                                model.retrieval.movie)):
+                z[key] = buffers.new(num[node], lin.out_features)
+                for a, b in batches(num[node]):
+                    z[key][a:b] = lin(x[node][a:b].to(device)).float().cpu()
+        return z
+    finally:
+        if work is not None:
+            # Open mappings keep their pages after unlink; only the names go.
+            shutil.rmtree(work, ignore_errors=True)
