@@ -50,6 +50,11 @@ class DataConfig:
             as malformed or invalid (default 0.1); 1.0 accepts any share.
         overwrite: Rebuild the shards even when unchanged input would reuse them, and replace
             the artifacts of an existing run directory (else a used --run-dir needs --resume).
+        train_file: A given split's training ratings (``user item rating [timestamp]``, tab- or
+            comma-separated, or MovieLens CSV with header); needs ``test_file``. Validation is
+            carved from it (``val_ratio``, ``split_seed``); ``--data`` then only supplies
+            movies.csv, if it has one.
+        test_file: A given split's test ratings, same format; the test uses exactly these.
     """
 
     data: str | None = None
@@ -61,9 +66,14 @@ class DataConfig:
     rating_max: float = 5.0
     max_skipped_share: float = 0.1
     overwrite: bool = False
+    train_file: str | None = None
+    test_file: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if (self.train_file is None) != (self.test_file is None):
+            problems.append(f"'train_file' and 'test_file' go together (got train_file={self.train_file!r}, "
+                            f"test_file={self.test_file!r})")
         if self.max_rows_per_shard <= 0:
             problems.append(f"'max_rows_per_shard' needs to be positive (got {self.max_rows_per_shard})")
         if not self.rating_min < self.rating_max:
@@ -78,6 +88,8 @@ class DataConfig:
     def shards_dir(self, data_dir: str | None = None) -> Path:
         if self.shards:
             return Path(self.shards)
+        if self.train_file and self.test_file:
+            return Path(self.workdir) / "shards" / f"given-{Path(self.train_file).stem}-{Path(self.test_file).stem}"
         name = Path(data_dir or self.data or "ml-latest-small").resolve().name
         return Path(self.workdir) / "shards" / name
 

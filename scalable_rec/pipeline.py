@@ -72,11 +72,17 @@ def prepare(cfg: RunConfig) -> GraphShards:
 
 
 def _prepare_on_this_rank(cfg: RunConfig) -> Path:
-    data_dir = cfg.data.data or str(fetch_movielens())
-    try:
-        source = MovieLensSource(data_dir)
-    except FileNotFoundError as err:
-        raise ConfigError(f"'data' {data_dir!r}: {err}") from None
+    if cfg.data.train_file:
+        from scalable_rec.source.rating_files import RatingFilesSource
+
+        data_dir = cfg.data.data
+        source = RatingFilesSource(cfg.data.train_file, cfg.data.test_file, movies_dir=data_dir)
+    else:
+        data_dir = cfg.data.data or str(fetch_movielens())
+        try:
+            source = MovieLensSource(data_dir)
+        except FileNotFoundError as err:
+            raise ConfigError(f"'data' {data_dir!r}: {err}") from None
     out = cfg.data.shards_dir(data_dir)
     with locking.hold(out, "shard directory"):
         why_not = _why_not_reuse(out, cfg, source.fingerprint())
@@ -241,11 +247,13 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", config)
-    result = train(graph, split, cfg.model, cfg.train, run_dir, config=config, data=data)
+    result = train(graph, split, cfg.model, cfg.train, run_dir, config=config, data=data,
+                   rating_range=(cfg.data.rating_min, cfg.data.rating_max))
     timings["train_s"] = result.seconds
     interrupted_by = (signal.Signals(result.signal).name if result.signal is not None
                       else "max_steps" if result.interrupted else None)
     metrics: dict[str, Any] = {"history": result.history, "best_val_rmse": result.best_val_rmse,
+                               "best_val_recall@10": result.best_val_recall, "select_metric": cfg.train.select_metric,
                                "global_step": result.global_step, "stopped_early": result.stopped_early,
                                "interrupted": result.interrupted, "interrupted_by": interrupted_by}
     if not result.interrupted:  # the same on every rank: the stop was agreed
@@ -257,7 +265,8 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
             seen = RatedIndex(rowptr=rev_colptr, col=rev_row)
         metrics["test"] = evaluate_split(result.model, graph, split, k=cfg.score.k,
                                          memory_mb=cfg.score.score_memory_mb, rating_min=cfg.data.rating_min,
-                                         rating_max=cfg.data.rating_max, z=z, seen=seen, env=env)
+                                         rating_max=cfg.data.rating_max, relevant_min=cfg.train.relevant_min,
+                                         z=z, seen=seen, env=env)
         timings["evaluate_s"] = time.perf_counter() - t1
         log.info("test: %s", dumps(metrics["test"], indent=None))
     metrics["timings"] = timings
@@ -309,10 +318,12 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
             z = encode_layerwise(model, *open_stores(index, "all"), batch_size=cfg.store.layer_batch_size)
             rev_row, rev_colptr = index.csc("all")["rev_rates"]
             rated = RatedIndex(rowptr=rev_colptr, col=rev_row)
+        rating_range = (saved.data.rating_min, saved.data.rating_max)
         if cfg.sink.sink == "arango":  # edges Users/<key> → Movie/<key>; outcome in arango_writeback.json
             from scalable_rec.sink.arango import writeback_run
 
-            out = from_rank0(lambda: writeback_run(recommend(model, graph, cfg.score, z=z, rated=rated),
+            out = from_rank0(lambda: writeback_run(recommend(model, graph, cfg.score, z=z, rated=rated,
+                                                             rating_range=rating_range),
                                                    cfg.arango, cfg.sink, run_dir),
                              env, "write recommendations to ArangoDB")
             log.info("score: recommendations for %d users written to ArangoDB in %.2fs (%s)", graph.num_users,
@@ -322,11 +333,12 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
         metadata = {"run_dir": str(run_dir), "k": str(cfg.score.k)}
         if not env.enabled:
             try:
-                rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated), out, metadata=metadata)
+                rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated, rating_range=rating_range),
+                                     out, metadata=metadata)
             except ValueError as err:
                 raise ScalableRecError(f"score: {err}") from err
         else:
-            rows = _score_parts(model, graph, cfg, env, out, metadata, z, rated)
+            rows = _score_parts(model, graph, cfg, env, out, metadata, z, rated, rating_range)
         if rows == 0:
             from_rank0(lambda: out.unlink(missing_ok=True), env, "remove the empty recommendations")
             raise ScalableRecError(f"score: no recommendations for run '{run_dir}' (expected up to "
@@ -391,7 +403,7 @@ def check_sink(cfg: RunConfig) -> None:
 
 def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: DistEnv, out: Path,
                  metadata: dict[str, str], z: dict[str, torch.Tensor] | None = None,
-                 rated: RatedIndex | None = None) -> int:
+                 rated: RatedIndex | None = None, rating_range: tuple[float, float] = (0.5, 5.0)) -> int:
     """Each rank writes its users' part; rank 0 merges them once every rank has reported
     (a failed rank's error reaches every rank, and no part is left behind)."""
     users = user_slice(graph.num_users, env.rank, env.world_size)
@@ -399,7 +411,8 @@ def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: Di
     rows, error = 0, None
     try:
         if users.numel():
-            rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated, users=users), part)
+            rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated, users=users,
+                                             rating_range=rating_range), part)
         log.debug("score: rank %d ranked users %d..%d (%d rows)", env.rank, int(users[0]) if users.numel() else 0,
                   int(users[-1]) if users.numel() else -1, rows)
     except Exception as err:  # reported to every rank below

@@ -2,8 +2,8 @@
 
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py SHARDS RUN_DIR OUT_PREFIX JSON_TRAIN_CONFIG [JSON_OPTIONS]
 
-JSON_OPTIONS (optional, used by benchmarks/bench_train.py): {"val_edges": M, "model": {...}}
-keeps the first M validation edges of the split and sets the ModelConfig (default: hidden
+JSON_OPTIONS (optional, used by benchmarks/bench_train.py): {"val_edges": M, "train_edges": N,
+"model": {...}} keeps the first M validation (N training) edges of the split and sets the ModelConfig (default: hidden
 16, no dropout, for the exactness tests).
 """
 import json
@@ -22,6 +22,8 @@ torch.set_num_threads(1)
 graph = RatingGraph.from_shards(GraphShards(shards))
 split = split_edges(graph, SplitConfig())
 options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+if "train_edges" in options:  # e.g. an odd count, so that DDP pads a rank with a zero-weight copy
+    split = type(split)(train=split.train[: options["train_edges"]], val=split.val, test=split.test)
 if "val_edges" in options:
     split = type(split)(train=split.train, val=split.val[: options["val_edges"]], test=split.test)
 model_cfg = ModelConfig(**options.get("model", {"hidden": 16, "dropout": 0.0}))

@@ -107,8 +107,10 @@ def _torchrun(tmp_path, shards, cfg: dict, nproc: int, name: str | None = None, 
 
 # Two epochs of 10 steps on 2 ranks (400 training edges / (2 × 20)); all neighbours make
 # sampling deterministic. The uninterrupted run is the reference the fault tests resume to.
+# Supervision "none": with exclude_targets each rank drops only its own batch's targets from
+# its subgraph, a legitimately different subgraph from the single process's.
 EXACT = dict(epochs=2, num_neighbors=[-1, -1], seed=7, progress=False, device="cpu", lr=0.01, weight_decay=0.0,
-             patience=10)
+             patience=10, supervision="none")
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +147,25 @@ def test_torchrun_two_ranks_match_single_process_on_same_global_batches(tiny_sha
     start = torch.load(ref_dir / "run-2" / "best.pt", weights_only=False)  # only rank 0 wrote the run dir
     assert start["config"]["train"]["batch_size"] == 20
     assert torch.load(ref_dir / "run-2" / "last.pt", weights_only=False)["world_size"] == 2
+
+
+def test_torchrun_pad_path_matches_single_process(tiny_shards, tmp_path):
+    # 399 training edges: rank 1 gets a zero-weight pad, which must change nothing (the
+    # rating loss, the softmax rows and its columns all ignore it).
+    common = dict(epochs=1, num_neighbors=[-1, -1], seed=7, progress=False, device="cpu", lr=0.01,
+                  weight_decay=0.0, supervision="none")
+    options = {"train_edges": 399, "model": {"hidden": 16, "dropout": 0.0}}
+    assert EdgeEpochSampler.num_pad(399, 2) == 1
+    ddp, _ = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 20}, nproc=2, name="pad-2", options=options)
+    single, _ = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 40}, nproc=1, name="pad-1",
+                          options=options)
+    r0, r1 = torch.load(f"{ddp}-rank0.pt"), torch.load(f"{ddp}-rank1.pt")
+    one = torch.load(f"{single}-rank0.pt")
+    meta = json.loads(Path(f"{ddp}-rank0.json").read_text())
+    assert meta["world"] == 2 and meta["steps"] == 10  # (399 + 1 pad) training edges / (2 × 20)
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), f"{name} differs between ranks"
+        torch.testing.assert_close(r0[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs from 1 process")
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tiny_shards, tmp_path,

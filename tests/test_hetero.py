@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from scalable_rec.errors import ShardError
 from scalable_rec.graph import RATES, REV_RATES, RatingGraph, SplitConfig, split_edges
 
 
@@ -31,16 +32,37 @@ def test_temporal_split_orders_by_time(graph):
     assert graph.timestamp[s.val].max() <= graph.timestamp[s.test].min()
 
 
+def _pairs(graph, ids):
+    return set(zip(graph.src[ids].tolist(), graph.dst[ids].tolist()))
+
+
+@pytest.mark.parametrize("strategy", ["random", "temporal"])
+def test_no_user_movie_pair_is_on_two_sides_of_the_split(graph, strategy):
+    s = split_edges(graph, SplitConfig(strategy=strategy))
+    train, val, test = _pairs(graph, s.train), _pairs(graph, s.val), _pairs(graph, s.test)
+    assert len(train) == s.train.numel() and len(val) == s.val.numel() and len(test) == s.test.numel()
+    assert not (train & val) and not (train & test) and not (val & test)
+
+
+def test_split_refuses_a_graph_with_repeated_pairs(graph):
+    import dataclasses
+
+    twice = dataclasses.replace(graph, src=torch.cat([graph.src, graph.src[:3]]),
+                                dst=torch.cat([graph.dst, graph.dst[:3]]),
+                                rating=torch.cat([graph.rating, graph.rating[:3]]),
+                                timestamp=torch.cat([graph.timestamp, graph.timestamp[:3]]))
+    with pytest.raises(ShardError, match="3 repeated \\(user, movie\\) pairs"):
+        split_edges(twice, SplitConfig())
+
+
 def test_message_passing_graph_excludes_held_out_edges(graph):
     s = split_edges(graph, SplitConfig())
     data = graph.hetero_data(s.train)
     ei = data[RATES].edge_index
     assert ei.size(1) == s.train.numel()
     assert torch.equal(data[REV_RATES].edge_index, ei.flip(0))
-    train_pairs = set(map(tuple, ei.T.tolist()))
-    held_out = set(zip(graph.src[s.test].tolist(), graph.dst[s.test].tolist())) - \
-        set(zip(graph.src[s.train].tolist(), graph.dst[s.train].tolist()))  # repeated pairs aside
-    assert not (held_out & train_pairs)
+    message_pairs = set(map(tuple, ei.T.tolist()))
+    assert not (message_pairs & (_pairs(graph, s.val) | _pairs(graph, s.test)))
     assert data["user"].num_nodes == 50 and data["movie"].x.shape == (50, 403)
     assert "x" not in data["user"]  # users are learnt embeddings, not an identity matrix
 

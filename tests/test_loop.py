@@ -35,10 +35,16 @@ def test_training_learns_signal_and_writes_checkpoints(small, tmp_path):
     assert state["epoch"] == 3 and state["config"]["train"]["epochs"] == 3
 
 
-def test_bf16_autocast_runs_on_cpu(small, tmp_path):
+def test_bf16_autocast_learns_like_fp32_on_cpu(small, tmp_path):
     g, split = small
-    result = train(g, split, ModelConfig(hidden=16), _cfg(epochs=1, precision="bf16"), tmp_path)
-    assert math.isfinite(result.best_val_rmse)
+    cfg = dict(epochs=2, select_metric="rmse")
+    fp32 = train(g, split, ModelConfig(hidden=16), _cfg(**cfg), tmp_path / "fp32")
+    bf16 = train(g, split, ModelConfig(hidden=16), _cfg(**cfg, precision="bf16"), tmp_path / "bf16")
+    mean_rmse = float((g.rating[split.val] - g.rating[split.train].mean()).pow(2).mean().sqrt())
+    assert bf16.best_val_rmse < mean_rmse - 0.05  # it learns
+    assert abs(bf16.best_val_rmse - fp32.best_val_rmse) < 0.03, (fp32.best_val_rmse, bf16.best_val_rmse)
+    # and it did run in bf16: the parameters differ from the fp32 run's
+    assert not torch.equal(bf16.model.encoder.user_emb.weight, fp32.model.encoder.user_emb.weight)
 
 
 def test_fp16_needs_cuda(small, tmp_path):
@@ -67,9 +73,23 @@ def test_in_batch_softmax_loss_masks_repeated_movies_and_pads():
     # a pad row (weight 0) adds nothing: same as dropping the row but keeping its column
     assert padded.item() == pytest.approx(
         in_batch_softmax_loss(ru[:2], rm, movies[:2], movies, log_q, torch.ones(2)).item(), abs=1e-6)
-    # logQ correction: a popular negative is penalised less
+    # logQ correction: logits minus log q of the column's movie. Row 1 (rare movie 8) sees
+    # popular movie 7 as its negative, which is discounted: its loss drops; row 0 (popular
+    # movie 7) sees rare movie 8 as its negative, which is boosted: its loss rises.
     popular = torch.log(torch.tensor([0.0] * 7 + [0.9, 0.1, 0.0]).clamp(min=1e-9))
-    assert in_batch_softmax_loss(ru, rm, movies, movies, popular, torch.ones(3)) != loss
+    ru1 = ru * 0.2  # keep the logits soft so the change is visible
+    row = [torch.tensor(w) for w in ([1.0, 0, 0], [0, 1.0, 0])]
+    plain = [in_batch_softmax_loss(ru1, rm, movies, movies, log_q, w).item() for w in row]
+    corrected = [in_batch_softmax_loss(ru1, rm, movies, movies, popular, w).item() for w in row]
+    assert corrected[1] < plain[1] and corrected[0] > plain[0]
+    # and exactly: row 1's logits are [1, 0, 1] (col 2 is row 0's movie again) minus log q
+    logits = torch.tensor([0.0, 1.0, 0.0]) - popular[movies]
+    expected = torch.logsumexp(logits, 0) - logits[1]
+    assert corrected[1] == pytest.approx(expected.item(), rel=1e-5)
+    # pad columns (movie id -1) are nobody's negative
+    with_pad = in_batch_softmax_loss(ru1, torch.cat([rm, torch.tensor([[0.0, 5.0]])]), movies,
+                                     torch.cat([movies, torch.tensor([-1])]), log_q, row[1])
+    assert with_pad.item() == pytest.approx(plain[1], rel=1e-6)
     # with an offset, rows pick their column inside a larger (gathered) batch
     wide = torch.cat([torch.tensor([[0.0, 0.0]]), rm])
     cols = torch.cat([torch.tensor([3]), movies])
@@ -85,10 +105,20 @@ def test_rating_class_weights_half_stars():
     assert w[3] > w[0] and w[4] > w[0] and w[3] == pytest.approx(2 * w[4])
 
 
-def test_weighted_mse_trains(small, tmp_path):
+def test_weighted_mse_pulls_predictions_towards_rare_ratings(small, tmp_path):
+    """Class weights make rare (low) ratings count more: validation edges rated ≤ 2 get
+    lower predictions than under plain MSE, which shrinks everything towards the mean."""
     g, split = small
-    result = train(g, split, ModelConfig(hidden=16), _cfg(epochs=1, loss="weighted_mse"), tmp_path)
-    assert math.isfinite(result.best_val_rmse)
+    low = split.val[g.rating[split.val] <= 2.0]
+    assert low.numel() > 100
+    preds = {}
+    for loss in ("mse", "weighted_mse"):
+        result = train(g, split, ModelConfig(hidden=16), _cfg(epochs=2, loss=loss, select_metric="rmse"),
+                       tmp_path / loss)
+        assert result.best_val_rmse < 1.5
+        z = result.model.encode_all(g.hetero_data(split.train))
+        preds[loss] = result.model.predict_pairs(z, g.src[low], g.dst[low]).mean().item()
+    assert preds["weighted_mse"] < preds["mse"] - 0.05, preds
 
 
 def test_train_config_reports_all_problems():
@@ -117,3 +147,137 @@ def test_steps_per_epoch_caps_each_epoch(small, tmp_path):
     g, split = small
     result = train(g, split, ModelConfig(hidden=8), _cfg(epochs=2, steps_per_epoch=3), tmp_path)
     assert [h["steps"] for h in result.history] == [3, 3] and result.global_step == 6
+
+
+@pytest.mark.parametrize("supervision", ["exclude_targets", "disjoint"])
+def test_no_target_pair_is_in_its_own_batch_in_either_direction(small, supervision):
+    from scalable_rec.graph import RATES, REV_RATES
+    from scalable_rec.train.distributed import DistEnv
+    from scalable_rec.train.loop import make_loader, supervision_edges
+
+    g, split = small
+    cfg = _cfg(supervision=supervision, num_neighbors=[-1, -1])  # all neighbours: every target would be in
+    message_ids, target_ids = supervision_edges(split.train, cfg)
+    label = torch.stack([g.rating[target_ids], torch.ones(target_ids.numel())], 1)
+    loader, _ = make_loader(g.hetero_data(message_ids), g.src[target_ids], g.dst[target_ids], label, cfg, 512,
+                            DistEnv(), shuffle=True, device=torch.device("cpu"),
+                            exclude_targets=supervision == "exclude_targets")
+    checked = 0
+    for step, batch in enumerate(loader):
+        users, movies = batch["user"].n_id, batch["movie"].n_id
+        u, m = batch[RATES].edge_label_index
+        targets = set(zip(users[u].tolist(), movies[m].tolist()))
+        fwd = batch[RATES].edge_index
+        rev = batch[REV_RATES].edge_index
+        forward_pairs = set(zip(users[fwd[0]].tolist(), movies[fwd[1]].tolist()))
+        reverse_pairs = set(zip(users[rev[1]].tolist(), movies[rev[0]].tolist()))
+        assert forward_pairs and reverse_pairs
+        assert not (targets & forward_pairs), f"batch {step}: user→movie target edges in message passing"
+        assert not (targets & reverse_pairs), f"batch {step}: movie→user reverse of a target in message passing"
+        checked += len(targets)
+        if step == 4:
+            break
+    assert checked > 2000
+
+
+def test_adamw_leaves_embedding_rows_outside_the_batch_in_place(small, tmp_path):
+    from scalable_rec.train.loop import make_optimizer
+    from scalable_rec.train.model import Recommender
+
+    g, _ = small
+    torch.manual_seed(0)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8))
+    opt = make_optimizer(model, _cfg(weight_decay=0.1))
+    before = model.encoder.user_emb.weight.detach().clone()
+    lin_before = model.encoder.movie_lin.weight.detach().clone()
+    seen = torch.tensor([1, 2, 3])
+    loss = model.encoder.user_emb(seen).pow(2).sum() + model.encoder.movie_lin.weight.sum() * 0
+    loss.backward()
+    opt.step()
+    after = model.encoder.user_emb.weight.detach()
+    assert not torch.equal(after[seen], before[seen])  # rows in the batch moved
+    untouched = torch.ones(g.num_users, dtype=torch.bool)
+    untouched[seen] = False
+    assert torch.equal(after[untouched], before[untouched])  # no decay on rows outside it
+    # dense weights are decayed (decoupled: they shrink even with a zero gradient)
+    assert model.encoder.movie_lin.weight.abs().sum() < lin_before.abs().sum()
+
+
+def test_ranking_positives_are_relevant_ratings_weighted_one():
+    from scalable_rec.train.losses import in_batch_softmax_loss, ranking_positives
+
+    rating = torch.tensor([0.5, 4.0, 5.0, 3.5, 4.5])
+    class_weight = rating_class_weights(rating)  # what weighted_mse puts in the label
+    class_weight[4] = 0.0  # a pad
+    pos = ranking_positives(rating, class_weight, 4.0)
+    assert pos.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
+    assert ranking_positives(rating, class_weight, 3.5).tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    # the loss sees only the relevant rows, each weighing the same whatever its class weight
+    torch.manual_seed(0)
+    ru, rm = torch.randn(5, 4), torch.randn(5, 4)
+    movies = torch.arange(5)
+    full = in_batch_softmax_loss(ru, rm, movies, movies, torch.zeros(5), pos)
+    ce = torch.nn.functional.cross_entropy(ru @ rm.T, torch.arange(5), reduction="none")
+    assert full.item() == pytest.approx(ce[[1, 2]].mean().item(), rel=1e-6)
+
+
+def test_training_loss_ranking_term_ignores_dislikes_and_class_weights(small, tmp_path):
+    import types
+
+    from scalable_rec.graph import RATES
+    from scalable_rec.train.distributed import DistEnv
+    from scalable_rec.train.loop import make_loader, training_loss
+    from scalable_rec.train.model import Recommender
+
+    g, split = small
+    ids = split.train[:256]
+    torch.manual_seed(0)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8, dropout=0.0))
+    cfg = _cfg(num_neighbors=[-1, -1])
+    loader, _ = make_loader(g.hetero_data(split.train), g.src[ids], g.dst[ids],
+                            torch.stack([g.rating[ids], torch.ones(256)], 1), cfg, 256, DistEnv(), shuffle=False,
+                            device=torch.device("cpu"))
+    batch = next(iter(loader))
+
+    def loss(rank_weight, label):
+        batch[RATES].edge_label = label
+        job = types.SimpleNamespace(autocast=torch.autocast("cpu", enabled=False), ddp_model=model,
+                                    cfg=_cfg(rank_loss_weight=rank_weight), env=DistEnv(),
+                                    log_q=torch.zeros(g.num_movies))
+        return training_loss(job, batch)[0].item()
+
+    rating = batch[RATES].edge_label[:, 0].clone()
+    ones = torch.ones_like(rating)
+    rank_part = loss(1.0, torch.stack([rating, ones], 1)) - loss(0.0, torch.stack([rating, ones], 1))
+    assert rank_part > 0
+    # weighted_mse-style class weights change the rating loss, not the ranking term
+    weighted = torch.stack([rating, rating_class_weights(rating)], 1)
+    assert loss(1.0, weighted) - loss(0.0, weighted) == pytest.approx(rank_part, rel=1e-5)
+    # only dislikes: no ranking term at all
+    dislikes = torch.stack([rating.clamp(max=3.5), ones], 1)
+    assert loss(1.0, dislikes) == pytest.approx(loss(0.0, dislikes), rel=1e-6)
+
+
+def test_validation_runs_like_the_test_and_selects_by_the_configured_metric(small, tmp_path):
+    from scalable_rec.score import evaluate_edges
+
+    g, split = small
+    result = train(g, split, ModelConfig(hidden=16), _cfg(epochs=2, select_metric="recall"), tmp_path,
+                   rating_range=(3.0, 4.0))
+    h = result.history
+    assert all(0.0 <= r["val_recall@10"] <= 1.0 for r in h)
+    best = max(h, key=lambda r: r["val_recall@10"])
+    assert result.best_val_recall == pytest.approx(best["val_recall@10"])
+    assert ckpt.load(tmp_path / "best.pt")["epoch"] == best["epoch"]
+    # the loaded best model, evaluated the way the test is (full neighbourhoods over train),
+    # gives the recorded validation numbers, with predictions clamped to the given range
+    again = evaluate_edges(result.model, g, split.train, split.val, rating_min=3.0, rating_max=4.0)
+    assert again["model"]["recall@10"] == pytest.approx(result.best_val_recall, abs=1e-6)
+    assert again["rmse"] == pytest.approx(result.best_val_rmse, abs=1e-6)
+    wide = evaluate_edges(result.model, g, split.train, split.val, rating_min=0.5, rating_max=5.0)
+    assert wide["rmse"] < again["rmse"] - 0.003  # the bounds are really applied (a narrow range costs)
+    from scalable_rec.score import ScoreConfig, recommend
+
+    rated = torch.cat([torch.from_numpy(b.column("predicted_rating").to_numpy().copy())
+                       for b in recommend(result.model, g, ScoreConfig(k=5), rating_range=(3.0, 4.0))])
+    assert rated.min() >= 3.0 and rated.max() == 4.0  # clamped to the run's range, not 0.5–5.0

@@ -73,3 +73,49 @@ def test_model_config_validation():
         ModelConfig(decoder="bilinear")
     with pytest.raises(ValueError, match="'hidden' needs to be positive.*'num_layers'"):
         ModelConfig(hidden=0, num_layers=0)
+
+
+def _hub_graph(num_users: int = 100_000):
+    """One movie rated by every user (a hub with 100k neighbours) plus one quiet movie."""
+    import pyarrow as pa
+
+    src = torch.arange(num_users)
+    return RatingGraph(user_keys=pa.array(range(num_users)), movie_keys=pa.array([0, 1]),
+                       movie_x=torch.ones(2, 4), src=torch.cat([src, torch.tensor([0])]),
+                       dst=torch.cat([torch.zeros(num_users, dtype=torch.long), torch.tensor([1])]),
+                       rating=torch.full((num_users + 1,), 4.0), timestamp=torch.zeros(num_users + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("decoder,aggr", [("dot", "sum"), ("mlp", "sum"), ("dot", "mean")])
+def test_fp16_autocast_with_sum_aggregation_over_100k_neighbours_stays_finite(decoder, aggr):
+    """CPU autocast supports float16, so the overflow guard is exercised here: a sum over
+    100k neighbours (≫ 65504) must neither reach fp16 in the conv's linear layers nor in
+    the heads that read it, in full-graph encoding and in a training step."""
+    from scalable_rec.graph import MOVIE, RATES, USER
+
+    g = _hub_graph()
+    torch.manual_seed(0)
+    model = Recommender(g.num_users, g.num_movies, 4, ModelConfig(hidden=8, aggr=aggr, decoder=decoder,
+                                                                 dropout=0.0), rating_mean=3.5)
+    with torch.no_grad():  # coherent messages: the hub's sum is ~1e5 per dimension
+        model.encoder.user_emb.weight.fill_(1.0)
+    data = g.hetero_data()
+    with torch.autocast("cpu", dtype=torch.float16):
+        z = model.encode_all(data)
+        scores = model.score_block(z, torch.arange(5), torch.arange(2))
+    # (without the guard, this test sees nan/inf: the hub's 1e5 sum is cast to fp16)
+    for name, t in {**z, "scores": scores}.items():
+        assert torch.isfinite(t).all(), f"{name} has inf/nan under fp16 autocast"
+    data[USER].n_id, data[MOVIE].n_id = torch.arange(g.num_users), torch.arange(2)
+    data[RATES].edge_label_index = torch.tensor([[0, 1, 2, 0], [0, 0, 0, 1]])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)
+    with torch.autocast("cpu", dtype=torch.float16):
+        pred, (ru, rm) = model(data)
+    # losses in fp32 outside autocast, as train/loop.py's training_loss computes them
+    loss = (pred.float() - 4.0).pow(2).mean() + (ru.float() @ rm.float().T).logsumexp(1).mean()
+    loss.backward()
+    assert torch.isfinite(pred).all() and torch.isfinite(loss)
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients under fp16 autocast: {bad}"
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

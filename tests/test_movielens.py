@@ -106,3 +106,23 @@ def test_fingerprint_tracks_content(tmp_path):
     assert a == MovieLensSource(str(d)).fingerprint()
     (d / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,100\n")
     assert MovieLensSource(str(d)).fingerprint() != a
+
+
+def test_repeated_pairs_keep_the_latest_rating_and_are_counted(tmp_path):
+    # user 1 rates movie 1 three times (the latest, ts 300, is in the middle of the file and
+    # lands in another shard than its repeats); user 2 rates movie 2 twice with equal
+    # timestamps (the later row wins).
+    rows = ["1,1,1.0,100", "1,2,3.0,50", "2,2,2.0,70", "1,1,5.0,300", "3,3,4.0,10",
+            "2,2,4.5,70", "1,1,2.0,200"]
+    report = SkipReport()
+    manifest = write_rating_shards(MovieLensSource(str(_dataset(tmp_path, rows))), str(tmp_path / "s"), report,
+                                   max_rows_per_shard=2)
+    edges = GraphShards(tmp_path / "s").edges("user", "rates", "movie")
+    users = GraphShards(tmp_path / "s").nodes("user").column("key").to_pylist()
+    movies = GraphShards(tmp_path / "s").nodes("movie").column("key").to_pylist()
+    got = sorted((users[s], movies[d], r, t) for s, d, r, t in zip(
+        *(edges.column(c).to_pylist() for c in ("src", "dst", "rating", "timestamp"))))
+    assert got == [(1, 1, 5.0, 300), (1, 2, 3.0, 50), (2, 2, 4.5, 70), (3, 3, 4.0, 10)]
+    assert report.counts == {"duplicate_rating": 3}
+    assert manifest.report["accepted"]["ratings"] == 4
+    assert manifest.report["skipped"] == {"duplicate_rating": 3}

@@ -128,3 +128,22 @@ def test_key_index_incremental_lookup():
     assert idx.lookup(pa.array(["z", "y", "z"]), insert=True).tolist() == [2, 3, 2]
     assert idx.keys == ["a", "b", "z", "y"]
     assert idx.lookup(pa.array([], pa.string())).tolist() == []
+
+
+def test_filter_rows_rewrites_parts_and_a_crash_keeps_the_old_table(tmp_path):
+    import numpy as np
+
+    d = tmp_path / "t"
+    w = ShardWriter(d, SCHEMA, max_rows_per_shard=4)
+    w.write(_batch(10))
+    w.flush(state="done")
+    keep = np.arange(10) % 3 != 0
+    assert w.filter_rows(keep) == 4
+    assert w.state == "done" and w.num_rows == 6
+    assert [t.column("src").to_pylist() for t in w.read_finished()] == [[1, 2, 4, 5], [7, 8]]
+    # parts on disk are exactly the recorded ones (old parts removed)
+    assert sorted(p.name for p in d.glob("part-*")) == sorted(f.path for f in w.files)
+    # a resumed writer sees the rewritten table
+    assert ShardWriter(d, SCHEMA, max_rows_per_shard=4, resume=True).num_rows == 6
+    with pytest.raises(ValueError, match="one flag per row"):
+        w.filter_rows(np.ones(3, dtype=bool))

@@ -10,6 +10,7 @@ import pyarrow as pa
 import torch
 from torch_geometric.data import HeteroData
 
+from scalable_rec.errors import ShardError
 from scalable_rec.graph.features import FeatureConfig, movie_features
 from scalable_rec.shards import GraphShards
 
@@ -36,6 +37,7 @@ class RatingGraph:
     dst: torch.Tensor
     rating: torch.Tensor
     timestamp: torch.Tensor
+    given_split: torch.Tensor | None = None  # 0 train, 1 test: a split given with the input
 
     @property
     def num_users(self) -> int:
@@ -61,6 +63,8 @@ class RatingGraph:
             dst=_to_tensor(edges.column("dst"), torch.long),
             rating=_to_tensor(edges.column("rating"), torch.float32),
             timestamp=_to_tensor(ts.fill_null(0), torch.long),
+            given_split=(_to_tensor(edges.column("given_split"), torch.int8)
+                         if "given_split" in edges.column_names else None),
         )
 
     def hetero_data(self, edge_ids: torch.Tensor | None = None) -> HeteroData:
@@ -121,12 +125,39 @@ class EdgeSplit:
 
 
 def split_edges(graph: RatingGraph, cfg: SplitConfig) -> EdgeSplit:
+    """Splits edge ids by ``cfg``; every (user, movie) pair is on one side only.
+
+    Shards hold one rating per pair (``write_rating_shards`` keeps the latest), so an edge
+    split is a pair split. Shards written before that rule are refused here rather than
+    split with one pair on both sides.
+    """
     n = graph.num_edges
+    repeats = n - torch.unique(graph.src * graph.num_movies + graph.dst).numel()
+    if repeats:
+        raise ShardError(f"The graph has {repeats} repeated (user, movie) pairs; shards need one rating per "
+                         "pair (rebuild them: 'scalable-rec prepare --overwrite' or 'synth --overwrite')")
+    if graph.given_split is not None:
+        return _given_split(graph, cfg)
     n_val, n_test = int(round(n * cfg.val_ratio)), int(round(n * cfg.test_ratio))
     n_train = n - n_val - n_test
-    if cfg.strategy == "random":
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
-    else:
-        order = torch.from_numpy(np.argsort(graph.timestamp.numpy(), kind="stable"))
+    order = _order(graph, torch.arange(n), cfg)
     return EdgeSplit(train=order[:n_train].sort().values, val=order[n_train:n_train + n_val].sort().values,
                      test=order[n_train + n_val:].sort().values)
+
+
+def _order(graph: RatingGraph, ids: torch.Tensor, cfg: SplitConfig) -> torch.Tensor:
+    """``ids`` shuffled with the split seed, or oldest first for ``temporal``."""
+    if cfg.strategy == "random":
+        return ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(cfg.split_seed))]
+    return ids[torch.from_numpy(np.argsort(graph.timestamp[ids].numpy(), kind="stable"))]
+
+
+def _given_split(graph: RatingGraph, cfg: SplitConfig) -> EdgeSplit:
+    """Test edges exactly as given; validation is ``val_ratio`` of the given training edges
+    (seeded, or the newest with ``temporal``); ``test_ratio`` does not apply."""
+    given = graph.given_split.long()
+    test = torch.nonzero(given == 1).flatten()
+    rest = _order(graph, torch.nonzero(given == 0).flatten(), cfg)
+    n_val = int(round(rest.numel() * cfg.val_ratio))
+    n_train = rest.numel() - n_val
+    return EdgeSplit(train=rest[:n_train].sort().values, val=rest[n_train:].sort().values, test=test)

@@ -57,10 +57,52 @@ def popularity_score_fn(train_dst: Tensor, num_movies: int) -> ScoreFn:
 
 
 @torch.no_grad()
+def evaluate_edges(model, graph, message_ids: Tensor, eval_ids: Tensor, k: int = 10, memory_mb: int = 256,
+                   rating_min: float = 0.5, rating_max: float = 5.0, relevant_min: float = 4.0,
+                   baseline_ids: Tensor | None = None, z: dict[str, Tensor] | None = None,
+                   seen: RatedIndex | None = None, env: DistEnv = DistEnv()) -> dict[str, Any]:
+    """Full-neighbourhood evaluation of ``eval_ids``: RMSE/MAE on every edge, Recall/NDCG@k
+    on edges rated ``>= relevant_min``.
+
+    Message passing runs over all of ``message_ids`` (no sampling), and those edges are
+    also the ones masked from the ranking. Validation (``message_ids`` = train) and test
+    (train + val) therefore run the same inference. Under torchrun every rank takes every
+    ``world_size``-th edge and user, and the sums are reduced, so all ranks return the
+    same metrics (every rank must call this).
+
+    Args:
+        baseline_ids: Also rank by popularity counted over these edges (``popularity``).
+        z: Embeddings over ``message_ids`` computed elsewhere (layer-wise over the graph
+            index); default: ``encode_all``.
+        seen: Each user's ``message_ids`` movies; default: built from ``graph``.
+        env: This process's place in a torchrun job (default: one process).
+    """
+    model.eval()
+    device = model.rating_mean.device
+    z = model.encode_all(graph.hetero_data(message_ids)) if z is None else z
+    mine = eval_ids[env.rank::env.world_size]
+    src, dst = graph.src[mine], graph.dst[mine]
+    pred = torch.cat([model.predict_pairs(z, s.to(device), d.to(device))
+                      for s, d in zip(src.split(65536), dst.split(65536))] + [torch.empty(0, device=device)])
+    err = pred.float().cpu().clamp(rating_min, rating_max) - graph.rating[mine].float()
+    sse, sae, n = all_reduce_sum([float(err.pow(2).sum()), float(err.abs().sum()), float(err.numel())], device)
+    out: dict[str, Any] = {"rmse": math.sqrt(sse / max(n, 1)), "mae": sae / max(n, 1)}
+    out["edges"] = int(eval_ids.numel())
+    relevant = graph.rating[eval_ids] >= relevant_min
+    if seen is None:
+        seen = RatedIndex.from_edges(graph.src[message_ids], graph.dst[message_ids], graph.num_users)
+    args = (graph.num_users, graph.num_movies, seen, graph.src[eval_ids][relevant], graph.dst[eval_ids][relevant],
+            k, memory_mb, env, device)
+    all_movies = torch.arange(graph.num_movies, device=device)
+    out["model"] = ranking_metrics(lambda u: model.rank_block(z, u.to(device), all_movies), *args)
+    if baseline_ids is not None:
+        out["popularity"] = ranking_metrics(popularity_score_fn(graph.dst[baseline_ids], graph.num_movies), *args)
+    return out
+
+
 def evaluate_split(model, graph, split, k: int = 10, memory_mb: int = 256, rating_min: float = 0.5,
-                   rating_max: float = 5.0, relevant_min: float = 4.0,
-                   z: dict[str, Tensor] | None = None, seen: RatedIndex | None = None,
-                   env: DistEnv = DistEnv()) -> dict[str, Any]:
+                   rating_max: float = 5.0, relevant_min: float = 4.0, z: dict[str, Tensor] | None = None,
+                   seen: RatedIndex | None = None, env: DistEnv = DistEnv()) -> dict[str, Any]:
     """Test RMSE/MAE on every test edge and Recall/NDCG@k on test edges rated ≥ ``relevant_min``.
 
     Message passing uses training and validation edges; those are also the ones masked
@@ -68,28 +110,9 @@ def evaluate_split(model, graph, split, k: int = 10, memory_mb: int = 256, ratin
     scored on the same users and masks. ``z``: embeddings over those edges computed
     elsewhere (layer-wise over the graph index's ``seen`` subset); default: ``encode_all``.
     ``seen``: each user's training and validation movies (the index's ``seen`` CSC);
-    default: built from ``graph``. Under torchrun (``env``) every rank encodes, then
-    takes every ``world_size``-th test edge and user; errors and metric sums are reduced,
-    so every rank returns the same numbers.
+    default: built from ``graph``. Under torchrun the work is split over ranks and reduced.
     """
-    model.eval()
-    device = model.rating_mean.device
-    seen_ids = torch.cat([split.train, split.val])
-    z = model.encode_all(graph.hetero_data(seen_ids)) if z is None else z
-    mine = split.test[env.rank::env.world_size]
-    test_src, test_dst = graph.src[mine].to(device), graph.dst[mine].to(device)
-    pred = torch.cat([model.predict_pairs(z, s, d) for s, d in zip(test_src.split(65536), test_dst.split(65536))]
-                     + [torch.empty(0, device=device)])
-    err = pred.float().cpu().clamp(rating_min, rating_max) - graph.rating[mine].float()
-    sse, sae, n = all_reduce_sum([float(err.pow(2).sum()), float(err.abs().sum()), float(err.numel())], device)
-    out: dict[str, Any] = {"rmse": math.sqrt(sse / max(n, 1)), "mae": sae / max(n, 1)}
-    out["test_edges"] = int(split.test.numel())
-    relevant = graph.rating[split.test] >= relevant_min
-    if seen is None:
-        seen = RatedIndex.from_edges(graph.src[seen_ids], graph.dst[seen_ids], graph.num_users)
-    args = (graph.num_users, graph.num_movies, seen, graph.src[split.test][relevant],
-            graph.dst[split.test][relevant], k, memory_mb, env, device)
-    all_movies = torch.arange(graph.num_movies, device=device)
-    out["model"] = ranking_metrics(lambda u: model.rank_block(z, u.to(device), all_movies), *args)
-    out["popularity"] = ranking_metrics(popularity_score_fn(graph.dst[split.train], graph.num_movies), *args)
+    out = evaluate_edges(model, graph, torch.cat([split.train, split.val]), split.test, k, memory_mb, rating_min,
+                         rating_max, relevant_min, baseline_ids=split.train, z=z, seen=seen, env=env)
+    out["test_edges"] = out.pop("edges")
     return out

@@ -22,12 +22,14 @@ def user_slice(num_users: int, rank: int, world_size: int) -> torch.Tensor:
 
 
 def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig, z: dict[str, torch.Tensor] | None = None,
-              rated: RatedIndex | None = None, users: torch.Tensor | None = None) -> Iterator[pa.RecordBatch]:
+              rated: RatedIndex | None = None, users: torch.Tensor | None = None,
+              rating_range: tuple[float, float] = (0.5, 5.0)) -> Iterator[pa.RecordBatch]:
     """Yields ranked record batches for every user, or for ``users`` in that order (rated
     movies excluded when ``cfg.exclude_rated``).
 
     ``score`` is the ranking score (``Recommender.rank_block``); ``predicted_rating`` is the
-    rating the model predicts for that pair, clamped to the rating range.
+    rating the model predicts for that pair, clamped to ``rating_range`` (the run's
+    ``--rating-min``/``--rating-max``).
 
     Args:
         z: Embeddings of every node (e.g. ``score.layerwise.encode_layerwise``); default:
@@ -47,4 +49,4 @@ def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig, z: dict[
         with torch.no_grad():
             rated = model.predict_pairs(z, users.repeat_interleave(top.size(1)).to(device), top.flatten().to(device))
         yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys,
-                              predicted_rating=rated.view_as(top).clamp(0.5, 5.0).cpu())
+                              predicted_rating=rated.view_as(top).clamp(*rating_range).cpu())

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from scalable_rec.atomic import write_json_atomic
@@ -73,6 +74,7 @@ class ShardWriter:
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self._closed = False
+        self._hold_progress = False
         progress = self.directory / PROGRESS_NAME
         if resume and progress.is_file():
             saved = json.loads(progress.read_text())
@@ -90,6 +92,8 @@ class ShardWriter:
         else:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory.mkdir(parents=True)
+        # Part names only need to be unique: ``close`` renames them in list order.
+        self._next_part = 1 + max((int(Path(f.path).stem.split("-")[1]) for f in self.files), default=-1)
 
     @property
     def num_rows(self) -> int:
@@ -138,7 +142,8 @@ class ShardWriter:
             if state is not None:
                 self._save_progress()
             return
-        index = len(self.files)
+        index = self._next_part
+        self._next_part += 1
         final = self.directory / f"part-{index:05d}.arrow"
         tmp = self.directory / f".part-{index:05d}.arrow.tmp"
         table = pa.Table.from_batches(self._pending, schema=self.schema)
@@ -158,12 +163,42 @@ class ShardWriter:
         self._pending, self._pending_rows = [], 0
         self._save_progress()
 
+    def filter_rows(self, keep: np.ndarray) -> int:
+        """Rewrites the finished parts keeping only rows where ``keep`` (one flag per row,
+        in write order) is true; returns the number of rows dropped.
+
+        The new parts get fresh names and one old part is in memory at a time. The progress
+        file keeps listing the old parts until every new part is on disk, then one atomic
+        write switches to the new ones: a crash mid-way leaves the old, complete table.
+        """
+        self.flush()
+        if len(keep) != self.num_rows:
+            raise ValueError(f"'keep' needs one flag per row ({self.num_rows}), got {len(keep)}")
+        old, state = self.files, self.state
+        self.files, self._hold_progress = [], True
+        try:
+            offset = 0
+            for f in old:
+                table = pa.ipc.open_file(pa.memory_map(str(self.directory / Path(f.path).name), "r")).read_all()
+                self.write(table.filter(pa.array(keep[offset:offset + f.num_rows])))
+                offset += f.num_rows
+            self.flush()
+        finally:
+            self._hold_progress = False
+        self.state = state
+        self._save_progress()
+        for f in old:
+            (self.directory / Path(f.path).name).unlink()
+        return int(len(keep) - np.count_nonzero(keep))
+
     def read_finished(self) -> Iterator[pa.Table]:
         """Reads back the finished parts in order, e.g. to rebuild key maps when resuming."""
         for f in self.files:
             yield pa.ipc.open_file(pa.memory_map(str(self.directory / Path(f.path).name), "r")).read_all()
 
     def _save_progress(self) -> None:
+        if self._hold_progress:
+            return
         write_json_atomic(
             self.directory / PROGRESS_NAME,
             {"schema": schema_to_json(self.schema), "files": [f.__dict__ for f in self.files],

@@ -44,7 +44,9 @@ from scalable_rec.source.arango import (
     MOVIE_SCHEMA, USER_SCHEMA, ArangoSource, ExportConfig, Partition, ReadSpec, check_count, merge_report,
     movie_batch, partition_count, partitions, rating_batch, user_batch,
 )
-from scalable_rec.source.base import EDGE_SCHEMA, MOVIE, RATES, USER, RatingBounds, validate_ratings
+from scalable_rec.source.base import (
+    EDGE_SCHEMA, MOVIE, RATES, USER, RatingBounds, keep_latest_per_pair, validate_ratings,
+)
 from scalable_rec.source.report import SkipReport
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,7 @@ class _Export:
         movies = self.nodes(movie_w, self.source.movie_spec, movie_batch, "movies")
         users = self.nodes(user_w, self.source.user_spec, user_batch, "users")
         self.edges(edge_w, FrozenKeyIndex(users.keys), FrozenKeyIndex(movies.keys))
+        keep_latest_per_pair(edge_w, self.report)  # idempotent: a resumed run finds nothing left
 
     # -- one table
     def table(self, w: ShardWriter, spec: ReadSpec, read: Callable[[Partition], _Read],

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scalable_rec.shards import GraphShardWriter, KeyIndex, Manifest
+from scalable_rec.shards import GraphShardWriter, KeyIndex, Manifest, ShardWriter
 from scalable_rec.source.report import SkipReport
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class RatingBounds:
 EDGE_SCHEMA = pa.schema([
     ("src", pa.int64()), ("dst", pa.int64()), ("rating", pa.float32()), ("timestamp", pa.int64()),
 ])
+# Sources of a given train/test split (``RatingFilesSource``) add which side an edge is on.
+GIVEN_SPLIT_EDGE_SCHEMA = EDGE_SCHEMA.append(pa.field("given_split", pa.int8()))
 
 
 def validate_ratings(
@@ -98,11 +100,12 @@ def validate_ratings(
             report.skip("unknown_user", _row(batch, first), count=int(unknown_user.sum()))
         keep &= ~unknown_user
     ts = batch.column("timestamp")
-    out = pa.record_batch(
-        [pa.array(src[keep]), pa.array(dst[keep]), pa.array(rating[keep], pa.float32()),
-         pc.filter(ts.cast(pa.int64()), pa.array(keep))],
-        schema=EDGE_SCHEMA,
-    )
+    columns = [pa.array(src[keep]), pa.array(dst[keep]), pa.array(rating[keep], pa.float32()),
+               pc.filter(ts.cast(pa.int64()), pa.array(keep))]
+    given = "given_split" in batch.schema.names
+    if given:
+        columns.append(pc.filter(batch.column("given_split").cast(pa.int8()), pa.array(keep)))
+    out = pa.record_batch(columns, schema=GIVEN_SPLIT_EDGE_SCHEMA if given else EDGE_SCHEMA)
     report.accept("ratings", out.num_rows)
     return out
 
@@ -122,10 +125,12 @@ def write_rating_shards(
 ) -> Manifest:
     """Streams a source into a shard directory.
 
-    Memory: the user and movie key maps plus one shard's rows; the edges are never held
-    whole. Returns the committed manifest (also written to ``<out>/manifest.json``).
-    With ``max_skipped_share`` set, input with no usable ratings or with more than that
-    share of rows skipped raises ``MalformedInputError`` before anything is published.
+    Memory: the user and movie key maps plus one shard's rows while streaming; at the end
+    one pass over the written edges keeps one rating per (user, movie) pair
+    (``keep_latest_per_pair``). Returns the committed manifest (also written to
+    ``<out>/manifest.json``). With ``max_skipped_share`` set, input with no usable ratings
+    or with more than that share of rows skipped raises ``MalformedInputError`` before
+    anything is published.
     """
     config = {**source.config(), "rating_bounds": [bounds.min, bounds.max],
               "max_rows_per_shard": max_rows_per_shard}
@@ -137,21 +142,74 @@ def write_rating_shards(
         users = _write_nodes(user_batches, writer, USER, report) if user_batches is not None else None
         discover_users = users is None
         users = users if users is not None else KeyIndex()
-        edge_writer = writer.edge_writer(USER, RATES, MOVIE, EDGE_SCHEMA)
+        edge_writer = None
         user_key_type = pa.int64()
         for batch in source.ratings(report):
             user_key_type = batch.schema.field("user_key").type
-            edge_writer.write(validate_ratings(batch, users, movies, report, bounds,
-                                               insert_users=discover_users))
+            edges = validate_ratings(batch, users, movies, report, bounds, insert_users=discover_users)
+            if edge_writer is None:
+                edge_writer = writer.edge_writer(USER, RATES, MOVIE, edges.schema)
+            edge_writer.write(edges)
+        if edge_writer is None:
+            edge_writer = writer.edge_writer(USER, RATES, MOVIE, EDGE_SCHEMA)
         if discover_users:
             user_writer = writer.node_writer(USER, pa.schema([("key", user_key_type)]))
             user_writer.write(pa.record_batch([pa.array(users.keys, user_key_type)], names=["key"]))
             report.accept("users", len(users))
+        keep_latest_per_pair(edge_writer, report)
         if report.counts:
             log.warning("%s", report.summary())
         if max_skipped_share is not None:
             report.check_usable(max_skipped_share)
         return writer.commit(report=report.to_json(), fingerprint=source.fingerprint() or "")
+
+
+def keep_latest_per_pair(edges: ShardWriter, report: SkipReport) -> int:
+    """Keeps one rating per (user, movie) pair, the latest by timestamp; counts the rest as
+    ``duplicate_rating`` skips. Returns the number dropped.
+
+    Runs once the edge table is written (at commit), over its finished parts read back
+    memory-mapped, because a pair's repeats can sit in any two shards of a stream. Only
+    the pair keys are held (8 bytes per edge, plus 8 for the sort order): less than
+    the 28 bytes per edge that training holds anyway, and never a Python object per
+    row. Timestamps are read only for rows of repeated pairs. A missing timestamp loses
+    to any present one; equal timestamps keep the row that came last in the input. Nothing
+    is rewritten when there are no repeats (the usual case).
+    """
+    edges.flush()
+    parts = list(edges.read_finished())
+    if not parts:
+        return 0
+    src = np.concatenate([t.column("src").to_numpy() for t in parts])
+    dst = np.concatenate([t.column("dst").to_numpy() for t in parts])
+    key = (src << 32) | dst  # node indices stay below 2**31
+    del src, dst
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    repeat = sorted_key[1:] == sorted_key[:-1]
+    if not repeat.any():
+        return 0
+    in_group = np.zeros(len(key), dtype=bool)
+    in_group[1:] |= repeat
+    in_group[:-1] |= repeat
+    rows = order[in_group]  # rows of repeated pairs, grouped by pair, in input order within a pair
+    ts = np.concatenate([t.column("timestamp").fill_null(np.iinfo(np.int64).min).to_numpy() for t in parts])[rows]
+    by_time = np.lexsort((rows, ts, key[rows]))  # within a pair: oldest first, input order on ties
+    rows, pair = rows[by_time], key[rows][by_time]
+    last = np.ones(len(rows), dtype=bool)
+    last[:-1] = pair[1:] != pair[:-1]
+    keep = np.ones(len(key), dtype=bool)
+    keep[rows[~last]] = False
+    first = int(rows[~last][0])
+    part_at = np.cumsum([t.num_rows for t in parts])
+    p = int(np.searchsorted(part_at, first, side="right"))
+    row = parts[p].slice(first - (int(part_at[p - 1]) if p else 0), 1).to_pylist()[0]
+    report.skip("duplicate_rating", f"{row} (node indices; a later rating of the same pair is kept)",
+                count=int((~last).sum()))
+    del parts
+    dropped = edges.filter_rows(keep)
+    report.accepted["ratings"] = report.accepted.get("ratings", 0) - dropped
+    return dropped
 
 
 def _write_nodes(batches, writer: GraphShardWriter, node_type: str, report: SkipReport) -> KeyIndex | None:

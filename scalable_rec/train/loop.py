@@ -2,8 +2,8 @@
 
 Single process or torchrun DDP (NCCL on CUDA, gloo on CPU), fp32/bf16/fp16 through one
 autocast path (``GradScaler(enabled=fp16)``), ``LinkNeighborLoader`` mini-batches over a
-per-rank slice of the training edges, validation RMSE every epoch through the same loader
-machinery, early stopping, and checkpoints only from rank 0: ``best.pt`` (model for
+per-rank slice of the training edges, full-neighbourhood validation (RMSE and Recall@10) every
+epoch, run the way the test runs, early stopping on ``select_metric``, and checkpoints only from rank 0: ``best.pt`` (model for
 scoring) and ``last.pt`` (everything needed to resume exactly, written at epoch ends,
 every ``checkpoint_every`` steps, at ``max_steps`` and on SIGTERM/SIGINT).
 """
@@ -29,13 +29,16 @@ from torch_geometric.loader import LinkNeighborLoader
 from tqdm.auto import tqdm
 
 from scalable_rec.errors import CollectiveError, DivergedError
-from scalable_rec.graph.hetero import RATES, EdgeSplit, RatingGraph
+from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER, EdgeSplit, RatingGraph
+from scalable_rec.score.evaluate import evaluate_edges
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.distributed import (
     DistEnv, EdgeEpochSampler, agree_stop, all_reduce_sum, broadcast_tensors_, from_rank0, init_distributed,
     inject_fault, is_collective_timeout,
 )
-from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, rating_class_weights
+from scalable_rec.train.losses import (
+    gather_columns, in_batch_softmax_loss, rating_class_weights, ranking_positives,
+)
 from scalable_rec.train.model import ModelConfig, Recommender
 
 log = logging.getLogger(__name__)
@@ -59,11 +62,27 @@ class TrainConfig:
     Args:
         epochs: Maximum epochs (default 30); early stopping may end sooner.
         batch_size: Labelled edges per step and rank (default 2048).
-        eval_batch_size: Labelled edges per validation/test batch.
         num_neighbors: Neighbours sampled per hop, one entry per GraphSAGE layer;
             ``-1`` takes all.
-        lr: Adam learning rate.
-        weight_decay: Adam L2 penalty.
+        lr: AdamW learning rate.
+        weight_decay: AdamW decoupled weight decay of the dense weights (linear layers);
+            embedding tables and biases are not decayed, so a row that no batch touches
+            stays where it is.
+        supervision: How a batch's supervision edges are kept out of its own message
+            passing: ``exclude_targets`` (each batch's target edges and their reverse edges
+            are removed from that batch's sampled subgraph, as DGL's ``exclude="reverse_id"``),
+            ``disjoint`` (a fixed, seeded ``disjoint_ratio`` share of the training edges
+            supervises, the rest carries messages, as PyG's ``disjoint_train_ratio``) or
+            ``none`` (targets stay in their own subgraph: train/serve skew).
+        disjoint_ratio: Share of training edges used for supervision with ``disjoint``.
+        relevant_min: Ratings at or above this are relevant: the positives of the retrieval
+            head's in-batch softmax and of Recall/NDCG evaluation (default 4.0).
+        optimizer: ``adamw`` (decoupled decay, tables and biases undecayed) or ``adam``
+            (the former coupled L2 on every parameter; kept for the ablation table).
+        select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
+            ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
+            ``rmse``. Validation runs like the test: full neighbourhoods over the
+            training edges.
         rank_loss_weight: Weight of the retrieval head's in-batch sampled-softmax loss
             (logQ-corrected for the popularity of in-batch negatives) added to the rating
             loss; ignored when the model has no retrieval head.
@@ -92,10 +111,14 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 2048
-    eval_batch_size: int = 8192
     num_neighbors: list[int] = field(default_factory=lambda: [10, 5])
     lr: float = 0.003
     weight_decay: float = 1e-4
+    supervision: Literal["exclude_targets", "disjoint", "none"] = "exclude_targets"
+    disjoint_ratio: float = 0.3
+    relevant_min: float = 4.0
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    select_metric: Literal["recall", "rmse"] = "recall"
     loss: Literal["mse", "weighted_mse"] = "mse"
     rank_loss_weight: float = 1.0
     patience: int = 3
@@ -113,7 +136,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 problems.append(f"'{name}' needs to be positive (got {getattr(self, name)})")
         if not self.num_neighbors or any(n == 0 or n < -1 for n in self.num_neighbors):
@@ -130,6 +153,15 @@ class TrainConfig:
             problems.append(f"'max_steps' needs to be positive (got {self.max_steps})")
         if self.rank_loss_weight < 0:
             problems.append(f"'rank_loss_weight' needs to be non-negative (got {self.rank_loss_weight})")
+        if self.supervision not in ("exclude_targets", "disjoint", "none"):
+            problems.append(f"'supervision' needs to be 'exclude_targets', 'disjoint' or 'none' "
+                            f"(got {self.supervision!r})")
+        if not 0.0 < self.disjoint_ratio < 1.0:
+            problems.append(f"'disjoint_ratio' needs to be in (0, 1) (got {self.disjoint_ratio})")
+        if self.optimizer not in ("adamw", "adam"):
+            problems.append(f"'optimizer' needs to be 'adamw' or 'adam' (got {self.optimizer!r})")
+        if self.select_metric not in ("recall", "rmse"):
+            problems.append(f"'select_metric' needs to be 'recall' or 'rmse' (got {self.select_metric!r})")
         if self.lr <= 0:
             problems.append(f"'lr' needs to be positive (got {self.lr})")
         if self.stop_check_every <= 0:
@@ -145,6 +177,7 @@ class TrainResult:
     model: Recommender
     history: list[dict[str, Any]]
     best_val_rmse: float
+    best_val_recall: float
     global_step: int
     stopped_early: bool
     interrupted: bool
@@ -167,13 +200,46 @@ def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+class ExcludeTargets:
+    """Loader transform: drops a batch's supervision edges, in both directions, from that
+    batch's sampled message-passing edges (DGL's ``exclude="reverse_id"``).
+
+    Edges are matched by their (user, movie) pair in global ids (``n_id``): shards hold one
+    rating per pair, so a pair is an edge id, valid for the in-memory graph and the
+    memory-mapped store alike (whose sampled ``e_id`` are CSC positions, not edge ids).
+    Pads (``input_id >= num_edges``, zero-weight copies) exclude nothing. Under DDP each
+    rank excludes its own batch's targets (as DGL's per-rank samplers do).
+
+    Args:
+        num_edges: Supervision edges before pads.
+    """
+
+    def __init__(self, num_edges: int) -> None:
+        self.num_edges = num_edges
+
+    def __call__(self, data):
+        users, movies = data[USER].n_id, data[MOVIE].n_id
+        u, m = data[RATES].edge_label_index
+        real = data[RATES].input_id < self.num_edges
+        targets = (users[u[real]] << 32) | movies[m[real]]  # node ids stay below 2**31
+        for edge_type, (ui, mi) in ((RATES, (0, 1)), (REV_RATES, (1, 0))):
+            store = data[edge_type]
+            ei = store.edge_index
+            keep = ~torch.isin((users[ei[ui]] << 32) | movies[ei[mi]], targets)
+            store.edge_index = ei[:, keep]
+            if "e_id" in store:
+                store.e_id = store.e_id[keep]
+        return data
+
+
 def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor, cfg: TrainConfig,
                 batch_size: int, env: DistEnv, shuffle: bool, device: torch.device,
-                generator: torch.Generator | None = None):
+                generator: torch.Generator | None = None, exclude_targets: bool = False):
     """A ``LinkNeighborLoader`` over this rank's slice of ``(src, dst)`` supervision edges.
 
     ``label`` is ``[n, 2]``: rating and sample weight. ``world_size - 1`` zero-weight
-    copies are appended so that every rank gets the same number of batches.
+    copies are appended so that every rank gets the same number of batches. With
+    ``exclude_targets`` each batch's targets leave its subgraph (``ExcludeTargets``).
     """
     n = src.numel()
     pad = env.world_size - 1  # enough for any remainder the sampler deals (also a re-dealt resume)
@@ -195,26 +261,9 @@ def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor,
         edge_label=label, batch_size=batch_size, sampler=sampler, num_workers=workers,
         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None, generator=generator,
+        transform=ExcludeTargets(n) if exclude_targets else None,
     )
     return loader, sampler
-
-
-@torch.no_grad()
-def evaluate_rmse(model, loader, device: torch.device, autocast, progress: bool = False) -> dict[str, float]:
-    """RMSE and MAE (predictions clamped to the rating range) reduced over ranks."""
-    model.eval()
-    sse = sae = count = 0.0
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        batch = batch.to(device, non_blocking=True)
-        with autocast:
-            pred, _ = model(batch)
-        rating, weight = batch[RATES].edge_label.unbind(-1)
-        err = (pred.float().clamp(0.5, 5.0) - rating) * weight.bool()
-        sse += float((err ** 2).sum())
-        sae += float(err.abs().sum())
-        count += float(weight.bool().sum())
-    sse, sae, count = all_reduce_sum([sse, sae, count], device)
-    return {"rmse": math.sqrt(sse / max(count, 1)), "mae": sae / max(count, 1), "count": int(count)}
 
 
 @dataclass
@@ -233,7 +282,9 @@ class Job:
     autocast: torch.autocast
     train_loader: Any
     train_sampler: EdgeEpochSampler
-    val_loader: Any
+    graph: RatingGraph
+    split: EdgeSplit
+    rating_range: tuple[float, float]
     loader_gen: torch.Generator
     log_q: torch.Tensor
 
@@ -247,6 +298,8 @@ class Progress:
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_val_rmse: float = math.inf
+    best_val_recall: float = math.nan
+    best_score: float = math.inf
     bad_epochs: int = 0
     epoch_position: int = 0  # positions of the epoch's global edge order consumed (all ranks)
     stopped_early: bool = False
@@ -254,7 +307,8 @@ class Progress:
 
 def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
           run_dir: str | os.PathLike, config: dict[str, Any] | None = None,
-          data: HeteroData | tuple | None = None) -> TrainResult:
+          data: HeteroData | tuple | None = None,
+          rating_range: tuple[float, float] = (0.5, 5.0)) -> TrainResult:
     """Trains a recommender on ``split.train`` and early-stops on ``split.val``.
 
     Under torchrun this joins the process group (and leaves it joined, so the caller can
@@ -272,9 +326,10 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
             memory (``graph.hetero_data``); a ``(feature_store, graph_store)`` pair
             (``scalable_rec.graph.store.open_stores(index, "train")``) samples from the
             memory-mapped index instead.
+        rating_range: Valid ratings ``(min, max)``; validation clamps predictions to it.
     """
     t0 = time.perf_counter()
-    job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config, data)
+    job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config, data, rating_range)
     try:
         progress = restore(job) if wants_resume(job) else Progress()
         stopped_early, interrupted = progress.stopped_early, False
@@ -297,12 +352,13 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
                 f"({cfg.collective_timeout_s:g}s) or lost its peer: another rank hung or died ({err})") from err
         raise
     return TrainResult(model=job.model, history=progress.history, best_val_rmse=progress.best_val_rmse,
-                       global_step=progress.global_step, stopped_early=stopped_early, interrupted=interrupted,
+                       best_val_recall=progress.best_val_recall, global_step=progress.global_step, stopped_early=stopped_early, interrupted=interrupted,
                        seconds=time.perf_counter() - t0, signal=stop["signal"] if interrupted else None)
 
 
 def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
-              run_dir: Path, config: dict[str, Any] | None, data: HeteroData | tuple | None = None) -> Job:
+              run_dir: Path, config: dict[str, Any] | None, data: HeteroData | tuple | None = None,
+              rating_range: tuple[float, float] = (0.5, 5.0)) -> Job:
     """Joins the process group, builds the loaders (message passing over training edges
     only), the model, optimiser and precision, and wraps the model for DDP."""
     env = DistEnv.from_environ()
@@ -311,33 +367,34 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
     config = config or {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
     torch.manual_seed(cfg.seed + env.rank)  # ranks sample different neighbourhoods
 
-    train_rating = graph.rating[split.train]
+    message_ids, target_ids = supervision_edges(split.train, cfg)
+    train_rating = graph.rating[target_ids]
     weights = (rating_class_weights(train_rating) if cfg.loss == "weighted_mse"
                else torch.ones_like(train_rating))
-    train_data = graph.hetero_data(split.train) if data is None else data
+    if data is not None and cfg.supervision == "disjoint":
+        raise ValueError("'supervision' disjoint needs the in-memory graph (the mapped index passes messages "
+                         "over all training edges)")
+    train_data = graph.hetero_data(message_ids) if data is None else data
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     train_loader, train_sampler = make_loader(
-        train_data, graph.src[split.train], graph.dst[split.train], torch.stack([train_rating, weights], 1),
-        cfg, cfg.batch_size, env, shuffle=True, device=device, generator=loader_gen)
-    val_loader, _ = make_loader(
-        train_data, graph.src[split.val], graph.dst[split.val],
-        torch.stack([graph.rating[split.val], torch.ones(split.val.numel())], 1),
-        cfg, cfg.eval_batch_size, env, shuffle=False, device=device)
+        train_data, graph.src[target_ids], graph.dst[target_ids], torch.stack([train_rating, weights], 1),
+        cfg, cfg.batch_size, env, shuffle=True, device=device, generator=loader_gen,
+        exclude_targets=cfg.supervision == "exclude_targets")
     # log of each movie's share of training edges: how often it turns up as an in-batch negative
-    log_q = torch.log(torch.bincount(graph.dst[split.train], minlength=graph.num_movies).float().clamp(min=1)
-                      / split.train.numel()).to(device)
+    log_q = torch.log(torch.bincount(graph.dst[target_ids], minlength=graph.num_movies).float().clamp(min=1)
+                      / target_ids.numel()).to(device)
 
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), model_cfg,
                         rating_mean=float(train_rating.mean())).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     job = Job(env=env, device=device, cfg=cfg, run_dir=run_dir, config=config, model=model,
               ddp_model=model, optimizer=optimizer, scaler=scaler, autocast=autocast,
-              train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader,
-              loader_gen=loader_gen, log_q=log_q)
+              train_loader=train_loader, train_sampler=train_sampler, graph=graph, split=split,
+              rating_range=rating_range, loader_gen=loader_gen, log_q=log_q)
     if env.enabled:
         job.ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                             find_unused_parameters=_has_unused_parameters(job))
@@ -355,6 +412,34 @@ def wants_resume(job: Job) -> bool:
         log.warning("torchrun restart %d: %s", job.env.restart_count,
                     f"resuming from {job.run_dir / 'last.pt'}" if found else "no last.pt yet, starting over")
     return bool(found)
+
+
+def supervision_edges(train_ids: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training edge ids ``(message passing, supervision)`` for ``cfg.supervision``.
+
+    ``disjoint`` draws its fixed supervision share with ``cfg.seed`` (the same on every
+    rank); the other modes supervise and pass messages over all training edges (with
+    ``exclude_targets`` each batch then drops its own targets).
+    """
+    if cfg.supervision != "disjoint":
+        return train_ids, train_ids
+    order = torch.randperm(train_ids.numel(), generator=torch.Generator().manual_seed(cfg.seed))
+    n_target = max(1, int(round(train_ids.numel() * cfg.disjoint_ratio)))
+    return train_ids[order[n_target:]].sort().values, train_ids[order[:n_target]].sort().values
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; decoupled decay on dense weights only. Embedding tables (and the bias tables)
+    are left out: a decayed table moves every row on every step, including rows no batch
+    touched, which pulls rarely seen users and movies towards zero by the step count
+    rather than by their data."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and id(p) not in tables]
+    rest = [p for p in model.parameters() if p.requires_grad and (p.ndim < 2 or id(p) in tables)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
 
 
 def restore(job: Job) -> Progress:
@@ -387,7 +472,9 @@ def restore(job: Job) -> Progress:
                         "%d of its edge order) is re-dealt over %d rank(s)", env.world_size, saved_world,
                         state["epoch"], position, env.world_size)
     return Progress(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], global_step=state["global_step"],
-                    history=state["history"], best_val_rmse=state["best_val_rmse"], bad_epochs=state["bad_epochs"],
+                    history=state["history"], best_val_rmse=state["best_val_rmse"],
+                    best_val_recall=state.get("best_val_recall", math.nan),
+                    best_score=state.get("best_score", state["best_val_rmse"]), bad_epochs=state["bad_epochs"],
                     epoch_position=position, stopped_early=bool(state.get("stopped_early", False)))
 
 
@@ -411,18 +498,30 @@ def preemption_signals():
 
 def training_loss(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rating loss (+ the retrieval head's in-batch softmax) in fp32 whatever the autocast
-    dtype; pads have weight 0. Returns the loss, the squared errors and the weights."""
+    dtype; pads have weight 0. Returns the loss, the squared errors and the weights.
+
+    Both terms are means over the *global* batch: each rank's sum is divided by the
+    all-reduced count of rated rows (and of relevant rows) and multiplied by the world
+    size, which DDP's gradient averaging divides back out. Ranks then hold different
+    numbers of pads and positives and still optimise the single-process objective.
+    """
     rating, weight = batch[RATES].edge_label.unbind(-1)
     with job.autocast:
         pred, rank = job.ddp_model(batch)
     se = (pred.float() - rating) ** 2
-    loss = (se * weight).sum() / weight.bool().sum().clamp(min=1)
+    positive = ranking_positives(rating, weight, job.cfg.relevant_min)
+    counts = torch.stack([weight.bool().sum(), positive.sum()]).float()
+    if job.env.enabled:
+        torch.distributed.all_reduce(counts)  # two scalars per step; a sync point on CUDA
+    counts = counts.clamp(min=1) / job.env.world_size
+    loss = (se * weight).sum() / counts[0]
     if rank is not None and job.cfg.rank_loss_weight > 0:
         ru, rm = rank[0].float(), rank[1].float()
         movies = batch["movie"].n_id[batch[RATES].edge_label_index[1]]
-        rm_all, movies_all, offset = gather_columns(rm, movies, job.env)
+        # pads (weight 0) become column id -1: not a negative of any row
+        rm_all, movies_all, offset = gather_columns(rm, torch.where(weight > 0, movies, -1), job.env)
         loss = loss + job.cfg.rank_loss_weight * in_batch_softmax_loss(
-            ru, rm_all, movies, movies_all, job.log_q, weight, offset)
+            ru, rm_all, movies, movies_all, job.log_q, positive, offset, denominator=counts[1])
     return loss, se, weight
 
 
@@ -491,28 +590,53 @@ def should_stop(job: Job, progress: Progress, stop: dict[str, int | None]) -> bo
     return bool(agreed)
 
 
+def validate(job: Job) -> dict[str, float]:
+    """Validation as the test runs: full neighbourhoods over the training edges, RMSE on
+    every validation edge, Recall/NDCG@10 on the relevant ones (training edges masked).
+
+    Under torchrun the ranks split the edges and users and reduce the sums, so every rank
+    gets the same numbers (every rank calls this).
+    """
+    out = evaluate_edges(job.model, job.graph, job.split.train, job.split.val, k=10,
+                         rating_min=job.rating_range[0], rating_max=job.rating_range[1],
+                         relevant_min=job.cfg.relevant_min, env=job.env)
+    return {"rmse": out["rmse"], "mae": out["mae"], "recall": out["model"]["recall@10"],
+            "ndcg": out["model"]["ndcg@10"]}
+
+
+def selection_score(val: dict[str, float], metric: str) -> float:
+    """Lower is better; a metric that could not be computed (no relevant validation
+    edge) never counts as an improvement."""
+    score = val["rmse"] if metric == "rmse" else -val["recall"]
+    return score if math.isfinite(score) else math.inf
+
+
 def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any]) -> bool:
-    """Validation RMSE, history, ``best.pt``/``last.pt`` (rank 0 writes) and the early-stop
-    decision; returns whether to stop."""
+    """Validation (``validate``), history, ``best.pt``/``last.pt`` (rank 0 writes) and the
+    early-stop decision on ``select_metric``; returns whether to stop."""
     env = job.env
     sse_t, count_t = all_reduce_sum([stats["sse"], stats["count"]], job.device)
     check_finite("training loss", sse_t, progress)
-    val = evaluate_rmse(job.ddp_model, job.val_loader, job.device, job.autocast)
+    val = validate(job)
     check_finite("validation RMSE", val["rmse"], progress)
     busy = max(stats["load_s"] + stats["compute_s"], 1e-9)
     record = {"epoch": progress.epoch, "train_rmse": math.sqrt(sse_t / max(count_t, 1)), "val_rmse": val["rmse"],
-              "val_mae": val["mae"], "seconds": time.perf_counter() - stats["started"], "steps": progress.step_in_epoch,
+              "val_mae": val["mae"], "val_recall@10": val["recall"], "val_ndcg@10": val["ndcg"],
+              "seconds": time.perf_counter() - stats["started"], "steps": progress.step_in_epoch,
               "edges_per_s": count_t / busy, "loader_share": stats["load_s"] / busy}
     progress.history.append(record)
     if env.is_main:
-        log.info("epoch %d: train rmse %.4f  val rmse %.4f  (%.1fs, %.0f edges/s, loader %.0f%%)",
-                 progress.epoch, record["train_rmse"], val["rmse"], record["seconds"], record["edges_per_s"],
-                 100 * record["loader_share"])
-    if val["rmse"] < progress.best_val_rmse - 1e-5:
-        progress.best_val_rmse, progress.bad_epochs = val["rmse"], 0
+        log.info("epoch %d: train rmse %.4f  val rmse %.4f  val recall@10 %.4f  (%.1fs, %.0f edges/s, loader %.0f%%)",
+                 progress.epoch, record["train_rmse"], val["rmse"], val["recall"], record["seconds"],
+                 record["edges_per_s"], 100 * record["loader_share"])
+    score = selection_score(val, job.cfg.select_metric)
+    if score < progress.best_score - 1e-5:
+        progress.best_score, progress.bad_epochs = score, 0
+        progress.best_val_rmse, progress.best_val_recall = val["rmse"], val["recall"]
         if env.is_main:
             ckpt.save_atomic({"model": job.model.state_dict(), "config": job.config, "epoch": progress.epoch,
-                              "val_rmse": progress.best_val_rmse}, job.run_dir / "best.pt")
+                              "val_rmse": val["rmse"], "val_recall@10": val["recall"],
+                              "select_metric": job.cfg.select_metric}, job.run_dir / "best.pt")
     else:
         progress.bad_epochs += 1
     # Decided before last.pt is written, so resuming a finished run does not train on.
@@ -522,8 +646,8 @@ def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any])
     progress.step_in_epoch = 0
     if progress.stopped_early:
         if env.is_main:
-            log.info("early stop: no better val rmse for %d epochs (best %.4f)", progress.bad_epochs,
-                     progress.best_val_rmse)
+            log.info("early stop: no better val %s for %d epochs (best val rmse %.4f, recall@10 %.4f)",
+                     job.cfg.select_metric, progress.bad_epochs, progress.best_val_rmse, progress.best_val_recall)
         return True
     return False
 
@@ -548,7 +672,8 @@ def save_last(job: Job, progress: Progress, epoch: int, step_in_epoch: int) -> N
             "model": job.model.state_dict(), "optimizer": job.optimizer.state_dict(),
             "scaler": job.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
             "global_step": progress.global_step, "history": progress.history,
-            "best_val_rmse": progress.best_val_rmse, "bad_epochs": progress.bad_epochs, "rng": states,
+            "best_val_rmse": progress.best_val_rmse, "best_val_recall": progress.best_val_recall,
+            "best_score": progress.best_score, "bad_epochs": progress.bad_epochs, "rng": states,
             "config": job.config, "world_size": job.env.world_size, "epoch_position": progress.epoch_position,
             "stopped_early": progress.stopped_early,
         }, job.run_dir / "last.pt")

@@ -21,24 +21,40 @@ def rating_class_weights(rating: torch.Tensor) -> torch.Tensor:
     return per_rating / per_rating.mean()
 
 
+def ranking_positives(rating: torch.Tensor, weight: torch.Tensor, relevant_min: float) -> torch.Tensor:
+    """Row weights of the in-batch softmax: 1 for a relevant rating (``>= relevant_min``),
+    0 for a dislike or a pad (``weight == 0``).
+
+    The rating loss's weights (``weighted_mse`` class weights) only mark pads here: a
+    rare 0.5-star class weighs most in the rating loss, and must weigh nothing as a
+    positive of the ranking loss.
+    """
+    return ((weight > 0) & (rating >= relevant_min)).to(rating.dtype)
+
+
 def in_batch_softmax_loss(ru: torch.Tensor, rm: torch.Tensor, row_movies: torch.Tensor,
                           col_movies: torch.Tensor, log_q: torch.Tensor, weight: torch.Tensor,
-                          offset: int = 0) -> torch.Tensor:
+                          offset: int = 0, denominator: torch.Tensor | float | None = None) -> torch.Tensor:
     """Sampled softmax of each labelled user over all labelled movies of the global batch.
 
     Row ``i`` (user ``ru[i]``, whose movie is ``row_movies[i]``) should pick column
     ``offset + i`` among ``rm`` (under DDP, every rank's movies, gathered). Negatives are
     drawn by popularity (they are other users' rated movies), so ``log q`` is subtracted
     (logQ correction) to keep the logits an estimate of the full-catalog softmax instead of
-    a penalty on popular movies. Columns holding the row's own movie are not negatives.
+    a penalty on popular movies. Columns holding the row's own movie are not negatives, nor
+    are pad columns (``col_movies < 0``: the zero-weight copies that even out DDP ranks),
+    so padding never changes the objective. ``denominator`` (default: the number of
+    weighted rows) lets DDP normalise by the global batch's count.
     """
-    logits = ru @ rm.T - log_q[col_movies][None, :]
+    logits = ru @ rm.T - log_q[col_movies.clamp(min=0)][None, :]
     target = torch.arange(ru.size(0), device=ru.device) + offset
-    same = row_movies[:, None] == col_movies[None, :]
-    same[torch.arange(ru.size(0), device=ru.device), target] = False
-    logits = logits.masked_fill(same, float("-inf"))
+    masked = (row_movies[:, None] == col_movies[None, :]) | (col_movies < 0)[None, :]
+    masked[torch.arange(ru.size(0), device=ru.device), target] = False
+    logits = logits.masked_fill(masked, float("-inf"))
     ce = F.cross_entropy(logits, target, reduction="none")
-    return (ce * weight).sum() / weight.bool().sum().clamp(min=1)
+    if denominator is None:  # this batch's mean over weighted rows
+        denominator = weight.bool().sum().clamp(min=1)
+    return (ce * weight).sum() / denominator
 
 
 def gather_columns(rm: torch.Tensor, movies: torch.Tensor, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor, int]:

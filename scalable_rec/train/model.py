@@ -11,6 +11,7 @@ Decoders:
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -75,14 +76,23 @@ class ModelConfig:
             raise ValueError("; ".join(problems))
 
 
+def fp32_guard(active: bool, device: torch.device):
+    """Autocast off (fp32) inside the block when ``active``; a no-op otherwise."""
+    return torch.autocast(device.type, enabled=False) if active else contextlib.nullcontext()
+
+
 class HeteroSAGEEncoder(nn.Module):
     """User and movie embeddings refined by ``num_layers`` hetero GraphSAGE layers.
 
     Inputs are global node ids (``n_id``) for the embedding tables and movie features.
-    Every layer's input is cast to fp32 before message passing: SAGEConv aggregates with a
-    scatter over all neighbours, and a sum over thousands of fp16 messages overflows
-    (max 65504). The linear layers inside still run in the autocast dtype, so the
-    matmuls keep their speed-up; only the aggregation pays fp32 bandwidth.
+    Every layer's input is cast to fp32 before message passing, so the scatter over all
+    neighbours accumulates in fp32. With ``aggr="mean"``/``"max"`` the aggregate is no
+    larger than its inputs, and SAGEConv's linear layers then run in the autocast dtype
+    (the matmul speed-up stays). With ``aggr="sum"`` a node with many neighbours sums past
+    fp16's 65504, and an autocast linear layer would cast that sum back to fp16 (inf);
+    so would the backward of every layer below it (the hub's gradient is as large): the
+    whole encoder then runs with autocast off, in fp32 (``fp32_guard``), and so do the
+    decoder and retrieval head that consume its output (``Recommender``).
 
     A user id at or past the end of the user table (a user added after training, or one
     hidden by ``user_id_dropout``) gets the "unknown user" input vector instead of a row.
@@ -100,6 +110,7 @@ class HeteroSAGEEncoder(nn.Module):
             for _ in range(cfg.num_layers)
         )
         self.dropout = cfg.dropout
+        self.unbounded = cfg.aggr == "sum"
         # Only a model trained with ID dropout learns its own vector; otherwise the table's
         # mean stands in (and no parameter sits unused, which DDP would have to search for).
         self.unknown_user = nn.Parameter(torch.zeros(h)) if cfg.user_id_dropout > 0 else None
@@ -122,11 +133,12 @@ class HeteroSAGEEncoder(nn.Module):
         return {USER: users, MOVIE: self.movie_emb(n_id[MOVIE]) + self.movie_lin(movie_x)}
 
     def forward(self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict) -> dict[str, Tensor]:
-        x = self.input_features(n_id, movie_x)
-        for i, conv in enumerate(self.convs):
-            x = conv({k: v.float() for k, v in x.items()}, edge_index)
-            if i < len(self.convs) - 1:
-                x = {k: F.dropout(F.relu(v), self.dropout, self.training) for k, v in x.items()}
+        with fp32_guard(self.unbounded, movie_x.device):
+            x = self.input_features(n_id, movie_x)
+            for i, conv in enumerate(self.convs):
+                x = conv({k: v.float() for k, v in x.items()}, edge_index)
+                if i < len(self.convs) - 1:
+                    x = {k: F.dropout(F.relu(v), self.dropout, self.training) for k, v in x.items()}
         return x
 
 
@@ -245,10 +257,15 @@ class Recommender(nn.Module):
         z = self.encoder(n_id, batch[MOVIE].x, batch.edge_index_dict)
         u, m = batch[RATES].edge_label_index
         zu, zm = z[USER][u], z[MOVIE][m]
-        pred = self.decoder(zu, zm, n_id[USER][u], n_id[MOVIE][m]) + self.rating_mean
-        if self.retrieval is None:
-            return pred, None
-        return pred, self.retrieval(zu, zm)
+        with self._guard(zu):
+            pred = self.decoder(zu, zm, n_id[USER][u], n_id[MOVIE][m]) + self.rating_mean
+            if self.retrieval is None:
+                return pred, None
+            return pred, self.retrieval(zu, zm)
+
+    def _guard(self, like: Tensor):
+        """The heads read the encoder's output: in fp32 too when it is an unbounded sum."""
+        return fp32_guard(self.encoder.unbounded, like.device)
 
     @torch.no_grad()
     def encode_all(self, data) -> dict[str, Tensor]:
@@ -266,12 +283,14 @@ class Recommender(nn.Module):
         adj = {et: sparse[et].adj_t.to(device) for et in (RATES, REV_RATES)}
         z = self.encoder(n_id, data[MOVIE].x.to(device), adj)
         if self.retrieval is not None:
-            z["user_rank"], z["movie_rank"] = self.retrieval(z[USER], z[MOVIE])
+            with self._guard(z[USER]):
+                z["user_rank"], z["movie_rank"] = self.retrieval(z[USER], z[MOVIE])
         return z
 
     def score_block(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:
         """Predicted ratings for all pairs of ``uid`` × ``mid`` (global node ids)."""
-        return self.decoder.score_block(z[USER][uid], z[MOVIE][mid], uid, mid) + self.rating_mean
+        with self._guard(z[USER]):
+            return self.decoder.score_block(z[USER][uid], z[MOVIE][mid], uid, mid) + self.rating_mean
 
     def rank_block(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:
         """Ranking scores for all pairs of ``uid`` × ``mid``: the retrieval head's logits,
@@ -282,4 +301,5 @@ class Recommender(nn.Module):
 
     def predict_pairs(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:
         """Predicted ratings of aligned pairs ``(uid[i], mid[i])``."""
-        return self.decoder(z[USER][uid], z[MOVIE][mid], uid, mid) + self.rating_mean
+        with self._guard(z[USER]):
+            return self.decoder(z[USER][uid], z[MOVIE][mid], uid, mid) + self.rating_mean
