@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from scalable_rec.errors import CollectiveError, DivergedError
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER, EdgeSplit, RatingGraph
-from scalable_rec.score.evaluate import evaluate_edges
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.distributed import (
     DistEnv, EdgeEpochSampler, agree_stop, all_reduce_sum, broadcast_tensors_, from_rank0, init_distributed,
@@ -597,6 +596,10 @@ def validate(job: Job) -> dict[str, float]:
     Under torchrun the ranks split the edges and users and reduce the sums, so every rank
     gets the same numbers (every rank calls this).
     """
+    # The test's own evaluation (score/), so validation and test run the same inference.
+    # Imported at call time: score/ builds on train/, not the other way round.
+    from scalable_rec.score.evaluate import evaluate_edges
+
     out = evaluate_edges(job.model, job.graph, job.split.train, job.split.val, k=10,
                          rating_min=job.rating_range[0], rating_max=job.rating_range[1],
                          relevant_min=job.cfg.relevant_min, env=job.env)
