@@ -1,0 +1,299 @@
+"""Quality table: the package's default run vs reference recommenders, seeds 0, 1, 2.
+
+For each seed (split seed = model seed) the default ``RunConfig`` trains and is tested
+exactly as ``scalable-rec run`` does (``train`` + ``evaluate_split``); the baselines in
+``scalable_rec.score.baselines`` are fit on the same split and ranked by the same
+``ranking_metrics`` (positives: test ratings ≥ the relevance threshold; train + val masked).
+Each baseline's hyper-parameter is picked by validation Recall@10 (fit on train), then it
+is refit on train + val and tested. Writes ``<out>.json`` and ``<out>.md`` (mean ± std
+over seeds, and min–max), and with ``--ablation`` one row per configuration change on the
+given seeds. ``--readme`` replaces the block between the quality markers in README.md
+with the Markdown output.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/quality.py --data /work/shared/data/ml-latest-small
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scalable_rec.atomic import atomic_open, write_json_atomic
+from scalable_rec.config import RunConfig
+from scalable_rec.graph import RatingGraph, split_edges
+from scalable_rec.pipeline import prepare
+from scalable_rec.score import baselines as B
+from scalable_rec.score import evaluate_split
+from scalable_rec.train import train
+
+log = logging.getLogger("quality")
+TARGET = {"rmse": 0.850, "recall@10": 0.23, "ndcg@10": 0.24}
+GRIDS = {"ease": [100.0, 250.0, 500.0], "item_knn": [50, 200], "implicit_als": [(64, 0.05, 2.0), (64, 0.5, 10.0)]}
+# One row per configuration change against the defaults: (name, what changed, overrides).
+ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
+    ("select-rmse", "best.pt and early stopping by validation RMSE instead of validation Recall@10",
+     {"train": {"select_metric": "rmse"}}),
+    ("targets-in-subgraph", "defect 1 unfixed: each batch's targets stay in its own subgraph",
+     {"train": {"supervision": "none"}}),
+    ("disjoint-supervision", "a fixed 30% of training edges supervise, the rest pass messages",
+     {"train": {"supervision": "disjoint"}}),
+    ("coupled-adam", "defect 5 unfixed: Adam with coupled L2 on every parameter (tables included)",
+     {"train": {"optimizer": "adam"}}),
+]
+MODEL = "scalable-rec (default run)"
+MARK_START, MARK_END = "<!-- quality:start -->", "<!-- quality:end -->"
+
+
+def fit_baseline(name: str, x, value: Any, seed: int):
+    if name == "ease":
+        return B.ease(x, value)
+    if name == "item_knn":
+        return B.item_knn(x, value)
+    if name == "implicit_als":
+        return B.implicit_als(x, value[0], reg=value[1], alpha=value[2], seed=seed)
+    return B.popularity(x)
+
+
+def baselines_for_split(graph: RatingGraph, split, seed: int, threshold: float, rating_range: tuple[float, float],
+                        only: list[str] | None, chosen: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every baseline on one split. A baseline already in ``chosen`` (tuned on an earlier
+    seed's validation edges) reuses that value; otherwise its grid is tuned here and the
+    winner is stored in ``chosen``."""
+    nu, nm = graph.num_users, graph.num_movies
+    train_e = (graph.src[split.train], graph.dst[split.train])
+    seen_ids = torch.cat([split.train, split.val])
+    seen_e = (graph.src[seen_ids], graph.dst[seen_ids])
+    rel_v = graph.rating[split.val] >= threshold
+    rel_t = graph.rating[split.test] >= threshold
+    val_rel = (graph.src[split.val][rel_v], graph.dst[split.val][rel_v])
+    test_rel = (graph.src[split.test][rel_t], graph.dst[split.test][rel_t])
+    out: dict[str, dict[str, Any]] = {}
+    for name in ["popularity", *GRIDS]:
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        grid = [chosen[name]] if name in chosen else GRIDS.get(name, [None])
+        best, val_recalls = (B.tune_on_validation(lambda x, v: fit_baseline(name, x, v, seed), grid, train_e,
+                                                  val_rel, nu, nm) if len(grid) > 1 else (grid[0], {}))
+        chosen[name] = best
+        x_seen = B.interaction_matrix(*seen_e, nu, nm)
+        metrics = B.evaluate_fn(fit_baseline(name, x_seen, best, seed), *seen_e, *test_rel, nu, nm)
+        out[name] = {**metrics, "chosen": best, "val_recall@10": {str(k): v for k, v in val_recalls.items()},
+                     "seconds": time.perf_counter() - t0}
+        log.info("seed %d %s: %s", seed, name, out[name])
+    if not only or "biased_mf" in only:
+        t0 = time.perf_counter()
+        seen_r = (graph.src[seen_ids].numpy(), graph.dst[seen_ids].numpy(), graph.rating[seen_ids].numpy())
+        test_r = (graph.src[split.test].numpy(), graph.dst[split.test].numpy(), graph.rating[split.test].numpy())
+        out["biased_mf"] = {**B.biased_mf_rmse(seen_r, test_r, *rating_range, seed=seed),
+                            "seconds": time.perf_counter() - t0}
+        log.info("seed %d biased_mf: %s", seed, out["biased_mf"])
+    return out
+
+
+def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], seed: int) -> RunConfig:
+    cfg = copy.deepcopy(base)
+    for group, values in overrides.items():
+        setattr(cfg, group, type(getattr(cfg, group))(**{**vars(getattr(cfg, group)), **values}))
+    cfg.split.split_seed = seed
+    cfg.train.seed = seed
+    cfg.train.progress = False
+    return cfg
+
+
+def run_model(graph: RatingGraph, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    split = split_edges(graph, cfg.split)
+    result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json(),
+                   rating_range=(cfg.data.rating_min, cfg.data.rating_max))
+    if result.interrupted:  # a half-trained model must not become a table row
+        raise SystemExit(f"training in {run_dir} was interrupted (signal or max_steps); no result written")
+    test = evaluate_split(result.model, graph, split, k=cfg.score.k, memory_mb=cfg.score.score_memory_mb,
+                          rating_min=cfg.data.rating_min, rating_max=cfg.data.rating_max,
+                          relevant_min=cfg.train.relevant_min)
+    return {"rmse": test["rmse"], "mae": test["mae"], "recall@10": test["model"]["recall@10"],
+            "ndcg@10": test["model"]["ndcg@10"], "epochs": len(result.history),
+            "best_val_rmse": result.best_val_rmse, "last_epoch": result.history[-1] if result.history else None,
+            "train_seconds": result.seconds}
+
+
+def summarise(per_seed: list[dict[str, Any]], key: str) -> dict[str, float] | None:
+    values = [r[key] for r in per_seed if r.get(key) is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt(s: dict[str, float] | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s['mean']:.4f} ± {s['std']:.4f} ({s['min']:.4f}–{s['max']:.4f})"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    seeds = ", ".join(map(str, result["seeds"]))
+    lines = [f"Shared ml-latest-small, seeds {seeds} (split seed = model seed), mean ± std (min–max); "
+             f"relevant = test rating ≥ {result['relevance_threshold']}, train + val masked; "
+             f"baselines' hyper-parameters tuned on {result.get('baseline_tuning', 'each seed')} "
+             f"(validation Recall@10), then refit on train + val; "
+             f"{result['threads']} thread(s), {result['machine']}; `scripts/quality.py`, commit {result['commit']}.",
+             "", "| method | Recall@10 | NDCG@10 | test RMSE |", "| --- | --- | --- | --- |"]
+    for name, rows in result["methods"].items():
+        lines.append(f"| {name} | {fmt(summarise(rows, 'recall@10'))} | {fmt(summarise(rows, 'ndcg@10'))} | "
+                     f"{fmt(summarise(rows, 'rmse'))} |")
+    t = result["target"]
+    lines.append(f"| *target (issue 8)* | ≥ {t['recall@10']} | ≥ {t['ndcg@10']} | ≤ {t['rmse']} |")
+    if result.get("note"):
+        lines += ["", result["note"]]
+    if result.get("ablation"):
+        lines += ["", f"Ablation (seeds {', '.join(map(str, result['ablation_seeds']))}; each row changes one "
+                  "thing against the defaults):", "",
+                  "| change | what | Recall@10 | NDCG@10 | test RMSE |", "| --- | --- | --- | --- | --- |"]
+        model_rows = [r for r in result["methods"].get(MODEL, []) if r["seed"] in result["ablation_seeds"]]
+        default = [{"name": "default", "what": "the package's defaults (rows above)", "runs": model_rows}]
+        for row in (default if model_rows else []) + result["ablation"]:
+            lines.append(f"| {row['name']} | {row['what']} | {fmt(summarise(row['runs'], 'recall@10'))} | "
+                         f"{fmt(summarise(row['runs'], 'ndcg@10'))} | {fmt(summarise(row['runs'], 'rmse'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, table: str) -> None:
+    text = readme.read_text()
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"--readme: {readme} has no '{MARK_START}' … '{MARK_END}' block")
+    new = text[:start + len(MARK_START)] + "\n" + table + text[end:]
+    with atomic_open(readme, "w") as fh:
+        fh.write(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=os.environ.get("SCALABLE_REC_DATA"), help="MovieLens folder")
+    p.add_argument("--workdir", default="runs/quality", help="shards and run directories")
+    p.add_argument("--shards", default=None, help="shard directory (default <workdir>/shards/<data name>)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="benchmarks/reference/quality-ml-latest-small")
+    p.add_argument("--baselines", nargs="*", default=None,
+                   help="only these baselines (popularity ease item_knn implicit_als biased_mf); none: skip")
+    p.add_argument("--no-model", action="store_true", help="skip the package's model (baselines only)")
+    p.add_argument("--tune-every-seed", action="store_true",
+                   help="tune each baseline on every seed's validation edges (default: on the first seed's, "
+                        "then reused; EASE's inverse is minutes on a busy 2-core machine)")
+    p.add_argument("--ablation", nargs="*", default=None,
+                   help="also run these ablation rows (no names: all)")
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--readme", type=Path, default=None, help="README whose quality block is replaced")
+    p.add_argument("--note", default=None, help="a sentence added under the table (e.g. which code ran)")
+    p.add_argument("--combine", type=Path, nargs="+", default=None,
+                   help="merge the JSON outputs of earlier runs (e.g. model and baselines run as two "
+                        "processes) into --out instead of running anything")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.combine:
+        return write_outputs(combine([json.loads(path.read_text()) for path in args.combine]), args)
+    # the code that runs is the code checked out now (a later commit must not label it)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    commit = f"{commit}+uncommitted" if commit and dirty else commit
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+    base = RunConfig()
+    base.data.data, base.data.workdir, base.data.shards = args.data, args.workdir, args.shards
+    shards = prepare(base)
+    graph = RatingGraph.from_shards(shards, base.features)
+    threshold = base.train.relevant_min
+    methods: dict[str, list[dict[str, Any]]] = {}
+    chosen: dict[str, Any] = {}
+    for seed in args.seeds:
+        cfg = with_overrides(base, {}, seed)
+        if not args.no_model:
+            methods.setdefault(MODEL, []).append(
+                {"seed": seed, **run_model(graph, cfg, Path(args.workdir) / f"default-seed{seed}")})
+            log.info("seed %d model: %s", seed, methods[MODEL][-1])
+        if args.baselines is None or args.baselines:
+            for name, metrics in baselines_for_split(graph, split_edges(graph, cfg.split), seed, threshold,
+                                                     (base.data.rating_min, base.data.rating_max),
+                                                     args.baselines, {} if args.tune_every_seed else chosen).items():
+                methods.setdefault(name, []).append({"seed": seed, **metrics})
+    ablation = []
+    if args.ablation is not None:
+        rows = [row for row in ABLATION if not args.ablation or row[0] in args.ablation]
+        for name, what, overrides in rows:
+            runs = [{"seed": s, **run_model(graph, with_overrides(base, overrides, s),
+                                            Path(args.workdir) / f"ablation-{name}-seed{s}")}
+                    for s in args.ablation_seeds]
+            ablation.append({"name": name, "what": what, "overrides": overrides, "runs": runs})
+            log.info("ablation %s: %s", name, runs)
+    result = {"seeds": args.seeds, "relevance_threshold": threshold, "threads": threads,
+              "machine": f"{platform.machine()} {os.cpu_count()} cores", "commit": commit or "unknown",
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "target": TARGET,
+              "config": base.to_json(), "methods": methods, "ablation": ablation,
+              "ablation_seeds": args.ablation_seeds,
+              "baseline_tuning": "every seed" if args.tune_every_seed else f"seed {args.seeds[0]}'s validation"}
+    return write_outputs(result, args)
+
+
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs' JSON: e.g. one process per seed and one for the
+    baselines (run side by side on a busy machine). Rows of a method are concatenated
+    across parts; seeds are the union."""
+    if len({p["relevance_threshold"] for p in parts}) > 1:
+        raise SystemExit("--combine: the parts used different relevance thresholds")
+    out = dict(parts[0], methods={}, ablation=[])
+    for part in parts:
+        for name, rows in part["methods"].items():
+            have = {r["seed"] for r in out["methods"].get(name, [])}
+            if have & {r["seed"] for r in rows}:
+                raise SystemExit(f"--combine: two parts hold '{name}' for the same seed")
+            out["methods"].setdefault(name, []).extend(rows)
+        out["ablation"] += part["ablation"]
+        if part["ablation"]:
+            out["ablation_seeds"] = part["ablation_seeds"]
+    out["seeds"] = sorted({s for p in parts for s in p["seeds"]})
+    threads = sorted({p["threads"] for p in parts})
+    out["threads"] = threads[0] if len(threads) == 1 else "/".join(map(str, threads))
+    out["commit"] = "/".join(sorted({p["commit"] for p in parts}))
+    return out
+
+
+def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> int:
+    if args.note:
+        result["note"] = args.note
+    result["summary"] = {n: {k: summarise(rows, k) for k in ("recall@10", "ndcg@10", "rmse")}
+                         for n, rows in result["methods"].items()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out.with_suffix(".json"), json.loads(json.dumps(result, default=_jsonable)))
+    table = markdown(result)
+    with atomic_open(out.with_suffix(".md"), "w") as fh:
+        fh.write(table)
+    if args.readme:
+        update_readme(args.readme, table)
+    sys.stdout.write(table)
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

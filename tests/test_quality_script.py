@@ -1,0 +1,49 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(methods, seeds=(0, 1, 2), ablation=()):
+    return {"seeds": list(seeds), "relevance_threshold": 4.0, "threads": 1, "machine": "x", "commit": "abc",
+            "target": {"rmse": 0.85, "recall@10": 0.23, "ndcg@10": 0.24}, "methods": methods,
+            "ablation": list(ablation), "ablation_seeds": [0]}
+
+
+def test_markdown_reports_mean_std_and_range_per_method(quality):
+    rows = [{"seed": s, "recall@10": r, "ndcg@10": r, "rmse": 0.9} for s, r in enumerate([0.1, 0.2, 0.3])]
+    table = quality.markdown(_result({"ease": rows, "pop": [{"seed": 0, "recall@10": 0.1, "ndcg@10": 0.1}]}))
+    assert "| ease | 0.2000 ± 0.1000 (0.1000–0.3000) |" in table
+    assert "| pop | 0.1000 ± 0.0000 (0.1000–0.1000) | 0.1000 ± 0.0000 (0.1000–0.1000) | – |" in table
+    assert "≥ 0.23" in table and "≤ 0.85" in table
+
+
+def test_combine_merges_parts_and_refuses_a_seed_twice(quality):
+    model0 = _result({"model": [{"seed": 0, "rmse": 0.8}]}, seeds=(0,), ablation=[{"name": "a", "runs": []}])
+    model1 = _result({"model": [{"seed": 1, "rmse": 0.9}]}, seeds=(1,))
+    base = _result({"ease": [{"seed": 0, "recall@10": 0.2}]})
+    out = quality.combine([model0, model1, base])
+    assert list(out["methods"]) == ["model", "ease"] and len(out["ablation"]) == 1
+    assert [r["seed"] for r in out["methods"]["model"]] == [0, 1] and out["seeds"] == [0, 1, 2]
+    with pytest.raises(SystemExit, match="same seed"):
+        quality.combine([model0, model0])
+
+
+def test_update_readme_replaces_only_the_marked_block(quality, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{quality.MARK_START}\nold\n{quality.MARK_END}\noutro\n")
+    quality.update_readme(readme, "new table\n")
+    assert readme.read_text() == f"intro\n{quality.MARK_START}\nnew table\n{quality.MARK_END}\noutro\n"
+    (tmp_path / "bare.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no"):
+        quality.update_readme(tmp_path / "bare.md", "x")
