@@ -79,8 +79,9 @@ def test_implicit_als_learns_the_groups():
     pytest.importorskip("implicit")
     src, dst, held = _blocks()
     x = B.interaction_matrix(src, dst, 40, 14)
-    metrics = B.evaluate_fn(B.implicit_als(x, 4, reg=0.01, alpha=5.0), src, dst, held[0], held[1], 40, 14, k=2)
-    assert metrics["recall@2"] > 0.8
+    # two taste groups: two factors are the true rank (with 4, some random starts sit at 0.8)
+    metrics = B.evaluate_fn(B.implicit_als(x, 2, reg=0.01, alpha=5.0), src, dst, held[0], held[1], 40, 14, k=2)
+    assert metrics["recall@2"] > 0.8  # popularity: 0.05
 
 
 def test_biased_mf_beats_the_global_mean():
