@@ -52,6 +52,8 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
      {"train": {"supervision": "disjoint"}}),
     ("coupled-adam", "defect 5 unfixed: Adam with coupled L2 on every parameter (tables included)",
      {"train": {"optimizer": "adam"}}),
+    ("patience-6", "early stopping after 6 epochs without a better validation Recall@10 instead of 3",
+     {"train": {"patience": 6}}),
 ]
 MODEL = "scalable-rec (default run)"
 MARK_START, MARK_END = "<!-- quality:start -->", "<!-- quality:end -->"
