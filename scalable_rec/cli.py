@@ -29,7 +29,7 @@ from scalable_rec.errors import ConfigError, InterruptedRunError, ScalableRecErr
 from scalable_rec.score.refresh import RefreshConfig
 from scalable_rec.source.synthetic import PRESETS
 from scalable_rec.train.distributed import DistEnv, shutdown_distributed
-from scalable_rec.train.loop import resolve_device
+from scalable_rec.train.config import resolve_device
 
 log = logging.getLogger("scalable_rec")
 

@@ -27,7 +27,7 @@ from scalable_rec.score.topk import ScoreConfig
 from scalable_rec.sink.arango import WritebackConfig
 from scalable_rec.source.arango_load import LoadConfig
 from scalable_rec.source.arango import ExportConfig
-from scalable_rec.train.loop import TrainConfig
+from scalable_rec.train.config import TrainConfig
 from scalable_rec.train.model import ModelConfig
 
 

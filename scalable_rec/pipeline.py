@@ -43,7 +43,7 @@ from scalable_rec.source.download import fetch_movielens
 from scalable_rec.train import Recommender, train
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.distributed import DistEnv, broadcast_object, from_rank0, init_distributed
-from scalable_rec.train.loop import resolve_device
+from scalable_rec.train.config import resolve_device
 
 log = logging.getLogger(__name__)
 

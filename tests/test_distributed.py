@@ -16,7 +16,7 @@ from scalable_rec.errors import CheckpointError
 from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import ModelConfig, TrainConfig, train
 from scalable_rec.train.distributed import FAULT_ENV, DistEnv, EdgeEpochSampler
-from scalable_rec.train.loop import make_loader
+from scalable_rec.train.batches import make_loader
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

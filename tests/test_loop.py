@@ -153,7 +153,7 @@ def test_steps_per_epoch_caps_each_epoch(small, tmp_path):
 def test_no_target_pair_is_in_its_own_batch_in_either_direction(small, supervision):
     from scalable_rec.graph import RATES, REV_RATES
     from scalable_rec.train.distributed import DistEnv
-    from scalable_rec.train.loop import make_loader, supervision_edges
+    from scalable_rec.train.batches import make_loader, supervision_edges
 
     g, split = small
     cfg = _cfg(supervision=supervision, num_neighbors=[-1, -1])  # all neighbours: every target would be in
@@ -226,7 +226,8 @@ def test_training_loss_ranking_term_ignores_dislikes_and_class_weights(small, tm
 
     from scalable_rec.graph import RATES
     from scalable_rec.train.distributed import DistEnv
-    from scalable_rec.train.loop import make_loader, training_loss
+    from scalable_rec.train.batches import make_loader
+    from scalable_rec.train.loop import training_loss
     from scalable_rec.train.model import Recommender
 
     g, split = small

@@ -209,7 +209,8 @@ def test_new_user_is_unknown_to_the_table_and_uses_the_learned_vector(sparse_gra
 def test_user_id_dropout_trains_the_unknown_vector(tiny_shards):
     from scalable_rec.graph import split_edges
     from scalable_rec.graph.hetero import SplitConfig
-    from scalable_rec.train.loop import TrainConfig, build_job, training_loss
+    from scalable_rec.train import TrainConfig
+    from scalable_rec.train.loop import build_job, training_loss
 
     graph = RatingGraph.from_shards(tiny_shards)
     job = build_job(graph, split_edges(graph, SplitConfig()), ModelConfig(hidden=16, user_id_dropout=0.5),

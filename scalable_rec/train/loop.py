@@ -20,21 +20,22 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch_geometric.data import HeteroData
-from torch_geometric.loader import LinkNeighborLoader
 from tqdm.auto import tqdm
 
 from scalable_rec.errors import CollectiveError, DivergedError
-from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER, EdgeSplit, RatingGraph
+from scalable_rec.graph.hetero import RATES, EdgeSplit, RatingGraph
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.distributed import (
     DistEnv, EdgeEpochSampler, agree_stop, all_reduce_sum, broadcast_tensors_, from_rank0, init_distributed,
     inject_fault, is_collective_timeout,
 )
+from scalable_rec.train.batches import make_loader, supervision_edges
+from scalable_rec.train.config import PRECISIONS, TrainConfig, resolve_device
 from scalable_rec.train.losses import (
     gather_columns, in_batch_softmax_loss, rating_class_weights, ranking_positives,
 )
@@ -51,126 +52,6 @@ FINITE_CHECK_EVERY = 50
 # pyg-lib is not actionable where no pyg-lib wheel exists for the installed torch.
 warnings.filterwarnings("ignore", message=".*without a 'pyg-lib' installation is deprecated.*")
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and input-pipeline settings.
-
-    Args:
-        epochs: Maximum epochs (default 30); early stopping may end sooner.
-        batch_size: Labelled edges per step and rank (default 2048).
-        num_neighbors: Neighbours sampled per hop, one entry per GraphSAGE layer;
-            ``-1`` takes all.
-        lr: AdamW learning rate.
-        weight_decay: AdamW decoupled weight decay of the dense weights (linear layers);
-            embedding tables and biases are not decayed, so a row that no batch touches
-            stays where it is.
-        supervision: How a batch's supervision edges are kept out of its own message
-            passing: ``exclude_targets`` (each batch's target edges and their reverse edges
-            are removed from that batch's sampled subgraph, as DGL's ``exclude="reverse_id"``),
-            ``disjoint`` (a fixed, seeded ``disjoint_ratio`` share of the training edges
-            supervises, the rest carries messages, as PyG's ``disjoint_train_ratio``) or
-            ``none`` (targets stay in their own subgraph: train/serve skew).
-        disjoint_ratio: Share of training edges used for supervision with ``disjoint``.
-        relevant_min: Ratings at or above this are relevant: the positives of the retrieval
-            head's in-batch softmax and of Recall/NDCG evaluation (default 4.0).
-        optimizer: ``adamw`` (decoupled decay, tables and biases undecayed) or ``adam``
-            (the former coupled L2 on every parameter; kept for the ablation table).
-        select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
-            ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
-            ``rmse``. Validation runs like the test: full neighbourhoods over the
-            training edges.
-        rank_loss_weight: Weight of the retrieval head's in-batch sampled-softmax loss
-            (logQ-corrected for the popularity of in-batch negatives) added to the rating
-            loss; ignored when the model has no retrieval head.
-        loss: ``mse`` (optimises RMSE directly) or ``weighted_mse`` (each half-star
-            rating class weighted by its inverse training frequency, mean weight 1).
-        patience: Epochs without a better validation RMSE before stopping.
-        precision: ``fp32``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA, with GradScaler).
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        num_workers: Sampler worker processes per rank; ``-1`` picks 0 on CPU (the
-            sampler competes with the model for the same cores) and up to 4 on CUDA.
-        seed: Seed of model init, shuffling and neighbour sampling.
-        steps_per_epoch: End each epoch after this many steps (a random sample of the
-            epoch's shuffled slice; validation still runs). ``None``: a full pass.
-        max_steps: Stop after this many optimiser steps in total (``last.pt`` is written;
-            ``resume`` continues). ``None``: no cap.
-        checkpoint_every: Also write ``last.pt`` every N steps (0: at epoch ends only).
-        resume: Continue from ``<run_dir>/last.pt``. Under torchrun a restarted job
-            (``--max-restarts``) resumes from an existing ``last.pt`` without it.
-        progress: Show progress bars (rank 0 only).
-        stop_check_every: Under torchrun, agree every N steps (one all-reduce of a flag)
-            whether any rank got SIGTERM/SIGINT, so all ranks stop at the same step and
-            write ``last.pt`` together (default 1: a signal stops within one step).
-        collective_timeout_s: Seconds a collective may wait for the other ranks before
-            it fails with an error naming this flag (a hung or dead rank; default 1800).
-    """
-
-    epochs: int = 30
-    batch_size: int = 2048
-    num_neighbors: list[int] = field(default_factory=lambda: [10, 5])
-    lr: float = 0.003
-    weight_decay: float = 1e-4
-    supervision: Literal["exclude_targets", "disjoint", "none"] = "exclude_targets"
-    disjoint_ratio: float = 0.3
-    relevant_min: float = 4.0
-    optimizer: Literal["adamw", "adam"] = "adamw"
-    select_metric: Literal["recall", "rmse"] = "recall"
-    loss: Literal["mse", "weighted_mse"] = "mse"
-    rank_loss_weight: float = 1.0
-    patience: int = 3
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    device: str = "auto"
-    num_workers: int = -1
-    seed: int = 0
-    steps_per_epoch: int | None = None
-    max_steps: int | None = None
-    checkpoint_every: int = 0
-    resume: bool = False
-    progress: bool = True
-    stop_check_every: int = 1
-    collective_timeout_s: float = 1800.0
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) <= 0:
-                problems.append(f"'{name}' needs to be positive (got {getattr(self, name)})")
-        if not self.num_neighbors or any(n == 0 or n < -1 for n in self.num_neighbors):
-            problems.append(f"'num_neighbors' needs positive entries or -1 (got {self.num_neighbors})")
-        if self.loss not in ("mse", "weighted_mse"):
-            problems.append(f"'loss' needs to be 'mse' or 'weighted_mse' (got {self.loss!r})")
-        if self.precision not in PRECISIONS:
-            problems.append(f"'precision' needs to be one of {list(PRECISIONS)} (got {self.precision!r})")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            problems.append(f"'device' needs to be 'auto', 'cpu' or 'cuda' (got {self.device!r})")
-        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
-            problems.append(f"'steps_per_epoch' needs to be positive (got {self.steps_per_epoch})")
-        if self.max_steps is not None and self.max_steps <= 0:
-            problems.append(f"'max_steps' needs to be positive (got {self.max_steps})")
-        if self.rank_loss_weight < 0:
-            problems.append(f"'rank_loss_weight' needs to be non-negative (got {self.rank_loss_weight})")
-        if self.supervision not in ("exclude_targets", "disjoint", "none"):
-            problems.append(f"'supervision' needs to be 'exclude_targets', 'disjoint' or 'none' "
-                            f"(got {self.supervision!r})")
-        if not 0.0 < self.disjoint_ratio < 1.0:
-            problems.append(f"'disjoint_ratio' needs to be in (0, 1) (got {self.disjoint_ratio})")
-        if self.optimizer not in ("adamw", "adam"):
-            problems.append(f"'optimizer' needs to be 'adamw' or 'adam' (got {self.optimizer!r})")
-        if self.select_metric not in ("recall", "rmse"):
-            problems.append(f"'select_metric' needs to be 'recall' or 'rmse' (got {self.select_metric!r})")
-        if self.lr <= 0:
-            problems.append(f"'lr' needs to be positive (got {self.lr})")
-        if self.stop_check_every <= 0:
-            problems.append(f"'stop_check_every' needs to be positive (got {self.stop_check_every})")
-        if self.collective_timeout_s <= 0:
-            problems.append(f"'collective_timeout_s' needs to be positive (got {self.collective_timeout_s})")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
 @dataclass
 class TrainResult:
     model: Recommender
@@ -183,86 +64,6 @@ class TrainResult:
     seconds: float
     signal: int | None = None
     """The signal (SIGTERM/SIGINT) that interrupted training; ``None`` for ``max_steps``."""
-
-
-def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
-    problems = []
-    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        problems.append(f"'device' is {cfg.device!r} but no CUDA device is available")
-    if cfg.precision == "fp16" and not want_cuda:
-        problems.append("'precision' fp16 needs CUDA (CPU autocast supports bf16)")
-    if problems:
-        raise ValueError("; ".join(problems))
-    if want_cuda:
-        return torch.device(cfg.device if ":" in cfg.device else f"cuda:{env.local_rank}")
-    return torch.device("cpu")
-
-
-class ExcludeTargets:
-    """Loader transform: drops a batch's supervision edges, in both directions, from that
-    batch's sampled message-passing edges (DGL's ``exclude="reverse_id"``).
-
-    Edges are matched by their (user, movie) pair in global ids (``n_id``): shards hold one
-    rating per pair, so a pair is an edge id, valid for the in-memory graph and the
-    memory-mapped store alike (whose sampled ``e_id`` are CSC positions, not edge ids).
-    Pads (``input_id >= num_edges``, zero-weight copies) exclude nothing. Under DDP each
-    rank excludes its own batch's targets (as DGL's per-rank samplers do).
-
-    Args:
-        num_edges: Supervision edges before pads.
-    """
-
-    def __init__(self, num_edges: int) -> None:
-        self.num_edges = num_edges
-
-    def __call__(self, data):
-        users, movies = data[USER].n_id, data[MOVIE].n_id
-        u, m = data[RATES].edge_label_index
-        real = data[RATES].input_id < self.num_edges
-        targets = (users[u[real]] << 32) | movies[m[real]]  # node ids stay below 2**31
-        for edge_type, (ui, mi) in ((RATES, (0, 1)), (REV_RATES, (1, 0))):
-            store = data[edge_type]
-            ei = store.edge_index
-            keep = ~torch.isin((users[ei[ui]] << 32) | movies[ei[mi]], targets)
-            store.edge_index = ei[:, keep]
-            if "e_id" in store:
-                store.e_id = store.e_id[keep]
-        return data
-
-
-def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor, cfg: TrainConfig,
-                batch_size: int, env: DistEnv, shuffle: bool, device: torch.device,
-                generator: torch.Generator | None = None, exclude_targets: bool = False):
-    """A ``LinkNeighborLoader`` over this rank's slice of ``(src, dst)`` supervision edges.
-
-    ``label`` is ``[n, 2]``: rating and sample weight. ``world_size - 1`` zero-weight
-    copies are appended so that every rank gets the same number of batches. With
-    ``exclude_targets`` each batch's targets leave its subgraph (``ExcludeTargets``).
-    """
-    n = src.numel()
-    pad = env.world_size - 1  # enough for any remainder the sampler deals (also a re-dealt resume)
-    if pad:
-        src, dst = torch.cat([src, src[:pad]]), torch.cat([dst, dst[:pad]])
-        label = torch.cat([label, torch.stack([label[:pad, 0], torch.zeros(pad)], 1)])
-    sampler = EdgeEpochSampler(n, env.rank, env.world_size, cfg.seed, shuffle=shuffle)
-    workers = cfg.num_workers if cfg.num_workers >= 0 else (
-        0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // max(1, env.world_size) - 1)))
-    if workers > 0 and isinstance(data, HeteroData):
-        # Worker processes then map the same pages instead of each holding a copy
-        # (a (feature_store, graph_store) pair is file-mapped already).
-        for store in data.stores:
-            for value in store.values():
-                if isinstance(value, torch.Tensor):
-                    value.share_memory_()
-    loader = LinkNeighborLoader(
-        data, num_neighbors=cfg.num_neighbors, edge_label_index=(RATES, torch.stack([src, dst])),
-        edge_label=label, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None, generator=generator,
-        transform=ExcludeTargets(n) if exclude_targets else None,
-    )
-    return loader, sampler
 
 
 @dataclass
@@ -411,20 +212,6 @@ def wants_resume(job: Job) -> bool:
         log.warning("torchrun restart %d: %s", job.env.restart_count,
                     f"resuming from {job.run_dir / 'last.pt'}" if found else "no last.pt yet, starting over")
     return bool(found)
-
-
-def supervision_edges(train_ids: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training edge ids ``(message passing, supervision)`` for ``cfg.supervision``.
-
-    ``disjoint`` draws its fixed supervision share with ``cfg.seed`` (the same on every
-    rank); the other modes supervise and pass messages over all training edges (with
-    ``exclude_targets`` each batch then drops its own targets).
-    """
-    if cfg.supervision != "disjoint":
-        return train_ids, train_ids
-    order = torch.randperm(train_ids.numel(), generator=torch.Generator().manual_seed(cfg.seed))
-    n_target = max(1, int(round(train_ids.numel() * cfg.disjoint_ratio)))
-    return train_ids[order[n_target:]].sort().values, train_ids[order[:n_target]].sort().values
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

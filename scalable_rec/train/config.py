@@ -1,0 +1,143 @@
+"""Training settings (``TrainConfig``) and the device and precision they resolve to."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from scalable_rec.train.distributed import DistEnv
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and input-pipeline settings.
+
+    Args:
+        epochs: Maximum epochs (default 30); early stopping may end sooner.
+        batch_size: Labelled edges per step and rank (default 2048).
+        num_neighbors: Neighbours sampled per hop, one entry per GraphSAGE layer;
+            ``-1`` takes all.
+        lr: AdamW learning rate.
+        weight_decay: AdamW decoupled weight decay of the dense weights (linear layers);
+            embedding tables and biases are not decayed, so a row that no batch touches
+            stays where it is.
+        supervision: How a batch's supervision edges are kept out of its own message
+            passing: ``exclude_targets`` (each batch's target edges and their reverse edges
+            are removed from that batch's sampled subgraph, as DGL's ``exclude="reverse_id"``),
+            ``disjoint`` (a fixed, seeded ``disjoint_ratio`` share of the training edges
+            supervises, the rest carries messages, as PyG's ``disjoint_train_ratio``) or
+            ``none`` (targets stay in their own subgraph: train/serve skew).
+        disjoint_ratio: Share of training edges used for supervision with ``disjoint``.
+        relevant_min: Ratings at or above this are relevant: the positives of the retrieval
+            head's in-batch softmax and of Recall/NDCG evaluation (default 4.0).
+        optimizer: ``adamw`` (decoupled decay, tables and biases undecayed) or ``adam``
+            (the former coupled L2 on every parameter; kept for the ablation table).
+        select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
+            ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
+            ``rmse``. Validation runs like the test: full neighbourhoods over the
+            training edges.
+        rank_loss_weight: Weight of the retrieval head's in-batch sampled-softmax loss
+            (logQ-corrected for the popularity of in-batch negatives) added to the rating
+            loss; ignored when the model has no retrieval head.
+        loss: ``mse`` (optimises RMSE directly) or ``weighted_mse`` (each half-star
+            rating class weighted by its inverse training frequency, mean weight 1).
+        patience: Epochs without a better validation RMSE before stopping.
+        precision: ``fp32``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA, with GradScaler).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        num_workers: Sampler worker processes per rank; ``-1`` picks 0 on CPU (the
+            sampler competes with the model for the same cores) and up to 4 on CUDA.
+        seed: Seed of model init, shuffling and neighbour sampling.
+        steps_per_epoch: End each epoch after this many steps (a random sample of the
+            epoch's shuffled slice; validation still runs). ``None``: a full pass.
+        max_steps: Stop after this many optimiser steps in total (``last.pt`` is written;
+            ``resume`` continues). ``None``: no cap.
+        checkpoint_every: Also write ``last.pt`` every N steps (0: at epoch ends only).
+        resume: Continue from ``<run_dir>/last.pt``. Under torchrun a restarted job
+            (``--max-restarts``) resumes from an existing ``last.pt`` without it.
+        progress: Show progress bars (rank 0 only).
+        stop_check_every: Under torchrun, agree every N steps (one all-reduce of a flag)
+            whether any rank got SIGTERM/SIGINT, so all ranks stop at the same step and
+            write ``last.pt`` together (default 1: a signal stops within one step).
+        collective_timeout_s: Seconds a collective may wait for the other ranks before
+            it fails with an error naming this flag (a hung or dead rank; default 1800).
+    """
+
+    epochs: int = 30
+    batch_size: int = 2048
+    num_neighbors: list[int] = field(default_factory=lambda: [10, 5])
+    lr: float = 0.003
+    weight_decay: float = 1e-4
+    supervision: Literal["exclude_targets", "disjoint", "none"] = "exclude_targets"
+    disjoint_ratio: float = 0.3
+    relevant_min: float = 4.0
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    select_metric: Literal["recall", "rmse"] = "recall"
+    loss: Literal["mse", "weighted_mse"] = "mse"
+    rank_loss_weight: float = 1.0
+    patience: int = 3
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
+    num_workers: int = -1
+    seed: int = 0
+    steps_per_epoch: int | None = None
+    max_steps: int | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+    stop_check_every: int = 1
+    collective_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"'{name}' needs to be positive (got {getattr(self, name)})")
+        if not self.num_neighbors or any(n == 0 or n < -1 for n in self.num_neighbors):
+            problems.append(f"'num_neighbors' needs positive entries or -1 (got {self.num_neighbors})")
+        if self.loss not in ("mse", "weighted_mse"):
+            problems.append(f"'loss' needs to be 'mse' or 'weighted_mse' (got {self.loss!r})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"'precision' needs to be one of {list(PRECISIONS)} (got {self.precision!r})")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            problems.append(f"'device' needs to be 'auto', 'cpu' or 'cuda' (got {self.device!r})")
+        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+            problems.append(f"'steps_per_epoch' needs to be positive (got {self.steps_per_epoch})")
+        if self.max_steps is not None and self.max_steps <= 0:
+            problems.append(f"'max_steps' needs to be positive (got {self.max_steps})")
+        if self.rank_loss_weight < 0:
+            problems.append(f"'rank_loss_weight' needs to be non-negative (got {self.rank_loss_weight})")
+        if self.supervision not in ("exclude_targets", "disjoint", "none"):
+            problems.append(f"'supervision' needs to be 'exclude_targets', 'disjoint' or 'none' "
+                            f"(got {self.supervision!r})")
+        if not 0.0 < self.disjoint_ratio < 1.0:
+            problems.append(f"'disjoint_ratio' needs to be in (0, 1) (got {self.disjoint_ratio})")
+        if self.optimizer not in ("adamw", "adam"):
+            problems.append(f"'optimizer' needs to be 'adamw' or 'adam' (got {self.optimizer!r})")
+        if self.select_metric not in ("recall", "rmse"):
+            problems.append(f"'select_metric' needs to be 'recall' or 'rmse' (got {self.select_metric!r})")
+        if self.lr <= 0:
+            problems.append(f"'lr' needs to be positive (got {self.lr})")
+        if self.stop_check_every <= 0:
+            problems.append(f"'stop_check_every' needs to be positive (got {self.stop_check_every})")
+        if self.collective_timeout_s <= 0:
+            problems.append(f"'collective_timeout_s' needs to be positive (got {self.collective_timeout_s})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    problems = []
+    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        problems.append(f"'device' is {cfg.device!r} but no CUDA device is available")
+    if cfg.precision == "fp16" and not want_cuda:
+        problems.append("'precision' fp16 needs CUDA (CPU autocast supports bf16)")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if want_cuda:
+        return torch.device(cfg.device if ":" in cfg.device else f"cuda:{env.local_rank}")
+    return torch.device("cpu")
