@@ -1,4 +1,5 @@
-"""Files that are either complete or absent: write under a temporary name, fsync, rename.
+"""Files that are either complete or absent (write under a temporary name, fsync, rename),
+and the sha256 that later proves a file is the one that was written.
 
 Every artifact the package writes (manifests, configs, metrics, checkpoints, feature
 caches) goes through here, so a crash or a full disk never leaves a file that looks
@@ -7,6 +8,7 @@ finished, and the temporary file is removed when the write fails.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -57,3 +59,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     text = dumps(obj)
     with atomic_open(path, "w") as f:
         f.write(text + "\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in ``chunk``-byte blocks (memory stays flat)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

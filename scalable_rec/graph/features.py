@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scalable_rec.atomic import atomic_open, write_json_atomic
+from scalable_rec.atomic import atomic_open, sha256_file, write_json_atomic
 from scalable_rec.errors import ConfigError
 from scalable_rec.shards import GraphShards
-from scalable_rec.shards.writer import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,7 @@ from scalable_rec.errors import ShardError
 from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.hetero import EdgeSplit, RatingGraph, SplitConfig, split_edges
 from scalable_rec.shards import GraphShards
-from scalable_rec.atomic import write_json_atomic
-from scalable_rec.shards.writer import sha256_file
+from scalable_rec.atomic import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 

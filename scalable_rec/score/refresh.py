@@ -26,7 +26,6 @@ marked inexact, and the next ``exact`` refresh re-encodes and re-scores everythi
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from scalable_rec.atomic import atomic_open, write_json_atomic
+from scalable_rec.atomic import atomic_open, sha256_file, write_json_atomic
 from scalable_rec.errors import CheckpointError
 from scalable_rec.graph.hetero import MOVIE, USER, RatingGraph
 from scalable_rec.score.incremental import (
@@ -119,14 +118,6 @@ class RefreshState:
         if obj.pop("version", None) != STATE_VERSION:
             return None
         return cls(**obj)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def empty_extra() -> dict[str, Tensor]:
@@ -354,7 +345,7 @@ def refresh(run_dir: str | Path, model: Recommender, graph: RatingGraph, cfg: Re
     state_path = run_dir / "refresh" / "state.pt"
     model.eval()
     t0 = time.perf_counter()
-    model_sha = file_sha256(run_dir / "best.pt")
+    model_sha = sha256_file(run_dir / "best.pt")
     state = RefreshState.load(state_path)
     fp = new_ratings_fingerprint(cfg.new_ratings)
     if state is not None and any(r["fingerprint"] == fp for r in state.folded):

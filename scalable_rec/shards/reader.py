@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from scalable_rec.atomic import sha256_file
 from scalable_rec.errors import ShardError
 from scalable_rec.shards.manifest import Manifest, TableInfo, edge_type_name, schema_to_json
-from scalable_rec.shards.writer import sha256_file
 
 
 class GraphShards:

@@ -11,7 +11,6 @@ complete one, and ``resume=True`` continues from the last finished part.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from scalable_rec.atomic import write_json_atomic
+from scalable_rec.atomic import sha256_file, write_json_atomic
 from scalable_rec.errors import ShardError
 from scalable_rec.shards.manifest import (
     MANIFEST_NAME,
@@ -33,14 +32,6 @@ from scalable_rec.shards.manifest import (
 )
 
 PROGRESS_NAME = "_progress.json"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardWriter:

@@ -1,7 +1,6 @@
 """Fetching MovieLens into a cache directory, checksummed, written atomically."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -9,6 +8,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from scalable_rec.atomic import sha256_file
 from scalable_rec.errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,6 @@ KNOWN_RATINGS_SHA256 = {
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SCALABLE_REC_CACHE", Path.home() / ".cache" / "scalable-rec"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_movielens(name: str = "ml-latest-small", cache_dir: str | os.PathLike | None = None,
@@ -87,7 +79,7 @@ def fetch_movielens(name: str = "ml-latest-small", cache_dir: str | os.PathLike 
             f"Could not download {url} ({err}). Pass --data DIR pointing at a local copy of "
             f"{name} (a folder with ratings.csv and movies.csv)"
         ) from err
-    size, digest = archive.stat().st_size, _sha256(archive)
+    size, digest = archive.stat().st_size, sha256_file(archive)
     if (size, digest) != tuple(pinned):
         shutil.rmtree(tmp, ignore_errors=True)
         raise DownloadError(f"Checksum mismatch for {url}: got {size} bytes with sha256 {digest}, expected "
@@ -101,7 +93,7 @@ def fetch_movielens(name: str = "ml-latest-small", cache_dir: str | os.PathLike 
     inner = tmp / name
     if not (inner / "ratings.csv").is_file():
         raise DownloadError(f"{url} did not contain {name}/ratings.csv")
-    digest = _sha256(inner / "ratings.csv")
+    digest = sha256_file(inner / "ratings.csv")
     log.info("ratings.csv sha256 %s (%s)", digest, KNOWN_RATINGS_SHA256.get(digest, "release not pinned"))
     os.replace(inner, final)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from scalable_rec.atomic import sha256_file
 from scalable_rec.errors import ConfigError
 from scalable_rec.shards import GraphShards, KeyIndex
 from scalable_rec.source.base import RatingBounds, validate_ratings
@@ -44,15 +45,10 @@ class NewEdges:
 def fingerprint(path: str | Path) -> str:
     """sha256 identifying the content of a ratings file or shard directory."""
     path = _resolve(path)
-    h = hashlib.sha256()
     if path.is_dir():  # a shard directory: its manifest records every file's sha256
         manifest = json.loads((path / "manifest.json").read_text())
-        h.update(json.dumps(_shard_digests(manifest), sort_keys=True).encode())
-        return h.hexdigest()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.sha256(json.dumps(_shard_digests(manifest), sort_keys=True).encode()).hexdigest()
+    return sha256_file(path)
 
 
 def _shard_digests(obj) -> list[str]:
