@@ -304,6 +304,10 @@ def test_resuming_an_early_stopped_run_trains_no_further(tiny_shards, tmp_path):
     assert first.stopped_early and len(first.history) == 2
     again = train(g, split, ModelConfig(hidden=8), TrainConfig(**cfg, epochs=8, resume=True), tmp_path)
     assert again.stopped_early and again.global_step == first.global_step and len(again.history) == 2
+    # a larger patience is a new budget: the run trains on until it is used up
+    longer = train(g, split, ModelConfig(hidden=8), TrainConfig(**{**cfg, "patience": 3}, epochs=8, resume=True),
+                   tmp_path)
+    assert longer.stopped_early and longer.global_step > first.global_step and len(longer.history) == 4
 
 
 def _tiny_movielens(d: Path, users: int = 40, movies: int = 30, per_user: int = 15) -> None:

@@ -132,7 +132,10 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
     job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config, data, rating_range)
     try:
         progress = restore(job) if wants_resume(job) else Progress()
-        stopped_early, interrupted = progress.stopped_early, False
+        # a resumed run that had early-stopped stays stopped, unless --patience grew (the
+        # same rule as pipeline._stopped_early, which skips the test re-evaluation too)
+        stopped_early = progress.stopped_early and progress.bad_epochs >= cfg.patience
+        interrupted = False
         with preemption_signals() as stop:
             for epoch in range(progress.epoch, cfg.epochs):
                 if stopped_early:  # a resumed run that had already early-stopped
