@@ -48,6 +48,8 @@ class ModelConfig:
             from the movies they rated alone (users added after training are served that
             way). With 0 the unknown-user input is the mean of the trained user table; with
             more it is a learned vector (and a learned bias for the dot decoder).
+        retrieval_ids: Give each user and movie its own ranking vector, added to the
+            retrieval head's projection of the encoder output.
     """
 
     hidden: int = 64
@@ -57,6 +59,7 @@ class ModelConfig:
     aggr: str = "mean"
     retrieval_head: bool = True
     user_id_dropout: float = 0.0
+    retrieval_ids: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -209,15 +212,44 @@ class MLPDecoder(nn.Module):
 
 
 class RetrievalHead(nn.Module):
-    """Projects encoder outputs into a ranking space; scores are a dot product (matmul-able)."""
+    """Projects encoder outputs into a ranking space; scores are a dot product (matmul-able).
 
-    def __init__(self, hidden: int) -> None:
+    With ``id_embeddings`` every user and movie also has its own ranking vector, added to
+    the projection of its encoder output (a matrix-factorisation residual beside the graph
+    encoder). A user past the table (unknown user) has none: its ranking vector is the
+    projection of its encoder output alone.
+    """
+
+    def __init__(self, hidden: int, num_users: int = 0, num_movies: int = 0, id_embeddings: bool = False) -> None:
         super().__init__()
         self.user = nn.Linear(hidden, hidden, bias=False)
         self.movie = nn.Linear(hidden, hidden, bias=False)
+        self.user_id = nn.Embedding(num_users, hidden) if id_embeddings else None
+        self.movie_id = nn.Embedding(num_movies, hidden) if id_embeddings else None
+        for table in (self.user_id, self.movie_id):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.1)
 
-    def forward(self, zu: Tensor, zm: Tensor) -> tuple[Tensor, Tensor]:
-        return self.user(zu), self.movie(zm)
+    @property
+    def out_features(self) -> int:
+        return self.user.out_features
+
+    def project_user(self, zu: Tensor, uid: Tensor) -> Tensor:
+        """``uid``: the rows' global user ids (only read with ``id_embeddings``)."""
+        ru = self.user(zu)
+        if self.user_id is None:
+            return ru
+        rows = self.user_id.num_embeddings
+        own = self.user_id(uid.clamp(max=rows - 1)) * (uid < rows)[:, None]
+        return ru + own.to(ru.dtype)
+
+    def project_movie(self, zm: Tensor, mid: Tensor) -> Tensor:
+        """``mid``: the rows' global movie ids (only read with ``id_embeddings``)."""
+        rm = self.movie(zm)
+        return rm if self.movie_id is None else rm + self.movie_id(mid).to(rm.dtype)
+
+    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor) -> tuple[Tensor, Tensor]:
+        return self.project_user(zu, uid), self.project_movie(zm, mid)
 
 
 class Recommender(nn.Module):
@@ -239,7 +271,8 @@ class Recommender(nn.Module):
         self.encoder = HeteroSAGEEncoder(num_users, num_movies, movie_dim, cfg)
         self.decoder = (DotDecoder(num_users, num_movies, cfg.hidden, learn_unknown=cfg.user_id_dropout > 0)
                         if cfg.decoder == "dot" else MLPDecoder(cfg.hidden))
-        self.retrieval = RetrievalHead(cfg.hidden) if cfg.retrieval_head else None
+        self.retrieval = (RetrievalHead(cfg.hidden, num_users, num_movies, cfg.retrieval_ids)
+                          if cfg.retrieval_head else None)
         self.register_buffer("rating_mean", torch.tensor(float(rating_mean)))
 
     def forward(self, batch) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
@@ -261,7 +294,7 @@ class Recommender(nn.Module):
             pred = self.decoder(zu, zm, n_id[USER][u], n_id[MOVIE][m]) + self.rating_mean
             if self.retrieval is None:
                 return pred, None
-            return pred, self.retrieval(zu, zm)
+            return pred, self.retrieval(zu, zm, n_id[USER][u], n_id[MOVIE][m])
 
     def _guard(self, like: Tensor):
         """The heads read the encoder's output: in fp32 too when it is an unbounded sum."""
@@ -284,7 +317,7 @@ class Recommender(nn.Module):
         z = self.encoder(n_id, data[MOVIE].x.to(device), adj)
         if self.retrieval is not None:
             with self._guard(z[USER]):
-                z["user_rank"], z["movie_rank"] = self.retrieval(z[USER], z[MOVIE])
+                z["user_rank"], z["movie_rank"] = self.retrieval(z[USER], z[MOVIE], n_id[USER], n_id[MOVIE])
         return z
 
     def score_block(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:
