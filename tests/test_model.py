@@ -25,7 +25,8 @@ def test_rank_block_and_training_logits_agree(tiny_shards):
     from scalable_rec.graph import RATES
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, dropout=0.0)).eval()
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=False)).eval()
     z = model.encode_all(g.hetero_data())
     users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
     expected = model.retrieval.user(z["user"][users]) @ model.retrieval.movie(z["movie"][movies]).T
@@ -65,9 +66,19 @@ def test_retrieval_ids_add_each_node_its_own_ranking_vector(tiny_shards):
     got = head.project_user(zu, torch.tensor([1, g.num_users + 5]))
     torch.testing.assert_close(got[1], head.user(zu[1:2])[0])
     torch.testing.assert_close(got[0], head.user(zu[:1])[0] + head.user_id.weight[1])
-    # off by default: no tables
-    plain = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16))
+    # switched off: no tables
+    plain = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, retrieval_ids=False))
     assert plain.retrieval.user_id is None and plain.retrieval.movie_id is None
+
+
+def test_a_config_saved_before_retrieval_ids_existed_loads_without_them():
+    from scalable_rec.config import RunConfig
+
+    saved = RunConfig().to_json()
+    assert saved["model"]["retrieval_ids"] is True  # today's default
+    del saved["model"]["retrieval_ids"]
+    assert RunConfig.from_json(saved).model.retrieval_ids is False  # what that run was trained with
+    assert RunConfig.from_json(RunConfig().to_json()).model.retrieval_ids is True
 
 
 def test_without_retrieval_head_ranking_uses_predicted_ratings(tiny_shards):

@@ -51,7 +51,7 @@ def _new_edges(graph: RatingGraph, seed: int, n: int = 8, new_users: int = 2):
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-@pytest.mark.parametrize("head", [dict(retrieval_head=True), dict(retrieval_head=False), dict(retrieval_ids=True)])
+@pytest.mark.parametrize("head", [dict(retrieval_head=True), dict(retrieval_head=False), dict(retrieval_ids=False)])
 def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
     model = _model(sparse_graph, num_layers=num_layers, **head)
     z = model.encode_all(sparse_graph.hetero_data())
@@ -62,7 +62,7 @@ def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
 @pytest.mark.parametrize("head", [dict(decoder="dot"), dict(decoder="dot", retrieval_head=False),
-                                  dict(decoder="mlp", retrieval_head=False), dict(decoder="dot", retrieval_ids=True)])
+                                  dict(decoder="mlp", retrieval_head=False), dict(decoder="dot", retrieval_ids=False)])
 @pytest.mark.parametrize("margin", [0, 10])
 def test_exact_refresh_equals_full_rescore(sparse_graph, num_layers, head, margin):
     """Three successive refreshes (new users included); after each, every user's top-k
