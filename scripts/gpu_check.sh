@@ -60,7 +60,7 @@ if [[ -n "$wheelhouse" ]]; then
     fi
     echo "gpu_check: building $name (CPU-only, against this torch)"
     FORCE_ONLY_CPU=1 MAX_JOBS=$(( $(nproc) / 2 + 1 )) "$py" -m pip wheel -q --no-index --no-deps \
-      --no-build-isolation -w "$built" "$sdist" >"$built/build-$name.log" 2>&1 &
+      --no-build-isolation -w "$built" "$sdist" >"${TMPDIR:-/tmp}/gpu_check-build-$name.log" 2>&1 &
   done
   wait || true
   echo "gpu_check: wheelhouse ready in $(( $(date +%s) - t0 ))s"
@@ -82,7 +82,7 @@ EOF
 )
 if [[ -n "$missing" ]]; then
   echo "gpu_check: $py lacks: $missing (no network here; bring them in the venv or a --wheelhouse)" >&2
-  tail -n 20 "$out_dir"/wheels/build-*.log 2>/dev/null >&2 || true
+  tail -n 20 "${TMPDIR:-/tmp}"/gpu_check-build-*.log 2>/dev/null >&2 || true
   exit 2
 fi
 
