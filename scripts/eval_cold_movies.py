@@ -20,8 +20,9 @@ Protocol (MovieLens folder, e.g. ../shared/data/ml-latest-small), per ``--seeds`
    movies without ratings.
 4. Mixed into the whole catalog: the run's own recommendations.parquet (every user's
    top-K over all unrated movies): the share of users with a cold movie in their top-K,
-   the cold share of all slots next to the cold share of the catalog, and Recall@K of the
-   cold positives when the model ranks the whole catalog (rated movies masked).
+   the cold share of all slots next to the cold share of the catalog, Recall@K of the
+   cold positives when the model ranks the whole catalog (rated movies masked), and per
+   user the catalog rank of their best-scored cold movie.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/eval_cold_movies.py \\
         --data ../shared/data/ml-latest-small --work /tmp/cold-movies --out cold_movies.json
@@ -105,6 +106,20 @@ def catalog_mix(recs: pa.Table, cold_keys: set[int], num_movies: int, k: int) ->
             "distinct_cold_movies_recommended": int(np.unique(recs.column("movie_key").to_numpy()[top][is_cold]).size)}
 
 
+def best_cold_rank(score_fn, users: torch.Tensor, cold: torch.Tensor, rated: RatedIndex,
+                   chunk: int = 256) -> torch.Tensor:
+    """Per user, the full-catalog rank (1 = first; rated movies masked) of their
+    best-scored cold movie: how far the cold movies sit from a top-K list."""
+    ranks = []
+    for i in range(0, users.numel(), chunk):
+        u = users[i:i + chunk]
+        s = score_fn(u).float()
+        rated.mask_(s, u)
+        best = s[:, cold].max(1).values
+        ranks.append((s > best[:, None]).sum(1) + 1)
+    return torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long)
+
+
 def evaluate_run(run_dir: Path, held: pa.Table, cold_ids: np.ndarray, args) -> dict[str, Any]:
     saved = RunConfig.load(run_dir / "config.json")
     shards = saved.data.shards_dir()
@@ -152,6 +167,12 @@ def evaluate_run(run_dir: Path, held: pa.Table, cold_ids: np.ndarray, args) -> d
     with torch.no_grad():
         out["full_catalog_model"] = ranking_metrics(lambda u: model.rank_block(z, u, all_movies), graph.num_users,
                                                     graph.num_movies, rated, src, dst, args.k)
+        ranks = best_cold_rank(lambda u: model.rank_block(z, u, all_movies), torch.arange(graph.num_users), cold,
+                               rated).float()
+    out["best_cold_movie_rank"] = {"median": float(ranks.median()), "mean": float(ranks.mean()),
+                                   "share_within_k": float((ranks <= args.k).float().mean()),
+                                   "share_within_100": float((ranks <= 100).float().mean()),
+                                   "catalog": graph.num_movies}
     recs = pq.read_table(run_dir / "recommendations.parquet")
     out["catalog_mix"] = catalog_mix(recs, set(int(m) for m in cold_ids), graph.num_movies, args.k)
     out["warm_test"] = json.loads((run_dir / "metrics.json").read_text())["test"]

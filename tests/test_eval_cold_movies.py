@@ -58,3 +58,13 @@ def test_catalog_mix_counts_cold_slots_and_users(script):
     assert mix["users_with_a_cold_movie_in_top_k"] == 2 and mix["cold_share_of_slots"] == pytest.approx(2 / 6)
     assert mix["cold_share_of_catalog"] == 0.1 and mix["distinct_cold_movies_recommended"] == 1
     assert script.catalog_mix(recs, {7}, num_movies=10, k=1)["cold_share_of_slots"] == pytest.approx(2 / 3)
+
+
+def test_best_cold_rank_counts_the_unrated_movies_scored_above_the_best_cold_one(script):
+    from scalable_rec.score.topk import RatedIndex
+
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    rated = RatedIndex.from_edges(torch.tensor([0]), torch.tensor([0]), 2)  # user 0 rated movie 0
+    ranks = script.best_cold_rank(lambda u: scores[u].clone(), torch.tensor([0, 1]), torch.tensor([2, 3]), rated,
+                                  chunk=1)
+    assert ranks.tolist() == [2, 2]  # user 0: movie 1 above cold 2 (rated 0 masked); user 1: movie 4 above 3
