@@ -17,7 +17,8 @@ Protocol (MovieLens folder, e.g. ../shared/data/ml-latest-small), per ``--seeds`
    the movie's ``[title embedding / ‖·‖ ‖ genres / ‖·‖]`` and the mean of that vector
    over the user's movies rated ≥ ``--relevant-min`` (all their movies if none), and
    (c) random ranking (mean of ``--random-draws`` seeded draws). Popularity cannot rank
-   movies without ratings.
+   movies without ratings. Ablation: the model reading the cold movies' untrained ID
+   rows instead of the features-only input (``model_untrained_rows``).
 4. Mixed into the whole catalog: the run's own recommendations.parquet (every user's
    top-K over all unrated movies): the share of users with a cold movie in their top-K,
    the cold share of all slots next to the cold share of the catalog, Recall@K of the
@@ -155,6 +156,13 @@ def evaluate_run(run_dir: Path, held: pa.Table, cold_ids: np.ndarray, args) -> d
     }
     with torch.no_grad():
         out["model"] = ranking_metrics(lambda u: model.rank_block(z, u, cold), *among)
+        # ablation: the same model reading the cold movies' untrained (randomly initialised)
+        # ID rows, i.e. what scoring did before the features-only fallback
+        saved_mask = model.encoder.movie_trained.clone()
+        model.encoder.movie_trained.fill_(1)
+        z_rows = model.encode_all(graph.hetero_data())
+        out["model_untrained_rows"] = ranking_metrics(lambda u: model.rank_block(z_rows, u, cold), *among)
+        model.encoder.movie_trained.copy_(saved_mask)
     vectors = content_vectors(graph, shards)
     out["content"] = ranking_metrics(content_score_fn(graph, vectors, cold, args.relevant_min), *among)
     draws = []
