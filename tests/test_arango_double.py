@@ -333,6 +333,79 @@ def test_edge_projection_length_and_remove(db) -> None:
     assert sorted(rated.keys()) == ["e6", "e7", "e8"]
 
 
+ADBPYG_QUERY = """FOR doc IN @@col RETURN
+                MERGE(
+                    { _key: doc._key, _from: doc._from, _to: doc._to },
+                    KEEP(doc, ['rating', 'missing'])
+                )
+            """  # adbpyg-adapter 1.1.4 __fetch_adb_docs, metagraph {"edge_weight": "rating", "x": "missing"}
+
+
+def test_adbpyg_adapter_merge_keep_query(db) -> None:
+    db.create_collection("users").import_bulk([{"_key": "u1", "age": 30}, {"_key": "u2"}])
+    db.create_collection("rates", edge=True).import_bulk([
+        {"_key": "e1", "_from": "users/u1", "_to": "users/u2", "rating": 4.5, "other": 1},
+        {"_key": "e2", "_from": "users/u2", "_to": "users/u1"}])
+    edges = list(db.aql.execute(ADBPYG_QUERY, bind_vars={"@col": "rates"}, stream=True, batch_size=1))
+    assert sorted(edges, key=lambda d: d["_key"]) == [
+        {"_key": "e1", "_from": "users/u1", "_to": "users/u2", "rating": 4.5},
+        {"_key": "e2", "_from": "users/u2", "_to": "users/u1"}]  # KEEP leaves a missing attribute out
+    users = list(db.aql.execute(ADBPYG_QUERY.replace("'rating', 'missing'", "'age'"), bind_vars={"@col": "users"}))
+    assert sorted(users, key=lambda d: d["_key"]) == [
+        {"_key": "u1", "_from": None, "_to": None, "age": 30},  # an object literal's missing attribute is null
+        {"_key": "u2", "_from": None, "_to": None}]
+    # adbpyg with an empty attribute list: KEEP(doc, [])
+    empty = list(db.aql.execute(ADBPYG_QUERY.replace("'rating', 'missing'", ""), bind_vars={"@col": "rates"}))
+    assert sorted(d["_key"] for d in empty) == ["e1", "e2"] and all(set(d) == {"_key", "_from", "_to"} for d in empty)
+
+
+def test_keep_semantics(db) -> None:
+    db.create_collection("docs").import_bulk([{"_key": "k", "a": 1, "b": None, "c": [1, 2], "d": {"x": 1}}])
+
+    def one(expr: str, **binds):
+        return list(db.aql.execute(f"FOR v IN @@c RETURN {expr}", bind_vars={"@c": "docs", **binds}))[0]
+
+    assert one("KEEP(v, 'a', 'c')") == {"a": 1, "c": [1, 2]}          # variadic names
+    assert one("KEEP(v, ['a', 'd'])") == {"a": 1, "d": {"x": 1}}       # one array of names
+    assert one("KEEP(v, 'b')") == {"b": None}                          # a stored null is kept
+    assert one("KEEP(v, 'nope', 'a')") == {"a": 1}                     # missing: left out, not null
+    assert one("KEEP(v, [])") == {}
+    assert one("KEEP(v, @names)", names=["a", "zzz"]) == {"a": 1}
+    assert one("KEEP(v, ['a', 1, null])") == {"a": 1}                  # non-string names ignored
+    assert one("KEEP({x: 1, y: v.a}, \"y\")") == {"y": 1}            # any object, double quotes
+
+
+def test_merge_semantics(db) -> None:
+    db.create_collection("docs").import_bulk([{"_key": "k", "a": 1, "b": {"x": 1, "y": 2}}])
+
+    def one(expr: str, **binds):
+        cursor = db.aql.execute(f"FOR v IN @@c RETURN {expr}", bind_vars={"@c": "docs", **binds})
+        return list(cursor)[0], cursor.warnings()
+
+    assert one("MERGE(v, {a: 2, c: 3})")[0] == {"_key": "k", "_id": "docs/k", "_rev": one("v._rev")[0],
+                                              "a": 2, "b": {"x": 1, "y": 2}, "c": 3}  # later wins
+    assert one("MERGE({a: 1, b: 2}, {b: null})")[0] == {"a": 1, "b": None}          # null overrides
+    assert one("MERGE({b: v.b}, {b: {z: 1}})")[0] == {"b": {"z": 1}}                # shallow, not recursive
+    assert one("MERGE([{a: 1}, {b: 2}, {a: 3}])")[0] == {"a": 3, "b": 2}            # one array of objects
+    assert one("MERGE({a: v.missing})")[0] == {"a": None}
+    assert one("MERGE({_key: v._key}, KEEP(v, 'nope'))")[0] == {"_key": "k"}
+    value, warnings = one("MERGE({a: 1}, v.a)")                                      # not an object
+    assert value is None and [w["code"] for w in warnings] == [1542]
+    value, warnings = one("KEEP(v.a, 'a')")
+    assert value is None and [w["code"] for w in warnings] == [1542]
+
+
+def test_function_call_errors(db) -> None:
+    db.create_collection("docs")
+    for query, error_num in [("FOR v IN @@c RETURN NO_SUCH_FUNCTION(v)", 1540),
+                             ("FOR v IN @@c RETURN KEEP(v)", 1541),
+                             ("FOR v IN @@c RETURN MERGE()", 1541),
+                             ("FOR v IN @@c RETURN MERGE({a: w.b})", 1512)]:
+        with pytest.raises(AQLQueryExecuteError) as err:
+            db.aql.execute(query, bind_vars={"@c": "docs"})
+        assert err.value.error_code == error_num, query
+
+
 def test_aql_errors(db) -> None:
     db.create_collection("movies")
     cases = [
