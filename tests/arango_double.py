@@ -55,11 +55,16 @@ Modelled:
     byte order and the coordinator merges the shards' streams in ICU order (modelled on a reading
     of the 3.11/3.12 source in issue 10, not checked against a real cluster), so paging by ``_key > @after`` over ``SORT v._key`` skips and repeats rows
     once keys hold upper case or ``_ : . @``.
+  * Per-shard reads on a coordinator: ``GET /_api/collection/{name}/shards`` (``{"shards": [ids]}``;
+    501 / 1471 on a single server) and the cursor option ``shardIds`` restricting a read's scan
+    to those shards (an unknown id: 400 / 1203; error numbers not checked against a real server).
+    ``ArangoDouble.documents_scanned`` counts documents visited by read scans (``scannedFull`` /
+    ``scannedIndex`` count visited documents, ``filtered`` those a FILTER dropped, as ArangoDB).
   * Injected per-document write-write conflicts in ``/_api/import`` (`Faults.conflict_next_imports`).
 
 Not modelled: transactions, indexes other than the primary index and edge-attribute checks,
 revision checks (``If-Match`` and ``_rev`` are ignored), JWT, per-collection permissions,
-cluster failover, ``shardIds`` query option, snapshots (a stream cursor sees writes made while
+cluster failover, ``shardIds`` on anything but a FOR ... RETURN read, snapshots (a stream cursor sees writes made while
 it is open), views, AQL beyond the shapes above (``collection.all()``/``find()`` and
 functions other than ``MERGE``/``KEEP``; ``keys()``/``ids()`` work). pyuca implements
 DUCET, not ICU's CLDR root tailoring; they agree on ASCII. Plain full scans run in insertion
@@ -201,6 +206,22 @@ class _Collection:
     def shard_of(self, key: str) -> int:
         return zlib.crc32(key.encode()) % self.shards
 
+    def shard_ids(self) -> list[str]:
+        """Shard names as ``GET /_api/collection/{name}/shards`` lists them (``s<number>``)."""
+        return [f"s{int(self.id) * 1000 + i}" for i in range(self.shards)]
+
+    def shard_numbers(self, ids: Any) -> list[int] | None:
+        """``options.shardIds`` → this collection's shard numbers (None: no restriction)."""
+        if ids is None:
+            return None
+        names = self.shard_ids()
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ApiError(400, 10, f"expecting an array of shard id strings for shardIds, got {ids!r}")
+        unknown = [i for i in ids if i not in names]
+        if unknown:
+            raise ApiError(400, 1203, f"AQL: shard(s) {unknown} not found in collection '{self.name}' (while parsing)")
+        return sorted(names.index(i) for i in ids)
+
     def info(self) -> dict:
         return {"id": self.id, "name": self.name, "type": 3 if self.edge else 2, "status": 3,
                 "statusString": "loaded", "isSystem": False,
@@ -251,7 +272,7 @@ class _Collection:
             last = chunk_keys[-1]
             yield from chunk
 
-    def key_scan(self, lock: threading.RLock, after: str | None) -> Iterator[dict]:
+    def key_scan(self, lock: threading.RLock, after: str | None, only: list[int] | None = None) -> Iterator[dict]:
         """Documents with ``_key > after`` (all when None), one chunk per lock.
 
         Single server: one byte-ordered primary-index range scan. Cluster: every shard runs
@@ -263,14 +284,15 @@ class _Collection:
             yield from self._range_scan(lock, self.sorted_keys, after)
             return
         streams = [self._range_scan(lock, lambda s=s: self.shard_sorted_keys(s), after)
-                   for s in range(self.shards)]
+                   for s in (range(self.shards) if only is None else only)]
         yield from heapq.merge(*streams, key=lambda doc: icu_key(doc["_key"]))
 
-    def insertion_scan(self, lock: threading.RLock) -> Iterator[dict]:
-        """All documents in insertion order (shard after shard on a cluster), one chunk per lock."""
+    def insertion_scan(self, lock: threading.RLock, only: list[int] | None = None) -> Iterator[dict]:
+        """All documents in insertion order (shard after shard on a cluster; ``only`` these
+        shards when given), one chunk per lock."""
         with lock:
             log = self._log
-        for shard in range(self.shards):
+        for shard in (range(self.shards) if only is None else only):
             pos = 0
             while True:
                 with lock:
@@ -306,6 +328,19 @@ class _State:
         self.version, self.role, self.shards, self.read_only = version, role, shards, read_only
         self._ticks = itertools.count(1_000_000)
         self.databases = {"_system": _Database("_system", "1")}
+        self.scanned = 0  # documents visited by AQL read scans, all queries together
+
+    def counted(self, docs: Iterator[dict], stats: dict, counter: str) -> Iterator[dict]:
+        """``docs``, counting each visited document in ``stats[counter]`` and in ``scanned``."""
+        n = 0
+        try:
+            for doc in docs:
+                n += 1
+                stats[counter] += 1
+                yield doc
+        finally:
+            with self.lock:
+                self.scanned += n
 
     def tick(self) -> str:
         return str(next(self._ticks))
@@ -524,22 +559,24 @@ class _ReadPlan:
     projection: Any  # None (whole document), (attr, is_bind), a list of those, or an _Expr
     buckets: tuple[int, str] | None = None  # FILTER SUBSTRING(MD5(v._key), 0, width) IN @buckets
 
-    def run(self, state: _State, db: _Database, binds: dict) -> _Run:
+    def run(self, state: _State, db: _Database, binds: dict, shard_ids: Any = None) -> _Run:
         coll, stats = _bound_collection(db, binds, self.coll), _new_stats()
+        only = coll.shard_numbers(shard_ids)
         limit = None if self.limit is None else binds[self.limit]
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise _bind_error(self.limit)
         warnings: list = []
         project = self._projector(binds, warnings)
         if self.after is None and not self.sort:
-            docs, counter = coll.insertion_scan(state.lock), "scannedFull"
+            docs, counter = coll.insertion_scan(state.lock, only), "scannedFull"
         else:  # primary-index range scan; AQL type order: every string > null/bool/number
             after, rank = None, 0
             if self.after is not None:
                 rank = _aql_key(binds[self.after])[0]
                 after = binds[self.after] if rank == 3 else None
-            docs = iter(()) if rank > 3 else coll.key_scan(state.lock, after)
+            docs = iter(()) if rank > 3 else coll.key_scan(state.lock, after, only)
             counter = "scannedIndex"
+        docs = state.counted(docs, stats, counter)
 
         if self.buckets is not None:
             width, key = self.buckets
@@ -548,11 +585,17 @@ class _ReadPlan:
                 raise _bind_error(key)
             wanted_set = set(w for w in wanted if isinstance(w, str))
             unfiltered = docs
-            docs = (d for d in unfiltered if _md5_prefix(d["_key"], width) in wanted_set)
+
+            def bucket_filter() -> Iterator[dict]:
+                for d in unfiltered:
+                    if _md5_prefix(d["_key"], width) in wanted_set:
+                        yield d
+                    else:
+                        stats["filtered"] += 1
+            docs = bucket_filter()
 
         def produce() -> Iterator[Any]:
             for doc in itertools.islice(docs, limit):
-                stats[counter] += 1
                 yield project(doc)
 
         return _Run(produce(), stats, warnings)
@@ -1268,7 +1311,7 @@ _ROUTES: list[tuple[str, re.Pattern, str]] = [(m, re.compile(p + "$"), h) for m,
     ("DELETE", r"/_api/database/(?P<name>[^/]+)", "delete_database"),
     ("GET", r"/_api/collection", "list_collections"),
     ("POST", r"/_api/collection", "create_collection"),
-    ("GET", r"/_api/collection/(?P<name>[^/]+)(?:/(?P<aspect>properties|count))?", "collection"),
+    ("GET", r"/_api/collection/(?P<name>[^/]+)(?:/(?P<aspect>properties|count|shards))?", "collection"),
     ("PUT", r"/_api/collection/(?P<name>[^/]+)/truncate", "truncate_collection"),
     ("DELETE", r"/_api/collection/(?P<name>[^/]+)", "delete_collection"),
     ("GET", r"/_api/gharial", "list_graphs"),
@@ -1401,6 +1444,10 @@ class _Api:
             coll = req.db.collection(name)
             if aspect == "count":
                 return 200, {**self._properties(coll), "count": len(coll.docs)}
+            if aspect == "shards":
+                if self.state.role != "COORDINATOR":
+                    raise ApiError(501, 1471, "this operation is only valid on a coordinator in a cluster")
+                return 200, {**self._properties(coll), "shards": coll.shard_ids()}
             return 200, self._properties(coll) if aspect else coll.info()
 
     def truncate_collection(self, req: _Request, name: str) -> tuple[int, Any]:
@@ -1624,7 +1671,11 @@ class _Api:
         if isinstance(plan, _RemovePlan) and req.user in self.state.read_only:
             raise ApiError(403, 11, "forbidden")
         started = time.perf_counter()
-        run = plan.run(self.state, req.db, bind_vars)
+        shard_ids = options.get("shardIds")
+        if shard_ids is not None and not isinstance(plan, _ReadPlan):
+            raise ApiError(400, 10, "the double supports shardIds only for FOR ... RETURN reads")
+        run = plan.run(self.state, req.db, bind_vars, shard_ids) if shard_ids is not None else \
+            plan.run(self.state, req.db, bind_vars)
         results, count = run.results, None
         if not options.get("stream"):  # ArangoDB computes non-stream results up front
             materialised = list(results)
@@ -1805,6 +1856,13 @@ class ArangoDouble:
         with self._state.lock:
             coll = self._state.database(database).collection(collection)
             return [coll.docs[k] for k in coll.sorted_keys()]
+
+    @property
+    def documents_scanned(self) -> int:
+        """Documents visited by AQL read scans so far (every query, every shard; a FILTER
+        does not reduce it: a hash partition visits the whole collection)."""
+        with self._state.lock:
+            return self._state.scanned
 
     def open_cursors(self) -> int:
         """Number of server-side cursors currently held (expired ones may still be counted)."""

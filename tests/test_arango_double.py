@@ -693,6 +693,41 @@ def test_md5_bucket_filter_partitions_a_collection():
         assert all(hashlib.md5(k.encode()).hexdigest()[0] in "01234567" for k in low)
 
 
+def test_per_shard_reads_with_shard_ids_scan_only_that_shard():
+    from arango_double import ArangoDouble
+    with ArangoDouble(role="COORDINATOR", shards=3) as double:
+        db = _client_db(double)
+        keys = [f"k{i}" for i in range(300)] + MIXED
+        db.create_collection("C").import_bulk([{"_key": k} for k in keys])
+        ids = db.collection("C").shards()["shards"]
+        assert len(ids) == 3 and len(set(ids)) == 3 and all(i.startswith("s") for i in ids)
+        url, auth = f"{double.url}/_db/t/_api/cursor", (double.username, double.password)
+        seen = []
+        for shard in ids:
+            before = double.documents_scanned
+            body = requests.post(url, auth=auth, timeout=10, json={
+                "query": "FOR v IN @@c RETURN [v._key]", "bindVars": {"@c": "C"}, "batchSize": 1000,
+                "options": {"stream": True, "shardIds": [shard]}}).json()
+            got = [r[0] for r in body["result"]]
+            assert not body["hasMore"] and body["extra"]["stats"]["scannedFull"] == len(got) > 0
+            assert double.documents_scanned - before == len(got)  # this shard only, not the collection
+            seen += got
+        assert sorted(seen) == sorted(keys)  # the shards are disjoint and cover the collection
+        before = double.documents_scanned
+        list(db.aql.execute("FOR v IN @@c FILTER SUBSTRING(MD5(v._key), 0, 1) IN @b RETURN [v._key]",
+                            bind_vars={"@c": "C", "b": ["0"]}))
+        assert double.documents_scanned - before == len(keys)  # a hash filter still visits every document
+        bad = requests.post(url, auth=auth, timeout=10, json={
+            "query": "FOR v IN @@c RETURN v", "bindVars": {"@c": "C"}, "options": {"shardIds": ["s0"]}})
+        assert bad.status_code == 400 and bad.json()["errorNum"] == 1203
+    with ArangoDouble() as double:
+        db = _client_db(double)
+        db.create_collection("C")
+        reply = requests.get(f"{double.url}/_db/t/_api/collection/C/shards", auth=(double.username, double.password),
+                             timeout=10)
+        assert reply.status_code == 501 and reply.json()["errorNum"] == 1471
+
+
 def test_version_and_role_switches():
     from arango_double import ArangoDouble
     with ArangoDouble(version="3.10", role="COORDINATOR", shards=2) as double:
