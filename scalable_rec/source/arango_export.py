@@ -23,12 +23,14 @@ shard and never skipped.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import os
 import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -302,6 +304,21 @@ class _Export:
             self.table(w, spec, lambda part: self.partition(spec, part, convert), lambda result: None, bar)
 
 
+@contextmanager
+def collector_paused(pause: bool) -> Iterator[None]:
+    """Disables Python's cyclic garbage collector inside the block when ``pause`` (and it was
+    enabled), enabling it again on the way out, error or not. Reference counting still frees
+    the export's batches; only cycles wait until the end."""
+    paused = pause and gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
 def export_shards(source: ArangoSource, out: str | os.PathLike, report: SkipReport,
                   bounds: RatingBounds = RatingBounds(), max_rows_per_shard: int = 1_000_000,
                   overwrite: bool = False, resume: bool = False, progress: bool = True) -> Manifest:
@@ -330,7 +347,8 @@ def export_shards(source: ArangoSource, out: str | os.PathLike, report: SkipRepo
     config = {**source.config(), "rating_bounds": [bounds.min, bounds.max], "max_rows_per_shard": max_rows_per_shard}
     writer = GraphShardWriter(out, config, max_rows_per_shard, resume=resume, overwrite=overwrite)
     parent = Path(out).resolve().parent
-    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.spill-", dir=parent) as spill:
+    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.spill-", dir=parent) as spill, \
+            collector_paused(source.export.pause_gc):
         _Export(source, writer, report, bounds, identity, progress, Path(spill)).run()
     if report.counts:
         log.warning("%s", report.summary())
