@@ -52,9 +52,10 @@ def main() -> int:
     rows = int(store.edge_index.shape[1])
     if rows != int(store.edge_weight.shape[0]) or rows != int(store.time.shape[0]):
         raise SystemExit(f"adbpyg: {rows} edges but {store.edge_weight.shape} weights, {store.time.shape} times")
-    print("\n" + MARK + json.dumps({"rows": rows, "seconds": time.perf_counter() - t0, "client_cpu_s": time.process_time() - cpu0,
-                      "baseline_rss_mb": baseline / (1 << 20), "peak_rss_mb": _peak_rss_mb(),
-                      "adbpyg_python": sys.version.split()[0]}))
+    result = {"rows": rows, "seconds": time.perf_counter() - t0, "client_cpu_s": time.process_time() - cpu0,
+              "baseline_rss_mb": baseline / (1 << 20), "peak_rss_mb": _peak_rss_mb(),
+              "adbpyg_python": sys.version.split()[0]}
+    print("\n" + MARK + json.dumps(result))
     return 0
 
 

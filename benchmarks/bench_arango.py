@@ -1,7 +1,8 @@
 """ArangoDB export and writeback against the article's patterns, in the same run.
 
-    SCALABLE_REC_BENCH_ARANGO_EDGES=1000000 SCALABLE_REC_BENCH_ARANGO_REPORT=benchmarks/reference/arango-export-1m.json \
-        OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/tests python -m pytest benchmarks/bench_arango.py -k export
+    SCALABLE_REC_BENCH_ARANGO_EDGES=1000000 OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/tests \
+        SCALABLE_REC_BENCH_ARANGO_REPORT=benchmarks/reference/arango-export-1m.json \
+        python -m pytest benchmarks/bench_arango.py -k 'export or partition or adbpyg' -p no:randomly
     python benchmarks/arango_report.py benchmarks/reference/arango-export-1m.json --readme README.md
     SCALABLE_REC_BENCH_ARANGO_EDGES=20000 scripts/bench.sh -k arango      # quick
 
@@ -42,7 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import psutil

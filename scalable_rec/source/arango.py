@@ -20,14 +20,10 @@ server-side scan of the collection per partition; ``P`` is the largest of the pa
 and ``count / export_partition_rows``, so on a big collection a failure re-reads at most
 one partition.
 
-On a coordinator (a cluster) the collection's shards are read one by one instead, as
-ArangoDB's Spark datasource does: ``GET /_api/collection/{name}/shards`` lists them and the
-cursor option ``shardIds`` restricts a read to one shard, so the whole collection is scanned
-once in all rather than once per partition. Shards are disjoint and cover the collection, so
-this needs no ordering either. Where more partitions are wanted than there are shards
-(parallelism or ``export_partition_rows``), each shard is split into ``ceil(P / shards)``
-hash partitions, each scanning only its shard. ``per_shard_reads=False``, or a server that
-refuses the shard list (logged), keeps the hash partitions over the whole collection.
+On a coordinator each shard is read on its own instead (``GET /_api/collection/{name}/shards``,
+cursor option ``shardIds``, as ArangoDB's Spark datasource does): one scan in all, no ordering
+needed; with more partitions wanted than shards, each shard gets ``ceil(P / shards)`` hash
+partitions. ``per_shard_reads=False`` or a refused shard list (logged) keeps whole-collection ones.
 
 Servers before 3.11 have no ``allowRetry``: python-arango re-sends a cursor fetch after a
 lost response and the server serves the *next* batch, skipping one. There each partition
@@ -94,9 +90,8 @@ class ExportConfig:
             spill file and the keys it holds for the repeat check are bounded by one partition).
         per_shard_reads: On a coordinator, read each shard on its own (cursor option shardIds):
             one server-side scan of a collection in all instead of one per hash partition.
-        pause_gc: Pause Python's cyclic garbage collector during export_shards (restored after,
-            also on error): the decoded rows hold no reference cycles, and tracking millions of
-            short-lived lists took about 30% of the client's CPU.
+        pause_gc: Pause Python's cyclic garbage collector during export_shards (restored after):
+            the decoded rows hold no cycles, and collecting them took ~30% of the client's CPU.
         rating_attribute: Attribute of a rating edge holding the rating.
         timestamp_attribute: Attribute of a rating edge holding the Unix time (may be missing).
         title_attribute: Attribute of a movie holding its title.
@@ -158,16 +153,12 @@ class Partition:
 
     @property
     def ordinal(self) -> int:
-        """Position among the table's ``total`` partitions (what checkpoints record)."""
+        """Position among the table's partitions (what checkpoints record)."""
         return self.shard_index * self.count + self.index
-
-    @property
-    def total(self) -> int:
-        return self.shards * self.count
 
     def describe(self) -> str:
         where = f" (shard {self.shard}, hash partition {self.index + 1}/{self.count})" if self.shard else ""
-        return f"partition {self.ordinal + 1}/{self.total}{where}"
+        return f"partition {self.ordinal + 1}/{self.shards * self.count}{where}"
 
     @property
     def width(self) -> int:
@@ -197,8 +188,8 @@ def partitions(count: int, shards: list[str] | None = None) -> list[Partition]:
 
 def _open_cursor(db: StandardDatabase, query: str, binds: dict[str, Any], cfg: ExportConfig, legacy: bool,
                  shard: str | None) -> Cursor:
-    """``db.aql.execute`` with the export's options, plus ``shardIds`` for a per-shard read
-    (python-arango 8 has no argument for it, so that request is built here)."""
+    """``db.aql.execute`` with the export's options; a per-shard read's request (``shardIds``,
+    which python-arango 8 cannot pass) is built here."""
     if shard is None:
         return db.aql.execute(query, bind_vars=binds, batch_size=cfg.export_batch_size, ttl=cfg.export_ttl,
                               stream=not legacy, count=legacy, fill_block_cache=False, allow_retry=not legacy)
@@ -409,8 +400,7 @@ class ArangoSource:
                         {"rating": self.export.rating_attribute, "timestamp": self.export.timestamp_attribute})
 
     def shard_ids(self, collection: str) -> list[str] | None:
-        """The collection's shards, sorted, when reads go shard by shard (a coordinator and
-        ``per_shard_reads``); None for hash partitions of the whole collection."""
+        """Sorted shards to read one by one (a coordinator, ``per_shard_reads``), else None."""
         if not (self.server.cluster and self.export.per_shard_reads):
             return None
         try:
@@ -422,14 +412,13 @@ class ArangoSource:
 
     def list_shards(self, collection: str) -> list[str]:
         """The collection's shard ids, sorted (``GET /_api/collection/{name}/shards``; a coordinator only)."""
-        shards = self.db.collection(collection).shards()["shards"]
-        return sorted(str(s) for s in shards)  # a list, or {shard: servers} with details
+        return sorted(str(s) for s in self.db.collection(collection).shards()["shards"])  # list or {id: servers}
 
     def plan(self, collection: str, rows: int, parallelism: int) -> tuple[int, list[str] | None]:
         """(hash partitions per shard or of the collection, shards or None) for reading ``rows``."""
         shards = self.shard_ids(collection)
-        count = partition_count(rows, parallelism, self.export.export_partition_rows, len(shards) if shards else 1)
-        return count, shards
+        per_shard = partition_count(rows, parallelism, self.export.export_partition_rows, len(shards) if shards else 1)
+        return per_shard, shards
 
     def count(self, collection: str) -> int:
         """The server's document count of ``collection``."""
