@@ -22,6 +22,7 @@ MAIN = [("article_loop", "article loop (`FOR d IN @@col RETURN d`, dicts, Python
         ("export_1", "`export_shards`, 1 worker (orjson)"),
         ("export_4", "`export_shards`, 4 workers (orjson)"),
         ("export_1_stdlib_json", "`export_shards`, 1 worker, stdlib `json`"),
+        ("export_1_gc_on", "`export_shards`, 1 worker, cyclic GC left on (`--no-pause-gc`)"),
         ("adbpyg", "adbpyg-adapter 1.1.4 `arangodb_to_pyg` (own venv, python-arango 7.x, batch 10k)")]
 
 

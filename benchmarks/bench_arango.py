@@ -8,7 +8,7 @@
 
 Export: rows/s, client CPU and peak RSS of ``export_shards`` (hash partitions, stream cursors,
 compact arrays, prefetch, Arrow shards) with 1 and 4 workers and with the stdlib JSON decoder
-instead of orjson, beside the article's loop (``FOR d IN @@col RETURN d``, one Python dict per
+instead of orjson and with Python's cyclic GC left on, beside the article's loop (``FOR d IN @@col RETURN d``, one Python dict per
 document, Python lists of indices) and adbpyg-adapter's ``arangodb_to_pyg`` (in its own venv,
 ``benchmarks/adbpyg_venv.sh``; skipped with the reason when that cannot be built), over the
 same synthetic rating edges on the same double. ``test_partition_scan_cost`` exports with 1
@@ -39,6 +39,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -132,9 +133,10 @@ def report():
     if REPORT and RESULTS:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), platform.processor())
-        doc = {"edges": EDGES, "command": " ".join(["python", "-m", "pytest", *sys.argv[1:]]),
-               "env": {k: v for k, v in os.environ.items() if k.startswith("SCALABLE_REC_BENCH") or
-                       k in ("OMP_NUM_THREADS",)},
+        env = {k: v for k, v in os.environ.items() if k.startswith("SCALABLE_REC_BENCH") or k == "OMP_NUM_THREADS"}
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"].replace(os.getcwd(), "$PWD")
+        doc = {"edges": EDGES, "command": shlex.join(["python", "-m", "pytest", *sys.argv[1:]]), "env": env,
                "machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
                            "load_average_before": load_before, "load_average_after": os.getloadavg()},
                "variants": {k: v for k, v in RESULTS.items() if "client_cpu_s" in v or "skipped" in v}}
@@ -147,7 +149,8 @@ def _db(server: Server):
                                                                   password=server.password)
 
 
-def _package_export(server: Server, out: str, parallelism: int, fast_json: bool, partitions: int | None = None) -> int:
+def _package_export(server: Server, out: str, parallelism: int, fast_json: bool, partitions: int | None = None,
+                    pause_gc: bool = True) -> int:
     from scalable_rec.connection import ArangoConfig, ArangoSettings, connect
     from scalable_rec.source import SkipReport
     from scalable_rec.source.arango import ArangoSource, ExportConfig
@@ -155,9 +158,10 @@ def _package_export(server: Server, out: str, parallelism: int, fast_json: bool,
 
     db = connect(ArangoSettings(url=server.url, database=DATABASE, username=server.username,
                                 password=server.password, request_timeout=600), fast_json=fast_json)
-    export = ExportConfig(parallelism=parallelism)
+    export = ExportConfig(parallelism=parallelism, pause_gc=pause_gc)
     if partitions is not None:  # the ratings in `partitions` hash partitions (users, movies: 1)
-        export = ExportConfig(parallelism=parallelism, export_partition_rows=math.ceil(EDGES / partitions))
+        export = ExportConfig(parallelism=parallelism, pause_gc=pause_gc,
+                              export_partition_rows=math.ceil(EDGES / partitions))
     source = ArangoSource(db, ArangoConfig(), export)
     manifest = export_shards(source, out, SkipReport(), progress=False)
     return manifest.edge_types["user__rates__movie"].num_rows
@@ -168,6 +172,7 @@ EXPORTS = {
     "export_1": lambda server, out: _package_export(server, out, 1, True),
     "export_4": lambda server, out: _package_export(server, out, 4, True),
     "export_1_stdlib_json": lambda server, out: _package_export(server, out, 1, False),
+    "export_1_gc_on": lambda server, out: _package_export(server, out, 1, True, pause_gc=False),
     **{f"export_1_p{p}": (lambda server, out, p=p: _package_export(server, out, 1, True, p)) for p in PARTITIONS[1:]},
 }
 

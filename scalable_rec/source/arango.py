@@ -91,7 +91,7 @@ class ExportConfig:
         per_shard_reads: On a coordinator, read each shard on its own (cursor option shardIds):
             one server-side scan of a collection in all instead of one per hash partition.
         pause_gc: Pause Python's cyclic garbage collector during export_shards (restored after):
-            the decoded rows hold no cycles, and collecting them took ~30% of the client's CPU.
+            the decoded rows hold no cycles (benchmarks/bench_arango.py compares it on and off).
         rating_attribute: Attribute of a rating edge holding the rating.
         timestamp_attribute: Attribute of a rating edge holding the Unix time (may be missing).
         title_attribute: Attribute of a movie holding its title.
