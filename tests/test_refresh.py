@@ -301,3 +301,30 @@ def test_rated_subset_by_binary_search_equals_the_scan(shuffled):
         rated = torch.cat([dst[src == u], extra_dst[extra_src == u]])
         expected[i, rated] = float("-inf")
     assert torch.equal(scores, expected) and (scores == float("-inf")).sum() > 20
+
+
+@pytest.mark.parametrize("mode", ["exact", "bounded"])
+def test_refresh_reaches_a_cold_movie_by_messages_with_its_features_only_input(sparse_graph, mode):
+    """A movie without a trained row that gets its first ratings in a refresh: the state
+    equals a full encode of the updated graph (exact), its input stays features-only (its
+    untrained row has no effect), and the new messages change its embedding."""
+    cold = 5
+    model = _model(sparse_graph)
+    with torch.no_grad():
+        model.encoder.movie_trained[cold] = 0
+    state = initial_state(model, sparse_graph, K, 10, 1, "sha")
+    before = state.layers[-1]["movie"][cold].clone()
+    src, dst = torch.tensor([0, 1, 2]), torch.full((3,), cold)
+    apply_edges(model, sparse_graph, state, src, dst, torch.full((3,), 5.0), torch.zeros(3, dtype=torch.long), [],
+                mode, memory_mb=1)
+    after = state.layers[-1]["movie"][cold].clone()
+    assert not torch.allclose(after, before)
+    with torch.no_grad():  # a different untrained row: the same states
+        model.encoder.movie_emb.weight[cold] += 10.0
+    again = initial_state(model, sparse_graph, K, 10, 1, "sha")
+    apply_edges(model, sparse_graph, again, src, dst, torch.full((3,), 5.0), torch.zeros(3, dtype=torch.long), [],
+                mode, memory_mb=1)
+    torch.testing.assert_close(again.layers[-1]["movie"][cold], after)
+    if mode == "exact":
+        full = initial_state(model, sparse_graph, K, 10, 1, "sha", state.extra)
+        torch.testing.assert_close(full.layers[-1]["movie"][cold], after)
