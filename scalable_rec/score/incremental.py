@@ -144,9 +144,10 @@ def _aggregate(model: Recommender, i: int, prev: dict[str, Tensor], adj: dict) -
 
 def _finish(model: Recommender, z: dict[str, Tensor]) -> dict[str, Tensor]:
     if model.retrieval is not None:
+        mid = torch.arange(z[MOVIE].size(0), device=z[MOVIE].device)
         z["user_rank"], z["movie_rank"] = model.retrieval(
-            z[USER], z[MOVIE], torch.arange(z[USER].size(0), device=z[USER].device),
-            torch.arange(z[MOVIE].size(0), device=z[MOVIE].device))
+            z[USER], z[MOVIE], torch.arange(z[USER].size(0), device=z[USER].device), mid,
+            model.encoder.movie_known(mid))
     return z
 
 
@@ -191,7 +192,7 @@ def _project_rows(model: Recommender, cached: dict[str, Tensor], last: dict[str,
         last[key] = _grown(cached[key], last[t].size(0))
         idx = rows[t]
         last[key][idx] = (head.project_user(last[t][idx], idx) if t == USER else
-                          head.project_movie(last[t][idx], idx))
+                          head.project_movie(last[t][idx], idx, model.encoder.movie_known(idx)))
 
 
 def _grown_all(cached: dict[str, Tensor], edges: EdgeList) -> dict[str, Tensor]:
@@ -271,7 +272,11 @@ def bounded_update(model: Recommender, edges: EdgeList, movie_x: Tensor, cached:
 
 
 def _grown(t: Tensor, rows: int) -> Tensor:
-    """A copy of ``t`` with zero rows appended up to ``rows``."""
+    """``t`` with zero rows appended up to ``rows`` (a copy), or ``t`` itself when it has
+    ``rows`` rows already: callers overwrite the rows they re-encode in place, since the
+    cached state they read is replaced by the result (no 100 MB copy per refresh)."""
+    if t.size(0) == rows:
+        return t
     out = t.new_zeros((rows,) + tuple(t.shape[1:]))
     out[:t.size(0)] = t
     return out

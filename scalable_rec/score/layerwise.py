@@ -123,7 +123,8 @@ def encode_layerwise(model, feature_store: FeatureStore, graph_store: GraphStore
                 for a, b in batches(num[node]):
                     h = x[node][a:b].to(device)
                     ids = torch.arange(a, b, device=device)
-                    r = head.project_user(h, ids) if node == USER else head.project_movie(h, ids)
+                    r = (head.project_user(h, ids) if node == USER else
+                         head.project_movie(h, ids, model.encoder.movie_known(ids)))
                     z[key][a:b] = r.float().cpu()
         return z
     finally:
