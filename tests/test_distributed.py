@@ -16,7 +16,7 @@ from scalable_rec.errors import CheckpointError
 from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import ModelConfig, TrainConfig, train
 from scalable_rec.train.distributed import FAULT_ENV, DistEnv, EdgeEpochSampler
-from scalable_rec.train.batches import make_loader
+from scalable_rec.train.batches import SupervisionEdges, make_loader
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -58,11 +58,11 @@ def test_real_loader_rank_slices_see_every_training_edge_once(tiny_shards):
     g = RatingGraph.from_shards(tiny_shards)
     split = split_edges(g, SplitConfig(val_ratio=0.1, test_ratio=0.11))  # 395 training edges: odd
     cfg = TrainConfig(num_neighbors=[2, 2], progress=False)
-    label = torch.stack([g.rating[split.train], torch.ones(split.train.numel())], 1)
+    edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)
     seen, real = [], 0
     for rank in range(2):
-        loader, sampler = make_loader(g.hetero_data(split.train), g.src[split.train], g.dst[split.train], label,
-                                      cfg, 16, DistEnv(rank, rank, 2), shuffle=True, device=torch.device("cpu"))
+        loader, sampler = make_loader(g.hetero_data(split.train), edges, cfg, 16, DistEnv(rank, rank, 2), shuffle=True,
+                                      device=torch.device("cpu"))
         sampler.set_epoch(2)
         for batch in loader:
             weight = batch[RATES].edge_label[:, 1]
