@@ -8,6 +8,7 @@ each; rank 0 merges the recommendation parts and writes the run directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -31,7 +32,7 @@ from scalable_rec.graph import RATES, RatingGraph, movie_features, split_edges
 from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.index import GraphIndex, build_index
 from scalable_rec.graph.store import open_stores
-from scalable_rec.score import RatedIndex, evaluate_split, plot_curves, recommend
+from scalable_rec.score import RatedIndex, ScoreConfig, evaluate_split, plot_curves, recommend
 from scalable_rec.score.layerwise import encode_layerwise
 from scalable_rec.score.recommend import user_slice
 from scalable_rec.score.refresh import RefreshConfig
@@ -43,7 +44,7 @@ from scalable_rec.source.download import fetch_movielens
 from scalable_rec.train import Recommender, train
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.distributed import DistEnv, broadcast_object, from_rank0, init_distributed
-from scalable_rec.train.config import resolve_device
+from scalable_rec.train.config import TrainConfig, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,16 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
     return metrics
 
 
+def _score_device(score: ScoreConfig, train: TrainConfig, env: DistEnv) -> torch.device:
+    """``--score-device``, or the device the run trained on (``run``); scoring runs in fp32."""
+    spec = train.device if score.score_device == "run" else score.score_device
+    try:
+        return resolve_device(dataclasses.replace(train, device=spec, precision="fp32"), env)
+    except ValueError as err:
+        hint = " (the run trained there; --score-device cpu scores it here)" if score.score_device == "run" else ""
+        raise ConfigError(f"Cannot score: {err}{hint}") from None
+
+
 def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: RatingGraph | None = None,
                 allow_interrupted: bool = False, allow_shard_mismatch: bool = False) -> Path:
     """Encodes with all rating edges, ranks the whole catalog per user, writes Parquet (or
@@ -299,7 +310,9 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
     """
     env = DistEnv.from_environ()
     run_dir = Path(run_dir or cfg.run_dir)
-    init_distributed(env, resolve_device(cfg.train, env), cfg.train.collective_timeout_s)
+    explicit = cfg.score.score_device != "run"
+    init_distributed(env, _score_device(cfg.score, cfg.train, env) if explicit else resolve_device(cfg.train, env),
+                     cfg.train.collective_timeout_s)
     with (locking.hold(run_dir, "run directory") if env.is_main else contextlib.nullcontext()):
         saved, state = from_rank0(lambda: _check_scorable(run_dir, allow_interrupted), env, "read the run")
         saved.store = cfg.store  # the backend is this command's choice, the index key the run's
@@ -309,7 +322,7 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
         if index is not None:
             graph = index.rating_graph(shards)
         graph = graph or load_graph(shards, saved.features, env)
-        device = resolve_device(saved.train, env)
+        device = _score_device(cfg.score, saved.train, env)
         model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model).to(device)
         model.load_state_dict({k: v.to(device) for k, v in state["model"].items()})
         model.eval()

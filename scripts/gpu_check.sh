@@ -2,14 +2,18 @@
 # One prepared GPU check (under 10 minutes on one GPU): the CUDA tests and the CUDA
 # benchmarks, reported as JSON + Markdown.
 #
-#   scripts/gpu_check.sh [--dry-run] [OUT_DIR]
+#   scripts/gpu_check.sh [--dry-run] [--wheelhouse DIR] [OUT_DIR]
 #
 # OUT_DIR: argument, else $OUT (the device machine's return folder), else ./gpu-check.
 # Python: $PYTHON, else .venv/bin/python, else python3 on the PATH. Nothing is downloaded
 # (the machine may be offline): the interpreter must already have torch with CUDA,
-# torch-geometric, torch-sparse/torch-scatter, pyarrow and pytest; a missing one is
-# named and the script stops. If the repo carries a wheelhouse (./wheels), missing
-# packages are installed from it with pip --no-index first.
+# torch-geometric, torch-sparse/torch-scatter (or pyg-lib), pyarrow and pytest; a missing
+# one is named and the script stops.
+# --wheelhouse DIR (default ./wheels if present): installed with pip --no-index first.
+# Its wheels are installed as they are; its sdists (torch-scatter, torch-sparse for a
+# torch that has no prebuilt wheel) are built CPU-only (neighbour sampling runs on the
+# CPU) against the interpreter's torch, in parallel, and the built wheels are kept in
+# OUT_DIR/wheels so a rerun can carry them instead of building again.
 #
 # Writes OUT_DIR/cuda-tests.xml, cuda-tests.log, gpu_check.json, gpu_check.md.
 # --dry-run: the same steps on CPU with a small graph (CUDA tests skip with their reason);
@@ -19,14 +23,20 @@ cd "$(dirname "$0")/.."
 
 dry_run=0
 out_dir=""
-for arg in "$@"; do
-  case "$arg" in
+wheelhouse=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
     --dry-run) dry_run=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    -*) echo "gpu_check: unknown option '$arg' (expected --dry-run or an output folder)" >&2; exit 2 ;;
-    *) out_dir="$arg" ;;
+    --wheelhouse) [[ $# -ge 2 ]] || { echo "gpu_check: --wheelhouse needs a folder" >&2; exit 2; }
+                  wheelhouse=$2; shift ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -*) echo "gpu_check: unknown option '$1' (expected --dry-run, --wheelhouse DIR or an output folder)" >&2; exit 2 ;;
+    *) out_dir="$1" ;;
   esac
+  shift
 done
+[[ -z "$wheelhouse" && -d wheels ]] && wheelhouse=wheels
+[[ -z "$wheelhouse" || -d "$wheelhouse" ]] || { echo "gpu_check: no wheelhouse folder '$wheelhouse'" >&2; exit 2; }
 out_dir=${out_dir:-${OUT:-gpu-check}}
 mkdir -p "$out_dir"
 
@@ -38,19 +48,41 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
+if [[ -n "$wheelhouse" ]]; then
+  built="$out_dir/wheels"
+  mkdir -p "$built"
+  t0=$(date +%s)
+  for sdist in "$wheelhouse"/*.tar.gz; do
+    [[ -e "$sdist" ]] || continue
+    name=$(basename "$sdist" .tar.gz)             # e.g. torch_sparse-0.6.18
+    if compgen -G "$wheelhouse/${name}-*.whl" >/dev/null || compgen -G "$built/${name}-*.whl" >/dev/null; then
+      continue                                    # built on an earlier run and carried back
+    fi
+    echo "gpu_check: building $name (CPU-only, against this torch)"
+    FORCE_ONLY_CPU=1 MAX_JOBS=$(( $(nproc) / 2 + 1 )) "$py" -m pip wheel -q --no-index --no-deps \
+      --no-build-isolation -w "$built" "$sdist" >"${TMPDIR:-/tmp}/gpu_check-build-$name.log" 2>&1 &
+  done
+  wait || true
+  echo "gpu_check: wheelhouse ready in $(( $(date +%s) - t0 ))s"
+  shopt -s nullglob
+  wheels=("$wheelhouse"/*.whl "$built"/*.whl)
+  shopt -u nullglob
+  [[ ${#wheels[@]} -eq 0 ]] || "$py" -m pip install -q --no-index --no-deps --no-compile "${wheels[@]}" \
+    || echo "gpu_check: installing the wheelhouse failed (see above)" >&2
+fi
+
 missing=$("$py" - <<'EOF'
 import importlib.util
-need = ["torch", "torch_geometric", "torch_sparse", "torch_scatter", "pyarrow", "numpy", "pytest", "tqdm"]
-print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
+need = ["torch", "torch_geometric", "pyarrow", "numpy", "pytest", "tqdm", "arango", "filelock", "psutil", "pyuca"]
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if importlib.util.find_spec("pyg_lib") is None:  # neighbour sampling: pyg-lib, else torch-sparse
+    missing += [m for m in ("torch_sparse", "torch_scatter") if importlib.util.find_spec(m) is None]
+print(" ".join(missing))
 EOF
 )
-if [[ -n "$missing" && -d wheels ]]; then
-  echo "gpu_check: installing from ./wheels (offline): $missing"
-  "$py" -m pip install --no-index --find-links wheels ${missing//_/-} || true
-  missing=$("$py" -c 'import importlib.util,sys; print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' $missing)
-fi
 if [[ -n "$missing" ]]; then
-  echo "gpu_check: $py lacks: $missing (no network here; bring them in the venv or ./wheels)" >&2
+  echo "gpu_check: $py lacks: $missing (no network here; bring them in the venv or a --wheelhouse)" >&2
+  tail -n 20 "${TMPDIR:-/tmp}"/gpu_check-build-*.log 2>/dev/null >&2 || true
   exit 2
 fi
 
@@ -67,7 +99,7 @@ started=$(date +%s)
 # CUDA tests (skipped with their reason without a GPU). A failure is reported, not fatal:
 # the benchmarks still run and the report says what failed.
 set +e
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout 300 "$py" -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider \
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout 270 "$py" -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider \
   --junitxml "$out_dir/cuda-tests.xml" 2>&1 | tee "$out_dir/cuda-tests.log"
 tests_rc=${PIPESTATUS[0]}
 set -e
@@ -75,6 +107,6 @@ echo "gpu_check: CUDA tests exit code $tests_rc ($(( $(date +%s) - started ))s)"
 
 bench_args=(--out "$out_dir" --tests-xml "$out_dir/cuda-tests.xml")
 [[ $dry_run == 1 ]] && bench_args+=(--dry-run)
-timeout 420 "$py" benchmarks/gpu_check.py "${bench_args[@]}"
+timeout 300 "$py" benchmarks/gpu_check.py "${bench_args[@]}"
 echo "gpu_check: done in $(( $(date +%s) - started ))s; report in $out_dir/gpu_check.md and gpu_check.json"
 exit "$tests_rc"

@@ -62,3 +62,102 @@ def test_torchrun_nccl_two_gpus(tiny_shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = torch.load(tmp_path / "out-rank0.pt"), torch.load(tmp_path / "out-rank1.pt")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+def _cli(args: list[str], nproc: int | None = None, extra_env: dict | None = None,
+         timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m scalable_rec ARGS``, under ``torchrun --nproc_per_node=NPROC`` if given."""
+    env = {**os.environ, **(extra_env or {})}
+    env.pop("WORLD_SIZE", None)
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+              if nproc else [sys.executable])
+    return subprocess.run([*launch, "-m", "scalable_rec", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_torchrun_nccl_run_on_gpu_then_score_on_cpu(small_shards, tmp_path):
+    """train and score under torchrun (NCCL process group, bf16 autocast, store-backed
+    layer-wise scoring on the GPU); the same best.pt scored on the CPU (`--score-device
+    cpu`, in-memory encode) gives the same top-10s and scores."""
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "run"
+    proc = _cli(["train", "--shards", str(small_shards.directory), "--run-dir", str(run), "--epochs", "2",
+                 "--device", "cuda", "--precision", "bf16", "--graph-backend", "store", "--no-progress"], nproc=1)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = _cli(["score", "--run-dir", str(run), "--graph-backend", "store"], nproc=1)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert not json.loads((run / "metrics.json").read_text())["interrupted"]
+    gpu = pq.read_table(run / "recommendations.parquet").to_pylist()
+    (run / "recommendations.parquet").rename(tmp_path / "gpu.parquet")
+    proc = _cli(["score", "--run-dir", str(run), "--score-device", "cpu", "--graph-backend", "memory"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cpu = pq.read_table(run / "recommendations.parquet").to_pylist()
+    assert len(gpu) == len(cpu) > 0
+
+    def by_user(rows):
+        out: dict = {}
+        for r in rows:
+            out.setdefault(r["user_key"], {})[r["movie_key"]] = r["score"]
+        return out
+
+    g, c = by_user(gpu), by_user(cpu)
+    assert g.keys() == c.keys()
+    overlap = sum(len(g[u].keys() & c[u].keys()) / len(c[u]) for u in c) / len(c)
+    assert overlap >= 0.95, overlap
+    diffs = [abs(g[u][m] - c[u][m]) / (1 + abs(c[u][m])) for u in c for m in g[u].keys() & c[u].keys()]
+    assert max(diffs) < 1e-3, max(diffs)
+
+
+def test_sigterm_under_nccl_stops_cleanly_and_resumes(tiny_shards, tmp_path):
+    """SIGTERM at step 5 under torchrun on NCCL (the stop agreement all-reduces a CUDA
+    tensor): the rank writes last.pt at step 5 and exits 143; --resume finishes the run."""
+    from scalable_rec.train.distributed import FAULT_ENV
+
+    run = tmp_path / "run"
+    args = ["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run), "--epochs", "2",
+            "--batch-size", "20", "--device", "cuda", "--precision", "fp16", "--no-progress"]
+    proc = _cli(args, nproc=1, extra_env={FAULT_ENV: "0:5:TERM"}, timeout=300)
+    assert proc.returncode != 0 and "SIGTERM" in proc.stderr, (proc.returncode, proc.stderr[-3000:])
+    state = torch.load(run / "last.pt", weights_only=False, map_location="cpu")
+    assert state["global_step"] == 5
+    proc = _cli([*args, "--resume"], nproc=1, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert not metrics["interrupted"] and math.isfinite(metrics["best_val_rmse"])
+
+
+def test_fp16_training_step_with_sum_aggregation_is_finite():
+    """fp16 autocast + GradScaler on CUDA, a movie with 100k raters (aggr=sum): finite
+    predictions, loss and gradients after unscaling (tests/test_model.py does this on CPU)."""
+    import pyarrow as pa
+
+    from scalable_rec.graph import MOVIE, RATES, USER
+    from scalable_rec.train.model import Recommender
+
+    n = 100_000
+    g = RatingGraph(user_keys=pa.array(range(n)), movie_keys=pa.array([0, 1]), movie_x=torch.ones(2, 4),
+                    src=torch.cat([torch.arange(n), torch.tensor([0])]),
+                    dst=torch.cat([torch.zeros(n, dtype=torch.long), torch.tensor([1])]),
+                    rating=torch.full((n + 1,), 4.0), timestamp=torch.zeros(n + 1, dtype=torch.long))
+    torch.manual_seed(0)
+    model = Recommender(n, 2, 4, ModelConfig(hidden=8, aggr="sum", dropout=0.0), rating_mean=3.5).cuda()
+    with torch.no_grad():
+        model.encoder.user_emb.weight.fill_(1.0)
+    data = g.hetero_data()
+    data[USER].n_id, data[MOVIE].n_id = torch.arange(n), torch.arange(2)
+    data[RATES].edge_label_index = torch.tensor([[0, 1, 2, 0], [0, 0, 0, 1]])
+    data = data.to("cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)
+    scaler = torch.amp.GradScaler("cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        pred, (ru, rm) = model(data)
+    loss = (pred.float() - 4.0).pow(2).mean() + (ru.float() @ rm.float().T).logsumexp(1).mean()
+    assert torch.isfinite(pred).all() and torch.isfinite(loss)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    bad = [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients under fp16 autocast: {bad}"
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -405,6 +405,25 @@ def test_bad_options_are_one_line_and_exit_2(shards, tmp_path, caplog, argv, mat
     assert not run_dir.exists()
 
 
+def test_score_device_choice(shards, tmp_path, caplog):
+    """`score --score-device` overrides the device the run trained on; a bad value or a
+    missing CUDA device is one line and exit 2, and nothing is written."""
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "--shards", str(shards), "--run-dir", str(run_dir), *TINY]) == 0
+    fails(["score", "--run-dir", str(run_dir), "--score-device", "gpu"], caplog,
+          match="'score_device' needs run, auto, cpu, cuda or cuda:N (got 'gpu')")
+    if not torch.cuda.is_available():
+        fails(["score", "--run-dir", str(run_dir), "--score-device", "cuda"], caplog,
+              match="no CUDA device is available")
+        config = json.loads((run_dir / "config.json").read_text())  # as if trained on a GPU machine
+        config["train"]["device"] = "cuda"
+        (run_dir / "config.json").write_text(json.dumps(config))
+        fails(["score", "--run-dir", str(run_dir)], caplog, match="--score-device cpu scores it here")
+    assert not (run_dir / "recommendations.parquet").exists()
+    assert cli.main(["score", "--run-dir", str(run_dir), "--score-device", "cpu"]) == 0
+    assert (run_dir / "recommendations.parquet").exists()
+
+
 def test_unloadable_text_model_is_a_config_error(tmp_path, caplog):
     model_dir = tmp_path / "empty-model"
     model_dir.mkdir()

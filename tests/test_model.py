@@ -119,3 +119,53 @@ def test_fp16_autocast_with_sum_aggregation_over_100k_neighbours_stays_finite(de
     assert not bad, f"non-finite gradients under fp16 autocast: {bad}"
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_adjacency_kind_fits_the_device():
+    """A CPU-only torch-sparse (enough for sampling) has no CUDA kernels: on a GPU the
+    full-graph encode must then use torch's CSR (or edge_index for max), never SparseTensor
+    (seen on an H200: 'Not compiled with CUDA support' in validation)."""
+    import torch_geometric.typing as pyg_typing
+
+    from scalable_rec.train.model import adjacency_kind, torch_sparse_runs_on
+
+    cuda = torch.device("cuda")
+    if pyg_typing.WITH_TORCH_SPARSE and torch.ops.torch_sparse.cuda_version() == -1:
+        assert not torch_sparse_runs_on(cuda)
+        assert adjacency_kind(cuda, "mean") == adjacency_kind(cuda, "sum") == "csr"
+        assert adjacency_kind(cuda, "max") == "edge_index"
+    expected = "torch_sparse" if pyg_typing.WITH_TORCH_SPARSE else None
+    assert adjacency_kind(torch.device("cpu"), "mean") == (expected or "csr")
+
+
+@pytest.mark.parametrize("aggr", ["mean", "sum", "max"])
+def test_every_adjacency_kind_encodes_alike(aggr):
+    """SparseTensor, torch CSR and edge_index give the same encoder output."""
+    import torch_geometric.typing as pyg_typing
+
+    from scalable_rec.graph import MOVIE, REV_RATES, USER, RATES
+    from scalable_rec.train.model import sparse_adjacency
+
+    torch.manual_seed(0)
+    nu, nm, e = 30, 20, 200
+    pairs = torch.randperm(nu * nm)[:e]
+    src, dst = pairs // nm, pairs % nm
+    model = Recommender(nu, nm, 4, ModelConfig(hidden=8, aggr=aggr, dropout=0.0)).eval()
+    x = torch.randn(nm, 4)
+    n_id = {USER: torch.arange(nu), MOVIE: torch.arange(nm)}
+    kinds = ["csr", "edge_index"] + (["torch_sparse"] if pyg_typing.WITH_TORCH_SPARSE else [])
+    if aggr == "max":
+        kinds.remove("csr")  # torch's CSR has no max reduction on CUDA; never chosen for max
+    outs = []
+    for kind in kinds:
+        adj = {}
+        for et, (s_, d_, ns, nd) in {RATES: (src, dst, nu, nm), REV_RATES: (dst, src, nm, nu)}.items():
+            perm = torch.argsort(d_ * ns + s_)
+            rowptr = torch.zeros(nd + 1, dtype=torch.long)
+            rowptr[1:] = torch.bincount(d_, minlength=nd).cumsum(0)
+            adj[et] = sparse_adjacency(rowptr, s_[perm], ns, torch.device("cpu"), aggr, kind)
+        with torch.no_grad():
+            outs.append(model.encoder(n_id, x, adj))
+    for other in outs[1:]:
+        for t in (USER, MOVIE):
+            torch.testing.assert_close(other[t], outs[0][t], rtol=1e-5, atol=1e-5)

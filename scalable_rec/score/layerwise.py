@@ -20,22 +20,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.data import FeatureStore, GraphStore
 
-import torch_geometric.typing as pyg_typing
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
+from scalable_rec.train.model import sparse_adjacency
 
 # Destination type → the edge type whose messages it receives (one each in this model).
 INCOMING = {MOVIE: RATES, USER: REV_RATES}
 
 
-def _adjacency(colptr: Tensor, row: Tensor, start: int, stop: int, num_src: int):
-    """Sparse ``[stop - start, num_src]`` adjacency of destinations ``start:stop``."""
+def _adjacency(colptr: Tensor, row: Tensor, start: int, stop: int, num_src: int, device: torch.device,
+               aggr: str):
+    """Sparse ``[stop - start, num_src]`` adjacency of destinations ``start:stop`` on ``device``
+    (the same kind ``model.encode_all`` builds)."""
     ptr = colptr[start:stop + 1]
     lo, hi = int(ptr[0]), int(ptr[-1])
-    rowptr, col = ptr - lo, row[lo:hi]
-    if pyg_typing.WITH_TORCH_SPARSE:  # what encode_all's ToSparseTensor builds
-        return pyg_typing.SparseTensor(rowptr=rowptr, col=col, sparse_sizes=(stop - start, num_src),
-                                       is_sorted=True, trust_data=True)
-    return torch.sparse_csr_tensor(rowptr, col, torch.ones(col.numel()), size=(stop - start, num_src))
+    return sparse_adjacency(ptr - lo, row[lo:hi], num_src, device, aggr)
 
 
 class _Buffers:
@@ -111,7 +109,7 @@ def encode_layerwise(model, feature_store: FeatureStore, graph_store: GraphStore
                 x_src = x[src].to(device)
                 out[dst] = buffers.new(num[dst], hidden)
                 for a, b in batches(num[dst]):
-                    adj = _adjacency(colptr[edge_type], row[edge_type], a, b, num[src]).to(device)
+                    adj = _adjacency(colptr[edge_type], row[edge_type], a, b, num[src], device, enc.aggr)
                     h = conv((x_src, x[dst][a:b].to(device)), adj)
                     if i < len(enc.convs) - 1:
                         h = F.relu(h)  # dropout is the identity in inference

@@ -6,6 +6,7 @@ score block, set by ``memory_mb``, not by users × movies.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -24,11 +25,15 @@ class ScoreConfig:
         score_memory_mb: Budget for one block of scores (users × movies × 4 bytes); sets how
             many users are scored per chunk.
         exclude_rated: Never recommend a movie the user has rated anywhere in the input.
+        score_device: Where ``score`` encodes and ranks: ``run`` (the device the run trained
+            on), ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (e.g. score a GPU-trained run on a
+            CPU machine).
     """
 
     k: int = 10
     score_memory_mb: int = 256
     exclude_rated: bool = True
+    score_device: str = "run"
 
     def __post_init__(self) -> None:
         problems = []
@@ -36,6 +41,8 @@ class ScoreConfig:
             problems.append(f"'k' needs to be positive (got {self.k})")
         if self.score_memory_mb <= 0:
             problems.append(f"'score_memory_mb' needs to be positive (got {self.score_memory_mb})")
+        if not re.fullmatch(r"run|auto|cpu|cuda(:\d+)?", self.score_device):
+            problems.append(f"'score_device' needs run, auto, cpu, cuda or cuda:N (got {self.score_device!r})")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -29,7 +29,45 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
+def torch_sparse_runs_on(device: torch.device) -> bool:
+    """Whether torch-sparse is installed with kernels for ``device`` (a CPU-only build,
+    enough for neighbour sampling, has no CUDA kernels)."""
+    import torch_geometric.typing as pyg_typing
+
+    if not pyg_typing.WITH_TORCH_SPARSE:
+        return False
+    return device.type != "cuda" or torch.ops.torch_sparse.cuda_version() != -1
+
+
+def adjacency_kind(device: torch.device, aggr: str) -> str:
+    """How SAGEConv aggregates on ``device``: ``torch_sparse`` (its ``SparseTensor``) where
+    its kernels run there, else torch's ``csr`` for ``sum``/``mean``, else ``edge_index``
+    (scatter; ``max`` without torch-sparse kernels, e.g. a CPU-only build on a GPU)."""
+    if torch_sparse_runs_on(device):
+        return "torch_sparse"
+    return "csr" if aggr != "max" else "edge_index"
+
+
+def sparse_adjacency(rowptr: Tensor, col: Tensor, num_src: int, device: torch.device, aggr: str,
+                     kind: str | None = None):
+    """The ``[num_dst, num_src]`` adjacency (CSR: ``rowptr`` over destinations, ``col`` =
+    sources) that SAGEConv aggregates over on ``device``, as ``kind`` (default
+    ``adjacency_kind(device, aggr)``); the sparse kinds make no ``[E, hidden]`` messages."""
+    num_dst = rowptr.numel() - 1
+    kind = kind or adjacency_kind(device, aggr)
+    if kind == "torch_sparse":
+        from torch_sparse import SparseTensor
+
+        return SparseTensor(rowptr=rowptr, col=col, sparse_sizes=(num_dst, num_src), is_sorted=True,
+                            trust_data=True).to(device)
+    if kind == "csr":
+        return torch.sparse_csr_tensor(rowptr, col, torch.ones(col.numel()), size=(num_dst, num_src)).to(device)
+    dst = torch.repeat_interleave(torch.arange(num_dst), rowptr.diff())
+    return torch.stack([col, dst]).to(device)
+
+
 @dataclass
+
 class ModelConfig:
     """Model shape.
 
@@ -111,6 +149,7 @@ class HeteroSAGEEncoder(nn.Module):
         )
         self.dropout = cfg.dropout
         self.unbounded = cfg.aggr == "sum"
+        self.aggr = cfg.aggr
         # Only a model trained with ID dropout learns its own vector; otherwise the table's
         # mean stands in (and no parameter sits unused, which DDP would have to search for).
         self.unknown_user = nn.Parameter(torch.zeros(h)) if cfg.user_id_dropout > 0 else None
@@ -274,13 +313,17 @@ class Recommender(nn.Module):
         Message passing runs on sparse adjacency (``SparseTensor``/CSR), so no per-edge
         message tensor ``[E, hidden]`` is materialised.
         """
-        from torch_geometric.transforms import ToSparseTensor
-
-        sparse = ToSparseTensor(remove_edge_index=False)(data.clone())
         device = self.rating_mean.device
         n_id = {USER: torch.arange(data[USER].num_nodes, device=device),
                 MOVIE: torch.arange(data[MOVIE].num_nodes, device=device)}
-        adj = {et: sparse[et].adj_t.to(device) for et in (RATES, REV_RATES)}
+        num = {USER: data[USER].num_nodes, MOVIE: data[MOVIE].num_nodes}
+        adj = {}
+        for et in (RATES, REV_RATES):
+            src, dst = data[et].edge_index
+            perm = torch.argsort(dst * num[et[0]] + src)  # by destination, then source (as ToSparseTensor)
+            rowptr = torch.zeros(num[et[2]] + 1, dtype=torch.long)
+            rowptr[1:] = torch.bincount(dst, minlength=num[et[2]]).cumsum(0)
+            adj[et] = sparse_adjacency(rowptr, src[perm], num[et[0]], device, self.encoder.aggr)
         z = self.encoder(n_id, data[MOVIE].x.to(device), adj)
         if self.retrieval is not None:
             with self._guard(z[USER]):
