@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "index", "load", "train", "train-store", "train-2", "train-store-2", "score", "score-store")
+STAGES = ("prepare", "index", "load", "train", "train-store", "train-2", "train-store-2", "train-store-phases", "score",
+          "score-store")
 DEFAULT_STAGES = ("prepare", "index", "load", "train", "train-store", "score", "score-store")
 TWO_RANKS = ("train-2", "train-store-2")
 
@@ -77,6 +78,8 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
         g = RatingGraph.from_shards(GraphShards(shards_dir))
         g.hetero_data()
         out["edges_per_s"] = edges / (time.perf_counter() - t0)
+    elif stage == "train-store-phases":
+        out.update(train_phases(shards_dir, workdir / f"run-{stage}-{edges}", train_steps))
     elif stage.startswith("train"):
         from scalable_rec.train import ModelConfig, TrainConfig, train
 
@@ -145,6 +148,53 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
     out["cpu_s"] = time.process_time()
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def train_phases(shards_dir: Path, run_dir: Path, train_steps: int) -> dict:
+    """One store-backed training rank, phase by phase through the loop's own steps
+    (``build_job``, ``train_epoch``, ``validate``): this process's private memory
+    (``RssAnon``) after each phase and its peak within it, sampled every 20 ms."""
+    import threading
+
+    def anon_mib() -> float:
+        return _proc_kib(os.getpid()).get("status.RssAnon", 0) / 1024
+
+    peak, done = [anon_mib()], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], anon_mib())
+
+    threading.Thread(target=watch, daemon=True).start()
+    phases: dict[str, dict[str, float]] = {}
+
+    def mark(name: str) -> None:
+        now = anon_mib()
+        phases[name] = {"after_mib": round(now, 1), "peak_mib": round(max(peak[0], now), 1)}
+        peak[0] = now
+
+    mark("torch, PyG and the package imported")  # by run_stage, before this
+    from scalable_rec.graph import SplitConfig
+    from scalable_rec.graph.index import GraphIndex
+    from scalable_rec.graph.store import open_stores
+    from scalable_rec.shards import GraphShards
+    from scalable_rec.train import ModelConfig, TrainConfig
+    from scalable_rec.train.loop import Progress, build_job, train_epoch, validate
+
+    shards = GraphShards(shards_dir, verify=False)
+    index = GraphIndex.for_shards(shards, SplitConfig(), verify=False)
+    graph, split, data = index.rating_graph(shards), index.split(), open_stores(index, "train")
+    split.val = split.val[:50_000]
+    mark("open index")
+    job = build_job(graph, split, ModelConfig(), TrainConfig(epochs=1, steps_per_epoch=train_steps, progress=False),
+                    run_dir, None, data=data)
+    mark("build_job (loader, model, optimiser)")
+    train_epoch(job, Progress(), {"signal": None})
+    mark(f"{train_steps} training steps")
+    validate(job)
+    mark("validation (layer-wise)")
+    done.set()
+    return {"phases": phases}
 
 
 def _proc_kib(pid: int) -> dict[str, int]:
@@ -256,7 +306,8 @@ def markdown(rows: list[dict]) -> str:
 
 MARK_START, MARK_END = "<!-- scale:start -->", "<!-- scale:end -->"
 PATHS = {"prepare": "shards", "index": "graph index", "load": "memory", "train": "memory", "train-store": "store",
-         "train-2": "memory, 2 ranks", "train-store-2": "store, 2 ranks", "score": "memory", "score-store": "store"}
+         "train-2": "memory, 2 ranks", "train-store-2": "store, 2 ranks", "train-store-phases": "store, by phase",
+         "score": "memory", "score-store": "store"}
 
 
 def _score_cpu(r: dict) -> float:
@@ -285,7 +336,7 @@ def readme_table(rows: list[dict]) -> str:
                 "| stage | path | wall s | CPU s | private MiB | PSS MiB | figure |", "|---|---|---:|---:|---:|---:|---|"]
         for stage in STAGES:
             r = by.get(stage)
-            if r is None:
+            if r is None or stage == "train-store-phases":
                 continue
             if stage.startswith("train"):
                 cpu = r.get("train_cpu_s", nan)
@@ -320,6 +371,12 @@ def readme_table(rows: list[dict]) -> str:
             checks.append(f"score CPU s store / memory: {_score_cpu(st):.0f} / {_score_cpu(m):.0f} = "
                           f"**{_score_cpu(st) / _score_cpu(m):.2f}** (target ≤ 1.2)")
         out += [""] + [f"- {c}" for c in checks] + [""]
+        if "train-store-phases" in by:
+            out += ["One store-backed training rank by phase (`train-store-phases`: this process's private "
+                    "memory after each phase, and its peak within it):", "",
+                    "| phase | private MiB after | peak MiB within |", "|---|---:|---:|"]
+            out += [f"| {name} | {v['after_mib']:,.0f} | {v['peak_mib']:,.0f} |"
+                    for name, v in by["train-store-phases"]["phases"].items()] + [""]
     return "\n".join(out)
 
 
