@@ -1,14 +1,25 @@
 """ArangoDB export and writeback against the article's patterns, in the same run.
 
-    SCALABLE_REC_BENCH_ARANGO_EDGES=1000000 python -m pytest benchmarks/bench_arango.py \
-        --benchmark-json=benchmarks/results/arango.json
+    SCALABLE_REC_BENCH_ARANGO_EDGES=1000000 OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/tests \
+        SCALABLE_REC_BENCH_ARANGO_REPORT=benchmarks/reference/arango-export-1m.json \
+        python -m pytest benchmarks/bench_arango.py -k 'export or partition or adbpyg' -p no:randomly
+    python benchmarks/arango_report.py benchmarks/reference/arango-export-1m.json --readme README.md
     SCALABLE_REC_BENCH_ARANGO_EDGES=20000 scripts/bench.sh -k arango      # quick
 
 Export: rows/s, client CPU and peak RSS of ``export_shards`` (hash partitions, stream cursors,
 compact arrays, prefetch, Arrow shards) with 1 and 4 workers and with the stdlib JSON decoder
-instead of orjson, beside the article's loop (``FOR d IN @@col RETURN d``, one Python dict per
-document, Python lists of indices), over the same synthetic rating edges.
+instead of orjson and with Python's cyclic GC left on, beside the article's loop (``FOR d IN @@col RETURN d``, one Python dict per
+document, Python lists of indices) and adbpyg-adapter's ``arangodb_to_pyg`` (in its own venv,
+``benchmarks/adbpyg_venv.sh``; skipped with the reason when that cannot be built), over the
+same synthetic rating edges on the same double. ``test_partition_scan_cost`` exports with 1
+worker and 1, 2, 4, 8, 16 hash partitions of the ratings and measures the double's CPU: every
+partition is one server-side scan of the whole collection.
 Writeback: edges/s of ``write_recommendations`` beside ``import_bulk`` in batches of 100.
+
+With ``SCALABLE_REC_BENCH_ARANGO_REPORT=<file.json>`` the export results (and the command,
+thread setting, machine and load) are written there at the end of the module;
+``benchmarks/arango_report.py`` renders them as the table in ``benchmarks/reference/`` and the
+README's ArangoDB section.
 
 The test double serves the data from its own process (its JSON work would otherwise share
 this process's GIL) and is filled once per session by bulk import. Each export variant runs
@@ -22,12 +33,18 @@ client's CPU seconds (``client_cpu_s``, main and prefetch thread) carry over to 
 """
 from __future__ import annotations
 
+import json
+import math
 import multiprocessing as mp
 import os
+import platform
 import resource
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import psutil
@@ -39,6 +56,20 @@ EDGES = int(os.environ.get("SCALABLE_REC_BENCH_ARANGO_EDGES", 1_000_000))
 WRITEBACK = int(os.environ.get("SCALABLE_REC_BENCH_ARANGO_WRITEBACK", 200_000))
 DATABASE = "bench"
 RESULTS: dict[str, dict] = {}
+REPORT = os.environ.get("SCALABLE_REC_BENCH_ARANGO_REPORT")
+HERE = Path(__file__).resolve().parent
+ADBPYG_VENV = Path(os.environ.get("SCALABLE_REC_ADBPYG_VENV",
+                                  Path.home() / ".cache" / "scalable-rec" / "adbpyg-venv"))
+PARTITIONS = (1, 2, 4, 8, 16)
+
+
+class Server(NamedTuple):
+    """The double's address and credentials, and its process id (for its CPU time)."""
+
+    url: str
+    username: str
+    password: str
+    pid: int
 
 
 def _graph_size(edges: int) -> tuple[int, int]:
@@ -89,26 +120,49 @@ def server():
         proc.kill()
         pytest.fail("the ArangoDB double did not come up with its data within 30 minutes")
     url, username, password = parent.recv()
-    yield url, username, password
+    yield Server(url, username, password, proc.pid)
     parent.send("stop")
     proc.join(30)
 
 
-def _db(server):
-    url, username, password = server
-    return ArangoClient(hosts=url, request_timeout=600).db(DATABASE, username=username, password=password)
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    """Writes the export results to ``SCALABLE_REC_BENCH_ARANGO_REPORT`` after the module."""
+    load_before = os.getloadavg()
+    yield
+    if REPORT and RESULTS:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor())
+        env = {k: v for k, v in os.environ.items() if k.startswith("SCALABLE_REC_BENCH") or k == "OMP_NUM_THREADS"}
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"].replace(os.getcwd(), "$PWD")
+        doc = {"edges": EDGES, "command": shlex.join(["python", "-m", "pytest", *sys.argv[1:]]), "env": env,
+               "machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+                           "load_average_before": load_before, "load_average_after": os.getloadavg()},
+               "variants": {k: v for k, v in RESULTS.items() if "client_cpu_s" in v or "skipped" in v}}
+        Path(REPORT).parent.mkdir(parents=True, exist_ok=True)
+        Path(REPORT).write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def _package_export(server, out: str, parallelism: int, fast_json: bool) -> int:
+def _db(server: Server):
+    return ArangoClient(hosts=server.url, request_timeout=600).db(DATABASE, username=server.username,
+                                                                  password=server.password)
+
+
+def _package_export(server: Server, out: str, parallelism: int, fast_json: bool, partitions: int | None = None,
+                    pause_gc: bool = True) -> int:
     from scalable_rec.connection import ArangoConfig, ArangoSettings, connect
     from scalable_rec.source import SkipReport
     from scalable_rec.source.arango import ArangoSource, ExportConfig
     from scalable_rec.source.arango_export import export_shards
 
-    url, username, password = server
-    db = connect(ArangoSettings(url=url, database=DATABASE, username=username, password=password,
-                                request_timeout=600), fast_json=fast_json)
-    source = ArangoSource(db, ArangoConfig(), ExportConfig(parallelism=parallelism))
+    db = connect(ArangoSettings(url=server.url, database=DATABASE, username=server.username,
+                                password=server.password, request_timeout=600), fast_json=fast_json)
+    export = ExportConfig(parallelism=parallelism, pause_gc=pause_gc)
+    if partitions is not None:  # the ratings in `partitions` hash partitions (users, movies: 1)
+        export = ExportConfig(parallelism=parallelism, pause_gc=pause_gc,
+                              export_partition_rows=math.ceil(EDGES / partitions))
+    source = ArangoSource(db, ArangoConfig(), export)
     manifest = export_shards(source, out, SkipReport(), progress=False)
     return manifest.edge_types["user__rates__movie"].num_rows
 
@@ -118,10 +172,12 @@ EXPORTS = {
     "export_1": lambda server, out: _package_export(server, out, 1, True),
     "export_4": lambda server, out: _package_export(server, out, 4, True),
     "export_1_stdlib_json": lambda server, out: _package_export(server, out, 1, False),
+    "export_1_gc_on": lambda server, out: _package_export(server, out, 1, True, pause_gc=False),
+    **{f"export_1_p{p}": (lambda server, out, p=p: _package_export(server, out, 1, True, p)) for p in PARTITIONS[1:]},
 }
 
 
-def _article_loop(server, out: str) -> int:
+def _article_loop(server: Server, out: str) -> int:
     """The article's ``create_pyg_edges`` pattern: whole documents, a dict each, Python lists."""
     db = _db(server)
     user_index = {d["_key"]: i for i, d in enumerate(db.aql.execute("FOR d IN @@col RETURN d",
@@ -171,15 +227,19 @@ def _child(conn, variant: str, server, out: str) -> None:
                "baseline_rss_mb": baseline / (1 << 20), "peak_rss_mb": _peak_rss_mb()})
 
 
-@pytest.mark.parametrize("variant", list(EXPORTS))
-def test_export_rows_per_s(benchmark, server, tmp_path, variant):
-    result = benchmark.pedantic(_in_child, args=(_child, variant, server, str(tmp_path / "shards")),
-                                rounds=1, iterations=1)
-    assert result["rows"] == EDGES
+def _server_cpu_s(server: Server) -> float:
+    times = psutil.Process(server.pid).cpu_times()
+    return times.user + times.system
+
+
+def _record(benchmark, variant: str, result: dict, server_cpu_s: float) -> None:
+    assert result["rows"] == EDGES, (variant, result["rows"])
+    result = {**result, "server_cpu_s": server_cpu_s}
     RESULTS[variant] = result
     extra = {"edges": EDGES, "rows_per_s": result["rows"] / result["seconds"], "export_s": result["seconds"],
              "client_cpu_s": result["client_cpu_s"], "rows_per_client_cpu_s": result["rows"] / result["client_cpu_s"],
-             "peak_rss_mb": result["peak_rss_mb"],
+             "client_cpu_s_per_1m": result["client_cpu_s"] * 1e6 / result["rows"],
+             "server_cpu_s": server_cpu_s, "peak_rss_mb": result["peak_rss_mb"],
              "peak_minus_baseline_rss_mb": result["peak_rss_mb"] - result["baseline_rss_mb"]}
     if variant != "article_loop" and "article_loop" in RESULTS:
         extra["speedup"] = RESULTS["article_loop"]["seconds"] / result["seconds"]
@@ -187,10 +247,59 @@ def test_export_rows_per_s(benchmark, server, tmp_path, variant):
     benchmark.extra_info.update(extra)
 
 
-def test_adbpyg_adapter_export():
-    pytest.skip("adbpyg-adapter's arangodb_to_pyg is not measured: it pins python-arango 7.x, so it needs its "
-                "own virtual environment with torch and torch-geometric, which was not built on this machine; "
-                "its 'RETURN MERGE({...}, KEEP(doc, [...]))' query is also outside the double's AQL subset")
+@pytest.mark.parametrize("variant", [v for v in EXPORTS if "_p" not in v])
+def test_export_rows_per_s(benchmark, server, tmp_path, variant):
+    cpu0 = _server_cpu_s(server)
+    result = benchmark.pedantic(_in_child, args=(_child, variant, server, str(tmp_path / "shards")),
+                                rounds=1, iterations=1)
+    _record(benchmark, variant, result, _server_cpu_s(server) - cpu0)
+
+
+@pytest.mark.parametrize("partitions", PARTITIONS[1:])
+def test_partition_scan_cost(benchmark, server, tmp_path, partitions):
+    """1 worker, the ratings in ``partitions`` hash partitions: each is one server-side scan."""
+    variant = f"export_1_p{partitions}"
+    cpu0 = _server_cpu_s(server)
+    result = benchmark.pedantic(_in_child, args=(_child, variant, server, str(tmp_path / "shards")),
+                                rounds=1, iterations=1)
+    _record(benchmark, variant, result, _server_cpu_s(server) - cpu0)
+
+
+def adbpyg_python() -> tuple[str | None, str]:
+    """adbpyg-adapter's venv python (built by ``benchmarks/adbpyg_venv.sh`` when missing), or None and why."""
+    try:
+        done = subprocess.run(["bash", str(HERE / "adbpyg_venv.sh"), str(ADBPYG_VENV)], capture_output=True,
+                              text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return None, f"building its venv failed: {err}"
+    if done.returncode != 0:
+        return None, f"building its venv at {ADBPYG_VENV} failed (exit {done.returncode}): {done.stderr.strip()[-400:]}"
+    return done.stdout.strip().splitlines()[-1], ""
+
+
+def test_adbpyg_adapter_export(benchmark, server):
+    """adbpyg-adapter's ``arangodb_to_pyg`` in its own venv (python-arango 7.x), over HTTP to the same double."""
+    python, why = adbpyg_python()
+    if python is None:
+        RESULTS["adbpyg"] = {"skipped": why}
+        pytest.skip(f"adbpyg-adapter not measured: {why}")
+    env = {**os.environ, "SCALABLE_REC_ARANGO_URL": server.url, "SCALABLE_REC_ARANGO_DB": DATABASE,
+           "SCALABLE_REC_ARANGO_USER": server.username, "SCALABLE_REC_ARANGO_PASSWORD": server.password,
+           "ADBPYG_BATCH_SIZE": "10000", "PYTHONPATH": ""}
+
+    def run() -> dict:
+        done = subprocess.run([python, str(HERE / "adbpyg_export.py")], env=env, capture_output=True, text=True,
+                              timeout=3600)
+        if done.returncode != 0:
+            raise AssertionError(f"adbpyg_export.py failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        lines = [line for line in done.stdout.splitlines() if line.startswith("ADBPYG_RESULT ")]
+        if not lines:
+            raise AssertionError(f"adbpyg_export.py printed no result: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+        return json.loads(lines[-1].split(" ", 1)[1])
+
+    cpu0 = _server_cpu_s(server)
+    result = benchmark.pedantic(run, rounds=1, iterations=1)
+    _record(benchmark, "adbpyg", result, _server_cpu_s(server) - cpu0)
 
 
 def _ranked_iter(n: int, k: int = 10, seed: int = 1) -> Iterator[pa.RecordBatch]:

@@ -26,7 +26,12 @@ Modelled:
 
       FOR v IN @@c [FILTER v._key > @after | FILTER SUBSTRING(MD5(v._key), 0, N) IN @buckets]
           [SORT v._key [ASC]] [LIMIT @limit]
-          RETURN v | v.attr | [v.attr|v.@attr, ...]              (missing attributes give null)
+          RETURN expr                                            (missing attributes give null)
+          expr: v | v.attr | v.@attr | 'str' | "str" | number | null | true | false | @bind
+              | [expr, ...] | {name: expr, 'name': expr, ...} | MERGE(expr, ...) | KEEP(expr, ...)
+          (MERGE/KEEP as ArangoDB: see ``_fn_merge``/``_fn_keep``; adbpyg-adapter's
+          ``RETURN MERGE({_key: doc._key, _from: doc._from, _to: doc._to}, KEEP(doc, ['a']))``;
+          other functions 1540, wrong arity 1541, a non-object argument null + warning 1542)
       FOR v IN @@c [FILTER cond [AND cond ...]]... REMOVE v|v._key IN @@c
           cond: v.attr|v.@attr (== | != | IN) @bind              (result [], stats.writesExecuted)
       RETURN LENGTH(@@c)
@@ -50,13 +55,18 @@ Modelled:
     byte order and the coordinator merges the shards' streams in ICU order (modelled on a reading
     of the 3.11/3.12 source in issue 10, not checked against a real cluster), so paging by ``_key > @after`` over ``SORT v._key`` skips and repeats rows
     once keys hold upper case or ``_ : . @``.
+  * Per-shard reads on a coordinator: ``GET /_api/collection/{name}/shards`` (``{"shards": [ids]}``;
+    501 / 1471 on a single server) and the cursor option ``shardIds`` restricting a read's scan
+    to those shards (an unknown id: 400 / 1203; error numbers not checked against a real server).
+    ``ArangoDouble.documents_scanned`` counts documents visited by read scans (``scannedFull`` /
+    ``scannedIndex`` count visited documents, ``filtered`` those a FILTER dropped, as ArangoDB).
   * Injected per-document write-write conflicts in ``/_api/import`` (`Faults.conflict_next_imports`).
 
 Not modelled: transactions, indexes other than the primary index and edge-attribute checks,
 revision checks (``If-Match`` and ``_rev`` are ignored), JWT, per-collection permissions,
-cluster failover, ``shardIds`` query option, snapshots (a stream cursor sees writes made while
+cluster failover, ``shardIds`` on anything but a FOR ... RETURN read, snapshots (a stream cursor sees writes made while
 it is open), views, AQL beyond the shapes above (``collection.all()``/``find()`` and
-adbpyg-adapter's ``MERGE``/``KEEP`` are rejected; ``keys()``/``ids()`` work). pyuca implements
+functions other than ``MERGE``/``KEEP``; ``keys()``/``ids()`` work). pyuca implements
 DUCET, not ICU's CLDR root tailoring; they agree on ASCII. Plain full scans run in insertion
 order (shard after shard on a cluster), so forgetting ``SORT`` is not hidden by accident. Import ``details`` positions
 are 0-based indexes into the request array. ``nextBatchId`` follows 3.11 (only with allowRetry);
@@ -196,6 +206,22 @@ class _Collection:
     def shard_of(self, key: str) -> int:
         return zlib.crc32(key.encode()) % self.shards
 
+    def shard_ids(self) -> list[str]:
+        """Shard names as ``GET /_api/collection/{name}/shards`` lists them (``s<number>``)."""
+        return [f"s{int(self.id) * 1000 + i}" for i in range(self.shards)]
+
+    def shard_numbers(self, ids: Any) -> list[int] | None:
+        """``options.shardIds`` → this collection's shard numbers (None: no restriction)."""
+        if ids is None:
+            return None
+        names = self.shard_ids()
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ApiError(400, 10, f"expecting an array of shard id strings for shardIds, got {ids!r}")
+        unknown = [i for i in ids if i not in names]
+        if unknown:
+            raise ApiError(400, 1203, f"AQL: shard(s) {unknown} not found in collection '{self.name}' (while parsing)")
+        return sorted(names.index(i) for i in ids)
+
     def info(self) -> dict:
         return {"id": self.id, "name": self.name, "type": 3 if self.edge else 2, "status": 3,
                 "statusString": "loaded", "isSystem": False,
@@ -246,7 +272,7 @@ class _Collection:
             last = chunk_keys[-1]
             yield from chunk
 
-    def key_scan(self, lock: threading.RLock, after: str | None) -> Iterator[dict]:
+    def key_scan(self, lock: threading.RLock, after: str | None, only: list[int] | None = None) -> Iterator[dict]:
         """Documents with ``_key > after`` (all when None), one chunk per lock.
 
         Single server: one byte-ordered primary-index range scan. Cluster: every shard runs
@@ -258,14 +284,15 @@ class _Collection:
             yield from self._range_scan(lock, self.sorted_keys, after)
             return
         streams = [self._range_scan(lock, lambda s=s: self.shard_sorted_keys(s), after)
-                   for s in range(self.shards)]
+                   for s in (range(self.shards) if only is None else only)]
         yield from heapq.merge(*streams, key=lambda doc: icu_key(doc["_key"]))
 
-    def insertion_scan(self, lock: threading.RLock) -> Iterator[dict]:
-        """All documents in insertion order (shard after shard on a cluster), one chunk per lock."""
+    def insertion_scan(self, lock: threading.RLock, only: list[int] | None = None) -> Iterator[dict]:
+        """All documents in insertion order (shard after shard on a cluster; ``only`` these
+        shards when given), one chunk per lock."""
         with lock:
             log = self._log
-        for shard in range(self.shards):
+        for shard in (range(self.shards) if only is None else only):
             pos = 0
             while True:
                 with lock:
@@ -301,6 +328,19 @@ class _State:
         self.version, self.role, self.shards, self.read_only = version, role, shards, read_only
         self._ticks = itertools.count(1_000_000)
         self.databases = {"_system": _Database("_system", "1")}
+        self.scanned = 0  # documents visited by AQL read scans, all queries together
+
+    def counted(self, docs: Iterator[dict], stats: dict, counter: str) -> Iterator[dict]:
+        """``docs``, counting each visited document in ``stats[counter]`` and in ``scanned``."""
+        n = 0
+        try:
+            for doc in docs:
+                n += 1
+                stats[counter] += 1
+                yield doc
+        finally:
+            with self.lock:
+                self.scanned += n
 
     def tick(self) -> str:
         return str(next(self._ticks))
@@ -361,7 +401,7 @@ _TOKEN_RE = re.compile(r"""
     (?P<skip>\s+|//[^\n]*|/\*.*?\*/)
   | (?P<bind>@@?[A-Za-z_][A-Za-z0-9_]*)
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<op>==|!=|<=|>=|[<>.,\[\]()])
+  | (?P<op>==|!=|<=|>=|[<>.,\[\](){}:])
   | (?P<number>\d+(?:\.\d+)?)
   | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
   | (?P<other>.)""", re.X | re.S)
@@ -477,6 +517,8 @@ def _for_head(p: _Parser) -> tuple[str, str]:
 class _Run:
     results: Iterator[Any]
     stats: dict
+    warnings: list = dataclasses.field(default_factory=list)
+    """``{"code", "message"}`` entries, filled while results are produced (``extra.warnings``)."""
 
 
 def _new_stats() -> dict:
@@ -514,24 +556,27 @@ class _ReadPlan:
     after: str | None
     sort: bool
     limit: str | None
-    projection: Any  # None (whole document), (attr, is_bind), or a list of those
+    projection: Any  # None (whole document), (attr, is_bind), a list of those, or an _Expr
     buckets: tuple[int, str] | None = None  # FILTER SUBSTRING(MD5(v._key), 0, width) IN @buckets
 
-    def run(self, state: _State, db: _Database, binds: dict) -> _Run:
+    def run(self, state: _State, db: _Database, binds: dict, shard_ids: Any = None) -> _Run:
         coll, stats = _bound_collection(db, binds, self.coll), _new_stats()
+        only = coll.shard_numbers(shard_ids)
         limit = None if self.limit is None else binds[self.limit]
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise _bind_error(self.limit)
-        project = self._projector(binds)
+        warnings: list = []
+        project = self._projector(binds, warnings)
         if self.after is None and not self.sort:
-            docs, counter = coll.insertion_scan(state.lock), "scannedFull"
+            docs, counter = coll.insertion_scan(state.lock, only), "scannedFull"
         else:  # primary-index range scan; AQL type order: every string > null/bool/number
             after, rank = None, 0
             if self.after is not None:
                 rank = _aql_key(binds[self.after])[0]
                 after = binds[self.after] if rank == 3 else None
-            docs = iter(()) if rank > 3 else coll.key_scan(state.lock, after)
+            docs = iter(()) if rank > 3 else coll.key_scan(state.lock, after, only)
             counter = "scannedIndex"
+        docs = state.counted(docs, stats, counter)
 
         if self.buckets is not None:
             width, key = self.buckets
@@ -540,23 +585,31 @@ class _ReadPlan:
                 raise _bind_error(key)
             wanted_set = set(w for w in wanted if isinstance(w, str))
             unfiltered = docs
-            docs = (d for d in unfiltered if _md5_prefix(d["_key"], width) in wanted_set)
+
+            def bucket_filter() -> Iterator[dict]:
+                for d in unfiltered:
+                    if _md5_prefix(d["_key"], width) in wanted_set:
+                        yield d
+                    else:
+                        stats["filtered"] += 1
+            docs = bucket_filter()
 
         def produce() -> Iterator[Any]:
             for doc in itertools.islice(docs, limit):
-                stats[counter] += 1
                 yield project(doc)
 
-        return _Run(produce(), stats)
+        return _Run(produce(), stats, warnings)
 
-    def _projector(self, binds: dict) -> Callable[[dict], Any]:
+    def _projector(self, binds: dict, warnings: list) -> Callable[[dict], Any]:
         if self.projection is None:
             return lambda doc: doc
         if isinstance(self.projection, tuple):
             name = _attr_name(binds, self.projection)
             return lambda doc: doc.get(name)
-        names = [_attr_name(binds, attr) for attr in self.projection]
-        return lambda doc: [doc.get(n) for n in names]
+        if isinstance(self.projection, list):
+            names = [_attr_name(binds, attr) for attr in self.projection]
+            return lambda doc: [doc.get(n) for n in names]
+        return _evaluator(self.projection, binds, warnings)
 
 
 @dataclasses.dataclass
@@ -601,6 +654,169 @@ class _LengthPlan:
             return _Run(iter([len(coll.docs)]), _new_stats())
 
 
+@dataclasses.dataclass(frozen=True)
+class _Expr:
+    """A RETURN expression that is not a plain projection: a tree of ``("var",)``,
+    ``("attr", (name, is_bind))``, ``("value", v)``, ``("bind", key)``, ``("array", [node])``,
+    ``("object", [(key, node)])`` and ``("call", NAME, [node])`` nodes."""
+
+    tree: tuple
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}
+
+
+def _string_literal(text: str) -> str:
+    """AQL ``'...'`` or ``"..."`` → its value (backslash escapes as in JSON, plus ``\\'``)."""
+    def unescape(m: re.Match) -> str:
+        esc = m.group(1)
+        if esc.startswith("u") and len(esc) == 5:
+            return chr(int(esc[1:], 16))
+        return _ESCAPES.get(esc, esc)
+    return re.sub(r"\\(u[0-9A-Fa-f]{4}|.)", unescape, text[1:-1], flags=re.S)
+
+
+def _warn(warnings: list, function: str) -> None:
+    if len(warnings) < 10:  # ArangoDB's default maxWarningCount
+        warnings.append({"code": 1542, "message": f"invalid argument type in call to function '{function}()'"})
+
+
+def _fn_merge(args: list, warnings: list) -> Any:
+    """MERGE(doc1, doc2, ...) or MERGE([doc1, ...]): shallow, later attributes win (nulls too);
+    an argument that is not an object gives null and warning 1542."""
+    if len(args) == 1 and isinstance(args[0], list):
+        args = args[0]
+    out: dict = {}
+    for doc in args:
+        if not isinstance(doc, dict):
+            _warn(warnings, "MERGE")
+            return None
+        out.update(doc)
+    return out
+
+
+def _fn_keep(args: list, warnings: list) -> Any:
+    """KEEP(doc, name, ...) or KEEP(doc, [names]): only the named attributes that exist (a
+    missing one is left out, not null); names that are not strings are ignored; a first
+    argument that is not an object gives null and warning 1542."""
+    doc, names = args[0], args[1:]
+    if not isinstance(doc, dict):
+        _warn(warnings, "KEEP")
+        return None
+    if len(names) == 1 and isinstance(names[0], list):
+        names = names[0]
+    wanted = {n for n in names if isinstance(n, str)}
+    return {k: v for k, v in doc.items() if k in wanted}
+
+
+# name -> (implementation, minimum arguments, maximum arguments)
+_FUNCTIONS: dict[str, tuple[Callable[[list, list], Any], int, int]] = {
+    "MERGE": (_fn_merge, 1, 65536), "KEEP": (_fn_keep, 2, 65536)}
+
+
+def _expression(p: _Parser) -> tuple:
+    """One RETURN expression: loop variable, attribute, literal, bind value, array, object,
+    or a call of a function in ``_FUNCTIONS`` (unknown functions: 1540, wrong arity: 1541)."""
+    tok = p.peek()
+    if tok is None:
+        p.fail("expression")
+    if p.op("["):
+        return ("array", _expression_list(p, "]"))
+    if p.op("{"):
+        pairs = []
+        if not p.op("}"):
+            while True:
+                key = p.peek()
+                if key is None or key.kind not in ("name", "string") or (
+                        key.kind == "name" and key.text.upper() in _KEYWORDS):
+                    p.fail("attribute name")
+                p.i += 1
+                p.expect_op(":")
+                pairs.append((key.text if key.kind == "name" else _string_literal(key.text), _expression(p)))
+                if p.op("}"):
+                    break
+                p.expect_op(",")
+        return ("object", pairs)
+    if tok.kind == "string":
+        p.i += 1
+        return ("value", _string_literal(tok.text))
+    if tok.kind == "number":
+        p.i += 1
+        return ("value", float(tok.text) if "." in tok.text else int(tok.text))
+    if tok.kind == "bind" and not tok.text.startswith("@@"):
+        return ("bind", p.bind())
+    if tok.kind == "name" and tok.text.upper() in ("NULL", "TRUE", "FALSE"):
+        p.i += 1
+        return ("value", {"NULL": None, "TRUE": True, "FALSE": False}[tok.text.upper()])
+    after = p.toks[p.i + 1] if p.i + 1 < len(p.toks) else None
+    if tok.kind == "name" and after is not None and after.text == "(" and tok.text.upper() not in _KEYWORDS:
+        name = tok.text.upper()
+        if name not in _FUNCTIONS:
+            raise ApiError(400, 1540, f"AQL: usage of unknown function '{tok.text}()' (while parsing)")
+        p.i += 2
+        args = _expression_list(p, ")")
+        _, least, most = _FUNCTIONS[name]
+        if not least <= len(args) <= most:
+            raise ApiError(400, 1541, f"AQL: invalid number of arguments for function '{name}()', expected "
+                                      f"number of arguments: minimum: {least}, maximum: {most} (while parsing)")
+        return ("call", name, args)
+    start = p.i
+    p.variable()
+    nxt = p.peek()
+    if nxt is not None and nxt.text == ".":
+        p.i = start
+        return ("attr", p.attribute())
+    return ("var",)
+
+
+def _expression_list(p: _Parser, close: str) -> list:
+    """Comma-separated expressions up to ``close`` (which may follow at once)."""
+    items: list = []
+    if p.op(close):
+        return items
+    while True:
+        items.append(_expression(p))
+        if p.op(close):
+            return items
+        p.expect_op(",")
+
+
+def _simple_projection(tree: tuple) -> Any:
+    """The read plan's fast forms: None (``v``), ``(attr, is_bind)`` (``v.a``), a list of those
+    (``[v.a, v.@b]``); any other expression as an `_Expr`."""
+    if tree[0] == "var":
+        return None
+    if tree[0] == "attr":
+        return tree[1]
+    if tree[0] == "array" and tree[1] and all(item[0] == "attr" for item in tree[1]):
+        return [item[1] for item in tree[1]]
+    return _Expr(tree)
+
+
+def _evaluator(expr: _Expr, binds: dict, warnings: list) -> Callable[[dict], Any]:
+    """Compiles an `_Expr` (bind values resolved once) into ``doc -> value``."""
+    def build(node: tuple) -> Callable[[dict], Any]:
+        kind = node[0]
+        if kind == "var":
+            return lambda doc: doc
+        if kind == "attr":
+            name = _attr_name(binds, node[1])
+            return lambda doc: doc.get(name)
+        if kind in ("value", "bind"):
+            value = node[1] if kind == "value" else binds[node[1]]
+            return lambda doc: value
+        if kind == "array":
+            items = [build(n) for n in node[1]]
+            return lambda doc: [f(doc) for f in items]
+        if kind == "object":
+            pairs = [(k, build(n)) for k, n in node[1]]
+            return lambda doc: {k: f(doc) for k, f in pairs}
+        impl = _FUNCTIONS[node[1]][0]
+        args = [build(n) for n in node[2]]
+        return lambda doc: impl([f(doc) for f in args], warnings)
+    return build(expr.tree)
+
+
 def _shape_read(p: _Parser) -> _ReadPlan:
     """FOR v IN @@c [FILTER v._key > @after | FILTER SUBSTRING(MD5(v._key), 0, N) IN @buckets]
     [SORT v._key [ASC]] [LIMIT @limit] RETURN ..."""
@@ -637,18 +853,7 @@ def _shape_read(p: _Parser) -> _ReadPlan:
     if p.keyword("LIMIT"):
         limit = p.bind()
     p.expect_keyword("RETURN")
-    if p.op("["):
-        projection: Any = [p.attribute()]
-        while p.op(","):
-            projection.append(p.attribute())
-        p.expect_op("]")
-    else:
-        start = p.i
-        p.variable()
-        projection = None
-        if p.peek() is not None:
-            p.i = start
-            projection = p.attribute()
+    projection = _simple_projection(_expression(p))
     p.end()
     return _ReadPlan(coll, after, sort, limit, projection, buckets)
 
@@ -759,8 +964,9 @@ class _Cursor:
     """Server-side cursor; pulls results lazily from ``results`` with one item of look-ahead."""
 
     def __init__(self, ident: str, db: str, results: Iterator[Any], stats: dict, *, batch_size: int,
-                 ttl: float, allow_retry: bool, count: int | None) -> None:
+                 ttl: float, allow_retry: bool, count: int | None, warnings: list | None = None) -> None:
         self.id, self.db, self.stats = ident, db, stats
+        self.warnings = [] if warnings is None else warnings
         self.batch_size, self.ttl, self.allow_retry, self.count = batch_size, ttl, allow_retry, count
         self._source = results
         self._ahead = next(results, _END)
@@ -794,7 +1000,7 @@ class _Cursor:
             body["nextBatchId"] = self.batch_id + 1
         if self.count is not None:
             body["count"] = self.count
-        body.update(cached=False, extra={"stats": dict(self.stats), "warnings": []},
+        body.update(cached=False, extra={"stats": dict(self.stats), "warnings": list(self.warnings)},
                     error=False, code=code)
         return body
 
@@ -1105,7 +1311,7 @@ _ROUTES: list[tuple[str, re.Pattern, str]] = [(m, re.compile(p + "$"), h) for m,
     ("DELETE", r"/_api/database/(?P<name>[^/]+)", "delete_database"),
     ("GET", r"/_api/collection", "list_collections"),
     ("POST", r"/_api/collection", "create_collection"),
-    ("GET", r"/_api/collection/(?P<name>[^/]+)(?:/(?P<aspect>properties|count))?", "collection"),
+    ("GET", r"/_api/collection/(?P<name>[^/]+)(?:/(?P<aspect>properties|count|shards))?", "collection"),
     ("PUT", r"/_api/collection/(?P<name>[^/]+)/truncate", "truncate_collection"),
     ("DELETE", r"/_api/collection/(?P<name>[^/]+)", "delete_collection"),
     ("GET", r"/_api/gharial", "list_graphs"),
@@ -1238,6 +1444,10 @@ class _Api:
             coll = req.db.collection(name)
             if aspect == "count":
                 return 200, {**self._properties(coll), "count": len(coll.docs)}
+            if aspect == "shards":
+                if self.state.role != "COORDINATOR":
+                    raise ApiError(501, 1471, "this operation is only valid on a coordinator in a cluster")
+                return 200, {**self._properties(coll), "shards": coll.shard_ids()}
             return 200, self._properties(coll) if aspect else coll.info()
 
     def truncate_collection(self, req: _Request, name: str) -> tuple[int, Any]:
@@ -1461,7 +1671,11 @@ class _Api:
         if isinstance(plan, _RemovePlan) and req.user in self.state.read_only:
             raise ApiError(403, 11, "forbidden")
         started = time.perf_counter()
-        run = plan.run(self.state, req.db, bind_vars)
+        shard_ids = options.get("shardIds")
+        if shard_ids is not None and not isinstance(plan, _ReadPlan):
+            raise ApiError(400, 10, "the double supports shardIds only for FOR ... RETURN reads")
+        run = plan.run(self.state, req.db, bind_vars, shard_ids) if shard_ids is not None else \
+            plan.run(self.state, req.db, bind_vars)
         results, count = run.results, None
         if not options.get("stream"):  # ArangoDB computes non-stream results up front
             materialised = list(results)
@@ -1470,7 +1684,7 @@ class _Api:
         run.stats["executionTime"] = time.perf_counter() - started
         cursor = _Cursor(self.state.tick(), req.db.name, results, run.stats, batch_size=batch_size,
                          ttl=float(ttl), allow_retry=bool(options.get("allowRetry")) and self.state.allow_retry,
-                         count=count)
+                         count=count, warnings=run.warnings)
         batch = cursor.advance()
         if cursor.has_more:
             self.cursors.add(cursor)
@@ -1642,6 +1856,13 @@ class ArangoDouble:
         with self._state.lock:
             coll = self._state.database(database).collection(collection)
             return [coll.docs[k] for k in coll.sorted_keys()]
+
+    @property
+    def documents_scanned(self) -> int:
+        """Documents visited by AQL read scans so far (every query, every shard; a FILTER
+        does not reduce it: a hash partition visits the whole collection)."""
+        with self._state.lock:
+            return self._state.scanned
 
     def open_cursors(self) -> int:
         """Number of server-side cursors currently held (expired ones may still be counted)."""

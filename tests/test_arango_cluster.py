@@ -10,7 +10,7 @@ from arango import ArangoClient
 
 from arango_double import ArangoDouble
 from scalable_rec.connection import ArangoConfig, ArangoSettings, connect, server_info
-from scalable_rec.errors import ExportVerificationError
+from scalable_rec.errors import ConfigError, ExportVerificationError
 from scalable_rec.shards import GraphShards
 from scalable_rec.source import SkipReport
 from scalable_rec.source.arango import ArangoSource, ExportConfig, Partition
@@ -47,10 +47,10 @@ def _db(double):
                                   password=double.password, http_retries=0))
 
 
-def _export(double, out, source_cls=ArangoSource, **export):
+def _export(double, out, source_cls=ArangoSource, resume=False, **export):
     report = SkipReport()
     source = source_cls(_db(double), LAYOUT, ExportConfig(export_batch_size=100, **export))
-    manifest = export_shards(source, out, report, max_rows_per_shard=500, progress=False)
+    manifest = export_shards(source, out, report, max_rows_per_shard=500, progress=False, resume=resume)
     return manifest, report
 
 
@@ -88,10 +88,12 @@ def test_server_info_reads_version_and_role():
         assert (info.version, info.role, info.legacy_cursors) == ((3, 10), "SINGLE", True)
 
 
-def test_310_server_lost_fetch_response_rereads_the_partition(tmp_path):
+@pytest.mark.parametrize("role,shards", [("SINGLE", 1), ("COORDINATOR", 3)])
+def test_310_server_lost_fetch_response_rereads_the_partition(tmp_path, role, shards):
     # 3.10 has no allowRetry: python-arango re-sends a fetch whose response was lost and the server
-    # serves the next batch, skipping one. Counted non-stream cursors notice it and read again.
-    with ArangoDouble(version="3.10") as double:
+    # serves the next batch, skipping one. Counted non-stream cursors notice it and read again
+    # (on a cluster: the per-shard read, built outside python-arango's execute, counts too).
+    with ArangoDouble(version="3.10", role=role, shards=shards) as double:
         edges = _fill(double)
         double.faults.drop_connection_after_batches(6, times=1, lose_response=True)
         _export(double, tmp_path / "out")
@@ -167,3 +169,92 @@ def test_node_key_repeated_across_partitions_is_an_error(tmp_path):
         _fill(double)
         with pytest.raises(ExportVerificationError, match="'Users': 1 _key.s. read twice across partitions"):
             _export(double, tmp_path / "out", source_cls=_LeaksAUserAcrossPartitions, parallelism=2)
+
+
+# ----------------------------------------------------------------------------- per-shard reads
+
+DOCS = 300 + 200 + 3000  # users + movies + ratings of `_fill`
+
+
+@pytest.mark.parametrize("shards,parallelism,scans", [(4, 4, 1), (4, 1, 1), (2, 4, 2)])
+def test_coordinator_reads_shard_by_shard_and_scans_each_document_once(tmp_path, shards, parallelism, scans):
+    # Hash partitions of the whole collection visit every document once per partition (4 workers:
+    # 4 scans of each table); reading shard by shard (cursor option shardIds) visits it once, or
+    # ceil(workers / shards) times when there are more workers than shards.
+    with ArangoDouble(role="COORDINATOR", shards=shards) as double:
+        edges = _fill(double)
+        before = double.documents_scanned
+        manifest, report = _export(double, tmp_path / "out", parallelism=parallelism)
+        assert _rows(tmp_path / "out") == _expected(edges)
+        assert report.accepted == {"movies": 200, "users": 300, "ratings": 3000} and not report.counts
+        assert double.documents_scanned - before == scans * DOCS
+        assert double.requests.matching("GET", "/_api/collection/Ratings/shards")
+
+
+@pytest.mark.parametrize("role,per_shard", [("SINGLE", True), ("COORDINATOR", False)])
+def test_hash_partitions_scan_the_collection_once_per_partition(tmp_path, role, per_shard):
+    # The cost per-shard reads remove: on a single server (no shards) or with per_shard_reads off,
+    # 4 workers read 4 hash partitions of each table, each a scan of the whole collection.
+    with ArangoDouble(role=role, shards=4 if role == "COORDINATOR" else 1) as double:
+        edges = _fill(double)
+        before = double.documents_scanned
+        _export(double, tmp_path / "out", parallelism=4, per_shard_reads=per_shard)
+        assert _rows(tmp_path / "out") == _expected(edges)
+        assert double.documents_scanned - before == 4 * DOCS
+        assert not double.requests.matching("GET", "/_api/collection/Ratings/shards")
+
+
+def test_shard_list_refused_falls_back_to_hash_partitions(tmp_path, caplog):
+    with ArangoDouble(role="COORDINATOR", shards=3) as double:
+        edges = _fill(double)
+        double.faults.fail_next("/_api/collection/Ratings/shards", 403, error_num=11, message="forbidden")
+        before = double.documents_scanned
+        _export(double, tmp_path / "out", parallelism=2)
+        assert _rows(tmp_path / "out") == _expected(edges)
+        assert double.documents_scanned - before == 1 * (300 + 200) + 2 * 3000  # ratings: 2 hash partitions
+        assert "Listing the shards of 'Ratings' failed" in caplog.text
+
+
+def _killed_mid_ratings(double, out, monkeypatch):
+    from scalable_rec.source import arango_export
+
+    calls, validate = [], arango_export.validate_ratings
+
+    class Killed(Exception):
+        pass
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 12:  # 100-row batches, 3000 ratings over 3 shards: inside the second shard
+            raise Killed()
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(arango_export, "validate_ratings", dies)
+    with pytest.raises(Killed):
+        _export(double, out, parallelism=1)
+    monkeypatch.setattr(arango_export, "validate_ratings", validate)
+
+
+def test_killed_per_shard_export_resumes_after_its_finished_shards(tmp_path, monkeypatch):
+    with ArangoDouble(role="COORDINATOR", shards=3) as double:
+        edges = _fill(double)
+        _killed_mid_ratings(double, tmp_path / "out", monkeypatch)
+        ratings = double._state.databases["t"].collections["Ratings"]
+        first_shard = sum(1 for k in ratings.docs if ratings.shard_of(k) == 0)
+        before = double.documents_scanned
+        _, report = _export(double, tmp_path / "out", parallelism=1, resume=True)
+        assert _rows(tmp_path / "out") == _expected(edges)
+        assert report.accepted == {"movies": 200, "users": 300, "ratings": 3000} and not report.counts
+        # nodes finished, the first ratings shard checkpointed: only shards 2 and 3 are read again
+        assert double.documents_scanned - before == 3000 - first_shard
+
+
+def test_resume_refuses_when_the_shards_changed(tmp_path, monkeypatch):
+    with ArangoDouble(role="COORDINATOR", shards=3) as double:
+        edges = _fill(double)
+        _killed_mid_ratings(double, tmp_path / "out", monkeypatch)
+        db = ArangoClient(hosts=double.url).db("t", username=double.username, password=double.password)
+        db.delete_collection("Ratings")  # recreated between the runs: new shards
+        db.create_collection("Ratings", edge=True).import_bulk(edges)
+        with pytest.raises(ConfigError, match="'Ratings' was being read shard by shard from"):
+            _export(double, tmp_path / "out", parallelism=1, resume=True)

@@ -333,6 +333,79 @@ def test_edge_projection_length_and_remove(db) -> None:
     assert sorted(rated.keys()) == ["e6", "e7", "e8"]
 
 
+ADBPYG_QUERY = """FOR doc IN @@col RETURN
+                MERGE(
+                    { _key: doc._key, _from: doc._from, _to: doc._to },
+                    KEEP(doc, ['rating', 'missing'])
+                )
+            """  # adbpyg-adapter 1.1.4 __fetch_adb_docs, metagraph {"edge_weight": "rating", "x": "missing"}
+
+
+def test_adbpyg_adapter_merge_keep_query(db) -> None:
+    db.create_collection("users").import_bulk([{"_key": "u1", "age": 30}, {"_key": "u2"}])
+    db.create_collection("rates", edge=True).import_bulk([
+        {"_key": "e1", "_from": "users/u1", "_to": "users/u2", "rating": 4.5, "other": 1},
+        {"_key": "e2", "_from": "users/u2", "_to": "users/u1"}])
+    edges = list(db.aql.execute(ADBPYG_QUERY, bind_vars={"@col": "rates"}, stream=True, batch_size=1))
+    assert sorted(edges, key=lambda d: d["_key"]) == [
+        {"_key": "e1", "_from": "users/u1", "_to": "users/u2", "rating": 4.5},
+        {"_key": "e2", "_from": "users/u2", "_to": "users/u1"}]  # KEEP leaves a missing attribute out
+    users = list(db.aql.execute(ADBPYG_QUERY.replace("'rating', 'missing'", "'age'"), bind_vars={"@col": "users"}))
+    assert sorted(users, key=lambda d: d["_key"]) == [
+        {"_key": "u1", "_from": None, "_to": None, "age": 30},  # an object literal's missing attribute is null
+        {"_key": "u2", "_from": None, "_to": None}]
+    # adbpyg with an empty attribute list: KEEP(doc, [])
+    empty = list(db.aql.execute(ADBPYG_QUERY.replace("'rating', 'missing'", ""), bind_vars={"@col": "rates"}))
+    assert sorted(d["_key"] for d in empty) == ["e1", "e2"] and all(set(d) == {"_key", "_from", "_to"} for d in empty)
+
+
+def test_keep_semantics(db) -> None:
+    db.create_collection("docs").import_bulk([{"_key": "k", "a": 1, "b": None, "c": [1, 2], "d": {"x": 1}}])
+
+    def one(expr: str, **binds):
+        return list(db.aql.execute(f"FOR v IN @@c RETURN {expr}", bind_vars={"@c": "docs", **binds}))[0]
+
+    assert one("KEEP(v, 'a', 'c')") == {"a": 1, "c": [1, 2]}          # variadic names
+    assert one("KEEP(v, ['a', 'd'])") == {"a": 1, "d": {"x": 1}}       # one array of names
+    assert one("KEEP(v, 'b')") == {"b": None}                          # a stored null is kept
+    assert one("KEEP(v, 'nope', 'a')") == {"a": 1}                     # missing: left out, not null
+    assert one("KEEP(v, [])") == {}
+    assert one("KEEP(v, @names)", names=["a", "zzz"]) == {"a": 1}
+    assert one("KEEP(v, ['a', 1, null])") == {"a": 1}                  # non-string names ignored
+    assert one("KEEP({x: 1, y: v.a}, \"y\")") == {"y": 1}            # any object, double quotes
+
+
+def test_merge_semantics(db) -> None:
+    db.create_collection("docs").import_bulk([{"_key": "k", "a": 1, "b": {"x": 1, "y": 2}}])
+
+    def one(expr: str, **binds):
+        cursor = db.aql.execute(f"FOR v IN @@c RETURN {expr}", bind_vars={"@c": "docs", **binds})
+        return list(cursor)[0], cursor.warnings()
+
+    assert one("MERGE(v, {a: 2, c: 3})")[0] == {"_key": "k", "_id": "docs/k", "_rev": one("v._rev")[0],
+                                              "a": 2, "b": {"x": 1, "y": 2}, "c": 3}  # later wins
+    assert one("MERGE({a: 1, b: 2}, {b: null})")[0] == {"a": 1, "b": None}          # null overrides
+    assert one("MERGE({b: v.b}, {b: {z: 1}})")[0] == {"b": {"z": 1}}                # shallow, not recursive
+    assert one("MERGE([{a: 1}, {b: 2}, {a: 3}])")[0] == {"a": 3, "b": 2}            # one array of objects
+    assert one("MERGE({a: v.missing})")[0] == {"a": None}
+    assert one("MERGE({_key: v._key}, KEEP(v, 'nope'))")[0] == {"_key": "k"}
+    value, warnings = one("MERGE({a: 1}, v.a)")                                      # not an object
+    assert value is None and [w["code"] for w in warnings] == [1542]
+    value, warnings = one("KEEP(v.a, 'a')")
+    assert value is None and [w["code"] for w in warnings] == [1542]
+
+
+def test_function_call_errors(db) -> None:
+    db.create_collection("docs")
+    for query, error_num in [("FOR v IN @@c RETURN NO_SUCH_FUNCTION(v)", 1540),
+                             ("FOR v IN @@c RETURN KEEP(v)", 1541),
+                             ("FOR v IN @@c RETURN MERGE()", 1541),
+                             ("FOR v IN @@c RETURN MERGE({a: w.b})", 1512)]:
+        with pytest.raises(AQLQueryExecuteError) as err:
+            db.aql.execute(query, bind_vars={"@c": "docs"})
+        assert err.value.error_code == error_num, query
+
+
 def test_aql_errors(db) -> None:
     db.create_collection("movies")
     cases = [
@@ -618,6 +691,41 @@ def test_md5_bucket_filter_partitions_a_collection():
         high = [r[0] for r in db.aql.execute(query, bind_vars={"@c": "C", "b": list("89abcdef")})]
         assert sorted(low + high) == sorted(keys) and not set(low) & set(high)
         assert all(hashlib.md5(k.encode()).hexdigest()[0] in "01234567" for k in low)
+
+
+def test_per_shard_reads_with_shard_ids_scan_only_that_shard():
+    from arango_double import ArangoDouble
+    with ArangoDouble(role="COORDINATOR", shards=3) as double:
+        db = _client_db(double)
+        keys = [f"k{i}" for i in range(300)] + MIXED
+        db.create_collection("C").import_bulk([{"_key": k} for k in keys])
+        ids = db.collection("C").shards()["shards"]
+        assert len(ids) == 3 and len(set(ids)) == 3 and all(i.startswith("s") for i in ids)
+        url, auth = f"{double.url}/_db/t/_api/cursor", (double.username, double.password)
+        seen = []
+        for shard in ids:
+            before = double.documents_scanned
+            body = requests.post(url, auth=auth, timeout=10, json={
+                "query": "FOR v IN @@c RETURN [v._key]", "bindVars": {"@c": "C"}, "batchSize": 1000,
+                "options": {"stream": True, "shardIds": [shard]}}).json()
+            got = [r[0] for r in body["result"]]
+            assert not body["hasMore"] and body["extra"]["stats"]["scannedFull"] == len(got) > 0
+            assert double.documents_scanned - before == len(got)  # this shard only, not the collection
+            seen += got
+        assert sorted(seen) == sorted(keys)  # the shards are disjoint and cover the collection
+        before = double.documents_scanned
+        list(db.aql.execute("FOR v IN @@c FILTER SUBSTRING(MD5(v._key), 0, 1) IN @b RETURN [v._key]",
+                            bind_vars={"@c": "C", "b": ["0"]}))
+        assert double.documents_scanned - before == len(keys)  # a hash filter still visits every document
+        bad = requests.post(url, auth=auth, timeout=10, json={
+            "query": "FOR v IN @@c RETURN v", "bindVars": {"@c": "C"}, "options": {"shardIds": ["s0"]}})
+        assert bad.status_code == 400 and bad.json()["errorNum"] == 1203
+    with ArangoDouble() as double:
+        db = _client_db(double)
+        db.create_collection("C")
+        reply = requests.get(f"{double.url}/_db/t/_api/collection/C/shards", auth=(double.username, double.password),
+                             timeout=10)
+        assert reply.status_code == 501 and reply.json()["errorNum"] == 1471
 
 
 def test_version_and_role_switches():

@@ -294,3 +294,37 @@ def test_export_command_with_parallelism_flag(db, clean, arango_endpoint, tmp_pa
     assert cli.main(argv) == 0
     assert sorted(_edge_rows(tmp_path / "cli")) == sorted(_expected(docs))
     assert Manifest.load(tmp_path / "cli").config["parallelism"] == 3
+
+
+def test_export_pauses_the_garbage_collector_and_restores_it(db, tmp_path):
+    import gc
+
+    _fill(db)
+    seen = []
+
+    class Watching(ArangoSource):
+        def read(self, spec, part, consume, on_start=lambda: None):
+            seen.append(gc.isenabled())
+            return super().read(spec, part, consume, on_start)
+
+    def export(out, fail=False, **cfg):
+        source = Watching(db, LAYOUT, ExportConfig(export_batch_size=BATCH, export_partition_rows=SHARD_ROWS, **cfg))
+        if fail:
+            source.read = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+        return export_shards(source, out, SkipReport(), max_rows_per_shard=SHARD_ROWS, progress=False)
+
+    assert gc.isenabled()
+    export(tmp_path / "paused")
+    assert seen and not any(seen) and gc.isenabled()  # off while reading, back on after
+    seen.clear()
+    export(tmp_path / "not-paused", pause_gc=False)
+    assert seen and all(seen)
+    with pytest.raises(RuntimeError, match="boom"):
+        export(tmp_path / "failed", fail=True)
+    assert gc.isenabled()  # restored on error too
+    gc.disable()
+    try:
+        export(tmp_path / "was-off")
+        assert not gc.isenabled()  # a collector the caller had disabled stays disabled
+    finally:
+        gc.enable()

@@ -47,3 +47,16 @@ def test_synth_train_score_through_the_cli(tmp_path, capsys):
 def test_missing_shards_is_a_clear_error(tmp_path, caplog):
     assert main(["train", "--workdir", str(tmp_path), "--data", str(tmp_path / "ml")]) == 2
     assert "run 'scalable-rec prepare' first" in caplog.text
+
+
+def test_every_command_formats_its_help():
+    # argparse %-formats help strings: a bare '%' in a config docstring breaks `--help`.
+    import argparse
+
+    def walk(parser, path):
+        parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+    walk(build_parser(), "scalable-rec")

@@ -20,6 +20,11 @@ server-side scan of the collection per partition; ``P`` is the largest of the pa
 and ``count / export_partition_rows``, so on a big collection a failure re-reads at most
 one partition.
 
+On a coordinator each shard is read on its own instead (``GET /_api/collection/{name}/shards``,
+cursor option ``shardIds``, as ArangoDB's Spark datasource does): one scan in all, no ordering
+needed; with more partitions wanted than shards, each shard gets ``ceil(P / shards)`` hash
+partitions. ``per_shard_reads=False`` or a refused shard list (logged) keeps whole-collection ones.
+
 Servers before 3.11 have no ``allowRetry``: python-arango re-sends a cursor fetch after a
 lost response and the server serves the *next* batch, skipping one. There each partition
 is read by a non-stream cursor with ``count``, and a partition whose rows differ from the
@@ -40,8 +45,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
 import pyarrow as pa
+from arango.cursor import Cursor
 from arango.database import StandardDatabase
-from arango.exceptions import ArangoServerError
+from arango.exceptions import AQLQueryExecuteError, ArangoServerError
+from arango.request import Request
+from arango.response import Response
 
 from scalable_rec.connection import (
     ArangoConfig, RetryPolicy, ServerInfo, database_error, is_cursor_lost, is_transient, require_collection,
@@ -80,6 +88,10 @@ class ExportConfig:
         export_partition_rows: Target rows per partition: a collection is read in at least
             count/export_partition_rows hash partitions (the re-read after a failure, a worker's
             spill file and the keys it holds for the repeat check are bounded by one partition).
+        per_shard_reads: On a coordinator, read each shard on its own (cursor option shardIds):
+            one server-side scan of a collection in all instead of one per hash partition.
+        pause_gc: Pause Python's cyclic garbage collector during export_shards (restored after):
+            the decoded rows hold no cycles (benchmarks/bench_arango.py compares it on and off).
         rating_attribute: Attribute of a rating edge holding the rating.
         timestamp_attribute: Attribute of a rating edge holding the Unix time (may be missing).
         title_attribute: Attribute of a movie holding its title.
@@ -92,6 +104,8 @@ class ExportConfig:
     export_resume: bool = False
     parallelism: int = 1
     export_partition_rows: int = 2_000_000
+    per_shard_reads: bool = True
+    pause_gc: bool = True
     rating_attribute: str = "rating"
     timestamp_attribute: str = "timestamp"
     title_attribute: str = "title"
@@ -128,10 +142,23 @@ class ReadSpec:
 @dataclass(frozen=True)
 class Partition:
     """Partition ``index`` of ``count``: the documents whose ``MD5(_key)`` starts with a bucket
-    ``b`` (``width`` hex digits) with ``int(b, 16) % count == index``."""
+    ``b`` (``width`` hex digits) with ``int(b, 16) % count == index``, of the whole collection
+    or, with ``shard``, of that shard only (shard ``shard_index`` of ``shards``)."""
 
     index: int
     count: int
+    shard: str | None = None
+    shard_index: int = 0
+    shards: int = 1
+
+    @property
+    def ordinal(self) -> int:
+        """Position among the table's partitions (what checkpoints record)."""
+        return self.shard_index * self.count + self.index
+
+    def describe(self) -> str:
+        where = f" (shard {self.shard}, hash partition {self.index + 1}/{self.count})" if self.shard else ""
+        return f"partition {self.ordinal + 1}/{self.shards * self.count}{where}"
 
     @property
     def width(self) -> int:
@@ -143,15 +170,39 @@ class Partition:
         return [f"{b:0{width}x}" for b in range(16 ** width) if b % self.count == self.index]
 
 
-def partition_count(rows: int, parallelism: int, partition_rows: int) -> int:
-    """Partitions for a collection of ``rows``: enough for the workers and for the row target."""
-    return max(1, min(MAX_PARTITIONS, max(parallelism, math.ceil(rows / partition_rows))))
+def partition_count(rows: int, parallelism: int, partition_rows: int, shards: int = 1) -> int:
+    """Hash partitions per shard (of the collection when ``shards`` is 1) for a collection of
+    ``rows``: together enough for the workers and for the row target."""
+    wanted = max(parallelism, math.ceil(rows / partition_rows))
+    return max(1, min(MAX_PARTITIONS, math.ceil(wanted / max(1, shards))))
 
 
-def partitions(count: int) -> list[Partition]:
+def partitions(count: int, shards: list[str] | None = None) -> list[Partition]:
+    """``count`` hash partitions of the collection, or of each of ``shards``, in ``ordinal`` order."""
     if not 1 <= count <= MAX_PARTITIONS:
         raise ValueError(f"partition count needs to be between 1 and {MAX_PARTITIONS} (got {count})")
-    return [Partition(i, count) for i in range(count)]
+    if shards is None:
+        return [Partition(i, count) for i in range(count)]
+    return [Partition(i, count, shard, j, len(shards)) for j, shard in enumerate(shards) for i in range(count)]
+
+
+def _open_cursor(db: StandardDatabase, query: str, binds: dict[str, Any], cfg: ExportConfig, legacy: bool,
+                 shard: str | None) -> Cursor:
+    """``db.aql.execute`` with the export's options; a per-shard read's request (``shardIds``,
+    which python-arango 8 cannot pass) is built here."""
+    if shard is None:
+        return db.aql.execute(query, bind_vars=binds, batch_size=cfg.export_batch_size, ttl=cfg.export_ttl,
+                              stream=not legacy, count=legacy, fill_block_cache=False, allow_retry=not legacy)
+    options = {"stream": not legacy, "fillBlockCache": False, "allowRetry": not legacy, "shardIds": [shard]}
+    request = Request(method="post", endpoint="/_api/cursor",
+                      data={"query": query, "bindVars": binds, "count": legacy, "batchSize": cfg.export_batch_size,
+                            "ttl": cfg.export_ttl, "options": options})
+
+    def handler(resp: Response) -> Cursor:
+        if not resp.is_success:
+            raise AQLQueryExecuteError(resp, request)
+        return Cursor(db.aql._conn, resp.body, allow_retry=not legacy)  # noqa: SLF001 - the driver's own path
+    return db.aql._execute(request, handler)  # noqa: SLF001
 
 
 def read_partition(db: StandardDatabase, spec: ReadSpec, part: Partition, cfg: ExportConfig,
@@ -168,8 +219,7 @@ def read_partition(db: StandardDatabase, spec: ReadSpec, part: Partition, cfg: E
         query = PARTITION_QUERY.format(width=part.width, projection=spec.projection)
         binds["buckets"] = part.buckets
     legacy = server.legacy_cursors
-    cursor = db.aql.execute(query, bind_vars=binds, batch_size=cfg.export_batch_size, ttl=cfg.export_ttl,
-                            stream=not legacy, count=legacy, fill_block_cache=False, allow_retry=not legacy)
+    cursor = _open_cursor(db, query, binds, cfg, legacy, part.shard)
     received = 0
     try:
         while True:
@@ -186,7 +236,7 @@ def read_partition(db: StandardDatabase, spec: ReadSpec, part: Partition, cfg: E
         _close_quietly(cursor)
     if legacy and received != cursor.count():
         raise ExportVerificationError(
-            f"Reading partition {part.index + 1}/{part.count} of '{spec.collection}': received {received} rows, "
+            f"Reading {part.describe()} of '{spec.collection}': received {received} rows, "
             f"the server's cursor counted {cursor.count()} (a cursor batch was lost; ArangoDB "
             f"{server.version_text} has no allowRetry)")
 
@@ -349,6 +399,27 @@ class ArangoSource:
         return ReadSpec(self.layout.ratings_collection, RATING_PROJECTION,
                         {"rating": self.export.rating_attribute, "timestamp": self.export.timestamp_attribute})
 
+    def shard_ids(self, collection: str) -> list[str] | None:
+        """Sorted shards to read one by one (a coordinator, ``per_shard_reads``), else None."""
+        if not (self.server.cluster and self.export.per_shard_reads):
+            return None
+        try:
+            return self.list_shards(collection) or None
+        except (ArangoServerError, KeyError, TypeError) as err:
+            log.warning("Listing the shards of '%s' failed (%s): reading it in hash partitions of the whole "
+                        "collection, one server-side scan each", collection, err)
+            return None
+
+    def list_shards(self, collection: str) -> list[str]:
+        """The collection's shard ids, sorted (``GET /_api/collection/{name}/shards``; a coordinator only)."""
+        return sorted(str(s) for s in self.db.collection(collection).shards()["shards"])  # list or {id: servers}
+
+    def plan(self, collection: str, rows: int, parallelism: int) -> tuple[int, list[str] | None]:
+        """(hash partitions per shard or of the collection, shards or None) for reading ``rows``."""
+        shards = self.shard_ids(collection)
+        per_shard = partition_count(rows, parallelism, self.export.export_partition_rows, len(shards) if shards else 1)
+        return per_shard, shards
+
     def count(self, collection: str) -> int:
         """The server's document count of ``collection``."""
         try:
@@ -369,8 +440,7 @@ class ArangoSource:
                             self.export.export_prefetch) as batches:
                 for rows in batches:
                     consume(rows)
-        retry_partition(once, self.layout.retry_policy(),
-                        f"Reading partition {part.index + 1}/{part.count} of '{spec.collection}'")
+        retry_partition(once, self.layout.retry_policy(), f"Reading {part.describe()} of '{spec.collection}'")
 
     def _batches(self, spec: ReadSpec, convert: Callable[..., pa.RecordBatch],
                  report: SkipReport | None = None) -> Iterator[pa.RecordBatch]:
@@ -378,9 +448,9 @@ class ArangoSource:
 
         One partition is held in memory at a time (``export_partition_rows``)."""
         expected = self.count(spec.collection)
-        count = partition_count(expected, 1, self.export.export_partition_rows)
+        count, shards = self.plan(spec.collection, expected, 1)
         read = 0
-        for part in partitions(count):
+        for part in partitions(count, shards):
             attempt: dict[str, Any] = {}
 
             def start() -> None:  # a failed attempt's rows and skips are dropped with it

@@ -1,7 +1,7 @@
 """``scalable-rec arango export``: ArangoDB → Arrow shards, parallel, verified, resumable.
 
-Each table (movies, users, ratings) is read in hash partitions of ``_key`` (see
-``scalable_rec.source.arango``), ``parallelism`` partitions at a time, one thread and one
+Each table (movies, users, ratings) is read in hash partitions of ``_key``, on a coordinator
+per shard (see ``scalable_rec.source.arango``), ``parallelism`` partitions at a time, one thread and one
 stream cursor each. A worker converts its partition's cursor batches to Arrow and spills them
 to a temporary IPC file next to the output (memory: one cursor batch and the partition's keys
 per worker), checks that no ``_key`` repeats in it, and then, under the export's
@@ -23,26 +23,29 @@ shard and never skipped.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import os
 import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from arango.exceptions import ArangoServerError
 from tqdm.auto import tqdm
 
-from scalable_rec.connection import ArangoConfig, connect
+from scalable_rec.connection import ArangoConfig, connect, database_error
 from scalable_rec.errors import ConfigError, ExportVerificationError
 from scalable_rec.shards import GraphShardWriter, KeyIndex, Manifest, ShardWriter
 from scalable_rec.source.arango import (
     MOVIE_SCHEMA, USER_SCHEMA, ArangoSource, ExportConfig, Partition, ReadSpec, check_count, merge_report,
-    movie_batch, partition_count, partitions, rating_batch, user_batch,
+    movie_batch, partitions, rating_batch, user_batch,
 )
 from scalable_rec.source.base import (
     EDGE_SCHEMA, MOVIE, RATES, USER, RatingBounds, keep_latest_per_pair, validate_ratings,
@@ -144,10 +147,27 @@ class _Export:
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
-    def checkpoint(self, w: ShardWriter, count: int, done: list[int], rows: int, finished: bool) -> dict[str, Any]:
+    def checkpoint(self, w: ShardWriter, count: int, shards: list[str] | None, done: list[int], rows: int,
+                   finished: bool) -> dict[str, Any]:
         # A deep copy: the writer keeps this object and may save it again later.
-        return {"identity": self.identity, "partitions": count, "done": sorted(done), "rows": rows,
-                "files": len(w.files), "finished": finished, "report": copy.deepcopy(self.report.to_json())}
+        return {"identity": self.identity, "partitions": count, "shards": shards, "done": sorted(done),
+                "rows": rows, "files": len(w.files), "finished": finished,
+                "report": copy.deepcopy(self.report.to_json())}
+
+    def plan(self, collection: str, expected: int, state: dict[str, Any]) -> tuple[int, list[str] | None]:
+        """The table's partitions: a resumed table keeps its recorded plan (its shards must still exist)."""
+        if not state.get("partitions"):
+            return self.source.plan(collection, expected, self.source.export.parallelism)
+        shards = state.get("shards")
+        if shards is not None:
+            try:
+                now = self.source.list_shards(collection)
+            except ArangoServerError as err:
+                raise database_error(err, f"Listing the shards of '{collection}' to resume") from err
+            if now != shards:
+                raise ConfigError(f"Cannot resume '{self.writer.tmp}': '{collection}' was being read shard by shard "
+                                  f"from {shards}, the server now lists {now}; drop --export-resume to start over")
+        return int(state["partitions"]), shards
 
     def run(self) -> None:
         movie_w = self.writer.node_writer(MOVIE, MOVIE_SCHEMA)
@@ -173,9 +193,9 @@ class _Export:
         _drop_unrecorded_parts(w, state.get("files", 0))
         cfg = self.source.export
         expected = self.source.count(spec.collection)
-        count = state.get("partitions") or partition_count(expected, cfg.parallelism, cfg.export_partition_rows)
+        count, shards = self.plan(spec.collection, expected, state)
         done, rows = list(state.get("done", [])), int(state.get("rows", 0))
-        todo = [p for p in partitions(count) if p.index not in set(done)]
+        todo = [p for p in partitions(count, shards) if p.ordinal not in set(done)]
 
         def work(part: Partition) -> None:
             nonlocal rows
@@ -191,9 +211,9 @@ class _Export:
                     for batch in result.batches():
                         w.write(batch)
                     w.flush()
-                    done.append(part.index)
+                    done.append(part.ordinal)
                     rows += result.rows
-                    w.flush(state=self.checkpoint(w, count, done, rows, False))
+                    w.flush(state=self.checkpoint(w, count, shards, done, rows, False))
                     if bar is not None:
                         bar.update(result.rows)
             finally:
@@ -209,7 +229,7 @@ class _Export:
                     f.cancel()
                 raise failed[0].exception()
         check_count(spec.collection, rows, expected, self.source.count(spec.collection))
-        w.flush(state=self.checkpoint(w, count, done, rows, True))
+        w.flush(state=self.checkpoint(w, count, shards, done, rows, True))
 
     def partition(self, spec: ReadSpec, part: Partition,
                   convert: Callable[[list[list[Any]], SkipReport], pa.RecordBatch]) -> _Read:
@@ -220,7 +240,7 @@ class _Export:
             out.add(convert(rows, out.report))
 
         attempts: list[_Read] = []  # a fresh _Read per attempt: nothing of a failed read is kept
-        path = self.spill / f"{spec.collection}-{part.index:05d}.arrow"
+        path = self.spill / f"{spec.collection}-{part.ordinal:05d}.arrow"
 
         def start() -> None:
             if attempts:
@@ -243,7 +263,7 @@ class _Export:
                 repeated = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:3]
                 out.discard()
                 raise ExportVerificationError(
-                    f"'{spec.collection}' partition {part.index + 1}/{part.count}: {out.rows - distinct} "
+                    f"'{spec.collection}' {part.describe()}: {out.rows - distinct} "
                     f"repeated _key(s), e.g. {repeated}")
         out.keys = []
         return out
@@ -284,6 +304,21 @@ class _Export:
             self.table(w, spec, lambda part: self.partition(spec, part, convert), lambda result: None, bar)
 
 
+@contextmanager
+def collector_paused(pause: bool) -> Iterator[None]:
+    """Disables Python's cyclic garbage collector inside the block when ``pause`` (and it was
+    enabled), enabling it again on the way out, error or not. Reference counting still frees
+    the export's batches; only cycles wait until the end."""
+    paused = pause and gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
 def export_shards(source: ArangoSource, out: str | os.PathLike, report: SkipReport,
                   bounds: RatingBounds = RatingBounds(), max_rows_per_shard: int = 1_000_000,
                   overwrite: bool = False, resume: bool = False, progress: bool = True) -> Manifest:
@@ -312,7 +347,8 @@ def export_shards(source: ArangoSource, out: str | os.PathLike, report: SkipRepo
     config = {**source.config(), "rating_bounds": [bounds.min, bounds.max], "max_rows_per_shard": max_rows_per_shard}
     writer = GraphShardWriter(out, config, max_rows_per_shard, resume=resume, overwrite=overwrite)
     parent = Path(out).resolve().parent
-    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.spill-", dir=parent) as spill:
+    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.spill-", dir=parent) as spill, \
+            collector_paused(source.export.pause_gc):
         _Export(source, writer, report, bounds, identity, progress, Path(spill)).run()
     if report.counts:
         log.warning("%s", report.summary())
