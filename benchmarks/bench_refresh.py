@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime as dt
 import json
 import os
+import platform
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -94,8 +97,12 @@ def main() -> None:
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model)
     model.load_state_dict(ckpt.load(run / "best.pt")["model"])
     model.eval()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
     result: dict = {"settings": vars(args), "threads": torch.get_num_threads(),
-                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "commit": commit,
+                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "machine": f"{platform.machine()} {os.cpu_count()} cores",
                     "graph": {"users": graph.num_users, "movies": graph.movie_x.size(0), "edges": graph.num_edges}}
 
     t0 = time.perf_counter()

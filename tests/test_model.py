@@ -169,3 +169,145 @@ def test_every_adjacency_kind_encodes_alike(aggr):
     for other in outs[1:]:
         for t in (USER, MOVIE):
             torch.testing.assert_close(other[t], outs[0][t], rtol=1e-5, atol=1e-5)
+
+
+# --- cold movies: no trained ID row, no edges --------------------------------------------
+
+COLD = torch.tensor([0, 1, 2])
+
+
+def _without_movies(g: RatingGraph, movies: torch.Tensor) -> RatingGraph:
+    """``g`` with every rating of ``movies`` removed (the movies stay in the catalog)."""
+    import dataclasses
+
+    keep = ~torch.isin(g.dst, movies)
+    return dataclasses.replace(g, src=g.src[keep], dst=g.dst[keep], rating=g.rating[keep],
+                               timestamp=g.timestamp[keep])
+
+
+def _cold_model(g: RatingGraph, **kw) -> Recommender:
+    torch.manual_seed(0)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8, **kw),
+                        rating_mean=3.5).eval()
+    with torch.no_grad():
+        model.encoder.movie_trained[COLD] = 0
+        if model.cfg.decoder == "dot":
+            model.decoder.movie_bias.weight.uniform_(0.5, 1.5)  # untrained rows would be garbage
+    return model
+
+
+def test_untrained_and_past_the_table_movies_get_features_plus_the_unknown_input(tiny_shards):
+    g = RatingGraph.from_shards(tiny_shards)
+    model = _cold_model(g)
+    enc = model.encoder
+    mid = torch.tensor([0, 5, g.num_movies + 2])  # untrained, trained, no ID row at all
+    x = torch.randn(3, g.movie_x.size(1))
+    got = enc.input_features({"user": torch.arange(1), "movie": mid}, x)["movie"]
+    trained = enc.movie_trained.bool()
+    mean = enc.movie_emb.weight[trained].mean(0)
+    torch.testing.assert_close(got[0], mean + enc.movie_lin(x[0]))
+    torch.testing.assert_close(got[2], mean + enc.movie_lin(x[2]))
+    torch.testing.assert_close(got[1], enc.movie_emb.weight[5] + enc.movie_lin(x[1]))
+    # the dot decoder's bias: the trained movies' mean, not the untrained row
+    bias = model.decoder._movie_bias(mid, enc.movie_trained)
+    torch.testing.assert_close(bias[[0, 2]], model.decoder.movie_bias.weight[trained].mean().expand(2))
+    assert bias[1] == model.decoder.movie_bias.weight[5, 0]
+    # with movie ID dropout the learned vector and bias stand in
+    learned = _cold_model(g, movie_id_dropout=0.2)
+    with torch.no_grad():
+        learned.encoder.unknown_movie.fill_(0.25)
+        learned.decoder.unknown_movie_bias.fill_(-1.0)
+    got = learned.encoder.input_features({"user": torch.arange(1), "movie": mid}, x)["movie"]
+    torch.testing.assert_close(got[2], torch.full((8,), 0.25) + learned.encoder.movie_lin(x[2]))
+    assert learned.decoder._movie_bias(mid, learned.encoder.movie_trained)[0] == -1.0
+
+
+@pytest.mark.parametrize("decoder", ["dot", "mlp"])
+def test_cold_movie_score_comes_from_its_features_not_its_untrained_row(tiny_shards, decoder):
+    """A movie with no edges and an untrained row: finite scores and predicted ratings that
+    move with its features and not at all with its (random) ID row or bias."""
+    g = _without_movies(RatingGraph.from_shards(tiny_shards), COLD)
+    model = _cold_model(g, decoder=decoder)
+    data, users, movies = g.hetero_data(), torch.arange(g.num_users), torch.arange(g.num_movies)
+
+    def scores():
+        z = model.encode_all(data)
+        return model.rank_block(z, users, movies), model.score_block(z, users, movies)
+
+    rank, rating = scores()
+    assert torch.isfinite(rank).all() and torch.isfinite(rating).all()
+    with torch.no_grad():  # re-draw the untrained rows: nothing may change
+        model.encoder.movie_emb.weight[COLD] = torch.randn(len(COLD), 8) * 10
+        if decoder == "dot":
+            model.decoder.movie_bias.weight[COLD] = 100.0
+    rank2, rating2 = scores()
+    torch.testing.assert_close(rank2, rank)
+    torch.testing.assert_close(rating2, rating)
+    g.movie_x[COLD] += 1.0  # its features do move it
+    rank3, _ = scores()
+    assert not torch.allclose(rank3[:, COLD], rank[:, COLD])
+
+
+def test_training_marks_movies_without_training_ratings_and_scoring_keeps_them(tiny_shards, tmp_path):
+    """Through train → best.pt → recommend: the cold movies are marked untrained, and with
+    k = the whole catalog every user's list holds every unrated movie, cold ones included,
+    with finite scores (a cold movie is never silently dropped)."""
+    import math
+
+    from scalable_rec.graph import split_edges
+    from scalable_rec.graph.hetero import SplitConfig
+    from scalable_rec.score.recommend import recommend
+    from scalable_rec.score.topk import ScoreConfig
+    from scalable_rec.train import TrainConfig
+    from scalable_rec.train import checkpoint as ckpt
+    from scalable_rec.train.loop import train
+
+    g = _without_movies(RatingGraph.from_shards(tiny_shards), COLD)
+    split = split_edges(g, SplitConfig())
+    only_test = g.dst[split.test][~torch.isin(g.dst[split.test], g.dst[split.train])].unique()
+    train(g, split, ModelConfig(hidden=8), TrainConfig(epochs=1, batch_size=64, progress=False, device="cpu"),
+          tmp_path)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8))
+    model.load_state_dict(ckpt.load(tmp_path / "best.pt")["model"])
+    model.eval()
+    trained = model.encoder.movie_trained.bool()
+    assert not trained[COLD].any() and not trained[only_test].any()
+    assert trained.sum() == torch.unique(g.dst[split.train]).numel()
+    batches = list(recommend(model, g, ScoreConfig(k=g.num_movies)))
+    rows = [r for b in batches for r in b.to_pylist()]
+    cold_keys = set(g.movie_keys.take(COLD.numpy()).to_pylist())
+    for user in range(g.num_users):
+        mine = [r for r in rows if r["user_key"] == g.user_keys[user].as_py()]
+        rated = set(g.dst[g.src == user].tolist())
+        assert len(mine) == g.num_movies - len(rated)
+        assert cold_keys <= {r["movie_key"] for r in mine}
+        assert all(math.isfinite(r["score"]) and math.isfinite(r["predicted_rating"]) for r in mine)
+
+
+def test_movie_id_dropout_trains_the_unknown_movie_vector(tiny_shards):
+    from scalable_rec.graph import split_edges
+    from scalable_rec.graph.hetero import SplitConfig
+    from scalable_rec.train import TrainConfig
+    from scalable_rec.train.loop import build_job, training_loss
+
+    g = RatingGraph.from_shards(tiny_shards)
+    job = build_job(g, split_edges(g, SplitConfig()), ModelConfig(hidden=8, movie_id_dropout=0.5),
+                    TrainConfig(batch_size=64, progress=False, device="cpu"), tiny_shards.directory.parent / "jm",
+                    None)
+    job.model.train()
+    loss, _, _ = training_loss(job, next(iter(job.train_loader)))
+    loss.backward()
+    assert job.model.encoder.unknown_movie.grad.abs().sum() > 0
+    assert job.model.decoder.unknown_movie_bias.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="'movie_id_dropout' needs to be in \\[0, 1\\) \\(got -0.1\\)"):
+        ModelConfig(movie_id_dropout=-0.1)
+
+
+def test_checkpoint_without_movie_trained_loads_with_every_row_trained(tiny_shards):
+    g = RatingGraph.from_shards(tiny_shards)
+    model = _cold_model(g)
+    state = {k: v for k, v in model.state_dict().items() if k != "encoder.movie_trained"}
+    fresh = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8))
+    fresh.encoder.movie_trained.zero_()
+    fresh.load_state_dict(state)
+    assert fresh.encoder.movie_trained.all()

@@ -276,3 +276,55 @@ def test_bounded_incremental_mean_matches_full_aggregate_at_layer_one(sparse_gra
         torch.testing.assert_close(enc.aggs[0][t][rows], full.aggs[0][t][rows], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(enc.layers[0][t][rows], full.layers[0][t][rows], rtol=1e-5, atol=1e-6)
         assert torch.equal(enc.degree[t], full.degree[t])
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_rated_subset_by_binary_search_equals_the_scan(shuffled):
+    """User-sorted edges are sliced by binary search (few users), unsorted ones scanned;
+    both give every rated movie of exactly the asked users, extra (folded) edges too."""
+    from scalable_rec.score.incremental import EdgeList
+    from scalable_rec.score.refresh import _rated_subset
+
+    gen = torch.Generator().manual_seed(0)
+    src = torch.sort(torch.randint(0, 300, (5000,), generator=gen)).values
+    dst = torch.randint(0, 400, (5000,), generator=gen)
+    if shuffled:
+        perm = torch.randperm(5000, generator=gen)
+        src, dst = src[perm], dst[perm]
+    extra_src, extra_dst = torch.tensor([7, 299, 7]), torch.tensor([1, 2, 3])
+    edges = EdgeList(src, dst, 300, 400, extra_src, extra_dst)
+    users = torch.tensor([299, 0, 7, 150])
+    scores = torch.zeros(users.numel(), 400)
+    _rated_subset(edges, users).mask_(scores, torch.arange(users.numel()))
+    expected = torch.zeros(users.numel(), 400)
+    for i, u in enumerate(users.tolist()):
+        rated = torch.cat([dst[src == u], extra_dst[extra_src == u]])
+        expected[i, rated] = float("-inf")
+    assert torch.equal(scores, expected) and (scores == float("-inf")).sum() > 20
+
+
+@pytest.mark.parametrize("mode", ["exact", "bounded"])
+def test_refresh_reaches_a_cold_movie_by_messages_with_its_features_only_input(sparse_graph, mode):
+    """A movie without a trained row that gets its first ratings in a refresh: the state
+    equals a full encode of the updated graph (exact), its input stays features-only (its
+    untrained row has no effect), and the new messages change its embedding."""
+    cold = 5
+    model = _model(sparse_graph)
+    with torch.no_grad():
+        model.encoder.movie_trained[cold] = 0
+    state = initial_state(model, sparse_graph, K, 10, 1, "sha")
+    before = state.layers[-1]["movie"][cold].clone()
+    src, dst = torch.tensor([0, 1, 2]), torch.full((3,), cold)
+    apply_edges(model, sparse_graph, state, src, dst, torch.full((3,), 5.0), torch.zeros(3, dtype=torch.long), [],
+                mode, memory_mb=1)
+    after = state.layers[-1]["movie"][cold].clone()
+    assert not torch.allclose(after, before)
+    with torch.no_grad():  # a different untrained row: the same states
+        model.encoder.movie_emb.weight[cold] += 10.0
+    again = initial_state(model, sparse_graph, K, 10, 1, "sha")
+    apply_edges(model, sparse_graph, again, src, dst, torch.full((3,), 5.0), torch.zeros(3, dtype=torch.long), [],
+                mode, memory_mb=1)
+    torch.testing.assert_close(again.layers[-1]["movie"][cold], after)
+    if mode == "exact":
+        full = initial_state(model, sparse_graph, K, 10, 1, "sha", state.extra)
+        torch.testing.assert_close(full.layers[-1]["movie"][cold], after)

@@ -130,6 +130,12 @@ def test_key_index_incremental_lookup():
     assert idx.lookup(pa.array([], pa.string())).tolist() == []
 
 
+def test_key_index_initial_keys_repeated_keep_their_first_index():
+    idx = KeyIndex(x for x in ["a", "b", "a", "c"])  # any iterable, read once
+    assert idx.keys == ["a", "b", "c"] and idx.lookup(pa.array(["a", "c", "b"])).tolist() == [0, 2, 1]
+    assert len(idx) == 3 and idx.add("d") == 3
+
+
 def test_filter_rows_rewrites_parts_and_a_crash_keeps_the_old_table(tmp_path):
     import numpy as np
 

@@ -266,7 +266,11 @@ def bounded_update(model: Recommender, edges: EdgeList, movie_x: Tensor, cached:
 
 
 def _grown(t: Tensor, rows: int) -> Tensor:
-    """A copy of ``t`` with zero rows appended up to ``rows``."""
+    """``t`` with zero rows appended up to ``rows`` (a copy), or ``t`` itself when it has
+    ``rows`` rows already: callers overwrite the rows they re-encode in place, since the
+    cached state they read is replaced by the result (no 100 MB copy per refresh)."""
+    if t.size(0) == rows:
+        return t
     out = t.new_zeros((rows,) + tuple(t.shape[1:]))
     out[:t.size(0)] = t
     return out

@@ -131,11 +131,21 @@ def edge_list(graph: RatingGraph, extra: dict[str, Tensor], num_new_users: int) 
 
 
 def _rated_subset(edges: EdgeList, users: Tensor) -> RatedIndex:
-    """Movies rated by ``users``, indexed by position in ``users``."""
+    """Movies rated by ``users`` (distinct), indexed by position in ``users``.
+
+    Edges sorted by user (shards written from a user-sorted source are) are sliced by
+    binary search when ``users`` are few, instead of scanning every edge."""
     local = torch.full((edges.num_users,), -1, dtype=torch.long)
     local[users] = torch.arange(users.numel())
     src, dst = [], []
     for part_src, part_dst in edges.parts():
+        if users.numel() * 64 < part_src.numel() and bool((part_src[1:] >= part_src[:-1]).all()):
+            lo = torch.searchsorted(part_src, users)
+            counts = torch.searchsorted(part_src, users, right=True) - lo
+            starts = torch.repeat_interleave(lo - (torch.cumsum(counts, 0) - counts), counts)
+            src.append(torch.repeat_interleave(torch.arange(users.numel()), counts))
+            dst.append(part_dst[starts + torch.arange(int(counts.sum()))])
+            continue
         keep = local[part_src] >= 0
         src.append(local[part_src[keep]])
         dst.append(part_dst[keep])

@@ -22,8 +22,13 @@ class KeyIndex:
         self._index: dict = {}
         self._keys: list = []
         if keys is not None:
-            for k in keys:
-                self.add(k)
+            keys = list(keys)
+            index = dict(zip(keys, range(len(keys))))  # one C-level pass (a refresh maps every node)
+            if len(index) == len(keys):
+                self._index, self._keys = index, keys
+            else:  # repeated keys: the first occurrence keeps its index
+                for k in keys:
+                    self.add(k)
 
     def __len__(self) -> int:
         return len(self._keys)

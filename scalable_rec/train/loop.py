@@ -195,6 +195,12 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
 
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), model_cfg,
                         rating_mean=stats["rating_mean"]).to(device)
+    # Movies without a training edge never get their ID row trained: they are encoded from
+    # their features (the unknown-movie input), at validation, test and scoring alike.
+    # (Supervision edges are the training edges except with 'disjoint', which is in memory.)
+    train_counts = (stats["movie_counts"] if target_ids is split.train
+                    else torch.bincount(graph.dst[split.train], minlength=graph.num_movies))
+    model.encoder.movie_trained.copy_(train_counts > 0)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")

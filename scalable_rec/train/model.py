@@ -86,6 +86,11 @@ class ModelConfig:
             from the movies they rated alone (users added after training are served that
             way). With 0 the unknown-user input is the mean of the trained user table; with
             more it is a learned vector (and a learned bias for the dot decoder).
+        movie_id_dropout: The same for movies: that share of batch movie nodes is given the
+            "unknown movie" input (a learned vector plus the projected title/genre features),
+            so the model learns to place a movie from its features. Movies without a trained
+            ID row (no training rating, or added after training) are always encoded that way;
+            with 0 their input is the trained movie rows' mean plus their features.
     """
 
     hidden: int = 64
@@ -95,6 +100,7 @@ class ModelConfig:
     aggr: str = "mean"
     retrieval_head: bool = True
     user_id_dropout: float = 0.0
+    movie_id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -110,6 +116,8 @@ class ModelConfig:
             problems.append(f"'aggr' needs to be 'mean', 'sum' or 'max' (got {self.aggr!r})")
         if not 0.0 <= self.user_id_dropout < 1.0:
             problems.append(f"'user_id_dropout' needs to be in [0, 1) (got {self.user_id_dropout})")
+        if not 0.0 <= self.movie_id_dropout < 1.0:
+            problems.append(f"'movie_id_dropout' needs to be in [0, 1) (got {self.movie_id_dropout})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -134,6 +142,10 @@ class HeteroSAGEEncoder(nn.Module):
 
     A user id at or past the end of the user table (a user added after training, or one
     hidden by ``user_id_dropout``) gets the "unknown user" input vector instead of a row.
+    Likewise a movie whose row was never trained (``movie_trained`` is 0: training saw no
+    rating of it), one past the movie table, or one hidden by ``movie_id_dropout`` gets the
+    "unknown movie" vector plus its projected features: a cold movie is placed by its
+    title and genres alone, not by a randomly initialised row.
     """
 
     def __init__(self, num_users: int, num_movies: int, movie_dim: int, cfg: ModelConfig) -> None:
@@ -153,6 +165,10 @@ class HeteroSAGEEncoder(nn.Module):
         # Only a model trained with ID dropout learns its own vector; otherwise the table's
         # mean stands in (and no parameter sits unused, which DDP would have to search for).
         self.unknown_user = nn.Parameter(torch.zeros(h)) if cfg.user_id_dropout > 0 else None
+        self.unknown_movie = nn.Parameter(torch.zeros(h)) if cfg.movie_id_dropout > 0 else None
+        # 1 where the movie's ID row was trained; training sets it from its training edges
+        # (uint8, not bool: DDP broadcasts buffers and every backend takes uint8).
+        self.register_buffer("movie_trained", torch.ones(num_movies, dtype=torch.uint8))
         nn.init.normal_(self.user_emb.weight, std=0.1)
         nn.init.normal_(self.movie_emb.weight, std=0.1)
 
@@ -169,7 +185,37 @@ class HeteroSAGEEncoder(nn.Module):
             users = torch.where(known, users, self.unknown_user.to(users.dtype))
         elif not self.training and not bool(known.all()):
             users = torch.where(known, users, self.user_emb.weight.mean(0).to(users.dtype))
-        return {USER: users, MOVIE: self.movie_emb(n_id[MOVIE]) + self.movie_lin(movie_x)}
+        return {USER: users, MOVIE: self._movie_rows(n_id[MOVIE]) + self.movie_lin(movie_x)}
+
+    def movie_known(self, mid: Tensor) -> Tensor:
+        """True where movie ``mid`` has a trained ID row (inside the table and trained)."""
+        rows = self.movie_emb.num_embeddings
+        return (mid < rows) & self.movie_trained[mid.clamp(max=rows - 1)].bool()
+
+    def trained_movie_mean(self) -> Tensor:
+        """Mean of the trained movie rows (the unknown-movie input without a learned one)."""
+        weight = self.movie_emb.weight
+        mask = self.movie_trained.to(weight.dtype)[:, None]
+        return (weight * mask).sum(0) / mask.sum().clamp(min=1)
+
+    def _movie_rows(self, mid: Tensor) -> Tensor:
+        movies = self.movie_emb(mid.clamp(max=self.movie_emb.num_embeddings - 1))
+        # Training batches hold only trained movies (their edges are training edges), so
+        # without a learned vector nothing is replaced there and no host sync happens.
+        if self.unknown_movie is None and self.training:
+            return movies
+        known = self.movie_known(mid)[:, None]
+        if self.unknown_movie is not None:
+            return torch.where(known, movies, self.unknown_movie.to(movies.dtype))
+        if bool(known.all()):
+            return movies
+        return torch.where(known, movies, self.trained_movie_mean().to(movies.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints from before ``movie_trained`` existed: every row counts as trained
+        # (their behaviour then is unchanged).
+        state_dict.setdefault(prefix + "movie_trained", torch.ones_like(self.movie_trained))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict) -> dict[str, Tensor]:
         with fp32_guard(self.unbounded, movie_x.device):
@@ -185,14 +231,18 @@ class DotDecoder(nn.Module):
     """``⟨u, m⟩ + b_u + b_m + μ``: all-pairs scores are a matrix multiply.
 
     A user id past the bias table (unknown user) gets a learned bias when the model was
-    trained with user ID dropout, else the table's mean.
+    trained with user ID dropout, else the table's mean. A movie id past the table, or one
+    whose row ``movie_trained`` marks untrained, likewise gets a learned bias (movie ID
+    dropout) or the mean bias of the trained movies.
     """
 
-    def __init__(self, num_users: int, num_movies: int, hidden: int, learn_unknown: bool = False) -> None:
+    def __init__(self, num_users: int, num_movies: int, hidden: int, learn_unknown: bool = False,
+                 learn_unknown_movie: bool = False) -> None:
         super().__init__()
         self.user_bias = nn.Embedding(num_users, 1)
         self.movie_bias = nn.Embedding(num_movies, 1)
         self.unknown_bias = nn.Parameter(torch.zeros(1)) if learn_unknown else None
+        self.unknown_movie_bias = nn.Parameter(torch.zeros(1)) if learn_unknown_movie else None
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.movie_bias.weight)
 
@@ -206,14 +256,32 @@ class DotDecoder(nn.Module):
             return torch.where(known, bias, self.user_bias.weight.mean(0).to(bias.dtype))
         return bias
 
-    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor) -> Tensor:
-        return (zu * zm).sum(-1) + self._user_bias(uid) + self.movie_bias(mid).squeeze(-1)
+    def _movie_bias(self, mid: Tensor, movie_trained: Tensor | None) -> Tensor:
+        rows = self.movie_bias.num_embeddings
+        bias = self.movie_bias(mid.clamp(max=rows - 1)).squeeze(-1)
+        known = mid < rows
+        if movie_trained is not None:
+            known = known & movie_trained[mid.clamp(max=rows - 1)].bool()
+        if self.unknown_movie_bias is not None:
+            return torch.where(known, bias, self.unknown_movie_bias.to(bias.dtype))
+        if not self.training and not bool(known.all()):
+            # the trained rows' mean: untrained rows still hold their zero init
+            mask = (torch.ones(rows, device=bias.device) if movie_trained is None else movie_trained).to(bias.dtype)
+            mean = (self.movie_bias.weight.squeeze(-1) * mask).sum() / mask.sum().clamp(min=1)
+            return torch.where(known, bias, mean)
+        return bias
 
-    def score_block(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor) -> Tensor:
-        """Scores ``[len(uid), len(mid)]``; the matmul is the whole cost."""
+    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor,
+                movie_trained: Tensor | None = None) -> Tensor:
+        return (zu * zm).sum(-1) + self._user_bias(uid) + self._movie_bias(mid, movie_trained)
+
+    def score_block(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor,
+                    movie_trained: Tensor | None = None) -> Tensor:
+        """Scores ``[len(uid), len(mid)]``; the matmul is the whole cost. ``movie_trained``:
+        the encoder's mask of trained movie rows (others get the unknown-movie bias)."""
         out = zu @ zm.T
         out += self._user_bias(uid)[:, None]
-        out += self.movie_bias.weight[mid].T
+        out += self._movie_bias(mid, movie_trained)[None, :]
         return out
 
 
@@ -225,11 +293,12 @@ class MLPDecoder(nn.Module):
         self.lin1 = nn.Linear(2 * hidden, hidden)
         self.lin2 = nn.Linear(hidden, 1)
 
-    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor) -> Tensor:
+    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor,
+                movie_trained: Tensor | None = None) -> Tensor:
         return self.lin2(F.relu(self.lin1(torch.cat([zu, zm], dim=-1)))).squeeze(-1)
 
     def score_block(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor,
-                    max_elements: int = 1 << 25) -> Tensor:
+                    movie_trained: Tensor | None = None, max_elements: int = 1 << 25) -> Tensor:
         """Scores all pairs without materialising ``[users, movies, 2h]`` inputs.
 
         ``lin1([u ‖ m]) = W_u u + W_m m + b``: the two halves are computed once per user
@@ -276,7 +345,8 @@ class Recommender(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = HeteroSAGEEncoder(num_users, num_movies, movie_dim, cfg)
-        self.decoder = (DotDecoder(num_users, num_movies, cfg.hidden, learn_unknown=cfg.user_id_dropout > 0)
+        self.decoder = (DotDecoder(num_users, num_movies, cfg.hidden, learn_unknown=cfg.user_id_dropout > 0,
+                                   learn_unknown_movie=cfg.movie_id_dropout > 0)
                         if cfg.decoder == "dot" else MLPDecoder(cfg.hidden))
         self.retrieval = RetrievalHead(cfg.hidden) if cfg.retrieval_head else None
         self.register_buffer("rating_mean", torch.tensor(float(rating_mean)))
@@ -293,11 +363,14 @@ class Recommender(nn.Module):
         if self.training and self.cfg.user_id_dropout > 0:
             drop = torch.rand(n_id[USER].shape, device=n_id[USER].device) < self.cfg.user_id_dropout
             n_id[USER] = n_id[USER].masked_fill(drop, self.encoder.user_emb.num_embeddings)
+        if self.training and self.cfg.movie_id_dropout > 0:
+            drop = torch.rand(n_id[MOVIE].shape, device=n_id[MOVIE].device) < self.cfg.movie_id_dropout
+            n_id[MOVIE] = n_id[MOVIE].masked_fill(drop, self.encoder.movie_emb.num_embeddings)
         z = self.encoder(n_id, batch[MOVIE].x, batch.edge_index_dict)
         u, m = batch[RATES].edge_label_index
         zu, zm = z[USER][u], z[MOVIE][m]
         with self._guard(zu):
-            pred = self.decoder(zu, zm, n_id[USER][u], n_id[MOVIE][m]) + self.rating_mean
+            pred = self.decoder(zu, zm, n_id[USER][u], n_id[MOVIE][m], self.encoder.movie_trained) + self.rating_mean
             if self.retrieval is None:
                 return pred, None
             return pred, self.retrieval(zu, zm)
@@ -333,7 +406,8 @@ class Recommender(nn.Module):
     def score_block(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:
         """Predicted ratings for all pairs of ``uid`` × ``mid`` (global node ids)."""
         with self._guard(z[USER]):
-            return self.decoder.score_block(z[USER][uid], z[MOVIE][mid], uid, mid) + self.rating_mean
+            return (self.decoder.score_block(z[USER][uid], z[MOVIE][mid], uid, mid, self.encoder.movie_trained)
+                    + self.rating_mean)
 
     def rank_block(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:
         """Ranking scores for all pairs of ``uid`` × ``mid``: the retrieval head's logits,
@@ -345,4 +419,4 @@ class Recommender(nn.Module):
     def predict_pairs(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:
         """Predicted ratings of aligned pairs ``(uid[i], mid[i])``."""
         with self._guard(z[USER]):
-            return self.decoder(z[USER][uid], z[MOVIE][mid], uid, mid) + self.rating_mean
+            return self.decoder(z[USER][uid], z[MOVIE][mid], uid, mid, self.encoder.movie_trained) + self.rating_mean
