@@ -15,7 +15,7 @@ from torch_geometric.loader import LinkNeighborLoader
 from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import TrainConfig
 from scalable_rec.train.distributed import DistEnv
-from scalable_rec.train.batches import make_loader
+from scalable_rec.train.batches import SupervisionEdges, make_loader
 
 MAX_BATCHES = 50
 
@@ -36,9 +36,9 @@ def _drain(loader, n):
 def test_sampling_ours(benchmark, graph):
     g, split = graph
     cfg = TrainConfig(progress=False)
-    label = torch.stack([g.rating[split.train], torch.ones(split.train.numel())], 1)
-    loader, _ = make_loader(g.hetero_data(split.train), g.src[split.train], g.dst[split.train], label, cfg,
-                            cfg.batch_size, DistEnv(), shuffle=True, device=torch.device("cpu"))
+    edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)
+    loader, _ = make_loader(g.hetero_data(split.train), edges, cfg, cfg.batch_size, DistEnv(), shuffle=True,
+                            device=torch.device("cpu"))
     seeds = benchmark.pedantic(_drain, args=(loader, MAX_BATCHES), rounds=3, warmup_rounds=1)
     benchmark.extra_info.update(batch_size=cfg.batch_size, num_neighbors=cfg.num_neighbors,
                                 seeds_per_s=seeds / benchmark.stats.stats.median)

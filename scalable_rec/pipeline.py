@@ -249,7 +249,8 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", config)
     result = train(graph, split, cfg.model, cfg.train, run_dir, config=config, data=data,
-                   rating_range=(cfg.data.rating_min, cfg.data.rating_max))
+                   rating_range=(cfg.data.rating_min, cfg.data.rating_max),
+                   layer_batch_size=cfg.store.layer_batch_size)
     timings["train_s"] = result.seconds
     interrupted_by = (signal.Signals(result.signal).name if result.signal is not None
                       else "max_steps" if result.interrupted else None)

@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "index", "load", "train", "train-store", "train-2", "train-store-2", "score", "score-store")
+STAGES = ("prepare", "index", "load", "train", "train-store", "train-2", "train-store-2", "train-store-phases", "score",
+          "score-store")
 DEFAULT_STAGES = ("prepare", "index", "load", "train", "train-store", "score", "score-store")
 TWO_RANKS = ("train-2", "train-store-2")
 
@@ -51,7 +52,7 @@ def sizes_for(edges: int) -> tuple[int, int]:
     return max(100, int(162_000 * ratio ** 0.75)), max(100, int(59_000 * ratio ** 0.6))
 
 
-def run_stage(stage: str, edges: int, workdir: Path, train_steps: int) -> dict:
+def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_users: int = 0) -> dict:
     """Child-process body: runs one stage and returns its figures."""
     import torch
 
@@ -77,6 +78,8 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int) -> dict:
         g = RatingGraph.from_shards(GraphShards(shards_dir))
         g.hetero_data()
         out["edges_per_s"] = edges / (time.perf_counter() - t0)
+    elif stage == "train-store-phases":
+        out.update(train_phases(shards_dir, workdir / f"run-{stage}-{edges}", train_steps))
     elif stage.startswith("train"):
         from scalable_rec.train import ModelConfig, TrainConfig, train
 
@@ -120,20 +123,78 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int) -> dict:
         out["encode_s"] = time.perf_counter() - t1
         out["encode_cpu_s"] = time.process_time() - c1
         all_movies = torch.arange(num_movies)
+        # A fixed slice of users, evenly spaced over the ids (heavy and light users alike),
+        # when full-catalog ranking of every user would take too long; the full time is then
+        # extrapolated linearly in users (ranking costs the same per user: one score row).
+        users = None
+        if 0 < score_users < num_users:
+            users = torch.arange(num_users)[::-(-num_users // score_users)]
         t2, c2 = time.perf_counter(), time.process_time()
         n = 0
         for users_chunk, _, _ in topk_chunks(lambda u: model.rank_block(z, u, all_movies), num_users,
-                                             num_movies, ScoreConfig(), rated):
+                                             num_movies, ScoreConfig(), rated, users):
             n += users_chunk.numel()
         out["rank_s"] = time.perf_counter() - t2
         out["rank_cpu_s"] = time.process_time() - c2
         out["pairs_per_s"] = n * num_movies / out["rank_s"]
+        out["scored_users"] = n
+        scale = num_users / n
+        out["rank_s_all_users"] = out["rank_s"] * scale  # == rank_s when every user was scored
+        out["rank_cpu_s_all_users"] = out["rank_cpu_s"] * scale
+        out["score_cpu_s_all_users"] = out["encode_cpu_s"] + out["rank_cpu_s_all_users"]
     out["seconds"] = time.perf_counter() - t0
     # CPU seconds (user + sys of this process): on a shared, oversubscribed machine they
     # compare two code paths more fairly than wall time.
     out["cpu_s"] = time.process_time()
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def train_phases(shards_dir: Path, run_dir: Path, train_steps: int) -> dict:
+    """One store-backed training rank, phase by phase through the loop's own steps
+    (``build_job``, ``train_epoch``, ``validate``): this process's private memory
+    (``RssAnon``) after each phase and its peak within it, sampled every 20 ms."""
+    import threading
+
+    def anon_mib() -> float:
+        return _proc_kib(os.getpid()).get("status.RssAnon", 0) / 1024
+
+    peak, done = [anon_mib()], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], anon_mib())
+
+    threading.Thread(target=watch, daemon=True).start()
+    phases: dict[str, dict[str, float]] = {}
+
+    def mark(name: str) -> None:
+        now = anon_mib()
+        phases[name] = {"after_mib": round(now, 1), "peak_mib": round(max(peak[0], now), 1)}
+        peak[0] = now
+
+    mark("torch, PyG and the package imported")  # by run_stage, before this
+    from scalable_rec.graph import SplitConfig
+    from scalable_rec.graph.index import GraphIndex
+    from scalable_rec.graph.store import open_stores
+    from scalable_rec.shards import GraphShards
+    from scalable_rec.train import ModelConfig, TrainConfig
+    from scalable_rec.train.loop import Progress, build_job, train_epoch, validate
+
+    shards = GraphShards(shards_dir, verify=False)
+    index = GraphIndex.for_shards(shards, SplitConfig(), verify=False)
+    graph, split, data = index.rating_graph(shards), index.split(), open_stores(index, "train")
+    split.val = split.val[:50_000]
+    mark("open index")
+    job = build_job(graph, split, ModelConfig(), TrainConfig(epochs=1, steps_per_epoch=train_steps, progress=False),
+                    run_dir, None, data=data)
+    mark("build_job (loader, model, optimiser)")
+    train_epoch(job, Progress(), {"signal": None})
+    mark(f"{train_steps} training steps")
+    validate(job)
+    mark("validation (layer-wise)")
+    done.set()
+    return {"phases": phases}
 
 
 def _proc_kib(pid: int) -> dict[str, int]:
@@ -175,9 +236,10 @@ def tree_memory(root: int, ranks_only: bool) -> dict[str, float]:
     return tot
 
 
-def run_child(cmd: list[str], ranks_only: bool, log_dir: Path) -> tuple[int, str, str, dict[str, float]]:
+def run_child(cmd: list[str], ranks_only: bool, log_dir: Path,
+              name: str = "child") -> tuple[int, str, str, dict[str, float]]:
     """Runs ``cmd``, sampling its tree's memory every 50 ms; returns rc, stdout, stderr, peaks."""
-    out_path, err_path = log_dir / ".child.out", log_dir / ".child.err"
+    out_path, err_path = log_dir / f".{name}.out", log_dir / f".{name}.err"
     peaks: dict[str, float] = {}
     with open(out_path, "w") as fo, open(err_path, "w") as fe:
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True)
@@ -186,6 +248,17 @@ def run_child(cmd: list[str], ranks_only: bool, log_dir: Path) -> tuple[int, str
                 peaks[key] = max(peaks.get(key, 0.0), value)
             time.sleep(0.05)
     return proc.returncode, out_path.read_text(), err_path.read_text(), peaks
+
+
+def merged_rows(out: Path) -> list[dict]:
+    """Rows of every ``scale*.json`` in ``out`` (oldest file first; a later file's row for the
+    same stage and size replaces an earlier one)."""
+    rows: dict[tuple[str, int], dict] = {}
+    files = sorted((p for p in out.glob("scale*.json") if p.name != "scale.json"), key=lambda p: p.stat().st_mtime)
+    for path in ([out / "scale.json"] if (out / "scale.json").is_file() else []) + files:
+        for row in json.loads(path.read_text()):
+            rows[(row["stage"], row["edges"])] = row
+    return list(rows.values())
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -231,38 +304,135 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MARK_START, MARK_END = "<!-- scale:start -->", "<!-- scale:end -->"
+PATHS = {"prepare": "shards", "index": "graph index", "load": "memory", "train": "memory", "train-store": "store",
+         "train-2": "memory, 2 ranks", "train-store-2": "store, 2 ranks", "train-store-phases": "store, by phase",
+         "score": "memory", "score-store": "store"}
+
+
+def _score_cpu(r: dict) -> float:
+    """Encode + ranking CPU seconds for every user (rows from before user slices: as measured)."""
+    return r.get("score_cpu_s_all_users", r.get("encode_cpu_s", 0.0) + r.get("rank_cpu_s", 0.0))
+
+
+def _score_cell(r: dict) -> str:
+    users = r.get("scored_users", r["users"])
+    if users < r["users"]:
+        return (f"encode {r['encode_cpu_s']:.1f} + rank {r['rank_cpu_s']:.1f} CPU s for {users:,} users → "
+                f"{_score_cpu(r):.0f} CPU s for all {r['users']:,} (extrapolated)")
+    return f"encode {r['encode_cpu_s']:.1f} + rank {r['rank_cpu_s']:.1f} CPU s, all {users:,} users"
+
+
+def readme_table(rows: list[dict]) -> str:
+    """The README's scale block: one table per graph size and the target checks, all from ``rows``."""
+    nan = float("nan")
+    out = []
+    for edges in sorted({r["edges"] for r in rows}):
+        by = {r["stage"]: r for r in rows if r["edges"] == edges and "error" not in r}
+        if not by:
+            continue
+        any_row = next(iter(by.values()))
+        out += [f"**{edges:,} edges** ({any_row['users']:,} users × {any_row['movies']:,} movies)", "",
+                "| stage | path | wall s | CPU s | private MiB | PSS MiB | figure |", "|---|---|---:|---:|---:|---:|---|"]
+        for stage in STAGES:
+            r = by.get(stage)
+            if r is None or stage == "train-store-phases":
+                continue
+            if stage.startswith("train"):
+                cpu = r.get("train_cpu_s", nan)
+                fig = f"{r['steps']} steps × {r.get('ranks', 1)} rank(s), {r['labelled_edges_per_s']:,.0f} labelled edges/s"
+            elif stage.startswith("score"):
+                cpu = _score_cpu(r)
+                fig = _score_cell(r)
+            else:
+                cpu = r.get("cpu_s", nan)
+                fig = f"{r.get('edges_per_s', nan):,.0f} edges/s"
+            out.append(f"| {stage} | {PATHS[stage]} | {r['seconds']:.0f} | {cpu:.1f} | {r.get('private_mib', nan):,.0f} | "
+                       f"{r.get('pss_mib', nan):,.0f} | {fig} |")
+        for name, fail in [("failed", [r for r in rows if r["edges"] == edges and "error" in r])]:
+            for r in fail:
+                out.append(f"| {r['stage']} | {PATHS[r['stage']]} | {name} | | | | {r['error'][-60:]!r} |")
+        checks = []
+        if "train-store" in by and "train-store-2" in by:
+            one, two = by["train-store"], by["train-store-2"]
+            checks.append(f"two ranks / one rank, summed PSS: {two['pss_mib']:,.0f} / {one['pss_mib']:,.0f} = "
+                          f"**{two['pss_mib'] / one['pss_mib']:.2f}×** (target < 1.3×)")
+        for stage in ("train-store", "score-store"):
+            if stage in by:
+                target = "target ≤ 2,048" if edges == 25_000_000 else "the ≤ 2,048 target is set at 25M"
+                checks.append(f"{stage} peak private memory **{by[stage]['private_mib']:,.0f} MiB** ({target})")
+        if "train" in by and "train-store" in by:
+            m, st = by["train"], by["train-store"]
+            checks.append(f"train CPU s store / memory: {st['train_cpu_s']:.1f} / {m['train_cpu_s']:.1f} = "
+                          f"**{st['train_cpu_s'] / m['train_cpu_s']:.2f}** (target ≤ 1.2); labelled edges/s "
+                          f"{st['labelled_edges_per_s']:,.0f} / {m['labelled_edges_per_s']:,.0f} = "
+                          f"{st['labelled_edges_per_s'] / m['labelled_edges_per_s']:.2f} (wall time, shared machine)")
+        if "score" in by and "score-store" in by:
+            m, st = by["score"], by["score-store"]
+            checks.append(f"score CPU s store / memory: {_score_cpu(st):.0f} / {_score_cpu(m):.0f} = "
+                          f"**{_score_cpu(st) / _score_cpu(m):.2f}** (target ≤ 1.2)")
+        out += [""] + [f"- {c}" for c in checks] + [""]
+        if "train-store-phases" in by:
+            out += ["One store-backed training rank by phase (`train-store-phases`: this process's private "
+                    "memory after each phase, and its peak within it):", "",
+                    "| phase | private MiB after | peak MiB within |", "|---|---:|---:|"]
+            out += [f"| {name} | {v['after_mib']:,.0f} | {v['peak_mib']:,.0f} |"
+                    for name, v in by["train-store-phases"]["phases"].items()] + [""]
+    return "\n".join(out)
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Replaces the text between the scale markers of ``readme`` (written atomically)."""
+    from scalable_rec.atomic import atomic_open
+
+    text = readme.read_text()
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"--readme: {readme} has no '{MARK_START}' … '{MARK_END}' block")
+    with atomic_open(readme, "w") as fh:
+        fh.write(text[:start + len(MARK_START)] + "\n" + block + "\n" + text[end:])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--edges", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000, 25_000_000])
     p.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=STAGES)
     p.add_argument("--train-steps", type=int, default=50)
+    p.add_argument("--score-users", type=int, default=0,
+                   help="score stages rank this many users (evenly spaced) and extrapolate to all; 0: all")
+    p.add_argument("--results", default="scale.json",
+                   help="rows file in --out for this invocation (several may run at once); reports merge scale*.json")
+    p.add_argument("--readme", type=Path, default=None, help="README whose scale block is replaced (with --report)")
     p.add_argument("--out", default="runs/scale")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # child mode
     p.add_argument("--report", action="store_true", help="only rewrite scale.md and scale.png from scale.json")
     args = p.parse_args()
     out = Path(args.out)
     if args.report:
-        rows = json.loads((out / "scale.json").read_text())
+        rows = merged_rows(out)
         (out / "scale.md").write_text(markdown(rows))
+        (out / "scale.json").write_text(json.dumps(rows, indent=2))
         plot(rows, out / "scale.png")
+        if args.readme:
+            update_readme(args.readme, readme_table(rows))
         print(markdown(rows))
         return
     if args.stage:
-        row = run_stage(args.stage, args.edges[0], out, args.train_steps)
+        row = run_stage(args.stage, args.edges[0], out, args.train_steps, args.score_users)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(row))
         return
     out.mkdir(parents=True, exist_ok=True)
-    results = out / "scale.json"
+    results = out / args.results
     rows = json.loads(results.read_text()) if results.is_file() else []  # runs add to earlier ones
     for edges in args.edges:
         for stage in args.stages:
             child = [__file__, "--stage", stage, "--edges", str(edges), "--out", str(out),
-                     "--train-steps", str(args.train_steps)]
+                     "--train-steps", str(args.train_steps), "--score-users", str(args.score_users)]
             two = stage in TWO_RANKS
             cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *child]
                    if two else [sys.executable, *child])
-            rc, stdout, stderr, peaks = run_child(cmd, ranks_only=two, log_dir=out)
+            rc, stdout, stderr, peaks = run_child(cmd, ranks_only=two, log_dir=out, name=f"{stage}-{edges}")
             rows = [r for r in rows if (r["stage"], r["edges"]) != (stage, edges)]
             if rc != 0:
                 print(f"{stage} at {edges:,} edges failed:\n{stderr[-2000:]}", file=sys.stderr)
@@ -276,6 +446,7 @@ def main() -> None:
                   f"  USS {row.get('uss_mib', 0):8,.0f}  PSS {row.get('pss_mib', 0):8,.0f}"
                   f"  RSS {row['peak_rss_mib']:8,.0f} MiB", flush=True)
             results.write_text(json.dumps(rows, indent=2))
+    rows = merged_rows(out)
     (out / "scale.md").write_text(markdown(rows))
     plot(rows, out / "scale.png")
     print(markdown(rows))

@@ -1,4 +1,8 @@
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +49,8 @@ def test_index_is_reused_and_leaves_no_temporary_directory(tiny_shards, index_di
     mtime = (index_dir / "meta.json").stat().st_mtime_ns
     assert build_index(tiny_shards, SplitConfig(), root=index_dir.parent) == index_dir
     assert (index_dir / "meta.json").stat().st_mtime_ns == mtime
-    assert [p.name for p in index_dir.parent.iterdir()] == [index_dir.name]
+    # the index and the lock file its builders take (``.<key>.lock``), nothing else
+    assert sorted(p.name for p in index_dir.parent.iterdir()) == [f".{index_dir.name}.lock", index_dir.name]
     # another split is another index
     other = build_index(tiny_shards, SplitConfig(split_seed=1), root=index_dir.parent)
     assert other != index_dir and not torch.equal(GraphIndex.open(other).split().test,
@@ -84,3 +89,21 @@ def test_mapped_tensors_are_file_backed(index_dir):
     maps = open(f"/proc/{os.getpid()}/maps").read()
     assert str(index_dir / "all" / "rates_row.npy") in maps
     assert row.numel() > 0
+
+
+def test_two_torchrun_ranks_build_the_index_once(tiny_shards, tmp_path):
+    """Both ranks ask for the same missing index at once (after a barrier): one builds it,
+    the other waits on the lock and opens the same directory; no temporary one is left."""
+    root, prefix = tmp_path / "index", tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("index_worker.py")), str(tiny_shards.directory), str(root), str(prefix)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(Path(f"{prefix}-rank{r}.json").read_text()) for r in range(2)]
+    wrote = [m for r in ranks for m in r["messages"] if m.startswith("index: wrote")]
+    waited = [m for r in ranks for m in r["messages"] if "was built by another process" in m]
+    assert len(wrote) == 1 and len(waited) == 1, [r["messages"] for r in ranks]
+    assert ranks[0]["directory"] == ranks[1]["directory"] and ranks[0]["edges"] == ranks[1]["edges"] == 500
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == [Path(ranks[0]["directory"]).name]

@@ -153,14 +153,14 @@ def test_steps_per_epoch_caps_each_epoch(small, tmp_path):
 def test_no_target_pair_is_in_its_own_batch_in_either_direction(small, supervision):
     from scalable_rec.graph import RATES, REV_RATES
     from scalable_rec.train.distributed import DistEnv
-    from scalable_rec.train.batches import make_loader, supervision_edges
+    from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_edges
 
     g, split = small
     cfg = _cfg(supervision=supervision, num_neighbors=[-1, -1])  # all neighbours: every target would be in
     message_ids, target_ids = supervision_edges(split.train, cfg)
-    label = torch.stack([g.rating[target_ids], torch.ones(target_ids.numel())], 1)
-    loader, _ = make_loader(g.hetero_data(message_ids), g.src[target_ids], g.dst[target_ids], label, cfg, 512,
-                            DistEnv(), shuffle=True, device=torch.device("cpu"),
+    edges = SupervisionEdges(g.src, g.dst, g.rating, target_ids)
+    loader, _ = make_loader(g.hetero_data(message_ids), edges, cfg, 512, DistEnv(), shuffle=True,
+                            device=torch.device("cpu"),
                             exclude_targets=supervision == "exclude_targets")
     checked = 0
     for step, batch in enumerate(loader):
@@ -226,7 +226,7 @@ def test_training_loss_ranking_term_ignores_dislikes_and_class_weights(small, tm
 
     from scalable_rec.graph import RATES
     from scalable_rec.train.distributed import DistEnv
-    from scalable_rec.train.batches import make_loader
+    from scalable_rec.train.batches import SupervisionEdges, make_loader
     from scalable_rec.train.loop import training_loss
     from scalable_rec.train.model import Recommender
 
@@ -235,9 +235,8 @@ def test_training_loss_ranking_term_ignores_dislikes_and_class_weights(small, tm
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8, dropout=0.0))
     cfg = _cfg(num_neighbors=[-1, -1])
-    loader, _ = make_loader(g.hetero_data(split.train), g.src[ids], g.dst[ids],
-                            torch.stack([g.rating[ids], torch.ones(256)], 1), cfg, 256, DistEnv(), shuffle=False,
-                            device=torch.device("cpu"))
+    loader, _ = make_loader(g.hetero_data(split.train), SupervisionEdges(g.src, g.dst, g.rating, ids), cfg, 256,
+                            DistEnv(), shuffle=False, device=torch.device("cpu"))
     batch = next(iter(loader))
 
     def loss(rank_weight, label):

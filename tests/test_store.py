@@ -105,3 +105,44 @@ def test_store_config_chooses_by_size_and_validates():
     assert not StoreConfig(graph_backend="memory").use_store(10 ** 12)
     with pytest.raises(ValueError, match="'graph_backend' needs to be .* \\(got 'disk'\\); 'store_min_edges' needs"):
         StoreConfig(graph_backend="disk", store_min_edges=-1)
+
+
+def _store_job(tiny, tiny_shards, tmp_path):
+    from scalable_rec.train.loop import build_job
+
+    _, _, index = tiny
+    graph, split = index.rating_graph(tiny_shards), index.split()
+    cfg = TrainConfig(batch_size=64, num_neighbors=[3, 2], progress=False, loss="weighted_mse")
+    return build_job(graph, split, ModelConfig(hidden=8), cfg, tmp_path, None, data=open_stores(index, "train"))
+
+
+def test_store_job_reads_supervision_edges_from_the_mapped_files(tiny, tiny_shards, tmp_path):
+    """No rank holds a private copy of the supervision edges: the loader's input is the
+    index's mapped ``edges/*`` and ``split/train`` themselves, gathered per batch, and
+    PyG's own copy (LinkLoader's ``edge_label_index``) is one placeholder edge."""
+    job = _store_job(tiny, tiny_shards, tmp_path)
+    link = job.train_loader.collate_fn
+    edges = link.input_data
+    assert edges.src is job.graph.src and edges.dst is job.graph.dst and edges.rating is job.graph.rating
+    assert edges.ids is job.split.train
+    assert link.edge_label_index[1].size(1) == 1
+    assert len(job.train_loader) == -(-job.split.train.numel() // 64)
+
+
+def test_validation_through_the_stores_builds_no_in_memory_graph(tiny, tiny_shards, tmp_path, monkeypatch):
+    """With the stores, validation encodes layer-wise over the mapped training CSC (no
+    ``hetero_data``/``encode_all``), and gives the in-memory path's numbers."""
+    from scalable_rec.train.loop import validate
+
+    g, _, _ = tiny
+    job = _store_job(tiny, tiny_shards, tmp_path)
+    memory = validate(type(job)(**{**vars(job), "stores": None, "graph": g}))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validation built the in-memory training graph")
+
+    monkeypatch.setattr(RatingGraph, "hetero_data", refuse)
+    monkeypatch.setattr(type(job.model), "encode_all", refuse)
+    stores = validate(job)
+    for key in ("rmse", "mae", "recall", "ndcg"):
+        assert stores[key] == pytest.approx(memory[key], rel=1e-5, abs=1e-6), key

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from scalable_rec.errors import ShardError
 from scalable_rec.graph.features import FeatureConfig
@@ -96,12 +97,25 @@ def build_index(shards: GraphShards, split: SplitConfig, features: FeatureConfig
     """Writes the index of ``shards`` under ``root`` (default ``<shards>/index``); returns its path.
 
     Peak memory is that of ``RatingGraph.from_shards`` plus one subset's sort (``prepare``
-    pays it once); an index that already exists is reused.
+    pays it once); an index that already exists is reused. Processes that ask for the
+    same index at once (the ranks of a torchrun job) build it once: the first takes a
+    file lock beside it (``.<key>.lock``, ``filelock``), the others wait on that lock and
+    then open what it wrote. No collective is involved, so a rank waiting here holds no
+    other rank at a collective timeout.
     """
     root = Path(root) if root is not None else shards.directory / "index"
     final = root / index_key(shards, split, features)
     if (final / META_NAME).is_file():
         return final
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{final.name}.lock")):
+        if (final / META_NAME).is_file():  # another process built it while this one waited
+            log.info("index: %s was built by another process", final)
+            return final
+        return _build(shards, split, features, root, final)
+
+
+def _build(shards: GraphShards, split: SplitConfig, features: FeatureConfig, root: Path, final: Path) -> Path:
     t0 = time.perf_counter()
     tmp = root / f".{final.name}.incomplete-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -4,14 +4,23 @@ from its own subgraph."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
 from torch_geometric.data import HeteroData
 from torch_geometric.loader import LinkNeighborLoader
+from torch_geometric.sampler import EdgeSamplerInput
 
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.train.config import TrainConfig
 from scalable_rec.train.distributed import DistEnv, EdgeEpochSampler
+from scalable_rec.train.losses import rating_class_table, rating_classes
+
+# Edges per chunk when a statistic is gathered over all supervision edges: the gathered
+# copies stay this small instead of one private copy of every supervision edge per rank.
+STATS_CHUNK = 1 << 20
 
 
 class ExcludeTargets:
@@ -46,20 +55,87 @@ class ExcludeTargets:
         return data
 
 
-def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor, cfg: TrainConfig,
-                batch_size: int, env: DistEnv, shuffle: bool, device: torch.device,
-                generator: torch.Generator | None = None, exclude_targets: bool = False):
-    """A ``LinkNeighborLoader`` over this rank's slice of ``(src, dst)`` supervision edges.
+@dataclass
+class SupervisionEdges:
+    """The supervision edges, gathered one batch at a time (the loader's ``input_data``).
 
-    ``label`` is ``[n, 2]``: rating and sample weight. ``world_size - 1`` zero-weight
-    copies are appended so that every rank gets the same number of batches. With
+    ``src``, ``dst`` and ``rating`` are every rating edge's arrays and ``ids`` the
+    supervising edges' ids into them: with the graph index all four are the mapped files
+    (``edges/*``, ``split/train``), so a batch reads its rows from the page cache that every
+    rank of a node shares, and no rank holds a private copy of all supervision edges (PyG's
+    ``EdgeSamplerInput`` clones the ``edge_label_index`` rows it is given). Positions from
+    ``num_edges`` on are the pads the sampler deals so that ranks get equal slices: pad
+    ``num_edges + k`` repeats edge ``k`` with weight 0.
+
+    Args:
+        src: User of every rating edge.
+        dst: Movie of every rating edge.
+        rating: Rating of every rating edge.
+        ids: Ids of the supervision edges into ``src``/``dst``/``rating``.
+        class_weight: Weight per half-star class (``losses.rating_class_table``); ``None``
+            weighs every edge 1.
+    """
+
+    src: Tensor
+    dst: Tensor
+    rating: Tensor
+    ids: Tensor
+    class_weight: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.src.numel()
+        if self.dst.numel() != n or self.rating.numel() != n:
+            raise ValueError(f"'src', 'dst' and 'rating' need one entry per edge (got {n}, {self.dst.numel()}, "
+                             f"{self.rating.numel()})")
+        if self.ids.numel() == 0:
+            raise ValueError("'ids' needs at least one supervision edge (got none)")
+
+    input_type = RATES  # what LinkLoader reads from its input_data besides indexing it
+
+    @property
+    def num_edges(self) -> int:
+        return self.ids.numel()
+
+    def __getitem__(self, index) -> EdgeSamplerInput:
+        index = torch.as_tensor(index, dtype=torch.long)
+        real = index < self.num_edges
+        ids = self.ids[torch.where(real, index, index - self.num_edges)]
+        rating = self.rating[ids].float()
+        weight = real.float() if self.class_weight is None else self.class_weight[rating_classes(rating)] * real
+        return EdgeSamplerInput(input_id=index, row=self.src[ids], col=self.dst[ids],
+                                label=torch.stack([rating, weight], 1), input_type=RATES)
+
+    def chunks(self):
+        """``(dst, rating)`` of the supervision edges, ``STATS_CHUNK`` at a time."""
+        for part in self.ids.split(STATS_CHUNK):
+            yield self.dst[part], self.rating[part].float()
+
+
+def supervision_stats(edges: SupervisionEdges, num_movies: int) -> dict[str, Tensor | float]:
+    """Over all supervision edges, a chunk at a time: ``class_counts`` per half-star class,
+    ``rating_mean`` and ``movie_counts`` (each movie's supervision edges)."""
+    classes, movies = torch.zeros(0, dtype=torch.long), torch.zeros(num_movies, dtype=torch.long)
+    total = 0.0
+    for dst, rating in edges.chunks():
+        c = torch.bincount(rating_classes(rating))
+        classes = torch.nn.functional.pad(classes, (0, max(0, c.numel() - classes.numel())))
+        classes[:c.numel()] += c
+        movies += torch.bincount(dst, minlength=num_movies)
+        total += float(rating.double().sum())
+    return {"class_counts": classes, "rating_mean": total / edges.num_edges, "movie_counts": movies}
+
+
+def make_loader(data, edges: SupervisionEdges, cfg: TrainConfig, batch_size: int, env: DistEnv, shuffle: bool,
+                device: torch.device, generator: torch.Generator | None = None, exclude_targets: bool = False):
+    """Mini-batches of this rank's slice of the supervision ``edges``, each with its
+    ``LinkNeighborLoader`` subgraph; returns ``(loader, sampler)``.
+
+    Batch labels are ``[b, 2]``: rating and sample weight. ``world_size - 1`` zero-weight
+    pads follow the real edges so that every rank gets the same number of batches. With
     ``exclude_targets`` each batch's targets leave its subgraph (``ExcludeTargets``).
     """
-    n = src.numel()
+    n = edges.num_edges
     pad = env.world_size - 1  # enough for any remainder the sampler deals (also a re-dealt resume)
-    if pad:
-        src, dst = torch.cat([src, src[:pad]]), torch.cat([dst, dst[:pad]])
-        label = torch.cat([label, torch.stack([label[:pad, 0], torch.zeros(pad)], 1)])
     sampler = EdgeEpochSampler(n, env.rank, env.world_size, cfg.seed, shuffle=shuffle)
     workers = cfg.num_workers if cfg.num_workers >= 0 else (
         0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // max(1, env.world_size) - 1)))
@@ -70,12 +146,22 @@ def make_loader(data, src: torch.Tensor, dst: torch.Tensor, label: torch.Tensor,
             for value in store.values():
                 if isinstance(value, torch.Tensor):
                     value.share_memory_()
-    loader = LinkNeighborLoader(
-        data, num_neighbors=cfg.num_neighbors, edge_label_index=(RATES, torch.stack([src, dst])),
-        edge_label=label, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    # PyG's loader is used as the per-batch sampling function (``link(index)`` samples and
+    # filters the subgraph of the input edges at ``index``), with ``edges`` as its input:
+    # built from one placeholder edge, because LinkLoader copies every ``edge_label_index``
+    # row it is given into an ``EdgeSamplerInput``.
+    placeholder = edges[torch.zeros(1, dtype=torch.long)]
+    link = LinkNeighborLoader(
+        data, num_neighbors=cfg.num_neighbors, edge_label_index=(RATES, torch.stack([placeholder.row,
+                                                                                     placeholder.col])),
+        edge_label=placeholder.label, batch_size=batch_size,
+        transform=ExcludeTargets(n) if exclude_targets else None,
+    )
+    link.input_data = edges
+    loader = DataLoader(
+        range(n + pad), batch_size=batch_size, sampler=sampler, collate_fn=link, num_workers=workers,
         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None, generator=generator,
-        transform=ExcludeTargets(n) if exclude_targets else None,
     )
     return loader, sampler
 

@@ -227,16 +227,22 @@ class EdgeEpochSampler(Sampler[int]):
         return (r + self.num_pad(r, self.world_size)) // self.world_size
 
     def __iter__(self) -> Iterator[int]:
+        # int32 ids (the same permutation as int64's) and only this rank's share kept: the
+        # global order is a private array in every rank, 4 instead of 8 bytes per edge, and
+        # freed before the epoch starts instead of held by a strided view of it.
+        dtype = torch.int32 if self.num_edges + self.world_size < 2 ** 31 else torch.long
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_edges, generator=g)
+            order = torch.randperm(self.num_edges, generator=g, dtype=dtype)
         else:
-            order = torch.arange(self.num_edges)
-        order = order[self.position:]
-        pad = self.num_pad(order.numel(), self.world_size)
-        if pad:
-            order = torch.cat([order, torch.arange(self.num_edges, self.num_edges + pad)])
-        mine = order[self.rank::self.world_size]
+            order = torch.arange(self.num_edges, dtype=dtype)
+        rest = self._remaining()
+        slots = torch.arange(self.rank, rest + self.num_pad(rest, self.world_size), self.world_size, dtype=dtype)
+        real = slots < rest
+        # slot i < rest is position ``position + i`` of the order; the slots after it are pads
+        mine = torch.where(real, order[self.position + slots.clamp(max=max(rest - 1, 0))],
+                           self.num_edges + slots - rest) if slots.numel() else slots
+        del order
         # Converted to Python ints a chunk at a time: a list of the whole slice costs
         # ~36 bytes per edge (720 MiB for 20M training edges) in every rank.
         return (i for chunk in mine.split(1 << 16) for i in chunk.tolist())

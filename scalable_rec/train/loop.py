@@ -28,17 +28,15 @@ from torch_geometric.data import HeteroData
 from tqdm.auto import tqdm
 
 from scalable_rec.errors import CollectiveError, DivergedError
-from scalable_rec.graph.hetero import RATES, EdgeSplit, RatingGraph
+from scalable_rec.graph.hetero import RATES, REV_RATES, EdgeSplit, RatingGraph
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.distributed import (
     DistEnv, EdgeEpochSampler, agree_stop, all_reduce_sum, broadcast_tensors_, from_rank0, init_distributed,
     inject_fault, is_collective_timeout,
 )
-from scalable_rec.train.batches import make_loader, supervision_edges
+from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_edges, supervision_stats
 from scalable_rec.train.config import PRECISIONS, TrainConfig, resolve_device
-from scalable_rec.train.losses import (
-    gather_columns, in_batch_softmax_loss, rating_class_weights, ranking_positives,
-)
+from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, ranking_positives, rating_class_table
 from scalable_rec.train.model import ModelConfig, Recommender
 
 log = logging.getLogger(__name__)
@@ -87,6 +85,11 @@ class Job:
     rating_range: tuple[float, float]
     loader_gen: torch.Generator
     log_q: torch.Tensor
+    stores: tuple | None = None
+    """The ``(feature_store, graph_store)`` of the training edges when training samples
+    from the graph index; validation then encodes layer-wise over them."""
+    layer_batch_size: int = 16384
+    """Destination nodes per batch of that layer-wise encoding."""
 
 
 @dataclass
@@ -108,7 +111,7 @@ class Progress:
 def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
           run_dir: str | os.PathLike, config: dict[str, Any] | None = None,
           data: HeteroData | tuple | None = None,
-          rating_range: tuple[float, float] = (0.5, 5.0)) -> TrainResult:
+          rating_range: tuple[float, float] = (0.5, 5.0), layer_batch_size: int = 16384) -> TrainResult:
     """Trains a recommender on ``split.train`` and early-stops on ``split.val``.
 
     Under torchrun this joins the process group (and leaves it joined, so the caller can
@@ -127,9 +130,11 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
             (``scalable_rec.graph.store.open_stores(index, "train")``) samples from the
             memory-mapped index instead.
         rating_range: Valid ratings ``(min, max)``; validation clamps predictions to it.
+        layer_batch_size: With the stores, validation encodes layer-wise over them in
+            batches of this many destination nodes (``scalable_rec.score.layerwise``).
     """
     t0 = time.perf_counter()
-    job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config, data, rating_range)
+    job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config, data, rating_range, layer_batch_size)
     try:
         progress = restore(job) if wants_resume(job) else Progress()
         # a resumed run that had early-stopped stays stopped, unless --patience grew (the
@@ -161,7 +166,7 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
 
 def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
               run_dir: Path, config: dict[str, Any] | None, data: HeteroData | tuple | None = None,
-              rating_range: tuple[float, float] = (0.5, 5.0)) -> Job:
+              rating_range: tuple[float, float] = (0.5, 5.0), layer_batch_size: int = 16384) -> Job:
     """Joins the process group, builds the loaders (message passing over training edges
     only), the model, optimiser and precision, and wraps the model for DDP."""
     env = DistEnv.from_environ()
@@ -171,29 +176,33 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
     torch.manual_seed(cfg.seed + env.rank)  # ranks sample different neighbourhoods
 
     message_ids, target_ids = supervision_edges(split.train, cfg)
-    train_rating = graph.rating[target_ids]
-    weights = (rating_class_weights(train_rating) if cfg.loss == "weighted_mse"
-               else torch.ones_like(train_rating))
     if data is not None and cfg.supervision == "disjoint":
         raise ValueError("'supervision' disjoint needs the in-memory graph (the mapped index passes messages "
                          "over all training edges)")
+    edges = SupervisionEdges(graph.src, graph.dst, graph.rating, target_ids)
+    # Statistics a chunk at a time, and labels gathered per batch: with the graph index no
+    # rank holds a private copy of the supervision edges (they stay in the shared page cache).
+    stats = supervision_stats(edges, graph.num_movies)
+    if cfg.loss == "weighted_mse":
+        edges.class_weight = rating_class_table(stats["class_counts"])
     train_data = graph.hetero_data(message_ids) if data is None else data
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     train_loader, train_sampler = make_loader(
-        train_data, graph.src[target_ids], graph.dst[target_ids], torch.stack([train_rating, weights], 1),
-        cfg, cfg.batch_size, env, shuffle=True, device=device, generator=loader_gen,
+        train_data, edges, cfg, cfg.batch_size, env, shuffle=True, device=device, generator=loader_gen,
         exclude_targets=cfg.supervision == "exclude_targets")
     # log of each movie's share of training edges: how often it turns up as an in-batch negative
-    log_q = torch.log(torch.bincount(graph.dst[target_ids], minlength=graph.num_movies).float().clamp(min=1)
-                      / target_ids.numel()).to(device)
+    log_q = torch.log(stats["movie_counts"].float().clamp(min=1) / target_ids.numel()).to(device)
     if not cfg.logq_correction:
         log_q = torch.zeros_like(log_q)
 
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), model_cfg,
-                        rating_mean=float(train_rating.mean())).to(device)
+                        rating_mean=stats["rating_mean"]).to(device)
     # Movies without a training edge never get their ID row trained: they are encoded from
     # their features (the unknown-movie input), at validation, test and scoring alike.
-    model.encoder.movie_trained.copy_(torch.bincount(graph.dst[split.train], minlength=graph.num_movies) > 0)
+    # (Supervision edges are the training edges except with 'disjoint', which is in memory.)
+    train_counts = (stats["movie_counts"] if target_ids is split.train
+                    else torch.bincount(graph.dst[split.train], minlength=graph.num_movies))
+    model.encoder.movie_trained.copy_(train_counts > 0)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
@@ -202,7 +211,8 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
     job = Job(env=env, device=device, cfg=cfg, run_dir=run_dir, config=config, model=model,
               ddp_model=model, optimizer=optimizer, scaler=scaler, autocast=autocast,
               train_loader=train_loader, train_sampler=train_sampler, graph=graph, split=split,
-              rating_range=rating_range, loader_gen=loader_gen, log_q=log_q)
+              rating_range=rating_range, loader_gen=loader_gen, log_q=log_q,
+              stores=data if isinstance(data, tuple) else None, layer_batch_size=layer_batch_size)
     if env.enabled:
         job.ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                             find_unused_parameters=_has_unused_parameters(job))
@@ -394,10 +404,21 @@ def validate(job: Job) -> dict[str, float]:
     # The test's own evaluation (score/), so validation and test run the same inference.
     # Imported at call time: score/ builds on train/, not the other way round.
     from scalable_rec.score.evaluate import evaluate_edges
+    from scalable_rec.score.layerwise import encode_layerwise
+    from scalable_rec.score.topk import RatedIndex
 
+    z = seen = None
+    if job.stores is not None:
+        # Layer-wise over the mapped training CSC, masks from its per-user rows: no in-memory
+        # copy of the training graph (encode_all's adjacency and activations) per rank.
+        job.model.eval()
+        feature_store, graph_store = job.stores
+        z = encode_layerwise(job.model, feature_store, graph_store, batch_size=job.layer_batch_size)
+        rev_row, rev_colptr = graph_store.get_edge_index(REV_RATES, layout="csc")
+        seen = RatedIndex(rowptr=rev_colptr, col=rev_row)
     out = evaluate_edges(job.model, job.graph, job.split.train, job.split.val, k=10,
                          rating_min=job.rating_range[0], rating_max=job.rating_range[1],
-                         relevant_min=job.cfg.relevant_min, env=job.env)
+                         relevant_min=job.cfg.relevant_min, z=z, seen=seen, env=job.env)
     return {"rmse": out["rmse"], "mae": out["mae"], "recall": out["model"]["recall@10"],
             "ndcg": out["model"]["ndcg@10"]}
 

@@ -8,17 +8,27 @@ import torch.nn.functional as F
 from scalable_rec.train.distributed import DistEnv
 
 
+def rating_classes(rating: torch.Tensor) -> torch.Tensor:
+    """Half-star class of each rating: ``round(2r)``."""
+    return torch.round(rating * 2).long().clamp(min=0)
+
+
+def rating_class_table(counts: torch.Tensor) -> torch.Tensor:
+    """Weight per half-star class from the classes' rating counts: inverse frequency,
+    scaled so that the counted ratings' weights have mean 1 (absent classes weigh 0)."""
+    counts = counts.float()
+    weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
+    return weights / ((weights * counts).sum() / counts.sum())
+
+
 def rating_class_weights(rating: torch.Tensor) -> torch.Tensor:
     """Per-rating weights: inverse frequency of its half-star class (``round(2r)``), mean 1.
 
     The article's weighted MSE bucketed by ``int(rating)``, which merges 4.0 with 4.5 and
     0.5 with nothing (class 0); half stars are classes of their own here.
     """
-    cls = torch.round(rating * 2).long().clamp(min=0)
-    counts = torch.bincount(cls).float()
-    weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
-    per_rating = weights[cls]
-    return per_rating / per_rating.mean()
+    cls = rating_classes(rating)
+    return rating_class_table(torch.bincount(cls))[cls]
 
 
 def ranking_positives(rating: torch.Tensor, weight: torch.Tensor, relevant_min: float) -> torch.Tensor:

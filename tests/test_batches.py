@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
+from scalable_rec.train import TrainConfig
+from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_stats
+from scalable_rec.train.distributed import DistEnv
+from scalable_rec.train.losses import rating_class_table, rating_class_weights
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_shards):
+    g = RatingGraph.from_shards(tiny_shards)
+    return g, split_edges(g, SplitConfig(val_ratio=0.1, test_ratio=0.11))  # 395 training edges: odd
+
+
+def test_batches_gather_labels_and_class_weights_of_their_edges_and_pads_weigh_nothing(tiny):
+    """Per batch, a rank gets what gathering every supervision edge up front gave:
+    (user, movie), rating and the weighted_mse class weight over *all* supervision edges;
+    the pad that evens out the ranks repeats edge 0 with weight 0."""
+    g, split = tiny
+    ids = split.train
+    stats = supervision_stats(SupervisionEdges(g.src, g.dst, g.rating, ids), g.num_movies)
+    edges = SupervisionEdges(g.src, g.dst, g.rating, ids, class_weight=rating_class_table(stats["class_counts"]))
+    expected_weight = rating_class_weights(g.rating[ids])
+    seen = []
+    for rank in range(2):
+        loader, sampler = make_loader(g.hetero_data(ids), edges, TrainConfig(num_neighbors=[2, 2], progress=False),
+                                      32, DistEnv(rank, rank, 2), shuffle=True, device=torch.device("cpu"))
+        sampler.set_epoch(1)
+        for batch in loader:
+            store = batch[RATES]
+            pos = store.input_id
+            real = pos < ids.numel()
+            u, m = store.edge_label_index
+            edge = ids[torch.where(real, pos, pos - ids.numel())]
+            assert torch.equal(batch["user"].n_id[u], g.src[edge]) and torch.equal(batch["movie"].n_id[m], g.dst[edge])
+            assert torch.equal(store.edge_label[:, 0], g.rating[edge])
+            torch.testing.assert_close(store.edge_label[real, 1], expected_weight[pos[real]])
+            assert (store.edge_label[~real, 1] == 0).all()
+            seen += pos.tolist()
+    assert sorted(seen) == list(range(ids.numel() + 1))  # every edge once, plus one pad
+    assert stats["rating_mean"] == pytest.approx(float(g.rating[ids].double().mean()))
+    assert torch.equal(stats["movie_counts"], torch.bincount(g.dst[ids], minlength=g.num_movies))
+
+
+def test_supervision_edges_refuse_mismatched_arrays(tiny):
+    g, split = tiny
+    with pytest.raises(ValueError, match=r"'src', 'dst' and 'rating' need one entry per edge \(got 500, 499, 500\)"):
+        SupervisionEdges(g.src, g.dst[1:], g.rating, split.train)
+    with pytest.raises(ValueError, match="'ids' needs at least one supervision edge"):
+        SupervisionEdges(g.src, g.dst, g.rating, split.train[:0])
