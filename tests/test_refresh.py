@@ -13,7 +13,7 @@ from scalable_rec import cli
 from scalable_rec.graph import RatingGraph
 from scalable_rec.score.incremental import encode_layers
 from scalable_rec.score.refresh import (
-    RefreshConfig, apply_edges, edge_list, empty_extra, initial_state, refresh,
+    RefreshConfig, RefreshState, apply_edges, edge_list, empty_extra, initial_state, refresh,
 )
 from scalable_rec.shards import GraphShards
 from scalable_rec.source import SkipReport, write_rating_shards
@@ -171,14 +171,15 @@ def test_refresh_command_replaces_exactly_changed_users_and_is_idempotent(traine
                         ModelConfig(hidden=16, user_id_dropout=0.2))
     model.load_state_dict(ckpt.load(trained_run / "best.pt")["model"])
     model.eval()
-    saved = torch.load(trained_run / "refresh" / "state.pt", weights_only=True)
-    full = initial_state(model, graph, K, 20, 256, "sha", saved["extra"], saved["new_user_keys"])
-    assert torch.equal(saved["cand_idx"][:, :K], full.cand_idx[:, :K])
+    saved = RefreshState.load(trained_run / "refresh" / "state.pt")
+    full = initial_state(model, graph, K, 20, 256, "sha", saved.extra, saved.new_user_keys)
+    assert torch.equal(saved.cand_idx[:, :K], full.cand_idx[:, :K])
     # a repeated refresh of the same input changes nothing
-    state_bytes, parquet_bytes = (trained_run / "refresh" / "state.pt").read_bytes(), out.read_bytes()
+    state_dir = trained_run / "refresh"
+    state_bytes, parquet_bytes = {p.name: p.read_bytes() for p in state_dir.iterdir()}, out.read_bytes()
     report2 = refresh(trained_run, model, graph, RefreshConfig(new_ratings=str(new)), k=K)
     assert report2["already_folded"]
-    assert (trained_run / "refresh" / "state.pt").read_bytes() == state_bytes
+    assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == state_bytes
     assert out.read_bytes() == parquet_bytes
     assert len(json.loads((trained_run / "refresh" / "folded.json").read_text())) == 1
 

@@ -37,9 +37,9 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from scalable_rec.atomic import atomic_open, sha256_file, write_json_atomic
-from scalable_rec.errors import CheckpointError
+from scalable_rec.atomic import sha256_file, write_json_atomic
 from scalable_rec.graph.hetero import MOVIE, USER, RatingGraph
+from scalable_rec.score import state_store
 from scalable_rec.score.incremental import (
     EdgeList, Encoded, affected_sets, bounded_update, encode_layers, recompute,
 )
@@ -55,6 +55,8 @@ from scalable_rec.train.model import Recommender
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+BIG_FIELDS = ("layers", "aggs", "degree", "cand_idx", "cand_score", "floor")
+"""State tables saved row-wise (changed rows only) by ``state_store``."""
 
 
 @dataclass
@@ -101,23 +103,24 @@ class RefreshState:
     cand_score: Tensor
     floor: Tensor
     folded: list[dict[str, Any]] = field(default_factory=list)
+    store_base: dict[str, Tensor] | None = field(default=None, repr=False)
+    """The big tables as in the base file on disk (``state_store``): saves write changed rows only."""
+    store_base_id: str | None = None
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(path) as f:
-            torch.save({"version": STATE_VERSION, **self.__dict__}, f)
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("store_base", "store_base_id")}
+        self.store_base_id, self.store_base = state_store.save(
+            path, {"version": STATE_VERSION, **fields}, BIG_FIELDS, self.store_base, self.store_base_id)
 
     @classmethod
     def load(cls, path: Path) -> "RefreshState | None":
-        if not path.is_file():
+        loaded = state_store.load(path, BIG_FIELDS)
+        if loaded is None:
             return None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"Refresh state '{path}' cannot be read: {err}") from err
+        obj, base_id, base = loaded
         if obj.pop("version", None) != STATE_VERSION:
             return None
-        return cls(**obj)
+        return cls(**obj, store_base=base, store_base_id=base_id)
 
 
 def empty_extra() -> dict[str, Tensor]:
