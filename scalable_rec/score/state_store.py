@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,59 +75,52 @@ def _rebuild(template: Any, prefix: str, flat: dict[str, Tensor]) -> Any:
     return [_rebuild(v, f"{prefix}/{i}", flat) for i, v in enumerate(template)]
 
 
-def row_delta(base: Tensor, cur: Tensor) -> dict[str, Any] | None:
-    """Rows of ``cur`` that differ from ``base`` (rows past ``base``'s end all count), or
-    None when ``cur`` is not ``base`` with rows changed or appended."""
-    if cur.dtype != base.dtype or cur.dim() != base.dim() or cur.dim() == 0 or cur.shape[1:] != base.shape[1:] \
-            or cur.size(0) < base.size(0):
-        return None
-    n = base.size(0)
-    diff = (cur[:n] != base).reshape(n, -1).any(1) if n else torch.zeros(0, dtype=torch.bool)
-    rows = torch.cat([torch.nonzero(diff).flatten(), torch.arange(n, cur.size(0))])
-    return {"rows": rows, "values": cur[rows].clone(), "n": cur.size(0)}
+@dataclass
+class Base:
+    """What a delta is written against: the base file's id, each big tensor's row count
+    in it, and the rows the current delta already carries (kept: deltas are cumulative)."""
+
+    base_id: str
+    rows_in_base: dict[str, int]
+    delta_rows: dict[str, Tensor]
 
 
-def save(path: Path, obj: dict[str, Any], big: tuple[str, ...], base: dict[str, Tensor] | None,
-         base_id: str | None, compact_ratio: float = 0.25) -> tuple[str, dict[str, Tensor] | None]:
-    """Saves ``obj``: as a delta against ``base`` (the big tensors as they are in the base
-    file ``base_id``) when possible, else as a new base. Returns ``(base_id, base)`` for
-    the next save (``base`` None after a new base: it would alias ``obj``'s tensors)."""
+def save(path: Path, obj: dict[str, Any], big: tuple[str, ...], base: Base | None,
+         dirty: dict[str, Tensor] | None, compact_ratio: float = 0.25) -> Base | None:
+    """Saves ``obj``. With ``base`` (what ``load`` returned) and ``dirty`` (for each big
+    tensor's path key, the rows changed since the load; rows appended since the base count
+    without being listed), only those rows go to a delta file, unless it would exceed
+    ``compact_ratio`` of the base's bytes. Otherwise (``dirty`` None: unknown changes) a
+    new base is written and the delta removed. Returns the ``Base`` for the next save."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = flatten(obj, big)
-    rows = _deltas(base, flat) if base is not None and base_id is not None else None
-    if rows is not None:
-        size = sum(t.numel() * t.element_size() for t in base.values())
+    if base is not None and dirty is not None and flat.keys() == base.rows_in_base.keys():
+        rows = {}
+        for key, cur in flat.items():
+            n = base.rows_in_base[key]
+            parts = [base.delta_rows.get(key, torch.empty(0, dtype=torch.long)),
+                     dirty.get(key, torch.empty(0, dtype=torch.long)), torch.arange(n, max(n, cur.size(0)))]
+            r = torch.unique(torch.cat([p.long() for p in parts]))
+            rows[key] = {"rows": r, "values": cur[r].clone(), "n": cur.size(0)}
+        size = sum(t.numel() * t.element_size() for t in flat.values())
         changed = sum(d["values"].numel() * d["values"].element_size() for d in rows.values())
-        if changed <= compact_ratio * size:
+        if changed <= compact_ratio * size and all(flat[k].size(0) >= base.rows_in_base[k] for k in flat):
             small = {k: v for k, v in obj.items() if k not in big}
             with atomic_open(delta_path(path)) as f:
-                torch.save({"base_id": base_id, "small": small, "rows": rows}, f)
+                torch.save({"base_id": base.base_id, "small": small, "rows": rows}, f)
             fsync_dir(path.parent)
-            return base_id, base
+            return Base(base.base_id, base.rows_in_base, {k: d["rows"] for k, d in rows.items()})
     new_id = uuid.uuid4().hex
     with atomic_open(path) as f:
         torch.save({**obj, "base_id": new_id}, f)
     delta_path(path).unlink(missing_ok=True)
     fsync_dir(path.parent)
-    return new_id, None
+    return Base(new_id, {k: t.size(0) for k, t in flat.items()}, {})
 
 
-def _deltas(base: dict[str, Tensor], flat: dict[str, Tensor]) -> dict[str, dict[str, Any]] | None:
-    if base.keys() != flat.keys():
-        return None
-    rows = {}
-    for key, cur in flat.items():
-        d = row_delta(base[key], cur)
-        if d is None:
-            return None
-        rows[key] = d
-    return rows
-
-
-def load(path: Path, big: tuple[str, ...]) -> tuple[dict[str, Any], str | None, dict[str, Tensor]] | None:
-    """The saved object (base with its delta applied, big tensors freshly allocated so that
-    in-place updates leave the base copy alone), its ``base_id`` and the base's big
-    tensors. None when ``path`` does not exist."""
+def load(path: Path, big: tuple[str, ...]) -> tuple[dict[str, Any], Base | None] | None:
+    """The saved object (base with its delta applied) and its ``Base`` (None for a file
+    written before deltas existed). None when ``path`` does not exist."""
     if not path.is_file():
         return None
     try:
@@ -136,16 +130,19 @@ def load(path: Path, big: tuple[str, ...]) -> tuple[dict[str, Any], str | None, 
     except Exception as err:
         raise CheckpointError(f"Refresh state '{path}' cannot be read: {err}") from err
     base_id = obj.pop("base_id", None)
-    base = flatten(obj, big)
-    if delta is None or base_id is None or delta.get("base_id") != base_id:
+    if base_id is None:
+        return obj, None
+    flat = flatten(obj, big)
+    base = Base(base_id, {k: t.size(0) for k, t in flat.items()}, {})
+    if delta is None or delta.get("base_id") != base_id:
         # no delta, or a stale one left by a crash while a new base was being written
-        return {**obj, **{name: _rebuild(obj[name], name, {k: v.clone() for k, v in base.items()})
-                          for name in big}}, base_id, base
-    flat = {}
-    for key, t in base.items():
+        return obj, base
+    for key, t in flat.items():
         d = delta["rows"][key]
-        cur = torch.empty((d["n"],) + tuple(t.shape[1:]), dtype=t.dtype)
-        cur[:t.size(0)] = t
-        cur[d["rows"]] = d["values"]
-        flat[key] = cur
-    return {**obj, **delta["small"], **{name: _rebuild(obj[name], name, flat) for name in big}}, base_id, base
+        if d["n"] != t.size(0):
+            grown = torch.empty((d["n"],) + tuple(t.shape[1:]), dtype=t.dtype)
+            grown[:t.size(0)] = t
+            flat[key] = grown
+        flat[key][d["rows"]] = d["values"]
+        base.delta_rows[key] = d["rows"]
+    return {**obj, **delta["small"], **{name: _rebuild(obj[name], name, flat) for name in big}}, base
