@@ -140,6 +140,11 @@ class RuntimeConfig:
         return n
 
 
+# Fields whose default changed after runs were saved without them: a saved config that lacks
+# one was trained with the old value (its checkpoint has no parameters for the new one).
+SAVED_BEFORE_FIELD: dict[str, dict[str, Any]] = {"model": {"retrieval_ids": False}}
+
+
 @dataclass
 class RunConfig:
     """Everything that determines a run; stored as ``config.json`` in the run directory."""
@@ -176,6 +181,7 @@ class RunConfig:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "RunConfig":
         groups = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "run_dir"}
+        obj = {**obj, "model": {**SAVED_BEFORE_FIELD["model"], **obj.get("model", {})}} if "model" in obj else obj
         kwargs = {name: GROUPS[name](**obj.get(name, {})) for name in groups}
         return cls(**kwargs, run_dir=obj.get("run_dir"))
 

@@ -282,3 +282,15 @@ def test_validation_runs_like_the_test_and_selects_by_the_configured_metric(smal
     rated = torch.cat([torch.from_numpy(b.column("predicted_rating").to_numpy().copy())
                        for b in recommend(result.model, g, ScoreConfig(k=5), rating_range=(3.0, 4.0))])
     assert rated.min() >= 3.0 and rated.max() == 4.0  # clamped to the run's range, not 0.5–5.0
+
+
+
+def test_logq_correction_can_be_switched_off(small, tmp_path):
+    from scalable_rec.train.loop import build_job
+
+    g, split = small
+    job = build_job(g, split, ModelConfig(hidden=8), _cfg(), tmp_path, None)
+    share = torch.bincount(g.dst[split.train], minlength=g.num_movies).float().clamp(min=1) / split.train.numel()
+    torch.testing.assert_close(job.log_q, share.log())  # on by default: each movie's log share of the edges
+    off = build_job(g, split, ModelConfig(hidden=8), _cfg(logq_correction=False), tmp_path, None)
+    assert torch.equal(off.log_q, torch.zeros(g.num_movies))

@@ -25,7 +25,8 @@ def test_rank_block_and_training_logits_agree(tiny_shards):
     from scalable_rec.graph import RATES
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, dropout=0.0)).eval()
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=False)).eval()
     z = model.encode_all(g.hetero_data())
     users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
     expected = model.retrieval.user(z["user"][users]) @ model.retrieval.movie(z["movie"][movies]).T
@@ -37,6 +38,62 @@ def test_rank_block_and_training_logits_agree(tiny_shards):
     assert ru.shape == rm.shape == (8, 16)
     torch.testing.assert_close(ru @ rm.T, model.rank_block(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pred, model.predict_pairs(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
+
+
+def test_retrieval_ids_add_each_node_its_own_ranking_vector(tiny_shards):
+    from torch_geometric.loader import LinkNeighborLoader
+
+    from scalable_rec.graph import RATES
+    g = RatingGraph.from_shards(tiny_shards)
+    torch.manual_seed(0)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=True)).eval()
+    head = model.retrieval
+    z = model.encode_all(g.hetero_data())
+    users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
+    expected = ((head.user(z["user"][users]) + head.user_id.weight[users])
+                @ (head.movie(z["movie"][movies]) + head.movie_id.weight[movies]).T)
+    torch.testing.assert_close(model.rank_block(z, users, movies), expected)
+    # the ID vectors matter: without them the scores differ
+    assert not torch.allclose(expected, head.user(z["user"][users]) @ head.movie(z["movie"][movies]).T, atol=1e-3)
+    # mini-batch logits (all neighbours) equal the full-graph ones, ID rows included
+    loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
+                                edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
+    _, (ru, rm) = model(next(iter(loader)))
+    torch.testing.assert_close(ru @ rm.T, model.rank_block(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
+    # a user past the table (unknown) has no ID vector: the projection alone
+    zu = z["user"][:2]
+    got = head.project_user(zu, torch.tensor([1, g.num_users + 5]))
+    torch.testing.assert_close(got[1], head.user(zu[1:2])[0])
+    torch.testing.assert_close(got[0], head.user(zu[:1])[0] + head.user_id.weight[1])
+    # a cold movie (untrained row, or past the table) has no ID vector either
+    model.encoder.movie_trained[5] = 0
+    zm = z["movie"][[4, 5, 5]]
+    mid = torch.tensor([4, 5, g.num_movies + 2])
+    got = head.project_movie(zm, mid, model.encoder.movie_known(mid))
+    torch.testing.assert_close(got[0], head.movie(zm[:1])[0] + head.movie_id.weight[4])
+    torch.testing.assert_close(got[1:], head.movie(zm[1:]))
+    torch.testing.assert_close(model.encode_all(g.hetero_data())["movie_rank"][5], head.movie(
+        model.encode_all(g.hetero_data())["movie"][5:6])[0])
+    # movie ID dropout hides batch movies past the table: trains, and those rows get no ID vector
+    dropping = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
+                           ModelConfig(hidden=16, retrieval_ids=True, movie_id_dropout=0.5, user_id_dropout=0.5)).train()
+    _, (ru, rm) = dropping(next(iter(loader)))
+    (ru.sum() + rm.sum()).backward()
+    assert dropping.retrieval.movie_id.weight.grad is not None
+    # switched off: no tables
+    plain = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, retrieval_ids=False))
+    assert plain.retrieval.user_id is None and plain.retrieval.movie_id is None
+
+
+def test_a_config_saved_before_retrieval_ids_existed_loads_without_them():
+    from scalable_rec.config import RunConfig
+
+    saved = RunConfig().to_json()
+    assert saved["model"]["retrieval_ids"] is True  # today's default
+    del saved["model"]["retrieval_ids"]
+    assert RunConfig.from_json(saved).model.retrieval_ids is False  # what that run was trained with
+    assert RunConfig.from_json(RunConfig().to_json()).model.retrieval_ids is True
 
 
 def test_without_retrieval_head_ranking_uses_predicted_ratings(tiny_shards):

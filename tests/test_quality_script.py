@@ -28,6 +28,17 @@ def test_markdown_reports_mean_std_and_range_per_method(quality):
     assert "≥ 0.23" in table and "≤ 0.85" in table
 
 
+def test_ablation_table_shows_the_validation_recall_that_selected_each_run(quality):
+    runs = [{"seed": 0, "recall@10": 0.15, "ndcg@10": 0.14, "rmse": 0.87, "best_val_recall@10": 0.16}]
+    result = _result({quality.MODEL: [{"seed": 0, "recall@10": 0.2, "ndcg@10": 0.2, "rmse": 0.86,
+                                       "best_val_recall@10": 0.19}]},
+                     ablation=[{"name": "no-x", "what": "without x", "runs": runs}])
+    table = quality.markdown(result)
+    assert "| val Recall@10 (best.pt) | Recall@10 |" in table
+    assert "| no-x | without x | 0.1600 ± 0.0000 (0.1600–0.1600) | 0.1500 ± 0.0000" in table
+    assert "| default | the package's defaults (rows above) | 0.1900 ± 0.0000 (0.1900–0.1900) | 0.2000" in table
+
+
 def test_combine_merges_parts_and_refuses_a_seed_twice(quality):
     model0 = _result({"model": [{"seed": 0, "rmse": 0.8}]}, seeds=(0,), ablation=[{"name": "a", "runs": []}])
     model1 = _result({"model": [{"seed": 1, "rmse": 0.9}]}, seeds=(1,))

@@ -51,9 +51,9 @@ def _new_edges(graph: RatingGraph, seed: int, n: int = 8, new_users: int = 2):
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-@pytest.mark.parametrize("retrieval_head", [True, False])
-def test_encode_layers_matches_encode_all(sparse_graph, num_layers, retrieval_head):
-    model = _model(sparse_graph, num_layers=num_layers, retrieval_head=retrieval_head)
+@pytest.mark.parametrize("head", [dict(retrieval_head=True), dict(retrieval_head=False), dict(retrieval_ids=False)])
+def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
+    model = _model(sparse_graph, num_layers=num_layers, **head)
     z = model.encode_all(sparse_graph.hetero_data())
     layers = encode_layers(model, edge_list(sparse_graph, empty_extra(), 0), sparse_graph.movie_x).layers
     for key in z:
@@ -61,12 +61,13 @@ def test_encode_layers_matches_encode_all(sparse_graph, num_layers, retrieval_he
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-@pytest.mark.parametrize("decoder,retrieval_head", [("dot", True), ("dot", False), ("mlp", False)])
+@pytest.mark.parametrize("head", [dict(decoder="dot"), dict(decoder="dot", retrieval_head=False),
+                                  dict(decoder="mlp", retrieval_head=False), dict(decoder="dot", retrieval_ids=False)])
 @pytest.mark.parametrize("margin", [0, 10])
-def test_exact_refresh_equals_full_rescore(sparse_graph, num_layers, decoder, retrieval_head, margin):
+def test_exact_refresh_equals_full_rescore(sparse_graph, num_layers, head, margin):
     """Three successive refreshes (new users included); after each, every user's top-k
     equals a full encode + score of the updated graph, scores within float tolerance."""
-    model = _model(sparse_graph, num_layers=num_layers, decoder=decoder, retrieval_head=retrieval_head)
+    model = _model(sparse_graph, num_layers=num_layers, **head)
     state = initial_state(model, sparse_graph, K, margin, 1, "sha")
     merged = 0
     for step in range(3):

@@ -144,7 +144,10 @@ def _aggregate(model: Recommender, i: int, prev: dict[str, Tensor], adj: dict) -
 
 def _finish(model: Recommender, z: dict[str, Tensor]) -> dict[str, Tensor]:
     if model.retrieval is not None:
-        z["user_rank"], z["movie_rank"] = model.retrieval(z[USER], z[MOVIE])
+        mid = torch.arange(z[MOVIE].size(0), device=z[MOVIE].device)
+        z["user_rank"], z["movie_rank"] = model.retrieval(
+            z[USER], z[MOVIE], torch.arange(z[USER].size(0), device=z[USER].device), mid,
+            model.encoder.movie_known(mid))
     return z
 
 
@@ -184,9 +187,12 @@ def encode_layers(model: Recommender, edges: EdgeList, movie_x: Tensor) -> Encod
 def _project_rows(model: Recommender, cached: dict[str, Tensor], last: dict[str, Tensor], rows: NodeSets) -> None:
     if model.retrieval is None:
         return
-    for t, key, proj in ((USER, "user_rank", model.retrieval.user), (MOVIE, "movie_rank", model.retrieval.movie)):
+    head = model.retrieval
+    for t, key in ((USER, "user_rank"), (MOVIE, "movie_rank")):
         last[key] = _grown(cached[key], last[t].size(0))
-        last[key][rows[t]] = proj(last[t][rows[t]])
+        idx = rows[t]
+        last[key][idx] = (head.project_user(last[t][idx], idx) if t == USER else
+                          head.project_movie(last[t][idx], idx, model.encoder.movie_known(idx)))
 
 
 def _grown_all(cached: dict[str, Tensor], edges: EdgeList) -> dict[str, Tensor]:

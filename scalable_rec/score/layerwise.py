@@ -117,11 +117,15 @@ def encode_layerwise(model, feature_store: FeatureStore, graph_store: GraphStore
             x = out
         z = {USER: x[USER], MOVIE: x[MOVIE]}
         if model.retrieval is not None:
-            for key, node, lin in (("user_rank", USER, model.retrieval.user), ("movie_rank", MOVIE,
-                                                                                model.retrieval.movie)):
-                z[key] = buffers.new(num[node], lin.out_features)
+            head = model.retrieval
+            for key, node in (("user_rank", USER), ("movie_rank", MOVIE)):
+                z[key] = buffers.new(num[node], head.out_features)
                 for a, b in batches(num[node]):
-                    z[key][a:b] = lin(x[node][a:b].to(device)).float().cpu()
+                    h = x[node][a:b].to(device)
+                    ids = torch.arange(a, b, device=device)
+                    r = (head.project_user(h, ids) if node == USER else
+                         head.project_movie(h, ids, model.encoder.movie_known(ids)))
+                    z[key][a:b] = r.float().cpu()
         return z
     finally:
         if work is not None:

@@ -43,6 +43,10 @@ class TrainConfig:
         rank_loss_weight: Weight of the retrieval head's in-batch sampled-softmax loss
             (logQ-corrected for the popularity of in-batch negatives) added to the rating
             loss; ignored when the model has no retrieval head.
+        logq_correction: Subtract each in-batch negative's log sampling probability (its share
+            of the supervision edges) from its logit (logQ correction), so the retrieval logits
+            estimate a full-catalog softmax; ``False`` leaves the in-batch softmax as it is,
+            which discounts popular movies.
         loss: ``mse`` (optimises RMSE directly) or ``weighted_mse`` (each half-star
             rating class weighted by its inverse training frequency, mean weight 1).
         patience: Epochs without a better validation RMSE before stopping.
@@ -78,6 +82,7 @@ class TrainConfig:
     select_metric: Literal["recall", "rmse"] = "recall"
     loss: Literal["mse", "weighted_mse"] = "mse"
     rank_loss_weight: float = 1.0
+    logq_correction: bool = True
     patience: int = 3
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"

@@ -186,6 +186,8 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
     # log of each movie's share of training edges: how often it turns up as an in-batch negative
     log_q = torch.log(torch.bincount(graph.dst[target_ids], minlength=graph.num_movies).float().clamp(min=1)
                       / target_ids.numel()).to(device)
+    if not cfg.logq_correction:
+        log_q = torch.zeros_like(log_q)
 
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), model_cfg,
                         rating_mean=float(train_rating.mean())).to(device)
