@@ -42,7 +42,7 @@ import torch
 from scalable_rec import cli, pipeline
 from scalable_rec.config import RunConfig
 from scalable_rec.graph import RatingGraph
-from scalable_rec.score.refresh import RefreshConfig, initial_state, refresh
+from scalable_rec.score.refresh import RefreshConfig, RefreshState, initial_state, refresh
 from scalable_rec.shards import GraphShards
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.model import Recommender
@@ -124,8 +124,8 @@ def main() -> None:
         report = refresh(case, model, graph, RefreshConfig(new_ratings=str(new), mode=mode))
         result[mode] = {k: v for k, v in report.items() if k not in ("input_report", "fingerprint")}
         result[mode]["speedup_vs_full_rescore"] = result["full_rescore_s"] / report["total_s"]
-        state = torch.load(case / "refresh" / "state.pt", weights_only=True)
-        tops[mode], extra = state["cand_idx"][:, :10], state["extra"]
+        state = RefreshState.load(case / "refresh" / "state.pt")
+        tops[mode], extra = state.cand_idx[:, :10], state.extra
         print(json.dumps({mode: result[mode]}), flush=True)
     full = initial_state(model, graph, 10, 20, 256, "bench", extra)
     for mode in tops:

@@ -13,7 +13,7 @@ from scalable_rec import cli
 from scalable_rec.graph import RatingGraph
 from scalable_rec.score.incremental import encode_layers
 from scalable_rec.score.refresh import (
-    RefreshConfig, apply_edges, edge_list, empty_extra, initial_state, refresh,
+    RefreshConfig, RefreshState, apply_edges, edge_list, empty_extra, initial_state, refresh,
 )
 from scalable_rec.shards import GraphShards
 from scalable_rec.source import SkipReport, write_rating_shards
@@ -122,6 +122,34 @@ def test_bounded_rescores_only_raters(sparse_graph):
     assert torch.equal(state.cand_idx[:, :K], full.cand_idx[:, :K])
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_bounded_refresh_saves_a_row_delta_that_reloads_to_the_same_state(sparse_graph, tmp_path, num_layers):
+    """Two bounded refreshes (the second with a new user) after a full save: the base file
+    stays as written, and loading base + delta gives exactly the in-memory state."""
+    model = _model(sparse_graph, num_layers=num_layers)
+    path = tmp_path / "refresh" / "state.pt"
+    initial_state(model, sparse_graph, K, 10, 1, "sha").save(path)
+    base_bytes = path.read_bytes()
+    for seed, new_users, keys in ((1, 0, []), (0, 1, ["n"])):
+        state = RefreshState.load(path)
+        src, dst, rating, ts = _new_edges(sparse_graph, seed, new_users=new_users)
+        apply_edges(model, sparse_graph, state, src, dst, rating, ts, keys, "bounded", memory_mb=1)
+        state.save(path)
+        assert path.read_bytes() == base_bytes and path.with_name("state.pt.delta").is_file()
+        again = RefreshState.load(path)
+        for name in ("layers", "aggs", "degree", "cand_idx", "cand_score", "floor", "extra"):
+            assert _same(getattr(again, name), getattr(state, name)), name
+        assert again.exact is False and again.new_user_keys == keys
+
+
 @pytest.fixture
 def trained_run(tiny_shards, tmp_path):
     """A run directory (config.json, best.pt, recommendations.parquet) on the tiny graph."""
@@ -172,14 +200,15 @@ def test_refresh_command_replaces_exactly_changed_users_and_is_idempotent(traine
                         ModelConfig(hidden=16, user_id_dropout=0.2))
     model.load_state_dict(ckpt.load(trained_run / "best.pt")["model"])
     model.eval()
-    saved = torch.load(trained_run / "refresh" / "state.pt", weights_only=True)
-    full = initial_state(model, graph, K, 20, 256, "sha", saved["extra"], saved["new_user_keys"])
-    assert torch.equal(saved["cand_idx"][:, :K], full.cand_idx[:, :K])
+    saved = RefreshState.load(trained_run / "refresh" / "state.pt")
+    full = initial_state(model, graph, K, 20, 256, "sha", saved.extra, saved.new_user_keys)
+    assert torch.equal(saved.cand_idx[:, :K], full.cand_idx[:, :K])
     # a repeated refresh of the same input changes nothing
-    state_bytes, parquet_bytes = (trained_run / "refresh" / "state.pt").read_bytes(), out.read_bytes()
+    state_dir = trained_run / "refresh"
+    state_bytes, parquet_bytes = {p.name: p.read_bytes() for p in state_dir.iterdir()}, out.read_bytes()
     report2 = refresh(trained_run, model, graph, RefreshConfig(new_ratings=str(new)), k=K)
     assert report2["already_folded"]
-    assert (trained_run / "refresh" / "state.pt").read_bytes() == state_bytes
+    assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == state_bytes
     assert out.read_bytes() == parquet_bytes
     assert len(json.loads((trained_run / "refresh" / "folded.json").read_text())) == 1
 

@@ -37,9 +37,9 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from scalable_rec.atomic import atomic_open, sha256_file, write_json_atomic
-from scalable_rec.errors import CheckpointError
+from scalable_rec.atomic import sha256_file, write_json_atomic
 from scalable_rec.graph.hetero import MOVIE, USER, RatingGraph
+from scalable_rec.score import state_store
 from scalable_rec.score.incremental import (
     EdgeList, Encoded, affected_sets, bounded_update, encode_layers, recompute,
 )
@@ -55,6 +55,8 @@ from scalable_rec.train.model import Recommender
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+BIG_FIELDS = ("layers", "aggs", "degree", "cand_idx", "cand_score", "floor")
+"""State tables saved row-wise (changed rows only) by ``state_store``."""
 
 
 @dataclass
@@ -101,23 +103,26 @@ class RefreshState:
     cand_score: Tensor
     floor: Tensor
     folded: list[dict[str, Any]] = field(default_factory=list)
+    store_base: state_store.Base | None = field(default=None, repr=False)
+    """Where the state file on disk stands (``state_store``), when loaded from one."""
+    dirty: dict[str, Tensor] | None = field(default=None, repr=False)
+    """Rows of the ``BIG_FIELDS`` tables changed since the load (None: unknown, save all)."""
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(path) as f:
-            torch.save({"version": STATE_VERSION, **self.__dict__}, f)
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("store_base", "dirty")}
+        self.store_base = state_store.save(path, {"version": STATE_VERSION, **fields}, BIG_FIELDS,
+                                           self.store_base, self.dirty)
+        self.dirty = None
 
     @classmethod
     def load(cls, path: Path) -> "RefreshState | None":
-        if not path.is_file():
+        loaded = state_store.load(path, BIG_FIELDS)
+        if loaded is None:
             return None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"Refresh state '{path}' cannot be read: {err}") from err
+        obj, base = loaded
         if obj.pop("version", None) != STATE_VERSION:
             return None
-        return cls(**obj)
+        return cls(**obj, store_base=base)
 
 
 def empty_extra() -> dict[str, Tensor]:
@@ -280,6 +285,7 @@ def apply_edges(model: Recommender, graph: RatingGraph, state: RefreshState, src
         if mode == "bounded":
             rescore, merged, fallback = endpoints[USER], 0, 0
             state.exact = False
+            state.dirty = bounded_dirty_rows(state, endpoints, rescore)
         elif changed_movies.numel() * 2 >= edges.num_movies:
             # Merging that many columns costs about as much as scoring whole rows.
             rescore, merged, fallback = torch.arange(edges.num_users), 0, 0
@@ -302,6 +308,20 @@ def apply_edges(model: Recommender, graph: RatingGraph, state: RefreshState, src
     replaced = torch.cat([torch.nonzero(~same).flatten(), torch.arange(n_old, edges.num_users)])
     stats.update(replaced_users=int(replaced.numel()), seconds=time.perf_counter() - t0)
     return RefreshOutcome(replaced_users=replaced, stats=stats)
+
+
+def bounded_dirty_rows(state: RefreshState, endpoints: dict[str, Tensor], rescored: Tensor) -> dict[str, Tensor]:
+    """The state rows a bounded update changes (``bounded_update`` writes the endpoints'
+    rows of every layer (retrieval projections included), aggregate and degree; scoring
+    the re-scored users' candidates).
+    Rows appended for new users are saved without being listed here."""
+    rows = {f"degree/{t}": endpoints[t] for t in (USER, MOVIE)}
+    node_type = {USER: USER, MOVIE: MOVIE, "user_rank": USER, "movie_rank": MOVIE}  # retrieval projections
+    for name in ("layers", "aggs"):
+        for i, layer in enumerate(getattr(state, name)):
+            for key in layer:
+                rows[f"{name}/{i}/{key}"] = endpoints[node_type[key]]
+    return {**rows, "cand_idx": rescored, "cand_score": rescored, "floor": rescored}
 
 
 def record_batch(model: Recommender, state: RefreshState, graph: RatingGraph, users: Tensor,
