@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scalable_rec.atomic import atomic_open  # noqa: E402
+from scalable_rec.atomic import atomic_open, replace_marked_block  # noqa: E402
 
 MARK_START, MARK_END = "<!-- arango-export:start -->", "<!-- arango-export:end -->"
 MAIN = [("article_loop", "article loop (`FOR d IN @@col RETURN d`, dicts, Python lists)"),
@@ -83,12 +83,11 @@ def render(doc: dict) -> str:
 
 
 def update_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"--readme: {readme} has no '{MARK_START}' … '{MARK_END}' block")
-    with atomic_open(readme, "w") as fh:
-        fh.write(text[:start + len(MARK_START)] + "\n" + table + text[end:])
+    """Replaces the README's generated block (between the marks), atomically."""
+    try:
+        replace_marked_block(readme, MARK_START, MARK_END, table)
+    except ValueError as err:
+        raise SystemExit(f"--readme: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,3 +68,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def replace_marked_block(path: str | os.PathLike, start_mark: str, end_mark: str, text: str) -> None:
+    """Replaces what lies between ``start_mark`` and ``end_mark`` in the text file ``path``
+    with ``text`` (a newline after the start mark), atomically; the marks stay. A file
+    without both marks in that order is a ``ValueError`` and stays untouched."""
+    path = Path(path)
+    old = path.read_text()
+    start, end = old.find(start_mark), old.find(end_mark)
+    if start < 0 or end < start:
+        raise ValueError(f"{path} has no '{start_mark}' … '{end_mark}' block")
+    with atomic_open(path, "w") as fh:
+        fh.write(old[:start + len(start_mark)] + "\n" + text + old[end:])

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scalable_rec.atomic import atomic_open, write_json_atomic
+from scalable_rec.atomic import atomic_open, replace_marked_block, write_json_atomic
 from scalable_rec.config import RunConfig
 from scalable_rec.graph import RatingGraph, split_edges
 from scalable_rec.pipeline import prepare
@@ -180,13 +180,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def update_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"--readme: {readme} has no '{MARK_START}' … '{MARK_END}' block")
-    new = text[:start + len(MARK_START)] + "\n" + table + text[end:]
-    with atomic_open(readme, "w") as fh:
-        fh.write(new)
+    """Replaces the README's generated block (between the marks), atomically."""
+    try:
+        replace_marked_block(readme, MARK_START, MARK_END, table)
+    except ValueError as err:
+        raise SystemExit(f"--readme: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -382,15 +382,13 @@ def readme_table(rows: list[dict]) -> str:
 
 
 def update_readme(readme: Path, block: str) -> None:
-    """Replaces the text between the scale markers of ``readme`` (written atomically)."""
-    from scalable_rec.atomic import atomic_open
+    """Replaces the README's generated block (between the marks), atomically."""
+    from scalable_rec.atomic import replace_marked_block  # lazily: stage children measure their imports
 
-    text = readme.read_text()
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"--readme: {readme} has no '{MARK_START}' … '{MARK_END}' block")
-    with atomic_open(readme, "w") as fh:
-        fh.write(text[:start + len(MARK_START)] + "\n" + block + "\n" + text[end:])
+    try:
+        replace_marked_block(readme, MARK_START, MARK_END, block + "\n")
+    except ValueError as err:
+        raise SystemExit(f"--readme: {err}") from None
 
 
 def main() -> None:
