@@ -293,3 +293,77 @@ def test_logq_correction_can_be_switched_off(small, tmp_path):
     torch.testing.assert_close(job.log_q, share.log())  # on by default: each movie's log share of the edges
     off = build_job(g, split, ModelConfig(hidden=8), _cfg(logq_correction=False), tmp_path, None)
     assert torch.equal(off.log_q, torch.zeros(g.num_movies))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "exponential", "plateau"])
+def test_lr_schedule_sets_each_epochs_learning_rate(small, tmp_path, schedule):
+    g, split = small
+    # lr 0.05 with hidden 8: validation worsens on some epochs, so plateau has bad epochs to act on
+    result = train(g, split, ModelConfig(hidden=8), _cfg(epochs=5, patience=10, lr=0.05, lr_schedule=schedule,
+                                                        lr_decay=0.5), tmp_path)
+    h = result.history
+    lrs = [r["lr"] for r in h]
+    if schedule == "constant":
+        assert lrs == [0.05] * 5
+    elif schedule == "exponential":
+        assert lrs == pytest.approx([0.05 * 0.5 ** e for e in range(5)])
+    else:
+        best, expected = math.inf, [0.05]
+        for r in h[:-1]:  # an epoch without a better validation Recall@10 halves the next one's lr
+            better = -r["val_recall@10"] < best - 1e-5
+            best = min(best, -r["val_recall@10"])
+            expected.append(expected[-1] * (1.0 if better else 0.5))
+        assert lrs == pytest.approx(expected)
+        assert min(lrs) < 0.05, "no bad epoch: the plateau branch was not exercised"
+    # last.pt holds the lr the next epoch starts from (plateau: after the last epoch's decision)
+    last_bad = h[-1]["val_recall@10"] != result.best_val_recall
+    after = lrs[-1] * (0.5 if schedule == "plateau" and last_bad else 1.0)
+    assert ckpt.load(tmp_path / "last.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(after)
+
+
+def test_lr_schedule_is_validated():
+    with pytest.raises(ValueError, match="'lr_schedule' needs to be.*got 'cosine'.*'lr_decay' needs to be in"):
+        TrainConfig(lr_schedule="cosine", lr_decay=0.0)
+
+
+def test_bias_l2_adds_the_batch_biases_squared_to_the_rating_loss(small):
+    import types
+
+    from scalable_rec.graph import MOVIE, RATES, USER
+    from scalable_rec.train.distributed import DistEnv
+    from scalable_rec.train.batches import SupervisionEdges, make_loader
+    from scalable_rec.train.loop import training_loss
+    from scalable_rec.train.model import Recommender
+
+    g, split = small
+    ids = split.train[:256]
+    loader, _ = make_loader(g.hetero_data(split.train), SupervisionEdges(g.src, g.dst, g.rating, ids),
+                            _cfg(num_neighbors=[-1, -1]), 256, DistEnv(), shuffle=False, device=torch.device("cpu"))
+    batch = next(iter(loader))
+    weight = torch.ones(batch[RATES].edge_label.size(0))
+    weight[:10] = 0.0  # pads add no penalty
+    batch[RATES].edge_label[:, 1] = weight
+    u, m = batch[RATES].edge_label_index
+    uid, mid = batch[USER].n_id[u], batch[MOVIE].n_id[m]
+
+    def loss(decoder, bias_l2):
+        torch.manual_seed(0)
+        model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
+                            ModelConfig(hidden=8, dropout=0.0, decoder=decoder, retrieval_head=False))
+        if decoder == "dot":
+            with torch.no_grad():
+                model.decoder.user_bias.weight.copy_(torch.linspace(-1, 1, g.num_users)[:, None])
+                model.decoder.movie_bias.weight.copy_(torch.linspace(0.5, -0.5, g.num_movies)[:, None])
+        job = types.SimpleNamespace(autocast=torch.autocast("cpu", enabled=False), ddp_model=model,
+                                    cfg=_cfg(bias_l2=bias_l2), env=DistEnv(), log_q=torch.zeros(g.num_movies))
+        return training_loss(job, batch)[0].item(), model
+
+    plain, model = loss("dot", 0.0)
+    penalised, _ = loss("dot", 0.3)
+    b2 = (model.decoder.user_bias.weight[uid, 0] ** 2 + model.decoder.movie_bias.weight[mid, 0] ** 2).detach()
+    expected = 0.3 * float((b2 * weight).sum() / weight.sum())
+    assert expected > 0.01
+    assert penalised - plain == pytest.approx(expected, rel=1e-4)
+    assert loss("mlp", 0.3)[0] == pytest.approx(loss("mlp", 0.0)[0], rel=1e-6)  # no biases: nothing added
+    with pytest.raises(ValueError, match="'bias_l2' needs to be non-negative"):
+        TrainConfig(bias_l2=-1.0)
