@@ -367,3 +367,25 @@ def test_bias_l2_adds_the_batch_biases_squared_to_the_rating_loss(small):
     assert loss("mlp", 0.3)[0] == pytest.approx(loss("mlp", 0.0)[0], rel=1e-6)  # no biases: nothing added
     with pytest.raises(ValueError, match="'bias_l2' needs to be non-negative"):
         TrainConfig(bias_l2=-1.0)
+
+
+def test_ema_weights_are_validated_saved_and_returned(small, tmp_path):
+    from scalable_rec.score import evaluate_edges
+
+    g, split = small
+    # one epoch: best.pt is that epoch's average; last.pt holds the raw weights beside it
+    result = train(g, split, ModelConfig(hidden=16), _cfg(epochs=1, ema_decay=0.9), tmp_path)
+    last, best = ckpt.load(tmp_path / "last.pt"), ckpt.load(tmp_path / "best.pt")
+    assert int(last["ema"]["n_averaged"]) == result.global_step > 1
+    got = result.model.state_dict()
+    name = "encoder.user_emb.weight"
+    assert not torch.equal(got[name], last["model"][name])  # not the raw weights
+    for key, value in got.items():
+        torch.testing.assert_close(value, last["ema"][f"module.{key}"], rtol=0, atol=0)
+        torch.testing.assert_close(value, best["model"][key], rtol=0, atol=0)
+    # and the recorded validation numbers are the average's
+    again = evaluate_edges(result.model, g, split.train, split.val)
+    assert again["rmse"] == pytest.approx(result.best_val_rmse, abs=1e-6)
+    assert again["model"]["recall@10"] == pytest.approx(result.best_val_recall, abs=1e-6)
+    with pytest.raises(ValueError, match=r"'ema_decay' needs to be in \[0, 1\) \(got 1.0\)"):
+        TrainConfig(ema_decay=1.0)

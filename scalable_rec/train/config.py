@@ -56,6 +56,10 @@ class TrainConfig:
             ``bias_l2 * (b_u² + b_m²)`` added to that edge's squared error (the classic biased
             MF regulariser: a bias seen in few ratings stays near zero); 0 turns it off.
             Ignored by the MLP decoder (no biases).
+        ema_decay: With a value in (0, 1), an exponential moving average of the weights
+            (``torch.optim.swa_utils`` EMA, updated after every optimiser step) is what
+            validation scores, what ``best.pt`` holds and what training returns; training steps
+            continue from the raw weights. 0 (default) turns it off.
         loss: ``mse`` (optimises RMSE directly) or ``weighted_mse`` (each half-star
             rating class weighted by its inverse training frequency, mean weight 1).
         patience: Epochs without a better validation RMSE before stopping.
@@ -94,6 +98,7 @@ class TrainConfig:
     loss: Literal["mse", "weighted_mse"] = "mse"
     rank_loss_weight: float = 1.0
     bias_l2: float = 0.0
+    ema_decay: float = 0.0
     logq_correction: bool = True
     patience: int = 3
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -129,6 +134,8 @@ class TrainConfig:
             problems.append(f"'rank_loss_weight' needs to be non-negative (got {self.rank_loss_weight})")
         if self.bias_l2 < 0:
             problems.append(f"'bias_l2' needs to be non-negative (got {self.bias_l2})")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"'ema_decay' needs to be in [0, 1) (got {self.ema_decay})")
         if self.supervision not in ("exclude_targets", "disjoint", "none"):
             problems.append(f"'supervision' needs to be 'exclude_targets', 'disjoint' or 'none' "
                             f"(got {self.supervision!r})")

@@ -90,6 +90,13 @@ class Job:
     from the graph index; validation then encodes layer-wise over them."""
     layer_batch_size: int = 16384
     """Destination nodes per batch of that layer-wise encoding."""
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    """The weights' moving average (``ema_decay`` > 0): validated, saved as ``best.pt``."""
+
+    @property
+    def scored(self) -> Recommender:
+        """The weights validation scores and ``best.pt`` holds: the EMA copy, else the model."""
+        return self.model if self.ema is None else self.ema.module
 
 
 @dataclass
@@ -204,6 +211,10 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
                     else torch.bincount(graph.dst[split.train], minlength=graph.num_movies))
     model.encoder.movie_trained.copy_(train_counts > 0)
     optimizer = make_optimizer(model, cfg)
+    ema = None
+    if cfg.ema_decay > 0:  # after movie_trained is set: the copy's buffers are never averaged
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
     if env.is_main:
@@ -212,7 +223,7 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
               ddp_model=model, optimizer=optimizer, scaler=scaler, autocast=autocast,
               train_loader=train_loader, train_sampler=train_sampler, graph=graph, split=split,
               rating_range=rating_range, loader_gen=loader_gen, log_q=log_q,
-              stores=data if isinstance(data, tuple) else None, layer_batch_size=layer_batch_size)
+              stores=data if isinstance(data, tuple) else None, layer_batch_size=layer_batch_size, ema=ema)
     if env.enabled:
         job.ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                             find_unused_parameters=_has_unused_parameters(job))
@@ -261,6 +272,8 @@ def restore(job: Job) -> Progress:
     job.model.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     job.scaler.load_state_dict(state["scaler"])
+    if job.ema is not None:
+        job.ema.load_state_dict(state["ema"])
     saved_world = int(state.get("world_size", len(state["rng"])))
     position = state.get("epoch_position", state["step_in_epoch"] * job.cfg.batch_size * saved_world)
     if env.rank < len(state["rng"]):
@@ -366,6 +379,8 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
         job.scaler.scale(loss).backward()
         job.scaler.step(job.optimizer)
         job.scaler.update()
+        if job.ema is not None:
+            job.ema.update_parameters(job.model)
         progress.step_in_epoch += 1
         progress.global_step += 1
         progress.epoch_position += cfg.batch_size * env.world_size
@@ -424,12 +439,12 @@ def validate(job: Job) -> dict[str, float]:
     if job.stores is not None:
         # Layer-wise over the mapped training CSC, masks from its per-user rows: no in-memory
         # copy of the training graph (encode_all's adjacency and activations) per rank.
-        job.model.eval()
+        job.scored.eval()
         feature_store, graph_store = job.stores
-        z = encode_layerwise(job.model, feature_store, graph_store, batch_size=job.layer_batch_size)
+        z = encode_layerwise(job.scored, feature_store, graph_store, batch_size=job.layer_batch_size)
         rev_row, rev_colptr = graph_store.get_edge_index(REV_RATES, layout="csc")
         seen = RatedIndex(rowptr=rev_colptr, col=rev_row)
-    out = evaluate_edges(job.model, job.graph, job.split.train, job.split.val, k=10,
+    out = evaluate_edges(job.scored, job.graph, job.split.train, job.split.val, k=10,
                          rating_min=job.rating_range[0], rating_max=job.rating_range[1],
                          relevant_min=job.cfg.relevant_min, z=z, seen=seen, env=job.env)
     return {"rmse": out["rmse"], "mae": out["mae"], "recall": out["model"]["recall@10"],
@@ -467,7 +482,7 @@ def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any])
         progress.best_score, progress.bad_epochs = score, 0
         progress.best_val_rmse, progress.best_val_recall = val["rmse"], val["recall"]
         if env.is_main:
-            ckpt.save_atomic({"model": job.model.state_dict(), "config": job.config, "epoch": progress.epoch,
+            ckpt.save_atomic({"model": job.scored.state_dict(), "config": job.config, "epoch": progress.epoch,
                               "val_rmse": val["rmse"], "val_recall@10": val["recall"],
                               "select_metric": job.cfg.select_metric}, job.run_dir / "best.pt")
     else:
@@ -509,6 +524,7 @@ def save_last(job: Job, progress: Progress, epoch: int, step_in_epoch: int) -> N
             "global_step": progress.global_step, "history": progress.history,
             "best_val_rmse": progress.best_val_rmse, "best_val_recall": progress.best_val_recall,
             "best_score": progress.best_score, "bad_epochs": progress.bad_epochs, "rng": states,
+            **({"ema": job.ema.state_dict()} if job.ema is not None else {}),
             "config": job.config, "world_size": job.env.world_size, "epoch_position": progress.epoch_position,
             "stopped_early": progress.stopped_early,
         }, job.run_dir / "last.pt")
@@ -527,12 +543,14 @@ def load_best(job: Job, epoch: int) -> None:
         if best.is_file():
             job.model.load_state_dict(ckpt.load(best, map_location=job.device)["model"])
             return True
-        ckpt.save_atomic({"model": job.model.state_dict(), "config": job.config, "epoch": epoch,
+        ckpt.save_atomic({"model": job.scored.state_dict(), "config": job.config, "epoch": epoch,
                           "val_rmse": None}, best)
         return False
 
     if from_rank0(read_or_write, job.env, "load best.pt"):
         broadcast_tensors_(list(job.model.state_dict().values()))
+    elif job.ema is not None:  # every rank holds the same average: what best.pt now holds
+        job.model.load_state_dict(job.ema.module.state_dict())
 
 
 def _has_unused_parameters(job: Job) -> bool:
