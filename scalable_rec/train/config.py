@@ -21,12 +21,7 @@ class TrainConfig:
         batch_size: Labelled edges per step and rank (default 2048).
         num_neighbors: Neighbours sampled per hop, one entry per GraphSAGE layer;
             ``-1`` takes all.
-        lr: AdamW learning rate (of the first epoch; see ``lr_schedule``).
-        lr_schedule: ``constant``; ``exponential`` (epoch ``e`` trains at ``lr * lr_decay**e``);
-            or ``plateau`` (the learning rate is multiplied by ``lr_decay`` after every epoch
-            without a better validation ``select_metric``, as torch's ReduceLROnPlateau with
-            patience 0). Both are functions of what ``last.pt`` holds, so resume stays exact.
-        lr_decay: Multiplier of ``exponential`` and ``plateau``, in (0, 1].
+        lr: AdamW learning rate.
         weight_decay: AdamW decoupled weight decay of the dense weights (linear layers);
             embedding tables and biases are not decayed, so a row that no batch touches
             stays where it is.
@@ -52,10 +47,6 @@ class TrainConfig:
             of the supervision edges) from its logit (logQ correction), so the retrieval logits
             estimate a full-catalog softmax; ``False`` leaves the in-batch softmax as it is,
             which discounts popular movies.
-        bias_l2: L2 penalty on the dot decoder's user and movie biases of each labelled edge,
-            ``bias_l2 * (b_u² + b_m²)`` added to that edge's squared error (the classic biased
-            MF regulariser: a bias seen in few ratings stays near zero); 0 turns it off.
-            Ignored by the MLP decoder (no biases).
         ema_decay: With a value in (0, 1), an exponential moving average of the weights
             (``torch.optim.swa_utils`` EMA, updated after every optimiser step) is what
             validation scores, what ``best.pt`` holds and what training returns; training steps
@@ -87,8 +78,6 @@ class TrainConfig:
     batch_size: int = 2048
     num_neighbors: list[int] = field(default_factory=lambda: [10, 5])
     lr: float = 0.003
-    lr_schedule: Literal["constant", "exponential", "plateau"] = "constant"
-    lr_decay: float = 0.5
     weight_decay: float = 1e-4
     supervision: Literal["exclude_targets", "disjoint", "none"] = "exclude_targets"
     disjoint_ratio: float = 0.3
@@ -97,7 +86,6 @@ class TrainConfig:
     select_metric: Literal["recall", "rmse"] = "recall"
     loss: Literal["mse", "weighted_mse"] = "mse"
     rank_loss_weight: float = 1.0
-    bias_l2: float = 0.0
     ema_decay: float = 0.0
     logq_correction: bool = True
     patience: int = 3
@@ -132,8 +120,6 @@ class TrainConfig:
             problems.append(f"'max_steps' needs to be positive (got {self.max_steps})")
         if self.rank_loss_weight < 0:
             problems.append(f"'rank_loss_weight' needs to be non-negative (got {self.rank_loss_weight})")
-        if self.bias_l2 < 0:
-            problems.append(f"'bias_l2' needs to be non-negative (got {self.bias_l2})")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"'ema_decay' needs to be in [0, 1) (got {self.ema_decay})")
         if self.supervision not in ("exclude_targets", "disjoint", "none"):
@@ -147,11 +133,6 @@ class TrainConfig:
             problems.append(f"'select_metric' needs to be 'recall' or 'rmse' (got {self.select_metric!r})")
         if self.lr <= 0:
             problems.append(f"'lr' needs to be positive (got {self.lr})")
-        if self.lr_schedule not in ("constant", "exponential", "plateau"):
-            problems.append(f"'lr_schedule' needs to be 'constant', 'exponential' or 'plateau' "
-                            f"(got {self.lr_schedule!r})")
-        if not 0.0 < self.lr_decay <= 1.0:
-            problems.append(f"'lr_decay' needs to be in (0, 1] (got {self.lr_decay})")
         if self.stop_check_every <= 0:
             problems.append(f"'stop_check_every' needs to be positive (got {self.stop_check_every})")
         if self.collective_timeout_s <= 0:

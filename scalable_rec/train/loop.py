@@ -28,7 +28,7 @@ from torch_geometric.data import HeteroData
 from tqdm.auto import tqdm
 
 from scalable_rec.errors import CollectiveError, DivergedError
-from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER, EdgeSplit, RatingGraph
+from scalable_rec.graph.hetero import RATES, REV_RATES, EdgeSplit, RatingGraph
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.distributed import (
     DistEnv, EdgeEpochSampler, agree_stop, all_reduce_sum, broadcast_tensors_, from_rank0, init_distributed,
@@ -332,11 +332,6 @@ def training_loss(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         torch.distributed.all_reduce(counts)  # two scalars per step; a sync point on CUDA
     counts = counts.clamp(min=1) / job.env.world_size
     loss = (se * weight).sum() / counts[0]
-    decoder = getattr(job.ddp_model, "module", job.ddp_model).decoder
-    if job.cfg.bias_l2 > 0 and hasattr(decoder, "bias_penalty"):
-        u, m = batch[RATES].edge_label_index
-        penalty = decoder.bias_penalty(batch[USER].n_id[u], batch[MOVIE].n_id[m])
-        loss = loss + job.cfg.bias_l2 * (penalty * weight).sum() / counts[0]
     if rank is not None and job.cfg.rank_loss_weight > 0:
         ru, rm = rank[0].float(), rank[1].float()
         movies = batch["movie"].n_id[batch[RATES].edge_label_index[1]]
@@ -354,8 +349,6 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
     """
     cfg, env = job.cfg, job.env
     job.ddp_model.train()
-    if cfg.lr_schedule == "exponential":
-        set_lr(job.optimizer, cfg.lr * cfg.lr_decay ** progress.epoch)
     job.train_sampler.set_epoch(progress.epoch, position=progress.epoch_position)
     sse = count = 0.0
     load_s = compute_s = 0.0
@@ -400,12 +393,6 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
     bar.close()
     return {"sse": float(sse), "count": count, "load_s": load_s, "compute_s": compute_s,
             "started": t_epoch, "interrupted": interrupted}
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every parameter group trains at ``lr`` from the next step on."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def should_stop(job: Job, progress: Progress, stop: dict[str, int | None]) -> bool:
@@ -470,8 +457,7 @@ def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any])
     record = {"epoch": progress.epoch, "train_rmse": math.sqrt(sse_t / max(count_t, 1)), "val_rmse": val["rmse"],
               "val_mae": val["mae"], "val_recall@10": val["recall"], "val_ndcg@10": val["ndcg"],
               "seconds": time.perf_counter() - stats["started"], "steps": progress.step_in_epoch,
-              "edges_per_s": count_t / busy, "loader_share": stats["load_s"] / busy,
-              "lr": job.optimizer.param_groups[0]["lr"]}
+              "edges_per_s": count_t / busy, "loader_share": stats["load_s"] / busy}
     progress.history.append(record)
     if env.is_main:
         log.info("epoch %d: train rmse %.4f  val rmse %.4f  val recall@10 %.4f  (%.1fs, %.0f edges/s, loader %.0f%%)",
@@ -487,8 +473,6 @@ def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any])
                               "select_metric": job.cfg.select_metric}, job.run_dir / "best.pt")
     else:
         progress.bad_epochs += 1
-        if job.cfg.lr_schedule == "plateau":  # the optimiser's state (in last.pt) keeps the lr
-            set_lr(job.optimizer, job.optimizer.param_groups[0]["lr"] * job.cfg.lr_decay)
     # Decided before last.pt is written, so resuming a finished run does not train on.
     progress.stopped_early = progress.bad_epochs >= job.cfg.patience
     progress.epoch_position = 0

@@ -280,10 +280,6 @@ class DotDecoder(nn.Module):
                 movie_trained: Tensor | None = None) -> Tensor:
         return (zu * zm).sum(-1) + self._user_bias(uid) + self._movie_bias(mid, movie_trained)
 
-    def bias_penalty(self, uid: Tensor, mid: Tensor) -> Tensor:
-        """``b_u² + b_m²`` per pair (rows past a table: the unknown bias, or 0 without one)."""
-        return self._user_bias(uid) ** 2 + self._movie_bias(mid, None) ** 2
-
     def score_block(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor,
                     movie_trained: Tensor | None = None) -> Tensor:
         """Scores ``[len(uid), len(mid)]``; the matmul is the whole cost. ``movie_trained``:
