@@ -58,6 +58,10 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
      "before: ranking vectors are projections of the encoder output alone)", {"model": {"retrieval_ids": False}}),
     ("no-logq", "in-batch softmax without logQ correction (popular negatives are not discounted)",
      {"train": {"logq_correction": False}}),
+    ("no-ema", "validation, best.pt and the returned model use the raw weights instead of their moving "
+     "average (ema_decay 0, the default before)", {"train": {"ema_decay": 0.0}}),
+    ("hidden-64", "embeddings and GraphSAGE layers 64 wide instead of 128 (the default before)",
+     {"model": {"hidden": 64}}),
 ]
 MODEL = "scalable-rec (default run)"
 MARK_START, MARK_END = "<!-- quality:start -->", "<!-- quality:end -->"

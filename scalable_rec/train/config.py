@@ -50,7 +50,10 @@ class TrainConfig:
         ema_decay: With a value in (0, 1), an exponential moving average of the weights
             (``torch.optim.swa_utils`` EMA, updated after every optimiser step) is what
             validation scores, what ``best.pt`` holds and what training returns; training steps
-            continue from the raw weights. 0 (default) turns it off.
+            continue from the raw weights. 0 turns it off. Default 0.99 (a horizon of about
+            100 steps): chosen on ml-latest-small's validation (seed 0), where it raised
+            validation Recall@10 at ``best.pt`` from 0.178 to 0.185 and lowered validation
+            RMSE there from 0.872 to 0.860 (ablation row ``no-ema``).
         loss: ``mse`` (optimises RMSE directly) or ``weighted_mse`` (each half-star
             rating class weighted by its inverse training frequency, mean weight 1).
         patience: Epochs without a better validation RMSE before stopping.
@@ -86,7 +89,7 @@ class TrainConfig:
     select_metric: Literal["recall", "rmse"] = "recall"
     loss: Literal["mse", "weighted_mse"] = "mse"
     rank_loss_weight: float = 1.0
-    ema_decay: float = 0.0
+    ema_decay: float = 0.99
     logq_correction: bool = True
     patience: int = 3
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
