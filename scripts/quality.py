@@ -60,8 +60,8 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
      {"train": {"logq_correction": False}}),
     ("no-ema", "validation, best.pt and the returned model use the raw weights instead of their moving "
      "average (ema_decay 0, the default before)", {"train": {"ema_decay": 0.0}}),
-    ("hidden-64", "embeddings and GraphSAGE layers 64 wide instead of 128 (the default before)",
-     {"model": {"hidden": 64}}),
+    ("hidden-128", "embeddings and GraphSAGE layers 128 wide instead of 64",
+     {"model": {"hidden": 128}}),
 ]
 MODEL = "scalable-rec (default run)"
 MARK_START, MARK_END = "<!-- quality:start -->", "<!-- quality:end -->"
