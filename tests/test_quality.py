@@ -14,9 +14,9 @@ from scalable_rec.train import ModelConfig, TrainConfig, train
 
 # 8 epochs at 1 thread. Defaults of issue-8c (retrieval_ids on, hidden 64, no weight average):
 # `scripts/train_variants.py --epochs 8` measured test RMSE 0.866, Recall@10 0.155, NDCG@10
-# 0.146 (popularity 0.097 / 0.103 on this split). Defaults of issue-8e (EMA 0.99, hidden 128):
-# the same run's first 8 epochs (variant e99h128 in benchmarks/reference/variants-8e-seed0.json)
-# end at validation RMSE 0.856 and validation Recall@10 0.163, its best epoch so far.
+# 0.146 (popularity 0.097 / 0.103 on this split). Defaults of issue-8e (EMA 0.99): the same
+# run's first 8 epochs (variant ema99 in benchmarks/reference/variants-8e-seed0.json) end at
+# validation RMSE 0.862 and validation Recall@10 0.145, its best epoch so far.
 EPOCHS = 8
 
 
