@@ -293,3 +293,22 @@ def test_logq_correction_can_be_switched_off(small, tmp_path):
     torch.testing.assert_close(job.log_q, share.log())  # on by default: each movie's log share of the edges
     off = build_job(g, split, ModelConfig(hidden=8), _cfg(logq_correction=False), tmp_path, None)
     assert torch.equal(off.log_q, torch.zeros(g.num_movies))
+
+
+def test_validation_ranks_in_blocks_bounded_by_val_memory_mb(small, tmp_path):
+    from scalable_rec.train.loop import build_job, validate
+
+    g, split = small
+    job = build_job(g, split, ModelConfig(hidden=8), _cfg(val_memory_mb=1), tmp_path, None)
+    blocks = []
+    rank_block = job.model.rank_block
+
+    def recording(z, uid, mid):
+        out = rank_block(z, uid, mid)
+        blocks.append(out.numel())
+        return out
+
+    job.model.rank_block = recording  # this instance only
+    val = validate(job)
+    assert math.isfinite(val["recall"]) and len(blocks) > 1
+    assert max(blocks) * 4 <= 2**20, f"a score block of {max(blocks) * 4 / 2**20:.1f} MiB (knob: 1 MiB)"

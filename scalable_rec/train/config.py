@@ -36,6 +36,16 @@ class TrainConfig:
             head's in-batch softmax and of Recall/NDCG evaluation (default 4.0).
         optimizer: ``adamw`` (decoupled decay, tables and biases undecayed) or ``adam``
             (the former coupled L2 on every parameter; kept for the ablation table).
+        table_optimizer: How the user/movie embedding and bias tables are trained:
+            ``adamw`` (dense gradients, two moments per element: four times the tables'
+            size per rank), ``rowwise_adagrad`` (sparse gradients of the batch's rows, one
+            state float per row; ``scalable_rec.train.optim``) or ``auto`` (row-wise from
+            ``sparse_tables_min_rows`` users + movies on, AdamW below).
+        table_lr: Learning rate of ``rowwise_adagrad`` on the tables.
+        sparse_tables_min_rows: Crossover of ``table_optimizer`` ``auto``, in users + movies.
+        val_memory_mb: Budget of one block of validation ranking scores (users × movies ×
+            4 bytes; the chunking of ``evaluate_edges``): bounds validation's working memory
+            beside the embeddings (default 32).
         select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
             ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
             ``rmse``. Validation runs like the test: full neighbourhoods over the
@@ -79,6 +89,10 @@ class TrainConfig:
     disjoint_ratio: float = 0.3
     relevant_min: float = 4.0
     optimizer: Literal["adamw", "adam"] = "adamw"
+    table_optimizer: Literal["auto", "adamw", "rowwise_adagrad"] = "auto"
+    table_lr: float = 0.01
+    sparse_tables_min_rows: int = 100_000
+    val_memory_mb: int = 32
     select_metric: Literal["recall", "rmse"] = "recall"
     loss: Literal["mse", "weighted_mse"] = "mse"
     rank_loss_weight: float = 1.0
@@ -95,6 +109,11 @@ class TrainConfig:
     progress: bool = True
     stop_check_every: int = 1
     collective_timeout_s: float = 1800.0
+
+    def rowwise_tables(self, rows: int) -> bool:
+        """Whether tables of ``rows`` users + movies get ``rowwise_adagrad``."""
+        return self.table_optimizer == "rowwise_adagrad" or (
+            self.table_optimizer == "auto" and rows >= self.sparse_tables_min_rows)
 
     def __post_init__(self) -> None:
         problems = []
@@ -122,6 +141,15 @@ class TrainConfig:
             problems.append(f"'disjoint_ratio' needs to be in (0, 1) (got {self.disjoint_ratio})")
         if self.optimizer not in ("adamw", "adam"):
             problems.append(f"'optimizer' needs to be 'adamw' or 'adam' (got {self.optimizer!r})")
+        if self.table_optimizer not in ("auto", "adamw", "rowwise_adagrad"):
+            problems.append(f"'table_optimizer' needs to be 'auto', 'adamw' or 'rowwise_adagrad' "
+                            f"(got {self.table_optimizer!r})")
+        if self.val_memory_mb <= 0:
+            problems.append(f"'val_memory_mb' needs to be positive (got {self.val_memory_mb})")
+        if self.table_lr <= 0:
+            problems.append(f"'table_lr' needs to be positive (got {self.table_lr})")
+        if self.sparse_tables_min_rows < 0:
+            problems.append(f"'sparse_tables_min_rows' needs to be non-negative (got {self.sparse_tables_min_rows})")
         if self.select_metric not in ("recall", "rmse"):
             problems.append(f"'select_metric' needs to be 'recall' or 'rmse' (got {self.select_metric!r})")
         if self.lr <= 0:
