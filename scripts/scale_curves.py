@@ -231,7 +231,7 @@ def step_parts(job, train_steps: int, anon_mib, peak: list) -> dict[str, dict[st
         loss = timed("forward + loss", lambda: training_loss(job, batch)[0])
         timed("zero_grad + backward", lambda: (job.optimizer.zero_grad(set_to_none=True), loss.backward()))
         timed("optimiser step", lambda: job.optimizer.step())
-        del batch, loss
+        batch = loss = None  # not kept alive into the next sampling
     return parts
 
 
@@ -416,6 +416,13 @@ def readme_table(rows: list[dict]) -> str:
                     "| phase | private MiB after | peak MiB within |", "|---|---:|---:|"]
             out += [f"| {name} | {v['after_mib']:,.0f} | {v['peak_mib']:,.0f} |"
                     for name, v in by["train-store-phases"]["phases"].items()] + [""]
+            parts = by["train-store-phases"].get("step_parts")
+            if parts:
+                out += ["Its training steps part by part (largest rise of private memory within each part over "
+                        "the part's start, over all steps):", "", "| step part | largest rise MiB |", "|---|---:|"]
+                out += [f"| {name} | {v['peak_rise_mib']:,.0f} |" for name, v in parts.items()] + [""]
+            if by["train-store-phases"].get("table_optimizer"):
+                out += [f"Tables: `table_optimizer={by['train-store-phases']['table_optimizer']}`.", ""]
     return "\n".join(out)
 
 

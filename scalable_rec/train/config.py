@@ -90,7 +90,7 @@ class TrainConfig:
     relevant_min: float = 4.0
     optimizer: Literal["adamw", "adam"] = "adamw"
     table_optimizer: Literal["auto", "adamw", "rowwise_adagrad"] = "auto"
-    table_lr: float = 0.01
+    table_lr: float = 0.05
     sparse_tables_min_rows: int = 100_000
     val_memory_mb: int = 32
     select_metric: Literal["recall", "rmse"] = "recall"
