@@ -46,6 +46,10 @@ class TrainConfig:
         val_memory_mb: Budget of one block of validation ranking scores (users × movies ×
             4 bytes; the chunking of ``evaluate_edges``): bounds validation's working memory
             beside the embeddings (default 32).
+        heap_mmap_threshold_kb: Fix glibc's mmap threshold at this many KiB when training
+            starts, so that freed tensors of that size and more go back to the kernel instead
+            of staying in the heap (``scalable_rec.train.heap``; a process-wide setting);
+            0 leaves glibc's dynamic threshold (default 1024).
         select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
             ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
             ``rmse``. Validation runs like the test: full neighbourhoods over the
@@ -93,6 +97,7 @@ class TrainConfig:
     table_lr: float = 0.05
     sparse_tables_min_rows: int = 100_000
     val_memory_mb: int = 32
+    heap_mmap_threshold_kb: int = 1024
     select_metric: Literal["recall", "rmse"] = "recall"
     loss: Literal["mse", "weighted_mse"] = "mse"
     rank_loss_weight: float = 1.0
@@ -144,6 +149,8 @@ class TrainConfig:
         if self.table_optimizer not in ("auto", "adamw", "rowwise_adagrad"):
             problems.append(f"'table_optimizer' needs to be 'auto', 'adamw' or 'rowwise_adagrad' "
                             f"(got {self.table_optimizer!r})")
+        if not 0 <= self.heap_mmap_threshold_kb <= 32 * 1024:
+            problems.append(f"'heap_mmap_threshold_kb' needs to be in [0, 32768] (got {self.heap_mmap_threshold_kb})")
         if self.val_memory_mb <= 0:
             problems.append(f"'val_memory_mb' needs to be positive (got {self.val_memory_mb})")
         if self.table_lr <= 0:

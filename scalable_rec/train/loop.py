@@ -37,6 +37,7 @@ from scalable_rec.train.distributed import (
 from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_edges, supervision_stats
 from scalable_rec.train.config import PRECISIONS, TrainConfig, resolve_device
 from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, ranking_positives, rating_class_table
+from scalable_rec.train.heap import fix_mmap_threshold
 from scalable_rec.train.model import ModelConfig, Recommender
 from scalable_rec.train.optim import (
     CombinedOptimizer, RowWiseAdagrad, all_reduce_sparse_grads_, embedding_tables, sparse_table_names, table_rows,
@@ -172,6 +173,8 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
               rating_range: tuple[float, float] = (0.5, 5.0), layer_batch_size: int = 16384) -> Job:
     """Joins the process group, builds the loaders (message passing over training edges
     only), the model, optimiser and precision, and wraps the model for DDP."""
+    if cfg.heap_mmap_threshold_kb:
+        fix_mmap_threshold(cfg.heap_mmap_threshold_kb << 10)
     env = DistEnv.from_environ()
     device = resolve_device(cfg, env)
     init_distributed(env, device, cfg.collective_timeout_s)
