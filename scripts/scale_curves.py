@@ -422,7 +422,8 @@ def readme_table(rows: list[dict]) -> str:
                         "the part's start, over all steps):", "", "| step part | largest rise MiB |", "|---|---:|"]
                 out += [f"| {name} | {v['peak_rise_mib']:,.0f} |" for name, v in parts.items()] + [""]
             if by["train-store-phases"].get("table_optimizer"):
-                out += [f"Tables: `table_optimizer={by['train-store-phases']['table_optimizer']}`.", ""]
+                out += [f"Tables: `table_optimizer={by['train-store-phases']['table_optimizer']}` (`auto`: row-wise "
+                        "Adagrad from 100,000 users + movies on).", ""]
     return "\n".join(out)
 
 
