@@ -47,9 +47,13 @@ class TrainConfig:
             4 bytes; the chunking of ``evaluate_edges``): bounds validation's working memory
             beside the embeddings (default 32).
         heap_mmap_threshold_kb: Fix glibc's mmap threshold at this many KiB when training
-            starts, so that freed tensors of that size and more go back to the kernel instead
-            of staying in the heap (``scalable_rec.train.heap``; a process-wide setting);
-            0 leaves glibc's dynamic threshold (default 1024).
+            over the mapped graph index starts, so that freed tensors of that size and more
+            go back to the kernel instead of staying in the heap (``scalable_rec.train.heap``;
+            a process-wide setting); 0 leaves glibc's dynamic threshold (default 1024). The
+            in-memory path keeps glibc's default: every large tensor then costs an mmap and
+            fresh page faults (on ml-latest-small, 120 steps, 1 thread: 8.6–9.4 s of system
+            CPU against 3.1–4.1 s, ``benchmarks/heap_threshold_cpu.py``), a price only
+            memory-bound graphs should pay.
         select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
             ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
             ``rmse``. Validation runs like the test: full neighbourhoods over the

@@ -173,7 +173,7 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
               rating_range: tuple[float, float] = (0.5, 5.0), layer_batch_size: int = 16384) -> Job:
     """Joins the process group, builds the loaders (message passing over training edges
     only), the model, optimiser and precision, and wraps the model for DDP."""
-    if cfg.heap_mmap_threshold_kb:
+    if cfg.heap_mmap_threshold_kb and data is not None:  # the mapped stores' path: memory-bound graphs
         fix_mmap_threshold(cfg.heap_mmap_threshold_kb << 10)
     env = DistEnv.from_environ()
     device = resolve_device(cfg, env)
