@@ -52,7 +52,8 @@ def sizes_for(edges: int) -> tuple[int, int]:
     return max(100, int(162_000 * ratio ** 0.75)), max(100, int(59_000 * ratio ** 0.6))
 
 
-def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_users: int = 0) -> dict:
+def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_users: int = 0,
+              table_optimizer: str = "auto") -> dict:
     """Child-process body: runs one stage and returns its figures."""
     import torch
 
@@ -79,7 +80,7 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
         g.hetero_data()
         out["edges_per_s"] = edges / (time.perf_counter() - t0)
     elif stage == "train-store-phases":
-        out.update(train_phases(shards_dir, workdir / f"run-{stage}-{edges}", train_steps))
+        out.update(train_phases(shards_dir, workdir / f"run-{stage}-{edges}", train_steps, table_optimizer))
     elif stage.startswith("train"):
         from scalable_rec.train import ModelConfig, TrainConfig, train
 
@@ -92,7 +93,7 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
             g = RatingGraph.from_shards(shards)
             split = split_edges(g, SplitConfig())
         split.val = split.val[:50_000]  # validation of a capped epoch on a slice
-        cfg = TrainConfig(epochs=1, steps_per_epoch=train_steps, progress=False)
+        cfg = TrainConfig(epochs=1, steps_per_epoch=train_steps, progress=False, table_optimizer=table_optimizer)
         c0 = time.process_time()
         result = train(g, split, ModelConfig(), cfg, workdir / f"run-{stage}-{edges}", data=data)
         out["train_cpu_s"] = time.process_time() - c0
@@ -150,20 +151,27 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
     return out
 
 
-def train_phases(shards_dir: Path, run_dir: Path, train_steps: int) -> dict:
+def train_phases(shards_dir: Path, run_dir: Path, train_steps: int, table_optimizer: str = "auto") -> dict:
     """One store-backed training rank, phase by phase through the loop's own steps
-    (``build_job``, ``train_epoch``, ``validate``): this process's private memory
-    (``RssAnon``) after each phase and its peak within it, sampled every 20 ms."""
+    (``build_job``, the steps of ``train_epoch``, ``validate``): this process's private
+    memory (``RssAnon``) after each phase and its peak within it, sampled every 5 ms, and
+    the training steps part by part (``step_parts``)."""
     import threading
 
-    def anon_mib() -> float:
-        return _proc_kib(os.getpid()).get("status.RssAnon", 0) / 1024
+    status = Path("/proc/self/status")
 
-    peak, done = [anon_mib()], threading.Event()
+    def anon_mib() -> float:
+        for line in status.read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    peak, done = [anon_mib()] * 2, threading.Event()  # [phase peak, step-part peak]
 
     def watch() -> None:
-        while not done.wait(0.02):
-            peak[0] = max(peak[0], anon_mib())
+        while not done.wait(0.005):
+            now = anon_mib()
+            peak[0], peak[1] = max(peak[0], now), max(peak[1], now)
 
     threading.Thread(target=watch, daemon=True).start()
     phases: dict[str, dict[str, float]] = {}
@@ -179,22 +187,52 @@ def train_phases(shards_dir: Path, run_dir: Path, train_steps: int) -> dict:
     from scalable_rec.graph.store import open_stores
     from scalable_rec.shards import GraphShards
     from scalable_rec.train import ModelConfig, TrainConfig
-    from scalable_rec.train.loop import Progress, build_job, train_epoch, validate
+    from scalable_rec.train.loop import build_job, validate
 
     shards = GraphShards(shards_dir, verify=False)
     index = GraphIndex.for_shards(shards, SplitConfig(), verify=False)
     graph, split, data = index.rating_graph(shards), index.split(), open_stores(index, "train")
     split.val = split.val[:50_000]
     mark("open index")
-    job = build_job(graph, split, ModelConfig(), TrainConfig(epochs=1, steps_per_epoch=train_steps, progress=False),
-                    run_dir, None, data=data)
+    cfg = TrainConfig(epochs=1, steps_per_epoch=train_steps, progress=False, table_optimizer=table_optimizer)
+    job = build_job(graph, split, ModelConfig(), cfg, run_dir, None, data=data)
     mark("build_job (loader, model, optimiser)")
-    train_epoch(job, Progress(), {"signal": None})
+    steps = step_parts(job, train_steps, anon_mib, peak)
     mark(f"{train_steps} training steps")
     validate(job)
     mark("validation (layer-wise)")
     done.set()
-    return {"phases": phases}
+    return {"phases": phases, "step_parts": steps}
+
+
+def step_parts(job, train_steps: int, anon_mib, peak: list) -> dict[str, dict[str, float]]:
+    """``train_steps`` steps of ``train_epoch``'s body, part by part: for each part the
+    largest rise of private memory within it over its start (``peak_rise_mib``) and what
+    it leaves behind (``kept_mib``, summed over the steps), in MiB."""
+    from scalable_rec.train.loop import training_loss
+
+    parts: dict[str, dict[str, float]] = {}
+    job.ddp_model.train()
+    job.train_sampler.set_epoch(0)
+    it = iter(job.train_loader)
+
+    def timed(name: str, fn):
+        start = anon_mib()
+        peak[1] = start
+        value = fn()
+        end = anon_mib()
+        entry = parts.setdefault(name, {"peak_rise_mib": 0.0, "kept_mib": 0.0})
+        entry["peak_rise_mib"] = round(max(entry["peak_rise_mib"], max(peak[1], end) - start), 1)
+        entry["kept_mib"] = round(entry["kept_mib"] + end - start, 1)
+        return value
+
+    for _ in range(train_steps):
+        batch = timed("sample (loader)", lambda: next(it).to(job.device))
+        loss = timed("forward + loss", lambda: training_loss(job, batch)[0])
+        timed("zero_grad + backward", lambda: (job.optimizer.zero_grad(set_to_none=True), loss.backward()))
+        timed("optimiser step", lambda: job.optimizer.step())
+        batch = loss = None  # not kept alive into the next sampling
+    return parts
 
 
 def _proc_kib(pid: int) -> dict[str, int]:
@@ -378,6 +416,14 @@ def readme_table(rows: list[dict]) -> str:
                     "| phase | private MiB after | peak MiB within |", "|---|---:|---:|"]
             out += [f"| {name} | {v['after_mib']:,.0f} | {v['peak_mib']:,.0f} |"
                     for name, v in by["train-store-phases"]["phases"].items()] + [""]
+            parts = by["train-store-phases"].get("step_parts")
+            if parts:
+                out += ["Its training steps part by part (largest rise of private memory within each part over "
+                        "the part's start, over all steps):", "", "| step part | largest rise MiB |", "|---|---:|"]
+                out += [f"| {name} | {v['peak_rise_mib']:,.0f} |" for name, v in parts.items()] + [""]
+            if by["train-store-phases"].get("table_optimizer"):
+                out += [f"Tables: `table_optimizer={by['train-store-phases']['table_optimizer']}` (`auto`: row-wise "
+                        "Adagrad from 100,000 users + movies on).", ""]
     return "\n".join(out)
 
 
@@ -396,6 +442,8 @@ def main() -> None:
     p.add_argument("--edges", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000, 25_000_000])
     p.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=STAGES)
     p.add_argument("--train-steps", type=int, default=50)
+    p.add_argument("--table-optimizer", default="auto", choices=("auto", "adamw", "rowwise_adagrad"),
+                   help="TrainConfig.table_optimizer of the train stages (recorded in each row)")
     p.add_argument("--score-users", type=int, default=0,
                    help="score stages rank this many users (evenly spaced) and extrapolate to all; 0: all")
     p.add_argument("--results", default="scale.json",
@@ -416,7 +464,7 @@ def main() -> None:
         print(markdown(rows))
         return
     if args.stage:
-        row = run_stage(args.stage, args.edges[0], out, args.train_steps, args.score_users)
+        row = run_stage(args.stage, args.edges[0], out, args.train_steps, args.score_users, args.table_optimizer)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(row))
         return
@@ -426,7 +474,8 @@ def main() -> None:
     for edges in args.edges:
         for stage in args.stages:
             child = [__file__, "--stage", stage, "--edges", str(edges), "--out", str(out),
-                     "--train-steps", str(args.train_steps), "--score-users", str(args.score_users)]
+                     "--train-steps", str(args.train_steps), "--score-users", str(args.score_users),
+                     "--table-optimizer", args.table_optimizer]
             two = stage in TWO_RANKS
             cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *child]
                    if two else [sys.executable, *child])
@@ -439,6 +488,8 @@ def main() -> None:
                 continue
             row = json.loads(stdout.strip().splitlines()[-1])
             row.update({k: round(v, 1) for k, v in peaks.items()}, threads=os.environ.get("OMP_NUM_THREADS"))
+            if stage.startswith("train"):
+                row["table_optimizer"] = args.table_optimizer
             rows.append(row)
             print(f"{edges:>11,} {stage:14s} {row['seconds']:8.1f}s  private {row.get('private_mib', 0):8,.0f} MiB"
                   f"  USS {row.get('uss_mib', 0):8,.0f}  PSS {row.get('pss_mib', 0):8,.0f}"

@@ -317,3 +317,22 @@ def test_ema_weights_are_validated_saved_and_returned(small, tmp_path):
     assert again["model"]["recall@10"] == pytest.approx(result.best_val_recall, abs=1e-6)
     with pytest.raises(ValueError, match=r"'ema_decay' needs to be in \[0, 1\) \(got 1.0\)"):
         TrainConfig(ema_decay=1.0)
+
+
+def test_validation_ranks_in_blocks_bounded_by_val_memory_mb(small, tmp_path):
+    from scalable_rec.train.loop import build_job, validate
+
+    g, split = small
+    job = build_job(g, split, ModelConfig(hidden=8), _cfg(val_memory_mb=1), tmp_path, None)
+    blocks = []
+    rank_block = job.scored.rank_block  # the model validation scores (the EMA copy by default)
+
+    def recording(z, uid, mid):
+        out = rank_block(z, uid, mid)
+        blocks.append(out.numel())
+        return out
+
+    job.scored.rank_block = recording  # this instance only
+    val = validate(job)
+    assert math.isfinite(val["recall"]) and len(blocks) > 1
+    assert max(blocks) * 4 <= 2**20, f"a score block of {max(blocks) * 4 / 2**20:.1f} MiB (knob: 1 MiB)"

@@ -36,6 +36,24 @@ class TrainConfig:
             head's in-batch softmax and of Recall/NDCG evaluation (default 4.0).
         optimizer: ``adamw`` (decoupled decay, tables and biases undecayed) or ``adam``
             (the former coupled L2 on every parameter; kept for the ablation table).
+        table_optimizer: How the user/movie embedding and bias tables are trained:
+            ``adamw`` (dense gradients, two moments per element: four times the tables'
+            size per rank), ``rowwise_adagrad`` (sparse gradients of the batch's rows, one
+            state float per row; ``scalable_rec.train.optim``) or ``auto`` (row-wise from
+            ``sparse_tables_min_rows`` users + movies on, AdamW below).
+        table_lr: Learning rate of ``rowwise_adagrad`` on the tables.
+        sparse_tables_min_rows: Crossover of ``table_optimizer`` ``auto``, in users + movies.
+        val_memory_mb: Budget of one block of validation ranking scores (users × movies ×
+            4 bytes; the chunking of ``evaluate_edges``): bounds validation's working memory
+            beside the embeddings (default 32).
+        heap_mmap_threshold_kb: Fix glibc's mmap threshold at this many KiB when training
+            over the mapped graph index starts, so that freed tensors of that size and more
+            go back to the kernel instead of staying in the heap (``scalable_rec.train.heap``;
+            a process-wide setting); 0 leaves glibc's dynamic threshold (default 1024). The
+            in-memory path keeps glibc's default: every large tensor then costs an mmap and
+            fresh page faults (on ml-latest-small, 120 steps, 1 thread: 8.6–9.4 s of system
+            CPU against 3.1–4.1 s, ``benchmarks/heap_threshold_cpu.py``), a price only
+            memory-bound graphs should pay.
         select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
             ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
             ``rmse``. Validation runs like the test: full neighbourhoods over the
@@ -86,6 +104,11 @@ class TrainConfig:
     disjoint_ratio: float = 0.3
     relevant_min: float = 4.0
     optimizer: Literal["adamw", "adam"] = "adamw"
+    table_optimizer: Literal["auto", "adamw", "rowwise_adagrad"] = "auto"
+    table_lr: float = 0.05
+    sparse_tables_min_rows: int = 100_000
+    val_memory_mb: int = 32
+    heap_mmap_threshold_kb: int = 1024
     select_metric: Literal["recall", "rmse"] = "recall"
     loss: Literal["mse", "weighted_mse"] = "mse"
     rank_loss_weight: float = 1.0
@@ -103,6 +126,11 @@ class TrainConfig:
     progress: bool = True
     stop_check_every: int = 1
     collective_timeout_s: float = 1800.0
+
+    def rowwise_tables(self, rows: int) -> bool:
+        """Whether tables of ``rows`` users + movies get ``rowwise_adagrad``."""
+        return self.table_optimizer == "rowwise_adagrad" or (
+            self.table_optimizer == "auto" and rows >= self.sparse_tables_min_rows)
 
     def __post_init__(self) -> None:
         problems = []
@@ -132,6 +160,17 @@ class TrainConfig:
             problems.append(f"'disjoint_ratio' needs to be in (0, 1) (got {self.disjoint_ratio})")
         if self.optimizer not in ("adamw", "adam"):
             problems.append(f"'optimizer' needs to be 'adamw' or 'adam' (got {self.optimizer!r})")
+        if self.table_optimizer not in ("auto", "adamw", "rowwise_adagrad"):
+            problems.append(f"'table_optimizer' needs to be 'auto', 'adamw' or 'rowwise_adagrad' "
+                            f"(got {self.table_optimizer!r})")
+        if not 0 <= self.heap_mmap_threshold_kb <= 32 * 1024:
+            problems.append(f"'heap_mmap_threshold_kb' needs to be in [0, 32768] (got {self.heap_mmap_threshold_kb})")
+        if self.val_memory_mb <= 0:
+            problems.append(f"'val_memory_mb' needs to be positive (got {self.val_memory_mb})")
+        if self.table_lr <= 0:
+            problems.append(f"'table_lr' needs to be positive (got {self.table_lr})")
+        if self.sparse_tables_min_rows < 0:
+            problems.append(f"'sparse_tables_min_rows' needs to be non-negative (got {self.sparse_tables_min_rows})")
         if self.select_metric not in ("recall", "rmse"):
             problems.append(f"'select_metric' needs to be 'recall' or 'rmse' (got {self.select_metric!r})")
         if self.lr <= 0:

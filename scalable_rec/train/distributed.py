@@ -237,12 +237,15 @@ class EdgeEpochSampler(Sampler[int]):
         else:
             order = torch.arange(self.num_edges, dtype=dtype)
         rest = self._remaining()
-        slots = torch.arange(self.rank, rest + self.num_pad(rest, self.world_size), self.world_size, dtype=dtype)
-        real = slots < rest
-        # slot i < rest is position ``position + i`` of the order; the slots after it are pads
-        mine = torch.where(real, order[self.position + slots.clamp(max=max(rest - 1, 0))],
-                           self.num_edges + slots - rest) if slots.numel() else slots
-        del order
+        # This rank's slots are ``rank, rank + W, ...`` below ``rest + pad``; slot i < rest is
+        # position ``position + i`` of the order (one strided slice, no slot-sized
+        # temporaries: at 20M edges those peaked at six order-sized arrays), the slots
+        # after it are pads ``num_edges + i - rest``.
+        real = order[self.position + self.rank:self.num_edges:self.world_size]
+        first_pad = rest + (self.rank - rest) % self.world_size
+        pads = torch.tensor([self.num_edges + i - rest for i in range(
+            first_pad, rest + self.num_pad(rest, self.world_size), self.world_size)], dtype=dtype)
+        mine = torch.cat([real, pads]) if pads.numel() or self.world_size > 1 else real
         # Converted to Python ints a chunk at a time: a list of the whole slice costs
         # ~36 bytes per edge (720 MiB for 20M training edges) in every rank.
         return (i for chunk in mine.split(1 << 16) for i in chunk.tolist())

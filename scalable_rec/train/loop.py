@@ -37,7 +37,11 @@ from scalable_rec.train.distributed import (
 from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_edges, supervision_stats
 from scalable_rec.train.config import PRECISIONS, TrainConfig, resolve_device
 from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, ranking_positives, rating_class_table
+from scalable_rec.train.heap import fix_mmap_threshold
 from scalable_rec.train.model import ModelConfig, Recommender
+from scalable_rec.train.optim import (
+    CombinedOptimizer, RowWiseAdagrad, all_reduce_sparse_grads_, embedding_tables, sparse_table_names, table_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class Job:
     config: dict[str, Any]
     model: Recommender
     ddp_model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | CombinedOptimizer
     scaler: torch.amp.GradScaler
     autocast: torch.autocast
     train_loader: Any
@@ -176,6 +180,8 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
               rating_range: tuple[float, float] = (0.5, 5.0), layer_batch_size: int = 16384) -> Job:
     """Joins the process group, builds the loaders (message passing over training edges
     only), the model, optimiser and precision, and wraps the model for DDP."""
+    if cfg.heap_mmap_threshold_kb and data is not None:  # the mapped stores' path: memory-bound graphs
+        fix_mmap_threshold(cfg.heap_mmap_threshold_kb << 10)
     env = DistEnv.from_environ()
     device = resolve_device(cfg, env)
     init_distributed(env, device, cfg.collective_timeout_s)
@@ -225,6 +231,11 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
               rating_range=rating_range, loader_gen=loader_gen, log_q=log_q,
               stores=data if isinstance(data, tuple) else None, layer_batch_size=layer_batch_size, ema=ema)
     if env.enabled:
+        # Sparse table gradients are averaged by reduce_table_grads, not DDP's reducer.
+        tables = sparse_table_names(model)
+        if tables:
+            DDP._set_params_and_buffers_to_ignore_for_model(model, tables)
+            broadcast_tensors_([p for name, p in model.named_parameters() if name in tables])
         job.ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                             find_unused_parameters=_has_unused_parameters(job))
     return job
@@ -243,18 +254,41 @@ def wants_resume(job: Job) -> bool:
     return bool(found)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | CombinedOptimizer:
     """AdamW; decoupled decay on dense weights only. Embedding tables (and the bias tables)
     are left out: a decayed table moves every row on every step, including rows no batch
     touched, which pulls rarely seen users and movies towards zero by the step count
-    rather than by their data."""
+    rather than by their data.
+
+    With ``cfg.rowwise_tables`` (``table_optimizer``; by table size with ``auto``) the
+    tables are switched to sparse gradients (call this before wrapping the model in DDP,
+    which looks for them when it is built) and stepped by ``RowWiseAdagrad``; the rest
+    stays on AdamW (``CombinedOptimizer``).
+    """
+    tables = {id(m.weight) for m in embedding_tables(model)}
+    rowwise = cfg.rowwise_tables(table_rows(model))
+    dense = [p for p in model.parameters() if p.requires_grad and not (rowwise and id(p) in tables)]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and id(p) not in tables]
-    rest = [p for p in model.parameters() if p.requires_grad and (p.ndim < 2 or id(p) in tables)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+        adam = torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        decay = [p for p in dense if p.ndim >= 2 and id(p) not in tables]
+        rest = [p for p in dense if p.ndim < 2 or id(p) in tables]
+        adam = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                  {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+    if not rowwise:
+        return adam
+    for table in embedding_tables(model):
+        table.sparse = True  # F.embedding then returns a sparse gradient of the looked-up rows
+    return CombinedOptimizer({"dense": adam, "tables": RowWiseAdagrad(
+        [m.weight for m in embedding_tables(model) if m.weight.requires_grad], lr=cfg.table_lr)})
+
+
+def reduce_table_grads(job: Job) -> None:
+    """Under DDP, averages the sparse gradients of row-wise tables over the ranks (DDP's
+    reducer leaves them out; ``scalable_rec.train.optim``)."""
+    if job.env.enabled and isinstance(job.optimizer, CombinedOptimizer):
+        all_reduce_sparse_grads_([p for g in job.optimizer.optimizers["tables"].param_groups for p in g["params"]],
+                                 job.env.world_size)
 
 
 def restore(job: Job) -> Progress:
@@ -370,6 +404,7 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
         loss, se, weight = training_loss(job, batch)
         job.optimizer.zero_grad(set_to_none=True)
         job.scaler.scale(loss).backward()
+        reduce_table_grads(job)
         job.scaler.step(job.optimizer)
         job.scaler.update()
         if job.ema is not None:
@@ -431,7 +466,7 @@ def validate(job: Job) -> dict[str, float]:
         z = encode_layerwise(job.scored, feature_store, graph_store, batch_size=job.layer_batch_size)
         rev_row, rev_colptr = graph_store.get_edge_index(REV_RATES, layout="csc")
         seen = RatedIndex(rowptr=rev_colptr, col=rev_row)
-    out = evaluate_edges(job.scored, job.graph, job.split.train, job.split.val, k=10,
+    out = evaluate_edges(job.scored, job.graph, job.split.train, job.split.val, k=10, memory_mb=job.cfg.val_memory_mb,
                          rating_min=job.rating_range[0], rating_max=job.rating_range[1],
                          relevant_min=job.cfg.relevant_min, z=z, seen=seen, env=job.env)
     return {"rmse": out["rmse"], "mae": out["mae"], "recall": out["model"]["recall@10"],
