@@ -319,6 +319,19 @@ def test_ema_weights_are_validated_saved_and_returned(small, tmp_path):
         TrainConfig(ema_decay=1.0)
 
 
+def test_no_moving_average_of_rowwise_sparse_tables(small, tmp_path):
+    """A large graph's row-wise tables get no EMA copy (a second dense copy of every table)."""
+    from scalable_rec.train.loop import build_job
+
+    g, split = small
+    sparse = build_job(g, split, ModelConfig(hidden=8), _cfg(ema_decay=0.99, table_optimizer="rowwise_adagrad"),
+                       tmp_path / "sparse", None)
+    assert sparse.ema is None and sparse.scored is sparse.model
+    dense = build_job(g, split, ModelConfig(hidden=8), _cfg(ema_decay=0.99, table_optimizer="adamw"),
+                      tmp_path / "dense", None)
+    assert dense.ema is not None and dense.scored is dense.ema.module
+
+
 def test_validation_ranks_in_blocks_bounded_by_val_memory_mb(small, tmp_path):
     from scalable_rec.train.loop import build_job, validate
 

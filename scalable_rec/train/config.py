@@ -71,7 +71,9 @@ class TrainConfig:
             continue from the raw weights. 0 turns it off. Default 0.99 (a horizon of about
             100 steps): chosen on ml-latest-small's validation (seed 0), where it raised
             validation Recall@10 at ``best.pt`` from 0.178 to 0.185 and lowered validation
-            RMSE there from 0.872 to 0.860 (ablation row ``no-ema``).
+            RMSE there from 0.872 to 0.860 (ablation row ``no-ema``). Not kept with
+            row-wise sparse tables (``rowwise_tables``: large graphs), where it would be a
+            second dense copy of every table, passed over after every step.
         loss: ``mse`` (optimises RMSE directly) or ``weighted_mse`` (each half-star
             rating class weighted by its inverse training frequency, mean weight 1).
         patience: Epochs without a better validation RMSE before stopping.

@@ -218,7 +218,10 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
     model.encoder.movie_trained.copy_(train_counts > 0)
     optimizer = make_optimizer(model, cfg)
     ema = None
-    if cfg.ema_decay > 0:  # after movie_trained is set: the copy's buffers are never averaged
+    if cfg.ema_decay > 0 and cfg.rowwise_tables(table_rows(model)):
+        log.info("ema_decay %g: no moving average with row-wise sparse tables (it would be a second dense "
+                 "copy of every table, updated every step)", cfg.ema_decay)
+    elif cfg.ema_decay > 0:  # after movie_trained is set: the copy's buffers are never averaged
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
