@@ -53,7 +53,7 @@ def sizes_for(edges: int) -> tuple[int, int]:
 
 
 def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_users: int = 0,
-              table_optimizer: str = "auto") -> dict:
+              table_optimizer: str = "auto", heap_kb: int = 0) -> dict:
     """Child-process body: runs one stage and returns its figures."""
     import torch
 
@@ -93,7 +93,8 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
             g = RatingGraph.from_shards(shards)
             split = split_edges(g, SplitConfig())
         split.val = split.val[:50_000]  # validation of a capped epoch on a slice
-        cfg = TrainConfig(epochs=1, steps_per_epoch=train_steps, progress=False, table_optimizer=table_optimizer)
+        cfg = TrainConfig(epochs=1, steps_per_epoch=train_steps, progress=False, table_optimizer=table_optimizer,
+                          heap_mmap_threshold_kb=heap_kb)
         c0 = time.process_time()
         result = train(g, split, ModelConfig(), cfg, workdir / f"run-{stage}-{edges}", data=data)
         out["train_cpu_s"] = time.process_time() - c0
@@ -442,6 +443,9 @@ def main() -> None:
     p.add_argument("--edges", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000, 25_000_000])
     p.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=STAGES)
     p.add_argument("--train-steps", type=int, default=50)
+    p.add_argument("--heap-mmap-threshold-kb", type=int, default=0,
+                   help="TrainConfig.heap_mmap_threshold_kb of the train and train-store stages (recorded in "
+                        "each row; 0: glibc's dynamic threshold)")
     p.add_argument("--table-optimizer", default="auto", choices=("auto", "adamw", "rowwise_adagrad"),
                    help="TrainConfig.table_optimizer of the train stages (recorded in each row)")
     p.add_argument("--score-users", type=int, default=0,
@@ -464,7 +468,8 @@ def main() -> None:
         print(markdown(rows))
         return
     if args.stage:
-        row = run_stage(args.stage, args.edges[0], out, args.train_steps, args.score_users, args.table_optimizer)
+        row = run_stage(args.stage, args.edges[0], out, args.train_steps, args.score_users, args.table_optimizer,
+                        args.heap_mmap_threshold_kb)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(row))
         return
@@ -475,7 +480,8 @@ def main() -> None:
         for stage in args.stages:
             child = [__file__, "--stage", stage, "--edges", str(edges), "--out", str(out),
                      "--train-steps", str(args.train_steps), "--score-users", str(args.score_users),
-                     "--table-optimizer", args.table_optimizer]
+                     "--table-optimizer", args.table_optimizer,
+                     "--heap-mmap-threshold-kb", str(args.heap_mmap_threshold_kb)]
             two = stage in TWO_RANKS
             cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *child]
                    if two else [sys.executable, *child])
@@ -490,6 +496,7 @@ def main() -> None:
             row.update({k: round(v, 1) for k, v in peaks.items()}, threads=os.environ.get("OMP_NUM_THREADS"))
             if stage.startswith("train"):
                 row["table_optimizer"] = args.table_optimizer
+                row["heap_mmap_threshold_kb"] = args.heap_mmap_threshold_kb
             rows.append(row)
             print(f"{edges:>11,} {stage:14s} {row['seconds']:8.1f}s  private {row.get('private_mib', 0):8,.0f} MiB"
                   f"  USS {row.get('uss_mib', 0):8,.0f}  PSS {row.get('pss_mib', 0):8,.0f}"

@@ -46,14 +46,15 @@ class TrainConfig:
         val_memory_mb: Budget of one block of validation ranking scores (users × movies ×
             4 bytes; the chunking of ``evaluate_edges``): bounds validation's working memory
             beside the embeddings (default 32).
-        heap_mmap_threshold_kb: Fix glibc's mmap threshold at this many KiB when training
-            over the mapped graph index starts, so that freed tensors of that size and more
-            go back to the kernel instead of staying in the heap (``scalable_rec.train.heap``;
-            a process-wide setting); 0 leaves glibc's dynamic threshold (default 1024). The
-            in-memory path keeps glibc's default: every large tensor then costs an mmap and
-            fresh page faults (on ml-latest-small, 120 steps, 1 thread: 8.6–9.4 s of system
-            CPU against 3.1–4.1 s, ``benchmarks/heap_threshold_cpu.py``), a price only
-            memory-bound graphs should pay.
+        heap_mmap_threshold_kb: With a value > 0, fix glibc's mmap threshold at this many
+            KiB when training over the mapped graph index starts, so that freed tensors of
+            that size and more go back to the kernel instead of staying in the heap
+            (``scalable_rec.train.heap``; a process-wide setting). Default 0 (glibc's dynamic
+            threshold): at 25M edges 1024 cut a store-backed rank's private memory from 866
+            to 650 MiB but cost 1.6× its training CPU (60.5 vs 37.4 s) and halved its
+            edges/s (``scripts/scale_curves.py --heap-mmap-threshold-kb``, README "Graphs
+            larger than memory"); for runs bound by memory, not time. The in-memory path
+            never sets it.
         select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
             ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
             ``rmse``. Validation runs like the test: full neighbourhoods over the
@@ -110,7 +111,7 @@ class TrainConfig:
     table_lr: float = 0.05
     sparse_tables_min_rows: int = 100_000
     val_memory_mb: int = 32
-    heap_mmap_threshold_kb: int = 1024
+    heap_mmap_threshold_kb: int = 0
     select_metric: Literal["recall", "rmse"] = "recall"
     loss: Literal["mse", "weighted_mse"] = "mse"
     rank_loss_weight: float = 1.0
