@@ -47,6 +47,15 @@ def small_shards(tmp_path_factory) -> GraphShards:
     return GraphShards(out)
 
 
+@pytest.fixture(scope="module")
+def small(small_shards):
+    """The small shards as a graph and its default split (one per test module)."""
+    from scalable_rec.graph import RatingGraph, SplitConfig, split_edges
+
+    g = RatingGraph.from_shards(small_shards)
+    return g, split_edges(g, SplitConfig())
+
+
 @pytest.fixture(scope="session")
 def movielens_run_config(movielens_dir, tmp_path_factory):
     """A RunConfig whose prepared shards and features (sentence-transformer) are shared."""

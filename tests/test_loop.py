@@ -4,21 +4,10 @@ import pytest
 import torch
 
 from scalable_rec.errors import CheckpointError
-from scalable_rec.graph import RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import ModelConfig, TrainConfig, train
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.losses import rating_class_weights
-
-
-@pytest.fixture(scope="module")
-def small(small_shards):
-    g = RatingGraph.from_shards(small_shards)
-    return g, split_edges(g, SplitConfig())
-
-
-def _cfg(**kw):
-    base = dict(epochs=2, batch_size=1024, num_neighbors=[5, 3], progress=False, patience=5)
-    return TrainConfig(**{**base, **kw})
+from quick_train import quick_cfg as _cfg
 
 
 def test_training_learns_signal_and_writes_checkpoints(small, tmp_path):

@@ -4,23 +4,13 @@ import math
 import pytest
 import torch
 
-from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
-from scalable_rec.train import ModelConfig, TrainConfig, train
+from scalable_rec.graph import RATES
+from scalable_rec.train import ModelConfig, train
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.loop import make_optimizer
 from scalable_rec.train.model import Recommender
 from scalable_rec.train.optim import CombinedOptimizer, RowWiseAdagrad, embedding_tables
-
-
-@pytest.fixture(scope="module")
-def small(small_shards):
-    g = RatingGraph.from_shards(small_shards)
-    return g, split_edges(g, SplitConfig())
-
-
-def _cfg(**kw):
-    base = dict(epochs=2, batch_size=1024, num_neighbors=[5, 3], progress=False, patience=5)
-    return TrainConfig(**{**base, **kw})
+from quick_train import quick_cfg as _cfg
 
 
 def test_rowwise_adagrad_matches_a_hand_computation_and_keeps_one_float_per_row():
