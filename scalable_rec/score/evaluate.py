@@ -79,7 +79,7 @@ def evaluate_edges(model, graph, message_ids: Tensor, eval_ids: Tensor, k: int =
     """
     model.eval()
     device = model.rating_mean.device
-    z = model.encode_all(graph.hetero_data(message_ids)) if z is None else z
+    z = model.encode_all(graph.hetero_data(message_ids)) if z is None else model.movies_here(z)
     mine = eval_ids[env.rank::env.world_size]
     src, dst = graph.src[mine], graph.dst[mine]
     pred = torch.cat([model.predict_pairs(z, s.to(device), d.to(device))

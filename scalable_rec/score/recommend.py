@@ -39,7 +39,7 @@ def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig, z: dict[
         users: Only these users (e.g. one torchrun rank's ``user_slice``); default: all.
     """
     device = model.rating_mean.device
-    z = model.encode_all(graph.hetero_data()) if z is None else z
+    z = model.encode_all(graph.hetero_data()) if z is None else model.movies_here(z)
     exclude = None
     if cfg.exclude_rated:
         exclude = RatedIndex.from_edges(graph.src, graph.dst, graph.num_users) if rated is None else rated

@@ -451,18 +451,34 @@ class Recommender(nn.Module):
 
     def score_block(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:
         """Predicted ratings for all pairs of ``uid`` × ``mid`` (global node ids)."""
-        with self._guard(z[USER]):
-            return (self.decoder.score_block(z[USER][uid], z[MOVIE][mid], uid, mid, self.encoder.movie_trained)
-                    + self.rating_mean)
+        zu, zm, uid, mid = self._rows(z[USER], uid), self._rows(z[MOVIE], mid), self._here(uid), self._here(mid)
+        with self._guard(zu):
+            return self.decoder.score_block(zu, zm, uid, mid, self.encoder.movie_trained) + self.rating_mean
 
     def rank_block(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:
         """Ranking scores for all pairs of ``uid`` × ``mid``: the retrieval head's logits,
         or the predicted rating when the model has no retrieval head."""
         if self.retrieval is None:
             return self.score_block(z, uid, mid)
-        return z["user_rank"][uid] @ z["movie_rank"][mid].T
+        return self._rows(z["user_rank"], uid) @ self._rows(z["movie_rank"], mid).T
 
     def predict_pairs(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:
         """Predicted ratings of aligned pairs ``(uid[i], mid[i])``."""
-        with self._guard(z[USER]):
-            return self.decoder(z[USER][uid], z[MOVIE][mid], uid, mid, self.encoder.movie_trained) + self.rating_mean
+        zu, zm, uid, mid = self._rows(z[USER], uid), self._rows(z[MOVIE], mid), self._here(uid), self._here(mid)
+        with self._guard(zu):
+            return self.decoder(zu, zm, uid, mid, self.encoder.movie_trained) + self.rating_mean
+
+    def _here(self, t: Tensor) -> Tensor:
+        return t.to(self.rating_mean.device)
+
+    def _rows(self, t: Tensor, idx: Tensor) -> Tensor:
+        """Rows ``idx`` of node embeddings ``t`` on this model's device. ``t`` may live on the
+        CPU while the model runs on a GPU (layer-wise encoding keeps every node's embeddings
+        there): only the rows a block needs are moved."""
+        return self._here(t[idx.to(t.device)])
+
+    def movies_here(self, z: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``z`` with the movie-side embeddings on this model's device, user-side ones where
+        they are: every block of users is scored against the whole catalogue, so the catalogue
+        is moved once rather than per block."""
+        return {k: self._here(v) if k in (MOVIE, "movie_rank") else v for k, v in z.items()}
