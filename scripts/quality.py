@@ -52,8 +52,12 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
      {"train": {"supervision": "disjoint"}}),
     ("coupled-adam", "defect 5 unfixed: Adam with coupled L2 on every parameter (tables included)",
      {"train": {"optimizer": "adam"}}),
-    ("patience-6", "early stopping after 6 epochs without a better validation Recall@10 instead of 3",
-     {"train": {"patience": 6}}),
+    ("patience-3", "early stopping after 3 epochs without a better validation Recall@10 instead of 6 "
+     "(the default before)", {"train": {"patience": 3}}),
+    ("no-rank-id-l2", "no L2 on the retrieval head's own user/movie vectors (rank_id_l2 0, the default "
+     "before)", {"train": {"rank_id_l2": 0.0}}),
+    ("no-id-dropout", "no user/movie ID dropout (user_id_dropout and movie_id_dropout 0, the default before)",
+     {"model": {"user_id_dropout": 0.0, "movie_id_dropout": 0.0}}),
     ("no-retrieval-ids", "retrieval head without its own per-user/per-movie ranking vectors (the default "
      "before: ranking vectors are projections of the encoder output alone)", {"model": {"retrieval_ids": False}}),
     ("no-logq", "in-batch softmax without logQ correction (popular negatives are not discounted)",

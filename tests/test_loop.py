@@ -222,7 +222,8 @@ def test_training_loss_ranking_term_ignores_dislikes_and_class_weights(small, tm
     g, split = small
     ids = split.train[:256]
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8, dropout=0.0))
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),  # no dropout: the same forward each call
+                        ModelConfig(hidden=8, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0))
     cfg = _cfg(num_neighbors=[-1, -1])
     loader, _ = make_loader(g.hetero_data(split.train), SupervisionEdges(g.src, g.dst, g.rating, ids), cfg, 256,
                             DistEnv(), shuffle=False, device=torch.device("cpu"))
@@ -230,8 +231,9 @@ def test_training_loss_ranking_term_ignores_dislikes_and_class_weights(small, tm
 
     def loss(rank_weight, label):
         batch[RATES].edge_label = label
-        job = types.SimpleNamespace(autocast=torch.autocast("cpu", enabled=False), ddp_model=model,
-                                    cfg=_cfg(rank_loss_weight=rank_weight), env=DistEnv(),
+        # the ranking term alone (without the ranking vectors' L2, which a batch of dislikes pays too)
+        job = types.SimpleNamespace(autocast=torch.autocast("cpu", enabled=False), ddp_model=model, model=model,
+                                    cfg=_cfg(rank_loss_weight=rank_weight, rank_id_l2=0.0), env=DistEnv(),
                                     log_q=torch.zeros(g.num_movies))
         return training_loss(job, batch)[0].item()
 
@@ -253,7 +255,9 @@ def test_validation_runs_like_the_test_and_selects_by_the_configured_metric(smal
     g, split = small
     # raw weights (no moving average): two epochs of an average stay near the init, whose
     # predictions all lie near the mean, inside any range, so the clamp check below needs them
-    result = train(g, split, ModelConfig(hidden=16), _cfg(epochs=2, select_metric="recall", ema_decay=0.0),
+    # (and no ID dropout or ranking-vector L2, which leave the 2-epoch predictions inside [3, 4])
+    result = train(g, split, ModelConfig(hidden=16, user_id_dropout=0.0, movie_id_dropout=0.0),
+                   _cfg(epochs=2, select_metric="recall", ema_decay=0.0, rank_id_l2=0.0),
                    tmp_path, rating_range=(3.0, 4.0))
     h = result.history
     assert all(0.0 <= r["val_recall@10"] <= 1.0 for r in h)
@@ -338,3 +342,32 @@ def test_validation_ranks_in_blocks_bounded_by_val_memory_mb(small, tmp_path):
     val = validate(job)
     assert math.isfinite(val["recall"]) and len(blocks) > 1
     assert max(blocks) * 4 <= 2**20, f"a score block of {max(blocks) * 4 / 2**20:.1f} MiB (knob: 1 MiB)"
+
+
+def test_rank_id_l2_shrinks_the_batch_rows_only(small, tmp_path):
+    """The ranking vectors' L2 acts on rows a batch uses: trained rows end smaller than
+    without it, rows no batch ever held (movies without a training rating) stay as drawn."""
+    g, split = small
+    split = type(split)(train=split.train[g.dst[split.train] >= 2], val=split.val, test=split.test)
+    runs = {}
+    for l2 in (0.0, 1.0):
+        torch.manual_seed(0)
+        runs[l2] = train(g, split, ModelConfig(hidden=8), _cfg(rank_id_l2=l2, ema_decay=0.0), tmp_path / str(l2)).model
+    trained = torch.bincount(g.dst[split.train], minlength=g.num_movies) > 0
+    assert (~trained).any()
+    plain, shrunk = (runs[k].retrieval.movie_id.weight.detach() for k in (0.0, 1.0))
+    assert shrunk[trained].norm(dim=1).mean() < 0.8 * plain[trained].norm(dim=1).mean()
+    assert torch.equal(shrunk[~trained], plain[~trained])
+    users = (runs[k].retrieval.user_id.weight.detach() for k in (0.0, 1.0))
+    assert next(users).norm() > next(users).norm()
+
+
+def test_id_sq_norms_of_rows_past_the_tables_are_zero():
+    from scalable_rec.train.model import RetrievalHead
+
+    head = RetrievalHead(2, num_users=2, num_movies=3, id_embeddings=True)
+    with torch.no_grad():
+        head.user_id.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        head.movie_id.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))
+    got = head.id_sq_norms(torch.tensor([0, 1, 5]), torch.tensor([0, 2, 7]))
+    assert got.tolist() == [10.0, 6.0, 0.0]

@@ -255,7 +255,7 @@ def _cold_model(g: RatingGraph, **kw) -> Recommender:
 
 def test_untrained_and_past_the_table_movies_get_features_plus_the_unknown_input(tiny_shards):
     g = RatingGraph.from_shards(tiny_shards)
-    model = _cold_model(g)
+    model = _cold_model(g, movie_id_dropout=0.0)
     enc = model.encoder
     mid = torch.tensor([0, 5, g.num_movies + 2])  # untrained, trained, no ID row at all
     x = torch.randn(3, g.movie_x.size(1))

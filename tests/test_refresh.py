@@ -230,7 +230,7 @@ def test_new_user_is_unknown_to_the_table_and_uses_the_learned_vector(sparse_gra
     x = model.encoder.input_features(n_id, sparse_graph.movie_x[:2])
     assert torch.equal(x["user"][1], torch.full((16,), 0.5))
     assert torch.equal(x["user"][0], model.encoder.user_emb.weight[0])
-    no_dropout = _model(sparse_graph)
+    no_dropout = _model(sparse_graph, user_id_dropout=0.0)
     assert no_dropout.encoder.unknown_user is None  # falls back to the table mean
     x = no_dropout.encoder.input_features(n_id, sparse_graph.movie_x[:2])
     torch.testing.assert_close(x["user"][1], no_dropout.encoder.user_emb.weight.mean(0))

@@ -98,6 +98,9 @@ class ModelConfig:
             so the model learns to place a movie from its features. Movies without a trained
             ID row (no training rating, or added after training) are always encoded that way;
             with 0 their input is the trained movie rows' mean plus their features.
+            Default 0.1 for both: on ml-latest-small (seeds 0-2, with ``rank_id_l2``) it
+            lowered validation RMSE on every seed (0.8623 → 0.8559 mean) for 0.004 less
+            validation Recall@10 (0.1902 → 0.1860); README "Ranking vectors' L2".
     """
 
     hidden: int = 64
@@ -106,9 +109,9 @@ class ModelConfig:
     dropout: float = 0.3
     aggr: str = "mean"
     retrieval_head: bool = True
-    user_id_dropout: float = 0.0
+    user_id_dropout: float = 0.1
     retrieval_ids: bool = True
-    movie_id_dropout: float = 0.0
+    movie_id_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         problems = []
@@ -369,6 +372,16 @@ class RetrievalHead(nn.Module):
 
     def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor, movie_known: Tensor) -> tuple[Tensor, Tensor]:
         return self.project_user(zu, uid), self.project_movie(zm, mid, movie_known)
+
+    def id_sq_norms(self, uid: Tensor, mid: Tensor) -> Tensor:
+        """``‖p_u‖² + ‖q_m‖²`` of the pairs' own ranking vectors (0 without ID vectors; ids
+        past a table have no row)."""
+        out = torch.zeros(uid.shape, device=uid.device)
+        for table, ids in ((self.user_id, uid), (self.movie_id, mid)):
+            if table is not None:
+                rows = table(ids.clamp(max=table.num_embeddings - 1)).float()
+                out = out + rows.pow(2).sum(-1) * (ids < table.num_embeddings)
+        return out
 
 
 class Recommender(nn.Module):
