@@ -270,16 +270,23 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
     across parts; seeds are the union."""
     if len({p["relevance_threshold"] for p in parts}) > 1:
         raise SystemExit("--combine: the parts used different relevance thresholds")
-    out = dict(parts[0], methods={}, ablation=[])
+    out = dict(parts[0], methods={}, ablation=[], ablation_seeds=[])
     for part in parts:
         for name, rows in part["methods"].items():
             have = {r["seed"] for r in out["methods"].get(name, [])}
             if have & {r["seed"] for r in rows}:
                 raise SystemExit(f"--combine: two parts hold '{name}' for the same seed")
             out["methods"].setdefault(name, []).extend(rows)
-        out["ablation"] += part["ablation"]
+        for row in part["ablation"]:  # one row per name: a row split over processes is joined
+            same = next((r for r in out["ablation"] if r["name"] == row["name"]), None)
+            if same is None:
+                out["ablation"].append(dict(row, runs=list(row["runs"])))
+            elif {r["seed"] for r in same["runs"]} & {r["seed"] for r in row["runs"]}:
+                raise SystemExit(f"--combine: two parts hold ablation '{row['name']}' for the same seed")
+            else:
+                same["runs"] += row["runs"]
         if part["ablation"]:
-            out["ablation_seeds"] = part["ablation_seeds"]
+            out["ablation_seeds"] = sorted(set(out.get("ablation_seeds", [])) | set(part["ablation_seeds"]))
     out["seeds"] = sorted({s for p in parts for s in p["seeds"]})
     threads = sorted({p["threads"] for p in parts})
     out["threads"] = threads[0] if len(threads) == 1 else "/".join(map(str, threads))

@@ -50,6 +50,17 @@ def test_combine_merges_parts_and_refuses_a_seed_twice(quality):
         quality.combine([model0, model0])
 
 
+def test_combine_joins_an_ablation_row_split_over_seed_processes(quality):
+    def part(seed):
+        r = _result({}, seeds=(seed,), ablation=[{"name": "no-x", "what": "w", "runs": [{"seed": seed}]}])
+        return dict(r, ablation_seeds=[seed])
+    out = quality.combine([part(0), part(1), part(2)])
+    assert [a["name"] for a in out["ablation"]] == ["no-x"]
+    assert [r["seed"] for r in out["ablation"][0]["runs"]] == [0, 1, 2] and out["ablation_seeds"] == [0, 1, 2]
+    with pytest.raises(SystemExit, match="ablation 'no-x' for the same seed"):
+        quality.combine([part(0), part(0)])
+
+
 def test_update_readme_replaces_only_the_marked_block(quality, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{quality.MARK_START}\nold\n{quality.MARK_END}\noutro\n")
