@@ -56,8 +56,8 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
      "(the default before)", {"train": {"patience": 3}}),
     ("no-rank-id-l2", "no L2 on the retrieval head's own user/movie vectors (rank_id_l2 0, the default "
      "before)", {"train": {"rank_id_l2": 0.0}}),
-    ("no-id-dropout", "no user/movie ID dropout (user_id_dropout and movie_id_dropout 0, the default before)",
-     {"model": {"user_id_dropout": 0.0, "movie_id_dropout": 0.0}}),
+    ("id-dropout-0.1", "10% of a batch's user and movie IDs hidden from the encoder (user_id_dropout and "
+     "movie_id_dropout 0.1)", {"model": {"user_id_dropout": 0.1, "movie_id_dropout": 0.1}}),
     ("no-retrieval-ids", "retrieval head without its own per-user/per-movie ranking vectors (the default "
      "before: ranking vectors are projections of the encoder output alone)", {"model": {"retrieval_ids": False}}),
     ("no-logq", "in-batch softmax without logQ correction (popular negatives are not discounted)",
