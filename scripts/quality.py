@@ -286,7 +286,7 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
             else:
                 same["runs"] += row["runs"]
         if part["ablation"]:
-            out["ablation_seeds"] = sorted(set(out.get("ablation_seeds", [])) | set(part["ablation_seeds"]))
+            out["ablation_seeds"] = sorted(set(out["ablation_seeds"]) | set(part["ablation_seeds"]))
     out["seeds"] = sorted({s for p in parts for s in p["seeds"]})
     threads = sorted({p["threads"] for p in parts})
     out["threads"] = threads[0] if len(threads) == 1 else "/".join(map(str, threads))
