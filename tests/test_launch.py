@@ -131,3 +131,15 @@ def test_a_rank_user_error_is_exit_status_2(tmp_path):
     rc, output = _finish(_start(["train", "--shards", str(tmp_path / "nowhere"), "--nproc-per-node", "2"]))
     assert rc == 2, output[-3000:]
     assert "No shard manifest" in output and "Traceback" not in output
+
+
+def test_forked_score_writes_what_one_process_writes(forked_run):
+    import pyarrow.parquet as pq
+
+    run_dir, _ = forked_run
+    rc, output = _finish(_start(["score", "--run-dir", str(run_dir), "--nproc-per-node", "2"]))
+    assert rc == 0, output[-3000:]
+    two = pq.read_table(run_dir / "recommendations.parquet")
+    (run_dir / "recommendations.parquet").unlink()
+    assert main(["score", "--run-dir", str(run_dir)]) == 0
+    assert two.num_rows > 0 and two.equals(pq.read_table(run_dir / "recommendations.parquet"))
