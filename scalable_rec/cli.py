@@ -11,7 +11,9 @@
     scalable-rec arango load   [--data DIR]     MovieLens → ArangoDB collections + named graph
     scalable-rec arango export --shards DIR [--export-resume]   ArangoDB → Arrow shards
 
-Run under ``torchrun`` unchanged for DDP. ``scalable-rec COMMAND --help`` lists flags.
+Run under ``torchrun`` unchanged for DDP, or let ``run``/``train``/``score`` start the ranks of
+one node themselves with ``--nproc-per-node N`` (forked after the imports, so the ranks
+share them: ``scalable_rec.train.launch``). ``scalable-rec COMMAND --help`` lists flags.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -29,6 +32,7 @@ from scalable_rec.errors import ConfigError, InterruptedRunError, ScalableRecErr
 from scalable_rec.score.refresh import RefreshConfig
 from scalable_rec.source.synthetic import PRESETS
 from scalable_rec.train.distributed import DistEnv, shutdown_distributed
+from scalable_rec.train.launch import LAUNCHED_ENV, launch
 from scalable_rec.train.config import resolve_device
 
 log = logging.getLogger("scalable_rec")
@@ -149,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=fn.__doc__, description=pipeline_doc(name))
         p.add_argument("--run-dir", dest="run_dir", default=None,
                        help="run directory (default: <workdir>/run-<time>-<id>)")
+        if name in ("run", "train", "score"):
+            p.add_argument("--nproc-per-node", dest="nproc_per_node", type=int, default=1, metavar="N",
+                           help="DDP ranks on this node, forked from this process after its imports (one "
+                                "node; across nodes use torchrun); default 1: this process alone")
+            p.add_argument("--max-restarts", dest="max_restarts", type=int, default=0, metavar="N",
+                           help="with --nproc-per-node: restart the ranks up to N times after a failure "
+                                "(they resume from last.pt)")
         if name == "score":
             p.add_argument("--allow-interrupted", action="store_true",
                            help="score best.pt even if training was interrupted, killed or diverged")
@@ -220,8 +231,11 @@ def check_device(cfg: RunConfig, command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     env = DistEnv.from_environ()
+    if getattr(args, "nproc_per_node", 1) != 1 and not os.environ.get(LAUNCHED_ENV):
+        return _launch_ranks(args, argv, env)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.INFO if env.is_main else logging.WARNING),
         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s" if env.enabled
@@ -254,6 +268,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutdown_distributed()
     return 0
+
+
+def _launch_ranks(args: argparse.Namespace, argv: list[str], env: DistEnv) -> int:
+    """``--nproc-per-node N``: this process forks the N ranks and waits for them."""
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = None
+    if args.nproc_per_node < 1:
+        problem = f"'--nproc-per-node' needs to be positive (got {args.nproc_per_node})"
+    elif args.max_restarts < 0:
+        problem = f"'--max-restarts' needs to be non-negative (got {args.max_restarts})"
+    elif env.enabled:
+        problem = "'--nproc-per-node' starts the ranks itself; under torchrun leave it out"
+    if problem:
+        log.error("Invalid options: %s", problem)
+        return USAGE_ERROR
+    return launch(argv, args.nproc_per_node, args.max_restarts)
 
 
 def one_line(err: BaseException) -> str:
