@@ -66,6 +66,8 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
      "average (ema_decay 0, the default before)", {"train": {"ema_decay": 0.0}}),
     ("hidden-128", "embeddings and GraphSAGE layers 128 wide instead of 64",
      {"model": {"hidden": 128}}),
+    ("no-temperature", "retrieval head ranks by the raw dot product instead of cosine over 0.2 "
+     "(retrieval_temperature 0, the default before)", {"model": {"retrieval_temperature": 0.0}}),
 ]
 MODEL = "scalable-rec (default run)"
 MARK_START, MARK_END = "<!-- quality:start -->", "<!-- quality:end -->"
