@@ -27,7 +27,7 @@ def test_rank_block_and_training_logits_agree(tiny_shards):
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=False)).eval()
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=False, retrieval_temperature=0.0)).eval()
     z = model.encode_all(g.hetero_data())
     users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
     expected = model.retrieval.user(z["user"][users]) @ model.retrieval.movie(z["movie"][movies]).T
@@ -48,7 +48,7 @@ def test_retrieval_ids_add_each_node_its_own_ranking_vector(tiny_shards):
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=True)).eval()
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=True, retrieval_temperature=0.0)).eval()
     head = model.retrieval
     z = model.encode_all(g.hetero_data())
     users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
@@ -95,6 +95,15 @@ def test_a_config_saved_before_retrieval_ids_existed_loads_without_them():
     del saved["model"]["retrieval_ids"]
     assert RunConfig.from_json(saved).model.retrieval_ids is False  # what that run was trained with
     assert RunConfig.from_json(RunConfig().to_json()).model.retrieval_ids is True
+
+
+def test_a_config_saved_before_the_temperature_existed_loads_with_raw_dot_products():
+    from scalable_rec.config import RunConfig
+
+    saved = RunConfig().to_json()
+    assert saved["model"]["retrieval_temperature"] == 0.2  # today's default
+    del saved["model"]["retrieval_temperature"]
+    assert RunConfig.from_json(saved).model.retrieval_temperature == 0.0
 
 
 def test_without_retrieval_head_ranking_uses_predicted_ratings(tiny_shards):
