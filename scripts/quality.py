@@ -64,8 +64,12 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
      {"train": {"logq_correction": False}}),
     ("no-ema", "validation, best.pt and the returned model use the raw weights instead of their moving "
      "average (ema_decay 0, the default before)", {"train": {"ema_decay": 0.0}}),
-    ("hidden-128", "embeddings and GraphSAGE layers 128 wide instead of 64",
-     {"model": {"hidden": 128}}),
+    ("hidden-64", "embeddings and GraphSAGE layers 64 wide instead of 128 (the default before)",
+     {"model": {"hidden": 64}}),
+    ("no-temperature", "retrieval head ranks by the raw dot product instead of cosine over 0.2 "
+     "(retrieval_temperature 0, the default before)", {"model": {"retrieval_temperature": 0.0}}),
+    ("no-id-dropout", "no user or movie IDs hidden from the encoder (user_id_dropout and movie_id_dropout 0, "
+     "the default before)", {"model": {"user_id_dropout": 0.0, "movie_id_dropout": 0.0}}),
 ]
 MODEL = "scalable-rec (default run)"
 MARK_START, MARK_END = "<!-- quality:start -->", "<!-- quality:end -->"

@@ -167,7 +167,7 @@ def test_torchrun_pad_path_matches_single_process(tiny_shards, tmp_path):
     # rating loss, the softmax rows and its columns all ignore it).
     common = dict(epochs=1, num_neighbors=[-1, -1], seed=7, progress=False, device="cpu", lr=0.01,
                   weight_decay=0.0, supervision="none")
-    options = {"train_edges": 399, "model": {"hidden": 16, "dropout": 0.0}}
+    options = {"train_edges": 399, "model": {"hidden": 16, "dropout": 0.0, "user_id_dropout": 0.0, "movie_id_dropout": 0.0}}
     assert EdgeEpochSampler.num_pad(399, 2) == 1
     ddp, _ = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 20}, nproc=2, name="pad-2", options=options)
     single, _ = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 40}, nproc=1, name="pad-1",
@@ -240,7 +240,7 @@ def test_resume_with_another_world_size_redeals_the_rest_of_the_epoch(tiny_shard
     g = RatingGraph.from_shards(tiny_shards)
     split = split_edges(g, SplitConfig())
     shutil.copytree(tmp_path / "run-w2", tmp_path / "run-w2b")
-    runs = [train(g, split, ModelConfig(hidden=16, dropout=0.0), TrainConfig(**cfg, resume=True), tmp_path / d)
+    runs = [train(g, split, ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0), TrainConfig(**cfg, resume=True), tmp_path / d)
             for d in ("run-w2", "run-w2b")]
     assert [r.global_step for r in runs] == [13 + 14, 13 + 14]
     _assert_same_params(_last_model(tmp_path / "run-w2"), _last_model(tmp_path / "run-w2b"), atol=0)

@@ -362,12 +362,18 @@ def test_rank_id_l2_shrinks_the_batch_rows_only(small, tmp_path):
     assert next(users).norm() > next(users).norm()
 
 
-def test_id_sq_norms_of_rows_past_the_tables_are_zero():
+def test_id_sq_norms_are_those_of_the_rows_the_vectors_used():
+    """The L2's squared norms come from the forward's own lookups: a user past the table or
+    a movie without a trained row (``known`` False: past the table, or cold) adds nothing."""
     from scalable_rec.train.model import RetrievalHead
 
     head = RetrievalHead(2, num_users=2, num_movies=3, id_embeddings=True)
     with torch.no_grad():
         head.user_id.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
         head.movie_id.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))
-    got = head.id_sq_norms(torch.tensor([0, 1, 5]), torch.tensor([0, 2, 7]))
-    assert got.tolist() == [10.0, 6.0, 0.0]
+    z = torch.zeros(4, 2)
+    known = torch.tensor([True, True, False, False])  # movie_known: 7 is past the table, the last is cold
+    ru, rm, sq_u, sq_m = head(z, z, torch.tensor([0, 1, 5, 0]), torch.tensor([0, 2, 7, 0]), known)
+    assert sq_u.tolist() == [1.0, 4.0, 0.0, 1.0] and sq_m.tolist() == [9.0, 2.0, 0.0, 0.0]
+    assert torch.equal(ru, head.project_user(z, torch.tensor([0, 1, 5, 0])))
+    assert torch.equal(rm, head.project_movie(z, torch.tensor([0, 2, 7, 0]), known))

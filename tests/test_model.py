@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scalable_rec.graph import RatingGraph
 from scalable_rec.train.model import ModelConfig, Recommender
@@ -26,7 +27,7 @@ def test_rank_block_and_training_logits_agree(tiny_shards):
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=False)).eval()
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=False, retrieval_temperature=0.0)).eval()
     z = model.encode_all(g.hetero_data())
     users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
     expected = model.retrieval.user(z["user"][users]) @ model.retrieval.movie(z["movie"][movies]).T
@@ -34,7 +35,7 @@ def test_rank_block_and_training_logits_agree(tiny_shards):
     # with all neighbours, the mini-batch logits equal the full-graph ones
     loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
                                 edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
-    pred, (ru, rm) = model(next(iter(loader)))
+    pred, (ru, rm, *_) = model(next(iter(loader)))
     assert ru.shape == rm.shape == (8, 16)
     torch.testing.assert_close(ru @ rm.T, model.rank_block(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pred, model.predict_pairs(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
@@ -47,7 +48,7 @@ def test_retrieval_ids_add_each_node_its_own_ranking_vector(tiny_shards):
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=True)).eval()
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=True, retrieval_temperature=0.0)).eval()
     head = model.retrieval
     z = model.encode_all(g.hetero_data())
     users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
@@ -59,7 +60,7 @@ def test_retrieval_ids_add_each_node_its_own_ranking_vector(tiny_shards):
     # mini-batch logits (all neighbours) equal the full-graph ones, ID rows included
     loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
                                 edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
-    _, (ru, rm) = model(next(iter(loader)))
+    _, (ru, rm, *_) = model(next(iter(loader)))
     torch.testing.assert_close(ru @ rm.T, model.rank_block(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
     # a user past the table (unknown) has no ID vector: the projection alone
     zu = z["user"][:2]
@@ -78,7 +79,7 @@ def test_retrieval_ids_add_each_node_its_own_ranking_vector(tiny_shards):
     # movie ID dropout hides batch movies past the table: trains, and those rows get no ID vector
     dropping = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
                            ModelConfig(hidden=16, retrieval_ids=True, movie_id_dropout=0.5, user_id_dropout=0.5)).train()
-    _, (ru, rm) = dropping(next(iter(loader)))
+    _, (ru, rm, *_) = dropping(next(iter(loader)))
     (ru.sum() + rm.sum()).backward()
     assert dropping.retrieval.movie_id.weight.grad is not None
     # switched off: no tables
@@ -94,6 +95,15 @@ def test_a_config_saved_before_retrieval_ids_existed_loads_without_them():
     del saved["model"]["retrieval_ids"]
     assert RunConfig.from_json(saved).model.retrieval_ids is False  # what that run was trained with
     assert RunConfig.from_json(RunConfig().to_json()).model.retrieval_ids is True
+
+
+def test_a_config_saved_before_the_temperature_existed_loads_with_raw_dot_products():
+    from scalable_rec.config import RunConfig
+
+    saved = RunConfig().to_json()
+    assert saved["model"]["retrieval_temperature"] == 0.2  # today's default
+    del saved["model"]["retrieval_temperature"]
+    assert RunConfig.from_json(saved).model.retrieval_temperature == 0.0
 
 
 def test_without_retrieval_head_ranking_uses_predicted_ratings(tiny_shards):
@@ -167,7 +177,7 @@ def test_fp16_autocast_with_sum_aggregation_over_100k_neighbours_stays_finite(de
     data[RATES].edge_label_index = torch.tensor([[0, 1, 2, 0], [0, 0, 0, 1]])
     opt = torch.optim.SGD(model.parameters(), lr=1e-9)
     with torch.autocast("cpu", dtype=torch.float16):
-        pred, (ru, rm) = model(data)
+        pred, (ru, rm, *_) = model(data)
     # losses in fp32 outside autocast, as train/loop.py's training_loss computes them
     loss = (pred.float() - 4.0).pow(2).mean() + (ru.float() @ rm.float().T).logsumexp(1).mean()
     loss.backward()
@@ -368,3 +378,38 @@ def test_checkpoint_without_movie_trained_loads_with_every_row_trained(tiny_shar
     fresh.encoder.movie_trained.zero_()
     fresh.load_state_dict(state)
     assert fresh.encoder.movie_trained.all()
+
+
+def test_retrieval_temperature_ranks_by_cosine_over_tau(tiny_shards):
+    """With τ the scores are cosines over τ of the head's vectors, in the full-graph ranking
+    and in the mini-batch logits alike."""
+    from torch_geometric.loader import LinkNeighborLoader
+
+    from scalable_rec.graph import RATES
+    g = RatingGraph.from_shards(tiny_shards)
+    torch.manual_seed(0)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_temperature=0.2)).eval()
+    z = model.encode_all(g.hetero_data())
+    head, users, movies = model.retrieval, torch.tensor([3, 9]), torch.tensor([0, 5, 7])
+    raw_u = head.user(z["user"][users]) + head.user_id.weight[users]
+    raw_m = head.movie(z["movie"][movies]) + head.movie_id.weight[movies]
+    expected = F.normalize(raw_u, dim=-1) @ F.normalize(raw_m, dim=-1).T / 0.2
+    torch.testing.assert_close(model.rank_block(z, users, movies), expected, rtol=1e-5, atol=1e-5)
+    loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
+                                edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
+    _, (ru, rm, *_) = model(next(iter(loader)))
+    torch.testing.assert_close(ru @ rm.T, model.rank_block(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoint_from_before_the_temperature_keeps_raw_dot_products():
+    model = Recommender(5, 4, 3, ModelConfig(hidden=4, retrieval_temperature=0.2))
+    head = model.retrieval
+    z, ids, known = torch.randn(4, 4), torch.arange(4), torch.ones(4, dtype=torch.bool)
+    assert torch.allclose(head.project_movie(z, ids, known).norm(dim=-1), torch.full((4,), 0.2 ** -0.5))
+    old = {k: v for k, v in model.state_dict().items() if k != "retrieval.temperature"}
+    model.load_state_dict(old)  # strict: the missing buffer is filled in, not an error
+    assert head.tau == 0.0 and float(head.temperature) == 0.0
+    torch.testing.assert_close(head.project_movie(z, ids, known), head.movie(z) + head.movie_id.weight[ids])
+    with pytest.raises(ValueError, match="retrieval_temperature"):
+        ModelConfig(retrieval_temperature=-1.0)

@@ -115,7 +115,7 @@ def test_store_backend_trains_evaluates_and_scores_like_memory(tiny_shards, tmp_
     results = {}
     for backend in ("auto", "store"):  # auto: 500 edges stay in memory
         cfg = RunConfig(data=DataConfig(shards=str(shards_dir), workdir=str(tmp_path)),
-                        model=ModelConfig(hidden=16, dropout=0.0),
+                        model=ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0),
                         train=TrainConfig(epochs=2, batch_size=64, num_neighbors=[-1, -1], progress=False),
                         store=StoreConfig(graph_backend=backend), run_dir=str(tmp_path / backend))
         metrics = pipeline.train_stage(cfg)

@@ -61,7 +61,7 @@ def test_sampled_subgraphs_use_only_training_edges_with_the_fanout(tiny):
 def test_training_through_the_stores_equals_training_on_hetero_data(tiny, tmp_path):
     g, split, index = tiny
     cfg = TrainConfig(epochs=2, batch_size=64, num_neighbors=[-1, -1], progress=False, num_workers=0)
-    model_cfg = ModelConfig(hidden=16, dropout=0.0)  # dropout masks would follow node order
+    model_cfg = ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0)  # masks follow node order
     a = train(g, split, model_cfg, cfg, tmp_path / "memory")
     b = train(g, split, model_cfg, cfg, tmp_path / "stores",
               data=open_stores(index, "train"))
@@ -76,7 +76,7 @@ def test_mapped_graph_and_split_train_the_same_model(tiny, tiny_shards, tmp_path
     """The whole out-of-core input: mapped edge tensors, mapped split, stores."""
     g, split, index = tiny
     cfg = TrainConfig(epochs=1, batch_size=64, num_neighbors=[-1, -1], progress=False, num_workers=0)
-    model_cfg = ModelConfig(hidden=8, dropout=0.0)
+    model_cfg = ModelConfig(hidden=8, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0)
     a = train(g, split, model_cfg, cfg, tmp_path / "memory")
     b = train(index.rating_graph(tiny_shards), index.split(), model_cfg, cfg, tmp_path / "mapped",
               data=open_stores(index, "train"))

@@ -145,7 +145,7 @@ def _aggregate(model: Recommender, i: int, prev: dict[str, Tensor], adj: dict) -
 def _finish(model: Recommender, z: dict[str, Tensor]) -> dict[str, Tensor]:
     if model.retrieval is not None:
         mid = torch.arange(z[MOVIE].size(0), device=z[MOVIE].device)
-        z["user_rank"], z["movie_rank"] = model.retrieval(
+        z["user_rank"], z["movie_rank"], *_ = model.retrieval(
             z[USER], z[MOVIE], torch.arange(z[USER].size(0), device=z[USER].device), mid,
             model.encoder.movie_known(mid))
     return z

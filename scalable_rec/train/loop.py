@@ -376,10 +376,8 @@ def training_loss(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         rm_all, movies_all, offset = gather_columns(rm, torch.where(weight > 0, movies, -1), job.env)
         loss = loss + job.cfg.rank_loss_weight * in_batch_softmax_loss(
             ru, rm_all, movies, movies_all, job.log_q, positive, offset, denominator=counts[1])
-        if job.cfg.rank_id_l2 > 0:
-            users = batch["user"].n_id[batch[RATES].edge_label_index[0]]
-            penalty = job.model.retrieval.id_sq_norms(users, movies)
-            loss = loss + job.cfg.rank_id_l2 * (penalty * weight.bool()).sum() / counts[0]
+        if job.cfg.rank_id_l2 > 0:  # the rows the forward looked up (none an ID dropout hid)
+            loss = loss + job.cfg.rank_id_l2 * ((rank[2] + rank[3]) * weight.bool()).sum() / counts[0]
     return loss, se, weight
 
 
