@@ -255,8 +255,10 @@ def test_validation_runs_like_the_test_and_selects_by_the_configured_metric(smal
     g, split = small
     # raw weights (no moving average): two epochs of an average stay near the init, whose
     # predictions all lie near the mean, inside any range, so the clamp check below needs them
-    # (and no ID dropout or ranking-vector L2, which leave the 2-epoch predictions inside [3, 4])
-    result = train(g, split, ModelConfig(hidden=16, user_id_dropout=0.0, movie_id_dropout=0.0),
+    # (and no ID dropout, ranking-vector L2 or cosine ranking, which leave the 2-epoch
+    # predictions inside [3, 4])
+    result = train(g, split, ModelConfig(hidden=16, user_id_dropout=0.0, movie_id_dropout=0.0,
+                                         retrieval_temperature=0.0),
                    _cfg(epochs=2, select_metric="recall", ema_decay=0.0, rank_id_l2=0.0),
                    tmp_path, rating_range=(3.0, 4.0))
     h = result.history
