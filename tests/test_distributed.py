@@ -2,13 +2,11 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -16,6 +14,7 @@ from scalable_rec.errors import CheckpointError
 from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import ModelConfig, TrainConfig, train
 from scalable_rec.train.distributed import FAULT_ENV, DistEnv, EdgeEpochSampler
+from process_group import finish_group
 from scalable_rec.train.batches import SupervisionEdges, make_loader
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -76,16 +75,7 @@ def _run_group(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedP
     seconds and its workers are killed with it (none is left behind)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # torchrun starts each worker in a session of its own: kill them one by one, or
-        # they keep the pipes open (and keep running)
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            child.kill()
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {timeout}s (deadlock?):\n{err[-3000:]}")
+    out, err = finish_group(proc, timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

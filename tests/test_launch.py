@@ -13,6 +13,7 @@ import psutil
 import pytest
 import torch
 
+from process_group import finish_group
 from scalable_rec.cli import main
 
 TRAIN = ["--epochs", "2", "--batch-size", "20", "--seed", "3", "--no-progress", "--device", "cpu"]
@@ -33,14 +34,7 @@ def _start(args: list[str], *, torchrun: bool = False) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen, timeout: int = 240) -> tuple[int, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            child.kill()
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"did not finish within {timeout}s:\n{err[-3000:]}")
+    out, err = finish_group(proc, timeout)
     return proc.returncode, out + err
 
 
