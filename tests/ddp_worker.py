@@ -30,6 +30,8 @@ model_cfg = ModelConfig(**options.get("model", {"hidden": 16, "dropout": 0.0, "u
 result = train(graph, split, model_cfg, TrainConfig(**json.loads(train_json)), run_dir)
 # With one epoch, the returned (best) model holds the parameters after the last step.
 torch.save({k: v.detach().cpu() for k, v in result.model.state_dict().items()}, f"{out_prefix}-rank{env.rank}.pt")
-json.dump({"history": result.history, "steps": result.global_step, "world": env.world_size},
+# Inodes of the node-shared table files this rank maps (``node_tables``; deleted names).
+tables = sorted({line.split()[4] for line in open("/proc/self/maps") if "/scalable_rec-tables-" in line})
+json.dump({"history": result.history, "steps": result.global_step, "world": env.world_size, "table_inodes": tables},
           open(f"{out_prefix}-rank{env.rank}.json", "w"))
 shutdown_distributed()

@@ -140,16 +140,27 @@ def test_torchrun_two_ranks_match_single_process_on_same_global_batches(tiny_sha
 
 
 def test_torchrun_rowwise_tables_sparse_gradients_match_single_process(tiny_shards, tmp_path):
-    # Sparse table gradients through DDP's reducer (gloo all-reduces them) and row-wise
-    # Adagrad: both ranks end equal, and equal to one process on the same global batches.
+    # Sparse table gradients all-reduced beside DDP's reducer and row-wise Adagrad, with the
+    # tables one node-shared copy stepped by local rank 0 (the default on CPU): both ranks
+    # end equal, equal to one process on the same global batches, and bit-equal to two
+    # ranks that each keep and step their own copy.
     cfg = {**EXACT, "epochs": 1, "table_optimizer": "rowwise_adagrad", "table_lr": 0.05}
     ddp, _ = _torchrun(tmp_path, tiny_shards, {**cfg, "batch_size": 20}, nproc=2, name="rw-2")
+    own, _ = _torchrun(tmp_path, tiny_shards, {**cfg, "batch_size": 20, "node_shared_tables": False}, nproc=2,
+                       name="rw-2-own")
     single, _ = _torchrun(tmp_path, tiny_shards, {**cfg, "batch_size": 40}, nproc=1, name="rw-1")
     r0, r1, one = torch.load(f"{ddp}-rank0.pt"), torch.load(f"{ddp}-rank1.pt"), torch.load(f"{single}-rank0.pt")
+    own0 = torch.load(f"{own}-rank0.pt")
     assert set(torch.load(tmp_path / "run-rw-2" / "last.pt", weights_only=False)["optimizer"]) == {"dense", "tables"}
     for name in r0:
         assert torch.equal(r0[name], r1[name]), f"{name} differs between ranks"
+        assert torch.equal(r0[name], own0[name]), f"{name} differs from ranks with their own tables"
         torch.testing.assert_close(r0[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs from 1 process")
+    # Both ranks map the same six table files (user, movie, two biases, two ranking tables);
+    # with node_shared_tables off neither maps any.
+    shared = [json.loads(Path(f"{ddp}-rank{r}.json").read_text())["table_inodes"] for r in (0, 1)]
+    assert len(shared[0]) == 6 and shared[0] == shared[1], shared
+    assert json.loads(Path(f"{own}-rank0.json").read_text())["table_inodes"] == []
 
 
 def test_torchrun_pad_path_matches_single_process(tiny_shards, tmp_path):

@@ -46,6 +46,11 @@ class TrainConfig:
         val_memory_mb: Budget of one block of validation ranking scores (users × movies ×
             4 bytes; the chunking of ``evaluate_edges``): bounds validation's working memory
             beside the embeddings (default 32).
+        node_shared_tables: Under DDP on CPU with row-wise tables, the ranks of one machine
+            share one copy of the tables in shared memory (``/dev/shm``), stepped by the
+            machine's first rank (``scalable_rec.train.node_tables``); each rank otherwise
+            holds its own replica. Default on; off, or without room in ``/dev/shm``, every
+            rank keeps its copy. Bit-identical results either way.
         heap_mmap_threshold_kb: With a value > 0, fix glibc's mmap threshold at this many
             KiB when training over the mapped graph index starts, so that freed tensors of
             that size and more go back to the kernel instead of staying in the heap
@@ -119,6 +124,7 @@ class TrainConfig:
     table_lr: float = 0.05
     sparse_tables_min_rows: int = 100_000
     val_memory_mb: int = 32
+    node_shared_tables: bool = True
     heap_mmap_threshold_kb: int = 0
     select_metric: Literal["recall", "rmse"] = "recall"
     loss: Literal["mse", "weighted_mse"] = "mse"

@@ -39,6 +39,7 @@ from scalable_rec.train.config import PRECISIONS, TrainConfig, resolve_device
 from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, ranking_positives, rating_class_table
 from scalable_rec.train.heap import fix_mmap_threshold
 from scalable_rec.train.model import ModelConfig, Recommender
+from scalable_rec.train.node_tables import share_tables_on_node
 from scalable_rec.train.optim import (
     CombinedOptimizer, RowWiseAdagrad, all_reduce_sparse_grads_, embedding_tables, sparse_table_names, table_rows,
 )
@@ -96,6 +97,9 @@ class Job:
     """Destination nodes per batch of that layer-wise encoding."""
     ema: torch.optim.swa_utils.AveragedModel | None = None
     """The weights' moving average (``ema_decay`` > 0): validated, saved as ``best.pt``."""
+    shared_tables: bool = False
+    """The row-wise tables are one copy per node, stepped by its first rank
+    (``node_tables``): every step ends at a barrier."""
 
     @property
     def scored(self) -> Recommender:
@@ -238,7 +242,11 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
         tables = sparse_table_names(model)
         if tables:
             DDP._set_params_and_buffers_to_ignore_for_model(model, tables)
-            broadcast_tensors_([p for name, p in model.named_parameters() if name in tables])
+            params = [p for name, p in model.named_parameters() if name in tables]
+            broadcast_tensors_(params)
+            if device.type == "cpu" and cfg.node_shared_tables:
+                job.shared_tables = share_tables_on_node(params, env)
+                optimizer.optimizers["tables"].applies = not job.shared_tables or env.local_rank == 0
         job.ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                             find_unused_parameters=_has_unused_parameters(job))
     return job
@@ -412,6 +420,8 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
         reduce_table_grads(job)
         job.scaler.step(job.optimizer)
         job.scaler.update()
+        if job.shared_tables:  # nobody reads a table the node's first rank is still stepping
+            torch.distributed.barrier()
         if job.ema is not None:
             job.ema.update_parameters(job.model)
         progress.step_in_epoch += 1

@@ -46,6 +46,9 @@ class RowWiseAdagrad(torch.optim.Optimizer):
             raise ValueError(f"'eps' and 'initial_accumulator_value' need to be non-negative "
                              f"(got {eps}, {initial_accumulator_value})")
         super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator_value": initial_accumulator_value})
+        # False on a rank whose tables are another rank's node-shared copy (``node_tables``):
+        # that rank applies the step, this one only takes part in the gradient all-reduce.
+        self.applies = True
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -57,6 +60,8 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.applies:
+            return loss
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
