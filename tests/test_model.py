@@ -413,3 +413,41 @@ def test_a_checkpoint_from_before_the_temperature_keeps_raw_dot_products():
     torch.testing.assert_close(head.project_movie(z, ids, known), head.movie(z) + head.movie_id.weight[ids])
     with pytest.raises(ValueError, match="retrieval_temperature"):
         ModelConfig(retrieval_temperature=-1.0)
+
+
+def test_retrieval_bias_adds_each_movies_learned_bias_to_every_ranking_score(tiny_shards):
+    """With ``retrieval_bias`` the score is ``cos/τ + b_m`` in the full-graph ranking and the
+    mini-batch logits alike; a movie without a trained row gets the unknown-movie bias."""
+    from torch_geometric.loader import LinkNeighborLoader
+
+    from scalable_rec.graph import RATES
+    g = RatingGraph.from_shards(tiny_shards)
+    torch.manual_seed(0)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_bias=True)).eval()
+    head = model.retrieval
+    with torch.no_grad():
+        head.movie_bias.weight.copy_(torch.randn_like(head.movie_bias.weight))
+        head.unknown_movie_bias.fill_(-7.0)
+        model.encoder.movie_trained[5] = 0  # movie 5: no trained row
+    z = model.encode_all(g.hetero_data())
+    users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
+    raw_u = head.user(z["user"][users]) + head.user_id.weight[users]
+    raw_m = head.movie(z["movie"][movies]) + head.movie_id.weight[movies] * torch.tensor([[1.0], [0.0], [1.0]])
+    bias = torch.stack([head.movie_bias.weight[0, 0], torch.tensor(-7.0), head.movie_bias.weight[7, 0]])
+    expected = F.normalize(raw_u, dim=-1) @ F.normalize(raw_m, dim=-1).T / 0.2 + bias[None, :]
+    torch.testing.assert_close(model.rank_block(z, users, movies), expected, rtol=1e-5, atol=1e-5)
+    assert head.out_features == 17
+    loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
+                                edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
+    _, (ru, rm, *_) = model(next(iter(loader)))
+    torch.testing.assert_close(ru @ rm.T, model.rank_block(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_config_saved_before_the_retrieval_bias_existed_loads_without_it():
+    from scalable_rec.config import RunConfig
+
+    saved = RunConfig(model=ModelConfig(retrieval_bias=True)).to_json()
+    del saved["model"]["retrieval_bias"]
+    assert RunConfig.from_json(saved).model.retrieval_bias is False
+    assert Recommender(5, 4, 3, ModelConfig(hidden=4, retrieval_bias=False)).retrieval.out_features == 4

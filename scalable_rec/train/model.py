@@ -110,6 +110,12 @@ class ModelConfig:
             at scoring. 0 keeps the raw dot product. Default 0.2, chosen on ml-latest-small's
             validation over seeds 0-2 (τ 0.05 and 0.1 lower, 0.3 lower on seed 0; README
             "Ranking by cosine"; ablation row ``no-temperature``).
+        retrieval_bias: Give every movie a learned ranking bias ``b_m``, added to each
+            ranking score (``cos/τ + b_m`` with a temperature): unit-length vectors cannot
+            say how broadly a movie is liked through their length, so the bias says it. It
+            rides in the ranking vectors as one more dimension (users 1, movies ``b_m``), so
+            every scorer's matrix multiply adds it. A movie without a trained row gets the
+            learned unknown-movie bias (movie ID dropout), else 0 (the table's initial value).
     """
 
     hidden: int = 128
@@ -122,6 +128,7 @@ class ModelConfig:
     retrieval_ids: bool = True
     movie_id_dropout: float = 0.1
     retrieval_temperature: float = 0.2
+    retrieval_bias: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -354,12 +361,16 @@ class RetrievalHead(nn.Module):
     """
 
     def __init__(self, hidden: int, num_users: int = 0, num_movies: int = 0, id_embeddings: bool = False,
-                 temperature: float = 0.0) -> None:
+                 temperature: float = 0.0, movie_bias: bool = False, learn_unknown_movie: bool = False) -> None:
         super().__init__()
         self.user = nn.Linear(hidden, hidden, bias=False)
         self.movie = nn.Linear(hidden, hidden, bias=False)
         self.user_id = nn.Embedding(num_users, hidden) if id_embeddings else None
         self.movie_id = nn.Embedding(num_movies, hidden) if id_embeddings else None
+        self.movie_bias = nn.Embedding(num_movies, 1) if movie_bias else None
+        self.unknown_movie_bias = nn.Parameter(torch.zeros(1)) if movie_bias and learn_unknown_movie else None
+        if self.movie_bias is not None:
+            nn.init.zeros_(self.movie_bias.weight)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.tau = float(temperature)  # the buffer's value as a number: no device sync per call
         for table in (self.user_id, self.movie_id):
@@ -379,13 +390,32 @@ class RetrievalHead(nn.Module):
 
     @property
     def out_features(self) -> int:
-        return self.user.out_features
+        return self.user.out_features + (self.movie_bias is not None)
+
+    def _with_user_bias(self, ru: Tensor) -> Tensor:
+        """``ru`` with the bias dimension (1) when movies have a ranking bias."""
+        if self.movie_bias is None:
+            return ru
+        return torch.cat([ru, ru.new_ones(ru.size(0), 1)], dim=-1)
+
+    def _with_movie_bias(self, rm: Tensor, mid: Tensor, known: Tensor) -> Tensor:
+        """``rm`` with the bias dimension: ``b_m`` where the movie has a trained row, the
+        unknown-movie bias (or 0) where not."""
+        if self.movie_bias is None:
+            return rm
+        rows = self.movie_bias.num_embeddings
+        bias = self.movie_bias(mid.clamp(max=rows - 1))
+        if self.unknown_movie_bias is not None:
+            bias = torch.where(known[:, None], bias, self.unknown_movie_bias)
+        else:  # 0, the value an untrained row keeps (the table starts at zero)
+            bias = bias * known[:, None]
+        return torch.cat([rm, bias.to(rm.dtype)], dim=-1)
 
     def project_user(self, zu: Tensor, uid: Tensor) -> Tensor:
         """``uid``: the rows' global user ids (only read with ``id_embeddings``)."""
         ru = self.user(zu)
         own = self._own_user(uid)
-        return self._scaled(ru if own is None else ru + own.to(ru.dtype))
+        return self._with_user_bias(self._scaled(ru if own is None else ru + own.to(ru.dtype)))
 
     def project_movie(self, zm: Tensor, mid: Tensor, known: Tensor) -> Tensor:
         """``mid``: the rows' global movie ids; ``known``: where that movie has a trained ID
@@ -394,7 +424,7 @@ class RetrievalHead(nn.Module):
         ID vector, so it is ranked from its encoder output, not a random row."""
         rm = self.movie(zm)
         own = self._own_movie(mid, known)
-        return self._scaled(rm if own is None else rm + own.to(rm.dtype))
+        return self._with_movie_bias(self._scaled(rm if own is None else rm + own.to(rm.dtype)), mid, known)
 
     def _own_user(self, uid: Tensor) -> Tensor | None:
         if self.user_id is None:
@@ -420,7 +450,8 @@ class RetrievalHead(nn.Module):
             ru, sq_u = ru + own_u.to(ru.dtype), own_u.float().pow(2).sum(-1)
         if own_m is not None:
             rm, sq_m = rm + own_m.to(rm.dtype), own_m.float().pow(2).sum(-1)
-        return self._scaled(ru), self._scaled(rm), sq_u, sq_m
+        return (self._with_user_bias(self._scaled(ru)), self._with_movie_bias(self._scaled(rm), mid, movie_known),
+                sq_u, sq_m)
 
 
 class Recommender(nn.Module):
@@ -444,7 +475,8 @@ class Recommender(nn.Module):
                                    learn_unknown_movie=cfg.movie_id_dropout > 0)
                         if cfg.decoder == "dot" else MLPDecoder(cfg.hidden))
         self.retrieval = (RetrievalHead(cfg.hidden, num_users, num_movies, cfg.retrieval_ids,
-                                        cfg.retrieval_temperature)
+                                        cfg.retrieval_temperature, cfg.retrieval_bias,
+                                        learn_unknown_movie=cfg.movie_id_dropout > 0)
                           if cfg.retrieval_head else None)
         self.register_buffer("rating_mean", torch.tensor(float(rating_mean)))
 
