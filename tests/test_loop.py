@@ -27,8 +27,10 @@ def test_training_learns_signal_and_writes_checkpoints(small, tmp_path):
 def test_bf16_autocast_learns_like_fp32_on_cpu(small, tmp_path):
     g, split = small
     cfg = dict(epochs=2, select_metric="rmse")
-    fp32 = train(g, split, ModelConfig(hidden=16), _cfg(**cfg), tmp_path / "fp32")
-    bf16 = train(g, split, ModelConfig(hidden=16), _cfg(**cfg, precision="bf16"), tmp_path / "bf16")
+    # no ID dropout: two epochs on the small graph learn too little with IDs hidden
+    model = ModelConfig(hidden=16, user_id_dropout=0.0, movie_id_dropout=0.0)
+    fp32 = train(g, split, model, _cfg(**cfg), tmp_path / "fp32")
+    bf16 = train(g, split, model, _cfg(**cfg, precision="bf16"), tmp_path / "bf16")
     mean_rmse = float((g.rating[split.val] - g.rating[split.train].mean()).pow(2).mean().sqrt())
     assert bf16.best_val_rmse < mean_rmse - 0.05  # it learns
     assert abs(bf16.best_val_rmse - fp32.best_val_rmse) < 0.03, (fp32.best_val_rmse, bf16.best_val_rmse)

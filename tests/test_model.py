@@ -27,7 +27,8 @@ def test_rank_block_and_training_logits_agree(tiny_shards):
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=False, retrieval_temperature=0.0)).eval()
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=False, retrieval_temperature=0.0,
+                                    retrieval_bias=False)).eval()
     z = model.encode_all(g.hetero_data())
     users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
     expected = model.retrieval.user(z["user"][users]) @ model.retrieval.movie(z["movie"][movies]).T
@@ -48,7 +49,8 @@ def test_retrieval_ids_add_each_node_its_own_ranking_vector(tiny_shards):
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=True, retrieval_temperature=0.0)).eval()
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=True, retrieval_temperature=0.0,
+                                    retrieval_bias=False)).eval()
     head = model.retrieval
     z = model.encode_all(g.hetero_data())
     users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
@@ -403,7 +405,7 @@ def test_retrieval_temperature_ranks_by_cosine_over_tau(tiny_shards):
 
 
 def test_a_checkpoint_from_before_the_temperature_keeps_raw_dot_products():
-    model = Recommender(5, 4, 3, ModelConfig(hidden=4, retrieval_temperature=0.2))
+    model = Recommender(5, 4, 3, ModelConfig(hidden=4, retrieval_temperature=0.2, retrieval_bias=False))
     head = model.retrieval
     z, ids, known = torch.randn(4, 4), torch.arange(4), torch.ones(4, dtype=torch.bool)
     assert torch.allclose(head.project_movie(z, ids, known).norm(dim=-1), torch.full((4,), 0.2 ** -0.5))

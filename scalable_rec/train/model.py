@@ -124,11 +124,11 @@ class ModelConfig:
     dropout: float = 0.3
     aggr: str = "mean"
     retrieval_head: bool = True
-    user_id_dropout: float = 0.1
+    user_id_dropout: float = 0.2
     retrieval_ids: bool = True
-    movie_id_dropout: float = 0.1
-    retrieval_temperature: float = 0.2
-    retrieval_bias: bool = False
+    movie_id_dropout: float = 0.2
+    retrieval_temperature: float = 0.15
+    retrieval_bias: bool = True
 
     def __post_init__(self) -> None:
         problems = []
