@@ -163,6 +163,38 @@ def test_torchrun_rowwise_tables_sparse_gradients_match_single_process(tiny_shar
     assert json.loads(Path(f"{own}-rank0.json").read_text())["table_inodes"] == []
 
 
+def test_two_nodes_on_one_host_each_step_their_own_shared_tables(tiny_shards, tmp_path):
+    # Two torchrun agents (--nnodes 2, 2 ranks each) on this host: each "node" maps and
+    # steps its own copy (the node rank is in the file name), and four ranks of batch 10
+    # end where one process with batch 40 does.
+    import socket
+
+    cfg = {**EXACT, "epochs": 1, "table_optimizer": "rowwise_adagrad", "table_lr": 0.05}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    prefix = tmp_path / "out-nodes"
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER),
+                               str(tiny_shards.directory), str(tmp_path / "run-nodes"), str(prefix),
+                               json.dumps({**cfg, "batch_size": 10})],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for node in (0, 1)]
+    for proc in procs:
+        out, err = finish_group(proc, 300)
+        assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    single, _ = _torchrun(tmp_path, tiny_shards, {**cfg, "batch_size": 40}, nproc=1, name="nodes-1")
+    one = torch.load(f"{single}-rank0.pt")
+    inodes = [json.loads(Path(f"{prefix}-rank{r}.json").read_text())["table_inodes"] for r in range(4)]
+    assert inodes[0] == inodes[1] and inodes[2] == inodes[3] and not set(inodes[0]) & set(inodes[2]), inodes
+    for r in range(4):
+        params = torch.load(f"{prefix}-rank{r}.pt")
+        for name in one:
+            torch.testing.assert_close(params[name], one[name], rtol=1e-4, atol=1e-5, msg=f"rank {r}: {name}")
+
+
 def test_torchrun_pad_path_matches_single_process(tiny_shards, tmp_path):
     # 399 training edges: rank 1 gets a zero-weight pad, which must change nothing (the
     # rating loss, the softmax rows and its columns all ignore it).

@@ -68,7 +68,10 @@ def share_tables_on_node(tables: list[nn.Parameter], env: DistEnv, directory: Pa
         return False
     token = [secrets.token_hex(8) if env.is_main else None]
     dist.broadcast_object_list(token, src=0)
-    paths = [directory / f"scalable_rec-tables-{token[0]}-{i}" for i in range(len(tables))]
+    # The node's rank in the name too: two "nodes" of one job on one host (a multi-node
+    # launch tried out on one machine) must not open each other's files.
+    node = os.environ.get("GROUP_RANK", "0")
+    paths = [directory / f"scalable_rec-tables-{token[0]}-node{node}-{i}" for i in range(len(tables))]
     try:
         if env.local_rank == 0:
             for path, p in zip(paths, tables):
