@@ -103,7 +103,7 @@ def test_a_config_saved_before_the_temperature_existed_loads_with_raw_dot_produc
     from scalable_rec.config import RunConfig
 
     saved = RunConfig().to_json()
-    assert saved["model"]["retrieval_temperature"] == 0.2  # today's default
+    assert saved["model"]["retrieval_temperature"] == 0.15  # today's default
     del saved["model"]["retrieval_temperature"]
     assert RunConfig.from_json(saved).model.retrieval_temperature == 0.0
 
@@ -426,7 +426,7 @@ def test_retrieval_bias_adds_each_movies_learned_bias_to_every_ranking_score(tin
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=16, dropout=0.0, retrieval_bias=True)).eval()
+                        ModelConfig(hidden=16, dropout=0.0, retrieval_bias=True, retrieval_temperature=0.2)).eval()
     head = model.retrieval
     with torch.no_grad():
         head.movie_bias.weight.copy_(torch.randn_like(head.movie_bias.weight))

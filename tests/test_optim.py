@@ -60,7 +60,7 @@ def test_rowwise_tables_get_sparse_gradients_only_and_the_rest_adamw(small):
     opt = make_optimizer(model, _cfg(table_optimizer="rowwise_adagrad"))
     assert isinstance(opt, CombinedOptimizer)
     tables = {id(m.weight) for m in embedding_tables(model)}
-    assert len(tables) == 6  # user/movie ID embeddings, biases, retrieval ID vectors
+    assert len(tables) == 7  # user/movie ID embeddings, biases, retrieval ID vectors, movie ranking bias
     from scalable_rec.train.batches import SupervisionEdges, make_loader
     from scalable_rec.train.distributed import DistEnv
 
