@@ -26,9 +26,9 @@ if "train_edges" in options:  # e.g. an odd count, so that DDP pads a rank with 
     split = type(split)(train=split.train[: options["train_edges"]], val=split.val, test=split.test)
 if "val_edges" in options:
     split = type(split)(train=split.train, val=split.val[: options["val_edges"]], test=split.test)
-# No ranking bias either: its column gradients (sums of softmax terms that nearly cancel) carry
-# float-level differences between two ranks and one process that Adam blows up to ~1e-3 over
-# 20 steps (6e-6 after one step), past the 1e-5 the exactness tests allow.
+# No ranking bias either: with it two ranks and one process differ by 6e-6 after one step and
+# ~1e-3 after 20 (float-level differences scaled up by Adam, as far as measured), past the 1e-5
+# the exactness tests allow.
 model_cfg = ModelConfig(**options.get("model", {"hidden": 16, "dropout": 0.0, "user_id_dropout": 0.0, "movie_id_dropout": 0.0,
                                                 "retrieval_bias": False}))
 result = train(graph, split, model_cfg, TrainConfig(**json.loads(train_json)), run_dir)
