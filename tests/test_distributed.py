@@ -273,7 +273,8 @@ def test_resume_with_another_world_size_redeals_the_rest_of_the_epoch(tiny_shard
     g = RatingGraph.from_shards(tiny_shards)
     split = split_edges(g, SplitConfig())
     shutil.copytree(tmp_path / "run-w2", tmp_path / "run-w2b")
-    runs = [train(g, split, ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0), TrainConfig(**cfg, resume=True), tmp_path / d)
+    runs = [train(g, split, ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0, retrieval_bias=False),
+                  TrainConfig(**cfg, resume=True), tmp_path / d)
             for d in ("run-w2", "run-w2b")]
     assert [r.global_step for r in runs] == [13 + 14, 13 + 14]
     _assert_same_params(_last_model(tmp_path / "run-w2"), _last_model(tmp_path / "run-w2b"), atol=0)
