@@ -103,9 +103,10 @@ class ModelConfig:
             τ 0.15, raised validation Recall@10 over the former defaults on both seeds (README
             "Ranking by cosine"; ablation rows ``id-dropout-0.1`` and ``no-id-dropout``). 0.1
             had, at width 128 with cosine ranking, raised validation Recall@10 and lowered
-            validation RMSE against 0 (seeds 0-1: 0.2046 → 0.2054 and 0.8595 → 0.8527). Under the former defaults (width 64, raw dot products) it had
-            lowered validation RMSE but cost validation Recall@10 (0.1902 → 0.1860), and the
-            cold-user and cold-movie runs measured then lost recall with it.
+            validation RMSE against 0 (seeds 0-1: 0.2046 → 0.2054 and 0.8595 → 0.8527).
+            Under the former defaults (width 64, raw dot products) it had lowered validation
+            RMSE but cost validation Recall@10 (0.1902 → 0.1860), and the cold-user and
+            cold-movie runs measured then lost recall with it.
         retrieval_temperature: With a value τ > 0 the retrieval head ranks by cosine
             similarity over τ: user and movie ranking vectors are L2-normalised (and scaled
             by ``τ^-1/2``, so their dot product is ``cos/τ``) before the in-batch softmax and
@@ -400,15 +401,18 @@ class RetrievalHead(nn.Module):
     def out_features(self) -> int:
         return self.user.out_features + (self.movie_bias is not None)
 
-    def _with_user_bias(self, ru: Tensor) -> Tensor:
-        """``ru`` with the bias dimension (1) when movies have a ranking bias."""
+    def _user_vector(self, ru: Tensor) -> Tensor:
+        """A raw user vector as the ranking space holds it: scaled (``_scaled``), with the
+        bias dimension (1) when movies have a ranking bias."""
+        ru = self._scaled(ru)
         if self.movie_bias is None:
             return ru
         return torch.cat([ru, ru.new_ones(ru.size(0), 1)], dim=-1)
 
-    def _with_movie_bias(self, rm: Tensor, mid: Tensor, known: Tensor) -> Tensor:
-        """``rm`` with the bias dimension: ``b_m`` where the movie has a trained row, the
-        unknown-movie bias (or 0) where not."""
+    def _movie_vector(self, rm: Tensor, mid: Tensor, known: Tensor) -> Tensor:
+        """A raw movie vector as the ranking space holds it: scaled, with the bias dimension
+        (``b_m`` where the movie has a trained row, the unknown-movie bias or 0 where not)."""
+        rm = self._scaled(rm)
         if self.movie_bias is None:
             return rm
         rows = self.movie_bias.num_embeddings
@@ -423,7 +427,7 @@ class RetrievalHead(nn.Module):
         """``uid``: the rows' global user ids (only read with ``id_embeddings``)."""
         ru = self.user(zu)
         own = self._own_user(uid)
-        return self._with_user_bias(self._scaled(ru if own is None else ru + own.to(ru.dtype)))
+        return self._user_vector(ru if own is None else ru + own.to(ru.dtype))
 
     def project_movie(self, zm: Tensor, mid: Tensor, known: Tensor) -> Tensor:
         """``mid``: the rows' global movie ids; ``known``: where that movie has a trained ID
@@ -432,7 +436,7 @@ class RetrievalHead(nn.Module):
         ID vector, so it is ranked from its encoder output, not a random row."""
         rm = self.movie(zm)
         own = self._own_movie(mid, known)
-        return self._with_movie_bias(self._scaled(rm if own is None else rm + own.to(rm.dtype)), mid, known)
+        return self._movie_vector(rm if own is None else rm + own.to(rm.dtype), mid, known)
 
     def _own_user(self, uid: Tensor) -> Tensor | None:
         if self.user_id is None:
@@ -458,8 +462,7 @@ class RetrievalHead(nn.Module):
             ru, sq_u = ru + own_u.to(ru.dtype), own_u.float().pow(2).sum(-1)
         if own_m is not None:
             rm, sq_m = rm + own_m.to(rm.dtype), own_m.float().pow(2).sum(-1)
-        return (self._with_user_bias(self._scaled(ru)), self._with_movie_bias(self._scaled(rm), mid, movie_known),
-                sq_u, sq_m)
+        return self._user_vector(ru), self._movie_vector(rm, mid, movie_known), sq_u, sq_m
 
 
 class Recommender(nn.Module):
