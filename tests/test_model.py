@@ -196,48 +196,85 @@ def test_adjacency_kind_fits_the_device():
     (seen on an H200: 'Not compiled with CUDA support' in validation)."""
     import torch_geometric.typing as pyg_typing
 
-    from scalable_rec.train.model import adjacency_kind, torch_sparse_runs_on
+    from scalable_rec.train.model import adjacency_kind, torch_sparse_runs_on, training_adjacency_kind
 
     cuda = torch.device("cuda")
     if pyg_typing.WITH_TORCH_SPARSE and torch.ops.torch_sparse.cuda_version() == -1:
         assert not torch_sparse_runs_on(cuda)
         assert adjacency_kind(cuda, "mean") == adjacency_kind(cuda, "sum") == "csr"
         assert adjacency_kind(cuda, "max") == "edge_index"
+        assert training_adjacency_kind(cuda) == "edge_index"  # never torch's CSR under CUDA autocast
     expected = "torch_sparse" if pyg_typing.WITH_TORCH_SPARSE else None
     assert adjacency_kind(torch.device("cpu"), "mean") == (expected or "csr")
 
 
 @pytest.mark.parametrize("aggr", ["mean", "sum", "max"])
-def test_every_adjacency_kind_encodes_alike(aggr):
-    """SparseTensor, torch CSR and edge_index give the same encoder output."""
+def test_every_adjacency_kind_encodes_and_trains_alike(aggr):
+    """SparseTensor, torch CSR and edge_index give the same encoder output and the same
+    gradients: training aggregates through the sparse kinds as the full-graph encode does."""
     import torch_geometric.typing as pyg_typing
 
     from scalable_rec.graph import MOVIE, REV_RATES, USER, RATES
-    from scalable_rec.train.model import sparse_adjacency
+    from scalable_rec.train.model import edge_adjacency
 
     torch.manual_seed(0)
     nu, nm, e = 30, 20, 200
     pairs = torch.randperm(nu * nm)[:e]
     src, dst = pairs // nm, pairs % nm
-    model = Recommender(nu, nm, 4, ModelConfig(hidden=8, aggr=aggr, dropout=0.0)).eval()
+    model = Recommender(nu, nm, 4, ModelConfig(hidden=8, aggr=aggr, dropout=0.0))
     x = torch.randn(nm, 4)
     n_id = {USER: torch.arange(nu), MOVIE: torch.arange(nm)}
     kinds = ["csr", "edge_index"] + (["torch_sparse"] if pyg_typing.WITH_TORCH_SPARSE else [])
     if aggr == "max":
         kinds.remove("csr")  # torch's CSR has no max reduction on CUDA; never chosen for max
-    outs = []
+    outs, grads = [], []
     for kind in kinds:
-        adj = {}
-        for et, (s_, d_, ns, nd) in {RATES: (src, dst, nu, nm), REV_RATES: (dst, src, nm, nu)}.items():
-            perm = torch.argsort(d_ * ns + s_)
-            rowptr = torch.zeros(nd + 1, dtype=torch.long)
-            rowptr[1:] = torch.bincount(d_, minlength=nd).cumsum(0)
-            adj[et] = sparse_adjacency(rowptr, s_[perm], ns, torch.device("cpu"), aggr, kind)
-        with torch.no_grad():
-            outs.append(model.encoder(n_id, x, adj))
-    for other in outs[1:]:
+        adj = {RATES: edge_adjacency(torch.stack([src, dst]), nu, nm, aggr, kind),
+               REV_RATES: edge_adjacency(torch.stack([dst, src]), nm, nu, aggr, kind)}
+        model.zero_grad()
+        z = model.encoder(n_id, x, adj)
+        (z[USER].pow(2).sum() + z[MOVIE].sum()).backward()
+        outs.append({t: v.detach() for t, v in z.items()})
+        grads.append({n: p.grad.clone() for n, p in model.encoder.named_parameters() if p.grad is not None})
+    assert len(grads[0]) > 4  # every conv's weights, the ID tables, the movie projection
+    for other, other_grads in zip(outs[1:], grads[1:]):
         for t in (USER, MOVIE):
             torch.testing.assert_close(other[t], outs[0][t], rtol=1e-5, atol=1e-5)
+        assert other_grads.keys() == grads[0].keys()
+        for n, g in other_grads.items():
+            torch.testing.assert_close(g, grads[0][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_training_aggregates_over_sparse_adjacency_not_edge_index(tiny_shards, monkeypatch):
+    """A training forward hands SAGEConv its batch's ``SparseTensor`` (no ``[E, hidden]``
+    message tensor) where torch-sparse has kernels for the device, else its ``edge_index``."""
+    from torch_geometric.nn import SAGEConv
+
+    from scalable_rec.train.model import training_adjacency_kind
+
+    seen = []
+    forward = SAGEConv.forward
+
+    def spy(self, x, edge_index, *args, **kwargs):
+        seen.append(type(edge_index).__name__ if not isinstance(edge_index, torch.Tensor)
+                    else ("csr" if edge_index.layout == torch.sparse_csr else "edge_index"))
+        return forward(self, x, edge_index, *args, **kwargs)
+
+    monkeypatch.setattr(SAGEConv, "forward", spy)
+    from torch_geometric.loader import LinkNeighborLoader
+
+    from scalable_rec.graph import RATES
+    g = RatingGraph.from_shards(tiny_shards)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8)).train()
+    loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
+                                edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
+    pred, _ = model(next(iter(loader)))
+    pred.sum().backward()
+    want = {"torch_sparse": "SparseTensor", "edge_index": "edge_index"}[training_adjacency_kind(torch.device("cpu"))]
+    assert seen and set(seen) == {want}
+    import torch_geometric.typing as pyg_typing
+
+    assert want == ("SparseTensor" if pyg_typing.WITH_TORCH_SPARSE else "edge_index")
 
 
 # --- cold movies: no trained ID row, no edges --------------------------------------------
