@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from scalable_rec.heap import hugepages_environ
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "index", "load", "train", "train-store", "train-2", "train-store-2", "train-store-2-fork",
           "train-store-phases", "score", "score-store")
@@ -278,13 +280,13 @@ def tree_memory(root: int, ranks_only: bool) -> dict[str, float]:
     return tot
 
 
-def run_child(cmd: list[str], ranks_only: bool, log_dir: Path,
-              name: str = "child") -> tuple[int, str, str, dict[str, float]]:
+def run_child(cmd: list[str], ranks_only: bool, log_dir: Path, name: str = "child",
+              env: dict[str, str] | None = None) -> tuple[int, str, str, dict[str, float]]:
     """Runs ``cmd``, sampling its tree's memory every 50 ms; returns rc, stdout, stderr, peaks."""
     out_path, err_path = log_dir / f".{name}.out", log_dir / f".{name}.err"
     peaks: dict[str, float] = {}
     with open(out_path, "w") as fo, open(err_path, "w") as fe:
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True)
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env)
         while proc.poll() is None:
             for key, value in tree_memory(proc.pid, ranks_only).items():
                 peaks[key] = max(peaks.get(key, 0.0), value)
@@ -451,9 +453,12 @@ def main() -> None:
     p.add_argument("--edges", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000, 25_000_000])
     p.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=STAGES)
     p.add_argument("--train-steps", type=int, default=50)
-    p.add_argument("--heap-mmap-threshold-kb", type=int, default=0,
-                   help="TrainConfig.heap_mmap_threshold_kb of the train and train-store stages (recorded in "
-                        "each row; 0: glibc's dynamic threshold)")
+    p.add_argument("--heap-mmap-threshold-kb", type=int, default=None,
+                   help="TrainConfig.heap_mmap_threshold_kb of the train-store stages (recorded in each row; "
+                        "default: TrainConfig's; 0: glibc's dynamic threshold)")
+    p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
+                   help="run the stages without glibc's transparent huge pages, which the scalable-rec "
+                        "command turns on (scalable_rec/heap.py)")
     p.add_argument("--table-optimizer", default="auto", choices=("auto", "adamw", "rowwise_adagrad"),
                    help="TrainConfig.table_optimizer of the train stages (recorded in each row)")
     p.add_argument("--score-users", type=int, default=0,
@@ -465,6 +470,10 @@ def main() -> None:
     p.add_argument("--stage", help=argparse.SUPPRESS)  # child mode
     p.add_argument("--report", action="store_true", help="only rewrite scale.md and scale.png from scale.json")
     args = p.parse_args()
+    if args.heap_mmap_threshold_kb is None:
+        from scalable_rec.train.config import TrainConfig
+
+        args.heap_mmap_threshold_kb = TrainConfig().heap_mmap_threshold_kb
     out = Path(args.out)
     if args.report:
         rows = merged_rows(out)
@@ -486,6 +495,9 @@ def main() -> None:
             print(json.dumps(row))
         return
     out.mkdir(parents=True, exist_ok=True)
+    # The children run as the scalable-rec command runs: with glibc's transparent huge pages
+    # (scalable_rec.heap.restart_with_hugepages), unless --no-hugepages.
+    env = (hugepages_environ(os.environ) if args.hugepages else None) or dict(os.environ)
     results = out / args.results
     rows = json.loads(results.read_text()) if results.is_file() else []  # runs add to earlier ones
     for edges in args.edges:
@@ -497,7 +509,7 @@ def main() -> None:
             two = stage in TWO_RANKS
             cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *child]
                    if two else [sys.executable, *child])  # FORKED: the child forks its two ranks itself
-            rc, stdout, stderr, peaks = run_child(cmd, ranks_only=two, log_dir=out, name=f"{stage}-{edges}")
+            rc, stdout, stderr, peaks = run_child(cmd, ranks_only=two, log_dir=out, name=f"{stage}-{edges}", env=env)
             rows = [r for r in rows if (r["stage"], r["edges"]) != (stage, edges)]
             if rc != 0:
                 print(f"{stage} at {edges:,} edges failed:\n{stderr[-2000:]}", file=sys.stderr)
@@ -505,7 +517,8 @@ def main() -> None:
                              "peak_rss_mib": float("nan"), "error": stderr[-500:]})
                 continue
             row = json.loads(stdout.strip().splitlines()[-1])
-            row.update({k: round(v, 1) for k, v in peaks.items()}, threads=os.environ.get("OMP_NUM_THREADS"))
+            row.update({k: round(v, 1) for k, v in peaks.items()}, threads=os.environ.get("OMP_NUM_THREADS"),
+                       glibc_tunables=env.get("GLIBC_TUNABLES", ""))
             if stage.startswith("train"):
                 row["table_optimizer"] = args.table_optimizer
                 row["heap_mmap_threshold_kb"] = args.heap_mmap_threshold_kb

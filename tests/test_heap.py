@@ -1,6 +1,7 @@
-"""glibc's fixed mmap threshold hands freed tensors back (train/heap.py).
+"""glibc's fixed mmap threshold hands freed tensors back, and the restart with transparent
+huge pages (scalable_rec/heap.py).
 
-Each case runs in a fresh interpreter: the setting is process-wide."""
+Each case runs in a fresh interpreter: the settings are process-wide."""
 import os
 import platform
 import subprocess
@@ -9,14 +10,15 @@ import textwrap
 
 import pytest
 
-from scalable_rec.train.heap import fix_mmap_threshold
+from pathlib import Path
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc's mallopt only")
+from scalable_rec.heap import HUGEPAGES_TUNABLE, RESTARTED_ENV, fix_mmap_threshold, glibc, hugepages_environ
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or not glibc(), reason="glibc's mallopt and tunables only")
 
 SCRIPT = textwrap.dedent("""
     import ctypes, sys, torch
-    from scalable_rec.train.heap import M_MMAP_THRESHOLD, fix_mmap_threshold
+    from scalable_rec.heap import M_MMAP_THRESHOLD, fix_mmap_threshold
 
     class MallInfo2(ctypes.Structure):  # glibc >= 2.33
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -58,3 +60,56 @@ def test_threshold_is_checked():
         fix_mmap_threshold(64 << 20)
     with pytest.raises(ValueError, match="threshold_bytes"):
         fix_mmap_threshold(0)
+
+
+def test_hugepages_environ_adds_the_tunable_once_and_respects_the_users():
+    env = hugepages_environ({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + HUGEPAGES_TUNABLE
+    assert env["PATH"] == "/bin" and env[RESTARTED_ENV] == "1"
+    assert hugepages_environ({})["GLIBC_TUNABLES"] == HUGEPAGES_TUNABLE
+    assert hugepages_environ(env) is None  # restarted once: never again
+    assert hugepages_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's opt-out
+
+
+RESTART = textwrap.dedent("""
+    import os, sys
+    print("start", os.getpid(), flush=True)
+    from scalable_rec.heap import fix_mmap_threshold, restart_with_hugepages
+    restart_with_hugepages()
+    print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
+    import torch
+    fix_mmap_threshold(1 << 20)  # as store-backed training does: the tensor gets its own mapping
+    t = torch.ones(32 << 20)  # 128 MiB, written once
+    huge = [line for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages:")]
+    print("huge_kib", int(huge[0].split()[1]) if huge else -1, flush=True)
+""")
+
+
+def _thp_mode() -> str:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    text = path.read_text() if path.exists() else "[never]"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def test_restart_keeps_the_process_and_its_arguments_and_gets_huge_pages():
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", RESTARTED_ENV)}
+    out = subprocess.run([sys.executable, "-c", RESTART, "--flag", "x"], capture_output=True, text=True,
+                         env={**env, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    starts = [ln.split()[1] for ln in lines if ln.startswith("start")]
+    running = [ln for ln in lines if ln.startswith("running")]
+    assert len(starts) == 2 and starts[0] == starts[1]  # restarted once, in the same process
+    assert running == [f"running {starts[0]} {HUGEPAGES_TUNABLE} ['--flag', 'x']"]
+    if _thp_mode() == "never":
+        pytest.skip("the kernel's transparent huge pages are off (/sys/kernel/mm/transparent_hugepage)")
+    huge = int(lines[-1].split()[1])
+    assert huge >= 64 << 10, f"only {huge} KiB of a 128 MiB tensor in huge pages"
+    # the user's opt-out: no restart, and (where huge pages come only when asked) none
+    out = subprocess.run([sys.executable, "-c", RESTART], capture_output=True, text=True, timeout=120,
+                         env={**env, "OMP_NUM_THREADS": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert sum(ln.startswith("start") for ln in lines) == 1
+    if _thp_mode() == "madvise":
+        assert int(lines[-1].split()[1]) == 0

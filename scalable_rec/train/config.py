@@ -54,12 +54,12 @@ class TrainConfig:
         heap_mmap_threshold_kb: With a value > 0, fix glibc's mmap threshold at this many
             KiB when training over the mapped graph index starts, so that freed tensors of
             that size and more go back to the kernel instead of staying in the heap
-            (``scalable_rec.train.heap``; a process-wide setting). Default 0 (glibc's dynamic
-            threshold): at 25M edges 1024 cut a store-backed rank's private memory from 866
-            to 650 MiB but cost 1.6× its training CPU (60.5 vs 37.4 s) and halved its
-            edges/s (``scripts/scale_curves.py --heap-mmap-threshold-kb``, README "Graphs
-            larger than memory"); for runs bound by memory, not time. The in-memory path
-            never sets it.
+            (``scalable_rec.heap``; a process-wide setting). 1024 keeps two forked ranks on
+            one node under 1.3× one rank's memory at 25M edges, but every new step tensor
+            then costs fresh pages: with the ``scalable-rec`` command's transparent huge
+            pages that cost 0.72–0.76× the in-memory path's training edges/s (0.57× before
+            them). Default 0 (glibc's dynamic threshold): 0.85–0.93× (README "Graphs larger
+            than memory"). The in-memory path never sets it.
         select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
             ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
             ``rmse``. Validation runs like the test: full neighbourhoods over the

@@ -37,7 +37,7 @@ from scalable_rec.train.distributed import (
 from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_edges, supervision_stats
 from scalable_rec.train.config import PRECISIONS, TrainConfig, resolve_device
 from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, ranking_positives, rating_class_table
-from scalable_rec.train.heap import fix_mmap_threshold
+from scalable_rec.heap import fix_mmap_threshold
 from scalable_rec.train.model import ModelConfig, Recommender
 from scalable_rec.train.node_tables import share_tables_on_node
 from scalable_rec.train.optim import (
