@@ -73,10 +73,10 @@ def training_adjacency_kind(device: torch.device) -> str:
     fp32 under autocast), else ``edge_index`` (scatter). Scatter makes an ``[E, hidden]``
     message tensor per edge type and layer, and a mean's count and division as large again,
     forward and backward: at 25M edges the fused product cut a step's allocations from
-    1,259 to 935 MiB and its CPU by 15% (README "Graphs larger than memory"). torch's CSR,
-    which full-graph encoding falls back to, is not used for training: under CUDA autocast
-    its sum runs in the autocast dtype, where a mean's sum over many neighbours can
-    overflow fp16."""
+    1,259 to 935 MiB (``benchmarks/step_allocations.py``; README "Graphs larger than
+    memory"). torch's CSR, which full-graph encoding falls back to, is not used for
+    training: under CUDA autocast its sum runs in the autocast dtype, where a mean's sum
+    over many neighbours can overflow fp16."""
     return "torch_sparse" if torch_sparse_runs_on(device) else "edge_index"
 
 
