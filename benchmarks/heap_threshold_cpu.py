@@ -2,10 +2,10 @@
 ``--steps`` steps of the default config on prepared shards in a fresh process per setting
 and prints user/system CPU seconds and minor page faults of the ``train()`` call.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/heap_threshold_cpu.py \
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/heap_threshold_cpu.py \\
         --shards WORKDIR/shards/ml-latest-small --thresholds 0 1024 0 1024
     # over the mapped graph index (built by 'prepare --graph-backend store'), as at scale:
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/heap_threshold_cpu.py \
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/heap_threshold_cpu.py \\
         --shards SHARDS --store --steps 30 --thresholds 1024 0 [--no-hugepages]
 
 Each process runs as the ``scalable-rec`` command does, with glibc's transparent huge pages

@@ -33,7 +33,7 @@ def main() -> None:
     from scalable_rec.graph.store import open_stores
     from scalable_rec.shards import GraphShards
     from scalable_rec.train import ModelConfig, TrainConfig
-    from scalable_rec.train.loop import build_job, training_loss
+    from scalable_rec.train.loop import build_job, train_step
 
     torch.set_num_threads(1)
     shards = GraphShards(args.shards, verify=False)
@@ -45,19 +45,11 @@ def main() -> None:
         job.ddp_model.train()
         job.train_sampler.set_epoch(0)
         batches = iter(job.train_loader)
-
-        def step() -> None:
-            batch = next(batches).to(job.device)
-            loss = training_loss(job, batch)[0]
-            job.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            job.optimizer.step()
-
         for _ in range(args.warmup):
-            step()
+            train_step(job, next(batches).to(job.device))
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             for _ in range(args.steps):
-                step()
+                train_step(job, next(batches).to(job.device))  # the loop's own step, EMA included
     ops = [e for e in prof.key_averages() if e.self_cpu_memory_usage > 0]
     total = sum(e.self_cpu_memory_usage for e in ops) / args.steps / 2**20
     print(f"allocated per step: {total:,.1f} MiB over {args.steps} steps")

@@ -12,10 +12,11 @@ memory"). Fixing the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns 
 adjustment off) hands every large tensor back when it is freed. It is a process-wide
 setting, so the training entry point applies it (``TrainConfig.heap_mmap_threshold_kb``).
 
-A fresh mapping costs a page fault per page touched: about 220,000 faults (860 MiB) per
-training step at 25M edges, a third of the step's CPU on a 2-core VM. glibc (2.35+) can ask
-the kernel for 2 MiB transparent huge pages for its mappings (``glibc.malloc.hugetlb=1``),
-512 times fewer faults; it reads that tunable only when a process starts, so the
+A fresh mapping costs a page fault per page touched: at 25M edges, 30 store-backed training
+steps with the threshold at 1024 KiB took 6.8M minor faults and 14.4 s of system CPU
+(``benchmarks/heap_threshold_cpu.py --store --steps 30 --no-hugepages``). glibc (2.35+) can ask
+the kernel for 2 MiB transparent huge pages for its mappings (``glibc.malloc.hugetlb=1``;
+1.2M faults and 7.4 s there). It reads that tunable only when a process starts, so the
 ``scalable-rec`` command restarts itself once with it (``restart_with_hugepages``) before
 torch is imported.
 """

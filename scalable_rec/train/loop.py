@@ -389,6 +389,22 @@ def training_loss(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return loss, se, weight
 
 
+def train_step(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on ``batch`` (already on the device): loss, backward, the tables'
+    sparse gradients averaged, the step, the EMA. Returns the squared errors and weights."""
+    loss, se, weight = training_loss(job, batch)
+    job.optimizer.zero_grad(set_to_none=True)
+    job.scaler.scale(loss).backward()
+    reduce_table_grads(job)
+    job.scaler.step(job.optimizer)
+    job.scaler.update()
+    if job.shared_tables:  # nobody reads a table the node's first rank is still stepping
+        torch.distributed.barrier()
+    if job.ema is not None:
+        job.ema.update_parameters(job.model)
+    return se, weight
+
+
 def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> dict[str, Any]:
     """One pass over this rank's slice (from ``progress.step_in_epoch`` on a resume).
 
@@ -414,16 +430,7 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
         batch = batch.to(job.device, non_blocking=True)
         t_step = time.perf_counter()
         load_s += t_step - t_load
-        loss, se, weight = training_loss(job, batch)
-        job.optimizer.zero_grad(set_to_none=True)
-        job.scaler.scale(loss).backward()
-        reduce_table_grads(job)
-        job.scaler.step(job.optimizer)
-        job.scaler.update()
-        if job.shared_tables:  # nobody reads a table the node's first rank is still stepping
-            torch.distributed.barrier()
-        if job.ema is not None:
-            job.ema.update_parameters(job.model)
+        se, weight = train_step(job, batch)
         progress.step_in_epoch += 1
         progress.global_step += 1
         progress.epoch_position += cfg.batch_size * env.world_size
