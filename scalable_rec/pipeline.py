@@ -240,10 +240,14 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
     t0 = time.perf_counter()
     index = _graph_index(cfg, shards)
     if index is not None:  # edges, split and CSC memory-mapped: shared by the ranks of a node
-        graph, split, data = index.rating_graph(shards), index.split(), open_stores(index, "train")
+        # a refit passes messages over training + validation edges: the index's 'seen' CSC
+        graph, split = index.rating_graph(shards), index.split()
+        data = open_stores(index, "seen" if cfg.train.refit else "train")
     else:
         graph = graph or load_graph(shards, cfg.features, env)
         split, data = split_edges(graph, cfg.split), None
+    if cfg.train.refit:  # validation edges train too; the test edges stay held out
+        split = split.refit()
     timings["load_graph_s"] = time.perf_counter() - t0
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

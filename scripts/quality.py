@@ -7,7 +7,10 @@ exactly as ``scalable-rec run`` does (``train`` + ``evaluate_split``); the basel
 Each baseline's hyper-parameter is picked by validation Recall@10 (fit on train), then it
 is refit on train + val and tested. Writes ``<out>.json`` and ``<out>.md`` (mean ± std
 over seeds, and min–max), and with ``--ablation`` one row per configuration change on the
-given seeds. ``--readme`` replaces the block between the quality markers in README.md
+given seeds. With ``--refit`` each seed's default run is followed by a refit: the same
+configuration trained from scratch on train + val for the epoch count validation chose
+(``best.pt``'s epoch + 1; ``TrainConfig.refit``), tested on the same test edges, the
+protocol the baselines follow. ``--readme`` replaces the block between the quality markers in README.md
 with the Markdown output.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/quality.py --data /work/shared/data/ml-latest-small
@@ -37,6 +40,7 @@ from scalable_rec.graph import RatingGraph, split_edges
 from scalable_rec.pipeline import prepare
 from scalable_rec.score import baselines as B
 from scalable_rec.score import evaluate_split
+from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train import train
 
 log = logging.getLogger("quality")
@@ -77,6 +81,7 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
      "the default two tables ago)", {"model": {"user_id_dropout": 0.0, "movie_id_dropout": 0.0}}),
 ]
 MODEL = "scalable-rec (default run)"
+REFIT = "scalable-rec (refit on train + val)"
 MARK_START, MARK_END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
@@ -139,6 +144,8 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], seed: 
 
 def run_model(graph: RatingGraph, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     split = split_edges(graph, cfg.split)
+    if cfg.train.refit:  # validation edges train too; the test edges are the same
+        split = split.refit()
     result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json(),
                    rating_range=(cfg.data.rating_min, cfg.data.rating_max))
     if result.interrupted:  # a half-trained model must not become a table row
@@ -149,6 +156,7 @@ def run_model(graph: RatingGraph, cfg: RunConfig, run_dir: Path) -> dict[str, An
     return {"rmse": test["rmse"], "mae": test["mae"], "recall@10": test["model"]["recall@10"],
             "ndcg@10": test["model"]["ndcg@10"], "epochs": len(result.history),
             "best_val_rmse": result.best_val_rmse, "best_val_recall@10": result.best_val_recall,
+            "best_epoch": ckpt.load(run_dir / "best.pt")["epoch"],
             "last_epoch": result.history[-1] if result.history else None,
             "train_seconds": result.seconds}
 
@@ -217,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-every-seed", action="store_true",
                    help="tune each baseline on every seed's validation edges (default: on the first seed's, "
                         "then reused; EASE's inverse is minutes on a busy 2-core machine)")
+    p.add_argument("--refit", action="store_true",
+                   help="after each seed's default run, refit it on train + val for the epochs validation chose")
     p.add_argument("--ablation", nargs="*", default=None,
                    help="also run these ablation rows (no names: all)")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
@@ -250,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
             methods.setdefault(MODEL, []).append(
                 {"seed": seed, **run_model(graph, cfg, Path(args.workdir) / f"default-seed{seed}")})
             log.info("seed %d model: %s", seed, methods[MODEL][-1])
+            if args.refit:
+                epochs = methods[MODEL][-1]["best_epoch"] + 1
+                refit = with_overrides(base, {"train": {"refit": True, "select_metric": "last", "epochs": epochs}},
+                                       seed)
+                methods.setdefault(REFIT, []).append(
+                    {"seed": seed, **run_model(graph, refit, Path(args.workdir) / f"refit-seed{seed}")})
+                log.info("seed %d refit (%d epochs): %s", seed, epochs, methods[REFIT][-1])
         if args.baselines is None or args.baselines:
             for name, metrics in baselines_for_split(graph, split_edges(graph, cfg.split), seed, threshold,
                                                      (base.data.rating_min, base.data.rating_max),

@@ -283,6 +283,22 @@ def test_validation_runs_like_the_test_and_selects_by_the_configured_metric(smal
 
 
 
+def test_select_last_trains_every_epoch_without_validation_edges_and_keeps_the_last(small, tmp_path):
+    """A refit on training + validation edges (``select_metric='last'``) has nothing to
+    validate on: it must neither stop early nor select, and ``best.pt`` is the last epoch."""
+    from scalable_rec.graph import EdgeSplit
+
+    g, split = small
+    both = EdgeSplit(train=torch.cat([split.train, split.val]), val=split.val[:0], test=split.test)
+    result = train(g, both, ModelConfig(hidden=8), _cfg(epochs=3, patience=1, select_metric="last"), tmp_path)
+    assert [r["epoch"] for r in result.history] == [0, 1, 2] and not result.stopped_early
+    assert all(math.isnan(r["val_rmse"]) and math.isnan(r["val_recall@10"]) for r in result.history)
+    best = ckpt.load(tmp_path / "best.pt")
+    assert best["epoch"] == 2 and best["select_metric"] == "last"
+    for name, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, best["model"][name])
+
+
 def test_logq_correction_can_be_switched_off(small, tmp_path):
     from scalable_rec.train.loop import build_job
 

@@ -4,6 +4,7 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from scalable_rec import pipeline
 from scalable_rec.config import DataConfig, RunConfig
@@ -128,3 +129,41 @@ def test_store_backend_trains_evaluates_and_scores_like_memory(tiny_shards, tmp_
     assert m_store["test"]["rmse"] == pytest.approx(m_mem["test"]["rmse"], abs=1e-5)
     assert m_store["test"]["model"]["ndcg@10"] == pytest.approx(m_mem["test"]["model"]["ndcg@10"], abs=1e-4)
     assert t_store.column("score").to_pylist() == pytest.approx(t_mem.column("score").to_pylist(), abs=1e-4)
+
+
+def test_refit_trains_on_training_and_validation_edges_with_either_backend(tiny_shards, tmp_path, monkeypatch):
+    """``TrainConfig.refit``: validation edges supervise and pass messages (the mapped index's
+    'seen' CSC on the store path), test edges stay out, nothing is validated."""
+    import shutil
+
+    from scalable_rec.graph import split_edges
+    from scalable_rec.graph.store import StoreConfig
+
+    shards_dir = tmp_path / "shards"
+    shutil.copytree(tiny_shards.directory, shards_dir)
+    seen_splits, trained = [], pipeline.train
+
+    def spy(graph, split, *args, **kwargs):
+        seen_splits.append((graph, split))
+        return trained(graph, split, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", spy)
+    results = {}
+    for backend in ("auto", "store"):
+        cfg = RunConfig(data=DataConfig(shards=str(shards_dir), workdir=str(tmp_path)),
+                        model=ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0),
+                        train=TrainConfig(epochs=2, batch_size=64, num_neighbors=[-1, -1], progress=False,
+                                          refit=True, select_metric="last", patience=1),
+                        store=StoreConfig(graph_backend=backend), run_dir=str(tmp_path / backend))
+        results[backend] = pipeline.train_stage(cfg)
+        assert len(results[backend]["history"]) == 2  # no early stop: nothing to select by
+    graph, split = seen_splits[0]
+    usual = split_edges(graph, RunConfig().split)
+    assert sorted(split.train.tolist()) == sorted(torch.cat([usual.train, usual.val]).tolist())
+    assert split.val.numel() == 0 and torch.equal(split.test, usual.test)
+    # the store path passed messages over the same edges as the in-memory graph did
+    m_mem, m_store = results["auto"]["test"], results["store"]["test"]
+    assert m_store["rmse"] == pytest.approx(m_mem["rmse"], abs=1e-5)
+    assert m_store["model"]["ndcg@10"] == pytest.approx(m_mem["model"]["ndcg@10"], abs=1e-4)
+    with pytest.raises(ValueError, match="'refit' trains on the validation edges"):
+        TrainConfig(refit=True)

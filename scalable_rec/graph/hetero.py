@@ -123,6 +123,11 @@ class EdgeSplit:
     val: torch.Tensor
     test: torch.Tensor
 
+    def refit(self) -> "EdgeSplit":
+        """The validation edges joined to the training edges (a refit once validation has
+        chosen the epoch count: ``TrainConfig.refit``); the same test edges, no validation."""
+        return EdgeSplit(train=torch.cat([self.train, self.val]), val=self.val[:0], test=self.test)
+
 
 def split_edges(graph: RatingGraph, cfg: SplitConfig) -> EdgeSplit:
     """Splits edge ids by ``cfg``; every (user, movie) pair is on one side only.

@@ -63,7 +63,16 @@ class TrainConfig:
         select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
             ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
             ``rmse``. Validation runs like the test: full neighbourhoods over the
-            training edges.
+            training edges. ``last``: no selection and no early stopping; ``best.pt`` holds
+            the weights after the last of ``epochs`` (a refit on training + validation
+            edges, whose epoch count an earlier run chose: ``scalable_rec.train.refit``).
+            Without validation edges nothing is validated.
+        refit: Train on the training *and* validation edges, validating on nothing (needs
+            ``select_metric`` ``last`` and a fixed ``epochs``); the test edges stay held out.
+            The second step of choosing the epoch count by validation and then fitting every
+            non-test rating, as ``scripts/quality.py`` does for its refit row (and for every
+            baseline, refit on training + validation edges once validation chose its
+            hyper-parameter). Default off.
         rank_loss_weight: Weight of the retrieval head's in-batch sampled-softmax loss
             (logQ-corrected for the popularity of in-batch negatives) added to the rating
             loss; ignored when the model has no retrieval head.
@@ -126,7 +135,8 @@ class TrainConfig:
     val_memory_mb: int = 32
     node_shared_tables: bool = True
     heap_mmap_threshold_kb: int = 0
-    select_metric: Literal["recall", "rmse"] = "recall"
+    select_metric: Literal["recall", "rmse", "last"] = "recall"
+    refit: bool = False
     loss: Literal["mse", "weighted_mse"] = "mse"
     rank_loss_weight: float = 1.0
     ema_decay: float = 0.99
@@ -189,8 +199,11 @@ class TrainConfig:
             problems.append(f"'table_lr' needs to be positive (got {self.table_lr})")
         if self.sparse_tables_min_rows < 0:
             problems.append(f"'sparse_tables_min_rows' needs to be non-negative (got {self.sparse_tables_min_rows})")
-        if self.select_metric not in ("recall", "rmse"):
-            problems.append(f"'select_metric' needs to be 'recall' or 'rmse' (got {self.select_metric!r})")
+        if self.select_metric not in ("recall", "rmse", "last"):
+            problems.append(f"'select_metric' needs to be 'recall', 'rmse' or 'last' (got {self.select_metric!r})")
+        if self.refit and self.select_metric != "last":
+            problems.append(f"'refit' trains on the validation edges, so nothing is left to select by: "
+                            f"set 'select_metric' to 'last' (got {self.select_metric!r})")
         if self.lr <= 0:
             problems.append(f"'lr' needs to be positive (got {self.lr})")
         if self.stop_check_every <= 0:

@@ -508,8 +508,11 @@ def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any])
     env = job.env
     sse_t, count_t = all_reduce_sum([stats["sse"], stats["count"]], job.device)
     check_finite("training loss", sse_t, progress)
-    val = validate(job)
-    check_finite("validation RMSE", val["rmse"], progress)
+    if job.split.val.numel():
+        val = validate(job)
+        check_finite("validation RMSE", val["rmse"], progress)
+    else:  # a refit on every labelled edge (select_metric 'last'): nothing left to validate on
+        val = dict.fromkeys(("rmse", "mae", "recall", "ndcg"), math.nan)
     busy = max(stats["load_s"] + stats["compute_s"], 1e-9)
     record = {"epoch": progress.epoch, "train_rmse": math.sqrt(sse_t / max(count_t, 1)), "val_rmse": val["rmse"],
               "val_mae": val["mae"], "val_recall@10": val["recall"], "val_ndcg@10": val["ndcg"],
@@ -521,7 +524,7 @@ def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any])
                  progress.epoch, record["train_rmse"], val["rmse"], val["recall"], record["seconds"],
                  record["edges_per_s"], 100 * record["loader_share"])
     score = selection_score(val, job.cfg.select_metric)
-    if score < progress.best_score - 1e-5:
+    if job.cfg.select_metric == "last" or score < progress.best_score - 1e-5:
         progress.best_score, progress.bad_epochs = score, 0
         progress.best_val_rmse, progress.best_val_recall = val["rmse"], val["recall"]
         if env.is_main:
