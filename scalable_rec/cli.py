@@ -124,8 +124,11 @@ def cmd_arango_export(cfg: RunConfig, args: argparse.Namespace) -> None:
 
 def _print_summary(cfg: RunConfig, metrics: dict) -> None:
     if DistEnv.from_environ().is_main:
-        summary = {"run_dir": cfg.run_dir, "best_val_rmse": metrics["best_val_rmse"],
+        selected = metrics.get("selection", metrics)  # --refit: validated by the selecting run
+        summary = {"run_dir": cfg.run_dir, "best_val_rmse": selected["best_val_rmse"],
                    "test": metrics.get("test"), "interrupted": metrics["interrupted"]}
+        if "selection" in metrics:
+            summary["refit_epochs"] = selected["epochs"]
         print(dumps(summary))
 
 

@@ -225,6 +225,8 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
 
 def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards | None,
               graph: RatingGraph | None) -> dict[str, Any]:
+    if cfg.train.refit and not cfg.train.refitting():
+        return _select_then_refit(cfg, run_dir, env, shards, graph)
     shards = shards or _open_shards(cfg)
     if cfg.data.shards is None:
         cfg.data.shards = str(shards.directory.resolve())
@@ -242,11 +244,11 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
     if index is not None:  # edges, split and CSC memory-mapped: shared by the ranks of a node
         # a refit passes messages over training + validation edges: the index's 'seen' CSC
         graph, split = index.rating_graph(shards), index.split()
-        data = open_stores(index, "seen" if cfg.train.refit else "train")
+        data = open_stores(index, "seen" if cfg.train.refitting() else "train")
     else:
         graph = graph or load_graph(shards, cfg.features, env)
         split, data = split_edges(graph, cfg.split), None
-    if cfg.train.refit:  # validation edges train too; the test edges stay held out
+    if cfg.train.refitting():  # validation edges train too; the test edges stay held out
         split = split.refit()
     timings["load_graph_s"] = time.perf_counter() - t0
     if env.is_main:
@@ -285,6 +287,26 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
         raise InterruptedRunError(
             f"Training was interrupted by {interrupted_by} at step {result.global_step}; '{run_dir}' is marked "
             "interrupted in metrics.json. Continue with --resume", result.signal)
+    return metrics
+
+
+def _select_then_refit(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards | None,
+                       graph: RatingGraph | None) -> dict[str, Any]:
+    """``--refit``: a selecting run in ``<run_dir>/select`` (early stopping on validation),
+    then the refit in ``run_dir``: training + validation edges, the chosen epoch count,
+    no selection. Each is an ordinary run directory, so ``--resume`` continues either."""
+    select = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False),
+                                 run_dir=str(run_dir / "select"))
+    chosen = _train_in(select, run_dir / "select", env, shards, graph)  # a signal raises; max_steps is refused
+    epochs = from_rank0(lambda: ckpt.load(run_dir / "select" / "best.pt")["epoch"] + 1, env, "read select/best.pt")
+    log.info("refit: validation chose %d epoch(s); training on training + validation edges", epochs)
+    refit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select_metric="last", epochs=epochs))
+    metrics = _train_in(refit, run_dir, env, shards, graph)
+    metrics["selection"] = {"run_dir": str(run_dir / "select"), "epochs": epochs, "select_metric": cfg.train.select_metric,
+                            "best_val_rmse": chosen["best_val_rmse"], "best_val_recall@10": chosen["best_val_recall@10"],
+                            "test": chosen.get("test")}
+    if env.is_main:
+        write_json_atomic(run_dir / "metrics.json", metrics)
     return metrics
 
 

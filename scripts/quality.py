@@ -144,7 +144,7 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], seed: 
 
 def run_model(graph: RatingGraph, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     split = split_edges(graph, cfg.split)
-    if cfg.train.refit:  # validation edges train too; the test edges are the same
+    if cfg.train.refitting():  # validation edges train too; the test edges are the same
         split = split.refit()
     result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json(),
                    rating_range=(cfg.data.rating_min, cfg.data.rating_max))

@@ -103,6 +103,10 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
         c0 = time.process_time()
         result = train(g, split, ModelConfig(), cfg, workdir / f"run-{stage}-{edges}", data=data)
         out["train_cpu_s"] = time.process_time() - c0
+        if data is not None:  # what this rank's heap ran with ('auto' resolved: ranks on this node)
+            from scalable_rec.train.distributed import DistEnv
+
+            out["heap_threshold_kb_applied"] = cfg.heap_threshold_kb(DistEnv.from_environ())
         out.update(steps=result.history[-1]["steps"], labelled_edges_per_s=result.history[-1]["edges_per_s"],
                    message_passing_edges=edges, ranks=int(os.environ.get("WORLD_SIZE", "1")),
                    train_loop_s=result.seconds)
@@ -455,7 +459,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=50)
     p.add_argument("--heap-mmap-threshold-kb", type=int, default=None,
                    help="TrainConfig.heap_mmap_threshold_kb of the train-store stages (recorded in each row; "
-                        "default: TrainConfig's; 0: glibc's dynamic threshold)")
+                        "default: TrainConfig's, -1: auto; 0: glibc's dynamic threshold)")
     p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
                    help="run the stages without glibc's transparent huge pages, which the scalable-rec "
                         "command turns on (scalable_rec/heap.py)")

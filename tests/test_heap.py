@@ -113,3 +113,24 @@ def test_restart_keeps_the_process_and_its_arguments_and_gets_huge_pages():
     assert sum(ln.startswith("start") for ln in lines) == 1
     if _thp_mode() == "madvise":
         assert int(lines[-1].split()[1]) == 0
+
+
+def test_auto_heap_threshold_is_fixed_only_when_ranks_share_the_node(monkeypatch):
+    """``heap_mmap_threshold_kb`` -1 (default): 1024 KiB for ranks that share a node, glibc's
+    dynamic threshold for a rank alone on its node; an explicit value always wins."""
+    from scalable_rec.train import TrainConfig
+    from scalable_rec.train.distributed import DistEnv
+
+    auto = TrainConfig()
+    assert auto.heap_mmap_threshold_kb == -1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert auto.heap_threshold_kb(DistEnv()) == 0  # one process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    two_here = DistEnv(rank=1, local_rank=1, world_size=2)
+    assert auto.heap_threshold_kb(two_here) == 1024
+    assert TrainConfig(heap_mmap_threshold_kb=0).heap_threshold_kb(two_here) == 0
+    assert TrainConfig(heap_mmap_threshold_kb=4096).heap_threshold_kb(DistEnv()) == 4096
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two nodes, one rank on each
+    assert auto.heap_threshold_kb(DistEnv(rank=1, local_rank=0, world_size=2)) == 0
+    with pytest.raises(ValueError, match="heap_mmap_threshold_kb"):
+        TrainConfig(heap_mmap_threshold_kb=-2)

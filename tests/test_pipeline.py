@@ -165,5 +165,29 @@ def test_refit_trains_on_training_and_validation_edges_with_either_backend(tiny_
     m_mem, m_store = results["auto"]["test"], results["store"]["test"]
     assert m_store["rmse"] == pytest.approx(m_mem["rmse"], abs=1e-5)
     assert m_store["model"]["ndcg@10"] == pytest.approx(m_mem["model"]["ndcg@10"], abs=1e-4)
-    with pytest.raises(ValueError, match="'refit' trains on the validation edges"):
-        TrainConfig(refit=True)
+    with pytest.raises(ValueError, match="'refit' needs whole epochs"):
+        TrainConfig(refit=True, max_steps=10)
+
+
+def test_refit_flag_selects_on_validation_then_refits_for_the_chosen_epochs(tiny_shards, tmp_path):
+    """``train --refit``: a selecting run in ``select/``, then the refit in the run directory
+    for best.pt's epoch + 1 epochs, which is what 'score' reads."""
+    from scalable_rec.train import checkpoint as ckpt
+
+    cfg = RunConfig(data=DataConfig(shards=str(tiny_shards.directory), workdir=str(tmp_path)),
+                    model=ModelConfig(hidden=16),
+                    train=TrainConfig(epochs=6, patience=2, lr=0.003, batch_size=64, num_neighbors=[5, 5],
+                                      progress=False, refit=True),
+                    run_dir=str(tmp_path / "run"))
+    metrics = pipeline.train_stage(cfg)
+    run = tmp_path / "run"
+    chosen = ckpt.load(run / "select" / "best.pt")["epoch"] + 1
+    assert metrics["selection"]["epochs"] == chosen and metrics["selection"]["select_metric"] == "recall"
+    assert len(metrics["history"]) == chosen  # every chosen epoch, none validated, no early stop
+    assert all(math.isnan(r["val_rmse"]) for r in metrics["history"])
+    assert math.isfinite(metrics["test"]["rmse"]) and math.isfinite(metrics["selection"]["test"]["rmse"])
+    saved = RunConfig.load(run / "config.json")
+    assert saved.train.refitting() and saved.train.epochs == chosen
+    assert ckpt.load(run / "best.pt")["epoch"] == chosen - 1
+    pipeline.score_stage(cfg, run)
+    assert (run / "recommendations.parquet").is_file()

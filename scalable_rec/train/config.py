@@ -54,25 +54,28 @@ class TrainConfig:
         heap_mmap_threshold_kb: With a value > 0, fix glibc's mmap threshold at this many
             KiB when training over the mapped graph index starts, so that freed tensors of
             that size and more go back to the kernel instead of staying in the heap
-            (``scalable_rec.heap``; a process-wide setting). 1024 keeps two forked ranks on
-            one node under 1.3× one rank's memory at 25M edges, but every new step tensor
-            then costs fresh pages: with the ``scalable-rec`` command's transparent huge
-            pages that cost 0.72–0.76× the in-memory path's training edges/s (0.57× before
-            them). Default 0 (glibc's dynamic threshold): 0.85–0.93× (README "Graphs larger
-            than memory"). The in-memory path never sets it.
+            (``scalable_rec.heap``; a process-wide setting); 0 leaves glibc's dynamic
+            threshold. Default -1 (``auto``): 1024 when more than one rank of the job shares
+            this node (``LOCAL_WORLD_SIZE`` > 1: torchrun or ``--nproc-per-node``), 0 for a
+            rank alone on its node. Sharing a node, 1024 keeps two ranks within 1.3× one
+            rank's memory at 25M edges, but every new step tensor then costs fresh pages (with
+            the ``scalable-rec`` command's transparent huge pages, 0.72–0.76× the in-memory
+            path's training edges/s); alone, the dynamic threshold keeps 0.85–0.93× (README
+            "Graphs larger than memory"). The in-memory path never sets it.
         select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
             ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
             ``rmse``. Validation runs like the test: full neighbourhoods over the
             training edges. ``last``: no selection and no early stopping; ``best.pt`` holds
-            the weights after the last of ``epochs`` (a refit on training + validation
-            edges, whose epoch count an earlier run chose: ``scalable_rec.train.refit``).
+            the weights after the last of ``epochs`` (the second step of ``refit``).
             Without validation edges nothing is validated.
-        refit: Train on the training *and* validation edges, validating on nothing (needs
-            ``select_metric`` ``last`` and a fixed ``epochs``); the test edges stay held out.
-            The second step of choosing the epoch count by validation and then fitting every
-            non-test rating, as ``scripts/quality.py`` does for its refit row (and for every
-            baseline, refit on training + validation edges once validation chose its
-            hyper-parameter). Default off.
+        refit: Once validation has chosen the epoch count, train again from scratch on the
+            training *and* validation edges for that many epochs; that refit is the run's
+            model (tested, scored), and the selecting run is kept in ``<run_dir>/select``
+            (``scalable-rec train --refit``: both steps in one command). With
+            ``select_metric`` ``last`` only the second step runs, for ``epochs``. The test
+            edges stay held out either way. This is the protocol of ``scripts/quality.py``'s
+            refit row and of its baselines (refit on training + validation edges once
+            validation chose their hyper-parameter). Default off: it trains twice.
         rank_loss_weight: Weight of the retrieval head's in-batch sampled-softmax loss
             (logQ-corrected for the popularity of in-batch negatives) added to the rating
             loss; ignored when the model has no retrieval head.
@@ -134,7 +137,7 @@ class TrainConfig:
     sparse_tables_min_rows: int = 100_000
     val_memory_mb: int = 32
     node_shared_tables: bool = True
-    heap_mmap_threshold_kb: int = 0
+    heap_mmap_threshold_kb: int = -1
     select_metric: Literal["recall", "rmse", "last"] = "recall"
     refit: bool = False
     loss: Literal["mse", "weighted_mse"] = "mse"
@@ -154,6 +157,17 @@ class TrainConfig:
     progress: bool = True
     stop_check_every: int = 1
     collective_timeout_s: float = 1800.0
+
+    def heap_threshold_kb(self, env: DistEnv) -> int:
+        """``heap_mmap_threshold_kb`` resolved for this rank: ``auto`` (-1) is 1024 when
+        the job has more than one rank on this node, else 0 (glibc's dynamic threshold)."""
+        if self.heap_mmap_threshold_kb >= 0:
+            return self.heap_mmap_threshold_kb
+        return 1024 if env.enabled and env.local_world_size > 1 else 0
+
+    def refitting(self) -> bool:
+        """Whether this run trains on training + validation edges (the second step of ``refit``)."""
+        return self.refit and self.select_metric == "last"
 
     def rowwise_tables(self, rows: int) -> bool:
         """Whether tables of ``rows`` users + movies get ``rowwise_adagrad``."""
@@ -191,8 +205,9 @@ class TrainConfig:
         if self.table_optimizer not in ("auto", "adamw", "rowwise_adagrad"):
             problems.append(f"'table_optimizer' needs to be 'auto', 'adamw' or 'rowwise_adagrad' "
                             f"(got {self.table_optimizer!r})")
-        if not 0 <= self.heap_mmap_threshold_kb <= 32 * 1024:
-            problems.append(f"'heap_mmap_threshold_kb' needs to be in [0, 32768] (got {self.heap_mmap_threshold_kb})")
+        if not -1 <= self.heap_mmap_threshold_kb <= 32 * 1024:
+            problems.append(f"'heap_mmap_threshold_kb' needs to be -1 (auto) or in [0, 32768] "
+                            f"(got {self.heap_mmap_threshold_kb})")
         if self.val_memory_mb <= 0:
             problems.append(f"'val_memory_mb' needs to be positive (got {self.val_memory_mb})")
         if self.table_lr <= 0:
@@ -201,9 +216,9 @@ class TrainConfig:
             problems.append(f"'sparse_tables_min_rows' needs to be non-negative (got {self.sparse_tables_min_rows})")
         if self.select_metric not in ("recall", "rmse", "last"):
             problems.append(f"'select_metric' needs to be 'recall', 'rmse' or 'last' (got {self.select_metric!r})")
-        if self.refit and self.select_metric != "last":
-            problems.append(f"'refit' trains on the validation edges, so nothing is left to select by: "
-                            f"set 'select_metric' to 'last' (got {self.select_metric!r})")
+        if self.refit and self.max_steps is not None:
+            problems.append("'refit' needs whole epochs: it repeats the epoch count validation chose "
+                            f"(got 'max_steps' {self.max_steps})")
         if self.lr <= 0:
             problems.append(f"'lr' needs to be positive (got {self.lr})")
         if self.stop_check_every <= 0:

@@ -47,6 +47,11 @@ class DistEnv:
         return self.world_size > 1
 
     @property
+    def local_world_size(self) -> int:
+        """Ranks of this job on this node, as torchrun (or the package's launcher) describes them."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+
+    @property
     def restart_count(self) -> int:
         """How often torchrun has restarted this job's workers (``--max-restarts``)."""
         return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)

@@ -184,9 +184,10 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
               rating_range: tuple[float, float] = (0.5, 5.0), layer_batch_size: int = 16384) -> Job:
     """Joins the process group, builds the loaders (message passing over training edges
     only), the model, optimiser and precision, and wraps the model for DDP."""
-    if cfg.heap_mmap_threshold_kb and data is not None:  # the mapped stores' path: memory-bound graphs
-        fix_mmap_threshold(cfg.heap_mmap_threshold_kb << 10)
     env = DistEnv.from_environ()
+    heap_kb = cfg.heap_threshold_kb(env)
+    if heap_kb and data is not None:  # the mapped stores' path: memory-bound graphs
+        fix_mmap_threshold(heap_kb << 10)
     device = resolve_device(cfg, env)
     init_distributed(env, device, cfg.collective_timeout_s)
     config = config or {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}

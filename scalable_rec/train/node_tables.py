@@ -35,7 +35,7 @@ SHM_HEADROOM = 1.1  # the shared-memory mount needs this many times the tables' 
 
 def local_world_size() -> int:
     """Ranks on this node, as torchrun (or the package's launcher) describes them."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return DistEnv().local_world_size
 
 
 def _shm_room(nbytes: int, directory: Path) -> bool:
