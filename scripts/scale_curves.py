@@ -419,7 +419,7 @@ def readme_table(rows: list[dict]) -> str:
             checks.append(f"train CPU s store / memory: {st['train_cpu_s']:.1f} / {m['train_cpu_s']:.1f} = "
                           f"**{st['train_cpu_s'] / m['train_cpu_s']:.2f}** (target ≤ 1.2); labelled edges/s "
                           f"{st['labelled_edges_per_s']:,.0f} / {m['labelled_edges_per_s']:,.0f} = "
-                          f"{st['labelled_edges_per_s'] / m['labelled_edges_per_s']:.2f} (wall time, shared machine)")
+                          f"{st['labelled_edges_per_s'] / m['labelled_edges_per_s']:.2f} (wall time)")
         if "score" in by and "score-store" in by:
             m, st = by["score"], by["score-store"]
             checks.append(f"score CPU s store / memory: {_score_cpu(st):.0f} / {_score_cpu(m):.0f} = "
