@@ -300,7 +300,7 @@ def _select_then_refit(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: Grap
     chosen = _train_in(select, run_dir / "select", env, shards, graph)  # a signal raises; max_steps is refused
     epochs = from_rank0(lambda: ckpt.load(run_dir / "select" / "best.pt")["epoch"] + 1, env, "read select/best.pt")
     log.info("refit: validation chose %d epoch(s); training on training + validation edges", epochs)
-    refit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, select_metric="last", epochs=epochs))
+    refit = dataclasses.replace(cfg, train=cfg.train.for_refit(epochs))
     metrics = _train_in(refit, run_dir, env, shards, graph)
     metrics["selection"] = {"run_dir": str(run_dir / "select"), "epochs": epochs, "select_metric": cfg.train.select_metric,
                             "best_val_rmse": chosen["best_val_rmse"], "best_val_recall@10": chosen["best_val_recall@10"],

@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("seed %d model: %s", seed, methods[MODEL][-1])
             if args.refit:
                 epochs = methods[MODEL][-1]["best_epoch"] + 1
-                refit = with_overrides(base, {"train": {"refit": True, "select_metric": "last", "epochs": epochs}},
-                                       seed)
+                refit = copy.deepcopy(cfg)
+                refit.train = cfg.train.for_refit(epochs)
                 methods.setdefault(REFIT, []).append(
                     {"seed": seed, **run_model(graph, refit, Path(args.workdir) / f"refit-seed{seed}")})
                 log.info("seed %d refit (%d epochs): %s", seed, epochs, methods[REFIT][-1])

@@ -1,7 +1,7 @@
 """Training settings (``TrainConfig``) and the device and precision they resolve to."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -164,6 +164,11 @@ class TrainConfig:
         if self.heap_mmap_threshold_kb >= 0:
             return self.heap_mmap_threshold_kb
         return 1024 if env.enabled and env.local_world_size > 1 else 0
+
+    def for_refit(self, epochs: int) -> "TrainConfig":
+        """The second step of ``refit``: these settings for ``epochs`` epochs on training +
+        validation edges, with no selection (``select_metric`` ``last``)."""
+        return replace(self, refit=True, select_metric="last", epochs=epochs)
 
     def refitting(self) -> bool:
         """Whether this run trains on training + validation edges (the second step of ``refit``)."""
