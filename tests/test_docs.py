@@ -1,6 +1,8 @@
 """The documentation as a reader meets it: a short README without lab notes, links that
 resolve (files and #anchors), the generated result blocks where their scripts write them,
 and indexes that list every benchmark, reference file and experiment."""
+import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -108,3 +110,29 @@ def test_indexes_list_every_benchmark_reference_file_and_experiment():
     exp_index = (ROOT / "experiments" / "README.md").read_text()
     missing += sorted(f"experiments/{p.name}" for p in (ROOT / "experiments").glob("*.py") if p.name not in exp_index)
     assert not missing, f"not in benchmarks/README.md or experiments/README.md: {missing}"
+
+
+def _script(relpath: str):
+    spec = importlib.util.spec_from_file_location(Path(relpath).stem + "_for_docs", ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _block(name: str) -> str:
+    text = RESULTS.read_text()
+    start = text.index(f"<!-- {name}:start -->") + len(f"<!-- {name}:start -->\n")
+    return text[start:text.index(f"<!-- {name}:end -->")]
+
+
+def test_generated_blocks_are_what_their_scripts_make_of_the_reference_json():
+    """The blocks are regenerated, never edited: each equals its script's rendering of the
+    JSON kept in benchmarks/reference (a new JSON without a regenerated block fails here)."""
+    ref = ROOT / "benchmarks" / "reference"
+    quality = _script("experiments/quality.py")
+    assert _block("quality") == quality.markdown(json.loads((ref / "quality-ml-latest-small.json").read_text()))
+    scale = _script("experiments/scale_curves.py")
+    rows = json.loads((ref / "scale-store-distinct-cpu-2core.json").read_text())
+    assert _block("scale") == scale.results_block(rows) + "\n"
+    arango = _script("benchmarks/arango_report.py")
+    assert _block("arango-export") == arango.render(json.loads((ref / "arango-export-1m.json").read_text()))
