@@ -1,8 +1,8 @@
-"""Renders ``bench_arango.py``'s export report (JSON) as Markdown tables, beside the JSON and in README.
+"""Renders ``bench_arango.py``'s export report (JSON) as Markdown tables, beside the JSON and in docs/RESULTS.md.
 
-    python benchmarks/arango_report.py benchmarks/reference/arango-export-1m.json [--readme README.md]
+    python benchmarks/arango_report.py benchmarks/reference/arango-export-1m.json [--doc docs/RESULTS.md]
 
-Writes ``<json without .json>.md`` and, with ``--readme``, replaces the block between
+Writes ``<json without .json>.md`` and, with ``--doc``, replaces the block between
 ``<!-- arango-export:start -->`` and ``<!-- arango-export:end -->``. Every number comes from
 the JSON the benchmark wrote; nothing here is typed by hand.
 """
@@ -82,24 +82,25 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path, table: str) -> None:
-    """Replaces the README's generated block (between the marks), atomically."""
+def update_doc(doc: Path, table: str) -> None:
+    """Replaces the generated block (between the marks) of ``doc``, atomically."""
     try:
-        replace_marked_block(readme, MARK_START, MARK_END, table)
+        replace_marked_block(doc, MARK_START, MARK_END, table)
     except ValueError as err:
-        raise SystemExit(f"--readme: {err}") from None
+        raise SystemExit(f"--doc: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("report", type=Path, help="JSON written by bench_arango.py (SCALABLE_REC_BENCH_ARANGO_REPORT)")
-    p.add_argument("--readme", type=Path, default=None, help="README whose arango-export block is replaced")
+    p.add_argument("--doc", type=Path, default=None,
+                   help="Markdown file whose arango-export block is replaced (docs/RESULTS.md)")
     args = p.parse_args(argv)
     table = render(json.loads(args.report.read_text()))
     with atomic_open(args.report.with_suffix(".md"), "w") as fh:
         fh.write(table)
-    if args.readme:
-        update_readme(args.readme, table)
+    if args.doc:
+        update_doc(args.doc, table)
     print(table)
     return 0
 

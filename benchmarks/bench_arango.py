@@ -3,7 +3,7 @@
     SCALABLE_REC_BENCH_ARANGO_EDGES=1000000 OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/tests \
         SCALABLE_REC_BENCH_ARANGO_REPORT=benchmarks/reference/arango-export-1m.json \
         python -m pytest benchmarks/bench_arango.py -k 'export or partition or adbpyg' -p no:randomly
-    python benchmarks/arango_report.py benchmarks/reference/arango-export-1m.json --readme README.md
+    python benchmarks/arango_report.py benchmarks/reference/arango-export-1m.json --doc docs/RESULTS.md
     SCALABLE_REC_BENCH_ARANGO_EDGES=20000 scripts/bench.sh -k arango      # quick
 
 Export: rows/s, client CPU and peak RSS of ``export_shards`` (hash partitions, stream cursors,
@@ -19,7 +19,7 @@ Writeback: edges/s of ``write_recommendations`` beside ``import_bulk`` in batche
 With ``SCALABLE_REC_BENCH_ARANGO_REPORT=<file.json>`` the export results (and the command,
 thread setting, machine and load) are written there at the end of the module;
 ``benchmarks/arango_report.py`` renders them as the table in ``benchmarks/reference/`` and the
-README's ArangoDB section.
+ArangoDB block of docs/RESULTS.md.
 
 The test double serves the data from its own process (its JSON work would otherwise share
 this process's GIL) and is filled once per session by bulk import. Each export variant runs

@@ -3,11 +3,11 @@
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/step_allocations.py --shards SHARDS [--top 15]
 
 Builds the default training job over the mapped graph index of ``SHARDS`` (as
-``scripts/scale_curves.py --stages train-store`` does), runs ``--warmup`` steps, then profiles
+``experiments/scale_curves.py --stages train-store`` does), runs ``--warmup`` steps, then profiles
 ``--steps`` steps with ``profile_memory=True`` and prints the MiB allocated per step (the
 positive self CPU memory of every operator, summed) and the largest operators. With the
 threshold fixed (``--heap-mmap-threshold-kb``), every allocated byte is a fresh page: this is
-what the README's "Fused aggregation and transparent huge pages" paragraph measured.
+what docs/large-graphs.md's "Fused aggregation and transparent huge pages" paragraph measured.
 """
 from __future__ import annotations
 

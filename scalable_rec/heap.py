@@ -7,8 +7,8 @@ The threshold is dynamic: every freed mapped chunk raises it to that chunk's siz
 32 MiB), so after the first large tensor is freed, a training step's activations,
 gathered features and gradients, tens of MiB each, come from the heap and are kept. At the
 25M shape that kept memory was most of a store-backed rank's growth during the training
-steps (``scripts/scale_curves.py --stages train-store-phases``, README "Graphs larger than
-memory"). Fixing the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic
+steps (``experiments/scale_curves.py --stages train-store-phases``, docs/large-graphs.md
+"What a rank holds privately"). Fixing the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic
 adjustment off) hands every large tensor back when it is freed. It is a process-wide
 setting, so the training entry point applies it (``TrainConfig.heap_mmap_threshold_kb``).
 

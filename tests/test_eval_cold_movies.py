@@ -1,4 +1,4 @@
-"""scripts/eval_cold_movies.py: the held-out movies leave no rating behind, the content
+"""experiments/eval_cold_movies.py: the held-out movies leave no rating behind, the content
 baseline ranks by profile similarity, and the catalog mix counts cold slots."""
 import importlib.util
 from pathlib import Path
@@ -8,7 +8,7 @@ import pyarrow.csv as pacsv
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_cold_movies.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "eval_cold_movies.py"
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ from scalable_rec.shards import GraphShards
 from scalable_rec.train import ModelConfig, TrainConfig, train
 
 # 8 epochs at 1 thread. Defaults of issue-8c (retrieval_ids on, hidden 64, no weight average):
-# `scripts/train_variants.py --epochs 8` measured test RMSE 0.866, Recall@10 0.155, NDCG@10
+# `experiments/train_variants.py --epochs 8` measured test RMSE 0.866, Recall@10 0.155, NDCG@10
 # 0.146 (popularity 0.097 / 0.103 on this split). Defaults of issue-8e (EMA 0.99): the same
 # run's first 8 epochs (variant ema99 in benchmarks/reference/variants-8e-seed0.json) end at
 # validation RMSE 0.862 and validation Recall@10 0.145, its best epoch so far. Defaults of
 # issue-8g (rank_id_l2 0.05): validation Recall@10 0.147 after 8 epochs (run l2_005_p6-0 in
 # benchmarks/reference/variants-8g-cpu.json). Defaults of issue-8h (cosine ranking τ 0.2, width
-# 128, ID dropout 0.1): validation RMSE 0.859 and Recall@10 0.157 after 8 epochs (scripts/quality.py,
+# 128, ID dropout 0.1): validation RMSE 0.859 and Recall@10 0.157 after 8 epochs (experiments/quality.py,
 # seed 0).
 EPOCHS = 8
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quality.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "quality.py"
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +61,11 @@ def test_combine_joins_an_ablation_row_split_over_seed_processes(quality):
         quality.combine([part(0), part(0)])
 
 
-def test_update_readme_replaces_only_the_marked_block(quality, tmp_path):
-    readme = tmp_path / "README.md"
+def test_update_doc_replaces_only_the_marked_block(quality, tmp_path):
+    readme = tmp_path / "RESULTS.md"
     readme.write_text(f"intro\n{quality.MARK_START}\nold\n{quality.MARK_END}\noutro\n")
-    quality.update_readme(readme, "new table\n")
+    quality.update_doc(readme, "new table\n")
     assert readme.read_text() == f"intro\n{quality.MARK_START}\nnew table\n{quality.MARK_END}\noutro\n"
     (tmp_path / "bare.md").write_text("no markers\n")
     with pytest.raises(SystemExit, match="no"):
-        quality.update_readme(tmp_path / "bare.md", "x")
+        quality.update_doc(tmp_path / "bare.md", "x")

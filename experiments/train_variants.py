@@ -1,8 +1,8 @@
 """Trains the default config and named variants of it on one split; writes a JSON of each
-run's validation history and test metrics (the measurements behind the README's choices
+run's validation history and test metrics (the measurements behind the defaults' choices
 of ``supervision``, ``optimizer`` and ``select_metric``).
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/train_variants.py --shards DIR --out x.json \\
+    PYTHONPATH=. OMP_NUM_THREADS=1 python experiments/train_variants.py --shards DIR --out x.json \\
         --epochs 8 --variant exclude='{"supervision": "exclude_targets"}' \\
         --variant disjoint='{"supervision": "disjoint"}'
 

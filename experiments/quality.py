@@ -10,10 +10,10 @@ over seeds, and min–max), and with ``--ablation`` one row per configuration ch
 given seeds. With ``--refit`` each seed's default run is followed by a refit: the same
 configuration trained from scratch on train + val for the epoch count validation chose
 (``best.pt``'s epoch + 1; ``TrainConfig.refit``), tested on the same test edges, the
-protocol the baselines follow. ``--readme`` replaces the block between the quality markers in README.md
-with the Markdown output.
+protocol the baselines follow. ``--doc docs/RESULTS.md`` replaces the block between the quality markers
+there with the Markdown output (``--combine`` of an earlier JSON regenerates it without training).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/quality.py --data /work/shared/data/ml-latest-small
+    OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/quality.py --data /work/shared/data/ml-latest-small
 """
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"relevant = test rating ≥ {result['relevance_threshold']}, train + val masked; "
              f"baselines' hyper-parameters tuned on {result.get('baseline_tuning', 'each seed')} "
              f"(validation Recall@10), then refit on train + val; "
-             f"{result['threads']} thread(s), {result['machine']}; `scripts/quality.py`, commit {result['commit']}.",
+             f"{result['threads']} thread(s), {result['machine']}; `experiments/quality.py`, commit {result['commit']}.",
              "", "| method | Recall@10 | NDCG@10 | test RMSE |", "| --- | --- | --- | --- |"]
     for name, rows in result["methods"].items():
         lines.append(f"| {name} | {fmt(summarise(rows, 'recall@10'))} | {fmt(summarise(rows, 'ndcg@10'))} | "
@@ -204,12 +204,12 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path, table: str) -> None:
-    """Replaces the README's generated block (between the marks), atomically."""
+def update_doc(doc: Path, table: str) -> None:
+    """Replaces the generated block (between the marks) of ``doc``, atomically."""
     try:
-        replace_marked_block(readme, MARK_START, MARK_END, table)
+        replace_marked_block(doc, MARK_START, MARK_END, table)
     except ValueError as err:
-        raise SystemExit(f"--readme: {err}") from None
+        raise SystemExit(f"--doc: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation", nargs="*", default=None,
                    help="also run these ablation rows (no names: all)")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--readme", type=Path, default=None, help="README whose quality block is replaced")
+    p.add_argument("--doc", type=Path, default=None,
+                   help="Markdown file whose quality block is replaced (docs/RESULTS.md)")
     p.add_argument("--note", default=None, help="a sentence added under the table (e.g. which code ran)")
     p.add_argument("--combine", type=Path, nargs="+", default=None,
                    help="merge the JSON outputs of earlier runs (e.g. model and baselines run as two "
@@ -331,8 +332,8 @@ def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> int:
     table = markdown(result)
     with atomic_open(out.with_suffix(".md"), "w") as fh:
         fh.write(table)
-    if args.readme:
-        update_readme(args.readme, table)
+    if args.doc:
+        update_doc(args.doc, table)
     sys.stdout.write(table)
     return 0
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Scale curves: time and memory of each stage against the number of rating edges.
 
-    python scripts/scale_curves.py                          # 100k, 1M, 10M, 25M edges
-    python scripts/scale_curves.py --edges 100000 1000000 --out runs/scale
-    python scripts/scale_curves.py --edges 25000000 --stages index train-store train-store-2 score-store
+    python experiments/scale_curves.py                          # 100k, 1M, 10M, 25M edges
+    python experiments/scale_curves.py --edges 100000 1000000 --out runs/scale
+    python experiments/scale_curves.py --edges 25000000 --stages index train-store train-store-2 score-store
 
 Every stage runs in its own process (tree), so its memory is its own:
 ``prepare`` (synthetic generator → shards, streamed), ``index`` (shards → memory-mapped
@@ -372,8 +372,8 @@ def _score_cell(r: dict) -> str:
     return f"encode {r['encode_cpu_s']:.1f} + rank {r['rank_cpu_s']:.1f} CPU s, all {users:,} users"
 
 
-def readme_table(rows: list[dict]) -> str:
-    """The README's scale block: one table per graph size and the target checks, all from ``rows``."""
+def results_block(rows: list[dict]) -> str:
+    """The scale block of docs/RESULTS.md: one table per graph size and the target checks, all from ``rows``."""
     nan = float("nan")
     out = []
     for edges in sorted({r["edges"] for r in rows}):
@@ -442,14 +442,14 @@ def readme_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def update_readme(readme: Path, block: str) -> None:
-    """Replaces the README's generated block (between the marks), atomically."""
+def update_doc(doc: Path, block: str) -> None:
+    """Replaces the generated block (between the marks) of ``doc``, atomically."""
     from scalable_rec.atomic import replace_marked_block  # lazily: stage children measure their imports
 
     try:
-        replace_marked_block(readme, MARK_START, MARK_END, block + "\n")
+        replace_marked_block(doc, MARK_START, MARK_END, block + "\n")
     except ValueError as err:
-        raise SystemExit(f"--readme: {err}") from None
+        raise SystemExit(f"--doc: {err}") from None
 
 
 def main() -> None:
@@ -469,7 +469,8 @@ def main() -> None:
                    help="score stages rank this many users (evenly spaced) and extrapolate to all; 0: all")
     p.add_argument("--results", default="scale.json",
                    help="rows file in --out for this invocation (several may run at once); reports merge scale*.json")
-    p.add_argument("--readme", type=Path, default=None, help="README whose scale block is replaced (with --report)")
+    p.add_argument("--doc", type=Path, default=None,
+                   help="Markdown file whose scale block is replaced, with --report (docs/RESULTS.md)")
     p.add_argument("--out", default="runs/scale")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # child mode
     p.add_argument("--report", action="store_true", help="only rewrite scale.md and scale.png from scale.json")
@@ -484,8 +485,8 @@ def main() -> None:
         (out / "scale.md").write_text(markdown(rows))
         (out / "scale.json").write_text(json.dumps(rows, indent=2))
         plot(rows, out / "scale.png")
-        if args.readme:
-            update_readme(args.readme, readme_table(rows))
+        if args.doc:
+            update_doc(args.doc, results_block(rows))
         print(markdown(rows))
         return
     if args.stage:

@@ -25,7 +25,7 @@ Protocol (MovieLens folder, e.g. ../shared/data/ml-latest-small), per ``--seeds`
    cold positives when the model ranks the whole catalog (rated movies masked), and per
    user the catalog rank of their best-scored cold movie.
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/eval_cold_movies.py \\
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python experiments/eval_cold_movies.py \\
         --data ../shared/data/ml-latest-small --work /tmp/cold-movies --out cold_movies.json
 
 Writes one JSON object: settings, thread count, and per seed and dropout every number.

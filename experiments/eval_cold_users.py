@@ -12,7 +12,7 @@ Protocol (MovieLens folder, e.g. ../shared/data/ml-latest-small):
    against popularity (training rating counts, the folded movies masked), on the same
    users and positives.
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/eval_cold_users.py \\
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python experiments/eval_cold_users.py \\
         --data ../shared/data/ml-latest-small --work /tmp/cold --out cold_users.json
 
 Writes one JSON object with the settings and, per dropout and fold count, both metric sets.

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Optimiser memory and step time of the learnable tables: dense Adam vs sparse gradients.
 
-    python scripts/embedding_optim.py --index runs/scale/shards-25000000/index/<key>
-    python scripts/embedding_optim.py --index ... --users 2000000    # a wider user table
+    python experiments/embedding_optim.py --index runs/scale/shards-25000000/index/<key>
+    python experiments/embedding_optim.py --index ... --users 2000000    # a wider user table
 
 Builds the real ``Recommender`` at the index's shape (or with ``--users`` rows in the user
 table, to see how the cost grows with users), draws real mini-batches from
