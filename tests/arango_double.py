@@ -69,7 +69,9 @@ it is open), views, AQL beyond the shapes above (``collection.all()``/``find()``
 functions other than ``MERGE``/``KEEP``; ``keys()``/``ids()`` work). pyuca implements
 DUCET, not ICU's CLDR root tailoring; they agree on ASCII. Plain full scans run in insertion
 order (shard after shard on a cluster), so forgetting ``SORT`` is not hidden by accident. Import ``details`` positions
-are 0-based indexes into the request array. ``nextBatchId`` follows 3.11 (only with allowRetry);
+follow the server: validation errors (not an object, an edge without string ``_from``/``_to``)
+by 1-based position in the request, insert errors by 0-based position among the documents that
+passed validation (read from ``RestImportHandler.cpp``). ``nextBatchId`` follows 3.11 (only with allowRetry);
 a response carries the cursor ``id`` only while ``hasMore`` is true, except that with allowRetry the
 cursor outlives its last batch (until DELETE or ttl) and every batch carries the ``id``.
 """
@@ -106,7 +108,7 @@ __all__ = [
 ]
 
 DEFAULT_USERS = {"root": "test-password"}
-SERVER_VERSIONS = ("3.10", "3.11", "3.12")
+SERVER_VERSIONS = ("3.7", "3.10", "3.11", "3.12")
 _CHUNK = 1000  # documents read from a collection per lock acquisition by lazy scans
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-:.@()+,=;$!*'%]{1,254}$")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,255}$")
@@ -217,10 +219,13 @@ class _Collection:
         names = self.shard_ids()
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ApiError(400, 10, f"expecting an array of shard id strings for shardIds, got {ids!r}")
-        unknown = [i for i in ids if i not in names]
-        if unknown:
-            raise ApiError(400, 1203, f"AQL: shard(s) {unknown} not found in collection '{self.name}' (while parsing)")
-        return sorted(names.index(i) for i in ids)
+        known = [i for i in ids if i in names]
+        if not known:
+            # As the coordinator does: the restriction leaves the collection without a shard, and
+            # locking it fails (Aql/QuerySnippet / EngineInfoContainer: "Could not identify any shard").
+            raise ApiError(500, 1521, f"Could not identify any shard belonging to collection: {self.name}. "
+                                      "Maybe it is dropped?")
+        return sorted(names.index(i) for i in known)
 
     def info(self) -> dict:
         return {"id": self.id, "name": self.name, "type": 3 if self.edge else 2, "status": 3,
@@ -322,10 +327,13 @@ class _State:
     """All databases, the users and the tick generator; one re-entrant lock guards it all."""
 
     def __init__(self, users: dict[str, str], version: str = "3.11", role: str = "SINGLE",
-                 shards: int = 1, read_only: frozenset = frozenset()) -> None:
+                 shards: int = 1, read_only: frozenset = frozenset(), hardened: bool = False,
+                 admins: frozenset = frozenset({"root"}), access: dict | None = None) -> None:
         self.lock = threading.RLock()
         self.users = dict(users)
         self.version, self.role, self.shards, self.read_only = version, role, shards, read_only
+        self.hardened, self.admins = hardened, admins
+        self.access = {u: frozenset(dbs) for u, dbs in (access or {}).items()}
         self._ticks = itertools.count(1_000_000)
         self.databases = {"_system": _Database("_system", "1")}
         self.scanned = 0  # documents visited by AQL read scans, all queries together
@@ -353,6 +361,11 @@ class _State:
             return self.databases[name]
         except KeyError:
             raise ApiError(404, 1228, "database not found") from None
+
+    @property
+    def post_fetch(self) -> bool:
+        """``POST /_api/cursor/{id}`` fetches the next batch (3.8 and later; before, only PUT)."""
+        return tuple(int(x) for x in self.version.split(".")[:2]) >= (3, 8)
 
     @property
     def allow_retry(self) -> bool:
@@ -1134,6 +1147,7 @@ class _Decision:
     fail: ApiError | None = None
     drop_before: bool = False
     drop_after: bool = False
+    busy_for: float = 0.0
 
 
 class Faults:
@@ -1188,7 +1202,8 @@ class Faults:
         """
         self._add(_Rule("drop", times, method, path_prefix, lose_response=lose_response))
 
-    def drop_connection_after_batches(self, n: int, *, times: int = 1, lose_response: bool = True) -> None:
+    def drop_connection_after_batches(self, n: int, *, times: int = 1, lose_response: bool = True,
+                                      busy_for: float = 0.0) -> None:
         """Once ``n`` more cursor batches have been served (across cursors), drop the connection of
         the next ``times`` cursor fetch requests (``POST``/``PUT /_api/cursor/{id}[/{batchId}]``).
 
@@ -1197,10 +1212,13 @@ class Faults:
             times: How many fetch requests are dropped.
             lose_response: True (default): the server advances the cursor and the response is
                 lost, the failure ``allowRetry`` exists for; False: the request is dropped unread.
+            busy_for: With ``lose_response``: the connection drops at once while the server goes on
+                working on the fetch, holding the cursor for this many seconds, so that the
+                driver's immediate re-send finds it busy (409 / 1601).
         """
         with self._lock:
             self._rules.append(_Rule("drop", times, after_batches=self._batches + n,
-                                     lose_response=lose_response))
+                                     lose_response=lose_response, seconds=busy_for))
 
     def delay(self, seconds: float, path_prefix: str | None = None, *, times: int | None = None,
               method: str | None = None) -> None:
@@ -1260,6 +1278,7 @@ class Faults:
                 elif rule.kind == "drop" and decision.fail is None and not (
                         decision.drop_before or decision.drop_after):
                     decision.drop_after, decision.drop_before = rule.lose_response, not rule.lose_response
+                    decision.busy_for = rule.seconds if rule.lose_response else 0.0
                 else:
                     continue
                 rule.remaining = None if rule.remaining is None else rule.remaining - 1
@@ -1336,9 +1355,14 @@ class _Api:
     def __init__(self, state: _State, cursors: _CursorRegistry, faults: Faults) -> None:
         self.state, self.cursors, self.faults = state, cursors, faults
 
-    def handle(self, record: RequestRecord, authorization: str | None, raw: bytes) -> tuple[int, Any]:
+    def handle(self, record: RequestRecord, authorization: str | None, raw: bytes,
+               hold: float = 0.0) -> tuple[int, Any]:
         try:
             user = self._authenticate(authorization)
+            granted = self.state.access.get(user)
+            if granted is not None and record.db not in granted:
+                # The server does not tell a user whether a database it may not see exists.
+                raise ApiError(401, 11, "not authorized to execute this request")
             if user in self.state.read_only and record.method not in ("GET", "HEAD") and not (
                     record.api_path.startswith("/_api/cursor") or record.api_path == "/_api/version"):
                 raise ApiError(403, 11, "forbidden")
@@ -1348,7 +1372,8 @@ class _Api:
                 match = pattern.match(record.api_path)
                 if match and method == record.method:
                     request = _Request(record, db, record.query, raw, user)
-                    return getattr(self, handler)(request, **match.groupdict())
+                    extra = {"hold": hold} if hold and handler == "next_batch" else {}
+                    return getattr(self, handler)(request, **match.groupdict(), **extra)
                 allowed |= bool(match)
             if allowed:
                 raise ApiError(405, 405, "method not supported")
@@ -1375,7 +1400,10 @@ class _Api:
 
     # -- server and databases
     def version(self, req: _Request) -> tuple[int, Any]:
-        body = {"server": "arango", "version": f"{self.state.version}.99-double", "license": "community"}
+        body = {"server": "arango", "license": "community"}
+        if self.state.hardened and req.user not in self.state.admins:
+            return 200, body  # RestVersionHandler: version and details only for administrators
+        body["version"] = f"{self.state.version}.99-double"
         if _flag(req.params, "details"):
             body["details"] = {"mode": "server", "role": self.state.role, "engine": "rocksdb"}
         return 200, body
@@ -1610,18 +1638,38 @@ class _Api:
                 details.append(f"at position {position}: {what}, offending document: "
                                f"{json.dumps(raw, ensure_ascii=False)[:255]}")
 
-            conflicts = self.faults._take_conflicts(len(docs))
+            # RestImportHandler validates every document first (objects only; an edge needs string
+            # _from and _to) and reports those errors by 1-based position in the request; the
+            # documents that pass are then inserted as one array, and insert errors (illegal key or
+            # handle, conflicts, unique constraint) carry the 0-based position in that array.
+            validated: list[tuple[int, Any, dict]] = []
             for position, raw in enumerate(docs):
+                if not isinstance(raw, dict):
+                    reject(position + 1, ApiError(400, 1227, "invalid document type"), raw,
+                           "invalid JSON type (expecting object)")
+                    continue
+                doc = dict(raw)
+                if coll.edge:
+                    for attr, prefix in (("_from", prefixes[0]), ("_to", prefixes[1])):
+                        value = doc.get(attr)
+                        if prefix and isinstance(value, (str, int)) and not isinstance(value, bool) \
+                                and "/" not in str(value):
+                            doc[attr] = prefix + str(value)
+                    if not isinstance(doc.get("_from"), str) or not isinstance(doc.get("_to"), str):
+                        reject(position + 1, ApiError(400, 1233, "edge attribute missing or invalid"), raw,
+                               "missing '_from' or '_to' attribute")
+                        continue
+                validated.append((position, raw, doc))
+            conflicts = self.faults._take_conflicts(len(docs))
+            for insert_position, (position, raw, doc) in enumerate(validated):
                 if position in conflicts:  # a concurrent writer holds this document: 1200, not applied
-                    reject(position, ApiError(409, 1200, "write-write conflict"), raw,
+                    reject(insert_position, ApiError(409, 1200, "write-write conflict"), raw,
                            "creating document failed with error 'write-write conflict'")
                     continue
                 try:
-                    doc = self.state.prepare(coll, raw, *prefixes)
+                    doc = self.state.prepare(coll, doc)
                 except ApiError as err:
-                    what = ("missing '_from' or '_to' attribute" if err.error_num == 1233 else
-                            f"creating document failed with error '{err.message}'")
-                    reject(position, err, raw, what)
+                    reject(insert_position, err, raw, f"creating document failed with error '{err.message}'")
                     continue
                 key = doc["_key"]
                 old = staged.get(key) or (None if overwrite else coll.docs.get(key))
@@ -1636,7 +1684,8 @@ class _Api:
                 else:
                     err = ApiError(409, 1210, "unique constraint violated - in index primary of type "
                                               f"primary over '_key'; conflicting key: {key}")
-                    reject(position, err, raw, "creating document failed with error 'unique constraint violated'")
+                    reject(insert_position, err, raw,
+                           "creating document failed with error 'unique constraint violated'")
                     continue
                 staged[key] = doc
             if overwrite:
@@ -1691,9 +1740,17 @@ class _Api:
         self.faults._batch_served(cursor.id)
         return 201, cursor.body(batch, 201)
 
-    def next_batch(self, req: _Request, ident: str, batch: str | None = None) -> tuple[int, Any]:
+    def next_batch(self, req: _Request, ident: str, batch: str | None = None, hold: float = 0.0) -> tuple[int, Any]:
+        if req.record.method == "POST" and not self.state.post_fetch:
+            raise ApiError(405, 405, "method not supported")
         cursor = self.cursors.get(req.db.name, ident)
-        with cursor.lock:
+        # CursorRepository::find hands a cursor to one request at a time; a second one that
+        # arrives meanwhile is answered 409 / 1601 at once instead of waiting.
+        if not cursor.lock.acquire(blocking=False):
+            raise ApiError(409, 1601, "cursor is busy")
+        try:
+            if hold:
+                time.sleep(hold)
             if batch is None or (batch.isdigit() and int(batch) == cursor.batch_id + 1):
                 result = cursor.advance()
             elif batch.isdigit() and int(batch) == cursor.batch_id and cursor.last_batch is not None:
@@ -1706,6 +1763,8 @@ class _Api:
             if not cursor.has_more and not cursor.allow_retry:
                 self.cursors.remove(ident)
             body = cursor.body(result, 200)
+        finally:
+            cursor.lock.release()
         self.faults._batch_served(ident)
         return 200, body
 
@@ -1781,6 +1840,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._respond(record, decision.fail.status, decision.fail.body())
         if decision.drop_before:
             return self._drop(record)
+        if decision.busy_for:  # the client sees the reset now; the server is still at work
+            self._drop(record)
+            double._api.handle(record, self.headers.get("Authorization"), raw, hold=decision.busy_for)
+            return
         status, body = double._api.handle(record, self.headers.get("Authorization"), raw)
         if decision.drop_after:
             return self._drop(record)
@@ -1814,6 +1877,13 @@ class ArangoDouble:
         users: ``{username: password}`` accepted by basic auth; the first one becomes
             `username`/`password`. Default ``{"root": "test-password"}``.
         host: Interface to bind (a free port is chosen).
+        version: "3.7" (no ``POST /_api/cursor/{id}``: 405), "3.10" (no allowRetry), "3.11", "3.12".
+        role, shards, read_only: see the module docstring.
+        hardened: ``--server.harden``: ``/_api/version`` leaves out ``version`` for users not in
+            ``admins``.
+        admins: Users with administrator rights (default ``("root",)``).
+        access: ``{username: databases}``: such a user gets 401 / errorNum 11 for any other
+            database, existing or not, as ArangoDB answers a database the user may not see.
 
     Attributes:
         url: Base URL for ``ArangoClient(hosts=url)``.
@@ -1824,7 +1894,8 @@ class ArangoDouble:
 
     def __init__(self, users: dict[str, str] | None = None, *, host: str = "127.0.0.1",
                  version: str = "3.11", role: str = "SINGLE", shards: int = 1,
-                 read_only: tuple[str, ...] = ()) -> None:
+                 read_only: tuple[str, ...] = (), hardened: bool = False, admins: tuple[str, ...] = ("root",),
+                 access: dict[str, tuple[str, ...]] | None = None) -> None:
         if version not in SERVER_VERSIONS:
             raise ValueError(f"'version' needs to be one of {SERVER_VERSIONS} (got {version!r})")
         if role not in ("SINGLE", "COORDINATOR"):
@@ -1832,7 +1903,8 @@ class ArangoDouble:
         if shards < 1 or (shards > 1 and role != "COORDINATOR"):
             raise ValueError(f"'shards' needs to be 1, or >= 1 with role COORDINATOR (got {shards}, {role})")
         users = dict(users or DEFAULT_USERS)
-        self._state = _State(users, version, role, shards, frozenset(read_only))
+        self._state = _State(users, version, role, shards, frozenset(read_only), hardened, frozenset(admins),
+                             access)
         self._cursors = _CursorRegistry()
         self.faults = Faults(self._cursors)
         self.requests = RequestLog()

@@ -114,15 +114,35 @@ def batched(docs: Iterable[dict[str, Any]], max_docs: int, max_bytes: int) -> It
 _POSITION = re.compile(r"at position (\d+):")
 
 
-def conflict_positions(details: list[Any]) -> list[int]:
-    """Positions of an import's ``details`` lines that report a write-write conflict (1200)."""
-    out = []
+def _is_conflict(line: str) -> bool:
+    return "creating document failed" in line and "conflict" in line and "unique constraint" not in line
+
+
+def conflict_positions(details: list[Any], sent: int) -> list[int]:
+    """Request indexes of the documents an import refused with a write-write conflict (1200).
+
+    ``/_api/import`` numbers its ``details`` two ways (``RestImportHandler.cpp``): a document
+    that fails validation (not an object, an edge without string ``_from``/``_to``) by its
+    1-based position in the request; an insert error, such as a conflict, by its 0-based
+    position among the documents that passed validation.
+
+    Args:
+        details: The answer's ``details`` lines.
+        sent: Documents in the request.
+    """
+    invalid: set[int] = set()
+    conflicts: list[int] = []
     for line in details:
         text = str(line)
         match = _POSITION.search(text)
-        if match and "conflict" in text and "unique constraint" not in text:
-            out.append(int(match.group(1)))
-    return out
+        if match is None:
+            continue
+        if "creating document failed" not in text:
+            invalid.add(int(match.group(1)) - 1)
+        elif _is_conflict(text):
+            conflicts.append(int(match.group(1)))
+    validated = [i for i in range(sent) if i not in invalid]
+    return [validated[p] for p in conflicts if p < len(validated)]
 
 
 def non_finite(doc: dict[str, Any]) -> str | None:
@@ -154,20 +174,22 @@ def _send_with_conflict_retry(collection: StandardCollection, batch: list[dict[s
                                                           on_duplicate="replace"), what)
 
     result = dict(send(batch))
-    retried, delays, pending = 0, policy.delays(), batch
+    retried, delays, pending, latest = 0, policy.delays(), batch, result.get("details") or []
     while True:
-        positions = conflict_positions(result.get("details") or [])
+        # Positions refer to the last request only (``pending``), so only its lines are read.
+        positions = conflict_positions(latest, len(pending))
         if not positions:
             return result, retried
         delay = next(delays, None)
         if delay is None:
             return result, retried
-        pending = [pending[i] for i in positions if i < len(pending)]
+        pending = [pending[i] for i in positions]
         log.warning("%s: %d write-write conflict(s) (1200); sending them again in %.2fs", what, len(pending), delay)
         time.sleep(delay)
         retried += len(pending)
         again = send(pending)
-        others = [d for d in result.get("details") or [] if not conflict_positions([d])]
+        latest = again.get("details") or []
+        others = [d for d in result.get("details") or [] if not _is_conflict(str(d))]
         result = {"created": result.get("created", 0) + again.get("created", 0),
                   "updated": result.get("updated", 0) + again.get("updated", 0),
                   "ignored": result.get("ignored", 0) + again.get("ignored", 0),

@@ -52,7 +52,7 @@ from arango.request import Request
 from arango.response import Response
 
 from scalable_rec.connection import (
-    ArangoConfig, RetryPolicy, ServerInfo, database_error, is_cursor_lost, is_transient, require_collection,
+    ArangoConfig, RetryPolicy, ServerInfo, database_error, is_cursor_retryable, is_transient, require_collection,
     server_info,
 )
 from scalable_rec.errors import ExportVerificationError
@@ -238,7 +238,7 @@ def read_partition(db: StandardDatabase, spec: ReadSpec, part: Partition, cfg: E
         raise ExportVerificationError(
             f"Reading {part.describe()} of '{spec.collection}': received {received} rows, "
             f"the server's cursor counted {cursor.count()} (a cursor batch was lost; ArangoDB "
-            f"{server.version_text} has no allowRetry)")
+            f"{server.version_text or '(version hidden)'} reads without allowRetry)")
 
 
 def _close_quietly(cursor: Any) -> None:
@@ -261,7 +261,7 @@ def retry_partition(read: Callable[[], T], policy: RetryPolicy, what: str) -> T:
         try:
             return read()
         except Exception as err:  # noqa: BLE001 - classified right below
-            if not (is_transient(err) or is_cursor_lost(err) or isinstance(err, ExportVerificationError)):
+            if not (is_transient(err) or is_cursor_retryable(err) or isinstance(err, ExportVerificationError)):
                 if isinstance(err, ArangoServerError):
                     raise database_error(err, what) from err
                 raise
@@ -366,8 +366,9 @@ class ArangoSource:
         if self.server is None:
             self.server = server_info(self.db)
         if self.server.legacy_cursors:
-            log.warning("ArangoDB %s has no cursor allowRetry: reading each partition with a counted, "
-                        "non-stream cursor and re-reading it when a batch goes missing", self.server.version_text)
+            log.warning("ArangoDB %s: no cursor allowRetry known, reading each partition with a counted, "
+                        "non-stream cursor and re-reading it when a batch goes missing",
+                        self.server.version_text or "(version hidden from this user)")
 
     def identity(self) -> dict[str, Any]:
         """What determines the rows read (a resumed export must match it)."""
