@@ -62,7 +62,15 @@ Modelled:
     ``scannedIndex`` count visited documents, ``filtered`` those a FILTER dropped, as ArangoDB).
   * Injected per-document write-write conflicts in ``/_api/import`` (`Faults.conflict_next_imports`).
 
-Not modelled: transactions, indexes other than the primary index and edge-attribute checks,
+  * Stream transactions (``/_api/transaction/begin``, commit ``PUT``, abort ``DELETE``, status ``GET``;
+    requests carrying ``x-arango-trx-id``: AQL writes and imports). Writes apply at once and are
+    undone on abort or by ``ArangoDouble.expire_transactions`` (the server's idle timeout after a
+    client died); other readers see them before the commit (no isolation is modelled). Unknown
+    transaction 404 / 1655, finished one 410 / 1653.
+  * ``FOR d IN @docs INSERT d INTO @@c OPTIONS { overwriteMode: "replace" } RETURN OLD._key``
+    (null for a created document; the first invalid document fails the whole query).
+
+Not modelled: JavaScript transactions, indexes other than the primary index and edge-attribute checks,
 revision checks (``If-Match`` and ``_rev`` are ignored), JWT, per-collection permissions,
 cluster failover, ``shardIds`` on anything but a FOR ... RETURN read, snapshots (a stream cursor sees writes made while
 it is open), views, AQL beyond the shapes above (``collection.all()``/``find()`` and
@@ -323,6 +331,26 @@ class _Database:
             raise ApiError(404, 1203, "collection or view not found") from None
 
 
+@dataclasses.dataclass
+class _Transaction:
+    """A stream transaction: its writes are applied at once and undone on abort (no isolation)."""
+
+    id: str
+    db: str
+    write: frozenset
+    status: str = "running"
+    undo: list = dataclasses.field(default_factory=list)  # (collection, key, previous doc or None)
+
+    def rollback(self) -> None:
+        for coll, key, old in reversed(self.undo):
+            if old is None:
+                if key in coll.docs:
+                    coll.remove(key)
+            else:
+                coll.put(old)
+        self.undo.clear()
+
+
 class _State:
     """All databases, the users and the tick generator; one re-entrant lock guards it all."""
 
@@ -336,6 +364,7 @@ class _State:
         self.access = {u: frozenset(dbs) for u, dbs in (access or {}).items()}
         self._ticks = itertools.count(1_000_000)
         self.databases = {"_system": _Database("_system", "1")}
+        self.transactions: dict[str, _Transaction] = {}
         self.scanned = 0  # documents visited by AQL read scans, all queries together
 
     def counted(self, docs: Iterator[dict], stats: dict, counter: str) -> Iterator[dict]:
@@ -631,7 +660,7 @@ class _RemovePlan:
     conditions: list  # [((attr, is_bind), op, bind_key)]
     target: str
 
-    def run(self, state: _State, db: _Database, binds: dict) -> _Run:
+    def run(self, state: _State, db: _Database, binds: dict, undo: list | None = None) -> _Run:
         source, target = _bound_collection(db, binds, self.coll), _bound_collection(db, binds, self.target)
         tests = [self._test(_attr_name(binds, attr), op, binds[key]) for attr, op, key in self.conditions]
         stats = _new_stats()
@@ -642,6 +671,8 @@ class _RemovePlan:
             if missing:
                 raise ApiError(404, 1202, f"AQL: document not found: {missing[0]} (while executing)")
             for key in victims:
+                if undo is not None:
+                    undo.append((target, key, target.docs[key]))
                 target.remove(key)
         stats.update(scannedFull=scanned, writesExecuted=len(victims), filtered=scanned - len(victims))
         return _Run(iter(()), stats)
@@ -655,6 +686,29 @@ class _RemovePlan:
         if op == "==":
             return lambda doc: _aql_key(doc.get(name)) == expected
         return lambda doc: _aql_key(doc.get(name)) != expected
+
+
+@dataclasses.dataclass
+class _InsertPlan:
+    docs: str
+    coll: str
+
+    def run(self, state: _State, db: _Database, binds: dict, undo: list | None = None) -> _Run:
+        coll, docs = _bound_collection(db, binds, self.coll), binds[self.docs]
+        if not isinstance(docs, list):
+            raise _bind_error(self.docs)
+        with state.lock:  # AQL fails the whole query at the first bad document; nothing is applied
+            prepared = [state.prepare(coll, raw) for raw in docs]
+            olds = []
+            for doc in prepared:
+                old = coll.docs.get(doc["_key"])
+                if undo is not None:
+                    undo.append((coll, doc["_key"], old))
+                coll.put(doc)
+                olds.append(None if old is None else old["_key"])
+        stats = _new_stats()
+        stats.update(writesExecuted=len(prepared))
+        return _Run(iter(olds), stats)
 
 
 @dataclasses.dataclass
@@ -902,6 +956,34 @@ def _shape_remove(p: _Parser) -> _RemovePlan:
     return _RemovePlan(coll, conditions, target)
 
 
+def _shape_insert(p: _Parser) -> _InsertPlan:
+    """FOR d IN @docs INSERT d INTO @@c OPTIONS { overwriteMode: "replace" } RETURN OLD._key"""
+    p.expect_keyword("FOR")
+    p.loop_var = p.name()
+    p.expect_keyword("IN")
+    docs = p.bind()
+    p.expect_keyword("INSERT")
+    p.variable()
+    p.expect_keyword("INTO")
+    coll = p.bind(collection=True)
+    p.expect_keyword("OPTIONS")
+    p.expect_op("{")
+    for expected in ("overwriteMode", ":", '"replace"', "}"):
+        tok = p.peek()
+        text = None if tok is None else (_string_literal(tok.text) if tok.kind == "string" else tok.text)
+        if text != expected.strip('"'):
+            p.fail(expected)
+        p.i += 1
+    p.expect_keyword("RETURN")
+    for expected in ("OLD", ".", "_key"):
+        tok = p.peek()
+        if tok is None or tok.text != expected:
+            p.fail(expected)
+        p.i += 1
+    p.end()
+    return _InsertPlan(docs, coll)
+
+
 def _shape_length(p: _Parser) -> _LengthPlan:
     """RETURN LENGTH(@@c)"""
     p.expect_keyword("RETURN")
@@ -913,7 +995,7 @@ def _shape_length(p: _Parser) -> _LengthPlan:
     return _LengthPlan(coll)
 
 
-_SHAPES: list[Callable[[_Parser], Any]] = [_shape_read, _shape_remove, _shape_length]
+_SHAPES: list[Callable[[_Parser], Any]] = [_shape_read, _shape_remove, _shape_insert, _shape_length]
 
 
 def compile_query(query: str, bind_vars: dict) -> Any:
@@ -1069,6 +1151,7 @@ class RequestRecord:
         body_items: Number of elements when the body was a JSON array, else None.
         status: HTTP status answered; None when the connection was dropped.
         dropped: True when the double closed the connection instead of answering.
+        transaction: The stream transaction named by the ``x-arango-trx-id`` header, if any.
     """
 
     method: str
@@ -1080,6 +1163,7 @@ class RequestRecord:
     body_items: int | None = None
     status: int | None = None
     dropped: bool = False
+    transaction: str | None = None
 
 
 class RequestLog:
@@ -1304,6 +1388,7 @@ class _Request:
     params: dict
     raw: bytes
     user: str = ""
+    txn: _Transaction | None = None
 
     def json(self) -> Any:
         try:
@@ -1346,6 +1431,10 @@ _ROUTES: list[tuple[str, re.Pattern, str]] = [(m, re.compile(p + "$"), h) for m,
     ("POST", r"/_api/cursor/(?P<ident>[^/]+)(?:/(?P<batch>[^/]+))?", "next_batch"),
     ("PUT", r"/_api/cursor/(?P<ident>[^/]+)", "next_batch"),
     ("DELETE", r"/_api/cursor/(?P<ident>[^/]+)", "delete_cursor"),
+    ("POST", r"/_api/transaction/begin", "begin_transaction"),
+    ("GET", r"/_api/transaction/(?P<ident>[^/]+)", "status_transaction"),
+    ("PUT", r"/_api/transaction/(?P<ident>[^/]+)", "commit_transaction"),
+    ("DELETE", r"/_api/transaction/(?P<ident>[^/]+)", "abort_transaction"),
 ]]
 
 
@@ -1372,6 +1461,8 @@ class _Api:
                 match = pattern.match(record.api_path)
                 if match and method == record.method:
                     request = _Request(record, db, record.query, raw, user)
+                    if record.transaction is not None and not handler.endswith("_transaction"):
+                        request.txn = self._running(record.transaction, db)
                     extra = {"hold": hold} if hold and handler == "next_batch" else {}
                     return getattr(self, handler)(request, **match.groupdict(), **extra)
                 allowed |= bool(match)
@@ -1382,6 +1473,15 @@ class _Api:
             return err.status, err.body()
         except Exception as err:  # a bug in the double: answer like ArangoDB's internal error
             return 500, ApiError(500, 4, f"internal error in arango_double: {err!r}").body()
+
+    def _running(self, ident: str, db: _Database) -> _Transaction:
+        with self.state.lock:
+            txn = self.state.transactions.get(ident)
+        if txn is None or txn.db != db.name:
+            raise ApiError(404, 1655, f"transaction '{ident}' not found")
+        if txn.status != "running":
+            raise ApiError(410, 1653, f"transaction '{ident}' is {txn.status}")
+        return txn
 
     def _authenticate(self, authorization: str | None) -> str:
         scheme, _, token = (authorization or "").partition(" ")
@@ -1691,6 +1791,8 @@ class _Api:
             if overwrite:
                 coll.truncate()
             for doc in staged.values():
+                if req.txn is not None:
+                    req.txn.undo.append((coll, doc["_key"], coll.docs.get(doc["_key"])))
                 coll.put(doc)
         body = {"error": False, **counts, "empty": empty}
         if _flag(params, "details"):
@@ -1717,14 +1819,18 @@ class _Api:
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
             ttl = 30
         plan = compile_query(str(body.get("query") or ""), bind_vars)
-        if isinstance(plan, _RemovePlan) and req.user in self.state.read_only:
+        if isinstance(plan, (_RemovePlan, _InsertPlan)) and req.user in self.state.read_only:
             raise ApiError(403, 11, "forbidden")
         started = time.perf_counter()
         shard_ids = options.get("shardIds")
         if shard_ids is not None and not isinstance(plan, _ReadPlan):
             raise ApiError(400, 10, "the double supports shardIds only for FOR ... RETURN reads")
-        run = plan.run(self.state, req.db, bind_vars, shard_ids) if shard_ids is not None else \
-            plan.run(self.state, req.db, bind_vars)
+        if shard_ids is not None:
+            run = plan.run(self.state, req.db, bind_vars, shard_ids)
+        elif isinstance(plan, (_RemovePlan, _InsertPlan)):
+            run = plan.run(self.state, req.db, bind_vars, None if req.txn is None else req.txn.undo)
+        else:
+            run = plan.run(self.state, req.db, bind_vars)
         results, count = run.results, None
         if not options.get("stream"):  # ArangoDB computes non-stream results up front
             materialised = list(results)
@@ -1767,6 +1873,49 @@ class _Api:
             cursor.lock.release()
         self.faults._batch_served(ident)
         return 200, body
+
+    # -- stream transactions
+    def begin_transaction(self, req: _Request) -> tuple[int, Any]:
+        body = req.object()
+        collections = body.get("collections") or {}
+        write = collections.get("write") or []
+        write = [write] if isinstance(write, str) else write
+        with self.state.lock:
+            for name in write:
+                req.db.collection(name)
+            txn = _Transaction(self.state.tick(), req.db.name, frozenset(write))
+            self.state.transactions[txn.id] = txn
+        return 201, {"error": False, "code": 201, "result": {"id": txn.id, "status": txn.status}}
+
+    def _transaction(self, req: _Request, ident: str) -> _Transaction:
+        with self.state.lock:
+            txn = self.state.transactions.get(ident)
+        if txn is None or txn.db != req.db.name:
+            raise ApiError(404, 1655, f"transaction '{ident}' not found")
+        return txn
+
+    def status_transaction(self, req: _Request, ident: str) -> tuple[int, Any]:
+        txn = self._transaction(req, ident)
+        return 200, {"error": False, "code": 200, "result": {"id": txn.id, "status": txn.status}}
+
+    def commit_transaction(self, req: _Request, ident: str) -> tuple[int, Any]:
+        txn = self._transaction(req, ident)
+        with self.state.lock:
+            if txn.status == "aborted":
+                raise ApiError(410, 1653, f"transaction '{ident}' was aborted")
+            txn.status = "committed"  # committing twice is fine, as a re-sent commit needs
+            txn.undo.clear()
+        return 200, {"error": False, "code": 200, "result": {"id": txn.id, "status": txn.status}}
+
+    def abort_transaction(self, req: _Request, ident: str) -> tuple[int, Any]:
+        txn = self._transaction(req, ident)
+        with self.state.lock:
+            if txn.status == "committed":
+                raise ApiError(409, 1650, f"transaction '{ident}' is already committed")
+            if txn.status == "running":
+                txn.rollback()
+                txn.status = "aborted"
+        return 200, {"error": False, "code": 200, "result": {"id": txn.id, "status": txn.status}}
 
     def delete_cursor(self, req: _Request, ident: str) -> tuple[int, Any]:
         self.cursors.get(req.db.name, ident)
@@ -1831,7 +1980,8 @@ class _Handler(BaseHTTPRequestHandler):
         if match:
             db, api_path = unquote(match.group(1)), unquote(match.group(2) or "/")
         record = RequestRecord(self.command, path, db, api_path,
-                               dict(parse_qsl(parts.query, keep_blank_values=True)), len(raw))
+                               dict(parse_qsl(parts.query, keep_blank_values=True)), len(raw),
+                               transaction=self.headers.get("x-arango-trx-id"))
         double.requests.append(record)
         decision = double.faults._decide(record)
         if decision.delay:
@@ -1935,6 +2085,17 @@ class ArangoDouble:
         does not reduce it: a hash partition visits the whole collection)."""
         with self._state.lock:
             return self._state.scanned
+
+    def expire_transactions(self) -> int:
+        """Abort every running stream transaction now, undoing its writes, as the server does with
+        one idle past ``--transaction.streaming-idle-timeout`` (a client that died mid-way);
+        returns how many there were."""
+        with self._state.lock:
+            running = [t for t in self._state.transactions.values() if t.status == "running"]
+            for txn in running:
+                txn.rollback()
+                txn.status = "aborted"
+        return len(running)
 
     def open_cursors(self) -> int:
         """Number of server-side cursors currently held (expired ones may still be counted)."""

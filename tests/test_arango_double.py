@@ -830,3 +830,30 @@ def test_37_server_fetches_with_put_only() -> None:
         with pytest.raises(CursorNextError) as err:
             list(cursor)
         assert (err.value.http_code, err.value.error_code) == (405, 405)
+
+
+def test_stream_transaction_commit_abort_and_expiry() -> None:
+    from arango_double import ArangoDouble
+    query = 'FOR d IN @docs INSERT d INTO @@c OPTIONS { overwriteMode: "replace" } RETURN OLD._key'
+    with ArangoDouble() as double:
+        db = _client_db(double)
+        db.create_collection("E", edge=True)
+        edge = {"_key": "a", "_from": "U/1", "_to": "M/1"}
+        txn = db.begin_transaction(write=["E"])
+        assert list(txn.aql.execute(query, bind_vars={"@c": "E", "docs": [edge]})) == [None]  # created
+        txn.abort_transaction()
+        assert db.collection("E").count() == 0
+        txn = db.begin_transaction(write=["E"])
+        txn.aql.execute(query, bind_vars={"@c": "E", "docs": [edge]})
+        txn.commit_transaction()
+        assert list(db.aql.execute(query, bind_vars={"@c": "E", "docs": [{**edge, "_to": "M/2"}]})) == ["a"]
+        txn = db.begin_transaction(write=["E"])
+        txn.aql.execute("FOR v IN @@c FILTER v._from IN @u REMOVE v IN @@c", bind_vars={"@c": "E", "u": ["U/1"]})
+        assert db.collection("E").count() == 0  # no isolation: visible before the commit
+        assert double.expire_transactions() == 1 and db.collection("E").count() == 1  # undone
+        with pytest.raises(AQLQueryExecuteError) as err:  # a finished transaction takes no more requests
+            txn.aql.execute(query, bind_vars={"@c": "E", "docs": [edge]})
+        assert (err.value.http_code, err.value.error_code) == (410, 1653)
+        with pytest.raises(AQLQueryExecuteError) as err:  # the first bad document fails the whole insert
+            db.aql.execute(query, bind_vars={"@c": "E", "docs": [{**edge, "_key": "b"}, {"_key": "c", "_from": "x"}]})
+        assert err.value.error_code == 1233 and db.collection("E").count() == 1
