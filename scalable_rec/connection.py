@@ -202,8 +202,9 @@ class ArangoConfig:
             password or password_file, request_timeout, ca_file.
         arango_timeout: Seconds per HTTP request.
         arango_ca_file: CA bundle for verifying the server's TLS certificate.
-        arango_retries: Retries, with exponential backoff, of an import batch or a lost cursor
-            after python-arango's own three immediate tries.
+        arango_retries: Retries, with exponential backoff, of an import batch, a recommendation
+            transaction or a lost or busy cursor's partition after python-arango's own three
+            immediate tries (only for transient failures: see docs/arango.md).
         arango_backoff: First backoff in seconds; doubled per retry, capped at 30 s.
         users_collection: Document collection of users.
         movies_collection: Document collection of movies.

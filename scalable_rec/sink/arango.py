@@ -56,9 +56,9 @@ class WritebackConfig:
         inference_collection: Edge collection for ``--sink arango`` (created if missing).
         replace_previous: Also remove the written users' edges of other run ids (in the same
             transaction as the new edges, so no user is ever left without recommendations).
-        writeback_batch_docs: Most edges per transaction (a user's edges are never split
-            unless that user alone has more).
-        writeback_batch_mb: Most (estimated) MiB of edges per transaction.
+        writeback_batch_docs: Edges per transaction; a transaction ends only between users, so
+            it may exceed this by one user's edges.
+        writeback_batch_mb: (Estimated) MiB of edges per transaction, ended between users as well.
     """
 
     sink: Literal["parquet", "arango"] = "parquet"
