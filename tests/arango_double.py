@@ -19,7 +19,9 @@ Modelled:
   * AQL cursors: ``batchSize``, idle ``ttl`` (default 30 s), ``count``, ``options.stream`` (results
     are produced lazily, chunk by chunk, from a primary-index style scan, never materialised),
     ``options.allowRetry`` with ``nextBatchId`` and ``POST /_api/cursor/{id}/{batchId}`` (only the
-    last delivered batch or the next one), ``DELETE``, legacy ``PUT /_api/cursor/{id}``.
+    last delivered batch or the next one), ``DELETE``, legacy ``PUT /_api/cursor/{id}``. A fetch
+    that arrives while another request holds the cursor gets 409 / 1601 at once, as
+    ``CursorRepository::find`` answers (see ``Faults.drop_connection_after_batches(busy_for=)``).
   * AQL: ONLY these shapes, parsed structurally from tokens (keywords case-insensitive, any loop
     variable name, used consistently), values always from bind variables; anything else is
     400 / 1501 "AQL: syntax error, unexpected ..."::
@@ -42,9 +44,12 @@ Modelled:
   * Fault injection through ``ArangoDouble.faults`` (see `Faults`) and a request log
     (``ArangoDouble.requests``, see `RequestLog`).
 
-  * Server switches (``ArangoDouble(version=, role=, shards=, read_only=)``): ``version`` 3.10
+  * Server switches (``ArangoDouble(version=, role=, shards=, read_only=, hardened=, access=)``):
+    ``version`` 3.7 (no ``POST /_api/cursor/{id}``: 405), 3.10
     (cursors ignore ``allowRetry``: no ``nextBatchId``, so python-arango's re-sent fetch skips a
-    batch), 3.11 or 3.12 (``/_api/version``); ``role`` SINGLE or COORDINATOR
+    batch), 3.11 or 3.12 (``/_api/version``); ``hardened``: ``/_api/version`` without ``version``
+    for users who are not admins; ``access``: a user limited to some databases gets 401 / 11 for
+    any other, existing or not; ``role`` SINGLE or COORDINATOR
     (``/_admin/server/role``); with COORDINATOR every new collection gets ``shards`` shards
     (or its ``numberOfShards``), a document living on shard ``crc32(_key) % shards``; users in
     ``read_only`` get 403 / errorNum 11 "forbidden" for every write.
@@ -57,7 +62,8 @@ Modelled:
     once keys hold upper case or ``_ : . @``.
   * Per-shard reads on a coordinator: ``GET /_api/collection/{name}/shards`` (``{"shards": [ids]}``;
     501 / 1471 on a single server) and the cursor option ``shardIds`` restricting a read's scan
-    to those shards (an unknown id: 400 / 1203; error numbers not checked against a real server).
+    to those shards (no known id left: 500 / 1521 "Could not identify any shard belonging to
+    collection", as read from the coordinator's shard locking; not checked against a real cluster).
     ``ArangoDouble.documents_scanned`` counts documents visited by read scans (``scannedFull`` /
     ``scannedIndex`` count visited documents, ``filtered`` those a FILTER dropped, as ArangoDB).
   * Injected per-document write-write conflicts in ``/_api/import`` (`Faults.conflict_next_imports`).
