@@ -7,9 +7,14 @@ in process listings), and never appears in a ``repr``, a log line, an error or t
 directory: ``ArangoConfig`` (what the CLI and ``config.json`` hold) has no password field.
 
 python-arango resends a request up to three times when the connection fails or the server
-answers 503, then raises the builtin ``ConnectionAbortedError``. ``RetryPolicy`` adds
-exponential backoff on top for the operations that are safe to repeat (idempotent
-imports, key-range reads).
+answers 503 with errorNum 503, then raises the builtin ``ConnectionAbortedError``.
+``RetryPolicy`` adds exponential backoff on top for the operations that are safe to repeat
+(idempotent imports, whole-partition reads). What counts as transient is deliberately narrow
+(``is_transient``): a gateway or overload status (502, 503, 504), a dropped connection or a
+timeout, and a write-write conflict (errorNum 1200); a 500 is never repeated, whatever its
+errorNum (32 resource limit, 1521 unknown shard, ...), since the same request fails the same
+way again. Cursor reads also start a partition over after 1600 (cursor gone) and 1601
+(cursor busy), see ``is_cursor_retryable``. ``docs/arango.md`` has the whole error map.
 """
 from __future__ import annotations
 
@@ -44,11 +49,15 @@ ENV_PASSWORD = "SCALABLE_REC_ARANGO_PASSWORD"
 ENV_PASSWORD_FILE = "SCALABLE_REC_ARANGO_PASSWORD_FILE"
 FILE_KEYS = ("url", "database", "username", "password", "password_file", "request_timeout", "ca_file")
 
-# HTTP statuses and errorNums worth repeating: overload, restarts, failovers, and write-write
-# conflicts (1200), which ArangoDB documents as "retry the operation".
-TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
-TRANSIENT_ERROR_NUMS = {503, 1200}
+# HTTP statuses worth repeating: a proxy or coordinator that lost its backend, overload,
+# restarts and failovers. Write-write conflicts (1200, HTTP 409) ArangoDB documents as
+# "retry the operation".
+TRANSIENT_HTTP = frozenset({502, 503, 504})
+WRITE_CONFLICT = 1200
 CURSOR_NOT_FOUND = 1600
+CURSOR_BUSY = 1601
+# The next-batch route python-arango 8 uses (POST /_api/cursor/{id}) arrived in 3.8.
+MIN_VERSION = (3, 8)
 
 T = TypeVar("T")
 
@@ -193,8 +202,9 @@ class ArangoConfig:
             password or password_file, request_timeout, ca_file.
         arango_timeout: Seconds per HTTP request.
         arango_ca_file: CA bundle for verifying the server's TLS certificate.
-        arango_retries: Retries, with exponential backoff, of an import batch or a lost cursor
-            after python-arango's own three immediate tries.
+        arango_retries: Retries, with exponential backoff, of an import batch, a recommendation
+            transaction or a lost or busy cursor's partition after python-arango's own three
+            immediate tries (only for transient failures: see docs/arango.md).
         arango_backoff: First backoff in seconds; doubled per retry, capped at 30 s.
         users_collection: Document collection of users.
         movies_collection: Document collection of movies.
@@ -283,18 +293,21 @@ class RetryPolicy:
 
 
 def is_transient(err: BaseException) -> bool:
-    """True for failures a repeat may fix: lost connections, timeouts, 503s, write conflicts."""
+    """True for failures a repeat may fix: a dropped connection or timeout, HTTP 502/503/504,
+    a write-write conflict (errorNum 1200). Never a 500 or any other status."""
     if isinstance(err, (ConnectionError, TimeoutError, requests.exceptions.ConnectionError,
                         requests.exceptions.Timeout, requests.exceptions.RetryError)):
         return True
     if isinstance(err, ArangoServerError):
-        return err.http_code in TRANSIENT_HTTP or err.error_code in TRANSIENT_ERROR_NUMS
+        return err.http_code in TRANSIENT_HTTP or err.error_code == WRITE_CONFLICT
     return False
 
 
-def is_cursor_lost(err: BaseException) -> bool:
-    """True when a cursor vanished on the server (ttl expired, coordinator restart): 404/1600."""
-    return isinstance(err, ArangoServerError) and err.error_code == CURSOR_NOT_FOUND
+def is_cursor_retryable(err: BaseException) -> bool:
+    """True when a cursor read may start over: the cursor vanished (404/1600: ttl expired,
+    coordinator restart) or is busy (409/1601: an earlier fetch, whose connection dropped,
+    still holds it on the server while the driver's re-sent fetch arrives)."""
+    return isinstance(err, ArangoServerError) and err.error_code in (CURSOR_NOT_FOUND, CURSOR_BUSY)
 
 
 def database_error(err: BaseException, what: str, settings: ArangoSettings | None = None) -> DatabaseError:
@@ -310,9 +323,12 @@ def database_error(err: BaseException, what: str, settings: ArangoSettings | Non
         code = (err.http_code, err.error_code)
         detail = f"[HTTP {err.http_code}][ERR {err.error_code}] {err.error_message or ''}".strip()
         if err.http_code == 401:
+            # ArangoDB answers 401 both for a wrong password and for a database the user may not
+            # see (it does not tell which, so that database names do not leak).
             user = f" for user '{settings.username}'" if settings else ""
-            return AuthenticationError(f"{what}: ArangoDB rejected the credentials{user}{where} (HTTP 401). "
-                                       f"Check the user and {ENV_PASSWORD} / {ENV_PASSWORD_FILE}")
+            return AuthenticationError(f"{what}: ArangoDB rejected the credentials{user}{where} (HTTP 401): wrong "
+                                       f"credentials or no access to this database. Check the user, "
+                                       f"{ENV_PASSWORD} / {ENV_PASSWORD_FILE} and the user's database permissions")
         if err.http_code == 403:
             user = f"user '{settings.username}'" if settings else "the user"
             return PermissionDeniedError(f"{what}: ArangoDB refused the request{where} (HTTP 403, {detail}); "
@@ -375,8 +391,50 @@ def connect(settings: ArangoSettings, fast_json: bool = True) -> StandardDatabas
     except (ArangoServerError, ArangoClientError) as err:
         client.close()
         raise database_error(err, f"Connecting to database '{settings.database}'", settings) from err
+    try:
+        check_version(server_version(db, settings))
+    except DatabaseError:
+        client.close()
+        raise
     log.info("connected to %s database %s as %s", settings.url, settings.database, settings.username)
     return db
+
+
+def server_version(db: StandardDatabase, settings: ArangoSettings | None = None) -> str | None:
+    """The server's version string, or None when the server does not tell this user.
+
+    A server started with ``--server.harden`` answers ``/_api/version`` without ``version``
+    for users who are not administrators (python-arango's ``db.version()`` then raises a bare
+    ``KeyError``), so the answer's body is read as a whole.
+    """
+    try:
+        body = db.version(details=True)
+    except (ArangoServerError, ArangoClientError, ConnectionError, requests.exceptions.RequestException) as err:
+        raise database_error(err, "Reading the server version", settings) from err
+    version = body.get("version") if isinstance(body, dict) else None
+    return str(version) if version is not None else None
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as ``3.11.4`` or ``3.12.0-devel``."""
+    parts = text.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise DatabaseError(f"Cannot read the ArangoDB version: expected 'MAJOR.MINOR...', got {text!r}") from None
+
+
+def check_version(text: str | None) -> None:
+    """Refuses servers older than ``MIN_VERSION``; a hidden version (hardened server) is logged."""
+    if text is None:
+        log.warning("ArangoDB does not tell this user its version (a server started with --server.harden "
+                    "answers it to administrators only): assuming %d.%d or later and reading with counted "
+                    "cursors, which are correct on every version", *MIN_VERSION)
+        return
+    if parse_version(text) < MIN_VERSION:
+        raise DatabaseError(f"ArangoDB {text} is too old: expected {MIN_VERSION[0]}.{MIN_VERSION[1]} or later "
+                            "(python-arango fetches cursor batches with POST /_api/cursor/<id>, which older "
+                            "servers do not have)")
 
 
 @dataclass(frozen=True)
@@ -384,26 +442,28 @@ class ServerInfo:
     """What the exporter needs to know about the server, read once at connect time.
 
     Args:
-        version: (major, minor) of ``/_api/version``.
-        version_text: The full version string.
+        version: (major, minor) of ``/_api/version``; None when the server hides it from this
+            user (``--server.harden``).
+        version_text: The full version string (None when hidden).
         role: ``/_admin/server/role``: SINGLE, COORDINATOR (a cluster), PRIMARY, AGENT, UNDEFINED.
     """
 
-    version: tuple[int, int]
-    version_text: str
+    version: tuple[int, int] | None
+    version_text: str | None
     role: str
 
     @property
     def legacy_cursors(self) -> bool:
-        """Before 3.11 cursors have no ``allowRetry``/``nextBatchId``: a re-sent fetch skips a batch."""
-        return self.version < (3, 11)
+        """Before 3.11 cursors have no ``allowRetry``/``nextBatchId``: a re-sent fetch skips a batch.
+        A hidden version is treated the same way: counted cursors are correct on every version."""
+        return self.version is None or self.version < (3, 11)
 
     @property
     def cluster(self) -> bool:
         return self.role == "COORDINATOR"
 
     def describe(self) -> dict[str, Any]:
-        return {"version": self.version_text, "role": self.role}
+        return {"version": self.version_text if self.version_text is not None else "hidden", "role": self.role}
 
 
 SUPPORTED_ROLES = ("SINGLE", "COORDINATOR")
@@ -413,28 +473,20 @@ def server_info(db: StandardDatabase) -> ServerInfo:
     """Reads the server's version and role.
 
     Raises:
-        DatabaseError: The version cannot be parsed, is older than 3.0, or the role is not one a
-            client may read from (a DB-server or agent instead of a coordinator).
+        DatabaseError: The version cannot be parsed, is older than ``MIN_VERSION``, or the role
+            is not one a client may read from (a DB-server or agent instead of a coordinator).
     """
+    text = server_version(db)
+    check_version(text)
     try:
-        text = str(db.version())
         role = str(db.role())
-    except ArangoServerError as err:
-        raise database_error(err, "Reading the server version and role") from err
-    except (ConnectionError, requests.exceptions.RequestException) as err:
-        raise database_error(err, "Reading the server version and role") from err
-    parts = text.split(".")
-    try:
-        version = (int(parts[0]), int(parts[1]))
-    except (IndexError, ValueError):
-        raise DatabaseError(f"Cannot read the ArangoDB version: expected 'MAJOR.MINOR...', got {text!r}") from None
-    if version < (3, 0):
-        raise DatabaseError(f"ArangoDB {text} is too old: expected 3.x or later")
+    except (ArangoServerError, ArangoClientError, ConnectionError, requests.exceptions.RequestException) as err:
+        raise database_error(err, "Reading the server role") from err
     if role not in SUPPORTED_ROLES:
         raise DatabaseError(f"ArangoDB answers with role {role!r}: expected one of {SUPPORTED_ROLES} "
                             "(connect to a single server or a cluster's coordinator)")
-    info = ServerInfo(version, text, role)
-    log.info("ArangoDB %s, role %s", text, role)
+    info = ServerInfo(None if text is None else parse_version(text), text, role)
+    log.info("ArangoDB %s, role %s", text or "(version hidden)", role)
     return info
 
 

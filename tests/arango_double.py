@@ -19,7 +19,9 @@ Modelled:
   * AQL cursors: ``batchSize``, idle ``ttl`` (default 30 s), ``count``, ``options.stream`` (results
     are produced lazily, chunk by chunk, from a primary-index style scan, never materialised),
     ``options.allowRetry`` with ``nextBatchId`` and ``POST /_api/cursor/{id}/{batchId}`` (only the
-    last delivered batch or the next one), ``DELETE``, legacy ``PUT /_api/cursor/{id}``.
+    last delivered batch or the next one), ``DELETE``, legacy ``PUT /_api/cursor/{id}``. A fetch
+    that arrives while another request holds the cursor gets 409 / 1601 at once, as
+    ``CursorRepository::find`` answers (see ``Faults.drop_connection_after_batches(busy_for=)``).
   * AQL: ONLY these shapes, parsed structurally from tokens (keywords case-insensitive, any loop
     variable name, used consistently), values always from bind variables; anything else is
     400 / 1501 "AQL: syntax error, unexpected ..."::
@@ -42,9 +44,12 @@ Modelled:
   * Fault injection through ``ArangoDouble.faults`` (see `Faults`) and a request log
     (``ArangoDouble.requests``, see `RequestLog`).
 
-  * Server switches (``ArangoDouble(version=, role=, shards=, read_only=)``): ``version`` 3.10
+  * Server switches (``ArangoDouble(version=, role=, shards=, read_only=, hardened=, access=)``):
+    ``version`` 3.7 (no ``POST /_api/cursor/{id}``: 405), 3.10
     (cursors ignore ``allowRetry``: no ``nextBatchId``, so python-arango's re-sent fetch skips a
-    batch), 3.11 or 3.12 (``/_api/version``); ``role`` SINGLE or COORDINATOR
+    batch), 3.11 or 3.12 (``/_api/version``); ``hardened``: ``/_api/version`` without ``version``
+    for users who are not admins; ``access``: a user limited to some databases gets 401 / 11 for
+    any other, existing or not; ``role`` SINGLE or COORDINATOR
     (``/_admin/server/role``); with COORDINATOR every new collection gets ``shards`` shards
     (or its ``numberOfShards``), a document living on shard ``crc32(_key) % shards``; users in
     ``read_only`` get 403 / errorNum 11 "forbidden" for every write.
@@ -57,19 +62,30 @@ Modelled:
     once keys hold upper case or ``_ : . @``.
   * Per-shard reads on a coordinator: ``GET /_api/collection/{name}/shards`` (``{"shards": [ids]}``;
     501 / 1471 on a single server) and the cursor option ``shardIds`` restricting a read's scan
-    to those shards (an unknown id: 400 / 1203; error numbers not checked against a real server).
+    to those shards (no known id left: 500 / 1521 "Could not identify any shard belonging to
+    collection", as read from the coordinator's shard locking; not checked against a real cluster).
     ``ArangoDouble.documents_scanned`` counts documents visited by read scans (``scannedFull`` /
     ``scannedIndex`` count visited documents, ``filtered`` those a FILTER dropped, as ArangoDB).
   * Injected per-document write-write conflicts in ``/_api/import`` (`Faults.conflict_next_imports`).
 
-Not modelled: transactions, indexes other than the primary index and edge-attribute checks,
+  * Stream transactions (``/_api/transaction/begin``, commit ``PUT``, abort ``DELETE``, status ``GET``;
+    requests carrying ``x-arango-trx-id``: AQL writes and imports). Writes apply at once and are
+    undone on abort or by ``ArangoDouble.expire_transactions`` (the server's idle timeout after a
+    client died); other readers see them before the commit (no isolation is modelled). Unknown
+    transaction 404 / 1655, finished one 410 / 1653.
+  * ``FOR d IN @docs INSERT d INTO @@c OPTIONS { overwriteMode: "replace" } RETURN OLD._key``
+    (null for a created document; the first invalid document fails the whole query).
+
+Not modelled: JavaScript transactions, indexes other than the primary index and edge-attribute checks,
 revision checks (``If-Match`` and ``_rev`` are ignored), JWT, per-collection permissions,
 cluster failover, ``shardIds`` on anything but a FOR ... RETURN read, snapshots (a stream cursor sees writes made while
 it is open), views, AQL beyond the shapes above (``collection.all()``/``find()`` and
 functions other than ``MERGE``/``KEEP``; ``keys()``/``ids()`` work). pyuca implements
 DUCET, not ICU's CLDR root tailoring; they agree on ASCII. Plain full scans run in insertion
 order (shard after shard on a cluster), so forgetting ``SORT`` is not hidden by accident. Import ``details`` positions
-are 0-based indexes into the request array. ``nextBatchId`` follows 3.11 (only with allowRetry);
+follow the server: validation errors (not an object, an edge without string ``_from``/``_to``)
+by 1-based position in the request, insert errors by 0-based position among the documents that
+passed validation (read from ``RestImportHandler.cpp``). ``nextBatchId`` follows 3.11 (only with allowRetry);
 a response carries the cursor ``id`` only while ``hasMore`` is true, except that with allowRetry the
 cursor outlives its last batch (until DELETE or ttl) and every batch carries the ``id``.
 """
@@ -106,7 +122,7 @@ __all__ = [
 ]
 
 DEFAULT_USERS = {"root": "test-password"}
-SERVER_VERSIONS = ("3.10", "3.11", "3.12")
+SERVER_VERSIONS = ("3.7", "3.10", "3.11", "3.12")
 _CHUNK = 1000  # documents read from a collection per lock acquisition by lazy scans
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-:.@()+,=;$!*'%]{1,254}$")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,255}$")
@@ -217,10 +233,13 @@ class _Collection:
         names = self.shard_ids()
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ApiError(400, 10, f"expecting an array of shard id strings for shardIds, got {ids!r}")
-        unknown = [i for i in ids if i not in names]
-        if unknown:
-            raise ApiError(400, 1203, f"AQL: shard(s) {unknown} not found in collection '{self.name}' (while parsing)")
-        return sorted(names.index(i) for i in ids)
+        known = [i for i in ids if i in names]
+        if not known:
+            # As the coordinator does: the restriction leaves the collection without a shard, and
+            # locking it fails (Aql/QuerySnippet / EngineInfoContainer: "Could not identify any shard").
+            raise ApiError(500, 1521, f"Could not identify any shard belonging to collection: {self.name}. "
+                                      "Maybe it is dropped?")
+        return sorted(names.index(i) for i in known)
 
     def info(self) -> dict:
         return {"id": self.id, "name": self.name, "type": 3 if self.edge else 2, "status": 3,
@@ -318,16 +337,40 @@ class _Database:
             raise ApiError(404, 1203, "collection or view not found") from None
 
 
+@dataclasses.dataclass
+class _Transaction:
+    """A stream transaction: its writes are applied at once and undone on abort (no isolation)."""
+
+    id: str
+    db: str
+    write: frozenset
+    status: str = "running"
+    undo: list = dataclasses.field(default_factory=list)  # (collection, key, previous doc or None)
+
+    def rollback(self) -> None:
+        for coll, key, old in reversed(self.undo):
+            if old is None:
+                if key in coll.docs:
+                    coll.remove(key)
+            else:
+                coll.put(old)
+        self.undo.clear()
+
+
 class _State:
     """All databases, the users and the tick generator; one re-entrant lock guards it all."""
 
     def __init__(self, users: dict[str, str], version: str = "3.11", role: str = "SINGLE",
-                 shards: int = 1, read_only: frozenset = frozenset()) -> None:
+                 shards: int = 1, read_only: frozenset = frozenset(), hardened: bool = False,
+                 admins: frozenset = frozenset({"root"}), access: dict | None = None) -> None:
         self.lock = threading.RLock()
         self.users = dict(users)
         self.version, self.role, self.shards, self.read_only = version, role, shards, read_only
+        self.hardened, self.admins = hardened, admins
+        self.access = {u: frozenset(dbs) for u, dbs in (access or {}).items()}
         self._ticks = itertools.count(1_000_000)
         self.databases = {"_system": _Database("_system", "1")}
+        self.transactions: dict[str, _Transaction] = {}
         self.scanned = 0  # documents visited by AQL read scans, all queries together
 
     def counted(self, docs: Iterator[dict], stats: dict, counter: str) -> Iterator[dict]:
@@ -353,6 +396,11 @@ class _State:
             return self.databases[name]
         except KeyError:
             raise ApiError(404, 1228, "database not found") from None
+
+    @property
+    def post_fetch(self) -> bool:
+        """``POST /_api/cursor/{id}`` fetches the next batch (3.8 and later; before, only PUT)."""
+        return tuple(int(x) for x in self.version.split(".")[:2]) >= (3, 8)
 
     @property
     def allow_retry(self) -> bool:
@@ -618,7 +666,7 @@ class _RemovePlan:
     conditions: list  # [((attr, is_bind), op, bind_key)]
     target: str
 
-    def run(self, state: _State, db: _Database, binds: dict) -> _Run:
+    def run(self, state: _State, db: _Database, binds: dict, undo: list | None = None) -> _Run:
         source, target = _bound_collection(db, binds, self.coll), _bound_collection(db, binds, self.target)
         tests = [self._test(_attr_name(binds, attr), op, binds[key]) for attr, op, key in self.conditions]
         stats = _new_stats()
@@ -629,6 +677,8 @@ class _RemovePlan:
             if missing:
                 raise ApiError(404, 1202, f"AQL: document not found: {missing[0]} (while executing)")
             for key in victims:
+                if undo is not None:
+                    undo.append((target, key, target.docs[key]))
                 target.remove(key)
         stats.update(scannedFull=scanned, writesExecuted=len(victims), filtered=scanned - len(victims))
         return _Run(iter(()), stats)
@@ -642,6 +692,29 @@ class _RemovePlan:
         if op == "==":
             return lambda doc: _aql_key(doc.get(name)) == expected
         return lambda doc: _aql_key(doc.get(name)) != expected
+
+
+@dataclasses.dataclass
+class _InsertPlan:
+    docs: str
+    coll: str
+
+    def run(self, state: _State, db: _Database, binds: dict, undo: list | None = None) -> _Run:
+        coll, docs = _bound_collection(db, binds, self.coll), binds[self.docs]
+        if not isinstance(docs, list):
+            raise _bind_error(self.docs)
+        with state.lock:  # AQL fails the whole query at the first bad document; nothing is applied
+            prepared = [state.prepare(coll, raw) for raw in docs]
+            olds = []
+            for doc in prepared:
+                old = coll.docs.get(doc["_key"])
+                if undo is not None:
+                    undo.append((coll, doc["_key"], old))
+                coll.put(doc)
+                olds.append(None if old is None else old["_key"])
+        stats = _new_stats()
+        stats.update(writesExecuted=len(prepared))
+        return _Run(iter(olds), stats)
 
 
 @dataclasses.dataclass
@@ -889,6 +962,34 @@ def _shape_remove(p: _Parser) -> _RemovePlan:
     return _RemovePlan(coll, conditions, target)
 
 
+def _shape_insert(p: _Parser) -> _InsertPlan:
+    """FOR d IN @docs INSERT d INTO @@c OPTIONS { overwriteMode: "replace" } RETURN OLD._key"""
+    p.expect_keyword("FOR")
+    p.loop_var = p.name()
+    p.expect_keyword("IN")
+    docs = p.bind()
+    p.expect_keyword("INSERT")
+    p.variable()
+    p.expect_keyword("INTO")
+    coll = p.bind(collection=True)
+    p.expect_keyword("OPTIONS")
+    p.expect_op("{")
+    for expected in ("overwriteMode", ":", '"replace"', "}"):
+        tok = p.peek()
+        text = None if tok is None else (_string_literal(tok.text) if tok.kind == "string" else tok.text)
+        if text != expected.strip('"'):
+            p.fail(expected)
+        p.i += 1
+    p.expect_keyword("RETURN")
+    for expected in ("OLD", ".", "_key"):
+        tok = p.peek()
+        if tok is None or tok.text != expected:
+            p.fail(expected)
+        p.i += 1
+    p.end()
+    return _InsertPlan(docs, coll)
+
+
 def _shape_length(p: _Parser) -> _LengthPlan:
     """RETURN LENGTH(@@c)"""
     p.expect_keyword("RETURN")
@@ -900,7 +1001,7 @@ def _shape_length(p: _Parser) -> _LengthPlan:
     return _LengthPlan(coll)
 
 
-_SHAPES: list[Callable[[_Parser], Any]] = [_shape_read, _shape_remove, _shape_length]
+_SHAPES: list[Callable[[_Parser], Any]] = [_shape_read, _shape_remove, _shape_insert, _shape_length]
 
 
 def compile_query(query: str, bind_vars: dict) -> Any:
@@ -1056,6 +1157,7 @@ class RequestRecord:
         body_items: Number of elements when the body was a JSON array, else None.
         status: HTTP status answered; None when the connection was dropped.
         dropped: True when the double closed the connection instead of answering.
+        transaction: The stream transaction named by the ``x-arango-trx-id`` header, if any.
     """
 
     method: str
@@ -1067,6 +1169,7 @@ class RequestRecord:
     body_items: int | None = None
     status: int | None = None
     dropped: bool = False
+    transaction: str | None = None
 
 
 class RequestLog:
@@ -1134,6 +1237,7 @@ class _Decision:
     fail: ApiError | None = None
     drop_before: bool = False
     drop_after: bool = False
+    busy_for: float = 0.0
 
 
 class Faults:
@@ -1188,7 +1292,8 @@ class Faults:
         """
         self._add(_Rule("drop", times, method, path_prefix, lose_response=lose_response))
 
-    def drop_connection_after_batches(self, n: int, *, times: int = 1, lose_response: bool = True) -> None:
+    def drop_connection_after_batches(self, n: int, *, times: int = 1, lose_response: bool = True,
+                                      busy_for: float = 0.0) -> None:
         """Once ``n`` more cursor batches have been served (across cursors), drop the connection of
         the next ``times`` cursor fetch requests (``POST``/``PUT /_api/cursor/{id}[/{batchId}]``).
 
@@ -1197,10 +1302,13 @@ class Faults:
             times: How many fetch requests are dropped.
             lose_response: True (default): the server advances the cursor and the response is
                 lost, the failure ``allowRetry`` exists for; False: the request is dropped unread.
+            busy_for: With ``lose_response``: the connection drops at once while the server goes on
+                working on the fetch, holding the cursor for this many seconds, so that the
+                driver's immediate re-send finds it busy (409 / 1601).
         """
         with self._lock:
             self._rules.append(_Rule("drop", times, after_batches=self._batches + n,
-                                     lose_response=lose_response))
+                                     lose_response=lose_response, seconds=busy_for))
 
     def delay(self, seconds: float, path_prefix: str | None = None, *, times: int | None = None,
               method: str | None = None) -> None:
@@ -1260,6 +1368,7 @@ class Faults:
                 elif rule.kind == "drop" and decision.fail is None and not (
                         decision.drop_before or decision.drop_after):
                     decision.drop_after, decision.drop_before = rule.lose_response, not rule.lose_response
+                    decision.busy_for = rule.seconds if rule.lose_response else 0.0
                 else:
                     continue
                 rule.remaining = None if rule.remaining is None else rule.remaining - 1
@@ -1285,6 +1394,7 @@ class _Request:
     params: dict
     raw: bytes
     user: str = ""
+    txn: _Transaction | None = None
 
     def json(self) -> Any:
         try:
@@ -1327,6 +1437,10 @@ _ROUTES: list[tuple[str, re.Pattern, str]] = [(m, re.compile(p + "$"), h) for m,
     ("POST", r"/_api/cursor/(?P<ident>[^/]+)(?:/(?P<batch>[^/]+))?", "next_batch"),
     ("PUT", r"/_api/cursor/(?P<ident>[^/]+)", "next_batch"),
     ("DELETE", r"/_api/cursor/(?P<ident>[^/]+)", "delete_cursor"),
+    ("POST", r"/_api/transaction/begin", "begin_transaction"),
+    ("GET", r"/_api/transaction/(?P<ident>[^/]+)", "status_transaction"),
+    ("PUT", r"/_api/transaction/(?P<ident>[^/]+)", "commit_transaction"),
+    ("DELETE", r"/_api/transaction/(?P<ident>[^/]+)", "abort_transaction"),
 ]]
 
 
@@ -1336,9 +1450,14 @@ class _Api:
     def __init__(self, state: _State, cursors: _CursorRegistry, faults: Faults) -> None:
         self.state, self.cursors, self.faults = state, cursors, faults
 
-    def handle(self, record: RequestRecord, authorization: str | None, raw: bytes) -> tuple[int, Any]:
+    def handle(self, record: RequestRecord, authorization: str | None, raw: bytes,
+               hold: float = 0.0) -> tuple[int, Any]:
         try:
             user = self._authenticate(authorization)
+            granted = self.state.access.get(user)
+            if granted is not None and record.db not in granted:
+                # The server does not tell a user whether a database it may not see exists.
+                raise ApiError(401, 11, "not authorized to execute this request")
             if user in self.state.read_only and record.method not in ("GET", "HEAD") and not (
                     record.api_path.startswith("/_api/cursor") or record.api_path == "/_api/version"):
                 raise ApiError(403, 11, "forbidden")
@@ -1348,7 +1467,10 @@ class _Api:
                 match = pattern.match(record.api_path)
                 if match and method == record.method:
                     request = _Request(record, db, record.query, raw, user)
-                    return getattr(self, handler)(request, **match.groupdict())
+                    if record.transaction is not None and not handler.endswith("_transaction"):
+                        request.txn = self._running(record.transaction, db)
+                    extra = {"hold": hold} if hold and handler == "next_batch" else {}
+                    return getattr(self, handler)(request, **match.groupdict(), **extra)
                 allowed |= bool(match)
             if allowed:
                 raise ApiError(405, 405, "method not supported")
@@ -1357,6 +1479,15 @@ class _Api:
             return err.status, err.body()
         except Exception as err:  # a bug in the double: answer like ArangoDB's internal error
             return 500, ApiError(500, 4, f"internal error in arango_double: {err!r}").body()
+
+    def _running(self, ident: str, db: _Database) -> _Transaction:
+        with self.state.lock:
+            txn = self.state.transactions.get(ident)
+        if txn is None or txn.db != db.name:
+            raise ApiError(404, 1655, f"transaction '{ident}' not found")
+        if txn.status != "running":
+            raise ApiError(410, 1653, f"transaction '{ident}' is {txn.status}")
+        return txn
 
     def _authenticate(self, authorization: str | None) -> str:
         scheme, _, token = (authorization or "").partition(" ")
@@ -1375,7 +1506,10 @@ class _Api:
 
     # -- server and databases
     def version(self, req: _Request) -> tuple[int, Any]:
-        body = {"server": "arango", "version": f"{self.state.version}.99-double", "license": "community"}
+        body = {"server": "arango", "license": "community"}
+        if self.state.hardened and req.user not in self.state.admins:
+            return 200, body  # RestVersionHandler: version and details only for administrators
+        body["version"] = f"{self.state.version}.99-double"
         if _flag(req.params, "details"):
             body["details"] = {"mode": "server", "role": self.state.role, "engine": "rocksdb"}
         return 200, body
@@ -1610,18 +1744,38 @@ class _Api:
                 details.append(f"at position {position}: {what}, offending document: "
                                f"{json.dumps(raw, ensure_ascii=False)[:255]}")
 
-            conflicts = self.faults._take_conflicts(len(docs))
+            # RestImportHandler validates every document first (objects only; an edge needs string
+            # _from and _to) and reports those errors by 1-based position in the request; the
+            # documents that pass are then inserted as one array, and insert errors (illegal key or
+            # handle, conflicts, unique constraint) carry the 0-based position in that array.
+            validated: list[tuple[int, Any, dict]] = []
             for position, raw in enumerate(docs):
+                if not isinstance(raw, dict):
+                    reject(position + 1, ApiError(400, 1227, "invalid document type"), raw,
+                           "invalid JSON type (expecting object)")
+                    continue
+                doc = dict(raw)
+                if coll.edge:
+                    for attr, prefix in (("_from", prefixes[0]), ("_to", prefixes[1])):
+                        value = doc.get(attr)
+                        if prefix and isinstance(value, (str, int)) and not isinstance(value, bool) \
+                                and "/" not in str(value):
+                            doc[attr] = prefix + str(value)
+                    if not isinstance(doc.get("_from"), str) or not isinstance(doc.get("_to"), str):
+                        reject(position + 1, ApiError(400, 1233, "edge attribute missing or invalid"), raw,
+                               "missing '_from' or '_to' attribute")
+                        continue
+                validated.append((position, raw, doc))
+            conflicts = self.faults._take_conflicts(len(docs))
+            for insert_position, (position, raw, doc) in enumerate(validated):
                 if position in conflicts:  # a concurrent writer holds this document: 1200, not applied
-                    reject(position, ApiError(409, 1200, "write-write conflict"), raw,
+                    reject(insert_position, ApiError(409, 1200, "write-write conflict"), raw,
                            "creating document failed with error 'write-write conflict'")
                     continue
                 try:
-                    doc = self.state.prepare(coll, raw, *prefixes)
+                    doc = self.state.prepare(coll, doc)
                 except ApiError as err:
-                    what = ("missing '_from' or '_to' attribute" if err.error_num == 1233 else
-                            f"creating document failed with error '{err.message}'")
-                    reject(position, err, raw, what)
+                    reject(insert_position, err, raw, f"creating document failed with error '{err.message}'")
                     continue
                 key = doc["_key"]
                 old = staged.get(key) or (None if overwrite else coll.docs.get(key))
@@ -1636,12 +1790,15 @@ class _Api:
                 else:
                     err = ApiError(409, 1210, "unique constraint violated - in index primary of type "
                                               f"primary over '_key'; conflicting key: {key}")
-                    reject(position, err, raw, "creating document failed with error 'unique constraint violated'")
+                    reject(insert_position, err, raw,
+                           "creating document failed with error 'unique constraint violated'")
                     continue
                 staged[key] = doc
             if overwrite:
                 coll.truncate()
             for doc in staged.values():
+                if req.txn is not None:
+                    req.txn.undo.append((coll, doc["_key"], coll.docs.get(doc["_key"])))
                 coll.put(doc)
         body = {"error": False, **counts, "empty": empty}
         if _flag(params, "details"):
@@ -1668,14 +1825,18 @@ class _Api:
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
             ttl = 30
         plan = compile_query(str(body.get("query") or ""), bind_vars)
-        if isinstance(plan, _RemovePlan) and req.user in self.state.read_only:
+        if isinstance(plan, (_RemovePlan, _InsertPlan)) and req.user in self.state.read_only:
             raise ApiError(403, 11, "forbidden")
         started = time.perf_counter()
         shard_ids = options.get("shardIds")
         if shard_ids is not None and not isinstance(plan, _ReadPlan):
             raise ApiError(400, 10, "the double supports shardIds only for FOR ... RETURN reads")
-        run = plan.run(self.state, req.db, bind_vars, shard_ids) if shard_ids is not None else \
-            plan.run(self.state, req.db, bind_vars)
+        if shard_ids is not None:
+            run = plan.run(self.state, req.db, bind_vars, shard_ids)
+        elif isinstance(plan, (_RemovePlan, _InsertPlan)):
+            run = plan.run(self.state, req.db, bind_vars, None if req.txn is None else req.txn.undo)
+        else:
+            run = plan.run(self.state, req.db, bind_vars)
         results, count = run.results, None
         if not options.get("stream"):  # ArangoDB computes non-stream results up front
             materialised = list(results)
@@ -1691,9 +1852,17 @@ class _Api:
         self.faults._batch_served(cursor.id)
         return 201, cursor.body(batch, 201)
 
-    def next_batch(self, req: _Request, ident: str, batch: str | None = None) -> tuple[int, Any]:
+    def next_batch(self, req: _Request, ident: str, batch: str | None = None, hold: float = 0.0) -> tuple[int, Any]:
+        if req.record.method == "POST" and not self.state.post_fetch:
+            raise ApiError(405, 405, "method not supported")
         cursor = self.cursors.get(req.db.name, ident)
-        with cursor.lock:
+        # CursorRepository::find hands a cursor to one request at a time; a second one that
+        # arrives meanwhile is answered 409 / 1601 at once instead of waiting.
+        if not cursor.lock.acquire(blocking=False):
+            raise ApiError(409, 1601, "cursor is busy")
+        try:
+            if hold:
+                time.sleep(hold)
             if batch is None or (batch.isdigit() and int(batch) == cursor.batch_id + 1):
                 result = cursor.advance()
             elif batch.isdigit() and int(batch) == cursor.batch_id and cursor.last_batch is not None:
@@ -1706,8 +1875,53 @@ class _Api:
             if not cursor.has_more and not cursor.allow_retry:
                 self.cursors.remove(ident)
             body = cursor.body(result, 200)
+        finally:
+            cursor.lock.release()
         self.faults._batch_served(ident)
         return 200, body
+
+    # -- stream transactions
+    def begin_transaction(self, req: _Request) -> tuple[int, Any]:
+        body = req.object()
+        collections = body.get("collections") or {}
+        write = collections.get("write") or []
+        write = [write] if isinstance(write, str) else write
+        with self.state.lock:
+            for name in write:
+                req.db.collection(name)
+            txn = _Transaction(self.state.tick(), req.db.name, frozenset(write))
+            self.state.transactions[txn.id] = txn
+        return 201, {"error": False, "code": 201, "result": {"id": txn.id, "status": txn.status}}
+
+    def _transaction(self, req: _Request, ident: str) -> _Transaction:
+        with self.state.lock:
+            txn = self.state.transactions.get(ident)
+        if txn is None or txn.db != req.db.name:
+            raise ApiError(404, 1655, f"transaction '{ident}' not found")
+        return txn
+
+    def status_transaction(self, req: _Request, ident: str) -> tuple[int, Any]:
+        txn = self._transaction(req, ident)
+        return 200, {"error": False, "code": 200, "result": {"id": txn.id, "status": txn.status}}
+
+    def commit_transaction(self, req: _Request, ident: str) -> tuple[int, Any]:
+        txn = self._transaction(req, ident)
+        with self.state.lock:
+            if txn.status == "aborted":
+                raise ApiError(410, 1653, f"transaction '{ident}' was aborted")
+            txn.status = "committed"  # committing twice is fine, as a re-sent commit needs
+            txn.undo.clear()
+        return 200, {"error": False, "code": 200, "result": {"id": txn.id, "status": txn.status}}
+
+    def abort_transaction(self, req: _Request, ident: str) -> tuple[int, Any]:
+        txn = self._transaction(req, ident)
+        with self.state.lock:
+            if txn.status == "committed":
+                raise ApiError(409, 1650, f"transaction '{ident}' is already committed")
+            if txn.status == "running":
+                txn.rollback()
+                txn.status = "aborted"
+        return 200, {"error": False, "code": 200, "result": {"id": txn.id, "status": txn.status}}
 
     def delete_cursor(self, req: _Request, ident: str) -> tuple[int, Any]:
         self.cursors.get(req.db.name, ident)
@@ -1772,7 +1986,8 @@ class _Handler(BaseHTTPRequestHandler):
         if match:
             db, api_path = unquote(match.group(1)), unquote(match.group(2) or "/")
         record = RequestRecord(self.command, path, db, api_path,
-                               dict(parse_qsl(parts.query, keep_blank_values=True)), len(raw))
+                               dict(parse_qsl(parts.query, keep_blank_values=True)), len(raw),
+                               transaction=self.headers.get("x-arango-trx-id"))
         double.requests.append(record)
         decision = double.faults._decide(record)
         if decision.delay:
@@ -1781,6 +1996,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._respond(record, decision.fail.status, decision.fail.body())
         if decision.drop_before:
             return self._drop(record)
+        if decision.busy_for:  # the client sees the reset now; the server is still at work
+            self._drop(record)
+            double._api.handle(record, self.headers.get("Authorization"), raw, hold=decision.busy_for)
+            return
         status, body = double._api.handle(record, self.headers.get("Authorization"), raw)
         if decision.drop_after:
             return self._drop(record)
@@ -1814,6 +2033,13 @@ class ArangoDouble:
         users: ``{username: password}`` accepted by basic auth; the first one becomes
             `username`/`password`. Default ``{"root": "test-password"}``.
         host: Interface to bind (a free port is chosen).
+        version: "3.7" (no ``POST /_api/cursor/{id}``: 405), "3.10" (no allowRetry), "3.11", "3.12".
+        role, shards, read_only: see the module docstring.
+        hardened: ``--server.harden``: ``/_api/version`` leaves out ``version`` for users not in
+            ``admins``.
+        admins: Users with administrator rights (default ``("root",)``).
+        access: ``{username: databases}``: such a user gets 401 / errorNum 11 for any other
+            database, existing or not, as ArangoDB answers a database the user may not see.
 
     Attributes:
         url: Base URL for ``ArangoClient(hosts=url)``.
@@ -1824,7 +2050,8 @@ class ArangoDouble:
 
     def __init__(self, users: dict[str, str] | None = None, *, host: str = "127.0.0.1",
                  version: str = "3.11", role: str = "SINGLE", shards: int = 1,
-                 read_only: tuple[str, ...] = ()) -> None:
+                 read_only: tuple[str, ...] = (), hardened: bool = False, admins: tuple[str, ...] = ("root",),
+                 access: dict[str, tuple[str, ...]] | None = None) -> None:
         if version not in SERVER_VERSIONS:
             raise ValueError(f"'version' needs to be one of {SERVER_VERSIONS} (got {version!r})")
         if role not in ("SINGLE", "COORDINATOR"):
@@ -1832,7 +2059,8 @@ class ArangoDouble:
         if shards < 1 or (shards > 1 and role != "COORDINATOR"):
             raise ValueError(f"'shards' needs to be 1, or >= 1 with role COORDINATOR (got {shards}, {role})")
         users = dict(users or DEFAULT_USERS)
-        self._state = _State(users, version, role, shards, frozenset(read_only))
+        self._state = _State(users, version, role, shards, frozenset(read_only), hardened, frozenset(admins),
+                             access)
         self._cursors = _CursorRegistry()
         self.faults = Faults(self._cursors)
         self.requests = RequestLog()
@@ -1863,6 +2091,17 @@ class ArangoDouble:
         does not reduce it: a hash partition visits the whole collection)."""
         with self._state.lock:
             return self._state.scanned
+
+    def expire_transactions(self) -> int:
+        """Abort every running stream transaction now, undoing its writes, as the server does with
+        one idle past ``--transaction.streaming-idle-timeout`` (a client that died mid-way);
+        returns how many there were."""
+        with self._state.lock:
+            running = [t for t in self._state.transactions.values() if t.status == "running"]
+            for txn in running:
+                txn.rollback()
+                txn.status = "aborted"
+        return len(running)
 
     def open_cursors(self) -> int:
         """Number of server-side cursors currently held (expired ones may still be counted)."""

@@ -10,7 +10,7 @@ from arango import ArangoClient
 
 from arango_double import ArangoDouble
 from scalable_rec.connection import ArangoConfig, ArangoSettings, connect, server_info
-from scalable_rec.errors import ConfigError, ExportVerificationError
+from scalable_rec.errors import ConfigError, DatabaseError, ExportVerificationError
 from scalable_rec.shards import GraphShards
 from scalable_rec.source import SkipReport
 from scalable_rec.source.arango import ArangoSource, ExportConfig, Partition
@@ -187,7 +187,7 @@ def test_coordinator_reads_shard_by_shard_and_scans_each_document_once(tmp_path,
         manifest, report = _export(double, tmp_path / "out", parallelism=parallelism)
         assert _rows(tmp_path / "out") == _expected(edges)
         assert report.accepted == {"movies": 200, "users": 300, "ratings": 3000} and not report.counts
-        assert double.documents_scanned - before == scans * DOCS
+        assert double.documents_scanned - before == scans * DOCS + 3  # + one key per table: the shardIds probe
         assert double.requests.matching("GET", "/_api/collection/Ratings/shards")
 
 
@@ -211,8 +211,9 @@ def test_shard_list_refused_falls_back_to_hash_partitions(tmp_path, caplog):
         before = double.documents_scanned
         _export(double, tmp_path / "out", parallelism=2)
         assert _rows(tmp_path / "out") == _expected(edges)
-        assert double.documents_scanned - before == 1 * (300 + 200) + 2 * 3000  # ratings: 2 hash partitions
-        assert "Listing the shards of 'Ratings' failed" in caplog.text
+        # movies and users shard by shard (after a one-key probe each), ratings in 2 hash partitions
+        assert double.documents_scanned - before == 1 * (300 + 200) + 2 + 2 * 3000
+        assert "listing the shards of 'Ratings' failed: [HTTP 403][ERR 11] forbidden" in caplog.text
 
 
 def _killed_mid_ratings(double, out, monkeypatch):
@@ -258,3 +259,90 @@ def test_resume_refuses_when_the_shards_changed(tmp_path, monkeypatch):
         db.create_collection("Ratings", edge=True).import_bulk(edges)
         with pytest.raises(ConfigError, match="'Ratings' was being read shard by shard from"):
             _export(double, tmp_path / "out", parallelism=1, resume=True)
+
+
+# ----------------------------------------------------------------------------- shardIds
+
+
+def test_per_shard_reads_need_driver_internals_that_still_exist(tmp_path, monkeypatch, caplog):
+    # shardIds goes through python-arango's private db.aql._conn / db.aql._execute(request,
+    # response_handler) and Cursor(connection, init_data, allow_retry=...). This test fails when a
+    # python-arango upgrade changes them; the export then falls back to hash partitions (below).
+    import inspect
+
+    from arango.aql import AQL
+    from arango.connection import BaseConnection
+    from arango.cursor import Cursor
+    from scalable_rec.source.arango import driver_can_restrict_to_shards
+
+    with ArangoDouble(role="COORDINATOR", shards=3) as double:
+        edges = _fill(double)
+        db = _db(double)
+        assert driver_can_restrict_to_shards(db)
+        assert isinstance(db.aql._conn, BaseConnection)
+        assert list(inspect.signature(db.aql._execute).parameters) == ["request", "response_handler"]
+        assert {"connection", "init_data", "allow_retry"} <= set(inspect.signature(Cursor).parameters)
+
+        original = AQL._execute
+
+        def changed(self, request, handler, extra=None):  # a renamed parameter, as an upgrade might bring
+            return original(self, request, handler)
+
+        monkeypatch.setattr(AQL, "_execute", changed)
+        assert not driver_can_restrict_to_shards(db)
+        before = double.documents_scanned
+        _export(double, tmp_path / "out", parallelism=2)
+        assert _rows(tmp_path / "out") == _expected(edges)
+        assert double.documents_scanned - before == 2 * DOCS  # two hash partitions of each table
+        assert "has no db.aql._conn / db.aql._execute" in caplog.text
+
+
+class _StaleShardList(ArangoSource):
+    def list_shards(self, collection):
+        return ["s999999"]
+
+
+def test_unknown_shard_is_fatal_and_named(tmp_path):
+    with ArangoDouble(role="COORDINATOR", shards=3) as double:
+        _fill(double)
+        with pytest.raises(DatabaseError, match=r"Reading shard s999999 of 'Movie' .*no such shard any more "
+                                                r"\(HTTP 500, errorNum 1521"):
+            _export(double, tmp_path / "out", source_cls=_StaleShardList)
+        assert len([r for r in double.requests.matching("POST", "/_api/cursor") if r.status == 500]) == 1
+
+
+class _RecreatesRatings(ArangoSource):
+    """Between planning the ratings (shards listed and probed) and reading them, the collection is
+    dropped and created again: every listed shard is gone."""
+
+    def read(self, spec, part, consume, on_start=lambda: None):
+        if spec.collection == "Ratings" and not getattr(self, "_recreated", False):
+            self._recreated = True
+            edges = list(self.db.aql.execute("FOR v IN @@c RETURN v", bind_vars={"@c": "Ratings"}))
+            self.db.delete_collection("Ratings")
+            self.db.create_collection("Ratings", edge=True).import_bulk(edges)
+        return super().read(spec, part, consume, on_start)
+
+
+def test_shard_gone_mid_export_is_not_retried(tmp_path, caplog):
+    with ArangoDouble(role="COORDINATOR", shards=3) as double:
+        _fill(double)
+        with pytest.raises(DatabaseError, match=r"Reading partition 1/3 \(shard s\d+, .*\) of 'Ratings': the server "
+                                                r"has no such shard any more .*errorNum 1521"):
+            _export(double, tmp_path / "out", source_cls=_RecreatesRatings)
+        assert "reading the partition again" not in caplog.text  # never retried
+        assert 1 <= len([r for r in double.requests.matching("POST", "/_api/cursor") if r.status == 500]) <= 3
+
+
+def test_refused_shard_option_falls_back_to_hash_partitions(tmp_path, caplog):
+    with ArangoDouble(role="COORDINATOR", shards=3) as double:
+        edges = _fill(double)
+        # the first cursor of the export is the movies' shardIds probe: refused as a bad parameter
+        double.faults.fail_next("/_api/cursor", 400, error_num=10, message="bad parameter", method="POST")
+        before = double.documents_scanned
+        _export(double, tmp_path / "out", parallelism=2)
+        assert _rows(tmp_path / "out") == _expected(edges)
+        # movies: two hash partitions of the whole collection; users and ratings: each shard once,
+        # after a one-key probe each
+        assert double.documents_scanned - before == 2 * 200 + (300 + 1) + (3000 + 1)
+        assert "the server refused cursor option shardIds" in caplog.text

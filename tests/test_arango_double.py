@@ -719,7 +719,7 @@ def test_per_shard_reads_with_shard_ids_scan_only_that_shard():
         assert double.documents_scanned - before == len(keys)  # a hash filter still visits every document
         bad = requests.post(url, auth=auth, timeout=10, json={
             "query": "FOR v IN @@c RETURN v", "bindVars": {"@c": "C"}, "options": {"shardIds": ["s0"]}})
-        assert bad.status_code == 400 and bad.json()["errorNum"] == 1203
+        assert bad.status_code == 500 and bad.json()["errorNum"] == 1521  # no shard left to lock, as a coordinator
     with ArangoDouble() as double:
         db = _client_db(double)
         db.create_collection("C")
@@ -767,3 +767,93 @@ def test_import_conflicts_and_read_only_users():
         with pytest.raises(DocumentInsertError) as err:
             ro.collection("C").insert({"_key": "x"})
         assert (err.value.http_code, err.value.error_code) == (403, 11)
+
+
+def test_import_error_positions_follow_the_server(db) -> None:
+    # RestImportHandler: validation errors by 1-based request position, insert errors by 0-based
+    # position among the documents that passed validation (contract test: also a real server).
+    db.create_collection("E", edge=True)
+    docs = [{"_key": "e1", "_from": "V/1", "_to": "V/2"}, "not an object", {"_key": "e2", "_from": "V/1"},
+            {"_key": "e3 bad", "_from": "V/1", "_to": "V/2"}, {"_key": "e1", "_from": "V/3", "_to": "V/4"}]
+    result = db.collection("E").import_bulk(docs, halt_on_error=False, details=True, on_duplicate="error")
+    assert (result["created"], result["errors"]) == (1, 4)
+    lines = sorted(result["details"], key=lambda d: ("creating" in d, d))
+    assert lines[0].startswith("at position 2: invalid JSON type (expecting object)")
+    assert lines[1].startswith("at position 3: missing '_from' or '_to' attribute")
+    assert lines[2].startswith("at position 1: creating document failed with error 'illegal document key'")
+    assert lines[3].startswith("at position 2: creating document failed with error 'unique constraint violated")
+
+
+def test_fetch_of_a_busy_cursor_is_1601() -> None:
+    # A fetch whose connection dropped while the server still works on it holds the cursor; the
+    # driver's immediate re-send is answered 409 / 1601 (CursorRepository::find), not queued.
+    from arango_double import ArangoDouble
+    with ArangoDouble() as double:
+        db = _client_db(double)
+        db.create_collection("C").import_bulk([{"_key": f"{i:03d}"} for i in range(30)])
+        double.faults.drop_connection_after_batches(1, busy_for=0.5)
+        cursor = db.aql.execute("FOR v IN @@c RETURN v._key", bind_vars={"@c": "C"}, batch_size=10,
+                                stream=True, allow_retry=True)
+        with pytest.raises(CursorNextError) as err:
+            list(cursor)
+        assert (err.value.http_code, err.value.error_code) == (409, 1601)
+        assert [r.status for r in double.requests.matching("POST", "/_api/cursor/")] == [None, 409]
+
+
+def test_hardened_server_hides_the_version_from_users_who_are_not_admins() -> None:
+    from arango_double import ArangoDouble
+    with ArangoDouble({"root": "pw", "app": "pw"}, hardened=True) as double:
+        app = _client_db(double, user="app", password="pw")
+        assert "version" not in app.version(details=True)
+        with pytest.raises(KeyError):  # what python-arango's db.version() does there
+            app.version()
+        assert _client_db(double, user="root", password="pw").version().startswith("3.11.")
+
+
+def test_a_database_the_user_may_not_see_is_401_existing_or_not() -> None:
+    from arango_double import ArangoDouble
+    with ArangoDouble({"root": "pw", "app": "pw"}, access={"app": ("t",)}) as double:
+        double.create_database("t")
+        double.create_database("other")
+        assert _client_db(double, "t", user="app", password="pw").collections() is not None
+        for name in ("other", "missing"):
+            reply = requests.get(f"{double.url}/_db/{name}/_api/collection", auth=("app", "pw"), timeout=10)
+            assert (reply.status_code, reply.json()["errorNum"]) == (401, 11)
+
+
+def test_37_server_fetches_with_put_only() -> None:
+    from arango_double import ArangoDouble
+    with ArangoDouble(version="3.7") as double:
+        db = _client_db(double)
+        db.create_collection("C").import_bulk([{"_key": f"{i:03d}"} for i in range(30)])
+        cursor = db.aql.execute("FOR v IN @@c RETURN v._key", bind_vars={"@c": "C"}, batch_size=10)
+        with pytest.raises(CursorNextError) as err:
+            list(cursor)
+        assert (err.value.http_code, err.value.error_code) == (405, 405)
+
+
+def test_stream_transaction_commit_abort_and_expiry() -> None:
+    from arango_double import ArangoDouble
+    query = 'FOR d IN @docs INSERT d INTO @@c OPTIONS { overwriteMode: "replace" } RETURN OLD._key'
+    with ArangoDouble() as double:
+        db = _client_db(double)
+        db.create_collection("E", edge=True)
+        edge = {"_key": "a", "_from": "U/1", "_to": "M/1"}
+        txn = db.begin_transaction(write=["E"])
+        assert list(txn.aql.execute(query, bind_vars={"@c": "E", "docs": [edge]})) == [None]  # created
+        txn.abort_transaction()
+        assert db.collection("E").count() == 0
+        txn = db.begin_transaction(write=["E"])
+        txn.aql.execute(query, bind_vars={"@c": "E", "docs": [edge]})
+        txn.commit_transaction()
+        assert list(db.aql.execute(query, bind_vars={"@c": "E", "docs": [{**edge, "_to": "M/2"}]})) == ["a"]
+        txn = db.begin_transaction(write=["E"])
+        txn.aql.execute("FOR v IN @@c FILTER v._from IN @u REMOVE v IN @@c", bind_vars={"@c": "E", "u": ["U/1"]})
+        assert db.collection("E").count() == 0  # no isolation: visible before the commit
+        assert double.expire_transactions() == 1 and db.collection("E").count() == 1  # undone
+        with pytest.raises(AQLQueryExecuteError) as err:  # a finished transaction takes no more requests
+            txn.aql.execute(query, bind_vars={"@c": "E", "docs": [edge]})
+        assert (err.value.http_code, err.value.error_code) == (410, 1653)
+        with pytest.raises(AQLQueryExecuteError) as err:  # the first bad document fails the whole insert
+            db.aql.execute(query, bind_vars={"@c": "E", "docs": [{**edge, "_key": "b"}, {"_key": "c", "_from": "x"}]})
+        assert err.value.error_code == 1233 and db.collection("E").count() == 1

@@ -131,6 +131,18 @@ def test_import_retries_write_write_conflicts(db, arango_faults):
     assert (counts.created, counts.errors, counts.conflicts_retried) == (5, 0, 3) and _count(db, "C") == 5
 
 
+def test_conflicts_after_a_validation_error_resend_the_right_documents(db, arango_faults):
+    # Insert errors are numbered among the documents that passed validation: with request
+    # document 1 invalid, a conflict on request document 3 is reported "at position 2".
+    db.create_collection("E", edge=True)
+    docs = [{"_key": str(i), "_from": "V/1", "_to": f"V/{i}"} for i in range(4)]
+    docs[1] = {"_key": "1", "_from": "V/1"}  # no _to: fails validation
+    arango_faults.conflict_next_imports([3])
+    with pytest.raises(WriteMismatchError, match="at position 2: missing '_from' or '_to' attribute"):
+        import_documents(db.collection("E"), docs, RetryPolicy(attempts=2, backoff=0.0))
+    assert sorted(db.collection("E").keys()) == ["0", "2", "3"]
+
+
 def test_import_conflicts_that_never_clear_are_a_mismatch(db, arango_faults):
     db.create_collection("C")
     arango_faults.conflict_next_imports(1, times=5)

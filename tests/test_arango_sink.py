@@ -90,11 +90,15 @@ def test_transient_failures_are_retried(db, arango_faults, fault):
     assert len(_edges(db)) == 30
 
 
-def test_keys_the_server_rejects_are_reported(db):
+def test_keys_the_server_would_reject_are_refused_and_reported(db):
+    # An AQL insert fails whole at its first bad document, so such edges are refused before sending;
+    # every other user's edges are still written.
     batch = pa.record_batch({"user_key": pa.array(["1", "bad user"]), "movie_key": pa.array(["5", "6"]),
                              "score": pa.array([1.0, 0.5], pa.float32()), "rank": pa.array([1, 2], pa.int32())})
-    with pytest.raises(WriteMismatchError, match=r"sent 2, server created 1 \+ updated 0, errors 1"):
+    with pytest.raises(WriteMismatchError, match=r"refused 1 of 2 recommendation edges before sending .*\n"
+                                                 r"  user 'bad user' → movie '6': a key with characters"):
         _write(db, [batch])
+    assert [v[0] for v in _edges(db).values()] == ["Users/1"]
 
 
 def test_replace_previous_keeps_every_user_covered(db, arango_endpoint):
@@ -104,15 +108,87 @@ def test_replace_previous_keeps_every_user_covered(db, arango_endpoint):
     if double is not None:
         double.requests.clear()
     result = _write(db, _ranked(users[:6], seed=2), run_id="run-b", replace_previous=True, writeback_batch_docs=5)
-    if double is not None:  # the removal comes after every import of the new run
-        log = [r.api_path for r in double.requests if r.api_path in ("/_api/import", "/_api/cursor")]
-        assert log == ["/_api/import"] * 4 + ["/_api/cursor"]
+    if double is not None:  # two users (6 edges) per transaction: insert, then remove, then commit
+        log = [(r.method, r.api_path.split("/")[2]) for r in double.requests if r.api_path.startswith("/_api/")]
+        group = [("POST", "transaction"), ("POST", "cursor"), ("POST", "cursor"), ("PUT", "transaction")]
+        assert log[-12:] == group * 3
     runs_by_user: dict[str, set] = {}
     for _from, _to, score, rank, run_id, _ in _edges(db).values():
         runs_by_user.setdefault(_from[6:], set()).add(run_id)
     assert all(runs_by_user[u] == {"run-b"} for u in users[:6])
     assert all(runs_by_user[u] == {"run-a"} for u in users[6:])
     assert result.removed_previous == 18
+
+
+def _by_user(db) -> dict[str, list[tuple]]:
+    out: dict[str, list[tuple]] = {}
+    for _from, _to, score, rank, run_id, _ in _edges(db).values():
+        out.setdefault(_from[6:], []).append((rank, _to, run_id))
+    return {u: sorted(v) for u, v in out.items()}
+
+
+@pytest.mark.parametrize("second", [dict(k=2, seed=0), dict(k=3, seed=5)], ids=["smaller-k", "retrained"])
+def test_rescoring_the_same_run_leaves_exactly_the_new_edges(db, second):
+    # Written with k=3, then again into the same run id with k=2 (or another model): every user's
+    # edges are exactly the second write's (before: stale edges stayed, two of them at rank 1).
+    users = [str(u) for u in range(1, 11)]
+    _write(db, _ranked(users, k=3, seed=1), writeback_batch_docs=7)
+    result = _write(db, _ranked(users, **second), writeback_batch_docs=7)
+    expected = {}
+    for batch in _ranked(users, **second):
+        for u, m, r in zip(*(batch.column(c).to_pylist() for c in ("user_key", "movie_key", "rank"))):
+            expected.setdefault(u, []).append((r, f"Movie/{m}", "run-a"))
+    assert _by_user(db) == {u: sorted(v) for u, v in expected.items()}
+    assert result.removed_previous == len(_edges_of_first_write_not_kept(users, second))
+
+
+def _edges_of_first_write_not_kept(users, second) -> set:
+    keys = lambda batches: {(u, m) for b in batches for u, m in zip(b.column("user_key").to_pylist(),
+                                                                     b.column("movie_key").to_pylist())}
+    return keys(_ranked(users, k=3, seed=1)) - keys(_ranked(users, **second))
+
+
+class _Killed(BaseException):
+    """Stands in for the process dying (no except clause of the sink catches it)."""
+
+
+def test_a_crash_mid_write_leaves_each_user_all_old_or_all_new(db, arango_faults, arango_endpoint, monkeypatch):
+    from arango.aql import AQL
+
+    users = [str(u) for u in range(1, 11)]
+    _write(db, _ranked(users, k=3, seed=1), writeback_batch_docs=6)
+    old, execute, removes = _by_user(db), AQL.execute, []
+
+    def dies_in_the_third_group(self, query, **kwargs):
+        if query.startswith("FOR v IN @@collection FILTER v._from IN @users"):
+            removes.append(1)
+            if len(removes) == 3:  # the third group's edges are in, its old ones not yet removed
+                arango_faults.drop_next("/_api/transaction/", method="DELETE", times=10)  # its abort is lost too
+                raise _Killed()
+        return execute(self, query, **kwargs)
+
+    monkeypatch.setattr(AQL, "execute", dies_in_the_third_group)
+    with pytest.raises(_Killed):
+        _write(db, _ranked(users, k=2, seed=0), writeback_batch_docs=6)
+    monkeypatch.setattr(AQL, "execute", execute)
+    expired = arango_endpoint.double.expire_transactions()  # the server's idle timeout
+    new = {u: sorted((r, f"Movie/{m}", "run-a") for b in _ranked(users, k=2, seed=0) for bu, m, r in
+                     zip(*(b.column(c).to_pylist() for c in ("user_key", "movie_key", "rank"))) if bu == u)
+           for u in users}
+    now = _by_user(db)
+    assert all(now[u] in (old[u], new[u]) for u in users)
+    assert [u for u in users if now[u] == new[u]] == users[:6]  # two groups of three users committed
+    assert expired == 1
+
+
+def test_a_group_that_fails_transiently_is_written_again_whole(db, arango_faults, arango_endpoint):
+    users = [str(u) for u in range(1, 7)]
+    _write(db, _ranked(users, k=3, seed=1))
+    # more 503s than python-arango re-sends by itself: the group's transaction is aborted and redone
+    arango_faults.fail_next("/_api/cursor", 503, times=4)
+    _write(db, _ranked(users, k=2, seed=0))
+    assert all(len(edges) == 2 for edges in _by_user(db).values()) and len(_by_user(db)) == 6
+    assert arango_endpoint.double.requests.matching("DELETE", "/_api/transaction/")
 
 
 # ----------------------------------------------------------------------------- round trip

@@ -12,7 +12,9 @@ from arango.aql import AQL
 
 from scalable_rec import cli
 from scalable_rec.connection import ArangoConfig, ArangoSettings, connect
-from scalable_rec.errors import CollectionNotFoundError, ConfigError, DatabaseUnreachableError, MalformedInputError
+from scalable_rec.errors import (
+    CollectionNotFoundError, ConfigError, DatabaseError, DatabaseUnreachableError, MalformedInputError,
+)
 from scalable_rec.shards import GraphShards, Manifest
 from scalable_rec.source import SkipReport, write_rating_shards
 from scalable_rec.source import arango_export
@@ -193,6 +195,31 @@ def test_cursor_that_keeps_dying_gives_up(db, arango_faults, tmp_path):
     arango_faults.fail_next("/_api/cursor", 503, times=1000)
     with pytest.raises(DatabaseUnreachableError, match="gave up after 3 re-reads"):
         _export(db, tmp_path / "dead")
+
+
+def test_busy_cursor_after_a_dropped_fetch_rereads_the_partition(db, clean, arango_faults, arango_endpoint,
+                                                                 tmp_path):
+    # The fetch's connection drops while the server still holds the cursor; python-arango re-sends at
+    # once and gets 409 / 1601. The partition is read again after a backoff, as for 1600.
+    _, manifest, report, _ = clean
+    arango_faults.drop_connection_after_batches(6, busy_for=0.3)
+    faulty, faulty_report = _export(db, tmp_path / "faulty")
+    assert _files(faulty) == _files(manifest) and faulty_report.to_json() == report.to_json()
+    assert any(r.status == 409 for r in arango_endpoint.double.requests.matching("POST", "/_api/cursor/"))
+
+
+@pytest.mark.parametrize("status, error_num", [(500, 32), (500, 4), (400, 1501)])
+def test_deterministic_cursor_errors_are_not_retried(db, arango_faults, arango_endpoint, tmp_path, status,
+                                                      error_num):
+    # A 500 that names its cause (32: resource limit) fails the same way again: one try, one named line.
+    _fill(db)
+    arango_faults.fail_next("/_api/cursor", status, error_num=error_num, message="resource limit exceeded",
+                            times=1000)
+    with pytest.raises(DatabaseError, match=rf"\[HTTP {status}\]\[ERR {error_num}\]") as err:
+        _export(db, tmp_path / "dead")
+    assert not isinstance(err.value, DatabaseUnreachableError)
+    assert len([r for r in arango_endpoint.double.requests.matching("POST", "/_api/cursor")
+                if r.status == status]) == 1
 
 
 def test_source_reopens_after_last_key_received(db, clean, arango_faults, tmp_path):

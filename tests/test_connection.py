@@ -9,9 +9,14 @@ import socket
 
 import pytest
 
+from arango.exceptions import ArangoServerError
+from arango.request import Request
+from arango.response import Response
+
+from arango_double import ArangoDouble
 from scalable_rec.connection import (
     ENV_DATABASE, ENV_PASSWORD, ENV_PASSWORD_FILE, ENV_URL, ENV_USER, ArangoConfig, ArangoSettings, RetryPolicy,
-    connect, require_collection,
+    connect, is_cursor_retryable, is_transient, require_collection, server_info,
 )
 from scalable_rec.errors import (
     AuthenticationError, CollectionNotFoundError, ConfigError, DatabaseError, DatabaseNotFoundError,
@@ -100,7 +105,8 @@ def test_connect_and_require_collection(arango_endpoint):
 
 def test_wrong_password_is_authentication_error_without_the_password(arango_endpoint, caplog):
     caplog.set_level(logging.DEBUG)
-    with pytest.raises(AuthenticationError, match=r"rejected the credentials for user '.*' .*HTTP 401") as err:
+    with pytest.raises(AuthenticationError, match=r"rejected the credentials for user '.*' .*HTTP 401\): wrong "
+                                                  "credentials or no access to this database") as err:
         connect(_settings(arango_endpoint, password=SECRET))
     assert SECRET not in str(err.value) and SECRET not in repr(err.value)
     assert SECRET not in caplog.text
@@ -117,3 +123,66 @@ def test_unreachable_server():
         port = s.getsockname()[1]
     with pytest.raises(DatabaseUnreachableError, match=f"could not reach ArangoDB on http://127.0.0.1:{port}"):
         connect(ArangoSettings(url=f"http://127.0.0.1:{port}", http_retries=0, request_timeout=2))
+
+
+def _server_error(status: int, error_num: int | None) -> ArangoServerError:
+    resp = Response("post", "http://h/_api/cursor", {}, status, "", json.dumps({"errorNum": error_num}))
+    resp.body, resp.error_code, resp.error_message = {"errorNum": error_num}, error_num, "x"
+    return ArangoServerError(resp, Request("post", "/_api/cursor"))
+
+
+@pytest.mark.parametrize("status, error_num, transient, cursor", [
+    (503, 503, True, False), (502, None, True, False), (504, 1457, True, False),  # overload, gateway, failover
+    (409, 1200, True, False),                                                     # write-write conflict
+    (500, 32, False, False), (500, 1521, False, False), (500, 4, False, False),   # deterministic: never repeated
+    (408, 408, False, False), (429, 429, False, False), (400, 1501, False, False),
+    (404, 1600, False, True), (409, 1601, False, True),                           # cursor gone or busy
+])
+def test_only_transient_failures_are_retried(status, error_num, transient, cursor):
+    err = _server_error(status, error_num)
+    assert is_transient(err) is transient
+    assert is_cursor_retryable(err) is cursor
+    calls = []
+
+    def fails():
+        calls.append(1)
+        raise err
+
+    with pytest.raises(Exception):
+        RetryPolicy(attempts=3, backoff=0.0).call(fails, "probe")
+    assert len(calls) == (4 if transient else 1)
+    assert is_transient(ConnectionAbortedError("dropped")) and is_transient(TimeoutError())
+
+
+def _double_settings(double, database="t", user=None, password=None) -> ArangoSettings:
+    return ArangoSettings(url=double.url, database=database, username=user or double.username,
+                          password=password or double.password, http_retries=0)
+
+
+def test_hardened_server_connects_with_the_version_hidden(caplog):
+    # --server.harden: /_api/version has no 'version' for a user who is not an admin (double only).
+    with ArangoDouble({"root": "pw", "app": "pw"}, hardened=True) as double:
+        double.create_database("t")
+        db = connect(_double_settings(double, user="app", password="pw"))
+        info = server_info(db)
+        assert (info.version, info.role, info.legacy_cursors) == (None, "SINGLE", True)
+        assert info.describe() == {"version": "hidden", "role": "SINGLE"}
+        assert "does not tell this user its version" in caplog.text
+        assert server_info(connect(_double_settings(double, user="root", password="pw"))).version == (3, 11)
+
+
+def test_servers_older_than_38_are_refused():
+    with ArangoDouble(version="3.7") as double:
+        double.create_database("t")
+        with pytest.raises(DatabaseError, match=r"^ArangoDB 3\.7\.99-double is too old: expected 3\.8 or later"):
+            connect(_double_settings(double))
+
+
+def test_a_database_the_user_may_not_see_is_named_as_such():
+    with ArangoDouble({"root": "pw", "app": "pw"}, access={"app": ("t",)}) as double:
+        double.create_database("t")
+        double.create_database("other")
+        assert connect(_double_settings(double, user="app", password="pw")).name == "t"
+        for name in ("other", "missing"):
+            with pytest.raises(AuthenticationError, match="wrong credentials or no access to this database"):
+                connect(_double_settings(double, database=name, user="app", password="pw"))

@@ -135,6 +135,22 @@ def test_run_checks_the_arango_sink_before_training(tmp_path, caplog, monkeypatc
     assert files_containing(tmp_path, password) == [] and password not in caplog.text
 
 
+@pytest.mark.parametrize("server, user, match", [
+    (dict(version="3.7"), "root", "ArangoDB 3.7.99-double is too old: expected 3.8 or later"),
+    (dict(access={"app": ("elsewhere",)}), "app", "wrong credentials or no access to this database"),
+])
+def test_arango_export_refusals_are_one_line(tmp_path, caplog, monkeypatch, server, user, match):
+    from arango_double import ArangoDouble
+
+    with ArangoDouble({"root": "pw-123456", "app": "pw-123456"}, **server) as double:
+        double.create_database("recs")
+        for var, value in (("URL", double.url), ("DB", "recs"), ("USER", user), ("PASSWORD", "pw-123456")):
+            monkeypatch.setenv(f"SCALABLE_REC_ARANGO_{var}", value)
+        text = fails(["arango", "export", "--shards", str(tmp_path / "s")], caplog, match=match)
+    assert "\n" not in text and "pw-123456" not in caplog.text
+    assert not (tmp_path / "s").exists()
+
+
 class _Payload:
     """Unpickling this creates ``marker``: what a crafted checkpoint could do instead."""
 

@@ -1,11 +1,18 @@
 """ArangoDB sink: idempotent bulk imports, and ranked recommendations written back as edges.
 
-Every write goes through ``import_documents``: ``import_bulk`` with ``on_duplicate="replace"``
+Bulk loads go through ``import_documents``: ``import_bulk`` with ``on_duplicate="replace"``
 and deterministic ``_key``s, so a request repeated after a lost response (python-arango
 resends it, and so does ``RetryPolicy``) or a whole re-run replaces documents instead of
 duplicating them. The server's created/updated/errors answer is checked against each batch;
 every disagreement is logged as it happens and all of them end in one ``WriteMismatchError``
 once everything that could be written has been.
+
+Recommendations (``write_recommendations``) are written a group of users at a time, each group
+in one stream transaction: its edges are inserted (replacing same-key edges), then the group's
+users' other edges of the same run id are removed (of any run id with ``replace_previous``),
+then the transaction commits. After a write a user's edges are exactly this write's, and a
+crash leaves each user with either all of the old edges or all of the new ones: an
+uncommitted transaction is aborted by the server. ``docs/arango.md`` explains the semantics.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import math
 import os
 import re
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
@@ -44,12 +52,13 @@ class WritebackConfig:
 
     Args:
         sink: ``parquet`` (<run-dir>/recommendations.parquet) or ``arango`` (edges
-            Users/<key> → Movie/<key> with score, rank, run_id, created_at).
+            Users/<key> → Movie/<key> with score, rank, run_id, write_id, created_at).
         inference_collection: Edge collection for ``--sink arango`` (created if missing).
-        replace_previous: After this run's edges are written, remove the same users' edges
-            from other runs, so no user is ever left without recommendations.
-        writeback_batch_docs: Most edges per import request.
-        writeback_batch_mb: Most (estimated) MiB per import request.
+        replace_previous: Also remove the written users' edges of other run ids (in the same
+            transaction as the new edges, so no user is ever left without recommendations).
+        writeback_batch_docs: Edges per transaction; a transaction ends only between users, so
+            it may exceed this by one user's edges.
+        writeback_batch_mb: (Estimated) MiB of edges per transaction, ended between users as well.
     """
 
     sink: Literal["parquet", "arango"] = "parquet"
@@ -114,15 +123,35 @@ def batched(docs: Iterable[dict[str, Any]], max_docs: int, max_bytes: int) -> It
 _POSITION = re.compile(r"at position (\d+):")
 
 
-def conflict_positions(details: list[Any]) -> list[int]:
-    """Positions of an import's ``details`` lines that report a write-write conflict (1200)."""
-    out = []
+def _is_conflict(line: str) -> bool:
+    return "creating document failed" in line and "conflict" in line and "unique constraint" not in line
+
+
+def conflict_positions(details: list[Any], sent: int) -> list[int]:
+    """Request indexes of the documents an import refused with a write-write conflict (1200).
+
+    ``/_api/import`` numbers its ``details`` two ways (``RestImportHandler.cpp``): a document
+    that fails validation (not an object, an edge without string ``_from``/``_to``) by its
+    1-based position in the request; an insert error, such as a conflict, by its 0-based
+    position among the documents that passed validation.
+
+    Args:
+        details: The answer's ``details`` lines.
+        sent: Documents in the request.
+    """
+    invalid: set[int] = set()
+    conflicts: list[int] = []
     for line in details:
         text = str(line)
         match = _POSITION.search(text)
-        if match and "conflict" in text and "unique constraint" not in text:
-            out.append(int(match.group(1)))
-    return out
+        if match is None:
+            continue
+        if "creating document failed" not in text:
+            invalid.add(int(match.group(1)) - 1)
+        elif _is_conflict(text):
+            conflicts.append(int(match.group(1)))
+    validated = [i for i in range(sent) if i not in invalid]
+    return [validated[p] for p in conflicts if p < len(validated)]
 
 
 def non_finite(doc: dict[str, Any]) -> str | None:
@@ -154,20 +183,22 @@ def _send_with_conflict_retry(collection: StandardCollection, batch: list[dict[s
                                                           on_duplicate="replace"), what)
 
     result = dict(send(batch))
-    retried, delays, pending = 0, policy.delays(), batch
+    retried, delays, pending, latest = 0, policy.delays(), batch, result.get("details") or []
     while True:
-        positions = conflict_positions(result.get("details") or [])
+        # Positions refer to the last request only (``pending``), so only its lines are read.
+        positions = conflict_positions(latest, len(pending))
         if not positions:
             return result, retried
         delay = next(delays, None)
         if delay is None:
             return result, retried
-        pending = [pending[i] for i in positions if i < len(pending)]
+        pending = [pending[i] for i in positions]
         log.warning("%s: %d write-write conflict(s) (1200); sending them again in %.2fs", what, len(pending), delay)
         time.sleep(delay)
         retried += len(pending)
         again = send(pending)
-        others = [d for d in result.get("details") or [] if not conflict_positions([d])]
+        latest = again.get("details") or []
+        others = [d for d in result.get("details") or [] if not _is_conflict(str(d))]
         result = {"created": result.get("created", 0) + again.get("created", 0),
                   "updated": result.get("updated", 0) + again.get("updated", 0),
                   "ignored": result.get("ignored", 0) + again.get("ignored", 0),
@@ -246,6 +277,16 @@ def recommendation_key(run_id: str, user: str, movie: str) -> str:
     return hashlib.blake2b(f"{run_id}\x00{user}\x00{movie}".encode(), digest_size=16).hexdigest()
 
 
+# ArangoDB's document key alphabet: a handle "<collection>/<key>" with other characters makes the
+# server refuse the whole AQL insert, so such edges are refused before sending instead.
+_KEY = re.compile(r"^[A-Za-z0-9_\-:.@()+,=;$!*'%]{1,254}$")
+REPLACE_EDGES = 'FOR d IN @docs INSERT d INTO @@collection OPTIONS { overwriteMode: "replace" } RETURN OLD._key'
+REMOVE_STALE = ("FOR v IN @@collection FILTER v._from IN @users AND v.run_id == @run_id AND v.write_id != @write_id "
+                "REMOVE v IN @@collection")
+REMOVE_OTHERS = ("FOR v IN @@collection FILTER v._from IN @users AND v.write_id != @write_id "
+                 "REMOVE v IN @@collection")
+
+
 @dataclass
 class WritebackResult:
     """Outcome of writing one run's recommendations."""
@@ -255,35 +296,95 @@ class WritebackResult:
     counts: ImportCounts
     users: int
     removed_previous: int = 0
+    """Edges removed: the written users' older edges of this run id (of any run id with
+    ``replace_previous``)."""
+    write_id: str = ""
 
 
-REMOVE_PREVIOUS = ("FOR v IN @@collection FILTER v._from IN @users AND v.run_id != @run_id "
-                   "REMOVE v IN @@collection")
+@dataclass
+class _Group:
+    """The edges of some users, written in one transaction."""
+
+    docs: list[dict[str, Any]]
+    users: list[str]
+
+
+def _groups(docs: Iterable[tuple[str, dict[str, Any]]], max_docs: int, max_bytes: int) -> Iterator[_Group]:
+    """``(user, edge)`` pairs grouped so that a group ends only where the user changes."""
+    group, users, size, last = [], [], 0, None
+    for user, doc in docs:
+        n = doc_bytes(doc)
+        if group and user != last and (len(group) >= max_docs or size + n > max_bytes):
+            yield _Group(group, users)
+            group, users, size = [], [], 0
+        if user != last or not users:
+            users.append(user)
+        group.append(doc)
+        size += n
+        last = user
+    if group:
+        yield _Group(group, users)
+
+
+def _write_group(db: StandardDatabase, collection: str, group: _Group, layout: ArangoConfig, run_id: str,
+                 write_id: str, replace_previous: bool) -> tuple[int, int]:
+    """One stream transaction: insert the group's edges, remove its users' stale ones, commit.
+    Returns (edges created, edges removed). Aborted (best effort) on any error; a transaction
+    the client never finishes is aborted by the server after its idle timeout."""
+    txn = db.begin_transaction(write=[collection])
+    try:
+        old = list(txn.aql.execute(REPLACE_EDGES, bind_vars={"@collection": collection, "docs": group.docs},
+                                   batch_size=max(1, len(group.docs))))
+        handles = [f"{layout.users_collection}/{u}" for u in group.users]
+        binds = {"@collection": collection, "users": handles, "write_id": write_id}
+        if not replace_previous:
+            binds["run_id"] = run_id
+        cursor = txn.aql.execute(REMOVE_OTHERS if replace_previous else REMOVE_STALE, bind_vars=binds)
+        removed = int((cursor.statistics() or {}).get("modified", 0))
+        txn.commit_transaction()
+    except BaseException:
+        try:
+            txn.abort_transaction()
+        except Exception as err:  # noqa: BLE001 - the error that ended the group matters more
+            log.debug("aborting transaction %s failed (the server aborts it when idle): %s", txn.transaction_id,
+                      err)
+        raise
+    return sum(1 for o in old if o is None), removed
 
 
 def write_recommendations(db: StandardDatabase, batches: Iterable[pa.RecordBatch], layout: ArangoConfig,
                           cfg: WritebackConfig, run_id: str, created_at: str,
-                          users_per_remove: int = 1000) -> WritebackResult:
+                          write_id: str | None = None) -> WritebackResult:
     """Writes ranked ``(user_key, movie_key, score, rank)`` batches as recommendation edges.
+
+    Groups of users are written one stream transaction each (``_write_group``): afterwards a
+    written user's edges of ``run_id`` are exactly this write's, and a crash never leaves a
+    user with part of them. A group that fails transiently is written again as a whole (same
+    keys, same ``write_id``: nothing is duplicated or removed twice).
 
     Args:
         db: Target database.
         batches: Ranked record batches (see ``scalable_rec.score.topk``).
         layout: Collection names (``_from`` is ``<users_collection>/<key>``, ``_to`` is
             ``<movies_collection>/<key>``) and retry settings.
-        cfg: Target collection, batching and ``replace_previous``.
+        cfg: Target collection, group sizes and ``replace_previous``.
         run_id: Identifies the model run; part of every ``_key``.
-        created_at: Stored on every edge; fixed per run so that a re-run changes nothing.
-        users_per_remove: Users per REMOVE query of ``replace_previous``.
-    """
-    collection = ensure_collection(db, cfg.inference_collection, edge=True)
-    policy = layout.retry_policy()
-    users: set[str] = set()
+        created_at: Stored on every edge; fixed per run.
+        write_id: Identifies this write (default: a fresh random id); stored on every edge.
 
-    def docs() -> Iterator[dict[str, Any]]:
+    Raises:
+        WriteMismatchError: Edges were refused before sending (NaN/inf values, keys ArangoDB does
+            not allow); raised after every other edge was written.
+    """
+    collection = ensure_collection(db, cfg.inference_collection, edge=True).name
+    policy = layout.retry_policy()
+    write_id = write_id or uuid.uuid4().hex
+    refused: list[str] = []
+    total = ImportCounts()
+
+    def edges() -> Iterator[tuple[str, dict[str, Any]]]:
         for batch in batches:
             user_col = [str(u) for u in batch.column("user_key").to_pylist()]
-            users.update(user_col)
             predicted = (batch.column("predicted_rating").to_pylist() if "predicted_rating" in batch.schema.names
                          else [None] * batch.num_rows)
             for user, movie, score, rank, rating in zip(user_col, batch.column("movie_key").to_pylist(),
@@ -292,44 +393,43 @@ def write_recommendations(db: StandardDatabase, batches: Iterable[pa.RecordBatch
                 movie = str(movie)
                 doc = {"_key": recommendation_key(run_id, user, movie),
                        "_from": f"{layout.users_collection}/{user}", "_to": f"{layout.movies_collection}/{movie}",
-                       "score": score, "rank": rank, "run_id": run_id, "created_at": created_at}
+                       "score": score, "rank": rank, "run_id": run_id, "write_id": write_id,
+                       "created_at": created_at}
                 if rating is not None:
                     doc["predicted_rating"] = rating
-                yield doc
+                bad = non_finite(doc)
+                reason = (f"{bad}={doc[bad]!r} (not a JSON number)" if bad is not None else
+                          None if _KEY.match(user) and _KEY.match(movie) else
+                          "a key with characters ArangoDB does not allow in a document key")
+                if reason is None:
+                    yield user, doc
+                else:
+                    total.errors += 1
+                    total.refused_non_finite += bad is not None
+                    if len(refused) < MAX_LISTED_MISMATCHES:
+                        refused.append(f"user {user!r} → movie {movie!r}: {reason}")
 
-    counts = import_documents(collection, docs(), policy, cfg.writeback_batch_docs,
-                              int(cfg.writeback_batch_mb * (1 << 20)))
-    result = WritebackResult(run_id, collection.name, counts, len(users))
-    if cfg.replace_previous:
-        result.removed_previous = remove_previous_runs(db, collection.name, layout, sorted(users), run_id,
-                                                       policy, users_per_remove)
-    log.info("writeback: %d recommendation edges for %d users into %s (created %d, updated %d, "
-             "removed %d of earlier runs)", counts.sent, len(users), collection.name, counts.created,
-             counts.updated, result.removed_previous)
-    return result
-
-
-def remove_previous_runs(db: StandardDatabase, collection: str, layout: ArangoConfig, users: list[str],
-                         run_id: str, policy: RetryPolicy, chunk: int = 1000) -> int:
-    """Removes edges of ``users`` whose ``run_id`` differs from ``run_id``; returns how many.
-
-    Run only after the new run's edges are in, so every user keeps recommendations throughout.
-    Each query is idempotent (a repeat finds nothing more to remove), so it is retried as is.
-    """
+    users: set[str] = set()
     removed = 0
-    for i in range(0, len(users), chunk):
-        handles = [f"{layout.users_collection}/{u}" for u in users[i:i + chunk]]
-
-        def remove(handles: list[str] = handles) -> int:
-            cursor = db.aql.execute(REMOVE_PREVIOUS, bind_vars={"@collection": collection, "users": handles,
-                                                                "run_id": run_id})
-            return int((cursor.statistics() or {}).get("modified", 0))
-
+    for group in _groups(edges(), cfg.writeback_batch_docs, int(cfg.writeback_batch_mb * (1 << 20))):
+        what = f"writing {len(group.docs)} recommendation edges of {len(group.users)} users into '{collection}'"
         try:
-            removed += policy.call(remove, f"removing earlier runs' edges from '{collection}'")
+            created, gone = policy.call(lambda g=group: _write_group(db, collection, g, layout, run_id, write_id,
+                                                                     cfg.replace_previous), what)
         except ArangoServerError as err:
-            raise database_error(err, f"Removing earlier runs' edges from '{collection}'") from err
-    return removed
+            raise database_error(err, what) from err
+        total.add(ImportCounts(sent=len(group.docs), created=created, updated=len(group.docs) - created,
+                               requests=1))
+        removed += gone
+        users.update(group.users)
+    result = WritebackResult(run_id, collection, total, len(users), removed, write_id)
+    log.info("writeback: %d recommendation edges for %d users into %s (created %d, updated %d, removed %d "
+             "older ones)", total.sent, len(users), collection, total.created, total.updated, removed)
+    if refused:
+        raise WriteMismatchError(
+            f"Collection '{collection}': refused {total.errors} of {total.sent + total.errors} recommendation edges before "
+            f"sending (the other users' edges were written), e.g.:\n  " + "\n  ".join(refused))
+    return result
 
 
 def run_timestamp(run_dir: Path) -> str:

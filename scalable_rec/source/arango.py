@@ -23,7 +23,14 @@ one partition.
 On a coordinator each shard is read on its own instead (``GET /_api/collection/{name}/shards``,
 cursor option ``shardIds``, as ArangoDB's Spark datasource does): one scan in all, no ordering
 needed; with more partitions wanted than shards, each shard gets ``ceil(P / shards)`` hash
-partitions. ``per_shard_reads=False`` or a refused shard list (logged) keeps whole-collection ones.
+partitions. ``shardIds`` is an internal query option that python-arango 8 cannot pass, so its
+request is built through the driver's private ``db.aql._conn`` / ``db.aql._execute``
+(``driver_can_restrict_to_shards`` checks they are still there). Before a table is read shard by
+shard, one ``LIMIT 1`` read of its first shard checks that the server takes the option.
+``per_shard_reads=False``, a refused shard list or option, or changed driver internals (each
+logged) keep whole-collection hash partitions. A shard the server no longer knows (500 / errorNum
+1521: the collection was dropped, recreated or resharded since its shards were listed) is fatal,
+never retried.
 
 Servers before 3.11 have no ``allowRetry``: python-arango re-sends a cursor fetch after a
 lost response and the server serves the *next* batch, skipping one. There each partition
@@ -36,10 +43,10 @@ checkpointed, parallel, verified export into shards is ``scalable_rec.source.ara
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import math
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
@@ -52,10 +59,11 @@ from arango.request import Request
 from arango.response import Response
 
 from scalable_rec.connection import (
-    ArangoConfig, RetryPolicy, ServerInfo, database_error, is_cursor_lost, is_transient, require_collection,
+    ArangoConfig, RetryPolicy, ServerInfo, database_error, is_cursor_retryable, is_transient, require_collection,
     server_info,
 )
-from scalable_rec.errors import ExportVerificationError
+from scalable_rec.errors import DatabaseError, ExportVerificationError
+from scalable_rec.source.prefetch import Prefetcher
 from scalable_rec.source.arango_rows import (  # noqa: F401 - re-exported: the rows of each read
     MOVIE_SCHEMA, RATING_SCHEMA, USER_SCHEMA, movie_batch, rating_batch, user_batch,
 )
@@ -70,7 +78,9 @@ PARTITION_QUERY = ("FOR v IN @@collection FILTER SUBSTRING(MD5(v._key), 0, {widt
 MOVIE_PROJECTION = "v._key, v.@title, v.@genres"
 USER_PROJECTION = "v._key"
 RATING_PROJECTION = "v._key, v._from, v._to, v.@rating, v.@timestamp"
+PROBE_QUERY = "FOR v IN @@collection LIMIT @limit RETURN v._key"
 MAX_PARTITIONS = 4096  # three hex digits of MD5
+UNKNOWN_SHARD = 1521  # ERROR_QUERY_COLLECTION_LOCK_FAILED: no shard of the collection left to lock
 
 
 
@@ -186,6 +196,19 @@ def partitions(count: int, shards: list[str] | None = None) -> list[Partition]:
     return [Partition(i, count, shard, j, len(shards)) for j, shard in enumerate(shards) for i in range(count)]
 
 
+def driver_can_restrict_to_shards(db: StandardDatabase) -> bool:
+    """True when python-arango still has the private pieces a ``shardIds`` read is built from:
+    ``db.aql._conn`` and ``db.aql._execute(request, response_handler)``."""
+    execute, conn = getattr(db.aql, "_execute", None), getattr(db.aql, "_conn", None)
+    if conn is None or not callable(execute):
+        return False
+    try:
+        params = list(inspect.signature(execute).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params[:2] == ["request", "response_handler"]
+
+
 def _open_cursor(db: StandardDatabase, query: str, binds: dict[str, Any], cfg: ExportConfig, legacy: bool,
                  shard: str | None) -> Cursor:
     """``db.aql.execute`` with the export's options; a per-shard read's request (``shardIds``,
@@ -238,7 +261,7 @@ def read_partition(db: StandardDatabase, spec: ReadSpec, part: Partition, cfg: E
         raise ExportVerificationError(
             f"Reading {part.describe()} of '{spec.collection}': received {received} rows, "
             f"the server's cursor counted {cursor.count()} (a cursor batch was lost; ArangoDB "
-            f"{server.version_text} has no allowRetry)")
+            f"{server.version_text or '(version hidden)'} reads without allowRetry)")
 
 
 def _close_quietly(cursor: Any) -> None:
@@ -261,7 +284,9 @@ def retry_partition(read: Callable[[], T], policy: RetryPolicy, what: str) -> T:
         try:
             return read()
         except Exception as err:  # noqa: BLE001 - classified right below
-            if not (is_transient(err) or is_cursor_lost(err) or isinstance(err, ExportVerificationError)):
+            if not (is_transient(err) or is_cursor_retryable(err) or isinstance(err, ExportVerificationError)):
+                if isinstance(err, ArangoServerError) and err.error_code == UNKNOWN_SHARD:
+                    raise unknown_shard_error(err, what) from err
                 if isinstance(err, ArangoServerError):
                     raise database_error(err, what) from err
                 raise
@@ -274,65 +299,11 @@ def retry_partition(read: Callable[[], T], policy: RetryPolicy, what: str) -> T:
             time.sleep(delay)
 
 
-class Prefetcher:
-    """Runs an iterator in a daemon thread, handing items over through a bounded queue.
-
-    The worker is at most ``depth`` items ahead (plus the one it is producing). An error in
-    the worker is re-raised in the consumer; closing the prefetcher stops the worker and
-    closes the iterator there (so its ``finally`` blocks, e.g. cursor cleanup, run).
-
-    Args:
-        items: The iterator to run in the background.
-        depth: Queue size.
-    """
-
-    def __init__(self, items: Iterator[Any], depth: int) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), name="arango-prefetch", daemon=True)
-        self._thread.start()
-
-    def _put(self, message: tuple[str, Any]) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(message, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                if not self._put(("item", item)):
-                    return
-            self._put(("end", None))
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer thread
-            self._put(("error", err))
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            kind, value = self._queue.get()
-            if kind == "item":
-                yield value
-            elif kind == "end":
-                return
-            else:
-                raise value
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-
-    def __enter__(self) -> "Prefetcher":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+def unknown_shard_error(err: ArangoServerError, what: str) -> DatabaseError:
+    """The named error for 500 / errorNum 1521 on a shard-restricted read."""
+    return DatabaseError(f"{what}: the server has no such shard any more (HTTP {err.http_code}, errorNum "
+                         f"{err.error_code}: {err.error_message}); the collection was dropped, recreated or "
+                         "resharded since its shards were listed. Export again from the start")
 
 
 # ----------------------------------------------------------------------------- the source
@@ -366,8 +337,9 @@ class ArangoSource:
         if self.server is None:
             self.server = server_info(self.db)
         if self.server.legacy_cursors:
-            log.warning("ArangoDB %s has no cursor allowRetry: reading each partition with a counted, "
-                        "non-stream cursor and re-reading it when a batch goes missing", self.server.version_text)
+            log.warning("ArangoDB %s: no cursor allowRetry known, reading each partition with a counted, "
+                        "non-stream cursor and re-reading it when a batch goes missing",
+                        self.server.version_text or "(version hidden from this user)")
 
     def identity(self) -> dict[str, Any]:
         """What determines the rows read (a resumed export must match it)."""
@@ -400,15 +372,43 @@ class ArangoSource:
                         {"rating": self.export.rating_attribute, "timestamp": self.export.timestamp_attribute})
 
     def shard_ids(self, collection: str) -> list[str] | None:
-        """Sorted shards to read one by one (a coordinator, ``per_shard_reads``), else None."""
+        """Sorted shards to read one by one (a coordinator, ``per_shard_reads``, the option taken),
+        else None (hash partitions of the whole collection).
+
+        Raises:
+            DatabaseError: The server does not know a shard it just listed (errorNum 1521).
+        """
         if not (self.server.cluster and self.export.per_shard_reads):
             return None
-        try:
-            return self.list_shards(collection) or None
-        except (ArangoServerError, KeyError, TypeError) as err:
-            log.warning("Listing the shards of '%s' failed (%s): reading it in hash partitions of the whole "
-                        "collection, one server-side scan each", collection, err)
+        fallback = ("reading '%s' in hash partitions of the whole collection, one server-side scan each "
+                    "(%s)")
+        if not driver_can_restrict_to_shards(self.db):
+            log.warning(fallback, collection, "this python-arango has no db.aql._conn / db.aql._execute "
+                        "(request, response_handler), which cursor option shardIds is sent through")
             return None
+        try:
+            shards = self.list_shards(collection) or None
+        except (ArangoServerError, KeyError, TypeError) as err:
+            log.warning(fallback, collection, f"listing the shards of '{collection}' failed: {err}")
+            return None
+        if shards is None:
+            return None
+        what = f"Reading shard {shards[0]} of '{collection}' with cursor option shardIds"
+        try:
+            self.layout.retry_policy().call(lambda: self.probe_shard(collection, shards[0]), what)
+        except ArangoServerError as err:
+            if err.error_code == UNKNOWN_SHARD:
+                raise unknown_shard_error(err, what) from err
+            log.warning(fallback, collection, f"the server refused cursor option shardIds: {err}")
+            return None
+        return shards
+
+    def probe_shard(self, collection: str, shard: str) -> None:
+        """Reads at most one key of ``shard`` through the per-shard request path."""
+        cursor = _open_cursor(self.db, PROBE_QUERY, {"@collection": collection, "limit": 1},
+                              dataclasses.replace(self.export, export_batch_size=1), self.server.legacy_cursors,
+                              shard)
+        _close_quietly(cursor)
 
     def list_shards(self, collection: str) -> list[str]:
         """The collection's shard ids, sorted (``GET /_api/collection/{name}/shards``; a coordinator only)."""
