@@ -147,13 +147,20 @@ ARANGO_COMMANDS: dict[str, tuple[Callable[[RunConfig, argparse.Namespace], None]
 }
 
 
+def _add_verbose(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """``-v`` before or after the command; a subcommand's copy sets it only when given."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="debug logging, and the traceback of an error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalable-rec", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_verbose(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, groups) in COMMANDS.items():
         p = sub.add_parser(name, help=fn.__doc__, description=pipeline_doc(name))
+        _add_verbose(p)
         p.add_argument("--run-dir", dest="run_dir", default=None,
                        help="run directory (default: <workdir>/run-<time>-<id>)")
         if name in ("run", "train", "score"):
@@ -174,12 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
         for g in groups + ("runtime",):
             add_group_arguments(p, GROUPS[g])
     refresh = sub.add_parser("refresh", help=cmd_refresh.__doc__, description=pipeline_doc("refresh"))
+    _add_verbose(refresh)
     refresh.add_argument("--run-dir", dest="run_dir", default=None, help="run directory written by 'train' or 'run'")
     for cls in (GROUPS["score"], RefreshConfig, GROUPS["sink"], GROUPS["arango"]):
         add_group_arguments(refresh, cls)
     refresh.add_argument("--strict", dest="DataConfig.strict", action="store_true", default=argparse.SUPPRESS,
                          help="fail on the first unusable new rating instead of counting and skipping it")
     synth = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
+    _add_verbose(synth)
     synth.add_argument("--preset", default="small", choices=sorted(PRESETS),
                        help="size preset (users, movies, edges): " + ", ".join(f"{k}={v}" for k, v in PRESETS.items()))
     synth.add_argument("--users", type=int, help="override the preset's number of users")
@@ -192,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     arango = sub.add_parser("arango", help="ArangoDB: load MovieLens into it, export its graph to shards",
                             description="The password comes from $SCALABLE_REC_ARANGO_PASSWORD, "
                                         "$SCALABLE_REC_ARANGO_PASSWORD_FILE or --arango-config-file, never a flag.")
+    _add_verbose(arango)
     actions = arango.add_subparsers(dest="action", required=True)
     for name, (fn, groups) in ARANGO_COMMANDS.items():
         p = actions.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        _add_verbose(p)
         p.set_defaults(run_dir=None)
         for g in groups:
             add_group_arguments(p, GROUPS[g])

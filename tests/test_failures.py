@@ -431,10 +431,15 @@ def test_unloadable_text_model_is_a_config_error(tmp_path, caplog):
            "--text-model", str(model_dir)], caplog, match="cannot be loaded")
 
 
-def test_traceback_only_with_verbose(tmp_path, caplog):
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_traceback_only_with_verbose(tmp_path, caplog, where):
+    """``-v`` works before the command and after it (where the error messages suggest it)."""
     (tmp_path / "run").mkdir()
-    assert cli.main(["-v", "score", "--run-dir", str(tmp_path / "run")]) == 2
+    argv = ["score", "--run-dir", str(tmp_path / "run")]
+    assert cli.main(["-v", *argv] if where == "before" else [*argv, "-v"]) == 2
     assert "Traceback" in caplog.text
+    caplog.clear()
+    assert cli.main(argv) == 2 and "Traceback" not in caplog.text
 
 
 # --- determinism and small things ------------------------------------------------------------
