@@ -358,3 +358,31 @@ def test_refresh_reaches_a_cold_movie_by_messages_with_its_features_only_input(s
     if mode == "exact":
         full = initial_state(model, sparse_graph, K, 10, 1, "sha", state.extra)
         torch.testing.assert_close(full.layers[-1]["movie"][cold], after)
+
+
+def test_parquet_is_on_disk_before_its_name_points_at_it(tmp_path, monkeypatch):
+    """``write_parquet`` fsyncs the temporary file before the rename: the refresh state,
+    fsynced after it, must never describe recommendations a power loss can take back."""
+    import os
+
+    import pyarrow as pa
+
+    from scalable_rec.sink import parquet
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.fspath(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "recommendations.parquet"
+    assert parquet.write_parquet([pa.record_batch([pa.array([1, 2])], names=["user_key"])], out) == 2
+    renamed = [path for what, path in events if what == "replace"]
+    assert len(renamed) == 1 and events.index(("fsync", renamed[0])) < events.index(("replace", renamed[0]))
+    assert pq.read_table(out).num_rows == 2
