@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s" if env.enabled
         else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # glibc reads its tunables at exec: what this process runs with (the command restarts
+    # itself with huge pages for malloc, scalable_rec.heap)
+    log.debug("pid %d, GLIBC_TUNABLES=%s", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""))
     try:
         if args.command == "synth":
             cmd_synth(args)
