@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 # which may be one the user named by mistake).
 RUN_ARTIFACTS = ("config.json", "metrics.json", "best.pt", "last.pt", "curves.png", "recommendations.parquet",
                  "arango_writeback.json")
+SELECT_DIR = "select"  # where 'train --refit' keeps its selecting run, inside the run directory
 
 
 def _barrier(env: DistEnv) -> None:
@@ -174,7 +175,8 @@ def claim_run_dir(cfg: RunConfig, run_dir: Path, env: DistEnv) -> None:
     if cfg.train.resume and cfg.data.overwrite:
         raise ConfigError("'resume' and 'overwrite' exclude each other: --resume continues the run in "
                           f"'{run_dir}', --overwrite replaces it")
-    found = [n for n in RUN_ARTIFACTS if (run_dir / n).exists()]
+    # a '--refit' run keeps its selecting run in select/: part of the same run
+    found = [f"{d}{n}" for d in ("", f"{SELECT_DIR}/") for n in RUN_ARTIFACTS if (run_dir / d / n).exists()]
     if not found or cfg.train.resume or env.restart_count > 0:
         return
     if not cfg.data.overwrite:
@@ -224,7 +226,7 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
 
 
 def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards | None,
-              graph: RatingGraph | None) -> dict[str, Any]:
+              graph: RatingGraph | None, evaluate_test: bool = True) -> dict[str, Any]:
     if cfg.train.refit and not cfg.train.refitting():
         return _select_then_refit(cfg, run_dir, env, shards, graph)
     shards = shards or _open_shards(cfg)
@@ -264,7 +266,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
                                "best_val_recall@10": result.best_val_recall, "select_metric": cfg.train.select_metric,
                                "global_step": result.global_step, "stopped_early": result.stopped_early,
                                "interrupted": result.interrupted, "interrupted_by": interrupted_by}
-    if not result.interrupted:  # the same on every rank: the stop was agreed
+    if evaluate_test and not result.interrupted:  # the same on every rank: the stop was agreed
         t1 = time.perf_counter()
         z = seen = None
         if index is not None:  # layer-wise over train + validation edges, masks from their CSC
@@ -292,22 +294,48 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
 
 def _select_then_refit(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards | None,
                        graph: RatingGraph | None) -> dict[str, Any]:
-    """``--refit``: a selecting run in ``<run_dir>/select`` (early stopping on validation),
-    then the refit in ``run_dir``: training + validation edges, the chosen epoch count,
-    no selection. Each is an ordinary run directory, so ``--resume`` continues either."""
-    select = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False),
-                                 run_dir=str(run_dir / "select"))
-    chosen = _train_in(select, run_dir / "select", env, shards, graph)  # a signal raises; max_steps is refused
-    epochs = from_rank0(lambda: ckpt.load(run_dir / "select" / "best.pt")["epoch"] + 1, env, "read select/best.pt")
+    """``--refit``: a selecting run in ``<run_dir>/select`` (early stopping on validation,
+    no test evaluation), then the refit in ``run_dir``: training + validation edges, the
+    chosen epoch count, no selection, evaluated once on the test split.
+
+    Each is an ordinary run directory. ``--resume`` continues whichever was interrupted: an
+    unfinished selection first (then the refit from scratch), a finished selection is
+    reused, and the refit resumes from its own ``last.pt`` when it has one.
+    """
+    select_dir = run_dir / SELECT_DIR
+    chosen, select_started = from_rank0(
+        lambda: (_finished_metrics(select_dir) if cfg.train.resume else None, (select_dir / "last.pt").is_file()),
+        env, "read select/metrics.json")
+    select = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False,
+                                                                resume=cfg.train.resume and select_started),
+                                 run_dir=str(select_dir))
+    if chosen is None:
+        # a signal raises; max_steps is refused with --refit
+        chosen = _train_in(select, select_dir, env, shards, graph, evaluate_test=False)
+    else:
+        log.info("resume: the selecting run in %s finished; reusing its choice", select_dir)
+    epochs = from_rank0(lambda: ckpt.load(select_dir / "best.pt")["epoch"] + 1, env, "read select/best.pt")
     log.info("refit: validation chose %d epoch(s); training on training + validation edges", epochs)
-    refit = dataclasses.replace(cfg, train=cfg.train.for_refit(epochs))
+    # --resume continues the refit only where it has started (its last.pt): after an
+    # interrupted selection it starts now
+    started = from_rank0(lambda: (run_dir / "last.pt").is_file(), env, "look for the refit's last.pt")
+    refit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train.for_refit(epochs),
+                                                               resume=cfg.train.resume and started))
     metrics = _train_in(refit, run_dir, env, shards, graph)
-    metrics["selection"] = {"run_dir": str(run_dir / "select"), "epochs": epochs, "select_metric": cfg.train.select_metric,
-                            "best_val_rmse": chosen["best_val_rmse"], "best_val_recall@10": chosen["best_val_recall@10"],
-                            "test": chosen.get("test")}
+    metrics["selection"] = {"run_dir": str(select_dir), "epochs": epochs, "select_metric": cfg.train.select_metric,
+                            "best_val_rmse": chosen["best_val_rmse"], "best_val_recall@10": chosen["best_val_recall@10"]}
     if env.is_main:
         write_json_atomic(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def _finished_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The metrics of a run in ``run_dir`` whose training finished (not interrupted), else ``None``."""
+    path = run_dir / "metrics.json"
+    if not (path.is_file() and (run_dir / "best.pt").is_file()):
+        return None
+    metrics = json.loads(path.read_text())
+    return None if metrics.get("interrupted") else metrics
 
 
 def _score_device(score: ScoreConfig, train: TrainConfig, env: DistEnv) -> torch.device:

@@ -504,3 +504,29 @@ def test_no_progress_silences_the_text_encoder(tmp_path, monkeypatch):
     assert cli.main(["prepare", "--data", str(movielens(tmp_path)), "--workdir", str(tmp_path / "w"),
                      "--no-progress"]) == 0
     assert seen == [False]
+
+
+def test_refit_interrupted_while_selecting_resumes_selection_then_refits(shards, tmp_path, caplog, monkeypatch):
+    """``train --refit`` stopped by SIGTERM during the selecting run: a plain rerun is
+    refused with the way on, ``--resume`` finishes the selection and then trains the refit
+    (which had not started), and the run scores; ``--overwrite`` replaces both."""
+    run_dir = tmp_path / "run"
+    argv = ["train", "--shards", str(shards), "--run-dir", str(run_dir), "--refit", "--epochs", "2",
+            "--batch-size", "64", "--hidden", "8", "--no-progress"]
+    monkeypatch.setenv("SCALABLE_REC_FAULT", "0:3:TERM")  # SIGTERM at the selecting run's third step
+    assert cli.main(argv) == 143
+    monkeypatch.delenv("SCALABLE_REC_FAULT")
+    assert json.loads((run_dir / "select" / "metrics.json").read_text())["interrupted_by"] == "SIGTERM"
+    assert not (run_dir / "last.pt").exists()
+    fails(argv, caplog, match="select/last.pt")  # names what it found, and --resume
+    assert "pass --resume" in caplog.text
+    assert cli.main([*argv, "--resume"]) == 0
+    selection = json.loads((run_dir / "select" / "metrics.json").read_text())
+    assert selection["interrupted"] is False and "test" not in selection
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["selection"]["epochs"] >= 1 and math.isfinite(metrics["test"]["rmse"])
+    assert cli.main(["score", "--run-dir", str(run_dir)]) == 0
+    # a finished refit run: --resume reuses the selection and trains nothing new
+    assert cli.main([*argv, "--resume"]) == 0
+    assert json.loads((run_dir / "select" / "metrics.json").read_text()) == selection
+    assert cli.main([*argv, "--overwrite"]) == 0 and not (run_dir / "recommendations.parquet").exists()
