@@ -67,16 +67,30 @@ def cmd_score(cfg: RunConfig, args: argparse.Namespace) -> None:
                                allow_shard_mismatch=args.allow_shard_mismatch))
 
 
-def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig) -> None:
+# Flags of the groups 'refresh' shares with 'score' that a refresh cannot honour: refused
+# with one line (and left out of its --help) rather than silently ignored.
+REFRESH_REFUSES = {"ScoreConfig.score_device": "--score-device (a refresh runs on the CPU)",
+                   "ScoreConfig.exclude_rated": "--exclude-rated/--no-exclude-rated (rated movies are always "
+                                                "excluded)",
+                   "WritebackConfig.replace_previous": "--replace-previous/--no-replace-previous (a refresh always "
+                                                       "replaces the refreshed users' edges)"}
+
+
+def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig, args: argparse.Namespace) -> None:
     """Fold new ratings into a run's graph and re-score only the users they can affect."""
     problems = []
     if not cfg.run_dir:
         problems.append("'refresh' needs --run-dir (a directory written by 'train' or 'run')")
     if not refresh_cfg.new_ratings:
         problems.append("'refresh' needs --new-ratings (a ratings.csv file, a folder holding one, or a shard directory)")
+    refused = [flag for dest, flag in REFRESH_REFUSES.items() if dest in vars(args)]
+    if refused:
+        problems.append("'refresh' does not take " + ", ".join(refused))
     if problems:
         raise ConfigError("; ".join(problems))
-    print(dumps(pipeline.refresh_stage(cfg, refresh_cfg)))
+    k = cfg.score.k if "ScoreConfig.k" in vars(args) else None  # None: the k the Parquet was written with
+    print(dumps(pipeline.refresh_stage(cfg, refresh_cfg, k=k, allow_interrupted=args.allow_interrupted,
+                                       allow_shard_mismatch=args.allow_shard_mismatch)))
 
 
 def cmd_run(cfg: RunConfig, args: argparse.Namespace) -> None:
@@ -153,6 +167,13 @@ def _add_verbose(parser: argparse.ArgumentParser, top: bool = False) -> None:
                         help="debug logging, and the traceback of an error")
 
 
+def _add_check_overrides(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--allow-interrupted", action="store_true",
+                        help=f"{command} from best.pt even if training was interrupted, killed or diverged")
+    parser.add_argument("--allow-shard-mismatch", action="store_true",
+                        help=f"{command} even if the shards differ from those the model was trained on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalable-rec", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,10 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --nproc-per-node: restart the ranks up to N times after a failure "
                                 "(they resume from last.pt)")
         if name == "score":
-            p.add_argument("--allow-interrupted", action="store_true",
-                           help="score best.pt even if training was interrupted, killed or diverged")
-            p.add_argument("--allow-shard-mismatch", action="store_true",
-                           help="score even if the shards differ from those the model was trained on")
+            _add_check_overrides(p, "score")
         if "train" not in groups:  # --no-progress also silences prepare's text encoder
             p.add_argument("--progress", action=argparse.BooleanOptionalAction, dest="TrainConfig.progress",
                            default=argparse.SUPPRESS, help="show progress bars")
@@ -185,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--run-dir", dest="run_dir", default=None, help="run directory written by 'train' or 'run'")
     for cls in (GROUPS["score"], RefreshConfig, GROUPS["sink"], GROUPS["arango"]):
         add_group_arguments(refresh, cls)
+    for action in refresh._actions:
+        if action.dest in REFRESH_REFUSES:
+            action.help = argparse.SUPPRESS
+        elif action.dest == "ScoreConfig.k":
+            action.help = "recommendations per user; default and only accepted value: the k recommendations.parquet " \
+                          "was written with (without one: the run's k)"
+    _add_check_overrides(refresh, "refresh")
     refresh.add_argument("--strict", dest="DataConfig.strict", action="store_true", default=argparse.SUPPRESS,
                          help="fail on the first unusable new rating instead of counting and skipping it")
     synth = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
@@ -271,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 refresh_cfg = build_group(RefreshConfig, args)
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"Invalid options:\n  refresh: {err}") from err
-            cmd_refresh(cfg, refresh_cfg)
+            cmd_refresh(cfg, refresh_cfg, args)
             return 0
         (ARANGO_COMMANDS[args.action] if args.command == "arango" else COMMANDS[args.command])[0](cfg, args)
     except InterruptedRunError as err:

@@ -416,8 +416,10 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
         return out
 
 
-def _check_scorable(run_dir: Path, allow_interrupted: bool) -> tuple[RunConfig, dict[str, Any]]:
-    """The run's config and best checkpoint, if training finished (or ``allow_interrupted``)."""
+def _check_scorable(run_dir: Path, allow_interrupted: bool,
+                    command: str = "score") -> tuple[RunConfig, dict[str, Any]]:
+    """The run's config and best checkpoint, if training finished (or ``allow_interrupted``);
+    ``command`` (``score``, ``refresh``) names what is refused."""
     if not (run_dir / "config.json").is_file():
         raise RunStateError(f"No config.json in '{run_dir}': expected a run directory written by 'train' or "
                             "'run' (pass --run-dir)")
@@ -434,20 +436,22 @@ def _check_scorable(run_dir: Path, allow_interrupted: bool) -> tuple[RunConfig, 
         problem = f"training was interrupted by {by}" if by and by != "max_steps" else None
     if problem:
         if not allow_interrupted:
-            raise RunStateError(f"Refusing to score '{run_dir}': {problem}. Continue it with 'train --resume "
-                                f"--run-dir {run_dir}', or pass --allow-interrupted to score best.pt anyway")
-        log.warning("score: %s; scoring best.pt anyway (--allow-interrupted)", problem)
+            raise RunStateError(f"Refusing to {command} '{run_dir}': {problem}. Continue it with 'train --resume "
+                                f"--run-dir {run_dir}', or pass --allow-interrupted to use best.pt anyway")
+        log.warning("%s: %s; using best.pt anyway (--allow-interrupted)", command, problem)
     try:
         state = ckpt.load(run_dir / "best.pt")
     except CheckpointError as err:
-        raise RunStateError(f"Cannot score '{run_dir}': {err}") from err
+        raise RunStateError(f"Cannot {command} '{run_dir}': {err}") from err
     return saved, state
 
 
-def _check_same_shards(run_dir: Path, trained: dict[str, str] | None, shards: GraphShards, allow: bool) -> None:
+def _check_same_shards(run_dir: Path, trained: dict[str, str] | None, shards: GraphShards, allow: bool,
+                       command: str = "score") -> None:
     now = shards.manifest.identity()
     if trained is None:
-        log.warning("score: best.pt in %s records no shard identity (older run); cannot check the shards", run_dir)
+        log.warning("%s: best.pt in %s records no shard identity (older run); cannot check the shards", command,
+                    run_dir)
         return
     if trained.get("content_sha256") == now["content_sha256"]:
         return
@@ -456,7 +460,7 @@ def _check_same_shards(run_dir: Path, trained: dict[str, str] | None, shards: Gr
                "node indices may map to other users and movies")
     if not allow:
         raise RunStateError(message + "; re-train, or pass --allow-shard-mismatch")
-    log.warning("score: %s (--allow-shard-mismatch)", message)
+    log.warning("%s: %s (--allow-shard-mismatch)", command, message)
 
 
 def check_sink(cfg: RunConfig) -> None:
@@ -500,34 +504,69 @@ def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: Di
     return from_rank0(merge, env, "merge the recommendation parts")
 
 
-def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Path | None = None,
+                  k: int | None = None, allow_interrupted: bool = False,
+                  allow_shard_mismatch: bool = False) -> dict[str, Any]:
     """Folds new ratings into the run's message-passing graph (not its weights) and
     re-scores only the users whose recommendations can change (``--mode exact``) or only
     the users who rated (``--mode bounded``); replaces their rows in
-    recommendations.parquet (or, with ``--sink arango``, their edges in ArangoDB). Users the run has never seen get recommendations from their
-    new ratings. The report also goes to <run_dir>/refresh/last_report.json."""
+    recommendations.parquet (or, with ``--sink arango``, their edges in ArangoDB). Users the
+    run has never seen get recommendations from their new ratings. The report also goes to
+    <run_dir>/refresh/last_report.json.
+
+    Holds the run directory's lock, and refuses what ``score`` refuses (an unfinished run,
+    changed shards) unless ``allow_interrupted`` / ``allow_shard_mismatch``. Lists keep the
+    length recommendations.parquet was written with; ``k`` (``--k``) must agree with it, and
+    is needed only where no Parquet file records one. Predicted ratings are clamped to the
+    run's rating range.
+    """
     from scalable_rec.score.refresh import refresh
     from scalable_rec.source import RatingBounds
 
     run_dir = Path(run_dir or cfg.run_dir)
-    saved = RunConfig.load(run_dir / "config.json")
-    graph = RatingGraph.from_shards(GraphShards(saved.data.shards_dir()), saved.features)
-    state = ckpt.load(run_dir / "best.pt", map_location="cpu")
-    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model)
-    model.load_state_dict(state["model"])
-    writer = None
-    if cfg.sink.sink == "arango":  # replace exactly the refreshed users' edges
-        from scalable_rec.sink.arango import replace_users
+    with locking.hold(run_dir, "run directory"):
+        saved, state = _check_scorable(run_dir, allow_interrupted, "refresh")
+        shards = GraphShards(saved.data.shards_dir())
+        _check_same_shards(run_dir, state.get("config", {}).get("shards_identity"), shards, allow_shard_mismatch,
+                           "refresh")
+        k = _refresh_k(run_dir, saved, k)
+        graph = RatingGraph.from_shards(shards, saved.features)
+        model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model)
+        model.load_state_dict(state["model"])
+        writer = None
+        if cfg.sink.sink == "arango":  # replace exactly the refreshed users' edges
+            from scalable_rec.sink.arango import replace_users
 
-        def writer(batch, users, fingerprint):
-            return replace_users(batch, cfg.arango, cfg.sink, run_dir, fingerprint[:12])
-    report = refresh(run_dir, model, graph, refresh_cfg, k=cfg.score.k, memory_mb=cfg.score.score_memory_mb,
-                     bounds=RatingBounds(saved.data.rating_min, saved.data.rating_max), strict=cfg.data.strict,
-                     writer=writer)
-    if not report["already_folded"]:
-        write_json_atomic(run_dir / "refresh" / "last_report.json", report)
-    log.info("refresh: %s", json.dumps({k: v for k, v in report.items() if k != "input_report"}))
+            def writer(batch, users, fingerprint):
+                return replace_users(batch, cfg.arango, cfg.sink, run_dir, fingerprint[:12])
+        report = refresh(run_dir, model, graph, refresh_cfg, k=k, memory_mb=cfg.score.score_memory_mb,
+                         bounds=RatingBounds(saved.data.rating_min, saved.data.rating_max), strict=cfg.data.strict,
+                         writer=writer)
+        if not report["already_folded"]:
+            write_json_atomic(run_dir / "refresh" / "last_report.json", report)
+    log.info("refresh: %s", json.dumps({key: v for key, v in report.items() if key != "input_report"}))
     return report
+
+
+def _refresh_k(run_dir: Path, saved: RunConfig, given: int | None) -> int:
+    """The list length a refresh keeps: recommendations.parquet's (a different ``given`` is
+    refused: the rows it does not replace would keep the old length), else ``given``, else
+    the run's configured ``k``."""
+    import pyarrow.parquet as pq
+
+    out = run_dir / "recommendations.parquet"
+    if not out.is_file():
+        return given if given is not None else saved.score.k
+    written = (pq.read_schema(out).metadata or {}).get(b"k")
+    if written is None:
+        raise RunStateError(f"'{out}' records no k (not written by 'score'); re-score it with 'score --run-dir "
+                            f"{run_dir}' first")
+    written_k = int(written)
+    if given is not None and given != written_k:
+        raise ConfigError(f"'k' {given} differs from the k={written_k} that '{out}' was written with: a refresh "
+                          f"replaces only some users' rows, so it keeps k={written_k}; leave out --k, or re-score "
+                          f"with 'score --k {given}' first")
+    return written_k
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
