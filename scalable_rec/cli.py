@@ -49,7 +49,7 @@ USER_OS_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "rea
 
 def cmd_prepare(cfg: RunConfig, args: argparse.Namespace) -> None:
     """MovieLens → Arrow shards + cached movie features (reused when input and options are unchanged)."""
-    shards = pipeline.prepare(cfg)
+    shards = pipeline.prepare(cfg, rebuild=cfg.data.overwrite)
     print(dumps({"shards": str(shards.directory), "report": shards.manifest.report}))
 
 

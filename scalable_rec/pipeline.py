@@ -61,19 +61,22 @@ def _barrier(env: DistEnv) -> None:
         torch.distributed.barrier()
 
 
-def prepare(cfg: RunConfig) -> GraphShards:
-    """MovieLens → shards (reused when input and config are unchanged) → cached features.
+def prepare(cfg: RunConfig, rebuild: bool = False) -> GraphShards:
+    """MovieLens → shards (reused when input and config are unchanged, unless ``rebuild``:
+    ``prepare --overwrite``) → cached features. ``run --overwrite`` replaces the run
+    directory only: reused shards are verified against their checksums, so rebuilding
+    them would only cost time.
 
     Under torchrun only rank 0 does the work; the others wait for its result (or its error,
     so no rank is left waiting at a collective).
     """
     env = DistEnv.from_environ()
-    out = from_rank0(lambda: str(_prepare_on_this_rank(cfg)), env, "prepare the shards")
+    out = from_rank0(lambda: str(_prepare_on_this_rank(cfg, rebuild)), env, "prepare the shards")
     # Rank 0 has just written or fully verified every file: later reads skip the checksums.
     return GraphShards(out, verify=False)
 
 
-def _prepare_on_this_rank(cfg: RunConfig) -> Path:
+def _prepare_on_this_rank(cfg: RunConfig, rebuild: bool) -> Path:
     if cfg.data.train_file:
         from scalable_rec.source.rating_files import RatingFilesSource
 
@@ -87,7 +90,7 @@ def _prepare_on_this_rank(cfg: RunConfig) -> Path:
             raise ConfigError(f"'data' {data_dir!r}: {err}") from None
     out = cfg.data.shards_dir(data_dir)
     with locking.hold(out, "shard directory"):
-        why_not = _why_not_reuse(out, cfg, source.fingerprint())
+        why_not = _why_not_reuse(out, cfg, source.fingerprint(), rebuild)
         if why_not is None:
             GraphShards(out).verify_all()  # sizes, row counts, schemas and sha256 of every file
             log.info("prepare: input and options unchanged, reusing shards in %s", out)
@@ -119,15 +122,15 @@ def load_graph(shards: GraphShards, features: FeatureConfig, env: DistEnv) -> Ra
     return RatingGraph.from_shards(shards, features)
 
 
-def _why_not_reuse(out: Path, cfg: RunConfig, fingerprint: str) -> str | None:
+def _why_not_reuse(out: Path, cfg: RunConfig, fingerprint: str, rebuild: bool = False) -> str | None:
     """``None`` when existing shards are what these input bytes and options would produce,
     else why they are rebuilt. Options are compared by their effect: the rating bounds and
     shard size as recorded in the manifest, ``--strict`` (shards made with skips are not
     what a strict run gives) and ``--max-skipped-share`` (the recorded share must pass)."""
     if not (out / "manifest.json").is_file():
         return "no shards yet"
-    if cfg.data.overwrite:
-        return "--overwrite"
+    if rebuild:
+        return "prepare --overwrite"
     manifest = Manifest.load(out)
     if manifest.fingerprint != fingerprint:
         return "input files changed"

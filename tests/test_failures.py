@@ -530,3 +530,25 @@ def test_refit_interrupted_while_selecting_resumes_selection_then_refits(shards,
     assert cli.main([*argv, "--resume"]) == 0
     assert json.loads((run_dir / "select" / "metrics.json").read_text()) == selection
     assert cli.main([*argv, "--overwrite"]) == 0 and not (run_dir / "recommendations.parquet").exists()
+
+
+def test_overwrite_replaces_the_run_directory_and_reuses_unchanged_shards(tmp_path, caplog, no_encoder):
+    """``run --overwrite`` replaces the run's artifacts; the shards, unchanged input and
+    options, are verified and reused. ``prepare --overwrite`` is how to rebuild them."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    rows = [f"{u},{m},{1 + (u * m) % 5}.0,{u * 10 + m}" for u in range(1, 13) for m in (1, 2, 3) if u < 7 or m < 3]
+    data = movielens(tmp_path, "userId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")  # 6 users left to rank
+    argv = ["run", "--data", str(data), "--workdir", str(tmp_path / "w"), "--run-dir",
+            str(tmp_path / "run"), *TINY]
+    assert cli.main(argv) == 0
+    manifest = tmp_path / "w" / "shards" / "ml" / "manifest.json"
+    written, old_best = manifest.stat().st_mtime_ns, (tmp_path / "run" / "best.pt").stat().st_mtime_ns
+    caplog.clear()
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert (tmp_path / "run" / "best.pt").stat().st_mtime_ns != old_best  # the run was replaced
+    assert manifest.stat().st_mtime_ns == written and "reusing shards" in caplog.text
+    assert cli.main(["prepare", "--data", str(tmp_path / "ml"), "--workdir", str(tmp_path / "w"), "--no-progress",
+                     "--overwrite"]) == 0
+    assert manifest.stat().st_mtime_ns != written
