@@ -81,7 +81,10 @@ def _prepare_on_this_rank(cfg: RunConfig, rebuild: bool) -> Path:
         from scalable_rec.source.rating_files import RatingFilesSource
 
         data_dir = cfg.data.data
-        source = RatingFilesSource(cfg.data.train_file, cfg.data.test_file, movies_dir=data_dir)
+        try:
+            source = RatingFilesSource(cfg.data.train_file, cfg.data.test_file, movies_dir=data_dir)
+        except FileNotFoundError as err:
+            raise ConfigError(f"'train_file'/'test_file': {err}") from None
     else:
         data_dir = cfg.data.data or str(fetch_movielens())
         try:

@@ -552,3 +552,22 @@ def test_overwrite_replaces_the_run_directory_and_reuses_unchanged_shards(tmp_pa
     assert cli.main(["prepare", "--data", str(tmp_path / "ml"), "--workdir", str(tmp_path / "w"), "--no-progress",
                      "--overwrite"]) == 0
     assert manifest.stat().st_mtime_ns != written
+
+
+def test_given_split_files_with_a_data_folder_holding_only_movies(tmp_path, caplog, no_encoder):
+    """``--train-file/--test-file``: ``--data`` then only supplies movies.csv, so a folder
+    with nothing else works; a missing rating file is one line."""
+    from scalable_rec.shards import GraphShards
+
+    data = tmp_path / "movies-only"
+    data.mkdir()
+    (data / "movies.csv").write_text(MOVIES)
+    (tmp_path / "train.tsv").write_text("".join(f"{u}\t{m}\t{1 + (u + m) % 5}\t{u * 10 + m}\n"
+                                                for u in range(1, 9) for m in (1, 2, 3)))
+    (tmp_path / "test.tsv").write_text("1\t2\t4\t99\n2\t3\t3\t99\n")
+    argv = ["prepare", "--data", str(data), "--workdir", str(tmp_path / "w"), "--no-progress",
+            "--train-file", str(tmp_path / "train.tsv"), "--test-file"]
+    assert cli.main([*argv, str(tmp_path / "test.tsv")]) == 0
+    shards = GraphShards(tmp_path / "w" / "shards" / "given-train-test")
+    assert sorted(shards.nodes("movie").column("key").to_pylist()) == [1, 2, 3]  # from movies.csv
+    fails([*argv, str(tmp_path / "nope.tsv")], caplog, match="Rating file(s) not found")
