@@ -372,14 +372,23 @@ def test_full_disk_is_one_line_and_leaves_no_temp_file(shards, tmp_path, caplog)
     assert temp_files(tmp_path) == [] and not (run_dir / "config.json").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_workdir_is_one_line(tmp_path, caplog):
+@pytest.mark.parametrize("how", [
+    # root (as in CI) ignores permissions, but not a path that runs through a regular file
+    "under a file",
+    pytest.param("read-only", marks=pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")),
+])
+def test_unwritable_workdir_is_one_line(tmp_path, caplog, how):
+    argv = ["prepare", "--data", str(movielens(tmp_path)), "--no-progress", "--workdir"]
+    if how == "under a file":
+        (tmp_path / "a-file").write_text("not a directory\n")
+        fails([*argv, str(tmp_path / "a-file" / "w")], caplog, match="not a directory")
+        assert (tmp_path / "a-file").read_text() == "not a directory\n"
+        return
     work = tmp_path / "w"
     work.mkdir()
     work.chmod(0o500)
     try:
-        fails(["prepare", "--data", str(movielens(tmp_path)), "--workdir", str(work)], caplog,
-              match="permission denied")
+        fails([*argv, str(work)], caplog, match="permission denied")
     finally:
         work.chmod(0o700)
 
