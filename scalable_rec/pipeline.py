@@ -329,7 +329,8 @@ def _select_then_refit(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: Grap
                                                                resume=cfg.train.resume and started))
     metrics = _train_in(refit, run_dir, env, shards, graph)
     metrics["selection"] = {"run_dir": str(select_dir), "epochs": epochs, "select_metric": cfg.train.select_metric,
-                            "best_val_rmse": chosen["best_val_rmse"], "best_val_recall@10": chosen["best_val_recall@10"]}
+                            "best_val_rmse": chosen["best_val_rmse"],
+                            "best_val_recall@10": chosen["best_val_recall@10"]}
     if env.is_main:
         write_json_atomic(run_dir / "metrics.json", metrics)
     return metrics

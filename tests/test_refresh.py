@@ -431,7 +431,8 @@ def test_refresh_runs_scores_checks_and_clamps_to_the_runs_rating_range(trained_
 
     graph = RatingGraph.from_shards(tiny_shards)
     new = tmp_path / "new.csv"
-    _write_ratings(new, [[NEW_USER, graph.movie_keys[3].as_py(), 1.5, 3], [NEW_USER, graph.movie_keys[4].as_py(), 2, 4]])
+    movies = graph.movie_keys.to_pylist()
+    _write_ratings(new, [[NEW_USER, movies[3], 1.5, 3], [NEW_USER, movies[4], 2, 4]])
     run = ["--run-dir", str(trained_run), "--new-ratings", str(new)]
     metrics_path = trained_run / "metrics.json"
     finished = metrics_path.read_text()
