@@ -123,7 +123,8 @@ def main() -> None:
             case = work / f"refresh-dropout-{dropout}-fold-{fold}"
             shutil.rmtree(case, ignore_errors=True)
             case.mkdir(parents=True)
-            for name in ("config.json", "best.pt", "recommendations.parquet"):
+            # metrics.json too: refresh, as score, checks that the run finished
+            for name in ("config.json", "metrics.json", "best.pt", "recommendations.parquet"):
                 shutil.copy(run_dir / name, case / name)
             pacsv.write_csv(folded, case / "new-ratings.csv")
             if cli.main(["refresh", "--run-dir", str(case), "--new-ratings", str(case / "new-ratings.csv"),

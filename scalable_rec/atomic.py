@@ -37,6 +37,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]
         tmp.unlink(missing_ok=True)
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flushes a file some other writer closed (a Parquet writer) to the disk, so that a
+    rename after it never makes a name point at data a power loss can still take away."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` with NaN/Infinity floats replaced by ``None``: JSON has no such values, and
     ``json.dump`` would otherwise write ``NaN`` that strict parsers reject."""

@@ -49,7 +49,7 @@ USER_OS_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "rea
 
 def cmd_prepare(cfg: RunConfig, args: argparse.Namespace) -> None:
     """MovieLens → Arrow shards + cached movie features (reused when input and options are unchanged)."""
-    shards = pipeline.prepare(cfg)
+    shards = pipeline.prepare(cfg, rebuild=cfg.data.overwrite)
     print(dumps({"shards": str(shards.directory), "report": shards.manifest.report}))
 
 
@@ -67,16 +67,30 @@ def cmd_score(cfg: RunConfig, args: argparse.Namespace) -> None:
                                allow_shard_mismatch=args.allow_shard_mismatch))
 
 
-def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig) -> None:
+# Flags of the groups 'refresh' shares with 'score' that a refresh cannot honour: refused
+# with one line (and left out of its --help) rather than silently ignored.
+REFRESH_REFUSES = {"ScoreConfig.score_device": "--score-device (a refresh runs on the CPU)",
+                   "ScoreConfig.exclude_rated": "--exclude-rated/--no-exclude-rated (rated movies are always "
+                                                "excluded)",
+                   "WritebackConfig.replace_previous": "--replace-previous/--no-replace-previous (a refresh always "
+                                                       "replaces the refreshed users' edges)"}
+
+
+def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig, args: argparse.Namespace) -> None:
     """Fold new ratings into a run's graph and re-score only the users they can affect."""
     problems = []
     if not cfg.run_dir:
         problems.append("'refresh' needs --run-dir (a directory written by 'train' or 'run')")
     if not refresh_cfg.new_ratings:
         problems.append("'refresh' needs --new-ratings (a ratings.csv file, a folder holding one, or a shard directory)")
+    refused = [flag for dest, flag in REFRESH_REFUSES.items() if dest in vars(args)]
+    if refused:
+        problems.append("'refresh' does not take " + ", ".join(refused))
     if problems:
         raise ConfigError("; ".join(problems))
-    print(dumps(pipeline.refresh_stage(cfg, refresh_cfg)))
+    k = cfg.score.k if "ScoreConfig.k" in vars(args) else None  # None: the k the Parquet was written with
+    print(dumps(pipeline.refresh_stage(cfg, refresh_cfg, k=k, allow_interrupted=args.allow_interrupted,
+                                       allow_shard_mismatch=args.allow_shard_mismatch)))
 
 
 def cmd_run(cfg: RunConfig, args: argparse.Namespace) -> None:
@@ -147,13 +161,27 @@ ARANGO_COMMANDS: dict[str, tuple[Callable[[RunConfig, argparse.Namespace], None]
 }
 
 
+def _add_verbose(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """``-v`` before or after the command; a subcommand's copy sets it only when given."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="debug logging, and the traceback of an error")
+
+
+def _add_check_overrides(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--allow-interrupted", action="store_true",
+                        help=f"{command} from best.pt even if training was interrupted, killed or diverged")
+    parser.add_argument("--allow-shard-mismatch", action="store_true",
+                        help=f"{command} even if the shards differ from those the model was trained on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalable-rec", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_verbose(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, groups) in COMMANDS.items():
         p = sub.add_parser(name, help=fn.__doc__, description=pipeline_doc(name))
+        _add_verbose(p)
         p.add_argument("--run-dir", dest="run_dir", default=None,
                        help="run directory (default: <workdir>/run-<time>-<id>)")
         if name in ("run", "train", "score"):
@@ -164,22 +192,28 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --nproc-per-node: restart the ranks up to N times after a failure "
                                 "(they resume from last.pt)")
         if name == "score":
-            p.add_argument("--allow-interrupted", action="store_true",
-                           help="score best.pt even if training was interrupted, killed or diverged")
-            p.add_argument("--allow-shard-mismatch", action="store_true",
-                           help="score even if the shards differ from those the model was trained on")
+            _add_check_overrides(p, "score")
         if "train" not in groups:  # --no-progress also silences prepare's text encoder
             p.add_argument("--progress", action=argparse.BooleanOptionalAction, dest="TrainConfig.progress",
                            default=argparse.SUPPRESS, help="show progress bars")
         for g in groups + ("runtime",):
             add_group_arguments(p, GROUPS[g])
     refresh = sub.add_parser("refresh", help=cmd_refresh.__doc__, description=pipeline_doc("refresh"))
+    _add_verbose(refresh)
     refresh.add_argument("--run-dir", dest="run_dir", default=None, help="run directory written by 'train' or 'run'")
     for cls in (GROUPS["score"], RefreshConfig, GROUPS["sink"], GROUPS["arango"]):
         add_group_arguments(refresh, cls)
+    for action in refresh._actions:
+        if action.dest in REFRESH_REFUSES:
+            action.help = argparse.SUPPRESS
+        elif action.dest == "ScoreConfig.k":
+            action.help = "recommendations per user; default and only accepted value: the k recommendations.parquet " \
+                          "was written with (without one: the run's k)"
+    _add_check_overrides(refresh, "refresh")
     refresh.add_argument("--strict", dest="DataConfig.strict", action="store_true", default=argparse.SUPPRESS,
                          help="fail on the first unusable new rating instead of counting and skipping it")
     synth = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
+    _add_verbose(synth)
     synth.add_argument("--preset", default="small", choices=sorted(PRESETS),
                        help="size preset (users, movies, edges): " + ", ".join(f"{k}={v}" for k, v in PRESETS.items()))
     synth.add_argument("--users", type=int, help="override the preset's number of users")
@@ -192,9 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     arango = sub.add_parser("arango", help="ArangoDB: load MovieLens into it, export its graph to shards",
                             description="The password comes from $SCALABLE_REC_ARANGO_PASSWORD, "
                                         "$SCALABLE_REC_ARANGO_PASSWORD_FILE or --arango-config-file, never a flag.")
+    _add_verbose(arango)
     actions = arango.add_subparsers(dest="action", required=True)
     for name, (fn, groups) in ARANGO_COMMANDS.items():
         p = actions.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        _add_verbose(p)
         p.set_defaults(run_dir=None)
         for g in groups:
             add_group_arguments(p, GROUPS[g])
@@ -244,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s" if env.enabled
         else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # glibc reads its tunables at exec: what this process runs with (the command restarts
+    # itself with huge pages for malloc, scalable_rec.heap)
+    log.debug("pid %d, GLIBC_TUNABLES=%s", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""))
     try:
         if args.command == "synth":
             cmd_synth(args)
@@ -257,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 refresh_cfg = build_group(RefreshConfig, args)
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"Invalid options:\n  refresh: {err}") from err
-            cmd_refresh(cfg, refresh_cfg)
+            cmd_refresh(cfg, refresh_cfg, args)
             return 0
         (ARANGO_COMMANDS[args.action] if args.command == "arango" else COMMANDS[args.command])[0](cfg, args)
     except InterruptedRunError as err:

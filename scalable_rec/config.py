@@ -48,8 +48,9 @@ class DataConfig:
         rating_max: Highest valid rating.
         max_skipped_share: Fail 'prepare' when more than this share of input rows is skipped
             as malformed or invalid (default 0.1); 1.0 accepts any share.
-        overwrite: Rebuild the shards even when unchanged input would reuse them, and replace
-            the artifacts of an existing run directory (else a used --run-dir needs --resume).
+        overwrite: 'train' and 'run': replace the artifacts of an existing run directory
+            (else a used --run-dir needs --resume); shards are still reused when input and
+            options are unchanged. 'prepare', 'arango export': rebuild the shards anyway.
         train_file: A given split's training ratings (``user item rating [timestamp]``, tab- or
             comma-separated, or MovieLens CSV with header); needs ``test_file``. Validation is
             carved from it (``val_ratio``, ``split_seed``); ``--data`` then only supplies

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 # which may be one the user named by mistake).
 RUN_ARTIFACTS = ("config.json", "metrics.json", "best.pt", "last.pt", "curves.png", "recommendations.parquet",
                  "arango_writeback.json")
+SELECT_DIR = "select"  # where 'train --refit' keeps its selecting run, inside the run directory
 
 
 def _barrier(env: DistEnv) -> None:
@@ -60,24 +61,30 @@ def _barrier(env: DistEnv) -> None:
         torch.distributed.barrier()
 
 
-def prepare(cfg: RunConfig) -> GraphShards:
-    """MovieLens → shards (reused when input and config are unchanged) → cached features.
+def prepare(cfg: RunConfig, rebuild: bool = False) -> GraphShards:
+    """MovieLens → shards (reused when input and config are unchanged, unless ``rebuild``:
+    ``prepare --overwrite``) → cached features. ``run --overwrite`` replaces the run
+    directory only: reused shards are verified against their checksums, so rebuilding
+    them would only cost time.
 
     Under torchrun only rank 0 does the work; the others wait for its result (or its error,
     so no rank is left waiting at a collective).
     """
     env = DistEnv.from_environ()
-    out = from_rank0(lambda: str(_prepare_on_this_rank(cfg)), env, "prepare the shards")
+    out = from_rank0(lambda: str(_prepare_on_this_rank(cfg, rebuild)), env, "prepare the shards")
     # Rank 0 has just written or fully verified every file: later reads skip the checksums.
     return GraphShards(out, verify=False)
 
 
-def _prepare_on_this_rank(cfg: RunConfig) -> Path:
+def _prepare_on_this_rank(cfg: RunConfig, rebuild: bool) -> Path:
     if cfg.data.train_file:
         from scalable_rec.source.rating_files import RatingFilesSource
 
         data_dir = cfg.data.data
-        source = RatingFilesSource(cfg.data.train_file, cfg.data.test_file, movies_dir=data_dir)
+        try:
+            source = RatingFilesSource(cfg.data.train_file, cfg.data.test_file, movies_dir=data_dir)
+        except FileNotFoundError as err:
+            raise ConfigError(f"'train_file'/'test_file': {err}") from None
     else:
         data_dir = cfg.data.data or str(fetch_movielens())
         try:
@@ -86,7 +93,7 @@ def _prepare_on_this_rank(cfg: RunConfig) -> Path:
             raise ConfigError(f"'data' {data_dir!r}: {err}") from None
     out = cfg.data.shards_dir(data_dir)
     with locking.hold(out, "shard directory"):
-        why_not = _why_not_reuse(out, cfg, source.fingerprint())
+        why_not = _why_not_reuse(out, cfg, source.fingerprint(), rebuild)
         if why_not is None:
             GraphShards(out).verify_all()  # sizes, row counts, schemas and sha256 of every file
             log.info("prepare: input and options unchanged, reusing shards in %s", out)
@@ -118,15 +125,15 @@ def load_graph(shards: GraphShards, features: FeatureConfig, env: DistEnv) -> Ra
     return RatingGraph.from_shards(shards, features)
 
 
-def _why_not_reuse(out: Path, cfg: RunConfig, fingerprint: str) -> str | None:
+def _why_not_reuse(out: Path, cfg: RunConfig, fingerprint: str, rebuild: bool = False) -> str | None:
     """``None`` when existing shards are what these input bytes and options would produce,
     else why they are rebuilt. Options are compared by their effect: the rating bounds and
     shard size as recorded in the manifest, ``--strict`` (shards made with skips are not
     what a strict run gives) and ``--max-skipped-share`` (the recorded share must pass)."""
     if not (out / "manifest.json").is_file():
         return "no shards yet"
-    if cfg.data.overwrite:
-        return "--overwrite"
+    if rebuild:
+        return "prepare --overwrite"
     manifest = Manifest.load(out)
     if manifest.fingerprint != fingerprint:
         return "input files changed"
@@ -174,7 +181,8 @@ def claim_run_dir(cfg: RunConfig, run_dir: Path, env: DistEnv) -> None:
     if cfg.train.resume and cfg.data.overwrite:
         raise ConfigError("'resume' and 'overwrite' exclude each other: --resume continues the run in "
                           f"'{run_dir}', --overwrite replaces it")
-    found = [n for n in RUN_ARTIFACTS if (run_dir / n).exists()]
+    # a '--refit' run keeps its selecting run in select/: part of the same run
+    found = [f"{d}{n}" for d in ("", f"{SELECT_DIR}/") for n in RUN_ARTIFACTS if (run_dir / d / n).exists()]
     if not found or cfg.train.resume or env.restart_count > 0:
         return
     if not cfg.data.overwrite:
@@ -224,7 +232,7 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
 
 
 def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards | None,
-              graph: RatingGraph | None) -> dict[str, Any]:
+              graph: RatingGraph | None, evaluate_test: bool = True) -> dict[str, Any]:
     if cfg.train.refit and not cfg.train.refitting():
         return _select_then_refit(cfg, run_dir, env, shards, graph)
     shards = shards or _open_shards(cfg)
@@ -264,7 +272,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
                                "best_val_recall@10": result.best_val_recall, "select_metric": cfg.train.select_metric,
                                "global_step": result.global_step, "stopped_early": result.stopped_early,
                                "interrupted": result.interrupted, "interrupted_by": interrupted_by}
-    if not result.interrupted:  # the same on every rank: the stop was agreed
+    if evaluate_test and not result.interrupted:  # the same on every rank: the stop was agreed
         t1 = time.perf_counter()
         z = seen = None
         if index is not None:  # layer-wise over train + validation edges, masks from their CSC
@@ -292,22 +300,49 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
 
 def _select_then_refit(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards | None,
                        graph: RatingGraph | None) -> dict[str, Any]:
-    """``--refit``: a selecting run in ``<run_dir>/select`` (early stopping on validation),
-    then the refit in ``run_dir``: training + validation edges, the chosen epoch count,
-    no selection. Each is an ordinary run directory, so ``--resume`` continues either."""
-    select = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False),
-                                 run_dir=str(run_dir / "select"))
-    chosen = _train_in(select, run_dir / "select", env, shards, graph)  # a signal raises; max_steps is refused
-    epochs = from_rank0(lambda: ckpt.load(run_dir / "select" / "best.pt")["epoch"] + 1, env, "read select/best.pt")
+    """``--refit``: a selecting run in ``<run_dir>/select`` (early stopping on validation,
+    no test evaluation), then the refit in ``run_dir``: training + validation edges, the
+    chosen epoch count, no selection, evaluated once on the test split.
+
+    Each is an ordinary run directory. ``--resume`` continues whichever was interrupted: an
+    unfinished selection first (then the refit from scratch), a finished selection is
+    reused, and the refit resumes from its own ``last.pt`` when it has one.
+    """
+    select_dir = run_dir / SELECT_DIR
+    chosen, select_started = from_rank0(
+        lambda: (_finished_metrics(select_dir) if cfg.train.resume else None, (select_dir / "last.pt").is_file()),
+        env, "read select/metrics.json")
+    select = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False,
+                                                                resume=cfg.train.resume and select_started),
+                                 run_dir=str(select_dir))
+    if chosen is None:
+        # a signal raises; max_steps is refused with --refit
+        chosen = _train_in(select, select_dir, env, shards, graph, evaluate_test=False)
+    else:
+        log.info("resume: the selecting run in %s finished; reusing its choice", select_dir)
+    epochs = from_rank0(lambda: ckpt.load(select_dir / "best.pt")["epoch"] + 1, env, "read select/best.pt")
     log.info("refit: validation chose %d epoch(s); training on training + validation edges", epochs)
-    refit = dataclasses.replace(cfg, train=cfg.train.for_refit(epochs))
+    # --resume continues the refit only where it has started (its last.pt): after an
+    # interrupted selection it starts now
+    started = from_rank0(lambda: (run_dir / "last.pt").is_file(), env, "look for the refit's last.pt")
+    refit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train.for_refit(epochs),
+                                                               resume=cfg.train.resume and started))
     metrics = _train_in(refit, run_dir, env, shards, graph)
-    metrics["selection"] = {"run_dir": str(run_dir / "select"), "epochs": epochs, "select_metric": cfg.train.select_metric,
-                            "best_val_rmse": chosen["best_val_rmse"], "best_val_recall@10": chosen["best_val_recall@10"],
-                            "test": chosen.get("test")}
+    metrics["selection"] = {"run_dir": str(select_dir), "epochs": epochs, "select_metric": cfg.train.select_metric,
+                            "best_val_rmse": chosen["best_val_rmse"],
+                            "best_val_recall@10": chosen["best_val_recall@10"]}
     if env.is_main:
         write_json_atomic(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def _finished_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The metrics of a run in ``run_dir`` whose training finished (not interrupted), else ``None``."""
+    path = run_dir / "metrics.json"
+    if not (path.is_file() and (run_dir / "best.pt").is_file()):
+        return None
+    metrics = json.loads(path.read_text())
+    return None if metrics.get("interrupted") else metrics
 
 
 def _score_device(score: ScoreConfig, train: TrainConfig, env: DistEnv) -> torch.device:
@@ -388,8 +423,10 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
         return out
 
 
-def _check_scorable(run_dir: Path, allow_interrupted: bool) -> tuple[RunConfig, dict[str, Any]]:
-    """The run's config and best checkpoint, if training finished (or ``allow_interrupted``)."""
+def _check_scorable(run_dir: Path, allow_interrupted: bool,
+                    command: str = "score") -> tuple[RunConfig, dict[str, Any]]:
+    """The run's config and best checkpoint, if training finished (or ``allow_interrupted``);
+    ``command`` (``score``, ``refresh``) names what is refused."""
     if not (run_dir / "config.json").is_file():
         raise RunStateError(f"No config.json in '{run_dir}': expected a run directory written by 'train' or "
                             "'run' (pass --run-dir)")
@@ -406,20 +443,22 @@ def _check_scorable(run_dir: Path, allow_interrupted: bool) -> tuple[RunConfig, 
         problem = f"training was interrupted by {by}" if by and by != "max_steps" else None
     if problem:
         if not allow_interrupted:
-            raise RunStateError(f"Refusing to score '{run_dir}': {problem}. Continue it with 'train --resume "
-                                f"--run-dir {run_dir}', or pass --allow-interrupted to score best.pt anyway")
-        log.warning("score: %s; scoring best.pt anyway (--allow-interrupted)", problem)
+            raise RunStateError(f"Refusing to {command} '{run_dir}': {problem}. Continue it with 'train --resume "
+                                f"--run-dir {run_dir}', or pass --allow-interrupted to use best.pt anyway")
+        log.warning("%s: %s; using best.pt anyway (--allow-interrupted)", command, problem)
     try:
         state = ckpt.load(run_dir / "best.pt")
     except CheckpointError as err:
-        raise RunStateError(f"Cannot score '{run_dir}': {err}") from err
+        raise RunStateError(f"Cannot {command} '{run_dir}': {err}") from err
     return saved, state
 
 
-def _check_same_shards(run_dir: Path, trained: dict[str, str] | None, shards: GraphShards, allow: bool) -> None:
+def _check_same_shards(run_dir: Path, trained: dict[str, str] | None, shards: GraphShards, allow: bool,
+                       command: str = "score") -> None:
     now = shards.manifest.identity()
     if trained is None:
-        log.warning("score: best.pt in %s records no shard identity (older run); cannot check the shards", run_dir)
+        log.warning("%s: best.pt in %s records no shard identity (older run); cannot check the shards", command,
+                    run_dir)
         return
     if trained.get("content_sha256") == now["content_sha256"]:
         return
@@ -428,7 +467,7 @@ def _check_same_shards(run_dir: Path, trained: dict[str, str] | None, shards: Gr
                "node indices may map to other users and movies")
     if not allow:
         raise RunStateError(message + "; re-train, or pass --allow-shard-mismatch")
-    log.warning("score: %s (--allow-shard-mismatch)", message)
+    log.warning("%s: %s (--allow-shard-mismatch)", command, message)
 
 
 def check_sink(cfg: RunConfig) -> None:
@@ -472,34 +511,69 @@ def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: Di
     return from_rank0(merge, env, "merge the recommendation parts")
 
 
-def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Path | None = None,
+                  k: int | None = None, allow_interrupted: bool = False,
+                  allow_shard_mismatch: bool = False) -> dict[str, Any]:
     """Folds new ratings into the run's message-passing graph (not its weights) and
     re-scores only the users whose recommendations can change (``--mode exact``) or only
     the users who rated (``--mode bounded``); replaces their rows in
-    recommendations.parquet (or, with ``--sink arango``, their edges in ArangoDB). Users the run has never seen get recommendations from their
-    new ratings. The report also goes to <run_dir>/refresh/last_report.json."""
+    recommendations.parquet (or, with ``--sink arango``, their edges in ArangoDB). Users the
+    run has never seen get recommendations from their new ratings. The report also goes to
+    <run_dir>/refresh/last_report.json.
+
+    Holds the run directory's lock, and refuses what ``score`` refuses (an unfinished run,
+    changed shards) unless ``allow_interrupted`` / ``allow_shard_mismatch``. Lists keep the
+    length recommendations.parquet was written with; ``k`` (``--k``) must agree with it, and
+    is needed only where no Parquet file records one. Predicted ratings are clamped to the
+    run's rating range.
+    """
     from scalable_rec.score.refresh import refresh
     from scalable_rec.source import RatingBounds
 
     run_dir = Path(run_dir or cfg.run_dir)
-    saved = RunConfig.load(run_dir / "config.json")
-    graph = RatingGraph.from_shards(GraphShards(saved.data.shards_dir()), saved.features)
-    state = ckpt.load(run_dir / "best.pt", map_location="cpu")
-    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model)
-    model.load_state_dict(state["model"])
-    writer = None
-    if cfg.sink.sink == "arango":  # replace exactly the refreshed users' edges
-        from scalable_rec.sink.arango import replace_users
+    with locking.hold(run_dir, "run directory"):
+        saved, state = _check_scorable(run_dir, allow_interrupted, "refresh")
+        shards = GraphShards(saved.data.shards_dir())
+        _check_same_shards(run_dir, state.get("config", {}).get("shards_identity"), shards, allow_shard_mismatch,
+                           "refresh")
+        k = _refresh_k(run_dir, saved, k)
+        graph = RatingGraph.from_shards(shards, saved.features)
+        model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model)
+        model.load_state_dict(state["model"])
+        writer = None
+        if cfg.sink.sink == "arango":  # replace exactly the refreshed users' edges
+            from scalable_rec.sink.arango import replace_users
 
-        def writer(batch, users, fingerprint):
-            return replace_users(batch, cfg.arango, cfg.sink, run_dir, fingerprint[:12])
-    report = refresh(run_dir, model, graph, refresh_cfg, k=cfg.score.k, memory_mb=cfg.score.score_memory_mb,
-                     bounds=RatingBounds(saved.data.rating_min, saved.data.rating_max), strict=cfg.data.strict,
-                     writer=writer)
-    if not report["already_folded"]:
-        write_json_atomic(run_dir / "refresh" / "last_report.json", report)
-    log.info("refresh: %s", json.dumps({k: v for k, v in report.items() if k != "input_report"}))
+            def writer(batch, users, fingerprint):
+                return replace_users(batch, cfg.arango, cfg.sink, run_dir, fingerprint[:12])
+        report = refresh(run_dir, model, graph, refresh_cfg, k=k, memory_mb=cfg.score.score_memory_mb,
+                         bounds=RatingBounds(saved.data.rating_min, saved.data.rating_max), strict=cfg.data.strict,
+                         writer=writer)
+        if not report["already_folded"]:
+            write_json_atomic(run_dir / "refresh" / "last_report.json", report)
+    log.info("refresh: %s", json.dumps({key: v for key, v in report.items() if key != "input_report"}))
     return report
+
+
+def _refresh_k(run_dir: Path, saved: RunConfig, given: int | None) -> int:
+    """The list length a refresh keeps: recommendations.parquet's (a different ``given`` is
+    refused: the rows it does not replace would keep the old length), else ``given``, else
+    the run's configured ``k``."""
+    import pyarrow.parquet as pq
+
+    out = run_dir / "recommendations.parquet"
+    if not out.is_file():
+        return given if given is not None else saved.score.k
+    written = (pq.read_schema(out).metadata or {}).get(b"k")
+    if written is None:
+        raise RunStateError(f"'{out}' records no k (not written by 'score'); re-score it with 'score --run-dir "
+                            f"{run_dir}' first")
+    written_k = int(written)
+    if given is not None and given != written_k:
+        raise ConfigError(f"'k' {given} differs from the k={written_k} that '{out}' was written with: a refresh "
+                          f"replaces only some users' rows, so it keeps k={written_k}; leave out --k, or re-score "
+                          f"with 'score --k {given}' first")
+    return written_k
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

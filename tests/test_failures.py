@@ -388,14 +388,23 @@ def test_full_disk_is_one_line_and_leaves_no_temp_file(shards, tmp_path, caplog)
     assert temp_files(tmp_path) == [] and not (run_dir / "config.json").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_workdir_is_one_line(tmp_path, caplog):
+@pytest.mark.parametrize("how", [
+    # root (as in CI) ignores permissions, but not a path that runs through a regular file
+    "under a file",
+    pytest.param("read-only", marks=pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")),
+])
+def test_unwritable_workdir_is_one_line(tmp_path, caplog, how):
+    argv = ["prepare", "--data", str(movielens(tmp_path)), "--no-progress", "--workdir"]
+    if how == "under a file":
+        (tmp_path / "a-file").write_text("not a directory\n")
+        fails([*argv, str(tmp_path / "a-file" / "w")], caplog, match="not a directory")
+        assert (tmp_path / "a-file").read_text() == "not a directory\n"
+        return
     work = tmp_path / "w"
     work.mkdir()
     work.chmod(0o500)
     try:
-        fails(["prepare", "--data", str(movielens(tmp_path)), "--workdir", str(work)], caplog,
-              match="permission denied")
+        fails([*argv, str(work)], caplog, match="permission denied")
     finally:
         work.chmod(0o700)
 
@@ -447,10 +456,15 @@ def test_unloadable_text_model_is_a_config_error(tmp_path, caplog):
            "--text-model", str(model_dir)], caplog, match="cannot be loaded")
 
 
-def test_traceback_only_with_verbose(tmp_path, caplog):
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_traceback_only_with_verbose(tmp_path, caplog, where):
+    """``-v`` works before the command and after it (where the error messages suggest it)."""
     (tmp_path / "run").mkdir()
-    assert cli.main(["-v", "score", "--run-dir", str(tmp_path / "run")]) == 2
+    argv = ["score", "--run-dir", str(tmp_path / "run")]
+    assert cli.main(["-v", *argv] if where == "before" else [*argv, "-v"]) == 2
     assert "Traceback" in caplog.text
+    caplog.clear()
+    assert cli.main(argv) == 2 and "Traceback" not in caplog.text
 
 
 # --- determinism and small things ------------------------------------------------------------
@@ -515,3 +529,70 @@ def test_no_progress_silences_the_text_encoder(tmp_path, monkeypatch):
     assert cli.main(["prepare", "--data", str(movielens(tmp_path)), "--workdir", str(tmp_path / "w"),
                      "--no-progress"]) == 0
     assert seen == [False]
+
+
+def test_refit_interrupted_while_selecting_resumes_selection_then_refits(shards, tmp_path, caplog, monkeypatch):
+    """``train --refit`` stopped by SIGTERM during the selecting run: a plain rerun is
+    refused with the way on, ``--resume`` finishes the selection and then trains the refit
+    (which had not started), and the run scores; ``--overwrite`` replaces both."""
+    run_dir = tmp_path / "run"
+    argv = ["train", "--shards", str(shards), "--run-dir", str(run_dir), "--refit", "--epochs", "2",
+            "--batch-size", "64", "--hidden", "8", "--no-progress"]
+    monkeypatch.setenv("SCALABLE_REC_FAULT", "0:3:TERM")  # SIGTERM at the selecting run's third step
+    assert cli.main(argv) == 143
+    monkeypatch.delenv("SCALABLE_REC_FAULT")
+    assert json.loads((run_dir / "select" / "metrics.json").read_text())["interrupted_by"] == "SIGTERM"
+    assert not (run_dir / "last.pt").exists()
+    fails(argv, caplog, match="select/last.pt")  # names what it found, and --resume
+    assert "pass --resume" in caplog.text
+    assert cli.main([*argv, "--resume"]) == 0
+    selection = json.loads((run_dir / "select" / "metrics.json").read_text())
+    assert selection["interrupted"] is False and "test" not in selection
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["selection"]["epochs"] >= 1 and math.isfinite(metrics["test"]["rmse"])
+    assert cli.main(["score", "--run-dir", str(run_dir)]) == 0
+    # a finished refit run: --resume reuses the selection and trains nothing new
+    assert cli.main([*argv, "--resume"]) == 0
+    assert json.loads((run_dir / "select" / "metrics.json").read_text()) == selection
+    assert cli.main([*argv, "--overwrite"]) == 0 and not (run_dir / "recommendations.parquet").exists()
+
+
+def test_overwrite_replaces_the_run_directory_and_reuses_unchanged_shards(tmp_path, caplog, no_encoder):
+    """``run --overwrite`` replaces the run's artifacts; the shards, unchanged input and
+    options, are verified and reused. ``prepare --overwrite`` is how to rebuild them."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    rows = [f"{u},{m},{1 + (u * m) % 5}.0,{u * 10 + m}" for u in range(1, 13) for m in (1, 2, 3) if u < 7 or m < 3]
+    data = movielens(tmp_path, "userId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")  # 6 users left to rank
+    argv = ["run", "--data", str(data), "--workdir", str(tmp_path / "w"), "--run-dir",
+            str(tmp_path / "run"), *TINY]
+    assert cli.main(argv) == 0
+    manifest = tmp_path / "w" / "shards" / "ml" / "manifest.json"
+    written, old_best = manifest.stat().st_mtime_ns, (tmp_path / "run" / "best.pt").stat().st_mtime_ns
+    caplog.clear()
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert (tmp_path / "run" / "best.pt").stat().st_mtime_ns != old_best  # the run was replaced
+    assert manifest.stat().st_mtime_ns == written and "reusing shards" in caplog.text
+    assert cli.main(["prepare", "--data", str(tmp_path / "ml"), "--workdir", str(tmp_path / "w"), "--no-progress",
+                     "--overwrite"]) == 0
+    assert manifest.stat().st_mtime_ns != written
+
+
+def test_given_split_files_with_a_data_folder_holding_only_movies(tmp_path, caplog, no_encoder):
+    """``--train-file/--test-file``: ``--data`` then only supplies movies.csv, so a folder
+    with nothing else works; a missing rating file is one line."""
+    from scalable_rec.shards import GraphShards
+
+    data = tmp_path / "movies-only"
+    data.mkdir()
+    (data / "movies.csv").write_text(MOVIES)
+    (tmp_path / "train.tsv").write_text("".join(f"{u}\t{m}\t{1 + (u + m) % 5}\t{u * 10 + m}\n"
+                                                for u in range(1, 9) for m in (1, 2, 3)))
+    (tmp_path / "test.tsv").write_text("1\t2\t4\t99\n2\t3\t3\t99\n")
+    argv = ["prepare", "--data", str(data), "--workdir", str(tmp_path / "w"), "--no-progress",
+            "--train-file", str(tmp_path / "train.tsv"), "--test-file"]
+    assert cli.main([*argv, str(tmp_path / "test.tsv")]) == 0
+    shards = GraphShards(tmp_path / "w" / "shards" / "given-train-test")
+    assert sorted(shards.nodes("movie").column("key").to_pylist()) == [1, 2, 3]  # from movies.csv
+    fails([*argv, str(tmp_path / "nope.tsv")], caplog, match="Rating file(s) not found")

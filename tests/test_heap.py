@@ -134,3 +134,45 @@ def test_auto_heap_threshold_is_fixed_only_when_ranks_share_the_node(monkeypatch
     assert auto.heap_threshold_kb(DistEnv(rank=1, local_rank=0, world_size=2)) == 0
     with pytest.raises(ValueError, match="heap_mmap_threshold_kb"):
         TrainConfig(heap_mmap_threshold_kb=-2)
+
+
+def _command(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", RESTARTED_ENV)}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"},
+                          **kwargs)
+
+
+def _tunables_logged(stderr: str) -> list[str]:
+    """The ``GLIBC_TUNABLES`` the CLI logged it runs with (``-v``), one entry per start."""
+    return [line.split("GLIBC_TUNABLES=", 1)[1] for line in stderr.splitlines() if "GLIBC_TUNABLES=" in line]
+
+
+def test_the_command_runs_with_huge_pages_and_a_caller_of_main_is_not_restarted(tmp_path):
+    """``python -m scalable_rec`` and the ``scalable-rec`` script run the command itself with
+    the tunable; a program that calls ``main()`` (from a file, or fed on stdin) runs the
+    command once, without a restart that would re-run the caller or nothing at all."""
+    synth = ["-v", "synth", "--preset", "tiny", "--out"]
+    out = _command([sys.executable, "-m", "scalable_rec", *synth, str(tmp_path / "m")])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _tunables_logged(out.stderr) == [HUGEPAGES_TUNABLE] and (tmp_path / "m" / "manifest.json").is_file()
+    script = Path(sys.executable).with_name("scalable-rec")  # the console script, where installed
+    if script.is_file():
+        out = _command([str(script), *synth, str(tmp_path / "s")])
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert _tunables_logged(out.stderr) == [HUGEPAGES_TUNABLE] and (tmp_path / "s" / "manifest.json").is_file()
+    caller = textwrap.dedent(f"""
+        import sys
+        print("caller ran", flush=True)
+        from scalable_rec.__main__ import main
+        sys.argv = ["caller", *{synth!r}, {str(tmp_path)!r} + "/OUT"]
+        sys.exit(main())
+    """)
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(caller.replace("OUT", "w"))
+    out = _command([sys.executable, str(wrapper)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("caller ran") == 1 and _tunables_logged(out.stderr) == [""]
+    assert (tmp_path / "w" / "manifest.json").is_file()
+    out = _command([sys.executable, "-"], input=caller.replace("OUT", "i"))  # a program on stdin
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("caller ran") == 1 and (tmp_path / "i" / "manifest.json").is_file()

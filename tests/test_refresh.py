@@ -358,3 +358,101 @@ def test_refresh_reaches_a_cold_movie_by_messages_with_its_features_only_input(s
     if mode == "exact":
         full = initial_state(model, sparse_graph, K, 10, 1, "sha", state.extra)
         torch.testing.assert_close(full.layers[-1]["movie"][cold], after)
+
+
+def test_parquet_is_on_disk_before_its_name_points_at_it(tmp_path, monkeypatch):
+    """``write_parquet`` fsyncs the temporary file before the rename: the refresh state,
+    fsynced after it, must never describe recommendations a power loss can take back."""
+    import os
+
+    import pyarrow as pa
+
+    from scalable_rec.sink import parquet
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.fspath(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "recommendations.parquet"
+    assert parquet.write_parquet([pa.record_batch([pa.array([1, 2])], names=["user_key"])], out) == 2
+    renamed = [path for what, path in events if what == "replace"]
+    assert len(renamed) == 1 and events.index(("fsync", renamed[0])) < events.index(("replace", renamed[0]))
+    assert pq.read_table(out).num_rows == 2
+
+
+def _refresh_fails(argv: list[str], caplog, match: str) -> None:
+    caplog.clear()
+    assert cli.main(["refresh", *argv]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and match in errors[0], errors
+    assert "Traceback" not in caplog.text
+
+
+def test_refresh_keeps_the_parquets_k_refuses_what_it_ignores_and_waits_for_no_lock(trained_run, tiny_shards,
+                                                                                   tmp_path, caplog):
+    import fcntl
+
+    from scalable_rec.locking import lock_path
+
+    graph = RatingGraph.from_shards(tiny_shards)
+    new = tmp_path / "new.csv"
+    _write_ratings(new, [[NEW_USER, graph.movie_keys[3].as_py(), 5.0, 3]])
+    run = ["--run-dir", str(trained_run), "--new-ratings", str(new)]
+    out = trained_run / "recommendations.parquet"
+    before = out.read_bytes()
+    _refresh_fails([*run, "--score-device", "cuda"], caplog, "does not take --score-device")
+    _refresh_fails([*run, "--no-exclude-rated"], caplog, "--exclude-rated/--no-exclude-rated")
+    _refresh_fails([*run, "--k", str(K + 2)], caplog, f"differs from the k={K}")
+    with open(lock_path(trained_run), "a") as held:  # another command (a 'score') holds the run directory
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _refresh_fails(run, caplog, "is in use by pid")
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert out.read_bytes() == before and not (trained_run / "refresh").exists()
+    assert cli.main(["refresh", *run]) == 0  # no --k: the Parquet's (5), not the default 10
+    table = pq.read_table(out)
+    assert table.schema.metadata[b"k"] == str(K).encode()
+    rows = _rows_by_user(table)
+    assert len(rows[NEW_USER]) == K and max(len(r) for r in rows.values()) == K
+
+
+def test_refresh_runs_scores_checks_and_clamps_to_the_runs_rating_range(trained_run, tiny_shards, tmp_path,
+                                                                       caplog):
+    import shutil
+
+    from scalable_rec.source.synthetic import SyntheticSource
+
+    graph = RatingGraph.from_shards(tiny_shards)
+    new = tmp_path / "new.csv"
+    movies = graph.movie_keys.to_pylist()
+    _write_ratings(new, [[NEW_USER, movies[3], 1.5, 3], [NEW_USER, movies[4], 2, 4]])
+    run = ["--run-dir", str(trained_run), "--new-ratings", str(new)]
+    metrics_path = trained_run / "metrics.json"
+    finished = metrics_path.read_text()
+    metrics_path.write_text(json.dumps({**json.loads(finished), "interrupted": True, "interrupted_by": "SIGTERM"}))
+    _refresh_fails(run, caplog, "Refusing to refresh")
+    metrics_path.write_text(finished)
+    # shards that changed since training: node indices would name other users and movies
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards.directory, shards)
+    config_path = trained_run / "config.json"
+    config = json.loads(config_path.read_text())
+    config["data"]["shards"] = str(shards)
+    config_path.write_text(json.dumps(config))
+    write_rating_shards(SyntheticSource.preset("tiny", seed=1), str(shards), SkipReport(), overwrite=True)
+    _refresh_fails(run, caplog, "not the ones the model")
+    shutil.rmtree(shards)
+    shutil.copytree(tiny_shards.directory, shards)
+    # a run on a 1-2 scale: predictions are clamped to it, not to MovieLens' 0.5-5
+    config["data"]["rating_min"], config["data"]["rating_max"] = 1.0, 2.0
+    config_path.write_text(json.dumps(config))
+    assert cli.main(["refresh", *run]) == 0
+    predicted = [r[-1] for r in _rows_by_user(pq.read_table(trained_run / "recommendations.parquet"))[NEW_USER]]
+    assert len(predicted) == K and all(1.0 <= p <= 2.0 for p in predicted), predicted

@@ -325,14 +325,15 @@ def bounded_dirty_rows(state: RefreshState, endpoints: dict[str, Tensor], rescor
 
 
 def record_batch(model: Recommender, state: RefreshState, graph: RatingGraph, users: Tensor,
-                 user_keys: pa.Array) -> pa.RecordBatch:
-    """Top-``k`` rows of ``users`` in the ``recommend`` schema (``predicted_rating`` included)."""
+                 user_keys: pa.Array, rating_range: tuple[float, float] = (0.5, 5.0)) -> pa.RecordBatch:
+    """Top-``k`` rows of ``users`` in the ``recommend`` schema (``predicted_rating``, clamped
+    to the run's ``rating_range``, included)."""
     k = state.k
     top, scores = state.cand_idx[users, :k], state.cand_score[users, :k]
     with torch.no_grad():
         rated = model.predict_pairs(state.layers[-1], users.repeat_interleave(k), top.flatten())
     return to_record_batch(users, top, scores, user_keys, graph.movie_keys,
-                           predicted_rating=rated.view_as(top).clamp(0.5, 5.0))
+                           predicted_rating=rated.view_as(top).clamp(*rating_range))
 
 
 def user_keys_of(graph: RatingGraph, state: RefreshState) -> pa.Array:
@@ -367,7 +368,8 @@ def refresh(run_dir: str | Path, model: Recommender, graph: RatingGraph, cfg: Re
     users whose top ``k`` changed, then the state is replaced. Both writes are atomic, the
     recommendations first: a crash between them leaves the old state, and re-running the
     same input reproduces the same rows. An input whose fingerprint was folded before
-    changes nothing.
+    changes nothing. ``bounds`` is the run's rating range: new ratings outside it are
+    skipped, predicted ratings clamped to it.
 
     Returns a report: counts, skipped rows, timings.
     """
@@ -398,14 +400,15 @@ def refresh(run_dir: str | Path, model: Recommender, graph: RatingGraph, cfg: Re
                           torch.from_numpy(new.rating), torch.from_numpy(new.timestamp), users.keys[known:],
                           cfg.mode, memory_mb)
     t2 = time.perf_counter()
+    rating_range = (bounds.min, bounds.max) if bounds is not None else (0.5, 5.0)
     keys = user_keys_of(graph, state)
     out = run_dir / "recommendations.parquet"
     if writer is None and not out.is_file():
         written = {"parquet": str(out), "parquet_rows": write_parquet(
-            [record_batch(model, state, graph, torch.arange(len(keys)), keys)], out,
+            [record_batch(model, state, graph, torch.arange(len(keys)), keys, rating_range)], out,
             metadata={"run_dir": str(run_dir), "k": str(k)})}
     else:
-        batch = record_batch(model, state, graph, outcome.replaced_users, keys)
+        batch = record_batch(model, state, graph, outcome.replaced_users, keys, rating_range)
         written = (writer or parquet_writer(run_dir, k))(batch, keys.take(pa.array(outcome.replaced_users.numpy())),
                                                          fp)
     record = {"fingerprint": fp, "source": new.source, "mode": cfg.mode, "edges": int(new.src.size),

@@ -9,10 +9,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from scalable_rec.atomic import fsync_file
+
 
 def write_parquet(batches: Iterable[pa.RecordBatch], path: str | os.PathLike,
                   metadata: dict[str, str] | None = None) -> int:
-    """Streams record batches into ``path`` (temporary name, renamed when complete).
+    """Streams record batches into ``path`` (temporary name, fsynced, renamed when complete).
 
     Returns the number of rows written. ``metadata`` (e.g. the run id and config hash)
     goes into the file's key-value metadata.
@@ -31,6 +33,9 @@ def write_parquet(batches: Iterable[pa.RecordBatch], path: str | os.PathLike,
             raise ValueError(f"No rows to write to '{path}'")
         writer.close()
         writer = None
+        # on the disk before the name points at it: the refresh state (fsynced after this)
+        # must never say "folded" over recommendations a power loss took back
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         if writer is not None:

@@ -52,6 +52,18 @@ def sniff(path: Path) -> tuple[str, bool, int]:
 
 
 @dataclass
+class MoviesFile(MovieLensSource):
+    """The ``movies.csv`` of a MovieLens folder on its own: a given split brings its own
+    ratings, so the folder needs no ``ratings.csv``."""
+
+    def __post_init__(self) -> None:
+        root = Path(self.path)
+        if not (root / "movies.csv").is_file():
+            raise FileNotFoundError(f"MovieLens directory '{root}' lacks movies.csv")
+        self.path = str(root.resolve())
+
+
+@dataclass
 class RatingFilesSource:
     """Ratings from a training and a test file; each edge records which one it came from.
 
@@ -74,7 +86,7 @@ class RatingFilesSource:
         self.train_file, self.test_file = str(Path(self.train_file).resolve()), str(Path(self.test_file).resolve())
         self._movielens = None
         if self.movies_dir and (Path(self.movies_dir) / "movies.csv").is_file():
-            self._movielens = MovieLensSource(self.movies_dir, self.block_size)
+            self._movielens = MoviesFile(self.movies_dir, self.block_size)
 
     def config(self) -> dict[str, Any]:
         return {"source": "rating_files", **{k: v for k, v in asdict(self).items()}}
