@@ -29,9 +29,9 @@ from scalable_rec import pipeline
 from scalable_rec.atomic import dumps
 from scalable_rec.config import GROUPS, RunConfig, add_group_arguments, build_group
 from scalable_rec.errors import ConfigError, InterruptedRunError, ScalableRecError
-from scalable_rec.score.refresh import RefreshConfig
+from scalable_rec.refresh import RefreshConfig
 from scalable_rec.source.synthetic import PRESETS
-from scalable_rec.train.distributed import DistEnv, shutdown_distributed
+from scalable_rec.dist import DistEnv, shutdown_distributed
 from scalable_rec.train.launch import LAUNCHED_ENV, launch
 from scalable_rec.train.config import resolve_device
 
@@ -101,7 +101,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_arango_load(cfg: RunConfig, args: argparse.Namespace) -> None:
     """MovieLens (--data) → ArangoDB: Users, Movie, Ratings and the graph movie_rating_graph."""
     from scalable_rec.source import RatingBounds
-    from scalable_rec.source.arango_load import load_movielens_dir
+    from scalable_rec.sink.arango_load import load_movielens_dir
     from scalable_rec.source.download import fetch_movielens
 
     data_dir = cfg.data.data or str(fetch_movielens())
@@ -287,7 +287,7 @@ def _launch_ranks(args: argparse.Namespace, argv: list[str], env: DistEnv) -> in
     if problem:
         log.error("Invalid options: %s", problem)
         return USAGE_ERROR
-    return launch(argv, args.nproc_per_node, args.max_restarts)
+    return launch(main, argv, args.nproc_per_node, args.max_restarts)
 
 
 def one_line(err: BaseException) -> str:

@@ -23,12 +23,12 @@ from scalable_rec.errors import ConfigError
 from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.hetero import SplitConfig
 from scalable_rec.graph.store import StoreConfig
-from scalable_rec.score.topk import ScoreConfig
+from scalable_rec.model.topk import ScoreConfig
 from scalable_rec.sink.arango import WritebackConfig
-from scalable_rec.source.arango_load import LoadConfig
+from scalable_rec.sink.arango_load import LoadConfig
 from scalable_rec.source.arango import ExportConfig
 from scalable_rec.train.config import TrainConfig
-from scalable_rec.train.model import ModelConfig
+from scalable_rec.model.recommender import ModelConfig
 
 
 @dataclass

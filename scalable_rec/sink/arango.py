@@ -268,7 +268,7 @@ def write_recommendations(db: StandardDatabase, batches: Iterable[pa.RecordBatch
 
     Args:
         db: Target database.
-        batches: Ranked record batches (see ``scalable_rec.score.topk``).
+        batches: Ranked record batches (see ``scalable_rec.model.topk``).
         layout: Collection names (``_from`` is ``<users_collection>/<key>``, ``_to`` is
             ``<movies_collection>/<key>``) and retry settings.
         cfg: Target collection, batching and ``replace_previous``.

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from scalable_rec.train.distributed import DistEnv
+from scalable_rec.dist import DistEnv
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
