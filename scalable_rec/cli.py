@@ -27,7 +27,7 @@ from typing import Callable
 
 from scalable_rec import pipeline
 from scalable_rec.atomic import dumps
-from scalable_rec.config import GROUPS, RunConfig, add_group_arguments, build_group
+from scalable_rec.config import GROUPS, RunConfig, add_config_arguments, build_group
 from scalable_rec.errors import ConfigError, InterruptedRunError, ScalableRecError
 from scalable_rec.refresh import RefreshConfig
 from scalable_rec.source.synthetic import PRESETS
@@ -147,13 +147,37 @@ ARANGO_COMMANDS: dict[str, tuple[Callable[[RunConfig, argparse.Namespace], None]
 }
 
 
+# What each command's ``--help`` opens with: its usage line and what it does.
+USAGE = {"run": "scalable-rec run [options]", "prepare": "scalable-rec prepare [options]",
+         "train": "scalable-rec train [options]", "score": "scalable-rec score --run-dir DIR [options]",
+         "refresh": "scalable-rec refresh --run-dir DIR --new-ratings PATH [options]",
+         "arango load": "scalable-rec arango load [options]",
+         "arango export": "scalable-rec arango export --shards DIR [options]"}
+DESCRIPTIONS = {
+    "run": "Prepare, train, evaluate and score in one run directory: config.json, best.pt, last.pt, "
+           "metrics.json, curves and recommendations.parquet (or ArangoDB edges with --sink arango). "
+           "For DDP run it under torchrun, or give --nproc-per-node N on one node.",
+    "prepare": "MovieLens (--data) or a given split (--train-file, --test-file) -> Arrow shards and cached "
+               "movie features; reused when the input and the options are unchanged.",
+    "train": "Shards -> run directory: config.json, best.pt, last.pt, metrics.json (validation curve, test "
+             "metrics) and curves. For DDP run it under torchrun, or give --nproc-per-node N on one node.",
+    "score": "Run directory -> top-K movies per user in <run-dir>/recommendations.parquet, or edges in "
+             "ArangoDB with --sink arango. Refuses an interrupted run, or shards that changed since "
+             "training, unless told otherwise.",
+    "refresh": "Folds new ratings into a run's graph (not its weights) and re-scores only the users whose "
+               "recommendations can change (--mode exact) or who rated (--mode bounded); their rows are "
+               "replaced in recommendations.parquet or in ArangoDB. The report also goes to "
+               "<run-dir>/refresh/last_report.json.",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalable-rec", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, groups) in COMMANDS.items():
-        p = sub.add_parser(name, help=fn.__doc__, description=pipeline_doc(name))
+        p = sub.add_parser(name, help=fn.__doc__, usage=USAGE[name], description=DESCRIPTIONS[name])
         p.add_argument("--run-dir", dest="run_dir", default=None,
                        help="run directory (default: <workdir>/run-<time>-<id>)")
         if name in ("run", "train", "score"):
@@ -170,13 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="score even if the shards differ from those the model was trained on")
         if "train" not in groups:  # --no-progress also silences prepare's text encoder
             p.add_argument("--progress", action=argparse.BooleanOptionalAction, dest="TrainConfig.progress",
-                           default=argparse.SUPPRESS, help="show progress bars")
-        for g in groups + ("runtime",):
-            add_group_arguments(p, GROUPS[g])
-    refresh = sub.add_parser("refresh", help=cmd_refresh.__doc__, description=pipeline_doc("refresh"))
+                           default=argparse.SUPPRESS, help="show progress bars (default: on)")
+        add_config_arguments(p, [GROUPS[g] for g in groups + ("runtime",)])
+    refresh = sub.add_parser("refresh", help=cmd_refresh.__doc__, usage=USAGE["refresh"],
+                             description=DESCRIPTIONS["refresh"])
     refresh.add_argument("--run-dir", dest="run_dir", default=None, help="run directory written by 'train' or 'run'")
-    for cls in (GROUPS["score"], RefreshConfig, GROUPS["sink"], GROUPS["arango"]):
-        add_group_arguments(refresh, cls)
+    add_config_arguments(refresh, [RefreshConfig, GROUPS["score"], GROUPS["sink"], GROUPS["arango"]])
     refresh.add_argument("--strict", dest="DataConfig.strict", action="store_true", default=argparse.SUPPRESS,
                          help="fail on the first unusable new rating instead of counting and skipping it")
     synth = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
@@ -194,17 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "$SCALABLE_REC_ARANGO_PASSWORD_FILE or --arango-config-file, never a flag.")
     actions = arango.add_subparsers(dest="action", required=True)
     for name, (fn, groups) in ARANGO_COMMANDS.items():
-        p = actions.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        p = actions.add_parser(name, help=fn.__doc__, description=fn.__doc__, usage=USAGE[f"arango {name}"])
         p.set_defaults(run_dir=None)
-        for g in groups:
-            add_group_arguments(p, GROUPS[g])
+        add_config_arguments(p, [GROUPS[g] for g in groups])
     return parser
-
-
-def pipeline_doc(name: str) -> str:
-    fn = {"run": pipeline.run, "prepare": pipeline.prepare, "train": pipeline.train_stage,
-          "score": pipeline.score_stage, "refresh": pipeline.refresh_stage}[name]
-    return (fn.__doc__ or "").strip()
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

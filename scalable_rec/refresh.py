@@ -68,8 +68,8 @@ class RefreshConfig:
             holding one, or a shard directory.
         mode: ``exact`` (every user whose recommendations can change; equals a full
             re-score) or ``bounded`` (only users with new ratings; drifts, cheaper).
-        candidate_margin: Candidates kept per user beyond ``k`` (with exact scores), so
-            that a changed movie leaving a top-k list is replaced without a full re-score.
+        candidate_margin: Candidates kept per user beyond ``k`` (with exact scores), non-negative,
+            so that a changed movie leaving a top-k list is replaced without a full re-score.
     """
 
     new_ratings: str | None = None

@@ -48,8 +48,8 @@ class WritebackConfig:
         inference_collection: Edge collection for ``--sink arango`` (created if missing).
         replace_previous: After this run's edges are written, remove the same users' edges
             from other runs, so no user is ever left without recommendations.
-        writeback_batch_docs: Most edges per import request.
-        writeback_batch_mb: Most (estimated) MiB per import request.
+        writeback_batch_docs: Most edges per import request, positive.
+        writeback_batch_mb: Most (estimated) MiB per import request, positive.
     """
 
     sink: Literal["parquet", "arango"] = "parquet"
