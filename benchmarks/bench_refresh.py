@@ -42,10 +42,10 @@ import torch
 from scalable_rec import cli, pipeline
 from scalable_rec.config import RunConfig
 from scalable_rec.graph import RatingGraph
-from scalable_rec.score.refresh import RefreshConfig, RefreshState, initial_state, refresh
+from scalable_rec.refresh import RefreshConfig, RefreshState, initial_state, refresh
 from scalable_rec.shards import GraphShards
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.train.model import Recommender
+from scalable_rec.model.recommender import Recommender
 
 
 def write_new_ratings(graph: RatingGraph, path: Path, share: float, per_user: int, seed: int) -> int:

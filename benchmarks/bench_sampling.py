@@ -14,7 +14,7 @@ from torch_geometric.loader import LinkNeighborLoader
 
 from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import TrainConfig
-from scalable_rec.train.distributed import DistEnv
+from scalable_rec.dist import DistEnv
 from scalable_rec.train.batches import SupervisionEdges, make_loader
 
 MAX_BATCHES = 50

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from scalable_rec.train.distributed import DistEnv, agree_stop, init_distributed, shutdown_distributed
+from scalable_rec.dist import DistEnv, agree_stop, init_distributed, shutdown_distributed
 
 out, calls = sys.argv[1], int(sys.argv[2])
 env = DistEnv.from_environ()

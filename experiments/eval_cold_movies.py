@@ -50,11 +50,11 @@ import torch
 from scalable_rec import cli
 from scalable_rec.config import RunConfig
 from scalable_rec.graph import RatingGraph
-from scalable_rec.score.evaluate import ranking_metrics
-from scalable_rec.score.topk import RatedIndex
+from scalable_rec.model.evaluate import ranking_metrics
+from scalable_rec.model.topk import RatedIndex
 from scalable_rec.shards import GraphShards
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.train.model import Recommender
+from scalable_rec.model.recommender import Recommender
 
 
 def hold_out_movies(data: Path, out: Path, share: float, seed: int) -> tuple[pa.Table, np.ndarray]:

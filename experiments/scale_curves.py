@@ -104,7 +104,7 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
         result = train(g, split, ModelConfig(), cfg, workdir / f"run-{stage}-{edges}", data=data)
         out["train_cpu_s"] = time.process_time() - c0
         if data is not None:  # what this rank's heap ran with ('auto' resolved: ranks on this node)
-            from scalable_rec.train.distributed import DistEnv
+            from scalable_rec.dist import DistEnv
 
             out["heap_threshold_kb_applied"] = cfg.heap_threshold_kb(DistEnv.from_environ())
         out.update(steps=result.history[-1]["steps"], labelled_edges_per_s=result.history[-1]["edges_per_s"],
@@ -112,7 +112,7 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
                    train_loop_s=result.seconds)
     elif stage.startswith("score"):
         from scalable_rec.score import RatedIndex, ScoreConfig, topk_chunks
-        from scalable_rec.score.layerwise import encode_layerwise
+        from scalable_rec.model.layerwise import encode_layerwise
         from scalable_rec.train import ModelConfig, Recommender
 
         shards = GraphShards(shards_dir, verify=False)
@@ -493,7 +493,7 @@ def main() -> None:
         from scalable_rec.train.launch import LAUNCHED_ENV, launch
 
         if args.stage == FORKED and not os.environ.get(LAUNCHED_ENV):
-            sys.exit(launch(sys.argv[1:], 2, entrypoint=_forked_rank))
+            sys.exit(launch(_forked_rank, sys.argv[1:], 2))
         row = run_stage(args.stage, args.edges[0], out, args.train_steps, args.score_users, args.table_optimizer,
                         args.heap_mmap_threshold_kb)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -27,11 +27,11 @@ from typing import Callable
 
 from scalable_rec import pipeline
 from scalable_rec.atomic import dumps
-from scalable_rec.config import GROUPS, RunConfig, add_group_arguments, build_group
+from scalable_rec.config import GROUPS, RunConfig, add_config_arguments, build_group
 from scalable_rec.errors import ConfigError, InterruptedRunError, ScalableRecError
-from scalable_rec.score.refresh import RefreshConfig
+from scalable_rec.refresh import RefreshConfig
 from scalable_rec.source.synthetic import PRESETS
-from scalable_rec.train.distributed import DistEnv, shutdown_distributed
+from scalable_rec.dist import DistEnv, shutdown_distributed
 from scalable_rec.train.launch import LAUNCHED_ENV, launch
 from scalable_rec.train.config import resolve_device
 
@@ -115,7 +115,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_arango_load(cfg: RunConfig, args: argparse.Namespace) -> None:
     """MovieLens (--data) → ArangoDB: Users, Movie, Ratings and the graph movie_rating_graph."""
     from scalable_rec.source import RatingBounds
-    from scalable_rec.source.arango_load import load_movielens_dir
+    from scalable_rec.sink.arango_load import load_movielens_dir
     from scalable_rec.source.download import fetch_movielens
 
     data_dir = cfg.data.data or str(fetch_movielens())
@@ -172,6 +172,28 @@ def _add_check_overrides(parser: argparse.ArgumentParser, command: str) -> None:
                         help=f"{command} from best.pt even if training was interrupted, killed or diverged")
     parser.add_argument("--allow-shard-mismatch", action="store_true",
                         help=f"{command} even if the shards differ from those the model was trained on")
+# What each command's ``--help`` opens with: its usage line and what it does.
+USAGE = {"run": "scalable-rec run [options]", "prepare": "scalable-rec prepare [options]",
+         "train": "scalable-rec train [options]", "score": "scalable-rec score --run-dir DIR [options]",
+         "refresh": "scalable-rec refresh --run-dir DIR --new-ratings PATH [options]",
+         "arango load": "scalable-rec arango load [options]",
+         "arango export": "scalable-rec arango export --shards DIR [options]"}
+DESCRIPTIONS = {
+    "run": "Prepare, train, evaluate and score in one run directory: config.json, best.pt, last.pt, "
+           "metrics.json, curves and recommendations.parquet (or ArangoDB edges with --sink arango). "
+           "For DDP run it under torchrun, or give --nproc-per-node N on one node.",
+    "prepare": "MovieLens (--data) or a given split (--train-file, --test-file) -> Arrow shards and cached "
+               "movie features; reused when the input and the options are unchanged.",
+    "train": "Shards -> run directory: config.json, best.pt, last.pt, metrics.json (validation curve, test "
+             "metrics) and curves. For DDP run it under torchrun, or give --nproc-per-node N on one node.",
+    "score": "Run directory -> top-K movies per user in <run-dir>/recommendations.parquet, or edges in "
+             "ArangoDB with --sink arango. Refuses an interrupted run, or shards that changed since "
+             "training, unless told otherwise.",
+    "refresh": "Folds new ratings into a run's graph (not its weights) and re-scores only the users whose "
+               "recommendations can change (--mode exact) or who rated (--mode bounded); their rows are "
+               "replaced in recommendations.parquet or in ArangoDB. The report also goes to "
+               "<run-dir>/refresh/last_report.json.",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, groups) in COMMANDS.items():
-        p = sub.add_parser(name, help=fn.__doc__, description=pipeline_doc(name))
+        p = sub.add_parser(name, help=fn.__doc__, usage=USAGE[name], description=DESCRIPTIONS[name])
         _add_verbose(p)
         p.add_argument("--run-dir", dest="run_dir", default=None,
                        help="run directory (default: <workdir>/run-<time>-<id>)")
@@ -195,14 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
             _add_check_overrides(p, "score")
         if "train" not in groups:  # --no-progress also silences prepare's text encoder
             p.add_argument("--progress", action=argparse.BooleanOptionalAction, dest="TrainConfig.progress",
-                           default=argparse.SUPPRESS, help="show progress bars")
-        for g in groups + ("runtime",):
-            add_group_arguments(p, GROUPS[g])
-    refresh = sub.add_parser("refresh", help=cmd_refresh.__doc__, description=pipeline_doc("refresh"))
+                           default=argparse.SUPPRESS, help="show progress bars (default: on)")
+        add_config_arguments(p, [GROUPS[g] for g in groups + ("runtime",)])
+    refresh = sub.add_parser("refresh", help=cmd_refresh.__doc__, usage=USAGE["refresh"],
+                             description=DESCRIPTIONS["refresh"])
     _add_verbose(refresh)
     refresh.add_argument("--run-dir", dest="run_dir", default=None, help="run directory written by 'train' or 'run'")
-    for cls in (GROUPS["score"], RefreshConfig, GROUPS["sink"], GROUPS["arango"]):
-        add_group_arguments(refresh, cls)
+    add_config_arguments(refresh, [RefreshConfig, GROUPS["score"], GROUPS["sink"], GROUPS["arango"]])
     for action in refresh._actions:
         if action.dest in REFRESH_REFUSES:
             action.help = argparse.SUPPRESS
@@ -229,18 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(arango)
     actions = arango.add_subparsers(dest="action", required=True)
     for name, (fn, groups) in ARANGO_COMMANDS.items():
-        p = actions.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        p = actions.add_parser(name, help=fn.__doc__, description=fn.__doc__, usage=USAGE[f"arango {name}"])
         _add_verbose(p)
         p.set_defaults(run_dir=None)
-        for g in groups:
-            add_group_arguments(p, GROUPS[g])
+        add_config_arguments(p, [GROUPS[g] for g in groups])
     return parser
-
-
-def pipeline_doc(name: str) -> str:
-    fn = {"run": pipeline.run, "prepare": pipeline.prepare, "train": pipeline.train_stage,
-          "score": pipeline.score_stage, "refresh": pipeline.refresh_stage}[name]
-    return (fn.__doc__ or "").strip()
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -326,7 +340,7 @@ def _launch_ranks(args: argparse.Namespace, argv: list[str], env: DistEnv) -> in
     if problem:
         log.error("Invalid options: %s", problem)
         return USAGE_ERROR
-    return launch(argv, args.nproc_per_node, args.max_restarts)
+    return launch(main, argv, args.nproc_per_node, args.max_restarts)
 
 
 def one_line(err: BaseException) -> str:

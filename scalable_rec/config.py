@@ -23,12 +23,12 @@ from scalable_rec.errors import ConfigError
 from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.hetero import SplitConfig
 from scalable_rec.graph.store import StoreConfig
-from scalable_rec.score.topk import ScoreConfig
+from scalable_rec.model.topk import ScoreConfig
 from scalable_rec.sink.arango import WritebackConfig
-from scalable_rec.source.arango_load import LoadConfig
+from scalable_rec.sink.arango_load import LoadConfig
 from scalable_rec.source.arango import ExportConfig
 from scalable_rec.train.config import TrainConfig
-from scalable_rec.train.model import ModelConfig
+from scalable_rec.model.recommender import ModelConfig
 
 
 @dataclass
@@ -36,25 +36,24 @@ class DataConfig:
     """Where the input comes from and where shards go.
 
     Args:
-        data: MovieLens folder with ratings.csv and movies.csv (2016 or 2018 ml-latest-small,
-            ml-25m, ml-32m). Default: $SCALABLE_REC_DATA, else ml-latest-small downloaded
-            (checksummed) into ~/.cache/scalable-rec/data.
-        workdir: Folder for shards and runs (default ./runs).
-        shards: Shard directory (default <workdir>/shards/<data folder name>).
+        data: MovieLens folder with ratings.csv and movies.csv (ml-latest-small, ml-25m,
+            ml-32m); unset: $SCALABLE_REC_DATA, else ml-latest-small downloaded (checksummed)
+            into ~/.cache/scalable-rec/data.
+        workdir: Folder for shards and runs.
+        shards: Shard directory; unset: <workdir>/shards/<data folder name>.
         strict: Fail on the first malformed row, unknown id or out-of-range rating instead
             of counting and skipping it.
-        max_rows_per_shard: Rows per Arrow shard file.
-        rating_min: Lowest valid rating.
+        max_rows_per_shard: Rows per Arrow shard file, positive.
+        rating_min: Lowest valid rating, below ``rating_max``.
         rating_max: Highest valid rating.
-        max_skipped_share: Fail 'prepare' when more than this share of input rows is skipped
-            as malformed or invalid (default 0.1); 1.0 accepts any share.
-        overwrite: 'train' and 'run': replace the artifacts of an existing run directory
-            (else a used --run-dir needs --resume); shards are still reused when input and
-            options are unchanged. 'prepare', 'arango export': rebuild the shards anyway.
+        max_skipped_share: Fail 'prepare' when more than this share of input rows, in [0, 1],
+            is skipped as malformed or invalid; 1.0 accepts any share.
+        overwrite: 'train' and 'run': replace the artifacts of an existing run directory (else a
+            used --run-dir needs --resume); unchanged shards are still reused. 'prepare' and
+            'arango export': rebuild the shards anyway.
         train_file: A given split's training ratings (``user item rating [timestamp]``, tab- or
-            comma-separated, or MovieLens CSV with header); needs ``test_file``. Validation is
-            carved from it (``val_ratio``, ``split_seed``); ``--data`` then only supplies
-            movies.csv, if it has one.
+            comma-separated, or MovieLens CSV); needs ``test_file``. Validation is carved from
+            it; ``--data`` then only supplies movies.csv, if it has one.
         test_file: A given split's test ratings, same format; the test uses exactly these.
     """
 
@@ -101,12 +100,11 @@ class RuntimeConfig:
     ``deterministic`` is off and threads differ.
 
     Args:
-        threads: CPU threads per process (torch intra-op). Default: under torchrun the
-            machine's cores divided by its processes on this node ($LOCAL_WORLD_SIZE), so
-            ranks do not oversubscribe the CPU; else $OMP_NUM_THREADS if set, else all cores.
-        deterministic: Bit-identical reruns: deterministic torch algorithms (an error for
-            an op without one), cuDNN autotuning off, and one CPU thread (multi-threaded
-            scatter sums floats in varying order). Costs speed; see the README.
+        threads: CPU threads per process (torch intra-op), positive; unset: under torchrun the
+            machine's cores divided by its ranks on this node, else $OMP_NUM_THREADS if set,
+            else all cores.
+        deterministic: Bit-identical reruns: deterministic torch algorithms (an error for an
+            op without one), cuDNN autotuning off and one CPU thread; slower.
     """
 
     threads: int | None = None
@@ -217,27 +215,94 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def add_group_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Adds one ``--flag`` per dataclass field (defaults stay in the dataclass)."""
+# Title of each config group in ``--help``.
+TITLES = {"DataConfig": "input and output", "FeatureConfig": "movie features", "SplitConfig": "split",
+          "ModelConfig": "model", "TrainConfig": "training", "ScoreConfig": "scoring",
+          "StoreConfig": "graph storage", "WritebackConfig": "recommendation sink",
+          "ArangoConfig": "ArangoDB connection", "ExportConfig": "ArangoDB export", "LoadConfig": "ArangoDB load",
+          "RuntimeConfig": "runtime", "RefreshConfig": "refresh"}
+
+# Flags most runs leave alone: ``--help`` lists them after the others, in "advanced ..." groups.
+RARELY_USED = {
+    "DataConfig": ("max_rows_per_shard", "rating_min", "rating_max", "max_skipped_share"),
+    "FeatureConfig": ("encode_batch_size", "encode_device"),
+    "ModelConfig": ("decoder", "aggr", "user_id_dropout", "movie_id_dropout", "retrieval_ids",
+                    "retrieval_temperature", "retrieval_bias"),
+    "TrainConfig": ("weight_decay", "supervision", "disjoint_ratio", "relevant_min", "optimizer", "table_optimizer",
+                    "table_lr", "sparse_tables_min_rows", "val_memory_mb", "node_shared_tables",
+                    "heap_mmap_threshold_kb", "loss", "rank_loss_weight", "ema_decay", "logq_correction", "rank_id_l2",
+                    "num_workers", "steps_per_epoch", "stop_check_every", "collective_timeout_s"),
+    "ScoreConfig": ("score_memory_mb",),
+    "StoreConfig": ("store_min_edges", "store_verify", "layer_batch_size"),
+    "WritebackConfig": ("writeback_batch_docs", "writeback_batch_mb"),
+    "ArangoConfig": ("arango_timeout", "arango_retries", "arango_backoff", "users_collection", "movies_collection",
+                     "ratings_collection", "graph_name"),
+    "ExportConfig": ("export_batch_size", "export_ttl", "export_prefetch", "export_partition_rows", "per_shard_reads",
+                     "pause_gc", "rating_attribute", "timestamp_attribute", "title_attribute", "genres_attribute"),
+    "RefreshConfig": ("candidate_margin",),
+}
+
+# Where ``--help`` points for the reasons behind a group's defaults.
+WHY = {"ModelConfig": "docs/config-notes.md#model", "TrainConfig": "docs/config-notes.md#training"}
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """`` (default: X)`` for ``--help``; empty for an unset default (its help says what unset does)."""
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    elif f.default is dataclasses.MISSING or f.default is None:
+        return ""
+    else:
+        value = f.default
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, list):
+        text = " ".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return f" (default: {text})"
+
+
+def add_group_arguments(parser: argparse.ArgumentParser, cls: type, names: typing.Collection[str] | None = None,
+                        title: str | None = None) -> None:
+    """Adds one ``--flag`` per dataclass field (or per field in ``names``) as one argument
+    group; the help is the field's docstring entry and its default (defaults stay in the
+    dataclass: an unset flag is absent from the namespace)."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__)
+    why = f"why the defaults: {WHY[cls.__name__]}" if cls.__name__ in WHY and title is None else None
+    group = parser.add_argument_group(title or TITLES.get(cls.__name__, cls.__name__), why)
     for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
         tp = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS,
-                                  "help": docs.get(f.name, "")}
+                                  "help": docs.get(f.name, "").replace("``", "") + default_text(f)}
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         base = args[0] if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) else tp
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is Literal:
-            kwargs.update(choices=list(typing.get_args(base)), metavar=f.name.upper())
+            kwargs["choices"] = list(typing.get_args(base))
         elif typing.get_origin(base) is list:
             kwargs.update(nargs="+", type=typing.get_args(base)[0], metavar=f.name.upper())
         else:
             kwargs.update(type=base, metavar=f.name.upper())
         group.add_argument(flag, **kwargs)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, classes: typing.Sequence[type]) -> None:
+    """Adds the flags of every class in ``classes``: one group per class with the commonly
+    used flags, then one "advanced" group per class with its ``RARELY_USED`` flags."""
+    for cls in classes:
+        common = [f.name for f in dataclasses.fields(cls) if f.name not in RARELY_USED.get(cls.__name__, ())]
+        if common:
+            add_group_arguments(parser, cls, common)
+    for cls in classes:
+        rare = [f.name for f in dataclasses.fields(cls) if f.name in RARELY_USED.get(cls.__name__, ())]
+        if rare:
+            add_group_arguments(parser, cls, rare, f"advanced {TITLES.get(cls.__name__, cls.__name__)}")
 
 
 def build_group(cls: type, namespace: argparse.Namespace, base: Any | None = None) -> Any:

@@ -33,9 +33,9 @@ from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.index import GraphIndex, build_index
 from scalable_rec.graph.store import open_stores
 from scalable_rec.score import RatedIndex, ScoreConfig, evaluate_split, plot_curves, recommend
-from scalable_rec.score.layerwise import encode_layerwise
+from scalable_rec.model.layerwise import encode_layerwise
 from scalable_rec.score.recommend import user_slice
-from scalable_rec.score.refresh import RefreshConfig
+from scalable_rec.refresh import RefreshConfig
 from scalable_rec.shards import GraphShards, Manifest
 from scalable_rec.shards.manifest import edge_type_name
 from scalable_rec.sink import merge_parts, part_path, write_parquet
@@ -43,7 +43,7 @@ from scalable_rec.source import MovieLensSource, RatingBounds, SkipReport, write
 from scalable_rec.source.download import fetch_movielens
 from scalable_rec.train import Recommender, train
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.train.distributed import DistEnv, broadcast_object, from_rank0, init_distributed
+from scalable_rec.dist import DistEnv, broadcast_object, from_rank0, init_distributed
 from scalable_rec.train.config import TrainConfig, resolve_device
 
 log = logging.getLogger(__name__)
@@ -527,7 +527,7 @@ def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Pat
     is needed only where no Parquet file records one. Predicted ratings are clamped to the
     run's rating range.
     """
-    from scalable_rec.score.refresh import refresh
+    from scalable_rec.refresh import refresh
     from scalable_rec.source import RatingBounds
 
     run_dir = Path(run_dir or cfg.run_dir)

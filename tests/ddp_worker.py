@@ -14,7 +14,7 @@ import torch
 from scalable_rec.graph import RatingGraph, SplitConfig, split_edges
 from scalable_rec.shards import GraphShards
 from scalable_rec.train import ModelConfig, TrainConfig, train
-from scalable_rec.train.distributed import DistEnv, shutdown_distributed
+from scalable_rec.dist import DistEnv, shutdown_distributed
 
 shards, run_dir, out_prefix, train_json = sys.argv[1:5]
 env = DistEnv.from_environ()

@@ -8,7 +8,7 @@ import pytest
 from scalable_rec.connection import ArangoConfig, ArangoSettings, RetryPolicy, connect
 from scalable_rec.errors import DatabaseError, WriteMismatchError
 from scalable_rec.sink.arango import import_documents
-from scalable_rec.source.arango_load import LoadConfig, load_movielens
+from scalable_rec.sink.arango_load import LoadConfig, load_movielens
 from scalable_rec.source import MovieLensSource
 
 LAYOUT = ArangoConfig(arango_retries=3, arango_backoff=0.01)

@@ -4,7 +4,7 @@ import torch
 from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import TrainConfig
 from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_stats
-from scalable_rec.train.distributed import DistEnv
+from scalable_rec.dist import DistEnv
 from scalable_rec.train.losses import rating_class_table, rating_class_weights
 
 

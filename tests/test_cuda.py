@@ -34,7 +34,7 @@ def test_fp16_aggregation_does_not_overflow(tmp_path):
     from torch_geometric.data import HeteroData
 
     from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
-    from scalable_rec.train.model import Recommender
+    from scalable_rec.model.recommender import Recommender
 
     n = 100_000
     model = Recommender(n, 1, 4, ModelConfig(hidden=16, aggr="sum")).cuda()
@@ -112,7 +112,7 @@ def test_torchrun_nccl_run_on_gpu_then_score_on_cpu(small_shards, tmp_path):
 def test_sigterm_under_nccl_stops_cleanly_and_resumes(tiny_shards, tmp_path):
     """SIGTERM at step 5 under torchrun on NCCL (the stop agreement all-reduces a CUDA
     tensor): the rank writes last.pt at step 5 and exits 143; --resume finishes the run."""
-    from scalable_rec.train.distributed import FAULT_ENV
+    from scalable_rec.dist import FAULT_ENV
 
     run = tmp_path / "run"
     args = ["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run), "--epochs", "2",
@@ -133,7 +133,7 @@ def test_fp16_training_step_with_sum_aggregation_is_finite():
     import pyarrow as pa
 
     from scalable_rec.graph import MOVIE, RATES, USER
-    from scalable_rec.train.model import Recommender
+    from scalable_rec.model.recommender import Recommender
 
     n = 100_000
     g = RatingGraph(user_keys=pa.array(range(n)), movie_keys=pa.array([0, 1]), movie_x=torch.ones(2, 4),

@@ -13,7 +13,7 @@ import torch
 from scalable_rec.errors import CheckpointError
 from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import ModelConfig, TrainConfig, train
-from scalable_rec.train.distributed import FAULT_ENV, DistEnv, EdgeEpochSampler
+from scalable_rec.dist import FAULT_ENV, DistEnv, EdgeEpochSampler
 from process_group import finish_group
 from scalable_rec.train.batches import SupervisionEdges, make_loader
 
@@ -449,7 +449,7 @@ def test_epoch_sampler_does_not_hold_the_epoch_as_python_ints():
     """A list of 10M ids would take ~360 MB of Python objects in every rank."""
     import tracemalloc
 
-    from scalable_rec.train.distributed import EdgeEpochSampler
+    from scalable_rec.dist import EdgeEpochSampler
 
     sampler = EdgeEpochSampler(10_000_000, rank=1, world_size=2, seed=3)
     tracemalloc.start()
@@ -474,7 +474,7 @@ def _rss_anon_mib() -> float:
 def test_epoch_sampler_keeps_only_this_ranks_share_of_the_order():
     """Each rank's epoch holds its own slice as int32 (40 MiB of 20M edges at 2 ranks), not
     the global int64 order (160 MiB) that a strided view of it would keep alive."""
-    from scalable_rec.train.distributed import EdgeEpochSampler
+    from scalable_rec.dist import EdgeEpochSampler
 
     sampler = EdgeEpochSampler(20_000_001, rank=1, world_size=2, seed=3)  # odd: one pad
     before = _rss_anon_mib()
@@ -494,7 +494,7 @@ def test_epoch_sampler_peak_while_dealing_is_the_order_and_one_share():
     """Building an epoch's slice peaks at the int32 order (80 MiB of 20M edges) plus this
     rank's share (40 MiB at 2 ranks): no slot-sized temporaries (they peaked near 280 MiB).
     The peak is the kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs)."""
-    from scalable_rec.train.distributed import EdgeEpochSampler
+    from scalable_rec.dist import EdgeEpochSampler
 
     sampler = EdgeEpochSampler(20_000_001, rank=1, world_size=2, seed=3)
     try:

@@ -61,7 +61,7 @@ def test_catalog_mix_counts_cold_slots_and_users(script):
 
 
 def test_best_cold_rank_counts_the_unrated_movies_scored_above_the_best_cold_one(script):
-    from scalable_rec.score.topk import RatedIndex
+    from scalable_rec.model.topk import RatedIndex
 
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
     rated = RatedIndex.from_edges(torch.tensor([0]), torch.tensor([0]), 2)  # user 0 rated movie 0

@@ -119,7 +119,7 @@ def test_auto_heap_threshold_is_fixed_only_when_ranks_share_the_node(monkeypatch
     """``heap_mmap_threshold_kb`` -1 (default): 1024 KiB for ranks that share a node, glibc's
     dynamic threshold for a rank alone on its node; an explicit value always wins."""
     from scalable_rec.train import TrainConfig
-    from scalable_rec.train.distributed import DistEnv
+    from scalable_rec.dist import DistEnv
 
     auto = TrainConfig()
     assert auto.heap_mmap_threshold_kb == -1

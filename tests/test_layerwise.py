@@ -4,7 +4,7 @@ import torch
 from scalable_rec.graph import RatingGraph, SplitConfig
 from scalable_rec.graph.index import GraphIndex, build_index
 from scalable_rec.graph.store import open_stores
-from scalable_rec.score.layerwise import encode_layerwise
+from scalable_rec.model.layerwise import encode_layerwise
 from scalable_rec.train import ModelConfig, Recommender
 
 

@@ -143,7 +143,7 @@ def test_steps_per_epoch_caps_each_epoch(small, tmp_path):
 @pytest.mark.parametrize("supervision", ["exclude_targets", "disjoint"])
 def test_no_target_pair_is_in_its_own_batch_in_either_direction(small, supervision):
     from scalable_rec.graph import RATES, REV_RATES
-    from scalable_rec.train.distributed import DistEnv
+    from scalable_rec.dist import DistEnv
     from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_edges
 
     g, split = small
@@ -173,7 +173,7 @@ def test_no_target_pair_is_in_its_own_batch_in_either_direction(small, supervisi
 
 def test_adamw_leaves_embedding_rows_outside_the_batch_in_place(small, tmp_path):
     from scalable_rec.train.loop import make_optimizer
-    from scalable_rec.train.model import Recommender
+    from scalable_rec.model.recommender import Recommender
 
     g, _ = small
     torch.manual_seed(0)
@@ -216,10 +216,10 @@ def test_training_loss_ranking_term_ignores_dislikes_and_class_weights(small, tm
     import types
 
     from scalable_rec.graph import RATES
-    from scalable_rec.train.distributed import DistEnv
+    from scalable_rec.dist import DistEnv
     from scalable_rec.train.batches import SupervisionEdges, make_loader
     from scalable_rec.train.loop import training_loss
-    from scalable_rec.train.model import Recommender
+    from scalable_rec.model.recommender import Recommender
 
     g, split = small
     ids = split.train[:256]
@@ -390,7 +390,7 @@ def test_rank_id_l2_shrinks_the_batch_rows_only(small, tmp_path):
 def test_id_sq_norms_are_those_of_the_rows_the_vectors_used():
     """The L2's squared norms come from the forward's own lookups: a user past the table or
     a movie without a trained row (``known`` False: past the table, or cold) adds nothing."""
-    from scalable_rec.train.model import RetrievalHead
+    from scalable_rec.model.recommender import RetrievalHead
 
     head = RetrievalHead(2, num_users=2, num_movies=3, id_embeddings=True)
     with torch.no_grad():

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from scalable_rec.graph import RatingGraph
-from scalable_rec.train.model import ModelConfig, Recommender
+from scalable_rec.model.recommender import ModelConfig, Recommender
 
 
 @pytest.mark.parametrize("decoder", ["dot", "mlp"])
@@ -117,7 +117,7 @@ def test_without_retrieval_head_ranking_uses_predicted_ratings(tiny_shards):
 
 
 def test_mlp_block_chunking_is_exact():
-    from scalable_rec.train.model import MLPDecoder
+    from scalable_rec.model.recommender import MLPDecoder
     dec = MLPDecoder(8)
     zu, zm = torch.randn(5, 8), torch.randn(11, 8)
     ids_u, ids_m = torch.arange(5), torch.arange(11)
@@ -196,7 +196,7 @@ def test_adjacency_kind_fits_the_device():
     (seen on an H200: 'Not compiled with CUDA support' in validation)."""
     import torch_geometric.typing as pyg_typing
 
-    from scalable_rec.train.model import adjacency_kind, torch_sparse_runs_on, training_adjacency_kind
+    from scalable_rec.model.recommender import adjacency_kind, torch_sparse_runs_on, training_adjacency_kind
 
     cuda = torch.device("cuda")
     if pyg_typing.WITH_TORCH_SPARSE and torch.ops.torch_sparse.cuda_version() == -1:
@@ -215,7 +215,7 @@ def test_every_adjacency_kind_encodes_and_trains_alike(aggr):
     import torch_geometric.typing as pyg_typing
 
     from scalable_rec.graph import MOVIE, REV_RATES, USER, RATES
-    from scalable_rec.train.model import edge_adjacency
+    from scalable_rec.model.recommender import edge_adjacency
 
     torch.manual_seed(0)
     nu, nm, e = 30, 20, 200
@@ -250,7 +250,7 @@ def test_training_aggregates_over_sparse_adjacency_not_edge_index(tiny_shards, m
     message tensor) where torch-sparse has kernels for the device, else its ``edge_index``."""
     from torch_geometric.nn import SAGEConv
 
-    from scalable_rec.train.model import training_adjacency_kind
+    from scalable_rec.model.recommender import training_adjacency_kind
 
     seen = []
     forward = SAGEConv.forward
@@ -363,7 +363,7 @@ def test_training_marks_movies_without_training_ratings_and_scoring_keeps_them(t
     from scalable_rec.graph import split_edges
     from scalable_rec.graph.hetero import SplitConfig
     from scalable_rec.score.recommend import recommend
-    from scalable_rec.score.topk import ScoreConfig
+    from scalable_rec.model.topk import ScoreConfig
     from scalable_rec.train import TrainConfig
     from scalable_rec.train import checkpoint as ckpt
     from scalable_rec.train.loop import train

@@ -5,7 +5,7 @@ import torch.distributed as dist
 import pytest
 
 from scalable_rec.train import node_tables
-from scalable_rec.train.distributed import DistEnv
+from scalable_rec.dist import DistEnv
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from scalable_rec.graph import RATES
 from scalable_rec.train import ModelConfig, train
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.loop import make_optimizer
-from scalable_rec.train.model import Recommender
+from scalable_rec.model.recommender import Recommender
 from scalable_rec.train.optim import CombinedOptimizer, RowWiseAdagrad, embedding_tables
 from quick_train import quick_cfg as _cfg
 
@@ -62,7 +62,7 @@ def test_rowwise_tables_get_sparse_gradients_only_and_the_rest_adamw(small):
     tables = {id(m.weight) for m in embedding_tables(model)}
     assert len(tables) == 7  # user/movie ID embeddings, biases, retrieval ID vectors, movie ranking bias
     from scalable_rec.train.batches import SupervisionEdges, make_loader
-    from scalable_rec.train.distributed import DistEnv
+    from scalable_rec.dist import DistEnv
 
     cfg = _cfg()
     edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)

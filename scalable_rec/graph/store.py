@@ -26,11 +26,10 @@ class StoreConfig:
     """Where the message-passing graph lives while training, evaluating and scoring.
 
     Args:
-        graph_backend: ``memory`` (``HeteroData`` tensors in each process, full-graph
-            encoding), ``store`` (PyG stores over the memory-mapped graph index, shared by
-            all processes of a node; layer-wise encoding) or ``auto`` (``store`` from
-            ``store_min_edges`` rating edges on).
-        store_min_edges: Crossover of ``auto``: graphs with fewer rating edges stay in memory.
+        graph_backend: ``memory`` (tensors in each process, full-graph encoding), ``store``
+            (PyG stores over the memory-mapped graph index, shared by a node's processes;
+            layer-wise encoding) or ``auto`` (``store`` from ``store_min_edges`` edges on).
+        store_min_edges: Rating edges from which ``auto`` picks ``store``; non-negative.
         store_verify: Check the sha256 of every index file when it is opened.
         layer_batch_size: Destination nodes per batch of layer-wise encoding.
     """

@@ -23,8 +23,8 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from scalable_rec.score.evaluate import ranking_metrics
-from scalable_rec.score.topk import RatedIndex, ScoreFn
+from scalable_rec.model.evaluate import ranking_metrics
+from scalable_rec.model.topk import RatedIndex, ScoreFn
 
 Fit = Callable[[sp.csr_matrix, Any], ScoreFn]
 

@@ -30,7 +30,7 @@ from torch_geometric.utils import spmm
 from torch_sparse import SparseTensor
 
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
-from scalable_rec.train.model import Recommender
+from scalable_rec.model.recommender import Recommender
 
 NodeSets = dict[str, Tensor]
 """Sorted node indices per node type (``user``, ``movie``)."""

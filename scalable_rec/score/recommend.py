@@ -10,8 +10,8 @@ import pyarrow as pa
 import torch
 
 from scalable_rec.graph import RatingGraph
-from scalable_rec.score.topk import RatedIndex, ScoreConfig, to_record_batch, topk_chunks
-from scalable_rec.train.model import Recommender
+from scalable_rec.model.topk import RatedIndex, ScoreConfig, to_record_batch, topk_chunks
+from scalable_rec.model.recommender import Recommender
 
 
 def user_slice(num_users: int, rank: int, world_size: int) -> torch.Tensor:
@@ -32,7 +32,7 @@ def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig, z: dict[
     ``--rating-min``/``--rating-max``).
 
     Args:
-        z: Embeddings of every node (e.g. ``score.layerwise.encode_layerwise``); default:
+        z: Embeddings of every node (e.g. ``scalable_rec.model.layerwise.encode_layerwise``); default:
             ``model.encode_all`` over the whole graph in memory.
         rated: Each user's rated movies (e.g. the graph index's ``rev_rates`` CSC); default:
             built from ``graph``'s edges.

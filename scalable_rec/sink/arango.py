@@ -54,11 +54,11 @@ class WritebackConfig:
         sink: ``parquet`` (<run-dir>/recommendations.parquet) or ``arango`` (edges
             Users/<key> → Movie/<key> with score, rank, run_id, write_id, created_at).
         inference_collection: Edge collection for ``--sink arango`` (created if missing).
-        replace_previous: Also remove the written users' edges of other run ids (in the same
-            transaction as the new edges, so no user is ever left without recommendations).
-        writeback_batch_docs: Edges per transaction; a transaction ends only between users, so
-            it may exceed this by one user's edges.
-        writeback_batch_mb: (Estimated) MiB of edges per transaction, ended between users as well.
+        replace_previous: Also remove the written users' edges of other run ids, in the same
+            transaction as the new edges, so no user is ever left without recommendations.
+        writeback_batch_docs: Edges per transaction, positive; a transaction ends only between
+            users, so it may exceed this by one user's edges.
+        writeback_batch_mb: (Estimated) MiB of edges per transaction, positive; ended between users.
     """
 
     sink: Literal["parquet", "arango"] = "parquet"
@@ -364,7 +364,7 @@ def write_recommendations(db: StandardDatabase, batches: Iterable[pa.RecordBatch
 
     Args:
         db: Target database.
-        batches: Ranked record batches (see ``scalable_rec.score.topk``).
+        batches: Ranked record batches (see ``scalable_rec.model.topk``).
         layout: Collection names (``_from`` is ``<users_collection>/<key>``, ``_to`` is
             ``<movies_collection>/<key>``) and retry settings.
         cfg: Target collection, group sizes and ``replace_previous``.

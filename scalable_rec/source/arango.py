@@ -89,8 +89,8 @@ class ExportConfig:
     """How the graph is read out of ArangoDB.
 
     Args:
-        export_batch_size: Rows per cursor batch (AQL batchSize; default 10,000).
-        export_ttl: Seconds a server-side cursor may sit idle between batches.
+        export_batch_size: Rows per cursor batch (AQL batchSize), positive.
+        export_ttl: Seconds a server-side cursor may sit idle between batches, positive.
         export_prefetch: Cursor batches fetched ahead while the current one is converted (1-8).
         export_resume: Continue an interrupted export from '<shards>.incomplete' after its last
             finished partition.
@@ -100,8 +100,8 @@ class ExportConfig:
             spill file and the keys it holds for the repeat check are bounded by one partition).
         per_shard_reads: On a coordinator, read each shard on its own (cursor option shardIds):
             one server-side scan of a collection in all instead of one per hash partition.
-        pause_gc: Pause Python's cyclic garbage collector during export_shards (restored after):
-            the decoded rows hold no cycles (benchmarks/bench_arango.py compares it on and off).
+        pause_gc: Pause Python's cyclic garbage collector during the export (restored after);
+            the decoded rows hold no reference cycles.
         rating_attribute: Attribute of a rating edge holding the rating.
         timestamp_attribute: Attribute of a rating edge holding the Unix time (may be missing).
         title_attribute: Attribute of a movie holding its title.

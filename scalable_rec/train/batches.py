@@ -15,7 +15,7 @@ from torch_geometric.sampler import EdgeSamplerInput
 
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.train.config import TrainConfig
-from scalable_rec.train.distributed import DistEnv, EdgeEpochSampler
+from scalable_rec.dist import DistEnv, EdgeEpochSampler
 from scalable_rec.train.losses import rating_class_table, rating_classes
 
 # Edges per chunk when a statistic is gathered over all supervision edges: the gathered

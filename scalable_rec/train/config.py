@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from scalable_rec.train.distributed import DistEnv
+from scalable_rec.dist import DistEnv
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -14,113 +14,73 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 @dataclass
 class TrainConfig:
-    """Optimisation and input-pipeline settings.
+    """Optimisation, supervision, model selection and input-pipeline settings (design:
+    docs/design.md#supervision-and-ranking-head).
 
     Args:
-        epochs: Maximum epochs (default 40); early stopping may end sooner.
-        batch_size: Labelled edges per step and rank (default 2048).
-        num_neighbors: Neighbours sampled per hop, one entry per GraphSAGE layer;
+        epochs: Most epochs to train, positive; early stopping may end sooner.
+        batch_size: Labelled edges per step and rank, positive.
+        num_neighbors: Neighbours sampled per hop, one positive entry per GraphSAGE layer;
             ``-1`` takes all.
-        lr: AdamW learning rate.
-        weight_decay: AdamW decoupled weight decay of the dense weights (linear layers);
-            embedding tables and biases are not decayed, so a row that no batch touches
-            stays where it is.
-        supervision: How a batch's supervision edges are kept out of its own message
-            passing: ``exclude_targets`` (each batch's target edges and their reverse edges
-            are removed from that batch's sampled subgraph, as DGL's ``exclude="reverse_id"``),
-            ``disjoint`` (a fixed, seeded ``disjoint_ratio`` share of the training edges
-            supervises, the rest carries messages, as PyG's ``disjoint_train_ratio``) or
-            ``none`` (targets stay in their own subgraph: train/serve skew).
-        disjoint_ratio: Share of training edges used for supervision with ``disjoint``.
-        relevant_min: Ratings at or above this are relevant: the positives of the retrieval
-            head's in-batch softmax and of Recall/NDCG evaluation (default 4.0).
-        optimizer: ``adamw`` (decoupled decay, tables and biases undecayed) or ``adam``
-            (the former coupled L2 on every parameter; kept for the ablation table).
-        table_optimizer: How the user/movie embedding and bias tables are trained:
-            ``adamw`` (dense gradients, two moments per element: four times the tables'
-            size per rank), ``rowwise_adagrad`` (sparse gradients of the batch's rows, one
-            state float per row; ``scalable_rec.train.optim``) or ``auto`` (row-wise from
-            ``sparse_tables_min_rows`` users + movies on, AdamW below).
-        table_lr: Learning rate of ``rowwise_adagrad`` on the tables.
-        sparse_tables_min_rows: Crossover of ``table_optimizer`` ``auto``, in users + movies.
-        val_memory_mb: Budget of one block of validation ranking scores (users × movies ×
-            4 bytes; the chunking of ``evaluate_edges``): bounds validation's working memory
-            beside the embeddings (default 32).
+        lr: AdamW learning rate of the dense weights, positive.
+        weight_decay: AdamW decoupled weight decay of the linear layers; embedding tables and
+            biases are not decayed.
+        supervision: How a batch's target edges are kept out of its own message passing:
+            ``exclude_targets`` (removed, with their reverse edges, from the batch's subgraph),
+            ``disjoint`` (a fixed ``disjoint_ratio`` share supervises) or ``none``.
+        disjoint_ratio: Share of training edges that supervise with ``disjoint``, in (0, 1).
+        relevant_min: Ratings at or above this are relevant: the ranking head's positives and
+            Recall/NDCG's hits.
+        optimizer: Optimiser of the dense weights: ``adamw`` (decoupled decay, tables and
+            biases undecayed) or ``adam`` (coupled L2 on every parameter).
+        table_optimizer: Optimiser of the user/movie tables: ``adamw`` (dense), ``rowwise_adagrad``
+            (sparse, one state float per row) or ``auto`` (row-wise from
+            ``sparse_tables_min_rows`` users + movies on).
+        table_lr: Learning rate of ``rowwise_adagrad`` on the tables, positive.
+        sparse_tables_min_rows: Users + movies from which ``table_optimizer`` ``auto`` picks
+            ``rowwise_adagrad``; non-negative.
+        val_memory_mb: MiB of one block of validation ranking scores (users × movies × 4
+            bytes), positive; bounds validation's working memory.
         node_shared_tables: Under DDP on CPU with row-wise tables, the ranks of one machine
-            share one copy of the tables in shared memory (``/dev/shm``), stepped by the
-            machine's first rank (``scalable_rec.train.node_tables``); each rank otherwise
-            holds its own replica. Default on; off, or without room in ``/dev/shm``, every
-            rank keeps its copy. Bit-identical results either way.
-        heap_mmap_threshold_kb: With a value > 0, fix glibc's mmap threshold at this many
-            KiB when training over the mapped graph index starts, so that freed tensors of
-            that size and more go back to the kernel instead of staying in the heap
-            (``scalable_rec.heap``; a process-wide setting); 0 leaves glibc's dynamic
-            threshold. Default -1 (``auto``): 1024 when more than one rank of the job shares
-            this node (``LOCAL_WORLD_SIZE`` > 1: torchrun or ``--nproc-per-node``), 0 for a
-            rank alone on its node. Sharing a node, 1024 keeps two ranks within 1.3× one
-            rank's memory at 25M edges, but every new step tensor then costs fresh pages (with
-            the ``scalable-rec`` command's transparent huge pages, 0.72–0.76× the in-memory
-            path's training edges/s); alone, the dynamic threshold keeps 0.85–0.93× (README
-            "Graphs larger than memory"). The in-memory path never sets it.
-        select_metric: Validation metric that picks ``best.pt`` and drives early stopping:
-            ``recall`` (Recall@10 of the retrieval head, what a top-K list shows) or
-            ``rmse``. Validation runs like the test: full neighbourhoods over the
-            training edges. ``last``: no selection and no early stopping; ``best.pt`` holds
-            the weights after the last of ``epochs`` (the second step of ``refit``).
-            Without validation edges nothing is validated.
-        refit: Once validation has chosen the epoch count, train again from scratch on the
-            training *and* validation edges for that many epochs; that refit is the run's
-            model (tested, scored), and the selecting run is kept in ``<run_dir>/select``
-            (``scalable-rec train --refit``: both steps in one command). With
-            ``select_metric`` ``last`` only the second step runs, for ``epochs``. The test
-            edges stay held out either way. This is the protocol of ``scripts/quality.py``'s
-            refit row and of its baselines (refit on training + validation edges once
-            validation chose their hyper-parameter). Default off: it trains twice.
-        rank_loss_weight: Weight of the retrieval head's in-batch sampled-softmax loss
-            (logQ-corrected for the popularity of in-batch negatives) added to the rating
-            loss; ignored when the model has no retrieval head.
-        logq_correction: Subtract each in-batch negative's log sampling probability (its share
-            of the supervision edges) from its logit (logQ correction), so the retrieval logits
-            estimate a full-catalog softmax; ``False`` leaves the in-batch softmax as it is,
-            which discounts popular movies.
-        rank_id_l2: L2 penalty on the retrieval head's own user and movie vectors, over the
-            rows a batch uses (``rank_id_l2 × mean(‖p_u‖² + ‖q_m‖²)`` over its labelled edges):
-            rows are regularised as often as they are trained, unseen rows are not decayed.
-            Default 0.05, chosen on ml-latest-small's validation Recall@10 over seeds 0-2
-            (0.01 no gain, 0.1 less, 0.3 and 1.0 shrink the vectors away; README "Ranking
-            vectors' L2"). 0 turns it off.
-        ema_decay: With a value in (0, 1), an exponential moving average of the weights
-            (``torch.optim.swa_utils`` EMA, updated after every optimiser step) is what
-            validation scores, what ``best.pt`` holds and what training returns; training steps
-            continue from the raw weights. 0 turns it off. Default 0.99 (a horizon of about
-            100 steps): chosen on ml-latest-small's validation (seed 0), where it raised
-            validation Recall@10 at ``best.pt`` from 0.178 to 0.185 and lowered validation
-            RMSE there from 0.872 to 0.860 (ablation row ``no-ema``). Not kept with
-            row-wise sparse tables (``rowwise_tables``: large graphs), where it would be a
-            second dense copy of every table, passed over after every step.
-        loss: ``mse`` (optimises RMSE directly) or ``weighted_mse`` (each half-star
-            rating class weighted by its inverse training frequency, mean weight 1).
-        patience: Epochs without a better validation score (``select_metric``) before
-            stopping (default 6: with ``rank_id_l2`` validation Recall@10 can stall for a
-            few epochs and then rise again).
+            share one copy of the tables in ``/dev/shm`` (else each keeps its own); results
+            are identical either way.
+        heap_mmap_threshold_kb: glibc mmap threshold in KiB set when training over the mapped
+            graph index starts, in [0, 32768] (0: glibc's dynamic threshold), or -1 (auto):
+            1024 when several ranks of the job share this node, else 0.
+        select_metric: Validation metric that picks ``best.pt`` and stops early: ``recall``
+            (Recall@10 of the ranking head), ``rmse``, or ``last`` (no selection, no early
+            stopping: ``best.pt`` holds the last epoch's weights).
+        refit: After validation has chosen the epoch count, train again from scratch on
+            training + validation edges for that many epochs; that refit is the run's model
+            (with ``select_metric`` ``last`` only this second step runs). Needs whole epochs.
+        rank_loss_weight: Weight of the ranking head's in-batch softmax loss added to the
+            rating loss, non-negative; ignored without a ranking head.
+        ema_decay: Decay in [0, 1) of an exponential moving average of the weights, which
+            validation scores and ``best.pt`` holds; 0 turns it off. Not kept with row-wise
+            tables.
+        logq_correction: Subtract each in-batch negative's log sampling probability from its
+            logit, so the ranking logits estimate a full-catalog softmax.
+        rank_id_l2: L2 penalty, non-negative, on the ranking head's own user and movie vectors
+            over the rows a batch uses; 0 turns it off.
+        loss: Rating loss: ``mse`` or ``weighted_mse`` (each half-star class weighted by its
+            inverse training frequency, mean weight 1).
+        patience: Epochs without a better ``select_metric`` before training stops.
         precision: ``fp32``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA, with GradScaler).
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        num_workers: Sampler worker processes per rank; ``-1`` picks 0 on CPU (the
-            sampler competes with the model for the same cores) and up to 4 on CUDA.
-        seed: Seed of model init, shuffling and neighbour sampling.
-        steps_per_epoch: End each epoch after this many steps (a random sample of the
-            epoch's shuffled slice; validation still runs). ``None``: a full pass.
-        max_steps: Stop after this many optimiser steps in total (``last.pt`` is written;
-            ``resume`` continues). ``None``: no cap.
-        checkpoint_every: Also write ``last.pt`` every N steps (0: at epoch ends only).
-        resume: Continue from ``<run_dir>/last.pt``. Under torchrun a restarted job
-            (``--max-restarts``) resumes from an existing ``last.pt`` without it.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        num_workers: Sampler worker processes per rank; ``-1``: 0 on CPU, up to 4 on CUDA.
+        seed: Seed of model initialisation, shuffling and neighbour sampling.
+        steps_per_epoch: End each epoch after this many steps (positive; validation still
+            runs); unset: a full pass.
+        max_steps: Stop after this many optimiser steps in total, positive, writing
+            ``last.pt`` for ``resume``; unset: no cap.
+        checkpoint_every: Also write ``last.pt`` every N steps; 0: at epoch ends only.
+        resume: Continue from ``<run_dir>/last.pt`` (a job restarted under torchrun resumes
+            without it).
         progress: Show progress bars (rank 0 only).
-        stop_check_every: Under torchrun, agree every N steps (one all-reduce of a flag)
-            whether any rank got SIGTERM/SIGINT, so all ranks stop at the same step and
-            write ``last.pt`` together (default 1: a signal stops within one step).
-        collective_timeout_s: Seconds a collective may wait for the other ranks before
-            it fails with an error naming this flag (a hung or dead rank; default 1800).
+        stop_check_every: Under DDP, steps between the checks (one all-reduce) of whether any
+            rank got SIGTERM/SIGINT, so all ranks stop at the same step; positive.
+        collective_timeout_s: Seconds a collective waits for the other ranks before it fails
+            naming this option, positive.
     """
 
     epochs: int = 40

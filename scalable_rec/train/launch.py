@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # the ranks share it instead of each importing its own copy.
 PRELOAD = ("torch", "torch_geometric", "torch_geometric.loader", "torch.distributed",
            "scalable_rec.pipeline", "scalable_rec.train.loop", "scalable_rec.graph.store",
-           "scalable_rec.graph.index", "scalable_rec.score.layerwise", "scalable_rec.sink.parquet")
+           "scalable_rec.graph.index", "scalable_rec.model.layerwise", "scalable_rec.sink.parquet")
 
 # Set in the ranks' environment (inherited through the fork): this process launched them.
 LAUNCHED_ENV = "SCALABLE_REC_LAUNCHED"
@@ -45,10 +45,8 @@ LAUNCHED_ENV = "SCALABLE_REC_LAUNCHED"
 SHUTDOWN_TIMEOUT_S = 120
 
 
-def _rank_main(argv: list[str]) -> int:
-    from scalable_rec.cli import main
-
-    code = main(argv)
+def _rank_main(entrypoint: Callable[[list[str]], int], argv: list[str]) -> int:
+    code = entrypoint(argv)
     if code:
         # A failed or signalled rank leaves now, with its status, as a torchrun worker
         # would: the agent's fork wrapper would otherwise wait for the agent to collect a
@@ -76,10 +74,9 @@ def _quiet_agent() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def launch(argv: Sequence[str], nproc: int, max_restarts: int = 0,
-           entrypoint: Callable[[list[str]], int] = _rank_main) -> int:
-    """Runs ``scalable-rec ARGV`` (or ``entrypoint(argv)``) as ``nproc`` DDP ranks forked
-    from this process; returns the exit status: the largest of the ranks', ``128 + signal`` when this process was
+def launch(entrypoint: Callable[[list[str]], int], argv: Sequence[str], nproc: int, max_restarts: int = 0) -> int:
+    """Runs ``entrypoint(argv)`` (for the command line, ``scalable_rec.cli.main``) as ``nproc``
+    DDP ranks forked from this process; returns the exit status: the largest of the ranks', ``128 + signal`` when this process was
     signalled (the ranks got the signal too and wrote ``last.pt``), 1 when a rank failed
     without one (its error is in its output above)."""
     import torch
@@ -99,7 +96,7 @@ def launch(argv: Sequence[str], nproc: int, max_restarts: int = 0,
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
                           start_method="fork", monitor_interval=0.1, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     try:
-        codes = elastic_launch(config, entrypoint)(list(argv))
+        codes = elastic_launch(config, _rank_main)(entrypoint, list(argv))
     except SignalException as err:
         return 128 + int(err.sigval)
     except ChildFailedError as err:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from scalable_rec.errors import CollectiveError, DivergedError
 from scalable_rec.graph.hetero import RATES, REV_RATES, EdgeSplit, RatingGraph
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.train.distributed import (
+from scalable_rec.dist import (
     DistEnv, EdgeEpochSampler, agree_stop, all_reduce_sum, broadcast_tensors_, from_rank0, init_distributed,
     inject_fault, is_collective_timeout,
 )
@@ -38,7 +38,7 @@ from scalable_rec.train.batches import SupervisionEdges, make_loader, supervisio
 from scalable_rec.train.config import PRECISIONS, TrainConfig, resolve_device
 from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, ranking_positives, rating_class_table
 from scalable_rec.heap import fix_mmap_threshold
-from scalable_rec.train.model import ModelConfig, Recommender
+from scalable_rec.model.recommender import ModelConfig, Recommender
 from scalable_rec.train.node_tables import share_tables_on_node
 from scalable_rec.train.optim import (
     CombinedOptimizer, RowWiseAdagrad, all_reduce_sparse_grads_, embedding_tables, sparse_table_names, table_rows,
@@ -146,7 +146,7 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
             memory-mapped index instead.
         rating_range: Valid ratings ``(min, max)``; validation clamps predictions to it.
         layer_batch_size: With the stores, validation encodes layer-wise over them in
-            batches of this many destination nodes (``scalable_rec.score.layerwise``).
+            batches of this many destination nodes (``scalable_rec.model.layerwise``).
     """
     t0 = time.perf_counter()
     job = build_job(graph, split, model_cfg, cfg, Path(run_dir), config, data, rating_range, layer_batch_size)
@@ -476,9 +476,9 @@ def validate(job: Job) -> dict[str, float]:
     """
     # The test's own evaluation (score/), so validation and test run the same inference.
     # Imported at call time: score/ builds on train/, not the other way round.
-    from scalable_rec.score.evaluate import evaluate_edges
-    from scalable_rec.score.layerwise import encode_layerwise
-    from scalable_rec.score.topk import RatedIndex
+    from scalable_rec.model.evaluate import evaluate_edges
+    from scalable_rec.model.layerwise import encode_layerwise
+    from scalable_rec.model.topk import RatedIndex
 
     z = seen = None
     if job.stores is not None:

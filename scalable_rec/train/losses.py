@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scalable_rec.train.distributed import DistEnv
+from scalable_rec.dist import DistEnv
 
 
 def rating_classes(rating: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scalable_rec.train.distributed import DistEnv
+from scalable_rec.dist import DistEnv
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ class LoadConfig:
     """How ``arango load`` writes.
 
     Args:
-        load_batch_size: Documents per import_bulk request (default 10,000).
+        load_batch_size: Documents per import_bulk request, positive.
     """
 
     load_batch_size: int = 10_000

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torch_geometric.metrics import LinkPredNDCG, LinkPredRecall
 
-from scalable_rec.score.topk import RatedIndex, ScoreConfig, ScoreFn, topk_chunks
-from scalable_rec.train.distributed import DistEnv, all_reduce_sum
+from scalable_rec.model.topk import RatedIndex, ScoreConfig, ScoreFn, topk_chunks
+from scalable_rec.dist import DistEnv, all_reduce_sum
 
 
 def rating_errors(pred: Tensor, target: Tensor, low: float = 0.5, high: float = 5.0) -> dict[str, float]:

@@ -21,9 +21,9 @@ class ScoreConfig:
     """Full-catalog scoring settings.
 
     Args:
-        k: Recommendations per user (default 10).
-        score_memory_mb: Budget for one block of scores (users × movies × 4 bytes); sets how
-            many users are scored per chunk.
+        k: Recommendations per user, positive.
+        score_memory_mb: MiB of one block of scores (users × movies × 4 bytes), positive; sets
+            how many users are scored per chunk.
         exclude_rated: Never recommend a movie the user has rated anywhere in the input.
         score_device: Where ``score`` encodes and ranks: ``run`` (the device the run trained
             on), ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (e.g. score a GPU-trained run on a

@@ -6,7 +6,7 @@ Decoders:
   (done here by splitting the first layer: ``W[u‖m] = W_u u + W_m m``).
 - ``dot``: ``⟨u, m⟩ + b_user + b_movie + μ``. Scoring all pairs is one matrix multiply,
   orders of magnitude cheaper at catalog scale; on MovieLens it gives a similar or better
-  RMSE than the MLP (see README for measured numbers), because user/movie biases carry
+  RMSE than the MLP (docs/config-notes.md, "decoder"), because user/movie biases carry
   most of the explainable variance of explicit ratings.
 """
 from __future__ import annotations
@@ -98,63 +98,30 @@ def edge_adjacency(edge_index: Tensor, num_src: int, num_dst: int, aggr: str, ki
 
 @dataclass
 class ModelConfig:
-    """Model shape.
+    """Model shape and ranking head (design: docs/design.md#ranking-head).
 
     Args:
-        hidden: Width of embeddings and of every GraphSAGE layer (default 128). With the
-            cosine ranking head, 128 keeps validation RMSE where 64 had it before the
-            temperature (64 with τ 0.2: validation RMSE 0.874 against 0.862), for about the
-            same validation Recall@10 (README "Ranking by cosine"; ablation row ``hidden-64``).
-        num_layers: GraphSAGE layers, i.e. hops of message passing (default 2).
-        decoder: ``dot`` (matrix-multiply scoring) or ``mlp`` (the article's decoder).
-        dropout: Dropout between layers.
-        aggr: Neighbour aggregation of SAGEConv (``mean``, ``sum``, ``max``).
-        retrieval_head: Add a two-tower ranking head (``⟨P_u u, P_m m⟩``) trained with an
-            in-batch sampled softmax next to the rating loss; top-K lists rank by it. Rating
-            regression alone ranks obscure, rarely rated movies first (their biases are
-            noisy), which is what a top-10 list must avoid.
-        user_id_dropout: Share of users (per batch node, training only) whose ID embedding is
-            replaced by the "unknown user" input, so the encoder learns to represent a user
-            from the movies they rated alone (users added after training are served that
-            way). With 0 the unknown-user input is the mean of the trained user table; with
-            more it is a learned vector (and a learned bias for the dot decoder).
-        retrieval_ids: Give each user and movie its own ranking vector, added to the
-            retrieval head's projection of the encoder output (default on: validation
-            Recall@10 on ml-latest-small rose from 0.158 to 0.178, seed 0; the encoder
-            projection alone underfits the ranking loss). Users unknown to the table get
-            the projection alone.
-        movie_id_dropout: The same for movies: that share of batch movie nodes is given the
-            "unknown movie" input (a learned vector plus the projected title/genre features),
-            so the model learns to place a movie from its features. Movies without a trained
-            ID row (no training rating, or added after training) are always encoded that way;
-            with 0 their input is the trained movie rows' mean plus their features.
-            Default 0.2 for both (0.1 before): with the movie ranking bias, 0.2 lowered
-            validation RMSE on ml-latest-small's seeds 0 and 1 (0.8564 → 0.8518) and, with
-            τ 0.15, raised validation Recall@10 over the former defaults on both seeds (README
-            "Ranking by cosine"; ablation rows ``id-dropout-0.1`` and ``no-id-dropout``). 0.1
-            had, at width 128 with cosine ranking, raised validation Recall@10 and lowered
-            validation RMSE against 0 (seeds 0-1: 0.2046 → 0.2054 and 0.8595 → 0.8527).
-            Under the former defaults (width 64, raw dot products) it had lowered validation
-            RMSE but cost validation Recall@10 (0.1902 → 0.1860), and the cold-user and
-            cold-movie runs measured then lost recall with it.
-        retrieval_temperature: With a value τ > 0 the retrieval head ranks by cosine
-            similarity over τ: user and movie ranking vectors are L2-normalised (and scaled
-            by ``τ^-1/2``, so their dot product is ``cos/τ``) before the in-batch softmax and
-            at scoring. 0 keeps the raw dot product. Default 0.15: without the ranking bias
-            0.2 was best on ml-latest-small's validation (τ 0.05 and 0.1 lower, 0.3 lower on
-            seed 0); with the bias and ID dropout 0.2, 0.15 raised validation Recall@10 and
-            lowered validation RMSE over 0.2 on seeds 0 and 1 (README "Ranking by cosine";
-            ablation rows ``temperature-0.2`` and ``no-temperature``).
-        retrieval_bias: Give every movie a learned ranking bias ``b_m``, added to each
-            ranking score (``cos/τ + b_m`` with a temperature): unit-length vectors cannot
-            say how broadly a movie is liked through their length, so the bias says it. It
-            rides in the ranking vectors as one more dimension (users 1, movies ``b_m``), so
-            every scorer's matrix multiply adds it. A movie without a trained row gets the
-            learned unknown-movie bias (movie ID dropout), else 0 (the table's initial value).
-            Default on: on ml-latest-small's seeds 0 and 1 it raised validation Recall@10
-            from 0.2054 to 0.2174 (ablation row ``no-retrieval-bias``). The in-batch softmax
-            is logQ-corrected, so its logits estimate the full-catalog softmax, in which how
-            often a movie is liked matters; without logQ correction recall collapses (0.07).
+        hidden: Width of the embeddings and of every GraphSAGE layer; positive.
+        num_layers: GraphSAGE layers, i.e. hops of message passing; at least 1, with one
+            ``num_neighbors`` entry per layer.
+        decoder: Rating decoder: ``dot`` (scores the catalog with one matrix multiply) or
+            ``mlp`` (an MLP on ``[user ‖ movie]``).
+        dropout: Dropout between layers, in [0, 1).
+        aggr: Neighbour aggregation of SAGEConv: ``mean``, ``sum`` or ``max``.
+        retrieval_head: Add a two-tower ranking head, trained with an in-batch sampled softmax
+            beside the rating loss; top-K lists rank by it.
+        user_id_dropout: Share of batch users, in [0, 1), whose ID embedding is replaced by
+            the "unknown user" input during training, so users added after training can be
+            served from their ratings alone.
+        retrieval_ids: Give each user and movie its own ranking vector, added to the ranking
+            head's projection of the encoder output; unknown nodes get the projection alone.
+        movie_id_dropout: Share of batch movies, in [0, 1), given the "unknown movie" input
+            (learned vector plus title/genre features) during training; movies without a
+            trained row are always encoded that way.
+        retrieval_temperature: τ ≥ 0: rank by cosine similarity over τ (ranking vectors
+            L2-normalised in training and scoring); 0 ranks by the raw dot product.
+        retrieval_bias: Give every movie a learned ranking bias, added to each of its ranking
+            scores (one more dimension of the ranking vectors).
     """
 
     hidden: int = 128

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch_geometric.data import FeatureStore, GraphStore
 
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
-from scalable_rec.train.model import sparse_adjacency
+from scalable_rec.model.recommender import sparse_adjacency
 
 # Destination type → the edge type whose messages it receives (one each in this model).
 INCOMING = {MOVIE: RATES, USER: REV_RATES}

@@ -4,7 +4,7 @@ graph and re-score only what they can change.
 What "users whose recommendations can change" means, for a ``k``-layer encoder and a
 dot-product ranking (``⟨r_u, r_m⟩``): user ``u``'s score for movie ``m`` changes iff
 ``u``'s or ``m``'s final embedding changes. New edges change the final embeddings of
-``D_L`` (see ``incremental``): users ``U_c`` and movies ``M_c``. So
+``D_L`` (see ``scalable_rec.score.incremental``): users ``U_c`` and movies ``M_c``. So
 
 - users in ``U_c`` (new users included) are re-encoded and re-scored against every
   movie (rated movies masked, including the new ratings);
@@ -43,14 +43,14 @@ from scalable_rec.score import state_store
 from scalable_rec.score.incremental import (
     EdgeList, Encoded, affected_sets, bounded_update, encode_layers, recompute,
 )
-from scalable_rec.score.topk import RatedIndex, to_record_batch
+from scalable_rec.model.topk import RatedIndex, to_record_batch
 from scalable_rec.shards import KeyIndex
 from scalable_rec.sink.parquet import replace_user_rows, write_parquet
 from scalable_rec.source.base import RatingBounds
 from scalable_rec.source.new_ratings import fingerprint as new_ratings_fingerprint
 from scalable_rec.source.new_ratings import read_new_ratings
 from scalable_rec.source.report import SkipReport
-from scalable_rec.train.model import Recommender
+from scalable_rec.model.recommender import Recommender
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class RefreshConfig:
             holding one, or a shard directory.
         mode: ``exact`` (every user whose recommendations can change; equals a full
             re-score) or ``bounded`` (only users with new ratings; drifts, cheaper).
-        candidate_margin: Candidates kept per user beyond ``k`` (with exact scores), so
-            that a changed movie leaving a top-k list is replaced without a full re-score.
+        candidate_margin: Candidates kept per user beyond ``k`` (with exact scores), non-negative,
+            so that a changed movie leaving a top-k list is replaced without a full re-score.
     """
 
     new_ratings: str | None = None
