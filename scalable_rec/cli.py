@@ -191,8 +191,9 @@ DESCRIPTIONS = {
              "training, unless told otherwise.",
     "refresh": "Folds new ratings into a run's graph (not its weights) and re-scores only the users whose "
                "recommendations can change (--mode exact) or who rated (--mode bounded); their rows are "
-               "replaced in recommendations.parquet or in ArangoDB. The report also goes to "
-               "<run-dir>/refresh/last_report.json.",
+               "replaced in recommendations.parquet or in ArangoDB. Holds the run directory's lock, refuses "
+               "what score refuses and keeps the k recommendations.parquet was written with. The report "
+               "also goes to <run-dir>/refresh/last_report.json.",
 }
 
 
