@@ -16,7 +16,7 @@ import torch
 
 from process_group import finish_group
 from scalable_rec.cli import main
-from scalable_rec.train.launch import SHUTDOWN_TIMEOUT_S, _launch_config
+from scalable_rec.train.launch import FORKSERVER_PRELOAD, SHUTDOWN_TIMEOUT_S, _launch_config
 
 TRAIN = ["--epochs", "2", "--batch-size", "20", "--seed", "3", "--no-progress", "--device", "cpu"]
 
@@ -158,6 +158,13 @@ def test_ranks_are_forked_from_a_process_running_no_other_thread(tmp_path):
         assert report["parent"] != report["launcher"], "a rank was forked from the launcher"
         assert len(report["threads"]) == 1, report["threads"]
     assert reports[0]["parent"] == reports[1]["parent"]  # one forkserver: the ranks share its pages
+
+
+def test_the_forkserver_preload_names_a_module():
+    """The forkserver skips a preload that does not import, without a word."""
+    import importlib.util
+
+    assert importlib.util.find_spec(FORKSERVER_PRELOAD) is not None
 
 
 def test_shutdown_timeout_is_passed_only_where_launch_config_takes_it(monkeypatch):

@@ -13,7 +13,8 @@ torch's elastic agent, whose rendezvous store, and pyarrow's allocator, keep thr
 here, and a fork copies their locks in whatever state they are. The forkserver is a fresh
 interpreter that only imports and forks; it runs no other thread (pyarrow's jemalloc
 background thread is turned off in it, ``JE_ARROW_MALLOC_CONF``), and it never touches a
-device, so each rank can pick ``cuda:LOCAL_RANK`` itself.
+device, so each rank can pick ``cuda:LOCAL_RANK`` itself. The price: this process's own
+imports are its alone, one copy more than forking the ranks from it (docs/support.md).
 
 The ranks are started and watched by torch's elastic agent (``elastic_launch``, the engine
 behind ``torchrun``) with ``start_method="forkserver"``: rendezvous on a free local port,
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Imported by the forkserver before it forks any rank (its import does the preloading).
-FORKSERVER_PRELOAD = "scalable_rec.train.forkserver_preload"
+FORKSERVER_PRELOAD = "scalable_rec.forkserver_preload"
 
 # pyarrow's bundled jemalloc starts a background thread when it loads; pyarrow allocates
 # from mimalloc by default, so the thread only purges an unused heap.

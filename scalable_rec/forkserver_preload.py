@@ -1,5 +1,6 @@
-"""Imported by the forkserver of ``--nproc-per-node``'s ranks (``launch``), and only there:
-importing this module imports what every rank needs and freezes it out of the collector.
+"""Imported by the forkserver of ``--nproc-per-node``'s ranks (``train.launch``), and only
+there: importing this module imports what every rank needs and freezes it out of the
+collector. It sits beside ``cli`` and ``pipeline``, above the layers it imports.
 
 Python's forkserver runs no code of ours, it only imports the modules named by
 ``set_forkserver_preload``; so this module does its work on import. The forkserver then
