@@ -12,8 +12,8 @@
     scalable-rec arango export --shards DIR [--export-resume]   ArangoDB → Arrow shards
 
 Run under ``torchrun`` unchanged for DDP, or let ``run``/``train``/``score`` start the ranks of
-one node themselves with ``--nproc-per-node N`` (forked after the imports, so the ranks
-share them: ``scalable_rec.train.launch``). ``scalable-rec COMMAND --help`` lists flags.
+one node themselves with ``--nproc-per-node N`` (forked from a forkserver after its
+imports, so the ranks share them: ``scalable_rec.train.launch``). ``scalable-rec COMMAND --help`` lists flags.
 """
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run directory (default: <workdir>/run-<time>-<id>)")
         if name in ("run", "train", "score"):
             p.add_argument("--nproc-per-node", dest="nproc_per_node", type=int, default=1, metavar="N",
-                           help="DDP ranks on this node, forked from this process after its imports (one "
+                           help="DDP ranks on this node, forked from one process after its imports (one "
                                 "node; across nodes use torchrun); default 1: this process alone")
             p.add_argument("--max-restarts", dest="max_restarts", type=int, default=0, metavar="N",
                            help="with --nproc-per-node: restart the ranks up to N times after a failure "
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _launch_ranks(args: argparse.Namespace, argv: list[str], env: DistEnv) -> int:
-    """``--nproc-per-node N``: this process forks the N ranks and waits for them."""
+    """``--nproc-per-node N``: this process starts the N ranks and waits for them."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     problem = None

@@ -12,15 +12,33 @@
 # torch-sparse + torch-scatter, taken from $SCALABLE_REC_WHEELS (a --find-links folder of
 # prebuilt wheels, default ../shared/wheels/torch-2.13.0-cpu-cp311) and built from source
 # (about 30 minutes on 2 cores) when no matching wheel is there.
+#
+# Another point of the supported range (docs/support.md) is built by overriding, all of which
+# are part of the key:
+#   PYTHON                  interpreter of the environment (default python3.11, else python3)
+#   SCALABLE_REC_TORCH      torch requirement (default torch==2.13.0)
+#   SCALABLE_REC_PINS       further requirements installed with torch, space-separated
+#                           (e.g. "torch-geometric==2.8.*"; default none: the newest allowed)
+#   SCALABLE_REC_WHEELS     --find-links folder for torch-sparse/torch-scatter
+#   SCALABLE_REC_VENV_LINK  symlink in the checkout pointing at the environment (default .venv;
+#                           empty: none)
+# scripts/test_floor.sh builds the floor this way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
+command -v "$PY" >/dev/null || { echo "setup: no Python interpreter '$PY' found (set PYTHON)" >&2; exit 1; }
 TORCH_SPEC=${SCALABLE_REC_TORCH:-torch==2.13.0}
+read -ra PINS <<<"${SCALABLE_REC_PINS:-}"
 WHEELS=${SCALABLE_REC_WHEELS:-$root/../shared/wheels/torch-2.13.0-cpu-cp311}
+LINK=${SCALABLE_REC_VENV_LINK-.venv}
 
-key=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
+# The spec: the project's dependencies, this script, the interpreter's version, the overrides
+# and the wheels on offer (by name: the folder's path differs from clone to clone).
+pyversion=$("$PY" -c 'import sys; print(sys.version)')
+key=$({ cat pyproject.toml scripts/setup_env.sh; echo "$pyversion|$TORCH_SPEC|${PINS[*]}"; ls "$WHEELS" 2>/dev/null || true; } \
+  | sha256sum | cut -c1-16)
 venv_root=${SCALABLE_REC_VENV_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/scalable-rec}
 venv=$venv_root/venv-$key
 log=$venv_root/install-$key.log
@@ -33,7 +51,7 @@ if [ ! -f "$venv/.complete" ]; then
   pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
   {
     "${pip[@]}" install -U pip setuptools wheel
-    "${pip[@]}" install "$TORCH_SPEC"
+    "${pip[@]}" install "$TORCH_SPEC" "${PINS[@]}"
     findlinks=()
     [ -d "$WHEELS" ] && findlinks=(--find-links "$WHEELS")
     if ! "${pip[@]}" install pyg-lib -f "https://data.pyg.org/whl/$("$venv/bin/python" -c 'import torch;print("torch-"+torch.__version__)').html" 2>/dev/null; then
@@ -51,5 +69,5 @@ else
   "$venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation -e . \
     >"$venv_root/editable.log" 2>&1 || { echo "setup: editable install failed, see $venv_root/editable.log" >&2; exit 1; }
 fi
-ln -sfn "$venv" .venv
+[ -z "$LINK" ] || ln -sfn "$venv" "$LINK"
 echo "$venv"

@@ -1,6 +1,7 @@
 """``--nproc-per-node``: DDP ranks forked from the command's process (gloo, 2 CPU ranks)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import torch
 
 from process_group import finish_group
 from scalable_rec.cli import main
+from scalable_rec.train.launch import FORKSERVER_PRELOAD, SHUTDOWN_TIMEOUT_S, _launch_config
 
 TRAIN = ["--epochs", "2", "--batch-size", "20", "--seed", "3", "--no-progress", "--device", "cpu"]
 
@@ -49,7 +51,8 @@ def _shared_dirty_mib(pid: int) -> int:
 @pytest.fixture(scope="module")
 def forked_run(tiny_shards, tmp_path_factory):
     """A two-rank training run started with --nproc-per-node 2, and each rank's largest
-    copy-on-write share seen while it ran."""
+    copy-on-write share seen while it ran (the ranks: the forkserver's children, the
+    launcher's grandchildren)."""
     run_dir = tmp_path_factory.mktemp("launch") / "run-fork"
     proc = _start(["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run_dir), *TRAIN,
                    "--nproc-per-node", "2"])
@@ -61,8 +64,10 @@ def forked_run(tiny_shards, tmp_path_factory):
             break
         for rank in ranks:
             try:
+                if rank.ppid() == proc.pid:  # the forkserver or multiprocessing's resource tracker
+                    continue
                 shared[rank.pid] = max(shared.get(rank.pid, 0), _shared_dirty_mib(rank.pid))
-            except OSError:  # it has just exited
+            except (OSError, psutil.Error):  # it has just exited
                 pass
         time.sleep(0.1)
     rc, output = _finish(proc)
@@ -84,9 +89,9 @@ def test_forked_ranks_train_exactly_like_torchrun_ranks(forked_run, tiny_shards,
 
 def test_forked_ranks_share_the_imports_copy_on_write(forked_run):
     """Each rank maps torch's, PyG's and the package's imported pages shared with the
-    launching process (about 270 MiB here; a torchrun worker shares none of its own)."""
+    forkserver that imported them (about 270 MiB here; a torchrun worker shares none of its own)."""
     _, shared = forked_run
-    assert sum(mib >= 100 for mib in shared.values()) == 2, shared  # both ranks, whatever else ran
+    assert len(shared) == 2 and all(mib >= 100 for mib in shared.values()), shared
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_with_last_pt(tiny_shards, tmp_path):
@@ -137,3 +142,46 @@ def test_forked_score_writes_what_one_process_writes(forked_run):
     (run_dir / "recommendations.parquet").unlink()
     assert main(["score", "--run-dir", str(run_dir)]) == 0
     assert two.num_rows > 0 and two.equals(pq.read_table(run_dir / "recommendations.parquet"))
+
+
+def test_ranks_are_forked_from_a_process_running_no_other_thread(tmp_path):
+    """A fork copies every lock of the parent's other threads (the agent's store, pyarrow's
+    allocator) in whatever state it is: the ranks come from a forkserver that runs none.
+    It only imports and forks, so its threads when a rank looks are those at the fork."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fork_probe.py")), str(tmp_path)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    rc, output = _finish(proc, timeout=180)
+    assert rc == 0, output[-3000:]
+    reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["parent"] != report["launcher"], "a rank was forked from the launcher"
+        assert len(report["threads"]) == 1, report["threads"]
+    assert reports[0]["parent"] == reports[1]["parent"]  # one forkserver: the ranks share its pages
+
+
+def test_the_forkserver_preload_names_a_module():
+    """The forkserver skips a preload that does not import, without a word."""
+    import importlib.util
+
+    assert importlib.util.find_spec(FORKSERVER_PRELOAD) is not None
+
+
+def test_shutdown_timeout_is_passed_only_where_launch_config_takes_it(monkeypatch):
+    """torch 2.11's LaunchConfig has no shutdown_timeout (a keyword it would refuse)."""
+    import torch.distributed.launcher.api as launcher_api
+
+    options = dict(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id="x", start_method="forkserver")
+    takes_it = "shutdown_timeout" in {f.name for f in dataclasses.fields(launcher_api.LaunchConfig)}
+    assert getattr(_launch_config(**options), "shutdown_timeout", None) == (SHUTDOWN_TIMEOUT_S if takes_it else None)
+
+    @dataclasses.dataclass
+    class OlderLaunchConfig:  # no shutdown_timeout, as in torch 2.11
+        min_nodes: int
+        max_nodes: int
+        nproc_per_node: int
+        run_id: str = ""
+        start_method: str = "spawn"
+
+    monkeypatch.setattr(launcher_api, "LaunchConfig", OlderLaunchConfig)
+    assert _launch_config(**options) == OlderLaunchConfig(**options)

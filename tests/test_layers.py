@@ -17,7 +17,8 @@ inside a function (a deferred import is still a dependency). Layers, lowest firs
                 and their rows rewritten in the sinks
     config      ``RunConfig``: every stage's config composed
     pipeline    the stages chained
-    cli         the command line and ``python -m scalable_rec``
+    cli         the command line and ``python -m scalable_rec`` (and the forkserver's preload,
+                which imports what a rank runs)
 
 The package's own ``__init__`` imports nothing and sits with the utilities.
 """
@@ -44,7 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("scalable_rec.refresh",),
     ("scalable_rec.config",),
     ("scalable_rec.pipeline",),
-    ("scalable_rec.cli", "scalable_rec.__main__"),
+    ("scalable_rec.cli", "scalable_rec.__main__", "scalable_rec.forkserver_preload"),
 ]
 
 
