@@ -34,6 +34,7 @@ from scalable_rec.source.synthetic import PRESETS
 from scalable_rec.train.distributed import DistEnv, shutdown_distributed
 from scalable_rec.train.launch import LAUNCHED_ENV, launch
 from scalable_rec.train.config import resolve_device
+from scalable_rec.train.model import check_model_device
 
 log = logging.getLogger("scalable_rec")
 
@@ -224,11 +225,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def check_device(cfg: RunConfig, command: str) -> None:
-    """``--device``/``--precision`` against this machine, before any work."""
+    """``--device``/``--precision`` (and what the model needs there) against this machine,
+    before any work."""
     if command not in ("run", "train"):
         return
     try:
-        resolve_device(cfg.train, DistEnv.from_environ())
+        check_model_device(cfg.model, resolve_device(cfg.train, DistEnv.from_environ()))
     except ValueError as err:
         raise ConfigError(f"Invalid options: {err}") from None
 

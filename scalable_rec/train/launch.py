@@ -89,6 +89,9 @@ def launch(argv: Sequence[str], nproc: int, max_restarts: int = 0,
 
     if nproc < 1:
         raise ValueError(f"'nproc_per_node' needs to be positive (got {nproc})")
+    # torch.cuda.is_available() in this process (an import may ask) would otherwise start
+    # the CUDA driver, after which no forked rank can use CUDA; NVML answers it without that.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     preload()
     if not log.isEnabledFor(logging.DEBUG):  # the ranks log their own errors; the agent's
         _quiet_agent()                       # traceback of a rank's exit adds nothing
