@@ -483,8 +483,8 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
         sse += (se.detach() * weight.bool()).sum()
         count += weight.bool().sum()
         # Without a sync the host runs ahead of the device: compute_s is the time the host
-        # spent queuing steps, and the device's backlog shows up in load_s or at the
-        # epoch end's read; only the epoch's sum of both is wall time.
+        # spent queuing steps; the device's backlog is drained at the epoch end's read,
+        # which is counted as compute too.
         compute_s += time.perf_counter() - t_step
         bar.update(1)
         inject_fault(env, progress.global_step)
@@ -497,8 +497,10 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
         if cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0:
             save_last(job, progress, progress.epoch, progress.step_in_epoch)
     bar.close()
-    # sync point: the epoch's sums, once per epoch (and the device's backlog with them)
-    return {"sse": float(sse), "count": float(count), "load_s": load_s, "compute_s": compute_s,
+    t_sync = time.perf_counter()
+    sse_total, count_total = float(sse), float(count)  # sync point: the epoch's sums, once per epoch
+    compute_s += time.perf_counter() - t_sync
+    return {"sse": sse_total, "count": count_total, "load_s": load_s, "compute_s": compute_s,
             "started": t_epoch, "interrupted": interrupted}
 
 
