@@ -559,3 +559,15 @@ def test_forced_ddp_runs_every_collective_with_one_rank_and_matches_one_process(
         assert called["broadcast"] >= 1  # the tables' initial rows, outside DDP's reducer
     _assert_same_params(_last_model(tmp_path / "plain"), _last_model(tmp_path / "forced"), atol=1e-6)
     assert forced.best_val_rmse == pytest.approx(plain.best_val_rmse, abs=1e-5)
+
+
+def test_resume_accepts_another_device_setting(tiny_shards, tmp_path):
+    """A checkpoint resumed on other hardware (here 'cpu' → 'auto', which is the CPU on this
+    machine; on a GPU host the CUDA tests resume a CPU checkpoint on the GPU): the state is
+    read onto the CPU and loaded into the model wherever it lives."""
+    g = RatingGraph.from_shards(tiny_shards)
+    split = split_edges(g, SplitConfig())
+    cfg = dict(epochs=1, batch_size=64, progress=False)
+    train(g, split, ModelConfig(hidden=8), TrainConfig(**cfg, max_steps=2, device="cpu"), tmp_path)
+    resumed = train(g, split, ModelConfig(hidden=8), TrainConfig(**cfg, resume=True, device="auto"), tmp_path)
+    assert resumed.global_step > 2
