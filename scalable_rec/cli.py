@@ -284,7 +284,7 @@ def _launch_ranks(args: argparse.Namespace, argv: list[str], env: DistEnv) -> in
         problem = f"'--nproc-per-node' needs to be positive (got {args.nproc_per_node})"
     elif args.max_restarts < 0:
         problem = f"'--max-restarts' needs to be non-negative (got {args.max_restarts})"
-    elif env.enabled:
+    elif env.world_size > 1:  # under torchrun (forced one-rank DDP may still fork its ranks)
         problem = "'--nproc-per-node' starts the ranks itself; under torchrun leave it out"
     if problem:
         log.error("Invalid options: %s", problem)
