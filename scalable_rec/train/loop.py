@@ -457,9 +457,10 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
     cfg, env = job.cfg, job.env
     job.ddp_model.train()
     job.train_sampler.set_epoch(progress.epoch, position=progress.epoch_position)
-    # Sums stay on the device; read once at epoch end (validate_and_checkpoint).
+    # Sums stay on the device and are read once, at the epoch's end; the count in int64
+    # (a float32 count is no longer exact past 2**24 labelled edges).
     sse = torch.zeros((), device=job.device)
-    count = torch.zeros((), device=job.device)
+    count = torch.zeros((), dtype=torch.long, device=job.device)
     load_s = compute_s = 0.0
     t_epoch = time.perf_counter()
     full_epoch = len(job.train_loader) + progress.step_in_epoch  # the sampler skips resumed steps
