@@ -16,10 +16,10 @@ torch.set_num_threads(1)
 device = torch.device("cpu")
 init_distributed(env, device)
 for _ in range(50):  # warm-up: connections, allocator
-    agree_stop(0, device)
+    agree_stop(0)
 t0 = time.perf_counter()
 for _ in range(calls):
-    agree_stop(0, device)
+    agree_stop(0)
 seconds = time.perf_counter() - t0
 if env.is_main:
     json.dump({"world_size": env.world_size, "calls": calls, "us_per_call": seconds / calls * 1e6}, open(out, "w"))

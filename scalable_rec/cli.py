@@ -34,6 +34,7 @@ from scalable_rec.source.synthetic import PRESETS
 from scalable_rec.dist import DistEnv, shutdown_distributed
 from scalable_rec.train.launch import LAUNCHED_ENV, launch
 from scalable_rec.train.config import resolve_device
+from scalable_rec.model.recommender import check_model_device
 
 log = logging.getLogger("scalable_rec")
 
@@ -275,11 +276,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def check_device(cfg: RunConfig, command: str) -> None:
-    """``--device``/``--precision`` against this machine, before any work."""
+    """``--device``/``--precision`` (and what the model needs there) against this machine,
+    before any work."""
     if command not in ("run", "train"):
         return
     try:
-        resolve_device(cfg.train, DistEnv.from_environ())
+        check_model_device(cfg.model, resolve_device(cfg.train, DistEnv.from_environ()))
     except ValueError as err:
         raise ConfigError(f"Invalid options: {err}") from None
 
@@ -336,7 +338,7 @@ def _launch_ranks(args: argparse.Namespace, argv: list[str], env: DistEnv) -> in
         problem = f"'--nproc-per-node' needs to be positive (got {args.nproc_per_node})"
     elif args.max_restarts < 0:
         problem = f"'--max-restarts' needs to be non-negative (got {args.max_restarts})"
-    elif env.enabled:
+    elif env.world_size > 1:  # under torchrun (forced one-rank DDP may still fork its ranks)
         problem = "'--nproc-per-node' starts the ranks itself; under torchrun leave it out"
     if problem:
         log.error("Invalid options: %s", problem)

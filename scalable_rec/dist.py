@@ -29,6 +29,15 @@ T = TypeVar("T")
 #   so an elastic restart runs clean.
 FAULT_ENV = "SCALABLE_REC_FAULT"
 
+# ``SCALABLE_REC_FORCE_DDP=1``: a single process (or a one-rank torchrun job) still creates
+# the process group (NCCL on CUDA, gloo on CPU) and wraps the model in DDP, so every
+# collective of the DDP code path runs with world size 1: a check of that path on one GPU.
+FORCE_DDP_ENV = "SCALABLE_REC_FORCE_DDP"
+
+# The CPU (gloo) group of the loop's control flags, beside an NCCL group: agreeing on a
+# stop over it reads no GPU tensor, so the step never waits for the device.
+_control_group: Any = None
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -37,6 +46,8 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    forced: bool = False
+    """``SCALABLE_REC_FORCE_DDP``: the DDP code path even with one rank."""
 
     @property
     def is_main(self) -> bool:
@@ -44,7 +55,8 @@ class DistEnv:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether this job runs the DDP code path: more than one rank, or forced."""
+        return self.world_size > 1 or self.forced
 
     @property
     def local_world_size(self) -> int:
@@ -58,9 +70,11 @@ class DistEnv:
 
     @classmethod
     def from_environ(cls) -> "DistEnv":
+        forced = os.environ.get(FORCE_DDP_ENV, "").strip().lower() in ("1", "true", "yes")
         if "WORLD_SIZE" not in os.environ:
-            return cls()
-        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+            return cls(forced=forced)
+        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]),
+                   forced=forced)
 
 
 def init_distributed(env: DistEnv, device: torch.device, timeout_s: float | None = None) -> None:
@@ -70,6 +84,7 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float | None
     dead rank) raises after that long instead of waiting forever (NCCL aborts the
     communicator; torch's default error handling then ends the process).
     """
+    global _control_group
     if not env.enabled or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -77,7 +92,9 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float | None
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s or 1800)
     store = None
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    if "MASTER_ADDR" not in os.environ and env.world_size == 1:
+        store = dist.HashStore()  # forced DDP outside torchrun: one rank needs no rendezvous
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # Workers share the launcher's store across torchrun restarts; without a key prefix
         # per attempt a restarted group reads the dead group's addresses and cannot connect
         # (pytorch/pytorch#135712).
@@ -86,6 +103,7 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float | None
         store = dist.PrefixStore(f"scalable_rec/attempt-{env.restart_count}", base)
     dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
                             timeout=timeout, device_id=device if device.type == "cuda" else None)
+    _control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
 
 
 def is_collective_timeout(err: BaseException) -> bool:
@@ -95,20 +113,21 @@ def is_collective_timeout(err: BaseException) -> bool:
                                               or "connection closed by peer" in text or "connection reset by peer" in text)
 
 
-def agree_stop(local_signal: int, device: torch.device) -> int:
+def agree_stop(local_signal: int) -> int:
     """The largest signal number any rank received (0: none), the same on every rank (one
     all-reduce of one number).
 
     Each rank's signal handler only sets its own flag; agreeing on it at the same step
     makes every rank leave the loop together, so all of them reach the checkpoint's
     collectives (a rank stopping alone would leave the others blocked in the next
-    gradient all-reduce). A CPU↔GPU sync point on CUDA.
+    gradient all-reduce). A CPU tensor over gloo (the control group beside NCCL): the
+    ranks' CPU threads meet, the GPU's queue is never waited for.
     """
     if not dist.is_initialized():
         return local_signal
-    flag = torch.tensor([float(local_signal)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
+    flag = torch.tensor([local_signal], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_control_group)
+    return int(flag[0])
 
 
 def from_rank0(fn: Callable[[], T], env: DistEnv, what: str) -> T:
@@ -162,8 +181,10 @@ def inject_fault(env: DistEnv, global_step: int) -> None:
 
 
 def shutdown_distributed() -> None:
+    global _control_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control_group = None
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

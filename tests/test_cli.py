@@ -1,6 +1,7 @@
 import json
 
 import pyarrow.parquet as pq
+import torch
 
 from scalable_rec.cli import build_parser, main
 from scalable_rec.config import RunConfig, field_docs
@@ -60,3 +61,19 @@ def test_every_command_formats_its_help():
                 for name, sub in action.choices.items():
                     walk(sub, f"{path} {name}")
     walk(build_parser(), "scalable-rec")
+
+
+def test_aggr_max_on_cuda_without_its_kernels_is_one_line_before_any_work(tmp_path, caplog, monkeypatch):
+    """As on a GPU machine whose torch-scatter is CPU-only: exit 2, one line, nothing read."""
+    from scalable_rec import cli
+    from scalable_rec.model import recommender as model_mod
+
+    monkeypatch.setattr(cli, "resolve_device", lambda cfg, env: torch.device("cuda"))
+    monkeypatch.setattr(model_mod, "torch_sparse_runs_on", lambda device: False)
+    monkeypatch.setattr(model_mod, "torch_scatter_runs_on", lambda device: False)
+    rc = main(["train", "--shards", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run"),
+               "--device", "cuda", "--aggr", "max"])
+    assert rc == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "'aggr' max on CUDA" in errors[0].getMessage() and not errors[0].exc_info
+    assert not (tmp_path / "run").exists()

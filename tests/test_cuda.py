@@ -161,3 +161,67 @@ def test_fp16_training_step_with_sum_aggregation_is_finite():
     scaler.step(opt)
     scaler.update()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_forced_one_rank_nccl_ddp_with_fp16_and_sparse_tables(tiny_shards, tmp_path):
+    """``SCALABLE_REC_FORCE_DDP=1`` in one process on one GPU: an NCCL group, DDP, the
+    all-gathers and all-reduces (the row-wise tables' sparse all-reduce included) and the
+    object collectives, with fp16's scaler over sparse tables on CUDA."""
+    from scalable_rec.dist import FORCE_DDP_ENV
+
+    run = tmp_path / "run"
+    proc = _cli(["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run), "--epochs", "1",
+                 "--batch-size", "50", "--device", "cuda", "--precision", "fp16",
+                 "--table-optimizer", "rowwise_adagrad", "--no-progress"],
+                extra_env={FORCE_DDP_ENV: "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[rank 0]" in proc.stderr  # the DDP path's log format: the process group was created
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert math.isfinite(metrics["best_val_rmse"]) and metrics["history"][-1]["train_rmse"] < 2
+
+
+def test_forked_rank_on_cuda_trains_or_is_refused_with_one_line(tiny_shards, tmp_path):
+    """The ``--nproc-per-node`` launcher's fork path with one rank on one GPU."""
+    run = tmp_path / "run"
+    code = "import sys; from scalable_rec.train.launch import launch; sys.exit(launch(sys.argv[1:], 1))"
+    env = {**os.environ}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--shards", str(tiny_shards.directory),
+                           "--run-dir", str(run), "--epochs", "1", "--device", "cuda", "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 2:  # refused: one line naming torchrun, no traceback
+        assert "torchrun" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert math.isfinite(json.loads((run / "metrics.json").read_text())["best_val_rmse"])
+
+
+def test_two_rank_cpu_checkpoint_resumes_on_one_gpu(tiny_shards, tmp_path):
+    """A checkpoint of two (gloo, CPU) ranks resumed by one process on the GPU: fewer
+    devices than the checkpoint's ranks, state mapped onto the GPU."""
+    run = tmp_path / "run"
+    args = ["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run), "--epochs", "1",
+            "--batch-size", "20", "--no-progress"]
+    proc = _cli([*args, "--device", "cpu", "--max-steps", "4"], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(run / "last.pt", weights_only=False, map_location="cpu")["world_size"] == 2
+    proc = _cli([*args, "--device", "cuda", "--resume"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(run / "last.pt", weights_only=False, map_location="cpu")
+    assert state["world_size"] == 1 and state["global_step"] > 4
+
+
+def test_aggr_max_on_cuda_trains_or_is_refused_before_any_work(tiny_shards, tmp_path):
+    """With CPU-only torch-scatter (the carried wheels) ``--aggr max`` on CUDA is refused
+    with one line; with CUDA kernels it trains."""
+    from scalable_rec.model.recommender import torch_scatter_runs_on, torch_sparse_runs_on
+
+    run = tmp_path / "run"
+    proc = _cli(["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run), "--epochs", "1",
+                 "--device", "cuda", "--aggr", "max", "--no-progress"], timeout=300)
+    device = torch.device("cuda")
+    if not torch_sparse_runs_on(device) and torch_scatter_runs_on(device) is False:
+        assert proc.returncode == 2 and "'aggr' max on CUDA" in proc.stderr and "Traceback" not in proc.stderr
+        assert not run.exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]

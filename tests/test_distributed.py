@@ -514,3 +514,60 @@ def test_epoch_sampler_peak_while_dealing_is_the_order_and_one_share():
     rise = status_mib("VmHWM") - base
     assert rise < 160, f"dealing the epoch peaked {rise:.0f} MiB above the start"
     del it
+
+
+@pytest.mark.parametrize("table_optimizer", ["adamw", "rowwise_adagrad"])
+def test_forced_ddp_runs_every_collective_with_one_rank_and_matches_one_process(tiny_shards, tmp_path, monkeypatch,
+                                                                               table_optimizer):
+    """``SCALABLE_REC_FORCE_DDP=1`` in one process: the process group (gloo here, NCCL on
+    CUDA) is created, the model is wrapped in DDP, and the loss counts' all-reduce, the
+    ranking all-gathers, the sparse tables' all-reduce and the object collectives all run
+    with world size 1; the result equals the plain single process's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from scalable_rec.train import loop
+    from scalable_rec.dist import FORCE_DDP_ENV, shutdown_distributed
+
+    g = RatingGraph.from_shards(tiny_shards)
+    split = split_edges(g, SplitConfig())
+    model = ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0)
+    cfg = TrainConfig(**{**EXACT, "epochs": 1, "batch_size": 50, "table_optimizer": table_optimizer})
+    plain = train(g, split, model, cfg, tmp_path / "plain")
+
+    called: dict[str, int] = {}
+    for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list"):
+        original = getattr(dist, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            called[_name] = called.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(dist, name, spy)
+    wrapped = []
+    build_job = loop.build_job
+    monkeypatch.setattr(loop, "build_job", lambda *a, **k: wrapped.append(build_job(*a, **k)) or wrapped[-1])
+    monkeypatch.setenv(FORCE_DDP_ENV, "1")
+    try:
+        forced = train(g, split, model, cfg, tmp_path / "forced")
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        shutdown_distributed()
+    assert isinstance(wrapped[0].ddp_model, DistributedDataParallel)
+    assert {"all_reduce", "all_gather", "all_gather_object", "broadcast_object_list"} <= called.keys(), called
+    if table_optimizer == "rowwise_adagrad":
+        assert called["broadcast"] >= 1  # the tables' initial rows, outside DDP's reducer
+    _assert_same_params(_last_model(tmp_path / "plain"), _last_model(tmp_path / "forced"), atol=1e-6)
+    assert forced.best_val_rmse == pytest.approx(plain.best_val_rmse, abs=1e-5)
+
+
+def test_resume_accepts_another_device_setting(tiny_shards, tmp_path):
+    """A checkpoint resumed on other hardware (here 'cpu' → 'auto', which is the CPU on this
+    machine; on a GPU host the CUDA tests resume a CPU checkpoint on the GPU): the state is
+    read onto the CPU and loaded into the model wherever it lives."""
+    g = RatingGraph.from_shards(tiny_shards)
+    split = split_edges(g, SplitConfig())
+    cfg = dict(epochs=1, batch_size=64, progress=False)
+    train(g, split, ModelConfig(hidden=8), TrainConfig(**cfg, max_steps=2, device="cpu"), tmp_path)
+    resumed = train(g, split, ModelConfig(hidden=8), TrainConfig(**cfg, resume=True, device="auto"), tmp_path)
+    assert resumed.global_step > 2

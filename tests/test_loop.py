@@ -402,3 +402,66 @@ def test_id_sq_norms_are_those_of_the_rows_the_vectors_used():
     assert sq_u.tolist() == [1.0, 4.0, 0.0, 1.0] and sq_m.tolist() == [9.0, 2.0, 0.0, 0.0]
     assert torch.equal(ru, head.project_user(z, torch.tensor([0, 1, 5, 0])))
     assert torch.equal(rm, head.project_movie(z, torch.tensor([0, 2, 7, 0]), known))
+
+
+# What reads a tensor's value on the host: on CUDA each of these waits for the device.
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+def _count_host_reads(monkeypatch, host_side: set[int] = frozenset()) -> list[str]:
+    """Wraps ``torch.Tensor``'s value-reading methods (pytest's monkeypatch undoes it) and
+    returns the list every call appends its name to; tensors whose ``id`` is in
+    ``host_side`` live on the CPU by design (not counted)."""
+    calls: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            if id(self) not in host_side:
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("table_optimizer", ["adamw", "rowwise_adagrad"])
+def test_a_training_step_reads_nothing_back_from_the_device(small, tmp_path, monkeypatch, table_optimizer):
+    """``train_step`` (loss, backward, optimiser, EMA) reads no tensor value on the host:
+    on CUDA the host then never waits for the device inside a step (docs/gpu.md)."""
+    from scalable_rec.train.loop import build_job, train_step
+
+    g, split = small
+    job = build_job(g, split, ModelConfig(hidden=8), _cfg(ema_decay=0.9, table_optimizer=table_optimizer),
+                    tmp_path, None)
+    assert job.ema is not None or table_optimizer == "rowwise_adagrad"
+    batches = [b.to(job.device) for _, b in zip(range(4), job.train_loader)]
+    train_step(job, batches[0])  # creates the optimiser's state
+    # torch keeps a non-fused optimiser's step counters on the CPU (on CUDA too): reading
+    # them waits for nothing. The fused optimiser used on CUDA keeps them on the device.
+    steps = {id(state["step"]) for state in job.optimizer.state.values() if "step" in state}
+    assert steps
+    calls = _count_host_reads(monkeypatch, steps)
+    for batch in batches[1:]:
+        train_step(job, batch)
+    assert calls == []
+
+
+def test_ema_update_is_torchs_averaged_model_bit_for_bit(small, tmp_path):
+    """``update_ema`` (no host read of the count) gives exactly what
+    ``AveragedModel.update_parameters`` gives, first update (a copy) included."""
+    from scalable_rec.train.loop import build_job, train_step, update_ema
+
+    g, split = small
+    job = build_job(g, split, ModelConfig(hidden=8), _cfg(ema_decay=0.9), tmp_path, None)
+    reference = torch.optim.swa_utils.AveragedModel(
+        job.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=False)
+    for _, batch in zip(range(3), job.train_loader):
+        train_step(job, batch)  # updates job.ema through update_ema
+        reference.update_parameters(job.model)
+    assert job.ema_updates == int(job.ema.n_averaged) == int(reference.n_averaged) == 3
+    ours, theirs = job.ema.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert not torch.equal(ours["module.encoder.user_emb.weight"], job.model.encoder.user_emb.weight)

@@ -490,3 +490,22 @@ def test_a_config_saved_before_the_retrieval_bias_existed_loads_without_it():
     del saved["model"]["retrieval_bias"]
     assert RunConfig.from_json(saved).model.retrieval_bias is False
     assert Recommender(5, 4, 3, ModelConfig(hidden=4, retrieval_bias=False)).retrieval.out_features == 4
+
+
+def test_aggr_max_on_cuda_without_cuda_scatter_kernels_is_refused(monkeypatch):
+    """PyG hands a max that needs gradients on CUDA to torch-scatter; a CPU-only build fails
+    there mid-step, so the combination is refused up front (mean/sum and the CPU are fine)."""
+    from scalable_rec.errors import ConfigError
+    from scalable_rec.model import recommender as model_mod
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only
+    monkeypatch.setattr(model_mod, "torch_sparse_runs_on", lambda device: device.type == "cpu")
+    monkeypatch.setattr(model_mod, "torch_scatter_runs_on", lambda device: device.type == "cpu")
+    with pytest.raises(ConfigError, match="'aggr' max on CUDA needs torch-scatter or torch-sparse with CUDA kernels"):
+        model_mod.check_model_device(ModelConfig(aggr="max"), cuda)
+    model_mod.check_model_device(ModelConfig(aggr="mean"), cuda)
+    model_mod.check_model_device(ModelConfig(aggr="max"), cpu)
+    monkeypatch.setattr(model_mod, "torch_scatter_runs_on", lambda device: None)  # not installed: torch's own
+    model_mod.check_model_device(ModelConfig(aggr="max"), cuda)
+    monkeypatch.setattr(model_mod, "torch_scatter_runs_on", lambda device: True)  # CUDA kernels
+    model_mod.check_model_device(ModelConfig(aggr="max"), cuda)

@@ -26,8 +26,9 @@ def ranking_metrics(score_fn: ScoreFn, num_users: int, num_movies: int, seen: Ra
 
     Only the training and validation edges (``seen``) are masked, so the held-out movies
     stay rankable. Users without a relevant test movie are not counted. Under torchrun
-    each rank ranks every ``world_size``-th user and the sums are reduced (``device``
-    holds the reduction: CUDA under NCCL).
+    each rank ranks every ``world_size``-th user and the sums are reduced. ``device`` is
+    where ``score_fn`` puts its blocks (CUDA: chunks sized by its free memory, not by
+    ``memory_mb``) and holds the reduction (CUDA under NCCL).
     """
     users = torch.unique(test_src)
     total_users = users.numel()
@@ -40,7 +41,8 @@ def ranking_metrics(score_fn: ScoreFn, num_users: int, num_movies: int, seen: Ra
     mine = row_of[test_src] >= 0
     gt = torch.stack([row_of[test_src][mine], test_dst[mine]])
     preds = [movies for _, movies, _ in topk_chunks(score_fn, num_users, num_movies,
-                                                     ScoreConfig(k=k, score_memory_mb=memory_mb), seen, users)]
+                                                     ScoreConfig(k=k, score_memory_mb=memory_mb), seen, users,
+                                                     device=device)]
     if preds:
         pred_index = torch.cat(preds)
         recall.update(pred_index, gt)
@@ -50,9 +52,10 @@ def ranking_metrics(score_fn: ScoreFn, num_users: int, num_movies: int, seen: Ra
             "eval_users": int(total_users)}
 
 
-def popularity_score_fn(train_dst: Tensor, num_movies: int) -> ScoreFn:
-    """Scores every movie by its number of training ratings, the same for every user."""
-    popularity = torch.bincount(train_dst, minlength=num_movies).float()
+def popularity_score_fn(train_dst: Tensor, num_movies: int, device: torch.device | str = "cpu") -> ScoreFn:
+    """Scores every movie by its number of training ratings, the same for every user
+    (blocks on ``device``)."""
+    popularity = torch.bincount(train_dst, minlength=num_movies).float().to(device)
     return lambda users: popularity.expand(users.numel(), -1).clone()
 
 
@@ -96,7 +99,8 @@ def evaluate_edges(model, graph, message_ids: Tensor, eval_ids: Tensor, k: int =
     all_movies = torch.arange(graph.num_movies, device=device)
     out["model"] = ranking_metrics(lambda u: model.rank_block(z, u.to(device), all_movies), *args)
     if baseline_ids is not None:
-        out["popularity"] = ranking_metrics(popularity_score_fn(graph.dst[baseline_ids], graph.num_movies), *args)
+        out["popularity"] = ranking_metrics(popularity_score_fn(graph.dst[baseline_ids], graph.num_movies, device),
+                                            *args)
     return out
 
 

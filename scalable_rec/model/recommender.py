@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import HeteroConv, SAGEConv
 
+from scalable_rec.errors import ConfigError
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
 
 # Full-graph encoding goes through torch.sparse CSR (via torch-sparse); torch labels it
@@ -37,6 +38,31 @@ def torch_sparse_runs_on(device: torch.device) -> bool:
     if not pyg_typing.WITH_TORCH_SPARSE:
         return False
     return device.type != "cuda" or torch.ops.torch_sparse.cuda_version() != -1
+
+
+def torch_scatter_runs_on(device: torch.device) -> bool | None:
+    """Whether torch-scatter has kernels for ``device``; ``None`` when it is not installed."""
+    import torch_geometric.typing as pyg_typing
+
+    if not pyg_typing.WITH_TORCH_SCATTER:
+        return None
+    return device.type != "cuda" or torch.ops.torch_scatter.cuda_version() != -1
+
+
+def check_model_device(cfg: "ModelConfig", device: torch.device) -> None:
+    """Refuses a model that cannot train on ``device``, before any work starts.
+
+    ``aggr`` max on CUDA aggregates by scatter (``edge_index``) unless torch-sparse has CUDA
+    kernels; PyG's scatter then hands a max that needs gradients to torch-scatter, which
+    fails inside the first step when torch-scatter was built CPU-only (the wheels that
+    neighbour sampling needs). torch's own scatter-reduce would do; PyG prefers torch-scatter
+    whenever it is importable.
+    """
+    if (device.type == "cuda" and cfg.aggr == "max" and not torch_sparse_runs_on(device)
+            and torch_scatter_runs_on(device) is False):
+        raise ConfigError("'aggr' max on CUDA needs torch-scatter or torch-sparse with CUDA kernels; the installed "
+                          "torch-scatter is CPU-only (use --aggr mean or sum, install a CUDA build of "
+                          "torch-scatter/torch-sparse, or train on the CPU)")
 
 
 def adjacency_kind(device: torch.device, aggr: str) -> str:

@@ -44,9 +44,13 @@ def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig, z: dict[
     if cfg.exclude_rated:
         exclude = RatedIndex.from_edges(graph.src, graph.dst, graph.num_users) if rated is None else rated
     movies = torch.arange(graph.num_movies, device=device)
-    for users, top, scores in topk_chunks(lambda u: model.rank_block(z, u.to(device), movies),
-                                          graph.num_users, graph.num_movies, cfg, exclude, users):
-        with torch.no_grad():
-            rated = model.predict_pairs(z, users.repeat_interleave(top.size(1)).to(device), top.flatten().to(device))
-        yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys,
-                              predicted_rating=rated.view_as(top).clamp(*rating_range).cpu())
+
+    def predicted(users: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """The top-K's predicted ratings, on the device before the copy back."""
+        pairs = model.predict_pairs(z, users.to(device).repeat_interleave(top.size(1)), top.flatten())
+        return pairs.view_as(top).clamp(*rating_range).float()
+
+    for users, top, scores, rated in topk_chunks(lambda u: model.rank_block(z, u.to(device), movies),
+                                                 graph.num_users, graph.num_movies, cfg, exclude, users,
+                                                 device=device, pair_fn=predicted):
+        yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys, predicted_rating=rated)

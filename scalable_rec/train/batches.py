@@ -3,7 +3,6 @@
 from its own subgraph."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.train.config import TrainConfig
 from scalable_rec.dist import DistEnv, EdgeEpochSampler
 from scalable_rec.train.losses import rating_class_table, rating_classes
+from scalable_rec.train.workers import check_shm_room, loader_workers, shared_bytes
 
 # Edges per chunk when a statistic is gathered over all supervision edges: the gathered
 # copies stay this small instead of one private copy of every supervision edge per rank.
@@ -137,11 +137,11 @@ def make_loader(data, edges: SupervisionEdges, cfg: TrainConfig, batch_size: int
     n = edges.num_edges
     pad = env.world_size - 1  # enough for any remainder the sampler deals (also a re-dealt resume)
     sampler = EdgeEpochSampler(n, env.rank, env.world_size, cfg.seed, shuffle=shuffle)
-    workers = cfg.num_workers if cfg.num_workers >= 0 else (
-        0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // max(1, env.world_size) - 1)))
+    workers = loader_workers(cfg.num_workers, device, env)
     if workers > 0 and isinstance(data, HeteroData):
         # Worker processes then map the same pages instead of each holding a copy
         # (a (feature_store, graph_store) pair is file-mapped already).
+        check_shm_room(shared_bytes(v for store in data.stores for v in store.values()))
         for store in data.stores:
             for value in store.values():
                 if isinstance(value, torch.Tensor):

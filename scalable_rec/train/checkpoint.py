@@ -18,12 +18,14 @@ from scalable_rec.atomic import atomic_open
 from scalable_rec.errors import CheckpointError
 
 # Config fields that may differ between a checkpoint and a resumed run without changing
-# what is computed. Anything else that differs is refused.
+# what is computed (``device``: the same run on other hardware, e.g. resumed on a machine
+# with fewer GPUs or none; only float summation order differs). Anything else that differs
+# is refused.
 RESUMABLE_DIFFERENCES = {"epochs", "max_steps", "num_workers", "checkpoint_every", "log_every",
                          "patience", "run_dir", "resume", "progress", "threads", "deterministic",
                          "overwrite", "workdir", "strict", "max_skipped_share",
                          "stop_check_every", "collective_timeout_s", "val_memory_mb",
-                         "heap_mmap_threshold_kb"}
+                         "heap_mmap_threshold_kb", "device"}
 # Config groups that only say where outputs go or how to reach a server: never part of what
 # a checkpoint computed, so ``--resume`` accepts new values (``--k``, ``--sink``, ...).
 OUTPUT_GROUPS = ("score.", "sink.", "arango.", "export.", "arango_load.", "features.encode_")

@@ -67,7 +67,8 @@ class TrainConfig:
         patience: Epochs without a better ``select_metric`` before training stops.
         precision: ``fp32``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA, with GradScaler).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-        num_workers: Sampler worker processes per rank; ``-1``: 0 on CPU, up to 4 on CUDA.
+        num_workers: Sampler worker processes per rank; ``-1``: 0 on CPU, on CUDA the rank's
+            cores but one (``scalable_rec.train.workers``).
         seed: Seed of model initialisation, shuffling and neighbour sampling.
         steps_per_epoch: End each epoch after this many steps (positive; validation still
             runs); unset: a full pass.
@@ -201,6 +202,9 @@ def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
         problems.append(f"'device' is {cfg.device!r} but no CUDA device is available")
     if cfg.precision == "fp16" and not want_cuda:
         problems.append("'precision' fp16 needs CUDA (CPU autocast supports bf16)")
+    if want_cuda and torch.cuda.is_available() and torch.cuda._is_in_bad_fork():
+        problems.append("'device' is CUDA but this rank was forked from a process that had initialised CUDA, "
+                        "where CUDA cannot start again; launch the ranks with torchrun instead of --nproc-per-node")
     if problems:
         raise ValueError("; ".join(problems))
     if want_cuda:

@@ -38,7 +38,7 @@ from scalable_rec.train.batches import SupervisionEdges, make_loader, supervisio
 from scalable_rec.train.config import PRECISIONS, TrainConfig, resolve_device
 from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, ranking_positives, rating_class_table
 from scalable_rec.heap import fix_mmap_threshold
-from scalable_rec.model.recommender import ModelConfig, Recommender
+from scalable_rec.model.recommender import ModelConfig, Recommender, check_model_device
 from scalable_rec.train.node_tables import share_tables_on_node
 from scalable_rec.train.optim import (
     CombinedOptimizer, RowWiseAdagrad, all_reduce_sparse_grads_, embedding_tables, sparse_table_names, table_rows,
@@ -47,8 +47,9 @@ from scalable_rec.train.optim import (
 log = logging.getLogger(__name__)
 
 # Steps between checks of the accumulated training loss for NaN/inf in a single process:
-# one device-to-host read per interval instead of one per step. Under DDP the check runs
-# at epoch end on the all-reduced sum, so every rank stops together.
+# one device-to-host read per interval instead of one per step (the loop's only host sync
+# between epoch ends; docs/gpu.md "Host syncs"). Under DDP the check runs at epoch end on
+# the all-reduced sum, so every rank stops together.
 FINITE_CHECK_EVERY = 50
 
 # torch-sparse's sampler works and is what CPU-only installs have; PyG's nudge towards
@@ -100,6 +101,8 @@ class Job:
     shared_tables: bool = False
     """The row-wise tables are one copy per node, stepped by its first rank
     (``node_tables``): every step ends at a barrier."""
+    ema_updates: int = 0
+    """Host copy of ``ema.n_averaged``, so an EMA step reads no device tensor."""
 
     @property
     def scored(self) -> Recommender:
@@ -189,6 +192,7 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
     if heap_kb and data is not None:  # the mapped stores' path: memory-bound graphs
         fix_mmap_threshold(heap_kb << 10)
     device = resolve_device(cfg, env)
+    check_model_device(model_cfg, device)
     init_distributed(env, device, cfg.collective_timeout_s)
     config = config or {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
     torch.manual_seed(cfg.seed + env.rank)  # ranks sample different neighbourhoods
@@ -280,13 +284,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     tables = {id(m.weight) for m in embedding_tables(model)}
     rowwise = cfg.rowwise_tables(table_rows(model))
     dense = [p for p in model.parameters() if p.requires_grad and not (rowwise and id(p) in tables)]
+    # On CUDA the fused kernels: with fp16's GradScaler a fused optimiser takes the scale and
+    # the found-inf flag as tensors, so the scaler skips its host read of found-inf per step.
+    # The CPU keeps the default (foreach) kernels and its bit-for-bit history.
+    fused = {"fused": True} if all(p.is_cuda for p in dense) and dense else {}
     if cfg.optimizer == "adam":
-        adam = torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        adam = torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     else:
         decay = [p for p in dense if p.ndim >= 2 and id(p) not in tables]
         rest = [p for p in dense if p.ndim < 2 or id(p) in tables]
         adam = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                  {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+                                  {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, **fused)
     if not rowwise:
         return adam
     for table in embedding_tables(model):
@@ -320,6 +328,7 @@ def restore(job: Job) -> Progress:
     job.scaler.load_state_dict(state["scaler"])
     if job.ema is not None:
         job.ema.load_state_dict(state["ema"])
+        job.ema_updates = int(job.ema.n_averaged)  # once per resume, not per step
     saved_world = int(state.get("world_size", len(state["rng"])))
     position = state.get("epoch_position", state["step_in_epoch"] * job.cfg.batch_size * saved_world)
     if env.rank < len(state["rng"]):
@@ -375,7 +384,9 @@ def training_loss(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     positive = ranking_positives(rating, weight, job.cfg.relevant_min)
     counts = torch.stack([weight.bool().sum(), positive.sum()]).float()
     if job.env.enabled:
-        torch.distributed.all_reduce(counts)  # two scalars per step; a sync point on CUDA
+        # Two scalars per step, queued on the device like DDP's own all-reduces: the host
+        # does not wait for it (no host sync).
+        torch.distributed.all_reduce(counts)
     counts = counts.clamp(min=1) / job.env.world_size
     loss = (se * weight).sum() / counts[0]
     if rank is not None and job.cfg.rank_loss_weight > 0:
@@ -392,18 +403,50 @@ def training_loss(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def train_step(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on ``batch`` (already on the device): loss, backward, the tables'
-    sparse gradients averaged, the step, the EMA. Returns the squared errors and weights."""
+    sparse gradients averaged, the step, the EMA. Returns the squared errors and weights.
+
+    No host sync on CUDA with fp32/bf16 and dense tables, nor with fp16 (the fused
+    optimiser takes the scaler's found-inf flag on the device). The exceptions are named
+    where they happen: fp16 with row-wise tables (the scaler reads found-inf) and the
+    node-shared tables' barrier (CPU only).
+    """
     loss, se, weight = training_loss(job, batch)
     job.optimizer.zero_grad(set_to_none=True)
     job.scaler.scale(loss).backward()
     reduce_table_grads(job)
+    # fp16 with row-wise tables (CombinedOptimizer is not a fused optimiser): the scaler reads
+    # its found-inf flag on the host, a sync point. A no-op without fp16.
     job.scaler.step(job.optimizer)
     job.scaler.update()
     if job.shared_tables:  # nobody reads a table the node's first rank is still stepping
         torch.distributed.barrier()
     if job.ema is not None:
-        job.ema.update_parameters(job.model)
+        update_ema(job)
     return se, weight
+
+
+@torch.no_grad()
+def update_ema(job: Job) -> None:
+    """``AveragedModel.update_parameters`` for the EMA, without its two host reads of
+    ``n_averaged`` per step (a sync point on CUDA): the count is mirrored on the host
+    (``Job.ema_updates``). The same arithmetic (copy on the first update, then
+    ``lerp(avg, weight, 1 - decay)``), so the averages are bit-identical to torch's."""
+    ema = job.ema
+    averaged, current = list(ema.module.parameters()), list(job.model.parameters())
+    if job.ema_updates == 0:
+        for a, c in zip(averaged, current):
+            a.copy_(c)
+    else:
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point() or a.is_complex()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - job.cfg.ema_decay)
+        for a, c in zip(averaged, current):
+            if not (a.is_floating_point() or a.is_complex()):
+                a.copy_(a * job.cfg.ema_decay + c * (1 - job.cfg.ema_decay))
+    for b_avg, b_model in zip(ema.module.buffers(), job.model.buffers()):  # use_buffers=False: kept in step
+        b_avg.copy_(b_model)
+    ema.n_averaged += 1
+    job.ema_updates += 1
 
 
 def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> dict[str, Any]:
@@ -414,7 +457,10 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
     cfg, env = job.cfg, job.env
     job.ddp_model.train()
     job.train_sampler.set_epoch(progress.epoch, position=progress.epoch_position)
-    sse = count = 0.0
+    # Sums stay on the device and are read once, at the epoch's end; the count in int64
+    # (a float32 count is no longer exact past 2**24 labelled edges).
+    sse = torch.zeros((), device=job.device)
+    count = torch.zeros((), dtype=torch.long, device=job.device)
     load_s = compute_s = 0.0
     t_epoch = time.perf_counter()
     full_epoch = len(job.train_loader) + progress.step_in_epoch  # the sampler skips resumed steps
@@ -435,13 +481,16 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
         progress.step_in_epoch += 1
         progress.global_step += 1
         progress.epoch_position += cfg.batch_size * env.world_size
-        # Accumulate on device; read back once per epoch (avoids a sync per step).
         sse += (se.detach() * weight.bool()).sum()
-        count += float(weight.bool().sum())
+        count += weight.bool().sum()
+        # Without a sync the host runs ahead of the device: compute_s is the time the host
+        # spent queuing steps; the device's backlog is drained at the epoch end's read,
+        # which is counted as compute too.
         compute_s += time.perf_counter() - t_step
         bar.update(1)
         inject_fault(env, progress.global_step)
         if not env.enabled and progress.step_in_epoch % FINITE_CHECK_EVERY == 0:
+            # sync point: reads the running loss sum every FINITE_CHECK_EVERY steps
             check_finite("training loss", float(sse), progress)
         if should_stop(job, progress, stop):
             interrupted = True
@@ -449,7 +498,10 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
         if cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0:
             save_last(job, progress, progress.epoch, progress.step_in_epoch)
     bar.close()
-    return {"sse": float(sse), "count": count, "load_s": load_s, "compute_s": compute_s,
+    t_sync = time.perf_counter()
+    sse_total, count_total = float(sse), float(count)  # sync point: the epoch's sums, once per epoch
+    compute_s += time.perf_counter() - t_sync
+    return {"sse": sse_total, "count": count_total, "load_s": load_s, "compute_s": compute_s,
             "started": t_epoch, "interrupted": interrupted}
 
 
@@ -461,7 +513,9 @@ def should_stop(job: Job, progress: Progress, stop: dict[str, int | None]) -> bo
         return True
     if job.env.enabled and progress.global_step % cfg.stop_check_every:
         return False
-    agreed = agree_stop(stop["signal"] or 0, job.device)
+    # Over gloo on CPU tensors (the control group beside NCCL): the ranks' host threads
+    # meet, but nothing waits for the device.
+    agreed = agree_stop(stop["signal"] or 0)
     if agreed and stop["signal"] is None:
         stop["signal"] = agreed  # another rank was signalled: leave with its exit code (128 + signal)
     return bool(agreed)
