@@ -77,6 +77,9 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
      {"model": {"retrieval_temperature": 0.2}}),
     ("no-retrieval-bias", "retrieval head without its learned per-movie ranking bias (scores are cos/τ alone; "
      "retrieval_bias off, the default before)", {"model": {"retrieval_bias": False}}),
+    ("rating-relation", "messages typed by rating bucket (below 3, 3-3.5, 4 and up): one relation and "
+     "SAGEConv each way per bucket (rating_messages 'relation' instead of 'none')",
+     {"model": {"rating_messages": "relation"}}),
     ("no-id-dropout", "no user or movie IDs hidden from the encoder (user_id_dropout and movie_id_dropout 0, "
      "the default two tables ago)", {"model": {"user_id_dropout": 0.0, "movie_id_dropout": 0.0}}),
 ]

@@ -50,8 +50,9 @@ class ExcludeTargets:
             ei = store.edge_index
             keep = ~torch.isin((users[ei[ui]] << 32) | movies[ei[mi]], targets)
             store.edge_index = ei[:, keep]
-            if "e_id" in store:
-                store.e_id = store.e_id[keep]
+            for key in ("e_id", "rating"):  # per-edge attributes follow their edges
+                if key in store:
+                    store[key] = store[key][keep]
         return data
 
 
