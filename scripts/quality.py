@@ -45,7 +45,10 @@ from scalable_rec.train import train
 
 log = logging.getLogger("quality")
 TARGET = {"rmse": 0.850, "recall@10": 0.23, "ndcg@10": 0.24}
-GRIDS = {"ease": [100.0, 250.0, 500.0], "item_knn": [50, 200], "implicit_als": [(64, 0.05, 2.0), (64, 0.5, 10.0)]}
+GRIDS = {"ease": [100.0, 250.0, 500.0], "ease_relevant": [50.0, 100.0, 250.0, 500.0], "item_knn": [50, 200],
+         "item_knn_relevant": [50, 100, 200], "implicit_als": [(64, 0.05, 2.0), (64, 0.5, 10.0)]}
+# Variants fit on the relevant ratings only (≥ the relevance threshold); every seen rating stays masked.
+RELEVANT_ONLY = ("ease_relevant", "item_knn_relevant")
 # One row per configuration change against the defaults: (name, what changed, overrides).
 ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
     ("select-rmse", "best.pt and early stopping by validation RMSE instead of validation Recall@10",
@@ -89,6 +92,7 @@ MARK_START, MARK_END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
 def fit_baseline(name: str, x, value: Any, seed: int):
+    name = name.removesuffix("_relevant")
     if name == "ease":
         return B.ease(x, value)
     if name == "item_knn":
@@ -107,6 +111,8 @@ def baselines_for_split(graph: RatingGraph, split, seed: int, threshold: float, 
     train_e = (graph.src[split.train], graph.dst[split.train])
     seen_ids = torch.cat([split.train, split.val])
     seen_e = (graph.src[seen_ids], graph.dst[seen_ids])
+    train_fit = B.relevant_edges(*train_e, graph.rating[split.train], threshold)
+    seen_fit = B.relevant_edges(*seen_e, graph.rating[seen_ids], threshold)
     rel_v = graph.rating[split.val] >= threshold
     rel_t = graph.rating[split.test] >= threshold
     val_rel = (graph.src[split.val][rel_v], graph.dst[split.val][rel_v])
@@ -117,10 +123,12 @@ def baselines_for_split(graph: RatingGraph, split, seed: int, threshold: float, 
             continue
         t0 = time.perf_counter()
         grid = [chosen[name]] if name in chosen else GRIDS.get(name, [None])
+        relevant_only = name in RELEVANT_ONLY
         best, val_recalls = (B.tune_on_validation(lambda x, v: fit_baseline(name, x, v, seed), grid, train_e,
-                                                  val_rel, nu, nm) if len(grid) > 1 else (grid[0], {}))
+                                                  val_rel, nu, nm, fit_on=train_fit if relevant_only else None)
+                             if len(grid) > 1 else (grid[0], {}))
         chosen[name] = best
-        x_seen = B.interaction_matrix(*seen_e, nu, nm)
+        x_seen = B.interaction_matrix(*(seen_fit if relevant_only else seen_e), nu, nm)
         metrics = B.evaluate_fn(fit_baseline(name, x_seen, best, seed), *seen_e, *test_rel, nu, nm)
         out[name] = {**metrics, "chosen": best, "val_recall@10": {str(k): v for k, v in val_recalls.items()},
                      "seconds": time.perf_counter() - t0}
@@ -223,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="benchmarks/reference/quality-ml-latest-small")
     p.add_argument("--baselines", nargs="*", default=None,
-                   help="only these baselines (popularity ease item_knn implicit_als biased_mf); none: skip")
+                   help="only these baselines (popularity ease ease_relevant item_knn item_knn_relevant "
+                        "implicit_als biased_mf); none: skip")
     p.add_argument("--no-model", action="store_true", help="skip the package's model (baselines only)")
     p.add_argument("--tune-every-seed", action="store_true",
                    help="tune each baseline on every seed's validation edges (default: on the first seed's, "

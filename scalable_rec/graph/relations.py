@@ -50,6 +50,18 @@ def incoming(mode: str) -> dict[str, list[EdgeType]]:
     return out
 
 
+def parse(edge_type: EdgeType) -> tuple[EdgeType, int | None]:
+    """``(rates or rev_rates, bucket)`` of an encoder edge type; bucket ``None`` for the
+    unsplit ``rates``/``rev_rates`` themselves."""
+    for et in (RATES, REV_RATES):
+        if edge_type == et:
+            return et, None
+        for b in range(len(BUCKETS)):
+            if edge_type == relation(et, b):
+                return et, b
+    raise KeyError(f"{edge_type} is neither rates, rev_rates nor one of their rating relations")
+
+
 def split_coo(edge_type: EdgeType, edge_index: Tensor, rating: Tensor) -> dict[EdgeType, Tensor]:
     """A COO ``edge_index`` of ``edge_type`` as one ``edge_index`` per bucket relation."""
     if rating.numel() != edge_index.size(1):
