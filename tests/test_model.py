@@ -527,3 +527,11 @@ def test_rating_relations_need_each_edges_rating():
         model.encode_all(data)
     with pytest.raises(ValueError, match="'rating_messages' needs to be 'none' or 'relation' \\(got 'weight'\\)"):
         ModelConfig(rating_messages="weight")
+
+
+def test_a_config_saved_before_rating_messages_existed_loads_without_them():
+    from scalable_rec.config import RunConfig
+
+    saved = RunConfig(model=ModelConfig(rating_messages="relation")).to_json()
+    del saved["model"]["rating_messages"]
+    assert RunConfig.from_json(saved).model.rating_messages == "none"
