@@ -82,5 +82,9 @@ def test_every_sampled_edge_carries_its_own_rating(tiny, tiny_shards, tmp_path, 
             assert rating.numel() == ei.size(1)
             assert rating.tolist() == [truth[p] for p in zip(users.tolist(), movies.tolist())]
             checked += rating.numel()
+            if exclude_targets:  # excluded before the encoder splits by bucket: from every relation
+                u, m = batch[RATES].edge_label_index
+                targets = set(zip(batch[USER].n_id[u].tolist(), batch[MOVIE].n_id[m].tolist()))
+                assert not targets & set(zip(users.tolist(), movies.tolist()))
     assert checked > 100
     assert len(set(g.rating[split.train].tolist())) > 3  # ratings differ: a wrong lookup would show
