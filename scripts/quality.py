@@ -45,8 +45,8 @@ from scalable_rec.train import train
 
 log = logging.getLogger("quality")
 TARGET = {"rmse": 0.850, "recall@10": 0.23, "ndcg@10": 0.24}
-GRIDS = {"ease": [100.0, 250.0, 500.0], "ease_relevant": [50.0, 100.0, 250.0, 500.0], "item_knn": [50, 200],
-         "item_knn_relevant": [50, 100, 200], "implicit_als": [(64, 0.05, 2.0), (64, 0.5, 10.0)]}
+GRIDS = {"ease": [100.0, 250.0, 500.0], "ease_relevant": [10.0, 25.0, 50.0, 100.0, 250.0], "item_knn": [50, 200],
+         "item_knn_relevant": [100, 200, 400], "implicit_als": [(64, 0.05, 2.0), (64, 0.5, 10.0)]}
 # Variants fit on the relevant ratings only (≥ the relevance threshold); every seen rating stays masked.
 RELEVANT_ONLY = ("ease_relevant", "item_knn_relevant")
 # One row per configuration change against the defaults: (name, what changed, overrides).
