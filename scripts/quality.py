@@ -204,13 +204,13 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("ablation"):
         lines += ["", f"Ablation (seeds {', '.join(map(str, result['ablation_seeds']))}; each row changes one "
                   "thing against the defaults):", "",
-                  "| change | what | val Recall@10 (best.pt) | Recall@10 | NDCG@10 | test RMSE |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| change | what | val Recall@10 (best.pt) | val RMSE (best.pt) | Recall@10 | NDCG@10 | test RMSE |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         model_rows = [r for r in result["methods"].get(MODEL, []) if r["seed"] in result["ablation_seeds"]]
         default = [{"name": "default", "what": "the package's defaults (rows above)", "runs": model_rows}]
         for row in (default if model_rows else []) + result["ablation"]:
             lines.append(f"| {row['name']} | {row['what']} | {fmt(summarise(row['runs'], 'best_val_recall@10'))} | "
-                         f"{fmt(summarise(row['runs'], 'recall@10'))} | "
+                         f"{fmt(summarise(row['runs'], 'best_val_rmse'))} | {fmt(summarise(row['runs'], 'recall@10'))} | "
                          f"{fmt(summarise(row['runs'], 'ndcg@10'))} | {fmt(summarise(row['runs'], 'rmse'))} |")
     return "\n".join(lines) + "\n"
 
