@@ -5,7 +5,8 @@ exactly as ``scalable-rec run`` does (``train`` + ``evaluate_split``); the basel
 ``scalable_rec.score.baselines`` are fit on the same split and ranked by the same
 ``ranking_metrics`` (positives: test ratings ≥ the relevance threshold; train + val masked).
 Each baseline's hyper-parameter is picked by validation Recall@10 (fit on train), then it
-is refit on train + val and tested. Writes ``<out>.json`` and ``<out>.md`` (mean ± std
+is refit on train + val and tested; ``ease_relevant`` and ``item_knn_relevant`` fit on the
+relevant ratings only (≥ the threshold), every seen rating still masked. Writes ``<out>.json`` and ``<out>.md`` (mean ± std
 over seeds, and min–max), and with ``--ablation`` one row per configuration change on the
 given seeds. With ``--refit`` each seed's default run is followed by a refit: the same
 configuration trained from scratch on train + val for the epoch count validation chose
