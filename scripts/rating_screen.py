@@ -22,7 +22,9 @@ again = {r["seed"]: r for r in rerun["methods"]["scalable-rec (default run)"]} i
 rows = []
 for r in rel["ablation"][0]["runs"]:
     s = r["seed"]
-    holds = r["best_val_recall@10"] > none[s]["best_val_recall@10"] and r["best_val_rmse"] <= none[s]["best_val_rmse"]
+    # against every run of the default on that seed (the stored one and a rerun)
+    holds = all(r["best_val_recall@10"] > m["best_val_recall@10"] and r["best_val_rmse"] <= m["best_val_rmse"]
+                for m in [none[s]] + ([again[s]] if s in again else []))
     rows.append({"seed": s, "none": {k: none[s].get(k) for k in keys},
                  "none_rerun": {k: again[s].get(k) for k in keys} if s in again else None,
                  "relation": {k: r.get(k) for k in keys}, "rule_holds": holds})
