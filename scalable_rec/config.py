@@ -142,7 +142,8 @@ class RuntimeConfig:
 # Fields whose default changed after runs were saved without them: a saved config that lacks
 # one was trained with the old value (its checkpoint has no parameters for the new one).
 SAVED_BEFORE_FIELD: dict[str, dict[str, Any]] = {
-    "model": {"retrieval_ids": False, "retrieval_temperature": 0.0, "retrieval_bias": False}}
+    "model": {"retrieval_ids": False, "retrieval_temperature": 0.0, "retrieval_bias": False,
+              "rating_messages": "none"}}
 
 
 @dataclass

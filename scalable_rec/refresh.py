@@ -132,7 +132,8 @@ def empty_extra() -> dict[str, Tensor]:
 
 def edge_list(graph: RatingGraph, extra: dict[str, Tensor], num_new_users: int) -> EdgeList:
     return EdgeList(base_src=graph.src, base_dst=graph.dst, num_users=graph.num_users + num_new_users,
-                    num_movies=graph.num_movies, extra_src=extra["src"], extra_dst=extra["dst"])
+                    num_movies=graph.num_movies, extra_src=extra["src"], extra_dst=extra["dst"],
+                    base_rating=graph.rating, extra_rating=extra["rating"])
 
 
 def _rated_subset(edges: EdgeList, users: Tensor) -> RatedIndex:
@@ -278,7 +279,7 @@ def apply_edges(model: Recommender, graph: RatingGraph, state: RefreshState, src
             enc = recompute(model, edges, graph.movie_x, cached, sets)
         else:
             sets = [endpoints]
-            enc = bounded_update(model, edges, graph.movie_x, cached, src, dst)
+            enc = bounded_update(model, edges, graph.movie_x, cached, src, dst, rating)
         state.layers, state.aggs, state.degree = enc.layers, enc.aggs, enc.degree
         z = state.layers[-1]
         changed_users, changed_movies = sets[-1][USER], sets[-1][MOVIE]

@@ -96,3 +96,22 @@ def test_biased_mf_beats_the_global_mean():
                            0.5, 5.0, factors=4, epochs=30)
     mean_rmse = math.sqrt(float(np.mean((rating[test] - rating[train].mean()) ** 2)))
     assert out["rmse"] < 0.8 * mean_rmse
+
+
+def test_relevant_only_variants_fit_on_the_relevant_ratings_and_mask_every_seen_one():
+    """``relevant_edges`` keeps ratings ≥ the threshold; tuning fits on them (``fit_on``)
+    while every training pair, a low rating included, stays masked from the ranking."""
+    src, dst = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 2])
+    rating = torch.tensor([4.0, 1.0, 4.5, 3.5])
+    fit_src, fit_dst = B.relevant_edges(src, dst, rating, 4.0)
+    assert fit_src.tolist() == [0, 1] and fit_dst.tolist() == [0, 1]
+    fitted = []
+
+    def fit(x, _):
+        fitted.append(x.toarray().tolist())
+        return B.popularity(B.interaction_matrix(torch.tensor([0, 0, 0]), torch.tensor([1, 1, 2]), 2, 3))
+    # user 0's held-out movie 2: movie 1 (rated 1.0) is more popular but seen, so masked
+    _, recalls = B.tune_on_validation(fit, ["a", "b"], (src, dst), (torch.tensor([0]), torch.tensor([2])), 2, 3,
+                                      k=1, fit_on=(fit_src, fit_dst))
+    assert fitted[0] == [[1, 0, 0], [0, 1, 0]]
+    assert recalls["a"] == 1.0

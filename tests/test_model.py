@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scalable_rec.graph import RatingGraph
+from scalable_rec.graph import RATES, RatingGraph
 from scalable_rec.model.recommender import ModelConfig, Recommender
 
 
@@ -509,3 +509,48 @@ def test_aggr_max_on_cuda_without_cuda_scatter_kernels_is_refused(monkeypatch):
     model_mod.check_model_device(ModelConfig(aggr="max"), cuda)
     monkeypatch.setattr(model_mod, "torch_scatter_runs_on", lambda device: True)  # CUDA kernels
     model_mod.check_model_device(ModelConfig(aggr="max"), cuda)
+
+
+def _rerated(graph: RatingGraph, seed: int) -> RatingGraph:
+    """``graph`` with the same edges and other ratings (every bucket still present)."""
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(seed)
+    return dataclasses.replace(graph, rating=torch.randint(1, 11, graph.rating.shape, generator=gen) / 2)
+
+
+@pytest.mark.parametrize("mode", ["none", "relation"])
+def test_the_rating_reaches_the_messages_only_with_rating_relations(tiny_shards, mode):
+    """Two graphs identical but for their ratings: a model with rating relations embeds them
+    differently, one without embeds them identically (its messages ignore the rating)."""
+    g = RatingGraph.from_shards(tiny_shards)
+    torch.manual_seed(0)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
+                        ModelConfig(hidden=8, rating_messages=mode)).eval()
+    a = model.encode_all(g.hetero_data())
+    b = model.encode_all(_rerated(g, 1).hetero_data())
+    for key in a:
+        assert torch.equal(a[key], b[key]) == (mode == "none"), key
+
+
+def test_rating_relations_need_each_edges_rating():
+    import pyarrow as pa
+
+    g = RatingGraph(user_keys=pa.array([0, 1]), movie_keys=pa.array([0]), movie_x=torch.ones(1, 4),
+                    src=torch.tensor([0, 1]), dst=torch.tensor([0, 0]), rating=torch.tensor([1.0, 5.0]),
+                    timestamp=torch.zeros(2, dtype=torch.long))
+    model = Recommender(2, 1, 4, ModelConfig(hidden=4, rating_messages="relation")).eval()
+    data = g.hetero_data()
+    del data[RATES].rating
+    with pytest.raises(ValueError, match="rating_messages 'relation' needs each edge's 'rating'"):
+        model.encode_all(data)
+    with pytest.raises(ValueError, match="'rating_messages' needs to be 'none' or 'relation' \\(got 'weight'\\)"):
+        ModelConfig(rating_messages="weight")
+
+
+def test_a_config_saved_before_rating_messages_existed_loads_without_them():
+    from scalable_rec.config import RunConfig
+
+    saved = RunConfig(model=ModelConfig(rating_messages="relation")).to_json()
+    del saved["model"]["rating_messages"]
+    assert RunConfig.from_json(saved).model.rating_messages == "none"

@@ -29,14 +29,15 @@ def test_markdown_reports_mean_std_and_range_per_method(quality):
 
 
 def test_ablation_table_shows_the_validation_recall_that_selected_each_run(quality):
-    runs = [{"seed": 0, "recall@10": 0.15, "ndcg@10": 0.14, "rmse": 0.87, "best_val_recall@10": 0.16}]
+    runs = [{"seed": 0, "recall@10": 0.15, "ndcg@10": 0.14, "rmse": 0.87, "best_val_recall@10": 0.16,
+             "best_val_rmse": 0.88}]
     result = _result({quality.MODEL: [{"seed": 0, "recall@10": 0.2, "ndcg@10": 0.2, "rmse": 0.86,
-                                       "best_val_recall@10": 0.19}]},
+                                       "best_val_recall@10": 0.19, "best_val_rmse": 0.87}]},
                      ablation=[{"name": "no-x", "what": "without x", "runs": runs}])
     table = quality.markdown(result)
-    assert "| val Recall@10 (best.pt) | Recall@10 |" in table
-    assert "| no-x | without x | 0.1600 ± 0.0000 (0.1600–0.1600) | 0.1500 ± 0.0000" in table
-    assert "| default | the package's defaults (rows above) | 0.1900 ± 0.0000 (0.1900–0.1900) | 0.2000" in table
+    assert "| val Recall@10 (best.pt) | val RMSE (best.pt) | Recall@10 |" in table
+    assert "| no-x | without x | 0.1600 ± 0.0000 (0.1600–0.1600) | 0.8800 ± 0.0000 (0.8800–0.8800) | 0.1500" in table
+    assert "| default | the package's defaults (rows above) | 0.1900 ± 0.0000 (0.1900–0.1900) | 0.8700" in table
 
 
 def test_combine_merges_parts_and_refuses_a_seed_twice(quality):

@@ -47,11 +47,13 @@ def _new_edges(graph: RatingGraph, seed: int, n: int = 8, new_users: int = 2):
     first_new = graph.num_users + seed * 10  # unique per call: grows with earlier calls' users
     src = torch.cat([src, torch.arange(new_users).repeat_interleave(2) + first_new])
     dst = torch.randint(0, graph.num_movies, (src.numel(),), generator=gen)
-    return src, dst, torch.full((src.numel(),), 4.0), torch.zeros(src.numel(), dtype=torch.long)
+    rating = torch.randint(1, 11, (src.numel(),), generator=gen) / 2  # every rating bucket
+    return src, dst, rating, torch.zeros(src.numel(), dtype=torch.long)
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-@pytest.mark.parametrize("head", [dict(retrieval_head=True), dict(retrieval_head=False), dict(retrieval_ids=False)])
+@pytest.mark.parametrize("head", [dict(retrieval_head=True), dict(retrieval_head=False), dict(retrieval_ids=False),
+                                  dict(rating_messages="relation")])
 def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
     model = _model(sparse_graph, num_layers=num_layers, **head)
     z = model.encode_all(sparse_graph.hetero_data())
@@ -62,7 +64,8 @@ def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
 @pytest.mark.parametrize("head", [dict(decoder="dot"), dict(decoder="dot", retrieval_head=False),
-                                  dict(decoder="mlp", retrieval_head=False), dict(decoder="dot", retrieval_ids=False)])
+                                  dict(decoder="mlp", retrieval_head=False), dict(decoder="dot", retrieval_ids=False),
+                                  dict(decoder="dot", rating_messages="relation")])
 @pytest.mark.parametrize("margin", [0, 10])
 def test_exact_refresh_equals_full_rescore(sparse_graph, num_layers, head, margin):
     """Three successive refreshes (new users included); after each, every user's top-k
@@ -290,17 +293,20 @@ def test_refresh_into_arango_replaces_exactly_the_refreshed_users(trained_run, t
     assert all({r[-1] for r in after[u]} == {report["written"]["run_id"]} for u in changed)
 
 
-def test_bounded_incremental_mean_matches_full_aggregate_at_layer_one(sparse_graph):
+@pytest.mark.parametrize("rating_messages", ["none", "relation"])
+def test_bounded_incremental_mean_matches_full_aggregate_at_layer_one(sparse_graph, rating_messages):
     """Layer-1 inputs of existing nodes do not change, so the incremental mean update of
-    the endpoints' first-layer aggregates must equal a full recomputation."""
+    the endpoints' first-layer aggregates (one per rating relation) must equal a full
+    recomputation."""
     from scalable_rec.score.incremental import Encoded, bounded_update
 
-    model = _model(sparse_graph, num_layers=2)
+    model = _model(sparse_graph, num_layers=2, rating_messages=rating_messages)
     state = initial_state(model, sparse_graph, K, 10, 1, "sha")
-    src, dst, _, _ = _new_edges(sparse_graph, 0, new_users=2)
-    extra = {"src": src, "dst": dst, "rating": torch.ones(src.numel()), "timestamp": src * 0}
+    src, dst, rating, _ = _new_edges(sparse_graph, 0, new_users=2)
+    extra = {"src": src, "dst": dst, "rating": rating, "timestamp": src * 0}
     edges = edge_list(sparse_graph, extra, 2)
-    enc = bounded_update(model, edges, sparse_graph.movie_x, Encoded(state.layers, state.aggs, state.degree), src, dst)
+    enc = bounded_update(model, edges, sparse_graph.movie_x, Encoded(state.layers, state.aggs, state.degree), src, dst,
+                         rating)
     full = encode_layers(model, edges, sparse_graph.movie_x)
     for t, rows in (("user", src.unique()), ("movie", dst.unique())):
         torch.testing.assert_close(enc.aggs[0][t][rows], full.aggs[0][t][rows], rtol=1e-5, atol=1e-6)

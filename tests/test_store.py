@@ -58,10 +58,12 @@ def test_sampled_subgraphs_use_only_training_edges_with_the_fanout(tiny):
         assert batch[USER].x.shape == (batch[USER].num_nodes, 0)  # users: zero-width features
 
 
-def test_training_through_the_stores_equals_training_on_hetero_data(tiny, tmp_path):
+@pytest.mark.parametrize("rating_messages", ["none", "relation"])
+def test_training_through_the_stores_equals_training_on_hetero_data(tiny, tmp_path, rating_messages):
     g, split, index = tiny
     cfg = TrainConfig(epochs=2, batch_size=64, num_neighbors=[-1, -1], progress=False, num_workers=0)
-    model_cfg = ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0)  # masks follow node order
+    model_cfg = ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0,  # masks follow node order
+                            rating_messages=rating_messages)
     a = train(g, split, model_cfg, cfg, tmp_path / "memory")
     b = train(g, split, model_cfg, cfg, tmp_path / "stores",
               data=open_stores(index, "train"))

@@ -72,15 +72,20 @@ class RatingGraph:
 
         The reverse relation ``movie -rev_rates-> user`` is added so users receive
         messages too. Users carry no features: the model looks up ``n_id`` in an
-        embedding table.
+        embedding table. Both relations carry each edge's ``rating`` (one tensor, shared:
+        the reverse edges are in the same order), which loaders gather per sampled edge and
+        rating-aware message passing reads.
         """
         src, dst = (self.src, self.dst) if edge_ids is None else (self.src[edge_ids], self.dst[edge_ids])
+        rating = self.rating if edge_ids is None else self.rating[edge_ids]
         data = HeteroData()
         data[USER].num_nodes = self.num_users
         data[MOVIE].num_nodes = self.num_movies
         data[MOVIE].x = self.movie_x
         data[RATES].edge_index = torch.stack([src, dst])
         data[REV_RATES].edge_index = torch.stack([dst, src])
+        data[RATES].rating = rating
+        data[REV_RATES].rating = rating
         return data
 
 

@@ -15,7 +15,9 @@ for test evaluation; ``all``: scoring) there are two compressed indexes:
   ``movie -rev_rates-> user`` (each user's movies, i.e. the CSR of ``rates``),
 
 both sorted stably by destination, so neighbours keep edge order as in PyG's own
-``sort_csc``. ``edges/*`` hold all rating edges in shard order, ``split/*`` the edge ids
+``sort_csc``, and beside each ``<subset>/<rel>_rating`` ``[edges]``: the rating of the edge at
+each CSC position (sampled batches carry CSC positions as ``e_id``; rating-aware message
+passing reads the rating there). ``edges/*`` hold all rating edges in shard order, ``split/*`` the edge ids
 of each split, ``movie_x`` the movie feature matrix.
 """
 from __future__ import annotations
@@ -43,7 +45,7 @@ from scalable_rec.atomic import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1  # bump when the layout of the index files changes
+INDEX_VERSION = 2  # bump when the layout of the index files changes
 SUBSETS = ("train", "seen", "all")
 META_NAME = "meta.json"
 
@@ -57,10 +59,13 @@ def index_key(shards: GraphShards, split: SplitConfig, features: FeatureConfig) 
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def _csc(src: np.ndarray, dst: np.ndarray, num_dst: int, out_row: np.ndarray) -> np.ndarray:
-    """Writes ``src`` ordered stably by ``dst`` into ``out_row``; returns ``colptr``."""
+def _csc(src: np.ndarray, dst: np.ndarray, num_dst: int, out_row: np.ndarray, rating: np.ndarray,
+         out_rating: np.ndarray) -> np.ndarray:
+    """Writes ``src`` and ``rating`` ordered stably by ``dst`` into ``out_row`` and
+    ``out_rating``; returns ``colptr``."""
     order = np.argsort(dst, kind="stable")
     np.take(src, order, out=out_row)
+    np.take(rating, order, out=out_rating)
     colptr = np.zeros(num_dst + 1, dtype=np.int64)
     np.cumsum(np.bincount(dst, minlength=num_dst), out=colptr[1:])
     return colptr
@@ -128,20 +133,21 @@ def _build(shards: GraphShards, split: SplitConfig, features: FeatureConfig, roo
                             ("edges/timestamp", graph.timestamp), ("split/train", parts.train),
                             ("split/val", parts.val), ("split/test", parts.test), ("movie_x", graph.movie_x)):
             w.put(name, value.numpy())
-        src, dst = graph.src.numpy(), graph.dst.numpy()
+        src, dst, rating = graph.src.numpy(), graph.dst.numpy(), graph.rating.numpy()
         subsets = {"train": parts.train.numpy(), "seen": np.sort(np.concatenate([parts.train.numpy(), parts.val.numpy()])),
                    "all": None}
         counts = {}
         for subset, ids in subsets.items():
-            s, d = (src, dst) if ids is None else (src[ids], dst[ids])
+            s, d, r = (src, dst, rating) if ids is None else (src[ids], dst[ids], rating[ids])
             counts[subset] = int(s.size)
-            row = w.empty(f"{subset}/rates_row", np.int64, (s.size,))
-            w.put(f"{subset}/rates_colptr", _csc(s, d, graph.num_movies, row))
-            row.flush()
-            rev = w.empty(f"{subset}/rev_rates_row", np.int64, (s.size,))
-            w.put(f"{subset}/rev_rates_colptr", _csc(d, s, graph.num_users, rev))
-            rev.flush()
-            del row, rev, s, d
+            for rel, a, b, num_dst in (("rates", s, d, graph.num_movies), ("rev_rates", d, s, graph.num_users)):
+                row = w.empty(f"{subset}/{rel}_row", np.int64, (s.size,))
+                row_rating = w.empty(f"{subset}/{rel}_rating", np.float32, (s.size,))
+                w.put(f"{subset}/{rel}_colptr", _csc(a, b, num_dst, row, r, row_rating))
+                row.flush()
+                row_rating.flush()
+                del row, row_rating
+            del s, d, r
         w.finish()
         write_json_atomic(tmp / META_NAME, {
             "version": INDEX_VERSION, "shards": str(shards.directory.resolve()),
@@ -234,6 +240,13 @@ class GraphIndex:
             raise ValueError(f"'subset' needs to be one of {list(SUBSETS)} (got {subset!r})")
         return {rel: (self.tensor(f"{subset}/{rel}_row"), self.tensor(f"{subset}/{rel}_colptr"))
                 for rel in ("rates", "rev_rates")}
+
+    def csc_rating(self, subset: str) -> dict[str, torch.Tensor]:
+        """``{"rates": rating, "rev_rates": rating}``: each edge's rating at its position in
+        ``csc(subset)``."""
+        if subset not in SUBSETS:
+            raise ValueError(f"'subset' needs to be one of {list(SUBSETS)} (got {subset!r})")
+        return {rel: self.tensor(f"{subset}/{rel}_rating") for rel in ("rates", "rev_rates")}
 
     def split(self) -> EdgeSplit:
         return EdgeSplit(train=self.tensor("split/train"), val=self.tensor("split/val"),

@@ -121,15 +121,24 @@ def open_stores(index: GraphIndex, subset: str) -> tuple[MappedFeatureStore, Map
 
     ``subset``: ``train`` (training message passing), ``seen`` (train + validation) or
     ``all``. Users have no features; a zero-width ``x`` (no bytes) makes them a node type
-    the sampler sees.
+    the sampler sees. Each edge type's ratings in CSC order are in the feature store as
+    ``(edge type, "rating")`` (``edge_ratings``): PyG's loaders gather no edge attributes
+    from a store pair, so batches look them up by their ``e_id``.
     """
     features, graph = MappedFeatureStore(), MappedGraphStore()
     features.put_tensor(index.tensor("movie_x"), group_name=MOVIE, attr_name="x", index=None)
     features.put_tensor(torch.empty(index.num_users, 0), group_name=USER, attr_name="x", index=None)
     csc = index.csc(subset)
+    ratings = index.csc_rating(subset)
     sizes = {RATES: (index.num_users, index.num_movies), REV_RATES: (index.num_movies, index.num_users)}
     for edge_type in (RATES, REV_RATES):
         row, colptr = csc[edge_type[1]]
         graph.put_edge_index((row, colptr), edge_type=edge_type, layout="csc", size=sizes[edge_type],
                              is_sorted=True)
+        features.put_tensor(ratings[edge_type[1]], group_name=edge_type, attr_name="rating", index=None)
     return features, graph
+
+
+def edge_ratings(feature_store: FeatureStore) -> dict[tuple[str, str, str], Tensor]:
+    """The ratings ``open_stores`` put in ``feature_store``, by edge type, in CSC order."""
+    return {et: feature_store.get_tensor(et, "rating", index=None) for et in (RATES, REV_RATES)}

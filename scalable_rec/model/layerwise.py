@@ -6,6 +6,8 @@ layer runs over destination nodes in batches with their *full* neighbourhood, re
 contiguous slice of the memory-mapped CSC index, so a step needs the previous layer's
 embeddings and one batch's neighbourhood; with ``spill_dir`` the per-layer embeddings are
 memory-mapped files too. The result equals ``encode_all`` up to float summation order.
+With rating relations (``ModelConfig.rating_messages``) a batch's CSC slice is split by
+the ratings stored beside it (``store.edge_ratings``) into one adjacency per relation.
 """
 from __future__ import annotations
 
@@ -21,19 +23,25 @@ from torch import Tensor
 from torch_geometric.data import FeatureStore, GraphStore
 
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
+from scalable_rec.graph.relations import split_csc
+from scalable_rec.graph.store import edge_ratings
 from scalable_rec.model.recommender import sparse_adjacency
 
 # Destination type → the edge type whose messages it receives (one each in this model).
 INCOMING = {MOVIE: RATES, USER: REV_RATES}
 
 
-def _adjacency(colptr: Tensor, row: Tensor, start: int, stop: int, num_src: int, device: torch.device,
-               aggr: str):
+def _adjacency(edge_type, colptr: Tensor, row: Tensor, rating: Tensor | None, start: int, stop: int, num_src: int,
+               device: torch.device, aggr: str) -> dict:
     """Sparse ``[stop - start, num_src]`` adjacency of destinations ``start:stop`` on ``device``
-    (the same kind ``model.encode_all`` builds)."""
+    (the same kind ``model.encode_all`` builds) by edge type: ``edge_type`` itself, or with
+    ``rating`` (rating relations) one per relation, split from this slice alone."""
     ptr = colptr[start:stop + 1]
     lo, hi = int(ptr[0]), int(ptr[-1])
-    return sparse_adjacency(ptr - lo, row[lo:hi], num_src, device, aggr)
+    if rating is None:
+        return {edge_type: sparse_adjacency(ptr - lo, row[lo:hi], num_src, device, aggr)}
+    parts = split_csc(edge_type, ptr - lo, row[lo:hi], rating[lo:hi])
+    return {et: sparse_adjacency(p, r, num_src, device, aggr) for et, (p, r) in parts.items()}
 
 
 class _Buffers:
@@ -59,7 +67,8 @@ def encode_layerwise(model, feature_store: FeatureStore, graph_store: GraphStore
     Args:
         model: A ``Recommender`` (its device is used for the compute; tables stay on CPU).
         feature_store: Holds ``movie.x`` (e.g. ``scalable_rec.graph.store.open_stores``).
-        graph_store: Holds the CSC of ``rates`` and ``rev_rates`` with their sizes.
+        graph_store: Holds the CSC of ``rates`` and ``rev_rates`` with their sizes (and
+            ``feature_store`` their ratings, for a model with rating relations).
         batch_size: Destination nodes per step.
         spill_dir: Write each layer's embeddings to memory-mapped files in a fresh
             directory under this one; the names are removed on return (the returned
@@ -80,6 +89,7 @@ def encode_layerwise(model, feature_store: FeatureStore, graph_store: GraphStore
     missing = [et for et in INCOMING.values() if et not in row]
     if missing:
         raise ValueError(f"'graph_store' needs CSC edges of {missing} (got {list(row)})")
+    ratings = edge_ratings(feature_store) if enc.rating_messages == "relation" else {}
     work = Path(tempfile.mkdtemp(prefix="layerwise-", dir=spill_dir)) if spill_dir is not None else None
     buffers = _Buffers(work)
     hidden = enc.user_emb.embedding_dim
@@ -105,12 +115,15 @@ def encode_layerwise(model, feature_store: FeatureStore, graph_store: GraphStore
             out = {}
             for dst, edge_type in INCOMING.items():
                 src = edge_type[0]
-                conv = hetero_conv.convs[edge_type]  # PyG's ModuleDict takes edge-type tuples
                 x_src = x[src].to(device)
                 out[dst] = buffers.new(num[dst], hidden)
                 for a, b in batches(num[dst]):
-                    adj = _adjacency(colptr[edge_type], row[edge_type], a, b, num[src], device, enc.aggr)
-                    h = conv((x_src, x[dst][a:b].to(device)), adj)
+                    adj = _adjacency(edge_type, colptr[edge_type], row[edge_type], ratings.get(edge_type), a, b,
+                                     num[src], device, enc.aggr)
+                    x_dst = x[dst][a:b].to(device)
+                    # PyG's ModuleDict takes edge-type tuples; relations sum as HeteroConv sums them
+                    hs = [hetero_conv.convs[et]((x_src, x_dst), adj[et]) for et in adj]
+                    h = hs[0] if len(hs) == 1 else torch.stack(hs).sum(0)
                     if i < len(enc.convs) - 1:
                         h = F.relu(h)  # dropout is the identity in inference
                     out[dst][a:b] = h.float().cpu()

@@ -23,6 +23,7 @@ from torch_geometric.nn import HeteroConv, SAGEConv
 
 from scalable_rec.errors import ConfigError
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
+from scalable_rec.graph.relations import message_types, split_coo
 
 # Full-graph encoding goes through torch.sparse CSR (via torch-sparse); torch labels it
 # beta on every call, which is noise for users of a stable code path.
@@ -148,6 +149,9 @@ class ModelConfig:
             L2-normalised in training and scoring); 0 ranks by the raw dot product.
         retrieval_bias: Give every movie a learned ranking bias, added to each of its ranking
             scores (one more dimension of the ranking vectors).
+        rating_messages: How an edge's rating reaches its messages: ``none`` (the neighbour's
+            state alone) or ``relation`` (one relation each way per rating bucket: below 3,
+            3 to 3.5, 4 and up, each with its own SAGEConv weights); see docs/rating.md.
     """
 
     hidden: int = 128
@@ -161,6 +165,7 @@ class ModelConfig:
     movie_id_dropout: float = 0.2
     retrieval_temperature: float = 0.15
     retrieval_bias: bool = True
+    rating_messages: Literal["none", "relation"] = "none"
 
     def __post_init__(self) -> None:
         problems = []
@@ -180,6 +185,8 @@ class ModelConfig:
             problems.append(f"'movie_id_dropout' needs to be in [0, 1) (got {self.movie_id_dropout})")
         if self.retrieval_temperature < 0:
             problems.append(f"'retrieval_temperature' needs to be non-negative (got {self.retrieval_temperature})")
+        if self.rating_messages not in ("none", "relation"):
+            problems.append(f"'rating_messages' needs to be 'none' or 'relation' (got {self.rating_messages!r})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -216,9 +223,10 @@ class HeteroSAGEEncoder(nn.Module):
         self.user_emb = nn.Embedding(num_users, h)
         self.movie_emb = nn.Embedding(num_movies, h)
         self.movie_lin = nn.Linear(movie_dim, h)
+        self.rating_messages = cfg.rating_messages
         self.convs = nn.ModuleList(
-            HeteroConv({RATES: SAGEConv((h, h), h, aggr=cfg.aggr),
-                        REV_RATES: SAGEConv((h, h), h, aggr=cfg.aggr)}, aggr="sum")
+            HeteroConv({et: SAGEConv((h, h), h, aggr=cfg.aggr) for et in message_types(cfg.rating_messages)},
+                       aggr="sum")
             for _ in range(cfg.num_layers)
         )
         self.dropout = cfg.dropout
@@ -543,10 +551,20 @@ class Recommender(nn.Module):
 
     def _adjacency(self, data, device: torch.device, kind: str | None = None) -> dict:
         """Each edge type of ``data`` as the adjacency its SAGEConv aggregates over on
-        ``device``, of ``kind`` (default: ``adjacency_kind``)."""
-        return {et: edge_adjacency(data[et].edge_index, data[et[0]].num_nodes, data[et[2]].num_nodes,
-                                   self.encoder.aggr, kind, device)
-                for et in (RATES, REV_RATES)}
+        ``device``, of ``kind`` (default: ``adjacency_kind``). With rating relations each
+        edge type is split by its edges' ``rating`` first (every relation present, an
+        empty one included: no SAGEConv sits unused in a step)."""
+        edges = {}
+        for et in (RATES, REV_RATES):
+            if self.encoder.rating_messages == "relation":
+                if "rating" not in data[et]:
+                    raise ValueError(f"rating_messages 'relation' needs each edge's 'rating' on {et} "
+                                     "(RatingGraph.hetero_data and the batch loaders attach it)")
+                edges.update(split_coo(et, data[et].edge_index, data[et].rating))
+            else:
+                edges[et] = data[et].edge_index
+        return {et: edge_adjacency(ei, data[et[0]].num_nodes, data[et[2]].num_nodes, self.encoder.aggr, kind, device)
+                for et, ei in edges.items()}
 
     def _guard(self, like: Tensor):
         """The heads read the encoder's output: in fp32 too when it is an unbounded sum."""

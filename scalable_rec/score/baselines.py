@@ -2,10 +2,12 @@
 
 Each top-K baseline returns a ``ScoreFn`` (user ids → ``[users, movies]`` scores) for
 ``ranking_metrics``, so a baseline is ranked, masked and measured exactly like the
-package's model. They fit on a binary user × movie matrix of the ratings they are given
-(every rating counts as an interaction; which interactions are *relevant* only matters
-for evaluation, as for the model). ``tune_on_validation`` picks a hyper-parameter by
-validation Recall@k, after which the caller refits on train + validation and tests.
+package's model. They fit on a binary user × movie matrix of the ratings they are given:
+every rating, or (``relevant_edges``) only those the metrics call relevant, which makes
+EASE and item-kNN stronger on MovieLens (a 1-star rating is no vote for the movie). All
+seen ratings stay masked from the ranking either way. ``tune_on_validation`` picks a
+hyper-parameter by validation Recall@k, after which the caller refits on train +
+validation and tests.
 
 - ``ease``: EASE (Steck 2019), ``B = I - P / diag(P)`` with ``P = (XᵀX + λI)⁻¹``.
 - ``implicit_als``: the ``implicit`` package's ALS (Hu, Koren, Volinsky 2008).
@@ -35,6 +37,12 @@ def interaction_matrix(src: Tensor, dst: Tensor, num_users: int, num_movies: int
     x = sp.csr_matrix((ones, (src.numpy(), dst.numpy())), shape=(num_users, num_movies))
     x.data[:] = 1.0  # a pair rated twice is still one interaction
     return x
+
+
+def relevant_edges(src: Tensor, dst: Tensor, rating: Tensor, relevant_min: float) -> tuple[Tensor, Tensor]:
+    """The ``(src, dst)`` pairs whose rating is at least ``relevant_min``."""
+    keep = rating >= relevant_min
+    return src[keep], dst[keep]
 
 
 def _rows_fn(scores_of: Callable[[np.ndarray], np.ndarray]) -> ScoreFn:
@@ -118,9 +126,12 @@ def evaluate_fn(score_fn: ScoreFn, seen_src: Tensor, seen_dst: Tensor, rel_src: 
 
 
 def tune_on_validation(fit: Fit, grid: list[Any], train: tuple[Tensor, Tensor], val_rel: tuple[Tensor, Tensor],
-                       num_users: int, num_movies: int, k: int = 10) -> tuple[Any, dict[Any, float]]:
-    """The grid value with the best validation Recall@k (fit on training edges only)."""
-    x = interaction_matrix(*train, num_users, num_movies)
+                       num_users: int, num_movies: int, k: int = 10,
+                       fit_on: tuple[Tensor, Tensor] | None = None) -> tuple[Any, dict[Any, float]]:
+    """The grid value with the best validation Recall@k (fit on training edges only:
+    ``fit_on``, a subset of ``train`` such as ``relevant_edges``, default all of ``train``;
+    all of ``train`` is masked)."""
+    x = interaction_matrix(*(train if fit_on is None else fit_on), num_users, num_movies)
     recalls = {}
     for value in grid:
         metrics = evaluate_fn(fit(x, value), *train, *val_rel, num_users, num_movies, k)

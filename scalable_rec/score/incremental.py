@@ -17,6 +17,11 @@ away (approximate).
 The per-row aggregation uses the same sparse CSR ``spmm`` as ``Recommender.encode_all``,
 over rows taken from the same sorted adjacency, so a row's sum runs in the same order as
 in a full encode.
+
+With rating relations (``ModelConfig.rating_messages``) a node type receives one
+aggregate per relation: ``aggs`` then hold them side by side (``[n, relations × hidden]``)
+and ``degree`` one in-degree per relation (``[n, relations]``), so the cached state keeps
+one row per node either way.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from torch_geometric.utils import spmm
 from torch_sparse import SparseTensor
 
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
+from scalable_rec.graph.relations import BUCKETS, bucket_of, incoming, message_types, parse
 from scalable_rec.model.recommender import Recommender
 
 NodeSets = dict[str, Tensor]
@@ -48,12 +54,24 @@ class EdgeList:
     num_movies: int
     extra_src: Tensor | None = None
     extra_dst: Tensor | None = None
+    base_rating: Tensor | None = None  # needed by rating relations only
+    extra_rating: Tensor | None = None
 
     def parts(self) -> list[tuple[Tensor, Tensor]]:
         out = [(self.base_src, self.base_dst)]
         if self.extra_src is not None and self.extra_src.numel():
             out.append((self.extra_src, self.extra_dst))
         return out
+
+    @cached_property
+    def bucket(self) -> Tensor:
+        """Every edge's rating bucket, in ``src``/``dst`` order."""
+        if self.base_rating is None:
+            raise ValueError("rating relations need the edges' ratings ('base_rating' and 'extra_rating')")
+        rating = self.base_rating
+        if self.extra_src is not None and self.extra_src.numel():
+            rating = torch.cat([rating, self.extra_rating.to(rating.dtype)])
+        return bucket_of(rating)
 
     @cached_property
     def _all(self) -> tuple[Tensor, Tensor]:
@@ -71,12 +89,17 @@ class EdgeList:
         return self._all[1]
 
     def _rows(self, edge_type: tuple[str, str, str], rows: Tensor | None) -> SparseTensor:
-        """Adjacency ``[len(rows), num_src]`` for destination ``rows`` of ``edge_type``
-        (all destinations when ``None``), sorted by (row, col) as ``ToSparseTensor`` sorts."""
-        if edge_type == RATES:
+        """Adjacency ``[len(rows), num_src]`` for destination ``rows`` of ``edge_type`` (a
+        rating relation: its bucket's edges only; all destinations when ``None``), sorted
+        by (row, col) as ``ToSparseTensor`` sorts."""
+        base, bucket = parse(edge_type)
+        if base == RATES:
             dst, src, n_dst, n_src = self.dst, self.src, self.num_movies, self.num_users
         else:
             dst, src, n_dst, n_src = self.src, self.dst, self.num_users, self.num_movies
+        if bucket is not None:
+            same = self.bucket == bucket
+            dst, src = dst[same], src[same]
         if rows is None:
             return SparseTensor(row=dst, col=src, sparse_sizes=(n_dst, n_src))
         local = torch.full((n_dst,), -1, dtype=torch.long)
@@ -117,29 +140,37 @@ def _inputs(model: Recommender, edges: EdgeList, movie_x: Tensor) -> dict[str, T
 
 def _check_supported(model: Recommender) -> None:
     """The layer is evaluated from its parts (aggregate, ``lin_l``, ``lin_r``): only the
-    SAGEConv options the encoder uses are reproduced, and one relation per node type."""
+    SAGEConv options the encoder uses are reproduced."""
     for hetero in model.encoder.convs:
-        dst_types = [et[2] for et in hetero.convs]
-        assert len(set(dst_types)) == len(dst_types), "one relation per destination type"
+        assert [et for et, _ in hetero.convs.items()] == message_types(model.encoder.rating_messages)
         for conv in hetero.convs.values():
             assert isinstance(conv.aggr, str) and not conv.project and not conv.normalize and conv.root_weight
 
 
+def _incoming(model: Recommender) -> dict[str, list[tuple[str, str, str]]]:
+    return incoming(model.encoder.rating_messages)
+
+
 def _combine(model: Recommender, i: int, agg: dict[str, Tensor], x_dst: dict[str, Tensor]) -> dict[str, Tensor]:
     """``lin_l(aggregate) + lin_r(own state)`` per destination type (SAGEConv's forward),
-    then ReLU between layers (dropout is off in eval)."""
-    out = {}
-    for (_, _, d), conv in model.encoder.convs[i].convs.items():
-        out[d] = conv.lin_l(agg[d]) + conv.lin_r(x_dst[d].float())
+    summed over the relations it receives as HeteroConv sums them, then ReLU between
+    layers (dropout is off in eval)."""
+    convs, out = model.encoder.convs[i].convs, {}
+    for d, types in _incoming(model).items():
+        parts = agg[d].chunk(len(types), dim=1)
+        outs = [convs[et].lin_l(a) + convs[et].lin_r(x_dst[d].float()) for et, a in zip(types, parts)]
+        out[d] = outs[0] if len(outs) == 1 else torch.stack(outs).sum(0)
     if i < len(model.encoder.convs) - 1:
         out = {k: F.relu(v) for k, v in out.items()}
     return out
 
 
 def _aggregate(model: Recommender, i: int, prev: dict[str, Tensor], adj: dict) -> dict[str, Tensor]:
-    """Neighbour aggregation of layer ``i`` per destination type, as SAGEConv computes it."""
-    return {d: spmm(adj[(s, r, d)], prev[s].float(), reduce=conv.aggr)
-            for (s, r, d), conv in model.encoder.convs[i].convs.items()}
+    """Neighbour aggregation of layer ``i`` per destination type, as SAGEConv computes it
+    (one per relation it receives, side by side)."""
+    convs = model.encoder.convs[i].convs
+    return {d: torch.cat([spmm(adj[et], prev[et[0]].float(), reduce=convs[et].aggr) for et in types], dim=1)
+            for d, types in _incoming(model).items()}
 
 
 def _finish(model: Recommender, z: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -162,9 +193,22 @@ class Encoded:
     degree: dict[str, Tensor]
 
 
-def degrees(edges: EdgeList) -> dict[str, Tensor]:
-    return {USER: torch.bincount(edges.src, minlength=edges.num_users),
-            MOVIE: torch.bincount(edges.dst, minlength=edges.num_movies)}
+def degrees(edges: EdgeList, relations: bool = False) -> dict[str, Tensor]:
+    """In-degree per node type; with ``relations`` one column per rating bucket."""
+    if not relations:
+        return {USER: torch.bincount(edges.src, minlength=edges.num_users),
+                MOVIE: torch.bincount(edges.dst, minlength=edges.num_movies)}
+    return {t: _bucket_counts(index, edges.bucket, n)
+            for t, index, n in ((USER, edges.src, edges.num_users), (MOVIE, edges.dst, edges.num_movies))}
+
+
+def _bucket_counts(index: Tensor, bucket: Tensor, n: int) -> Tensor:
+    """``[n, buckets]``: per node, how many of its ``index`` entries fall in each bucket."""
+    return torch.bincount(index * len(BUCKETS) + bucket, minlength=n * len(BUCKETS)).view(n, len(BUCKETS))
+
+
+def _relations(model: Recommender) -> bool:
+    return model.encoder.rating_messages == "relation"
 
 
 @torch.no_grad()
@@ -172,7 +216,7 @@ def encode_layers(model: Recommender, edges: EdgeList, movie_x: Tensor) -> Encod
     """Every layer's output and aggregate for every node. Matches ``Recommender.encode_all``."""
     model.eval()
     _check_supported(model)
-    adj = {et: edges._rows(et, None) for et in (RATES, REV_RATES)}
+    adj = {et: edges._rows(et, None) for et in message_types(model.encoder.rating_messages)}
     x = _inputs(model, edges, movie_x)
     layers, aggs = [], []
     for i in range(len(model.encoder.convs)):
@@ -181,7 +225,7 @@ def encode_layers(model: Recommender, edges: EdgeList, movie_x: Tensor) -> Encod
         layers.append(x)
         aggs.append(agg)
     _finish(model, layers[-1])
-    return Encoded(layers, aggs, degrees(edges))
+    return Encoded(layers, aggs, degrees(edges, _relations(model)))
 
 
 def _project_rows(model: Recommender, cached: dict[str, Tensor], last: dict[str, Tensor], rows: NodeSets) -> None:
@@ -212,7 +256,7 @@ def recompute(model: Recommender, edges: EdgeList, movie_x: Tensor, cached: Enco
     x = _inputs(model, edges, movie_x)
     layers, aggs = [], []
     for i, rows in enumerate(sets):
-        adj = {et: edges._rows(et, rows[et[2]]) for et in (RATES, REV_RATES)}
+        adj = {et: edges._rows(et, rows[et[2]]) for et in message_types(model.encoder.rating_messages)}
         part_agg = _aggregate(model, i, x, adj)
         part = _combine(model, i, part_agg, {t: x[t][rows[t]] for t in (USER, MOVIE)})
         new, agg = _grown_all(cached.layers[i], edges), _grown_all(cached.aggs[i], edges)
@@ -222,12 +266,12 @@ def recompute(model: Recommender, edges: EdgeList, movie_x: Tensor, cached: Enco
         aggs.append(agg)
         x = new
     _project_rows(model, cached.layers[-1], layers[-1], sets[-1])
-    return Encoded(layers, aggs, degrees(edges))
+    return Encoded(layers, aggs, degrees(edges, _relations(model)))
 
 
 @torch.no_grad()
 def bounded_update(model: Recommender, edges: EdgeList, movie_x: Tensor, cached: Encoded, src: Tensor,
-                   dst: Tensor) -> Encoded:
+                   dst: Tensor, rating: Tensor | None = None) -> Encoded:
     """Approximate update for new edges ``(src, dst)``: only their endpoints are
     re-encoded, with mean aggregates updated incrementally,
 
@@ -236,15 +280,25 @@ def bounded_update(model: Recommender, edges: EdgeList, movie_x: Tensor, cached:
     in O(new edges) instead of O(all edges of the endpoints). Contributions of
     neighbours whose state changed (other endpoints) stay as cached: that, and not
     refreshing anything beyond the endpoints, is the drift from ``recompute``.
-    Mean aggregation only.
+    Mean aggregation only. With rating relations each relation's mean is updated with the
+    new edges of its bucket (``rating``: the new edges' ratings).
     """
     model.eval()
     for hetero in model.encoder.convs:
         assert all(c.aggr == "mean" for c in hetero.convs.values()), "bounded refresh needs mean aggregation"
     rows = {USER: torch.unique(src), MOVIE: torch.unique(dst)}
     old_deg = {t: _grown(cached.degree[t], edges.num_users if t == USER else edges.num_movies) for t in (USER, MOVIE)}
-    new_deg = {USER: old_deg[USER] + torch.bincount(src, minlength=edges.num_users),
-               MOVIE: old_deg[MOVIE] + torch.bincount(dst, minlength=edges.num_movies)}
+    if _relations(model):
+        if rating is None:
+            raise ValueError("a model with rating relations needs the new edges' 'rating' for a bounded refresh")
+        bucket = bucket_of(rating)
+        new_deg = {USER: old_deg[USER] + _bucket_counts(src, bucket, edges.num_users),
+                   MOVIE: old_deg[MOVIE] + _bucket_counts(dst, bucket, edges.num_movies)}
+    else:
+        bucket = torch.zeros_like(src)
+        new_deg = {USER: old_deg[USER] + torch.bincount(src, minlength=edges.num_users),
+                   MOVIE: old_deg[MOVIE] + torch.bincount(dst, minlength=edges.num_movies)}
+    n_rel = len(BUCKETS) if _relations(model) else 1
     # Layer-0 inputs are needed only at the endpoints (the new messages' sources and the
     # re-encoded rows), so the movie-feature projection runs on those rows alone.
     h = cached.layers[0][USER].size(1)
@@ -257,10 +311,13 @@ def bounded_update(model: Recommender, edges: EdgeList, movie_x: Tensor, cached:
         new, agg = _grown_all(cached.layers[i], edges), _grown_all(cached.aggs[i], edges)
         part_agg = {}
         for t, other, index, own in ((MOVIE, USER, src, dst), (USER, MOVIE, dst, src)):
-            total = agg[t][rows[t]] * old_deg[t][rows[t], None]
+            # [rows, relations, hidden]: one mean per relation (one relation without buckets)
+            old = old_deg[t][rows[t]].view(-1, n_rel, 1)
+            total = agg[t][rows[t]].view(-1, n_rel, h) * old
             pos = torch.searchsorted(rows[t], own)
-            total.index_add_(0, pos, x[other][index].float())
-            part_agg[t] = total / new_deg[t][rows[t], None]
+            total.view(-1, h).index_add_(0, pos * n_rel + bucket, x[other][index].float())
+            # a relation without any edge of the row keeps its mean at 0, as SAGEConv's
+            part_agg[t] = (total / new_deg[t][rows[t]].view(-1, n_rel, 1).clamp(min=1)).view(-1, n_rel * h)
         part = _combine(model, i, part_agg, {t: x[t][rows[t]] for t in (USER, MOVIE)})
         for t in (USER, MOVIE):
             new[t][rows[t]], agg[t][rows[t]] = part[t], part_agg[t]

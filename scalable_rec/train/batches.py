@@ -13,6 +13,7 @@ from torch_geometric.loader import LinkNeighborLoader
 from torch_geometric.sampler import EdgeSamplerInput
 
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
+from scalable_rec.graph.store import edge_ratings
 from scalable_rec.train.config import TrainConfig
 from scalable_rec.dist import DistEnv, EdgeEpochSampler
 from scalable_rec.train.losses import rating_class_table, rating_classes
@@ -50,8 +51,40 @@ class ExcludeTargets:
             ei = store.edge_index
             keep = ~torch.isin((users[ei[ui]] << 32) | movies[ei[mi]], targets)
             store.edge_index = ei[:, keep]
-            if "e_id" in store:
-                store.e_id = store.e_id[keep]
+            for key in ("e_id", "rating"):  # per-edge attributes follow their edges
+                if key in store:
+                    store[key] = store[key][keep]
+        return data
+
+
+class AttachRatings:
+    """Loader transform for the mapped store pair: each sampled edge's ``rating``, looked up
+    at its ``e_id`` (its CSC position) in the ratings ``open_stores`` put beside the CSC.
+    (From ``HeteroData`` the loader gathers ``rating`` itself, as every edge attribute.)
+
+    Args:
+        ratings: Per edge type, the rating of every CSC position (``store.edge_ratings``).
+    """
+
+    def __init__(self, ratings: dict[tuple[str, str, str], Tensor]) -> None:
+        self.ratings = ratings
+
+    def __call__(self, data):
+        for edge_type, rating in self.ratings.items():
+            store = data[edge_type]
+            store.rating = rating[store.e_id].float()
+        return data
+
+
+class Compose:
+    """Loader transforms applied in order."""
+
+    def __init__(self, *transforms) -> None:
+        self.transforms = [t for t in transforms if t is not None]
+
+    def __call__(self, data):
+        for transform in self.transforms:
+            data = transform(data)
         return data
 
 
@@ -133,6 +166,8 @@ def make_loader(data, edges: SupervisionEdges, cfg: TrainConfig, batch_size: int
     Batch labels are ``[b, 2]``: rating and sample weight. ``world_size - 1`` zero-weight
     pads follow the real edges so that every rank gets the same number of batches. With
     ``exclude_targets`` each batch's targets leave its subgraph (``ExcludeTargets``).
+    From the mapped store pair every sampled edge gets its ``rating`` (``AttachRatings``),
+    as ``HeteroData``'s loader gathers it.
     """
     n = edges.num_edges
     pad = env.world_size - 1  # enough for any remainder the sampler deals (also a re-dealt resume)
@@ -155,7 +190,8 @@ def make_loader(data, edges: SupervisionEdges, cfg: TrainConfig, batch_size: int
         data, num_neighbors=cfg.num_neighbors, edge_label_index=(RATES, torch.stack([placeholder.row,
                                                                                      placeholder.col])),
         edge_label=placeholder.label, batch_size=batch_size,
-        transform=ExcludeTargets(n) if exclude_targets else None,
+        transform=Compose(AttachRatings(edge_ratings(data[0])) if isinstance(data, tuple) else None,
+                          ExcludeTargets(n) if exclude_targets else None),
     )
     link.input_data = edges
     loader = DataLoader(
