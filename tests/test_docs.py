@@ -15,7 +15,7 @@ BLOCKS = ("quality", "scale", "arango-export")
 
 # docs/ pages written on parallel branches of the same change; linked already. Once a page
 # exists, the test below fails until it is taken off this set, so the set only shrinks.
-PENDING = {"docs/arango.md", "docs/failures.md", "docs/gpu.md", "docs/rating.md", "docs/support.md"}
+PENDING: set[str] = set()  # pages other documents may link to before they exist
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
