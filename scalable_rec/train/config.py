@@ -105,6 +105,10 @@ class TrainConfig:
             few epochs and then rise again).
         precision: ``fp32``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA, with GradScaler).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        sampler: Neighbour sampler: ``pyg`` (PyG's ``LinkNeighborLoader`` over pyg-lib or
+            torch-sparse, on the CPU), ``torch`` (``scalable_rec.train.sampler``: plain torch
+            on the training device, CUDA or CPU) or ``auto`` (``torch`` on a CUDA device the
+            graph fits, ``pyg`` otherwise; docs/gpu.md "GPU sampler").
         num_workers: Sampler worker processes per rank; ``-1`` picks 0 on CPU (the
             sampler competes with the model for the same cores) and up to 4 on CUDA.
         seed: Seed of model init, shuffling and neighbour sampling.
@@ -148,6 +152,7 @@ class TrainConfig:
     patience: int = 6
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"
+    sampler: Literal["auto", "pyg", "torch"] = "auto"
     num_workers: int = -1
     seed: int = 0
     steps_per_epoch: int | None = None
@@ -205,6 +210,8 @@ class TrainConfig:
                             f"(got {self.supervision!r})")
         if not 0.0 < self.disjoint_ratio < 1.0:
             problems.append(f"'disjoint_ratio' needs to be in (0, 1) (got {self.disjoint_ratio})")
+        if self.sampler not in ("auto", "pyg", "torch"):
+            problems.append(f"'sampler' needs to be 'auto', 'pyg' or 'torch' (got {self.sampler!r})")
         if self.optimizer not in ("adamw", "adam"):
             problems.append(f"'optimizer' needs to be 'adamw' or 'adam' (got {self.optimizer!r})")
         if self.table_optimizer not in ("auto", "adamw", "rowwise_adagrad"):
