@@ -15,6 +15,8 @@ from scalable_rec.train.sampler import DRAW_FROM, TorchNeighborSampler, device_s
 from quick_train import quick_cfg
 
 CPU = torch.device("cpu")
+# The sampler's checks run on every device present; CUDA ones are skipped with a reason here.
+DEVICES = [pytest.param(CPU, id="cpu"), pytest.param(torch.device("cuda"), id="cuda", marks=pytest.mark.cuda)]
 NUM_USERS, NUM_MOVIES = 70, 50
 
 
@@ -42,12 +44,15 @@ def edges_of(data: HeteroData) -> SupervisionEdges:
     return SupervisionEdges(src, dst, torch.full((src.numel(),), 4.0), torch.arange(src.numel()))
 
 
-def torch_loader(data, num_neighbors, seed=0, exclude=True, batch_size=16, world=1, rank=0):
+def torch_loader(data, num_neighbors, seed=0, exclude=True, batch_size=16, device=CPU):
+    """The training loader with the torch sampler on ``device``; its batches on the CPU."""
     cfg = TrainConfig(sampler="torch", num_neighbors=num_neighbors, seed=seed, progress=False)
-    loader, epochs = make_loader(data, edges_of(data), cfg, batch_size, DistEnv(rank, rank, world), shuffle=True,
-                                 device=CPU, exclude_targets=exclude)
+    loader, epochs = make_loader(data, edges_of(data), cfg, batch_size, DistEnv(), shuffle=True, device=device,
+                                 exclude_targets=exclude)
     epochs.set_epoch(0)
-    return loader
+    for batch in loader:
+        assert batch[MOVIE].n_id.device.type == device.type and batch[MOVIE].x.device.type == device.type
+        yield batch.to(CPU)
 
 
 def pairs(batch, et) -> torch.Tensor:
@@ -64,11 +69,12 @@ def graph_keys(data) -> torch.Tensor:
     return src * NUM_MOVIES + dst
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_neighbors", [[3, 2], [20, 5], [-1, 4]])
-def test_every_sampled_edge_exists_and_its_e_id_is_that_edge(num_neighbors):
+def test_every_sampled_edge_exists_and_its_e_id_is_that_edge(num_neighbors, device):
     data = hub_graph()
     keys = graph_keys(data)
-    for batch in torch_loader(data, num_neighbors):
+    for batch in torch_loader(data, num_neighbors, device=device):
         for et in (RATES, REV_RATES):
             got = pairs(batch, et)
             assert torch.isin(got, keys).all()
@@ -101,15 +107,16 @@ def test_every_sampled_edge_exists_over_the_mapped_index(tiny_shards, tmp_path):
     assert n > 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_neighbors", [[3, 2], [20, 5], [4, -1]])
-def test_fanout_is_each_frontier_nodes_allowed_degree_capped_per_hop_and_edge_type(num_neighbors):
+def test_fanout_is_each_frontier_nodes_allowed_degree_capped_per_hop_and_edge_type(num_neighbors, device):
     """Per hop and edge type, each node added by the hop before gets exactly
     min(fanout, neighbours that are not this batch's targets) in-edges: never more, and
     not fewer (a hub whose draws fell short must still be filled)."""
     data = hub_graph()
     keys = graph_keys(data)
     src_all, dst_all = data[RATES].edge_index
-    for batch in torch_loader(data, num_neighbors):
+    for batch in torch_loader(data, num_neighbors, device=device):
         lab = batch[RATES]
         u, m = lab.edge_label_index
         targets = batch[USER].n_id[u] * NUM_MOVIES + batch[MOVIE].n_id[m]
@@ -135,21 +142,22 @@ def test_fanout_is_each_frontier_nodes_allowed_degree_capped_per_hop_and_edge_ty
             assert at == dst_local.numel()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [20, 5], ids=["sorted", "drawn"])
-def test_each_neighbour_of_a_hub_is_drawn_equally_often(k):
+def test_each_neighbour_of_a_hub_is_drawn_equally_often(k, device):
     """Movie 0's 70 users: a batch of one target (user 3, movie 0) draws k of the other
     69, with 2,000 batches' counts uniform within a chi-square test (p > 0.001); the target
     user never. k 20 sorts the whole range (70 ≤ DRAW_FROM × 20), k 5 draws (70 > 20)."""
     assert (NUM_USERS <= DRAW_FROM * k) == (k == 20)
     data = hub_graph()
-    _, graph, perm = device_stores(data, CPU)
+    _, graph, perm = device_stores(data, device)
     sampler = TorchNeighborSampler(graph, [k], seed=7, exclude_targets=True, edge_permutation=perm)
     counts = torch.zeros(NUM_USERS, dtype=torch.long)
     trials = 2000
     for t in range(trials):
         out = sampler.sample_from_edges(EdgeSamplerInput(
             input_id=torch.tensor([t]), row=torch.tensor([3]), col=torch.tensor([0]), label=None, input_type=RATES))
-        users = out.node[USER][out.row[RATES]]
+        users = out.node[USER][out.row[RATES]].cpu()
         assert users.unique().numel() == k
         counts += torch.bincount(users, minlength=NUM_USERS)
     assert counts[3] == 0
@@ -158,11 +166,12 @@ def test_each_neighbour_of_a_hub_is_drawn_equally_often(k):
     assert chisquare(others.numpy()).pvalue > 1e-3
 
 
-def test_no_target_pair_nor_its_reverse_is_in_its_own_subgraph():
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_target_pair_nor_its_reverse_is_in_its_own_subgraph(device):
     data = hub_graph()
     seen_targets = 0
     for exclude in (True, False):
-        for batch in torch_loader(data, [10, 10], exclude=exclude):
+        for batch in torch_loader(data, [10, 10], exclude=exclude, device=device):
             u, m = batch[RATES].edge_label_index
             targets = batch[USER].n_id[u] * NUM_MOVIES + batch[MOVIE].n_id[m]
             for et in (RATES, REV_RATES):
@@ -193,14 +202,17 @@ def _batches(loader):
             for b in loader]
 
 
-def test_same_seed_same_batches_other_seed_other_batches():
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_batches_other_seed_other_batches(device):
     data = hub_graph()
-    first, again = _batches(torch_loader(data, [3, 2], seed=1)), _batches(torch_loader(data, [3, 2], seed=1))
+    first = _batches(torch_loader(data, [3, 2], seed=1, device=device))
+    again = _batches(torch_loader(data, [3, 2], seed=1, device=device))
+    assert len(first) == len(again) > 1
     assert all(torch.equal(x, y) for a, b in zip(first, again) for x, y in zip(a, b))
-    other = _batches(torch_loader(data, [3, 2], seed=2))
+    other = _batches(torch_loader(data, [3, 2], seed=2, device=device))
     assert any(not torch.equal(x, y) for a, b in zip(first, other) for x, y in zip(a, b))
     # the sampler alone (the same input edges): another seed draws other neighbours
-    _, graph, perm = device_stores(data, CPU)
+    _, graph, perm = device_stores(data, device)
     inputs = EdgeSamplerInput(input_id=torch.arange(8), row=torch.arange(8), col=torch.zeros(8, dtype=torch.long),
                               label=None, input_type=RATES)
     draw = [TorchNeighborSampler(graph, [3, 2], seed=s, edge_permutation=perm).sample_from_edges(inputs)
@@ -283,3 +295,13 @@ def test_sampler_refuses_what_it_does_not_do():
                               input_type=RATES)
     with pytest.raises(ValueError, match="draws no negatives"):
         sampler.sample_from_edges(inputs, neg_sampling=NegativeSampling("binary"))
+
+
+@pytest.mark.cuda
+def test_auto_picks_the_torch_sampler_on_cuda_and_trains_there(tiny, tmp_path):
+    g, split = tiny
+    assert resolve_sampler("auto", g.hetero_data(split.train), torch.device("cuda")) == "torch"
+    result = train(g, split, ModelConfig(hidden=16), quick_cfg(device="cuda", batch_size=64, max_steps=3, epochs=1),
+                   tmp_path / "run")
+    assert result.global_step == 3
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
