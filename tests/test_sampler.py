@@ -2,7 +2,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 from torch_geometric.data import HeteroData
-from torch_geometric.sampler import EdgeSamplerInput, NegativeSampling
+from torch_geometric.sampler import EdgeSamplerInput, NegativeSampling, NodeSamplerInput
 
 from scalable_rec.graph import MOVIE, RATES, REV_RATES, USER, RatingGraph, SplitConfig, split_edges
 from scalable_rec.graph.index import GraphIndex, build_index
@@ -305,3 +305,17 @@ def test_auto_picks_the_torch_sampler_on_cuda_and_trains_there(tiny, tmp_path):
                    tmp_path / "run")
     assert result.global_step == 3
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_node_seeds_come_first_and_every_hop_counts_per_edge_type():
+    """Seeds of one type (no frontier of the other at hop 0): every edge type still has
+    one count per hop, and the counts add up to its edges."""
+    _, graph, perm = device_stores(hub_graph(), CPU)
+    sampler = TorchNeighborSampler(graph, [3, 2], edge_permutation=perm)
+    seeds = torch.tensor([5, 0, 7])
+    out = sampler.sample_from_nodes(NodeSamplerInput(input_id=torch.arange(3), node=seeds, input_type=MOVIE))
+    assert torch.equal(out.node[MOVIE][:3], seeds)
+    for et in (RATES, REV_RATES):
+        assert len(out.num_sampled_edges[et]) == 2
+        assert sum(out.num_sampled_edges[et]) == out.row[et].numel() == out.col[et].numel()
+    assert out.num_sampled_edges[REV_RATES][0] == 0 and out.num_sampled_edges[RATES][0] > 0

@@ -218,39 +218,37 @@ class TorchNeighborSampler(BaseSampler):
         offset = {nt: 0 for nt in node}  # local id of each frontier's first node
         rows, cols, edges = ({et: [] for et in self.edge_types} for _ in range(3))
         sampled_nodes = {nt: [ids.numel()] for nt, ids in node.items()}
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
         try:
             for hop in range(self.num_hops):
                 found = []
                 for et in self.edge_types:
                     f = frontier[et[2]]
-                    if f.numel() == 0:
-                        continue
-                    which, pos = self._draw(et, f, self.num_neighbors[et][hop], input_type, targets)
+                    which, pos = (self._draw(et, f, self.num_neighbors[et][hop], input_type, targets)
+                                  if f.numel() else (empty, empty))
                     found.append((et, self.csc[et][0][pos], which + offset[et[2]], pos))
                 for nt in node:
                     cand = [src for et, src, _, _ in found if et[0] == nt]
-                    cand = torch.cat(cand) if cand else node[nt][:0]
+                    cand = torch.cat(cand) if cand else empty
                     fresh = cand[self._local[nt][cand] < 0].unique()
                     offset[nt] = node[nt].numel()
-                    self._local[nt][fresh] = torch.arange(offset[nt], offset[nt] + fresh.numel(), device=self.device)
                     node[nt] = torch.cat([node[nt], fresh])
+                    self._local[nt][fresh] = torch.arange(offset[nt], node[nt].numel(), device=self.device)
                     frontier[nt] = fresh
                     sampled_nodes[nt].append(fresh.numel())
-                for et, src, dst_local, pos in found:
+                for et, src, dst_local, pos in found:  # one entry per hop and edge type
                     rows[et].append(self._local[et[0]][src])
                     cols[et].append(dst_local)
                     edges[et].append(pos)
         finally:
             for nt, ids in node.items():
                 self._local[nt][ids] = -1
-        empty = torch.empty(0, dtype=torch.long, device=self.device)
-        cat = {et: None for et in self.edge_types}
-        row = {et: torch.cat(rows[et]) if rows[et] else empty for et in cat}
         return HeteroSamplerOutput(
-            node=node, row=row, col={et: torch.cat(cols[et]) if cols[et] else empty for et in cat},
-            edge={et: torch.cat(edges[et]) if edges[et] else empty for et in cat},
+            node=node, row={et: torch.cat(rows[et]) for et in self.edge_types},
+            col={et: torch.cat(cols[et]) for et in self.edge_types},
+            edge={et: torch.cat(edges[et]) for et in self.edge_types},
             num_sampled_nodes=sampled_nodes,
-            num_sampled_edges={et: [c.numel() for c in cols[et]] for et in cat})
+            num_sampled_edges={et: [c.numel() for c in cols[et]] for et in self.edge_types})
 
     def _draw(self, et: EdgeType, frontier: Tensor, k: int, input_type: EdgeType, targets: Tensor | None
               ) -> tuple[Tensor, Tensor]:
