@@ -10,7 +10,7 @@ from scalable_rec.graph.store import open_stores
 from scalable_rec.train import ModelConfig, TrainConfig, train
 from scalable_rec.train.batches import SupervisionEdges, make_loader, resolve_sampler
 from scalable_rec.train.distributed import DistEnv
-from scalable_rec.train.sampler import DRAW_FROM, TorchNeighborSampler, device_stores
+from scalable_rec.train.sampler import DRAW_FROM, TorchNeighborSampler, device_stores, sampler_bytes
 
 from quick_train import quick_cfg
 
@@ -319,3 +319,15 @@ def test_node_seeds_come_first_and_every_hop_counts_per_edge_type():
         assert len(out.num_sampled_edges[et]) == 2
         assert sum(out.num_sampled_edges[et]) == out.row[et].numel() == out.col[et].numel()
     assert out.num_sampled_edges[REV_RATES][0] == 0 and out.num_sampled_edges[RATES][0] > 0
+
+
+def test_auto_takes_the_torch_sampler_on_cuda_only_where_the_graph_fits_half_the_free_memory(monkeypatch):
+    data = hub_graph()
+    need = sampler_bytes(data)
+    # the graph: CSC + permutation of both directions, movie features, one id-map entry per node
+    edges = data[RATES].edge_index.size(1)
+    assert need >= 2 * 2 * 8 * edges + data[MOVIE].x.nbytes + 8 * (NUM_USERS + NUM_MOVIES)
+    cuda = torch.device("cuda", 0)
+    for free, kind in ((2 * need, "torch"), (2 * need - 2, "pyg")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 4 * need))
+        assert resolve_sampler("auto", data, cuda) == kind
