@@ -3,6 +3,7 @@ and the torch sampler beside PyG's (torch-sparse) on the same batches.
 
     scripts/bench.sh -k sampling
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_sampling.py --out benchmarks/reference/sampler-cpu.json
+    PYTHONPATH=. python benchmarks/bench_sampling.py --device cuda --out sampler-cuda.json  # on a GPU host
 
 Reference: ``LinkNeighborLoader`` with default settings (shuffle, no custom sampler,
 default batch size 1) is what a first PyG script uses; ours is the same sampler behind an
@@ -70,17 +71,19 @@ def test_sampling_pyg_defaults(benchmark, graph, batch_size):
     benchmark.extra_info.update(batch_size=batch_size, seeds_per_s=seeds / benchmark.stats.stats.median)
 
 
-def compare_samplers(g: RatingGraph, split, batches: int, rounds: int, cfg: TrainConfig) -> dict:
-    """Sampled edges/s of the training loader with ``sampler`` ``pyg`` and ``torch`` over
-    the same ``batches`` input batches (epoch 0's order), targets excluded as in training;
-    ``rounds`` timed rounds after one warm-up, alternating between the two."""
+def compare_samplers(g: RatingGraph, split, batches: int, rounds: int, cfg: TrainConfig,
+                     device: torch.device = torch.device("cpu")) -> dict:
+    """Sampled edges/s of the training loader with ``sampler`` ``pyg`` (on the CPU) and
+    ``torch`` (on ``device``) over the same ``batches`` input batches (epoch 0's order),
+    targets excluded as in training; ``rounds`` timed rounds after one warm-up,
+    alternating between the two."""
     edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)
     data = g.hetero_data(split.train)
     loaders, out = {}, {}
     for kind in ("pyg", "torch"):
         t0 = time.perf_counter()
         loaders[kind] = make_loader(data, edges, TrainConfig(**{**vars(cfg), "sampler": kind}), cfg.batch_size,
-                                    DistEnv(), shuffle=True, device=torch.device("cpu"), exclude_targets=True)
+                                    DistEnv(), shuffle=True, device=device, exclude_targets=True)
         out[kind] = {"setup_s": time.perf_counter() - t0, "seconds": []}
     epochs = loaders["pyg"][1]
     epochs.set_epoch(0)
@@ -95,6 +98,7 @@ def compare_samplers(g: RatingGraph, split, batches: int, rounds: int, cfg: Trai
             for batch in itertools.islice(loader, batches):
                 sampled += batch[RATES].edge_index.size(1) + batch[REV_RATES].edge_index.size(1)
                 seeds += batch[RATES].edge_label_index.size(1)
+            _sync(device)
             t1 = time.perf_counter()
             # the sampler alone (BaseSampler.sample_from_edges) on the same input batches
             sampler = loader.collate_fn.link_sampler
@@ -102,6 +106,7 @@ def compare_samplers(g: RatingGraph, split, batches: int, rounds: int, cfg: Trai
             for batch_input in inputs:
                 sample = sampler.sample_from_edges(batch_input)
                 sampler_edges += sum(row.numel() for row in sample.row.values())
+            _sync(device)
             t2 = time.perf_counter()
             if r:  # round 0 warms up
                 out[kind]["seconds"].append(t1 - t0)
@@ -116,6 +121,11 @@ def compare_samplers(g: RatingGraph, split, batches: int, rounds: int, cfg: Trai
     return out
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main(argv=None) -> int:
     from conftest import EDGES, cached_shards, synthetic_for_edges
 
@@ -123,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--edges", type=int, default=EDGES, help="synthetic rating edges (default: the suite's)")
     p.add_argument("--batches", type=int, default=MAX_BATCHES, help="batches per round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per sampler (median kept)")
+    p.add_argument("--device", default="cpu", help="where the torch sampler runs (cpu or cuda); PyG's samples on the CPU")
     p.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -130,7 +141,8 @@ def main(argv=None) -> int:
     g = RatingGraph.from_shards(shards)
     split = split_edges(g, SplitConfig())
     cfg = TrainConfig(progress=False)
-    rows = compare_samplers(g, split, args.batches, args.rounds, cfg)
+    device = torch.device(args.device)
+    rows = compare_samplers(g, split, args.batches, args.rounds, cfg, device)
     if rows["pyg"]["sampled_edges"] <= 0 or rows["torch"]["sampled_edges"] <= 0:
         raise SystemExit("a sampler sampled no edges")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -143,6 +155,7 @@ def main(argv=None) -> int:
                    "batches": args.batches, "rounds": args.rounds},
         "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "torch_sampler_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "load_average": os.getloadavg(), "commit": commit or "unknown", "torch": torch.__version__,
         "pyg_backend": "pyg-lib" if WITH_PYG_LIB else "torch-sparse", "samplers": rows,
         "ratio_sampled_edges_per_s": rows["torch"]["sampled_edges_per_s"] / rows["pyg"]["sampled_edges_per_s"],
