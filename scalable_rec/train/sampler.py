@@ -23,7 +23,6 @@ across runs, resumes and worker counts.
 """
 from __future__ import annotations
 
-import logging
 from typing import Union
 
 import torch
@@ -34,8 +33,6 @@ from torch_geometric.sampler import (BaseSampler, EdgeSamplerInput, HeteroSample
 from torch_geometric.typing import EdgeType, NodeType
 
 from scalable_rec.graph.store import MappedFeatureStore, MappedGraphStore
-
-log = logging.getLogger(__name__)
 
 DRAW_FROM = 4  # a node with more than DRAW_FROM × fanout neighbours is drawn from, not sorted
 _MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constant (as int64) for the batch seed
