@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         "then reused; EASE's inverse is minutes on a busy 2-core machine)")
     p.add_argument("--refit", action="store_true",
                    help="after each seed's default run, refit it on train + val for the epochs validation chose")
+    p.add_argument("--sampler", choices=["auto", "pyg", "torch"], default=None,
+                   help="neighbour sampler of every model run (TrainConfig.sampler; default: the config's)")
     p.add_argument("--ablation", nargs="*", default=None,
                    help="also run these ablation rows (no names: all)")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
@@ -263,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base = RunConfig()
     base.data.data, base.data.workdir, base.data.shards = args.data, args.workdir, args.shards
+    if args.sampler is not None:
+        base.train.sampler = args.sampler
     shards = prepare(base)
     graph = RatingGraph.from_shards(shards, base.features)
     threshold = base.train.relevant_min

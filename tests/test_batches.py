@@ -52,9 +52,10 @@ def test_supervision_edges_refuse_mismatched_arrays(tiny):
         SupervisionEdges(g.src, g.dst, g.rating, split.train[:0])
 
 
+@pytest.mark.parametrize("sampler", ["pyg", "torch"])
 @pytest.mark.parametrize("exclude_targets", [False, True])
 @pytest.mark.parametrize("backend", ["memory", "store"])
-def test_every_sampled_edge_carries_its_own_rating(tiny, tiny_shards, tmp_path, backend, exclude_targets):
+def test_every_sampled_edge_carries_its_own_rating(tiny, tiny_shards, tmp_path, backend, exclude_targets, sampler):
     """In both directions, each sampled message edge's ``rating`` is the graph's rating of
     its (user, movie) pair: gathered by the loader from ``HeteroData``, looked up at the
     CSC position ``e_id`` from the mapped store pair; target exclusion drops it with its edge."""
@@ -71,8 +72,8 @@ def test_every_sampled_edge_carries_its_own_rating(tiny, tiny_shards, tmp_path, 
         data = g.hetero_data(split.train)
     truth = {(u, m): r for u, m, r in zip(g.src.tolist(), g.dst.tolist(), g.rating.tolist())}
     edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)
-    loader, _ = make_loader(data, edges, TrainConfig(num_neighbors=[3, 2], progress=False), 32, DistEnv(),
-                            shuffle=True, device=torch.device("cpu"), exclude_targets=exclude_targets)
+    loader, _ = make_loader(data, edges, TrainConfig(num_neighbors=[3, 2], progress=False, sampler=sampler), 32,
+                            DistEnv(), shuffle=True, device=torch.device("cpu"), exclude_targets=exclude_targets)
     checked = 0
     for batch in loader:
         for edge_type, (ui, mi) in ((RATES, (0, 1)), (REV_RATES, (1, 0))):

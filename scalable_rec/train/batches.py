@@ -1,15 +1,16 @@
 """Supervision batches: which training edges supervise and which pass messages, and the
-``LinkNeighborLoader`` over a rank's slice of them with each batch's targets excluded
-from its own subgraph."""
+loader over a rank's slice of them (PyG's ``LinkNeighborLoader`` or the torch sampler under
+PyG's ``LinkLoader``) with each batch's targets excluded from its own subgraph."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torch_geometric.data import HeteroData
-from torch_geometric.loader import LinkNeighborLoader
+from torch_geometric.loader import LinkLoader, LinkNeighborLoader
 from torch_geometric.sampler import EdgeSamplerInput
 
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
@@ -17,11 +18,17 @@ from scalable_rec.graph.store import edge_ratings
 from scalable_rec.train.config import TrainConfig
 from scalable_rec.dist import DistEnv, EdgeEpochSampler
 from scalable_rec.train.losses import rating_class_table, rating_classes
+from scalable_rec.train.sampler import TorchNeighborSampler, device_stores, sampler_bytes
 from scalable_rec.train.workers import check_shm_room, loader_workers, shared_bytes
+
+log = logging.getLogger(__name__)
 
 # Edges per chunk when a statistic is gathered over all supervision edges: the gathered
 # copies stay this small instead of one private copy of every supervision edge per rank.
 STATS_CHUNK = 1 << 20
+# Share of a CUDA device's free memory the torch sampler's graph may take under 'auto':
+# the rest is left to the model, its optimiser state and a step's activations.
+AUTO_DEVICE_SHARE = 0.5
 
 
 class ExcludeTargets:
@@ -161,18 +168,25 @@ def supervision_stats(edges: SupervisionEdges, num_movies: int) -> dict[str, Ten
 def make_loader(data, edges: SupervisionEdges, cfg: TrainConfig, batch_size: int, env: DistEnv, shuffle: bool,
                 device: torch.device, generator: torch.Generator | None = None, exclude_targets: bool = False):
     """Mini-batches of this rank's slice of the supervision ``edges``, each with its
-    ``LinkNeighborLoader`` subgraph; returns ``(loader, sampler)``.
+    sampled subgraph (``cfg.sampler``: PyG's ``LinkNeighborLoader`` or the torch
+    ``TorchNeighborSampler`` under PyG's ``LinkLoader``); returns ``(loader, sampler)``.
 
     Batch labels are ``[b, 2]``: rating and sample weight. ``world_size - 1`` zero-weight
     pads follow the real edges so that every rank gets the same number of batches. With
-    ``exclude_targets`` each batch's targets leave its subgraph (``ExcludeTargets``).
-    From the mapped store pair every sampled edge gets its ``rating`` (``AttachRatings``),
-    as ``HeteroData``'s loader gathers it.
+    ``exclude_targets`` each batch's targets leave its subgraph (``ExcludeTargets``, or the
+    torch sampler never draws them). Every sampled edge gets its ``rating``: PyG's loader
+    gathers it from ``HeteroData``, ``AttachRatings`` looks it up at its ``e_id`` elsewhere.
     """
     n = edges.num_edges
     pad = env.world_size - 1  # enough for any remainder the sampler deals (also a re-dealt resume)
     sampler = EdgeEpochSampler(n, env.rank, env.world_size, cfg.seed, shuffle=shuffle)
+    kind = resolve_sampler(cfg.sampler, data, device)
     workers = loader_workers(cfg.num_workers, device, env)
+    if kind == "torch" and device.type != "cpu":
+        if workers:
+            log.info("sampler: the torch sampler samples on %s in the training process (num_workers %d unused)",
+                     device, workers)
+        workers = 0  # CUDA tensors cannot be sampled in forked workers
     if workers > 0 and isinstance(data, HeteroData):
         # Worker processes then map the same pages instead of each holding a copy
         # (a (feature_store, graph_store) pair is file-mapped already).
@@ -186,20 +200,46 @@ def make_loader(data, edges: SupervisionEdges, cfg: TrainConfig, batch_size: int
     # built from one placeholder edge, because LinkLoader copies every ``edge_label_index``
     # row it is given into an ``EdgeSamplerInput``.
     placeholder = edges[torch.zeros(1, dtype=torch.long)]
-    link = LinkNeighborLoader(
-        data, num_neighbors=cfg.num_neighbors, edge_label_index=(RATES, torch.stack([placeholder.row,
-                                                                                     placeholder.col])),
-        edge_label=placeholder.label, batch_size=batch_size,
-        transform=Compose(AttachRatings(edge_ratings(data[0])) if isinstance(data, tuple) else None,
-                          ExcludeTargets(n) if exclude_targets else None),
-    )
+    label_index = (RATES, torch.stack([placeholder.row, placeholder.col]))
+    if kind == "torch":
+        features, graph, perm = device_stores(data, device)
+        ratings = (edge_ratings(features) if isinstance(data, tuple) else
+                   {et: data[et].rating.to(device) for et in (RATES, REV_RATES) if "rating" in data[et]})
+        neighbors = TorchNeighborSampler(graph, cfg.num_neighbors, seed=cfg.seed + env.rank,
+                                         exclude_targets=exclude_targets, num_edges=n, edge_permutation=perm)
+        link = LinkLoader((features, graph), neighbors, edge_label_index=label_index, edge_label=placeholder.label,
+                          batch_size=batch_size, filter_per_worker=False,
+                          transform=AttachRatings(ratings) if ratings else None)
+    else:
+        link = LinkNeighborLoader(
+            data, num_neighbors=cfg.num_neighbors, edge_label_index=label_index,
+            edge_label=placeholder.label, batch_size=batch_size,
+            transform=Compose(AttachRatings(edge_ratings(data[0])) if isinstance(data, tuple) else None,
+                              ExcludeTargets(n) if exclude_targets else None),
+        )
     link.input_data = edges
     loader = DataLoader(
         range(n + pad), batch_size=batch_size, sampler=sampler, collate_fn=link, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, pin_memory=device.type == "cuda" and kind == "pyg",
         prefetch_factor=4 if workers > 0 else None, generator=generator,
     )
     return loader, sampler
+
+
+def resolve_sampler(choice: str, data, device: torch.device) -> str:
+    """``pyg`` or ``torch`` for ``TrainConfig.sampler`` ``choice`` on ``device``: ``auto``
+    is ``torch`` on a CUDA device where the sampler's graph (``sampler_bytes``) takes at
+    most ``AUTO_DEVICE_SHARE`` of the device's free memory, else ``pyg``."""
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "pyg"
+    need = sampler_bytes(data)
+    free, _ = torch.cuda.mem_get_info(device)
+    kind = "torch" if need <= AUTO_DEVICE_SHARE * free else "pyg"
+    log.info("sampler auto: %s (the graph takes %.0f MiB on %s, %.0f MiB free)", kind, need / 2**20, device,
+             free / 2**20)
+    return kind
 
 
 def supervision_edges(train_ids: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:

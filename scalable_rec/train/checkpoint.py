@@ -25,7 +25,7 @@ RESUMABLE_DIFFERENCES = {"epochs", "max_steps", "num_workers", "checkpoint_every
                          "patience", "run_dir", "resume", "progress", "threads", "deterministic",
                          "overwrite", "workdir", "strict", "max_skipped_share",
                          "stop_check_every", "collective_timeout_s", "val_memory_mb",
-                         "heap_mmap_threshold_kb", "device"}
+                         "heap_mmap_threshold_kb", "device", "sampler"}
 # Config groups that only say where outputs go or how to reach a server: never part of what
 # a checkpoint computed, so ``--resume`` accepts new values (``--k``, ``--sink``, ...).
 OUTPUT_GROUPS = ("score.", "sink.", "arango.", "export.", "arango_load.", "features.encode_")

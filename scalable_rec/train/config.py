@@ -67,6 +67,9 @@ class TrainConfig:
         patience: Epochs without a better ``select_metric`` before training stops.
         precision: ``fp32``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA, with GradScaler).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        sampler: Neighbour sampler: ``pyg`` (PyG's ``LinkNeighborLoader`` on the CPU), ``torch``
+            (plain torch on the training device, CUDA or CPU) or ``auto`` (``torch`` on a CUDA
+            device the graph fits, else ``pyg``); see docs/gpu.md#gpu-sampler.
         num_workers: Sampler worker processes per rank; ``-1``: 0 on CPU, on CUDA the rank's
             cores but one (``scalable_rec.train.workers``).
         seed: Seed of model initialisation, shuffling and neighbour sampling.
@@ -109,6 +112,7 @@ class TrainConfig:
     patience: int = 6
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"
+    sampler: Literal["auto", "pyg", "torch"] = "auto"
     num_workers: int = -1
     seed: int = 0
     steps_per_epoch: int | None = None
@@ -166,6 +170,8 @@ class TrainConfig:
                             f"(got {self.supervision!r})")
         if not 0.0 < self.disjoint_ratio < 1.0:
             problems.append(f"'disjoint_ratio' needs to be in (0, 1) (got {self.disjoint_ratio})")
+        if self.sampler not in ("auto", "pyg", "torch"):
+            problems.append(f"'sampler' needs to be 'auto', 'pyg' or 'torch' (got {self.sampler!r})")
         if self.optimizer not in ("adamw", "adam"):
             problems.append(f"'optimizer' needs to be 'adamw' or 'adam' (got {self.optimizer!r})")
         if self.table_optimizer not in ("auto", "adamw", "rowwise_adagrad"):
