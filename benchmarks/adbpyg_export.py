@@ -12,6 +12,7 @@ The metagraph asks for what the package's export reads: the rating and the times
 ``FOR doc IN @@col RETURN MERGE({_key: doc._key, _from: doc._from, _to: doc._to},
 KEEP(doc, [...]))`` per collection as a stream cursor and builds a ``HeteroData``.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,6 @@ from pathlib import Path
 import psutil
 from adbpyg_adapter import ADBPyG_Adapter
 from arango import ArangoClient
-
 
 MARK = "ADBPYG_RESULT "  # rich's progress bars share stdout
 
@@ -42,19 +42,29 @@ def main() -> int:
     baseline = psutil.Process().memory_info().rss
     t0, cpu0 = time.perf_counter(), time.process_time()
     client = ArangoClient(hosts=env["SCALABLE_REC_ARANGO_URL"], request_timeout=600)
-    db = client.db(env["SCALABLE_REC_ARANGO_DB"], username=env["SCALABLE_REC_ARANGO_USER"],
-                   password=env["SCALABLE_REC_ARANGO_PASSWORD"])
+    db = client.db(
+        env["SCALABLE_REC_ARANGO_DB"],
+        username=env["SCALABLE_REC_ARANGO_USER"],
+        password=env["SCALABLE_REC_ARANGO_PASSWORD"],
+    )
     adapter = ADBPyG_Adapter(db, logging_lvl=logging.WARNING)
-    metagraph = {"vertexCollections": {"Users": {}, "Movie": {}},
-                 "edgeCollections": {"Ratings": {"edge_weight": "rating", "time": "timestamp"}}}
+    metagraph = {
+        "vertexCollections": {"Users": {}, "Movie": {}},
+        "edgeCollections": {"Ratings": {"edge_weight": "rating", "time": "timestamp"}},
+    }
     data = adapter.arangodb_to_pyg("bench", metagraph, batch_size=int(env.get("ADBPYG_BATCH_SIZE", 10_000)))
     store = data["Users", "Ratings", "Movie"]
     rows = int(store.edge_index.shape[1])
     if rows != int(store.edge_weight.shape[0]) or rows != int(store.time.shape[0]):
         raise SystemExit(f"adbpyg: {rows} edges but {store.edge_weight.shape} weights, {store.time.shape} times")
-    result = {"rows": rows, "seconds": time.perf_counter() - t0, "client_cpu_s": time.process_time() - cpu0,
-              "baseline_rss_mb": baseline / (1 << 20), "peak_rss_mb": _peak_rss_mb(),
-              "adbpyg_python": sys.version.split()[0]}
+    result = {
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+        "client_cpu_s": time.process_time() - cpu0,
+        "baseline_rss_mb": baseline / (1 << 20),
+        "peak_rss_mb": _peak_rss_mb(),
+        "adbpyg_python": sys.version.split()[0],
+    }
     print("\n" + MARK + json.dumps(result))
     return 0
 

@@ -31,6 +31,7 @@ row, more than handing out the stored dict, while a real server projects in C++ 
 fewer bytes. Wall-clock rows/s against the double is therefore bounded by the double; the
 client's CPU seconds (``client_cpu_s``, main and prefetch thread) carry over to a real server.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,9 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import psutil
@@ -58,8 +60,7 @@ DATABASE = "bench"
 RESULTS: dict[str, dict] = {}
 REPORT = os.environ.get("SCALABLE_REC_BENCH_ARANGO_REPORT")
 HERE = Path(__file__).resolve().parent
-ADBPYG_VENV = Path(os.environ.get("SCALABLE_REC_ADBPYG_VENV",
-                                  Path.home() / ".cache" / "scalable-rec" / "adbpyg-venv"))
+ADBPYG_VENV = Path(os.environ.get("SCALABLE_REC_ADBPYG_VENV", Path.home() / ".cache" / "scalable-rec" / "adbpyg-venv"))
 PARTITIONS = (1, 2, 4, 8, 16)
 
 
@@ -75,7 +76,7 @@ class Server(NamedTuple):
 def _graph_size(edges: int) -> tuple[int, int]:
     """Users and movies scaled from ML-25M's shape (as ``benchmarks/conftest.py`` does)."""
     ratio = edges / 25_000_000
-    return max(100, int(162_000 * ratio ** 0.75)), max(100, int(59_000 * ratio ** 0.6))
+    return max(100, int(162_000 * ratio**0.75)), max(100, int(59_000 * ratio**0.6))
 
 
 def _fill(db, edges: int, seed: int = 0, chunk: int = 50_000) -> None:
@@ -87,15 +88,27 @@ def _fill(db, edges: int, seed: int = 0, chunk: int = 50_000) -> None:
     assert len(pairs) == edges, "graph too dense for the requested edges"
     db.create_collection("Users").import_bulk([{"_key": str(u)} for u in range(users)], batch_size=chunk)
     db.create_collection("Movie").import_bulk(
-        [{"_key": str(m), "title": f"Movie {m} ({1950 + m % 70})", "genres": ["Drama", "Comedy"][: 1 + m % 2]}
-         for m in range(movies)], batch_size=chunk)
+        [
+            {"_key": str(m), "title": f"Movie {m} ({1950 + m % 70})", "genres": ["Drama", "Comedy"][: 1 + m % 2]}
+            for m in range(movies)
+        ],
+        batch_size=chunk,
+    )
     ratings = db.create_collection("Ratings", edge=True)
     stars = rng.integers(1, 11, edges) / 2
     for i in range(0, edges, chunk):
-        ratings.import_bulk([{"_key": f"{p // movies}-{p % movies}", "_from": f"Users/{p // movies}",
-                              "_to": f"Movie/{p % movies}", "rating": float(r), "timestamp": 1_000_000_000 + j}
-                             for j, (p, r) in enumerate(zip(pairs[i:i + chunk].tolist(),
-                                                            stars[i:i + chunk].tolist()), start=i)])
+        ratings.import_bulk(
+            [
+                {
+                    "_key": f"{p // movies}-{p % movies}",
+                    "_from": f"Users/{p // movies}",
+                    "_to": f"Movie/{p % movies}",
+                    "rating": float(r),
+                    "timestamp": 1_000_000_000 + j,
+                }
+                for j, (p, r) in enumerate(zip(pairs[i : i + chunk].tolist(), stars[i : i + chunk].tolist()), start=i)
+            ]
+        )
 
 
 def _serve(conn, edges: int) -> None:
@@ -131,37 +144,59 @@ def report():
     load_before = os.getloadavg()
     yield
     if REPORT and RESULTS:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), platform.processor())
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
         env = {k: v for k, v in os.environ.items() if k.startswith("SCALABLE_REC_BENCH") or k == "OMP_NUM_THREADS"}
         if os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = os.environ["PYTHONPATH"].replace(os.getcwd(), "$PWD")
-        doc = {"edges": EDGES, "command": shlex.join(["python", "-m", "pytest", *sys.argv[1:]]), "env": env,
-               "machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-                           "load_average_before": load_before, "load_average_after": os.getloadavg()},
-               "variants": {k: v for k, v in RESULTS.items() if "client_cpu_s" in v or "skipped" in v}}
+        doc = {
+            "edges": EDGES,
+            "command": shlex.join(["python", "-m", "pytest", *sys.argv[1:]]),
+            "env": env,
+            "machine": {
+                "cpu": cpu,
+                "cores": os.cpu_count(),
+                "python": platform.python_version(),
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg(),
+            },
+            "variants": {k: v for k, v in RESULTS.items() if "client_cpu_s" in v or "skipped" in v},
+        }
         Path(REPORT).parent.mkdir(parents=True, exist_ok=True)
         Path(REPORT).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def _db(server: Server):
-    return ArangoClient(hosts=server.url, request_timeout=600).db(DATABASE, username=server.username,
-                                                                  password=server.password)
+    return ArangoClient(hosts=server.url, request_timeout=600).db(
+        DATABASE, username=server.username, password=server.password
+    )
 
 
-def _package_export(server: Server, out: str, parallelism: int, fast_json: bool, partitions: int | None = None,
-                    pause_gc: bool = True) -> int:
+def _package_export(
+    server: Server, out: str, parallelism: int, fast_json: bool, partitions: int | None = None, pause_gc: bool = True
+) -> int:
     from scalable_rec.connection import ArangoConfig, ArangoSettings, connect
     from scalable_rec.source import SkipReport
     from scalable_rec.source.arango import ArangoSource, ExportConfig
     from scalable_rec.source.arango_export import export_shards
 
-    db = connect(ArangoSettings(url=server.url, database=DATABASE, username=server.username,
-                                password=server.password, request_timeout=600), fast_json=fast_json)
+    db = connect(
+        ArangoSettings(
+            url=server.url, database=DATABASE, username=server.username, password=server.password, request_timeout=600
+        ),
+        fast_json=fast_json,
+    )
     export = ExportConfig(parallelism=parallelism, pause_gc=pause_gc)
     if partitions is not None:  # the ratings in `partitions` hash partitions (users, movies: 1)
-        export = ExportConfig(parallelism=parallelism, pause_gc=pause_gc,
-                              export_partition_rows=math.ceil(EDGES / partitions))
+        export = ExportConfig(
+            parallelism=parallelism, pause_gc=pause_gc, export_partition_rows=math.ceil(EDGES / partitions)
+        )
     source = ArangoSource(db, ArangoConfig(), export)
     manifest = export_shards(source, out, SkipReport(), progress=False)
     return manifest.edge_types["user__rates__movie"].num_rows
@@ -180,10 +215,12 @@ EXPORTS = {
 def _article_loop(server: Server, out: str) -> int:
     """The article's ``create_pyg_edges`` pattern: whole documents, a dict each, Python lists."""
     db = _db(server)
-    user_index = {d["_key"]: i for i, d in enumerate(db.aql.execute("FOR d IN @@col RETURN d",
-                                                                      bind_vars={"@col": "Users"}))}
-    movie_index = {d["_key"]: i for i, d in enumerate(db.aql.execute("FOR d IN @@col RETURN d",
-                                                                       bind_vars={"@col": "Movie"}))}
+    user_index = {
+        d["_key"]: i for i, d in enumerate(db.aql.execute("FOR d IN @@col RETURN d", bind_vars={"@col": "Users"}))
+    }
+    movie_index = {
+        d["_key"]: i for i, d in enumerate(db.aql.execute("FOR d IN @@col RETURN d", bind_vars={"@col": "Movie"}))
+    }
     src, dst, ratings = [], [], []
     for doc in db.aql.execute("FOR d IN @@col RETURN d", bind_vars={"@col": "Ratings"}):
         src.append(user_index[doc["_from"].split("/")[1]])
@@ -223,8 +260,15 @@ def _child(conn, variant: str, server, out: str) -> None:
     baseline = psutil.Process().memory_info().rss
     t0, cpu0 = time.perf_counter(), time.process_time()
     rows = EXPORTS[variant](server, out)
-    conn.send({"rows": rows, "seconds": time.perf_counter() - t0, "client_cpu_s": time.process_time() - cpu0,
-               "baseline_rss_mb": baseline / (1 << 20), "peak_rss_mb": _peak_rss_mb()})
+    conn.send(
+        {
+            "rows": rows,
+            "seconds": time.perf_counter() - t0,
+            "client_cpu_s": time.process_time() - cpu0,
+            "baseline_rss_mb": baseline / (1 << 20),
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+    )
 
 
 def _server_cpu_s(server: Server) -> float:
@@ -236,11 +280,17 @@ def _record(benchmark, variant: str, result: dict, server_cpu_s: float) -> None:
     assert result["rows"] == EDGES, (variant, result["rows"])
     result = {**result, "server_cpu_s": server_cpu_s}
     RESULTS[variant] = result
-    extra = {"edges": EDGES, "rows_per_s": result["rows"] / result["seconds"], "export_s": result["seconds"],
-             "client_cpu_s": result["client_cpu_s"], "rows_per_client_cpu_s": result["rows"] / result["client_cpu_s"],
-             "client_cpu_s_per_1m": result["client_cpu_s"] * 1e6 / result["rows"],
-             "server_cpu_s": server_cpu_s, "peak_rss_mb": result["peak_rss_mb"],
-             "peak_minus_baseline_rss_mb": result["peak_rss_mb"] - result["baseline_rss_mb"]}
+    extra = {
+        "edges": EDGES,
+        "rows_per_s": result["rows"] / result["seconds"],
+        "export_s": result["seconds"],
+        "client_cpu_s": result["client_cpu_s"],
+        "rows_per_client_cpu_s": result["rows"] / result["client_cpu_s"],
+        "client_cpu_s_per_1m": result["client_cpu_s"] * 1e6 / result["rows"],
+        "server_cpu_s": server_cpu_s,
+        "peak_rss_mb": result["peak_rss_mb"],
+        "peak_minus_baseline_rss_mb": result["peak_rss_mb"] - result["baseline_rss_mb"],
+    }
     if variant != "article_loop" and "article_loop" in RESULTS:
         extra["speedup"] = RESULTS["article_loop"]["seconds"] / result["seconds"]
         extra["client_cpu_ratio"] = RESULTS["article_loop"]["client_cpu_s"] / result["client_cpu_s"]
@@ -250,8 +300,9 @@ def _record(benchmark, variant: str, result: dict, server_cpu_s: float) -> None:
 @pytest.mark.parametrize("variant", [v for v in EXPORTS if "_p" not in v])
 def test_export_rows_per_s(benchmark, server, tmp_path, variant):
     cpu0 = _server_cpu_s(server)
-    result = benchmark.pedantic(_in_child, args=(_child, variant, server, str(tmp_path / "shards")),
-                                rounds=1, iterations=1)
+    result = benchmark.pedantic(
+        _in_child, args=(_child, variant, server, str(tmp_path / "shards")), rounds=1, iterations=1
+    )
     _record(benchmark, variant, result, _server_cpu_s(server) - cpu0)
 
 
@@ -260,16 +311,18 @@ def test_partition_scan_cost(benchmark, server, tmp_path, partitions):
     """1 worker, the ratings in ``partitions`` hash partitions: each is one server-side scan."""
     variant = f"export_1_p{partitions}"
     cpu0 = _server_cpu_s(server)
-    result = benchmark.pedantic(_in_child, args=(_child, variant, server, str(tmp_path / "shards")),
-                                rounds=1, iterations=1)
+    result = benchmark.pedantic(
+        _in_child, args=(_child, variant, server, str(tmp_path / "shards")), rounds=1, iterations=1
+    )
     _record(benchmark, variant, result, _server_cpu_s(server) - cpu0)
 
 
 def adbpyg_python() -> tuple[str | None, str]:
     """adbpyg-adapter's venv python (built by ``benchmarks/adbpyg_venv.sh`` when missing), or None and why."""
     try:
-        done = subprocess.run(["bash", str(HERE / "adbpyg_venv.sh"), str(ADBPYG_VENV)], capture_output=True,
-                              text=True, timeout=1800)
+        done = subprocess.run(
+            ["bash", str(HERE / "adbpyg_venv.sh"), str(ADBPYG_VENV)], capture_output=True, text=True, timeout=1800
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
         return None, f"building its venv failed: {err}"
     if done.returncode != 0:
@@ -283,13 +336,20 @@ def test_adbpyg_adapter_export(benchmark, server):
     if python is None:
         RESULTS["adbpyg"] = {"skipped": why}
         pytest.skip(f"adbpyg-adapter not measured: {why}")
-    env = {**os.environ, "SCALABLE_REC_ARANGO_URL": server.url, "SCALABLE_REC_ARANGO_DB": DATABASE,
-           "SCALABLE_REC_ARANGO_USER": server.username, "SCALABLE_REC_ARANGO_PASSWORD": server.password,
-           "ADBPYG_BATCH_SIZE": "10000", "PYTHONPATH": ""}
+    env = {
+        **os.environ,
+        "SCALABLE_REC_ARANGO_URL": server.url,
+        "SCALABLE_REC_ARANGO_DB": DATABASE,
+        "SCALABLE_REC_ARANGO_USER": server.username,
+        "SCALABLE_REC_ARANGO_PASSWORD": server.password,
+        "ADBPYG_BATCH_SIZE": "10000",
+        "PYTHONPATH": "",
+    }
 
     def run() -> dict:
-        done = subprocess.run([python, str(HERE / "adbpyg_export.py")], env=env, capture_output=True, text=True,
-                              timeout=3600)
+        done = subprocess.run(
+            [python, str(HERE / "adbpyg_export.py")], env=env, capture_output=True, text=True, timeout=3600
+        )
         if done.returncode != 0:
             raise AssertionError(f"adbpyg_export.py failed (exit {done.returncode}): {done.stderr[-2000:]}")
         lines = [line for line in done.stdout.splitlines() if line.startswith("ADBPYG_RESULT ")]
@@ -309,10 +369,14 @@ def _ranked_iter(n: int, k: int = 10, seed: int = 1) -> Iterator[pa.RecordBatch]
     _, movies = _graph_size(EDGES)
     for start in range(0, users, 1000):
         u = np.arange(start, min(users, start + 1000))
-        yield pa.record_batch({
-            "user_key": pa.array(np.repeat(u, k)), "movie_key": pa.array(rng.integers(0, movies, len(u) * k)),
-            "score": pa.array(rng.random(len(u) * k), pa.float32()),
-            "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), len(u)))})
+        yield pa.record_batch(
+            {
+                "user_key": pa.array(np.repeat(u, k)),
+                "movie_key": pa.array(rng.integers(0, movies, len(u) * k)),
+                "score": pa.array(rng.random(len(u) * k), pa.float32()),
+                "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), len(u))),
+            }
+        )
 
 
 def _ranked(n: int, k: int = 10, seed: int = 1) -> list[pa.RecordBatch]:
@@ -326,8 +390,16 @@ def _import_bulk_100(db, batches, run_id: str) -> int:
     pending, written = [], 0
     for batch in batches:
         for u, m, s, r in zip(*(batch.column(c).to_pylist() for c in ("user_key", "movie_key", "score", "rank"))):
-            pending.append({"_key": f"{run_id}-{u}-{m}-{r}", "_from": f"Users/{u}", "_to": f"Movie/{m}",
-                            "score": s, "rank": r, "run_id": run_id})
+            pending.append(
+                {
+                    "_key": f"{run_id}-{u}-{m}-{r}",
+                    "_from": f"Users/{u}",
+                    "_to": f"Movie/{m}",
+                    "score": s,
+                    "rank": r,
+                    "run_id": run_id,
+                }
+            )
             if len(pending) == 100:
                 written += collection.import_bulk(pending, on_duplicate="replace")["created"]
                 pending = []
@@ -364,8 +436,14 @@ def _writeback_child(conn, server, n: int, run_id: str) -> None:
     baseline = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     sent = _sink(_db(server), _ranked_iter(n), run_id)  # batches generated lazily, as scoring yields them
-    conn.send({"sent": sent, "seconds": time.perf_counter() - t0, "baseline_rss_mb": baseline / (1 << 20),
-               "peak_rss_mb": _peak_rss_mb()})
+    conn.send(
+        {
+            "sent": sent,
+            "seconds": time.perf_counter() - t0,
+            "baseline_rss_mb": baseline / (1 << 20),
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+    )
 
 
 @pytest.mark.parametrize("scale", [1, 4])
@@ -377,8 +455,9 @@ def test_writeback_peak_rss_is_flat(benchmark, server, scale):
     assert result["sent"] == n
     growth = result["peak_rss_mb"] - result["baseline_rss_mb"]
     RESULTS[f"writeback_rss_{scale}"] = growth
-    benchmark.extra_info.update(edges=n, edges_per_s=n / result["seconds"], peak_rss_mb=result["peak_rss_mb"],
-                                peak_minus_baseline_rss_mb=growth)
+    benchmark.extra_info.update(
+        edges=n, edges_per_s=n / result["seconds"], peak_rss_mb=result["peak_rss_mb"], peak_minus_baseline_rss_mb=growth
+    )
     if scale == 4 and "writeback_rss_1" in RESULTS:
         # 4× the edges may add the user-key set (n/10 short strings) and allocator noise, not 4× memory.
         assert growth <= RESULTS["writeback_rss_1"] + 32, (RESULTS["writeback_rss_1"], growth)

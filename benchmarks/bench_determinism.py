@@ -9,6 +9,7 @@ absolute difference between the two runs' ``best.pt`` parameters. Modes: ``defau
 (all cores), ``threads1`` (``--threads 1``) and ``deterministic`` (``--deterministic``: one
 thread plus torch's deterministic algorithms).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,13 @@ MODES = {"default": [], "threads1": ["--threads", "1"], "deterministic": ["--det
 def cli(*argv: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("OMP_NUM_THREADS", None)  # the CLI picks threads itself
-    subprocess.run([sys.executable, "-m", "scalable_rec.cli", *argv], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "scalable_rec.cli", *argv],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def main() -> None:
@@ -39,8 +45,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="modes to run")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
-    results = {"cores": os.cpu_count(), "edges": args.edges, "steps": args.steps,
-               "load_average_start": os.getloadavg()[0], "modes": {}}
+    results = {
+        "cores": os.cpu_count(),
+        "edges": args.edges,
+        "steps": args.steps,
+        "load_average_start": os.getloadavg()[0],
+        "modes": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         cli("synth", "--preset", "small", "--edges", str(args.edges), "--out", str(shards))
@@ -49,8 +60,19 @@ def main() -> None:
             seconds, params = [], []
             for i in range(2):
                 run_dir = Path(tmp) / f"{mode}-{i}"
-                cli("train", "--shards", str(shards), "--run-dir", str(run_dir), "--epochs", "1",
-                    "--steps-per-epoch", str(args.steps), "--no-progress", *flags)
+                cli(
+                    "train",
+                    "--shards",
+                    str(shards),
+                    "--run-dir",
+                    str(run_dir),
+                    "--epochs",
+                    "1",
+                    "--steps-per-epoch",
+                    str(args.steps),
+                    "--no-progress",
+                    *flags,
+                )
                 seconds.append(json.loads((run_dir / "metrics.json").read_text())["timings"]["train_s"])
                 params.append(torch.load(run_dir / "best.pt", weights_only=True)["model"])
             diff = max(float((params[0][k].float() - params[1][k].float()).abs().max()) for k in params[0])

@@ -1,7 +1,8 @@
 """Shards → tensors → ``HeteroData``: edges/s (memory-mapped read, checksums off and on).
 
-    scripts/bench.sh -k load
+scripts/bench.sh -k load
 """
+
 import pytest
 
 from scalable_rec.graph import RatingGraph
@@ -16,5 +17,6 @@ def test_shards_to_heterodata(benchmark, synthetic_shards, verify):
 
     g, data = benchmark.pedantic(load, rounds=3, warmup_rounds=1)
     assert data["user", "rates", "movie"].edge_index.size(1) == g.num_edges
-    benchmark.extra_info.update(edges=g.num_edges, verify_sha256=verify,
-                                edges_per_s=g.num_edges / benchmark.stats.stats.median)
+    benchmark.extra_info.update(
+        edges=g.num_edges, verify_sha256=verify, edges_per_s=g.num_edges / benchmark.stats.stats.median
+    )

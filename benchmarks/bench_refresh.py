@@ -23,6 +23,7 @@ Steps (all through the package's real code paths):
 
 Writes JSON with the settings, thread count and every number.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,10 @@ import torch
 from scalable_rec import cli, pipeline
 from scalable_rec.config import RunConfig
 from scalable_rec.graph import RatingGraph
+from scalable_rec.model.recommender import Recommender
 from scalable_rec.refresh import RefreshConfig, RefreshState, initial_state, refresh
 from scalable_rec.shards import GraphShards
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.model.recommender import Recommender
 
 
 def write_new_ratings(graph: RatingGraph, path: Path, share: float, per_user: int, seed: int) -> int:
@@ -65,8 +66,11 @@ def write_new_ratings(graph: RatingGraph, path: Path, share: float, per_user: in
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     overlap = (a[:, :, None] == b[:, None, :]).any(-1).float().mean(1)
-    return {"top10_overlap": float(overlap.mean()), "identical_lists": float((a == b).all(1).float().mean()),
-            "min_overlap": float(overlap.min())}
+    return {
+        "top10_overlap": float(overlap.mean()),
+        "identical_lists": float((a == b).all(1).float().mean()),
+        "min_overlap": float(overlap.min()),
+    }
 
 
 def main() -> None:
@@ -86,24 +90,67 @@ def main() -> None:
     work = Path(args.work)
     shards, run = work / "shards", work / "run"
     if not (shards / "manifest.json").is_file():
-        assert cli.main(["synth", "--preset", "large", "--users", str(args.users), "--movies", str(args.movies),
-                         "--edges", str(args.edges), "--seed", str(args.seed), "--out", str(shards)]) == 0
+        assert (
+            cli.main(
+                [
+                    "synth",
+                    "--preset",
+                    "large",
+                    "--users",
+                    str(args.users),
+                    "--movies",
+                    str(args.movies),
+                    "--edges",
+                    str(args.edges),
+                    "--seed",
+                    str(args.seed),
+                    "--out",
+                    str(shards),
+                ]
+            )
+            == 0
+        )
     if not (run / "best.pt").is_file():
-        assert cli.main(["train", "--shards", str(shards), "--run-dir", str(run), "--epochs", "1", "--max-steps",
-                         str(args.train_steps), "--val-ratio", "0.001", "--test-ratio", "0.001", "--no-progress",
-                         "--device", "cpu"]) == 0
+        assert (
+            cli.main(
+                [
+                    "train",
+                    "--shards",
+                    str(shards),
+                    "--run-dir",
+                    str(run),
+                    "--epochs",
+                    "1",
+                    "--max-steps",
+                    str(args.train_steps),
+                    "--val-ratio",
+                    "0.001",
+                    "--test-ratio",
+                    "0.001",
+                    "--no-progress",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
     graph = RatingGraph.from_shards(GraphShards(shards))
     saved = RunConfig.load(run / "config.json")
     model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model)
     model.load_state_dict(ckpt.load(run / "best.pt")["model"])
     model.eval()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    result: dict = {"settings": vars(args), "threads": torch.get_num_threads(),
-                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "commit": commit,
-                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": f"{platform.machine()} {os.cpu_count()} cores",
-                    "graph": {"users": graph.num_users, "movies": graph.movie_x.size(0), "edges": graph.num_edges}}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    result: dict = {
+        "settings": vars(args),
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "commit": commit,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "graph": {"users": graph.num_users, "movies": graph.movie_x.size(0), "edges": graph.num_edges},
+    }
 
     t0 = time.perf_counter()
     pipeline.score_stage(saved, run, graph)  # today's path: encode all, score all, write Parquet
@@ -114,8 +161,9 @@ def main() -> None:
     init = refresh(run, model, graph, RefreshConfig(new_ratings=str(empty)))
     result["state_init_s"] = init["initial_full_score_s"]
     new = work / "new.csv"
-    result["users_with_new_ratings"] = write_new_ratings(graph, new, args.user_share, args.ratings_per_user,
-                                                         args.seed + 1)
+    result["users_with_new_ratings"] = write_new_ratings(
+        graph, new, args.user_share, args.ratings_per_user, args.seed + 1
+    )
     tops = {}
     for mode in ("bounded", "exact"):
         case = work / f"run-{mode}"

@@ -12,6 +12,7 @@ Run as a script, it times the training loader with ``sampler`` ``pyg`` and ``tor
 the same input batches (one thread, rounds alternating between the two so that a busy
 machine slows both alike) and writes sampled edges/s of each and their ratio.
 """
+
 import argparse
 import itertools
 import json
@@ -27,9 +28,9 @@ from torch_geometric.loader import LinkNeighborLoader
 from torch_geometric.typing import WITH_PYG_LIB
 
 from scalable_rec.atomic import write_json_atomic
+from scalable_rec.dist import DistEnv
 from scalable_rec.graph import RATES, REV_RATES, RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import TrainConfig
-from scalable_rec.dist import DistEnv
 from scalable_rec.train.batches import SupervisionEdges, make_loader
 
 MAX_BATCHES = 50
@@ -53,26 +54,44 @@ def test_sampling_ours(benchmark, graph, sampler):
     g, split = graph
     cfg = TrainConfig(progress=False, sampler=sampler)
     edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)
-    loader, _ = make_loader(g.hetero_data(split.train), edges, cfg, cfg.batch_size, DistEnv(), shuffle=True,
-                            device=torch.device("cpu"), exclude_targets=True)
+    loader, _ = make_loader(
+        g.hetero_data(split.train),
+        edges,
+        cfg,
+        cfg.batch_size,
+        DistEnv(),
+        shuffle=True,
+        device=torch.device("cpu"),
+        exclude_targets=True,
+    )
     seeds = benchmark.pedantic(_drain, args=(loader, MAX_BATCHES), rounds=3, warmup_rounds=1)
-    benchmark.extra_info.update(batch_size=cfg.batch_size, num_neighbors=cfg.num_neighbors, sampler=sampler,
-                                seeds_per_s=seeds / benchmark.stats.stats.median)
+    benchmark.extra_info.update(
+        batch_size=cfg.batch_size,
+        num_neighbors=cfg.num_neighbors,
+        sampler=sampler,
+        seeds_per_s=seeds / benchmark.stats.stats.median,
+    )
 
 
 @pytest.mark.parametrize("batch_size", [1, 2048])
 def test_sampling_pyg_defaults(benchmark, graph, batch_size):
     g, split = graph
-    loader = LinkNeighborLoader(g.hetero_data(split.train), num_neighbors=[10, 5],
-                                edge_label_index=(RATES, torch.stack([g.src[split.train], g.dst[split.train]])),
-                                edge_label=g.rating[split.train], batch_size=batch_size, shuffle=True)
+    loader = LinkNeighborLoader(
+        g.hetero_data(split.train),
+        num_neighbors=[10, 5],
+        edge_label_index=(RATES, torch.stack([g.src[split.train], g.dst[split.train]])),
+        edge_label=g.rating[split.train],
+        batch_size=batch_size,
+        shuffle=True,
+    )
     n = MAX_BATCHES if batch_size > 1 else 2000
     seeds = benchmark.pedantic(_drain, args=(loader, n), rounds=3, warmup_rounds=1)
     benchmark.extra_info.update(batch_size=batch_size, seeds_per_s=seeds / benchmark.stats.stats.median)
 
 
-def compare_samplers(g: RatingGraph, split, batches: int, rounds: int, cfg: TrainConfig,
-                     device: torch.device = torch.device("cpu")) -> dict:
+def compare_samplers(
+    g: RatingGraph, split, batches: int, rounds: int, cfg: TrainConfig, device: torch.device = torch.device("cpu")
+) -> dict:
     """Sampled edges/s of the training loader with ``sampler`` ``pyg`` (on the CPU) and
     ``torch`` (on ``device``) over the same ``batches`` input batches (epoch 0's order),
     targets excluded as in training; ``rounds`` timed rounds after one warm-up,
@@ -82,8 +101,16 @@ def compare_samplers(g: RatingGraph, split, batches: int, rounds: int, cfg: Trai
     loaders, out = {}, {}
     for kind in ("pyg", "torch"):
         t0 = time.perf_counter()
-        loaders[kind] = make_loader(data, edges, TrainConfig(**{**vars(cfg), "sampler": kind}), cfg.batch_size,
-                                    DistEnv(), shuffle=True, device=device, exclude_targets=True)
+        loaders[kind] = make_loader(
+            data,
+            edges,
+            TrainConfig(**{**vars(cfg), "sampler": kind}),
+            cfg.batch_size,
+            DistEnv(),
+            shuffle=True,
+            device=device,
+            exclude_targets=True,
+        )
         out[kind] = {"setup_s": time.perf_counter() - t0, "seconds": []}
     epochs = loaders["pyg"][1]
     epochs.set_epoch(0)
@@ -112,7 +139,7 @@ def compare_samplers(g: RatingGraph, split, batches: int, rounds: int, cfg: Trai
                 out[kind]["seconds"].append(t1 - t0)
                 out[kind]["sampler_seconds"] = out[kind].get("sampler_seconds", []) + [t2 - t1]
             out[kind].update(sampled_edges=sampled, seed_edges=seeds, sampler_edges=sampler_edges)
-    for kind, row in out.items():
+    for row in out.values():
         row["median_s"] = sorted(row["seconds"])[len(row["seconds"]) // 2]
         row["sampled_edges_per_s"] = row["sampled_edges"] / row["median_s"]
         row["seed_edges_per_s"] = row["seed_edges"] / row["median_s"]
@@ -133,7 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--edges", type=int, default=EDGES, help="synthetic rating edges (default: the suite's)")
     p.add_argument("--batches", type=int, default=MAX_BATCHES, help="batches per round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per sampler (median kept)")
-    p.add_argument("--device", default="cpu", help="where the torch sampler runs (cpu or cuda); PyG's samples on the CPU")
+    p.add_argument(
+        "--device", default="cpu", help="where the torch sampler runs (cpu or cuda); PyG's samples on the CPU"
+    )
     p.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -148,16 +177,29 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
         "what": "sampled_*: the training loader (sampling, target exclusion, feature gather); sampler_*: "
-                "sample_from_edges alone (torch excludes targets while sampling, pyg does not); same input batches",
-        "graph": {"edges": g.num_edges, "users": g.num_users, "movies": g.num_movies,
-                  "train_edges": int(split.train.numel())},
-        "config": {"batch_size": cfg.batch_size, "num_neighbors": cfg.num_neighbors, "seed": cfg.seed,
-                   "batches": args.batches, "rounds": args.rounds},
-        "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "sample_from_edges alone (torch excludes targets while sampling, pyg does not); same input batches",
+        "graph": {
+            "edges": g.num_edges,
+            "users": g.num_users,
+            "movies": g.num_movies,
+            "train_edges": int(split.train.numel()),
+        },
+        "config": {
+            "batch_size": cfg.batch_size,
+            "num_neighbors": cfg.num_neighbors,
+            "seed": cfg.seed,
+            "batches": args.batches,
+            "rounds": args.rounds,
+        },
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
         "torch_sampler_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "load_average": os.getloadavg(), "commit": commit or "unknown", "torch": torch.__version__,
-        "pyg_backend": "pyg-lib" if WITH_PYG_LIB else "torch-sparse", "samplers": rows,
+        "load_average": os.getloadavg(),
+        "commit": commit or "unknown",
+        "torch": torch.__version__,
+        "pyg_backend": "pyg-lib" if WITH_PYG_LIB else "torch-sparse",
+        "samplers": rows,
         "ratio_sampled_edges_per_s": rows["torch"]["sampled_edges_per_s"] / rows["pyg"]["sampled_edges_per_s"],
         "ratio_seed_edges_per_s": rows["torch"]["seed_edges_per_s"] / rows["pyg"]["seed_edges_per_s"],
         "ratio_sampler_edges_per_s": rows["torch"]["sampler_edges_per_s"] / rows["pyg"]["sampler_edges_per_s"],

@@ -7,6 +7,7 @@ Targets checked here (issues #2 and #5):
 - the dot-product path reaches at least 50% of the throughput of a plain ``torch.mm`` of
   the same shapes and chunking, so top-K selection and masking do not dominate.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,9 @@ def test_full_catalog_movielens(benchmark, movielens_shards, decoder, tmp_path):
     out = benchmark.pedantic(_full_catalog, args=(model, g, ScoreConfig()), rounds=5, warmup_rounds=1)
     assert sum(c[0].numel() for c in out) == g.num_users
     seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(users=g.num_users, movies=g.num_movies, decoder=decoder,
-                                pairs_per_s=g.num_users * g.num_movies / seconds)
+    benchmark.extra_info.update(
+        users=g.num_users, movies=g.num_movies, decoder=decoder, pairs_per_s=g.num_users * g.num_movies / seconds
+    )
     if decoder == "dot":
         assert seconds < 2.0, f"full-catalog scoring took {seconds:.2f}s (target < 2 s)"
 
@@ -72,9 +74,13 @@ def test_article_per_user_loop_vs_full_catalog(benchmark, ml_model):
     _full_catalog(model, g, ScoreConfig())
     ours = time.perf_counter() - t0
     article_total = per_user_s * g.num_users
-    benchmark.extra_info.update(article_seconds_per_user=per_user_s, article_total_seconds_extrapolated=article_total,
-                                ours_total_seconds=ours, speedup=article_total / ours,
-                                note=f"per-user loop timed on {len(sample)} users, extrapolated to {g.num_users}")
+    benchmark.extra_info.update(
+        article_seconds_per_user=per_user_s,
+        article_total_seconds_extrapolated=article_total,
+        ours_total_seconds=ours,
+        speedup=article_total / ours,
+        note=f"per-user loop timed on {len(sample)} users, extrapolated to {g.num_users}",
+    )
 
 
 @pytest.mark.parametrize("users,movies", [(4096, 59_000)])
@@ -103,7 +109,7 @@ def test_dot_scoring_vs_matmul_roofline(benchmark, users, movies):
 
     def roofline():
         for i in range(0, users, step):
-            torch.mm(zu[i:i + step], zm.T)
+            torch.mm(zu[i : i + step], zm.T)
 
     roofline()
     t0 = time.perf_counter()
@@ -113,8 +119,14 @@ def test_dot_scoring_vs_matmul_roofline(benchmark, users, movies):
     benchmark.pedantic(ours, rounds=3, warmup_rounds=1)
     ours_s = benchmark.stats.stats.median
     ratio = mm_s / ours_s
-    benchmark.extra_info.update(users=users, movies=movies, hidden=hidden, pairs_per_s=users * movies / ours_s,
-                                mm_pairs_per_s=users * movies / mm_s, fraction_of_mm=ratio)
+    benchmark.extra_info.update(
+        users=users,
+        movies=movies,
+        hidden=hidden,
+        pairs_per_s=users * movies / ours_s,
+        mm_pairs_per_s=users * movies / mm_s,
+        fraction_of_mm=ratio,
+    )
     assert ratio >= 0.5, f"scoring reaches {ratio:.0%} of torch.mm throughput (target ≥ 50%)"
 
 
@@ -125,8 +137,11 @@ def synthetic_run(synthetic_shards, tmp_path_factory):
     from scalable_rec.pipeline import train_stage
 
     run = tmp_path_factory.mktemp("score-run") / "run"
-    cfg = RunConfig(data=DataConfig(shards=str(synthetic_shards.directory)), run_dir=str(run),
-                    train=TrainConfig(epochs=1, steps_per_epoch=2, progress=False, device="cpu"))
+    cfg = RunConfig(
+        data=DataConfig(shards=str(synthetic_shards.directory)),
+        run_dir=str(run),
+        train=TrainConfig(epochs=1, steps_per_epoch=2, progress=False, device="cpu"),
+    )
     train_stage(cfg)
     return run
 
@@ -138,15 +153,32 @@ def test_score_stage_one_vs_two_processes(benchmark, synthetic_run, nproc):
     and the command's wall time (process start and graph load included)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "scalable_rec", "score", "--run-dir", str(synthetic_run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "scalable_rec",
+        "score",
+        "--run-dir",
+        str(synthetic_run),
+    ]
     procs = []
-    benchmark.pedantic(lambda: procs.append(subprocess.run(cmd, env=env, capture_output=True, text=True,
-                                                           timeout=1200)), rounds=1)
+    benchmark.pedantic(
+        lambda: procs.append(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)), rounds=1
+    )
     proc = procs[-1]
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = re.search(r"score: (\d+) recommendations for (\d+) users in ([\d.]+)s", proc.stderr)
     assert m, proc.stderr[-3000:]
     rows, users, seconds = int(m[1]), int(m[2]), float(m[3])
-    benchmark.extra_info.update(processes=nproc, threads_per_process=1, users=users, rows=rows,
-                                stage_seconds=seconds, command_wall_seconds=benchmark.stats.stats.median)
+    benchmark.extra_info.update(
+        processes=nproc,
+        threads_per_process=1,
+        users=users,
+        rows=rows,
+        stage_seconds=seconds,
+        command_wall_seconds=benchmark.stats.stats.median,
+    )

@@ -5,6 +5,7 @@ users/movies scaled like MovieLens-25M). Shards are cached under
 ``~/.cache/scalable-rec/bench`` (``SCALABLE_REC_BENCH_CACHE``) and reused when the
 generator config is unchanged, so reruns time the stages, not the data generation.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,15 +23,22 @@ from scalable_rec.source.synthetic import SyntheticSource  # noqa: E402
 
 CACHE = Path(os.environ.get("SCALABLE_REC_BENCH_CACHE", Path.home() / ".cache" / "scalable-rec" / "bench"))
 EDGES = int(os.environ.get("SCALABLE_REC_BENCH_EDGES", 1_000_000))
-MOVIELENS = Path(os.environ.get("SCALABLE_REC_TEST_DATA",
-                                Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"))
+MOVIELENS = Path(
+    os.environ.get(
+        "SCALABLE_REC_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+    )
+)
 
 
 def synthetic_for_edges(edges: int, seed: int = 0) -> SyntheticSource:
     """Users and movies scaled from ML-25M's shape (162k users, 59k movies, 25M edges)."""
     ratio = edges / 25_000_000
-    return SyntheticSource(num_users=max(100, int(162_000 * ratio ** 0.75)),
-                           num_movies=max(100, int(59_000 * ratio ** 0.6)), num_edges=edges, seed=seed)
+    return SyntheticSource(
+        num_users=max(100, int(162_000 * ratio**0.75)),
+        num_movies=max(100, int(59_000 * ratio**0.6)),
+        num_edges=edges,
+        seed=seed,
+    )
 
 
 def cached_shards(source, name: str) -> GraphShards:

@@ -12,6 +12,7 @@ Each process runs as the ``scalable-rec`` command does, with glibc's transparent
 (``scalable_rec.heap``), unless ``--no-hugepages``. The in-memory path never fixes the
 threshold itself (here it is fixed for the comparison); store-backed training does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,29 +57,54 @@ def one_run(shards: Path, steps: int, threshold_kb: int, store: bool) -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         train(graph, split, cfg.model, cfg.train, Path(run_dir), config=cfg.to_json(), data=data)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"{'store' if store else 'memory'} hugepages={os.environ.get('GLIBC_TUNABLES', '')!r} "
-          f"threshold_kb={threshold_kb} user_s={after.ru_utime - before.ru_utime:.1f} "
-          f"sys_s={after.ru_stime - before.ru_stime:.1f} wall_s={time.perf_counter() - t0:.1f} "
-          f"minor_faults={after.ru_minflt - before.ru_minflt}", flush=True)
+    print(
+        f"{'store' if store else 'memory'} hugepages={os.environ.get('GLIBC_TUNABLES', '')!r} "
+        f"threshold_kb={threshold_kb} user_s={after.ru_utime - before.ru_utime:.1f} "
+        f"sys_s={after.ru_stime - before.ru_stime:.1f} wall_s={time.perf_counter() - t0:.1f} "
+        f"minor_faults={after.ru_minflt - before.ru_minflt}",
+        flush=True,
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shards", type=Path, required=True, help="a prepared shard directory")
     p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--thresholds", type=int, nargs="+", default=[0, 1024, 0, 1024],
-                   help="KiB; 0 = glibc's dynamic threshold; each in its own process")
+    p.add_argument(
+        "--thresholds",
+        type=int,
+        nargs="+",
+        default=[0, 1024, 0, 1024],
+        help="KiB; 0 = glibc's dynamic threshold; each in its own process",
+    )
     p.add_argument("--store", action="store_true", help="train over the mapped graph index's stores")
-    p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
-                   help="without glibc's transparent huge pages (the scalable-rec command turns them on)")
+    p.add_argument(
+        "--no-hugepages",
+        dest="hugepages",
+        action="store_false",
+        help="without glibc's transparent huge pages (the scalable-rec command turns them on)",
+    )
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one is not None:
         return one_run(args.shards, args.steps, args.one, args.store)
     env = (hugepages_environ(os.environ) if args.hugepages else None) or dict(os.environ)
     for kb in args.thresholds:  # a fresh process each: the threshold is process-wide
-        subprocess.run([sys.executable, __file__, "--shards", str(args.shards), "--steps", str(args.steps),
-                        "--one", str(kb), *(["--store"] if args.store else [])], check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--shards",
+                str(args.shards),
+                "--steps",
+                str(args.steps),
+                "--one",
+                str(kb),
+                *(["--store"] if args.store else []),
+            ],
+            check=True,
+            env=env,
+        )
 
 
 if __name__ == "__main__":

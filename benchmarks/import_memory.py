@@ -9,6 +9,7 @@ Imports ``--modules`` in order after torch and prints the process's private memo
 ``--block NAME`` makes ``import NAME`` (and its submodules) fail, as if it were not
 installed, to measure what a module that PyG imports only optionally costs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,9 @@ class Blocked(importlib.abc.MetaPathFinder):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--modules", nargs="+",
-                   default=["torch._dynamo", "transformers", "torch_geometric", "scalable_rec.pipeline"])
+    p.add_argument(
+        "--modules", nargs="+", default=["torch._dynamo", "transformers", "torch_geometric", "scalable_rec.pipeline"]
+    )
     p.add_argument("--block", nargs="*", default=[], help="modules whose import fails")
     args = p.parse_args()
     if args.block:

@@ -6,6 +6,7 @@ functions with the largest cumulative time:
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/profile_refresh.py --work /tmp/bench-refresh
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,10 @@ import torch
 
 from scalable_rec.config import RunConfig
 from scalable_rec.graph import RatingGraph
+from scalable_rec.model.recommender import Recommender
 from scalable_rec.refresh import RefreshConfig, refresh
 from scalable_rec.shards import GraphShards
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.model.recommender import Recommender
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ positive self CPU memory of every operator, summed) and the largest operators. W
 threshold fixed (``--heap-mmap-threshold-kb``), every allocated byte is a fresh page: this is
 what docs/large-graphs.md's "Fused aggregation and transparent huge pages" paragraph measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ from pathlib import Path
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shards", type=Path, required=True,
-                   help="shards with a graph index (prepare --graph-backend store)")
+    p.add_argument(
+        "--shards", type=Path, required=True, help="shards with a graph index (prepare --graph-backend store)"
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
@@ -53,9 +55,10 @@ def main() -> None:
     ops = [e for e in prof.key_averages() if e.self_cpu_memory_usage > 0]
     total = sum(e.self_cpu_memory_usage for e in ops) / args.steps / 2**20
     print(f"allocated per step: {total:,.1f} MiB over {args.steps} steps")
-    for e in sorted(ops, key=lambda e: -e.self_cpu_memory_usage)[:args.top]:
-        print(f"  {e.key:40s} {e.self_cpu_memory_usage / args.steps / 2**20:8.1f} MiB  "
-              f"{e.count / args.steps:9.1f} calls")
+    for e in sorted(ops, key=lambda e: -e.self_cpu_memory_usage)[: args.top]:
+        print(
+            f"  {e.key:40s} {e.self_cpu_memory_usage / args.steps / 2**20:8.1f} MiB  {e.count / args.steps:9.1f} calls"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """torchrun worker for bench_train.py: the latency of one stop agreement (``agree_stop``).
 
-    torchrun --standalone --nproc_per_node=2 benchmarks/stop_agreement_worker.py OUT.json CALLS
+torchrun --standalone --nproc_per_node=2 benchmarks/stop_agreement_worker.py OUT.json CALLS
 """
+
 import json
 import sys
 import time

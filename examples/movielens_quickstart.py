@@ -11,6 +11,7 @@
 The ``scalable-rec run`` command does the same with run-directory bookkeeping (resume,
 DDP, graph stores for graphs larger than memory); this script shows the pieces.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,29 +53,37 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. Prepare: MovieLens → Arrow shards (validated, deduplicated) + movie features.
     #    Reused on the next run when the input files and options are unchanged.
-    cfg = RunConfig(data=DataConfig(data=args.data, workdir=str(workdir)),
-                    model=ModelConfig(hidden=args.hidden),
-                    train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, progress=False),
-                    score=ScoreConfig(k=args.k))
+    cfg = RunConfig(
+        data=DataConfig(data=args.data, workdir=str(workdir)),
+        model=ModelConfig(hidden=args.hidden),
+        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, progress=False),
+        score=ScoreConfig(k=args.k),
+    )
     shards = prepare(cfg)
     graph = RatingGraph.from_shards(shards, cfg.features)
     split = split_edges(graph, cfg.split)  # random 80/10/10 by default, seeded
-    print(f"graph: {graph.num_users} users, {graph.num_movies} movies, {graph.src.numel()} ratings "
-          f"(train {split.train.numel()}, val {split.val.numel()}, test {split.test.numel()})")
+    print(
+        f"graph: {graph.num_users} users, {graph.num_movies} movies, {graph.src.numel()} ratings "
+        f"(train {split.train.numel()}, val {split.val.numel()}, test {split.test.numel()})"
+    )
 
     # 2. Train: mini-batches of labelled edges with sampled neighbourhoods; validation
     #    (Recall@10) picks best.pt and stops early. Checkpoints go to run_dir.
     run_dir = workdir / "run"
     result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json())
-    print(f"trained {result.global_step} steps in {result.seconds:.1f} s; "
-          f"best validation Recall@10 {result.best_val_recall:.3f}, RMSE {result.best_val_rmse:.3f}")
+    print(
+        f"trained {result.global_step} steps in {result.seconds:.1f} s; "
+        f"best validation Recall@10 {result.best_val_recall:.3f}, RMSE {result.best_val_rmse:.3f}"
+    )
 
     # 3. Evaluate on the held-out test edges (full neighbourhoods over train + val edges).
     test = evaluate_split(result.model, graph, split, k=args.k, relevant_min=cfg.train.relevant_min)
     ranked, popular = test["model"], test["popularity"]  # the model's ranking head, most-rated first
-    print(f"test: RMSE {test['rmse']:.3f}; Recall@{args.k} {ranked[f'recall@{args.k}']:.3f}, "
-          f"NDCG@{args.k} {ranked[f'ndcg@{args.k}']:.3f} (popularity: {popular[f'recall@{args.k}']:.3f}, "
-          f"{popular[f'ndcg@{args.k}']:.3f})")
+    print(
+        f"test: RMSE {test['rmse']:.3f}; Recall@{args.k} {ranked[f'recall@{args.k}']:.3f}, "
+        f"NDCG@{args.k} {ranked[f'ndcg@{args.k}']:.3f} (popularity: {popular[f'recall@{args.k}']:.3f}, "
+        f"{popular[f'ndcg@{args.k}']:.3f})"
+    )
 
     # 4. Top-k per user over the whole catalog (movies a user rated are left out),
     #    streamed as Arrow record batches into a Parquet file.
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. A few users' lists, with titles.
     table = pq.read_table(out)
     titles = movie_titles(Path(args.data))
-    for user in table.column("user_key").unique().to_pylist()[:args.show_users]:
+    for user in table.column("user_key").unique().to_pylist()[: args.show_users]:
         picks = table.filter(pc.equal(table.column("user_key"), user)).sort_by("rank")
         print(f"user {user}:")
         for movie, score in zip(picks.column("movie_key").to_pylist(), picks.column("score").to_pylist()):
@@ -95,8 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def movie_titles(data: Path) -> dict[str, str]:
     """movieId → title from movies.csv (for display only)."""
-    movies = pacsv.read_csv(data / "movies.csv", convert_options=pacsv.ConvertOptions(
-        column_types={"movieId": pa.string()}))
+    movies = pacsv.read_csv(
+        data / "movies.csv", convert_options=pacsv.ConvertOptions(column_types={"movieId": pa.string()})
+    )
     return dict(zip(movies.column("movieId").to_pylist(), movies.column("title").to_pylist()))
 
 

@@ -25,6 +25,7 @@ retrieval head's ID vectors).
 Reports, per mode, the bytes of parameters, of gradients after backward and of optimiser
 state (counted from the tensors, not estimated), and the median step time. Writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def tensor_bytes(tensors) -> int:
 
 
 def state_bytes(optimizers) -> int:
-    return tensor_bytes(v for opt in optimizers for s in opt.state.values() for v in s.values()
-                        if isinstance(v, torch.Tensor))
+    return tensor_bytes(
+        v for opt in optimizers for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+    )
 
 
 def run(mode: str, index_dir: Path, users: int | None, steps: int, batch_size: int, seed: int) -> dict:
@@ -70,11 +72,20 @@ def run(mode: str, index_dir: Path, users: int | None, steps: int, batch_size: i
     torch.manual_seed(seed)
     index = GraphIndex.open(index_dir, verify=False)
     split = index.split()
-    train = split.train[torch.randperm(split.train.numel())[:batch_size * (steps + 2)]]
-    src, dst, rating = index.tensor("edges/src")[train], index.tensor("edges/dst")[train], index.tensor("edges/rating")[train]
-    loader = LinkNeighborLoader(open_stores(index, "train"), num_neighbors=[10, 5],
-                                edge_label_index=(RATES, torch.stack([src, dst])), edge_label=rating,
-                                batch_size=batch_size, shuffle=False)
+    train = split.train[torch.randperm(split.train.numel())[: batch_size * (steps + 2)]]
+    src, dst, rating = (
+        index.tensor("edges/src")[train],
+        index.tensor("edges/dst")[train],
+        index.tensor("edges/rating")[train],
+    )
+    loader = LinkNeighborLoader(
+        open_stores(index, "train"),
+        num_neighbors=[10, 5],
+        edge_label_index=(RATES, torch.stack([src, dst])),
+        edge_label=rating,
+        batch_size=batch_size,
+        shuffle=False,
+    )
     num_users = users or index.num_users
     model = Recommender(num_users, index.num_movies, index.tensor("movie_x").size(1), ModelConfig())
     tables = embedding_tables(model)
@@ -84,9 +95,10 @@ def run(mode: str, index_dir: Path, users: int | None, steps: int, batch_size: i
         for emb in tables:
             emb.sparse = True  # F.embedding then returns a sparse gradient of the looked-up rows
         table_params = {id(e.weight) for e in tables}
-        optimizers = [torch.optim.SparseAdam([e.weight for e in tables], lr=0.003),
-                      torch.optim.Adam([p for p in model.parameters() if id(p) not in table_params],
-                                       lr=0.003, weight_decay=1e-4)]
+        optimizers = [
+            torch.optim.SparseAdam([e.weight for e in tables], lr=0.003),
+            torch.optim.Adam([p for p in model.parameters() if id(p) not in table_params], lr=0.003, weight_decay=1e-4),
+        ]
     else:
         optimizers = [torch.optim.Adam(model.parameters(), lr=0.003, weight_decay=1e-4)]
     times, grad_b = [], 0
@@ -106,10 +118,18 @@ def run(mode: str, index_dir: Path, users: int | None, steps: int, batch_size: i
             opt.step()
         times.append(time.perf_counter() - t0)
     table_b = tensor_bytes(e.weight for e in tables)
-    return {"mode": mode, "users": num_users, "movies": index.num_movies, "steps": len(times),
-            "param_mib": tensor_bytes(model.parameters()) / 2**20, "table_param_mib": table_b / 2**20,
-            "grad_mib": grad_b / 2**20, "optimizer_state_mib": state_bytes(optimizers) / 2**20,
-            "median_step_s": statistics.median(times[1:] or times), "threads": torch.get_num_threads()}
+    return {
+        "mode": mode,
+        "users": num_users,
+        "movies": index.num_movies,
+        "steps": len(times),
+        "param_mib": tensor_bytes(model.parameters()) / 2**20,
+        "table_param_mib": table_b / 2**20,
+        "grad_mib": grad_b / 2**20,
+        "optimizer_state_mib": state_bytes(optimizers) / 2**20,
+        "median_step_s": statistics.median(times[1:] or times),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -121,7 +141,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the results here as JSON")
     args = p.parse_args()
-    rows = [run(mode, args.index, args.users, args.steps, args.batch_size, args.seed) for mode in ("dense", "sparse", "rowwise")]
+    rows = [
+        run(mode, args.index, args.users, args.steps, args.batch_size, args.seed)
+        for mode in ("dense", "sparse", "rowwise")
+    ]
     for r in rows:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
     if args.out:

@@ -30,6 +30,7 @@ Protocol (MovieLens folder, e.g. ../shared/data/ml-latest-small), per ``--seeds`
 
 Writes one JSON object: settings, thread count, and per seed and dropout every number.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,10 @@ from scalable_rec import cli
 from scalable_rec.config import RunConfig
 from scalable_rec.graph import RatingGraph
 from scalable_rec.model.evaluate import ranking_metrics
+from scalable_rec.model.recommender import Recommender
 from scalable_rec.model.topk import RatedIndex
 from scalable_rec.shards import GraphShards
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.model.recommender import Recommender
 
 
 def hold_out_movies(data: Path, out: Path, share: float, seed: int) -> tuple[pa.Table, np.ndarray]:
@@ -62,8 +63,9 @@ def hold_out_movies(data: Path, out: Path, share: float, seed: int) -> tuple[pa.
     movies.csv whole); returns the held-out ratings and movie ids."""
     ratings = pacsv.read_csv(data / "ratings.csv")
     movies = np.unique(ratings.column("movieId").to_numpy())
-    cold = np.sort(np.random.default_rng(seed).choice(movies, size=max(1, int(round(share * len(movies)))),
-                                                      replace=False))
+    cold = np.sort(
+        np.random.default_rng(seed).choice(movies, size=max(1, int(round(share * len(movies)))), replace=False)
+    )
     is_cold = pc.is_in(ratings.column("movieId"), value_set=pa.array(cold))
     out.mkdir(parents=True, exist_ok=True)
     pacsv.write_csv(ratings.filter(pc.invert(is_cold)), out / "ratings.csv")
@@ -100,20 +102,24 @@ def catalog_mix(recs: pa.Table, cold_keys: set[int], num_movies: int, k: int) ->
     top = recs.column("rank").to_numpy() <= k if "rank" in recs.column_names else np.ones(len(users), bool)
     users, is_cold = users[top], is_cold[top]
     with_cold = np.unique(users[is_cold])
-    return {"users": int(np.unique(users).size), "users_with_a_cold_movie_in_top_k": int(with_cold.size),
-            "share_of_users_with_a_cold_movie": float(with_cold.size / max(1, np.unique(users).size)),
-            "cold_share_of_slots": float(is_cold.mean()) if is_cold.size else 0.0,
-            "cold_share_of_catalog": len(cold_keys) / num_movies,
-            "distinct_cold_movies_recommended": int(np.unique(recs.column("movie_key").to_numpy()[top][is_cold]).size)}
+    return {
+        "users": int(np.unique(users).size),
+        "users_with_a_cold_movie_in_top_k": int(with_cold.size),
+        "share_of_users_with_a_cold_movie": float(with_cold.size / max(1, np.unique(users).size)),
+        "cold_share_of_slots": float(is_cold.mean()) if is_cold.size else 0.0,
+        "cold_share_of_catalog": len(cold_keys) / num_movies,
+        "distinct_cold_movies_recommended": int(np.unique(recs.column("movie_key").to_numpy()[top][is_cold]).size),
+    }
 
 
-def best_cold_rank(score_fn, users: torch.Tensor, cold: torch.Tensor, rated: RatedIndex,
-                   chunk: int = 256) -> torch.Tensor:
+def best_cold_rank(
+    score_fn, users: torch.Tensor, cold: torch.Tensor, rated: RatedIndex, chunk: int = 256
+) -> torch.Tensor:
     """Per user, the full-catalog rank (1 = first; rated movies masked) of their
     best-scored cold movie: how far the cold movies sit from a top-K list."""
     ranks = []
     for i in range(0, users.numel(), chunk):
-        u = users[i:i + chunk]
+        u = users[i : i + chunk]
         s = score_fn(u).float()
         rated.mask_(s, u)
         best = s[:, cold].max(1).values
@@ -145,12 +151,15 @@ def evaluate_run(run_dir: Path, held: pa.Table, cold_ids: np.ndarray, args) -> d
     col = torch.tensor([col_of[int(d)] for d in dst.tolist()])
     with torch.no_grad():
         z = model.encode_all(graph.hetero_data())  # as `scalable-rec score` encodes: every rating
-    none_seen = RatedIndex.from_edges(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                                      graph.num_users)
+    none_seen = RatedIndex.from_edges(
+        torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), graph.num_users
+    )
     among = (graph.num_users, cold.numel(), none_seen, src, col, args.k)
     out: dict[str, Any] = {
-        "cold_movies": int(cold.numel()), "cold_movies_with_a_positive": int(torch.unique(col).numel()),
-        "held_out_ratings": held.num_rows, "positives": int(src.numel()),
+        "cold_movies": int(cold.numel()),
+        "cold_movies_with_a_positive": int(torch.unique(col).numel()),
+        "held_out_ratings": held.num_rows,
+        "positives": int(src.numel()),
         "positive_users_not_in_graph": len(unknown_users),
         "cold_rows_marked_untrained": int((model.encoder.movie_trained[cold] == 0).sum()),
     }
@@ -173,14 +182,19 @@ def evaluate_run(run_dir: Path, held: pa.Table, cold_ids: np.ndarray, args) -> d
     all_movies = torch.arange(graph.num_movies)
     rated = RatedIndex.from_edges(graph.src, graph.dst, graph.num_users)
     with torch.no_grad():
-        out["full_catalog_model"] = ranking_metrics(lambda u: model.rank_block(z, u, all_movies), graph.num_users,
-                                                    graph.num_movies, rated, src, dst, args.k)
-        ranks = best_cold_rank(lambda u: model.rank_block(z, u, all_movies), torch.arange(graph.num_users), cold,
-                               rated).float()
-    out["best_cold_movie_rank"] = {"median": float(ranks.median()), "mean": float(ranks.mean()),
-                                   "share_within_k": float((ranks <= args.k).float().mean()),
-                                   "share_within_100": float((ranks <= 100).float().mean()),
-                                   "catalog": graph.num_movies}
+        out["full_catalog_model"] = ranking_metrics(
+            lambda u: model.rank_block(z, u, all_movies), graph.num_users, graph.num_movies, rated, src, dst, args.k
+        )
+        ranks = best_cold_rank(
+            lambda u: model.rank_block(z, u, all_movies), torch.arange(graph.num_users), cold, rated
+        ).float()
+    out["best_cold_movie_rank"] = {
+        "median": float(ranks.median()),
+        "mean": float(ranks.mean()),
+        "share_within_k": float((ranks <= args.k).float().mean()),
+        "share_within_100": float((ranks <= 100).float().mean()),
+        "catalog": graph.num_movies,
+    }
     recs = pq.read_table(run_dir / "recommendations.parquet")
     out["catalog_mix"] = catalog_mix(recs, set(int(m) for m in cold_ids), graph.num_movies, args.k)
     out["warm_test"] = json.loads((run_dir / "metrics.json").read_text())["test"]
@@ -202,8 +216,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work)
-    results: dict[str, Any] = {"settings": vars(args), "threads": torch.get_num_threads(),
-                               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "runs": []}
+    results: dict[str, Any] = {
+        "settings": vars(args),
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "runs": [],
+    }
     for seed in args.seeds:
         data_dir = work / f"data-seed-{seed}"
         held, cold_ids = hold_out_movies(Path(args.data), data_dir, args.holdout, seed)
@@ -211,13 +229,36 @@ def main() -> None:
             run_dir = work / f"run-seed-{seed}-dropout-{dropout}"
             t0 = time.perf_counter()
             if not (run_dir / "best.pt").is_file():
-                code = cli.main(["run", "--data", str(data_dir), "--workdir", str(work), "--run-dir", str(run_dir),
-                                 "--seed", str(seed), "--split-seed", str(seed), "--movie-id-dropout", str(dropout),
-                                 "--epochs", str(args.epochs), "--k", str(args.k), "--no-progress"])
+                code = cli.main(
+                    [
+                        "run",
+                        "--data",
+                        str(data_dir),
+                        "--workdir",
+                        str(work),
+                        "--run-dir",
+                        str(run_dir),
+                        "--seed",
+                        str(seed),
+                        "--split-seed",
+                        str(seed),
+                        "--movie-id-dropout",
+                        str(dropout),
+                        "--epochs",
+                        str(args.epochs),
+                        "--k",
+                        str(args.k),
+                        "--no-progress",
+                    ]
+                )
                 if code:
                     raise SystemExit(f"training failed with exit code {code}")
-            row = {"seed": seed, "movie_id_dropout": dropout, "run_s": time.perf_counter() - t0,
-                   **evaluate_run(run_dir, held, cold_ids, args)}
+            row = {
+                "seed": seed,
+                "movie_id_dropout": dropout,
+                "run_s": time.perf_counter() - t0,
+                **evaluate_run(run_dir, held, cold_ids, args),
+            }
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -17,6 +17,7 @@ Protocol (MovieLens folder, e.g. ../shared/data/ml-latest-small):
 
 Writes one JSON object with the settings and, per dropout and fold count, both metric sets.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,7 @@ def metrics(top: dict[int, list[int]], positives: dict[int, set[int]], k: int) -
     src, dst = [], []
     for row, u in enumerate(users):
         rec = [col[m] for m in top.get(u, [])][:k]
-        pred[row, :len(rec)] = torch.tensor(rec, dtype=torch.long)
+        pred[row, : len(rec)] = torch.tensor(rec, dtype=torch.long)
         for m in positives[u]:
             src.append(row)
             dst.append(col[m])
@@ -87,7 +88,7 @@ def popularity_top(train: pa.Table, folded: pa.Table, k: int) -> dict[int, list[
         seen.setdefault(u, set()).add(m)
     out = {}
     for u, s in seen.items():
-        out[u] = [m for m in ranked[:k + len(s)] if m not in s][:k]
+        out[u] = [m for m in ranked[: k + len(s)] if m not in s][:k]
     return out
 
 
@@ -107,14 +108,33 @@ def main() -> None:
     torch.set_num_threads(1)
     work = Path(args.work)
     train, cold = split_users(Path(args.data), work, args.holdout, args.seed)
-    results = {"settings": vars(args), "train_users": len(np.unique(train.column("userId").to_numpy())),
-               "cold_users": len(np.unique(cold.column("userId").to_numpy())), "runs": []}
+    results = {
+        "settings": vars(args),
+        "train_users": len(np.unique(train.column("userId").to_numpy())),
+        "cold_users": len(np.unique(cold.column("userId").to_numpy())),
+        "runs": [],
+    }
     for dropout in args.user_id_dropout:
         run_dir = work / f"run-dropout-{dropout}"
         if not (run_dir / "best.pt").is_file():
-            code = cli.main(["run", "--data", str(work / "train-data"), "--workdir", str(work), "--run-dir",
-                             str(run_dir), "--user-id-dropout", str(dropout), "--epochs", str(args.epochs),
-                             "--no-progress", "--k", str(args.k)])
+            code = cli.main(
+                [
+                    "run",
+                    "--data",
+                    str(work / "train-data"),
+                    "--workdir",
+                    str(work),
+                    "--run-dir",
+                    str(run_dir),
+                    "--user-id-dropout",
+                    str(dropout),
+                    "--epochs",
+                    str(args.epochs),
+                    "--no-progress",
+                    "--k",
+                    str(args.k),
+                ]
+            )
             if code:
                 raise SystemExit(f"training failed with exit code {code}")
         trained = json.loads((run_dir / "metrics.json").read_text())["test"]
@@ -127,8 +147,9 @@ def main() -> None:
             for name in ("config.json", "metrics.json", "best.pt", "recommendations.parquet"):
                 shutil.copy(run_dir / name, case / name)
             pacsv.write_csv(folded, case / "new-ratings.csv")
-            if cli.main(["refresh", "--run-dir", str(case), "--new-ratings", str(case / "new-ratings.csv"),
-                         "--k", str(args.k)]):
+            if cli.main(
+                ["refresh", "--run-dir", str(case), "--new-ratings", str(case / "new-ratings.csv"), "--k", str(args.k)]
+            ):
                 raise SystemExit("refresh failed")
             recs = pq.read_table(case / "recommendations.parquet")
             recs = recs.filter(pc.is_in(recs.column("user_key"), value_set=cold.column("userId").unique()))
@@ -137,18 +158,25 @@ def main() -> None:
             for u, m in zip(recs.column("user_key").to_pylist(), recs.column("movie_key").to_pylist()):
                 top.setdefault(u, []).append(m)
             pos: dict[int, set[int]] = {}
-            for u, m, r in zip(rest.column("userId").to_pylist(), rest.column("movieId").to_pylist(),
-                               rest.column("rating").to_pylist()):
+            for u, m, r in zip(
+                rest.column("userId").to_pylist(), rest.column("movieId").to_pylist(), rest.column("rating").to_pylist()
+            ):
                 if r >= args.relevant_min:
                     pos.setdefault(u, set()).add(m)
             report = json.loads((case / "refresh" / "last_report.json").read_text())
-            results["runs"].append({
-                "user_id_dropout": dropout, "fold": fold, "folded_ratings": folded.num_rows,
-                "model": metrics(top, pos, args.k), "popularity": metrics(popularity_top(train, folded, args.k), pos,
-                                                                          args.k),
-                "cold_users_with_recommendations": len(top), "refresh_new_users": report["new_users"],
-                "refresh_skipped": report["input_report"]["skipped"], "warm_test": trained,
-            })
+            results["runs"].append(
+                {
+                    "user_id_dropout": dropout,
+                    "fold": fold,
+                    "folded_ratings": folded.num_rows,
+                    "model": metrics(top, pos, args.k),
+                    "popularity": metrics(popularity_top(train, folded, args.k), pos, args.k),
+                    "cold_users_with_recommendations": len(top),
+                    "refresh_new_users": report["new_users"],
+                    "refresh_skipped": report["input_report"]["skipped"],
+                    "warm_test": trained,
+                }
+            )
             print(json.dumps(results["runs"][-1]))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

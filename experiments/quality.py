@@ -16,6 +16,7 @@ there with the Markdown output (``--combine`` of an earlier JSON regenerates it 
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/quality.py --data /work/shared/data/ml-latest-small
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,46 +47,103 @@ from scalable_rec.train import train
 
 log = logging.getLogger("quality")
 TARGET = {"rmse": 0.850, "recall@10": 0.23, "ndcg@10": 0.24}
-GRIDS = {"ease": [100.0, 250.0, 500.0], "ease_relevant": [10.0, 25.0, 50.0, 100.0, 250.0], "item_knn": [50, 200],
-         "item_knn_relevant": [100, 200, 400], "implicit_als": [(64, 0.05, 2.0), (64, 0.5, 10.0)]}
+GRIDS = {
+    "ease": [100.0, 250.0, 500.0],
+    "ease_relevant": [10.0, 25.0, 50.0, 100.0, 250.0],
+    "item_knn": [50, 200],
+    "item_knn_relevant": [100, 200, 400],
+    "implicit_als": [(64, 0.05, 2.0), (64, 0.5, 10.0)],
+}
 # Variants fit on the relevant ratings only (≥ the relevance threshold); every seen rating stays masked.
 RELEVANT_ONLY = ("ease_relevant", "item_knn_relevant")
 # One row per configuration change against the defaults: (name, what changed, overrides).
 ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
-    ("select-rmse", "best.pt and early stopping by validation RMSE instead of validation Recall@10",
-     {"train": {"select_metric": "rmse"}}),
-    ("targets-in-subgraph", "defect 1 unfixed: each batch's targets stay in its own subgraph",
-     {"train": {"supervision": "none"}}),
-    ("disjoint-supervision", "a fixed 30% of training edges supervise, the rest pass messages",
-     {"train": {"supervision": "disjoint"}}),
-    ("coupled-adam", "defect 5 unfixed: Adam with coupled L2 on every parameter (tables included)",
-     {"train": {"optimizer": "adam"}}),
-    ("patience-3", "early stopping after 3 epochs without a better validation Recall@10 instead of 6 "
-     "(the default before)", {"train": {"patience": 3}}),
-    ("no-rank-id-l2", "no L2 on the retrieval head's own user/movie vectors (rank_id_l2 0, the default "
-     "before)", {"train": {"rank_id_l2": 0.0}}),
-    ("id-dropout-0.1", "10% of a batch's user and movie IDs hidden from the encoder instead of 20% "
-     "(user_id_dropout and movie_id_dropout 0.1, the default before)",
-     {"model": {"user_id_dropout": 0.1, "movie_id_dropout": 0.1}}),
-    ("no-retrieval-ids", "retrieval head without its own per-user/per-movie ranking vectors (the default "
-     "before: ranking vectors are projections of the encoder output alone)", {"model": {"retrieval_ids": False}}),
-    ("no-logq", "in-batch softmax without logQ correction (popular negatives are not discounted)",
-     {"train": {"logq_correction": False}}),
-    ("no-ema", "validation, best.pt and the returned model use the raw weights instead of their moving "
-     "average (ema_decay 0, the default before)", {"train": {"ema_decay": 0.0}}),
-    ("hidden-64", "embeddings and GraphSAGE layers 64 wide instead of 128 (the default before)",
-     {"model": {"hidden": 64}}),
-    ("no-temperature", "retrieval head ranks by the raw dot product instead of cosine over 0.15 "
-     "(retrieval_temperature 0)", {"model": {"retrieval_temperature": 0.0}}),
-    ("temperature-0.2", "cosine ranking over 0.2 instead of 0.15 (retrieval_temperature 0.2, the default before)",
-     {"model": {"retrieval_temperature": 0.2}}),
-    ("no-retrieval-bias", "retrieval head without its learned per-movie ranking bias (scores are cos/τ alone; "
-     "retrieval_bias off, the default before)", {"model": {"retrieval_bias": False}}),
-    ("rating-relation", "messages typed by rating bucket (below 3, 3-3.5, 4 and up): one relation and "
-     "SAGEConv each way per bucket (rating_messages 'relation' instead of 'none')",
-     {"model": {"rating_messages": "relation"}}),
-    ("no-id-dropout", "no user or movie IDs hidden from the encoder (user_id_dropout and movie_id_dropout 0, "
-     "the default two tables ago)", {"model": {"user_id_dropout": 0.0, "movie_id_dropout": 0.0}}),
+    (
+        "select-rmse",
+        "best.pt and early stopping by validation RMSE instead of validation Recall@10",
+        {"train": {"select_metric": "rmse"}},
+    ),
+    (
+        "targets-in-subgraph",
+        "defect 1 unfixed: each batch's targets stay in its own subgraph",
+        {"train": {"supervision": "none"}},
+    ),
+    (
+        "disjoint-supervision",
+        "a fixed 30% of training edges supervise, the rest pass messages",
+        {"train": {"supervision": "disjoint"}},
+    ),
+    (
+        "coupled-adam",
+        "defect 5 unfixed: Adam with coupled L2 on every parameter (tables included)",
+        {"train": {"optimizer": "adam"}},
+    ),
+    (
+        "patience-3",
+        "early stopping after 3 epochs without a better validation Recall@10 instead of 6 (the default before)",
+        {"train": {"patience": 3}},
+    ),
+    (
+        "no-rank-id-l2",
+        "no L2 on the retrieval head's own user/movie vectors (rank_id_l2 0, the default before)",
+        {"train": {"rank_id_l2": 0.0}},
+    ),
+    (
+        "id-dropout-0.1",
+        "10% of a batch's user and movie IDs hidden from the encoder instead of 20% "
+        "(user_id_dropout and movie_id_dropout 0.1, the default before)",
+        {"model": {"user_id_dropout": 0.1, "movie_id_dropout": 0.1}},
+    ),
+    (
+        "no-retrieval-ids",
+        "retrieval head without its own per-user/per-movie ranking vectors (the default "
+        "before: ranking vectors are projections of the encoder output alone)",
+        {"model": {"retrieval_ids": False}},
+    ),
+    (
+        "no-logq",
+        "in-batch softmax without logQ correction (popular negatives are not discounted)",
+        {"train": {"logq_correction": False}},
+    ),
+    (
+        "no-ema",
+        "validation, best.pt and the returned model use the raw weights instead of their moving "
+        "average (ema_decay 0, the default before)",
+        {"train": {"ema_decay": 0.0}},
+    ),
+    (
+        "hidden-64",
+        "embeddings and GraphSAGE layers 64 wide instead of 128 (the default before)",
+        {"model": {"hidden": 64}},
+    ),
+    (
+        "no-temperature",
+        "retrieval head ranks by the raw dot product instead of cosine over 0.15 (retrieval_temperature 0)",
+        {"model": {"retrieval_temperature": 0.0}},
+    ),
+    (
+        "temperature-0.2",
+        "cosine ranking over 0.2 instead of 0.15 (retrieval_temperature 0.2, the default before)",
+        {"model": {"retrieval_temperature": 0.2}},
+    ),
+    (
+        "no-retrieval-bias",
+        "retrieval head without its learned per-movie ranking bias (scores are cos/τ alone; "
+        "retrieval_bias off, the default before)",
+        {"model": {"retrieval_bias": False}},
+    ),
+    (
+        "rating-relation",
+        "messages typed by rating bucket (below 3, 3-3.5, 4 and up): one relation and "
+        "SAGEConv each way per bucket (rating_messages 'relation' instead of 'none')",
+        {"model": {"rating_messages": "relation"}},
+    ),
+    (
+        "no-id-dropout",
+        "no user or movie IDs hidden from the encoder (user_id_dropout and movie_id_dropout 0, "
+        "the default two tables ago)",
+        {"model": {"user_id_dropout": 0.0, "movie_id_dropout": 0.0}},
+    ),
 ]
 MODEL = "scalable-rec (default run)"
 REFIT = "scalable-rec (refit on train + val)"
@@ -103,8 +161,15 @@ def fit_baseline(name: str, x, value: Any, seed: int):
     return B.popularity(x)
 
 
-def baselines_for_split(graph: RatingGraph, split, seed: int, threshold: float, rating_range: tuple[float, float],
-                        only: list[str] | None, chosen: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def baselines_for_split(
+    graph: RatingGraph,
+    split,
+    seed: int,
+    threshold: float,
+    rating_range: tuple[float, float],
+    only: list[str] | None,
+    chosen: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
     """Every baseline on one split. A baseline already in ``chosen`` (tuned on an earlier
     seed's validation edges) reuses that value; otherwise its grid is tuned here and the
     winner is stored in ``chosen``."""
@@ -125,21 +190,37 @@ def baselines_for_split(graph: RatingGraph, split, seed: int, threshold: float, 
         t0 = time.perf_counter()
         grid = [chosen[name]] if name in chosen else GRIDS.get(name, [None])
         relevant_only = name in RELEVANT_ONLY
-        best, val_recalls = (B.tune_on_validation(lambda x, v: fit_baseline(name, x, v, seed), grid, train_e,
-                                                  val_rel, nu, nm, fit_on=train_fit if relevant_only else None)
-                             if len(grid) > 1 else (grid[0], {}))
+        best, val_recalls = (
+            B.tune_on_validation(
+                lambda x, v: fit_baseline(name, x, v, seed),
+                grid,
+                train_e,
+                val_rel,
+                nu,
+                nm,
+                fit_on=train_fit if relevant_only else None,
+            )
+            if len(grid) > 1
+            else (grid[0], {})
+        )
         chosen[name] = best
         x_seen = B.interaction_matrix(*(seen_fit if relevant_only else seen_e), nu, nm)
         metrics = B.evaluate_fn(fit_baseline(name, x_seen, best, seed), *seen_e, *test_rel, nu, nm)
-        out[name] = {**metrics, "chosen": best, "val_recall@10": {str(k): v for k, v in val_recalls.items()},
-                     "seconds": time.perf_counter() - t0}
+        out[name] = {
+            **metrics,
+            "chosen": best,
+            "val_recall@10": {str(k): v for k, v in val_recalls.items()},
+            "seconds": time.perf_counter() - t0,
+        }
         log.info("seed %d %s: %s", seed, name, out[name])
     if not only or "biased_mf" in only:
         t0 = time.perf_counter()
         seen_r = (graph.src[seen_ids].numpy(), graph.dst[seen_ids].numpy(), graph.rating[seen_ids].numpy())
         test_r = (graph.src[split.test].numpy(), graph.dst[split.test].numpy(), graph.rating[split.test].numpy())
-        out["biased_mf"] = {**B.biased_mf_rmse(seen_r, test_r, *rating_range, seed=seed),
-                            "seconds": time.perf_counter() - t0}
+        out["biased_mf"] = {
+            **B.biased_mf_rmse(seen_r, test_r, *rating_range, seed=seed),
+            "seconds": time.perf_counter() - t0,
+        }
         log.info("seed %d biased_mf: %s", seed, out["biased_mf"])
     return out
 
@@ -158,27 +239,52 @@ def run_model(graph: RatingGraph, cfg: RunConfig, run_dir: Path) -> dict[str, An
     split = split_edges(graph, cfg.split)
     if cfg.train.refitting():  # validation edges train too; the test edges are the same
         split = split.refit()
-    result = train(graph, split, cfg.model, cfg.train, run_dir, config=cfg.to_json(),
-                   rating_range=(cfg.data.rating_min, cfg.data.rating_max))
+    result = train(
+        graph,
+        split,
+        cfg.model,
+        cfg.train,
+        run_dir,
+        config=cfg.to_json(),
+        rating_range=(cfg.data.rating_min, cfg.data.rating_max),
+    )
     if result.interrupted:  # a half-trained model must not become a table row
         raise SystemExit(f"training in {run_dir} was interrupted (signal or max_steps); no result written")
-    test = evaluate_split(result.model, graph, split, k=cfg.score.k, memory_mb=cfg.score.score_memory_mb,
-                          rating_min=cfg.data.rating_min, rating_max=cfg.data.rating_max,
-                          relevant_min=cfg.train.relevant_min)
-    return {"rmse": test["rmse"], "mae": test["mae"], "recall@10": test["model"]["recall@10"],
-            "ndcg@10": test["model"]["ndcg@10"], "epochs": len(result.history),
-            "best_val_rmse": result.best_val_rmse, "best_val_recall@10": result.best_val_recall,
-            "best_epoch": ckpt.load(run_dir / "best.pt")["epoch"],
-            "last_epoch": result.history[-1] if result.history else None,
-            "train_seconds": result.seconds}
+    test = evaluate_split(
+        result.model,
+        graph,
+        split,
+        k=cfg.score.k,
+        memory_mb=cfg.score.score_memory_mb,
+        rating_min=cfg.data.rating_min,
+        rating_max=cfg.data.rating_max,
+        relevant_min=cfg.train.relevant_min,
+    )
+    return {
+        "rmse": test["rmse"],
+        "mae": test["mae"],
+        "recall@10": test["model"]["recall@10"],
+        "ndcg@10": test["model"]["ndcg@10"],
+        "epochs": len(result.history),
+        "best_val_rmse": result.best_val_rmse,
+        "best_val_recall@10": result.best_val_recall,
+        "best_epoch": ckpt.load(run_dir / "best.pt")["epoch"],
+        "last_epoch": result.history[-1] if result.history else None,
+        "train_seconds": result.seconds,
+    }
 
 
 def summarise(per_seed: list[dict[str, Any]], key: str) -> dict[str, float] | None:
     values = [r[key] for r in per_seed if r.get(key) is not None]
     if not values:
         return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def fmt(s: dict[str, float] | None) -> str:
@@ -189,30 +295,42 @@ def fmt(s: dict[str, float] | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     seeds = ", ".join(map(str, result["seeds"]))
-    lines = [f"Shared ml-latest-small, seeds {seeds} (split seed = model seed), mean ± std (min–max); "
-             f"relevant = test rating ≥ {result['relevance_threshold']}, train + val masked; "
-             f"baselines' hyper-parameters tuned on {result.get('baseline_tuning', 'each seed')} "
-             f"(validation Recall@10), then refit on train + val; "
-             f"{result['threads']} thread(s), {result['machine']}; `experiments/quality.py`, commit {result['commit']}.",
-             "", "| method | Recall@10 | NDCG@10 | test RMSE |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"Shared ml-latest-small, seeds {seeds} (split seed = model seed), mean ± std (min–max); "
+        f"relevant = test rating ≥ {result['relevance_threshold']}, train + val masked; "
+        f"baselines' hyper-parameters tuned on {result.get('baseline_tuning', 'each seed')} "
+        f"(validation Recall@10), then refit on train + val; "
+        f"{result['threads']} thread(s), {result['machine']}; `experiments/quality.py`, commit {result['commit']}.",
+        "",
+        "| method | Recall@10 | NDCG@10 | test RMSE |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, rows in result["methods"].items():
-        lines.append(f"| {name} | {fmt(summarise(rows, 'recall@10'))} | {fmt(summarise(rows, 'ndcg@10'))} | "
-                     f"{fmt(summarise(rows, 'rmse'))} |")
+        lines.append(
+            f"| {name} | {fmt(summarise(rows, 'recall@10'))} | {fmt(summarise(rows, 'ndcg@10'))} | "
+            f"{fmt(summarise(rows, 'rmse'))} |"
+        )
     t = result["target"]
     lines.append(f"| *target (issue 8)* | ≥ {t['recall@10']} | ≥ {t['ndcg@10']} | ≤ {t['rmse']} |")
     if result.get("note"):
         lines += ["", result["note"]]
     if result.get("ablation"):
-        lines += ["", f"Ablation (seeds {', '.join(map(str, result['ablation_seeds']))}; each row changes one "
-                  "thing against the defaults):", "",
-                  "| change | what | val Recall@10 (best.pt) | val RMSE (best.pt) | Recall@10 | NDCG@10 | test RMSE |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"Ablation (seeds {', '.join(map(str, result['ablation_seeds']))}; each row changes one "
+            "thing against the defaults):",
+            "",
+            "| change | what | val Recall@10 (best.pt) | val RMSE (best.pt) | Recall@10 | NDCG@10 | test RMSE |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         model_rows = [r for r in result["methods"].get(MODEL, []) if r["seed"] in result["ablation_seeds"]]
         default = [{"name": "default", "what": "the package's defaults (rows above)", "runs": model_rows}]
         for row in (default if model_rows else []) + result["ablation"]:
-            lines.append(f"| {row['name']} | {row['what']} | {fmt(summarise(row['runs'], 'best_val_recall@10'))} | "
-                         f"{fmt(summarise(row['runs'], 'best_val_rmse'))} | {fmt(summarise(row['runs'], 'recall@10'))} | "
-                         f"{fmt(summarise(row['runs'], 'ndcg@10'))} | {fmt(summarise(row['runs'], 'rmse'))} |")
+            lines.append(
+                f"| {row['name']} | {row['what']} | {fmt(summarise(row['runs'], 'best_val_recall@10'))} | "
+                f"{fmt(summarise(row['runs'], 'best_val_rmse'))} | {fmt(summarise(row['runs'], 'recall@10'))} | "
+                f"{fmt(summarise(row['runs'], 'ndcg@10'))} | {fmt(summarise(row['runs'], 'rmse'))} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -231,34 +349,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", default=None, help="shard directory (default <workdir>/shards/<data name>)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="benchmarks/reference/quality-ml-latest-small")
-    p.add_argument("--baselines", nargs="*", default=None,
-                   help="only these baselines (popularity ease ease_relevant item_knn item_knn_relevant "
-                        "implicit_als biased_mf); none: skip")
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        default=None,
+        help="only these baselines (popularity ease ease_relevant item_knn item_knn_relevant "
+        "implicit_als biased_mf); none: skip",
+    )
     p.add_argument("--no-model", action="store_true", help="skip the package's model (baselines only)")
-    p.add_argument("--tune-every-seed", action="store_true",
-                   help="tune each baseline on every seed's validation edges (default: on the first seed's, "
-                        "then reused; EASE's inverse is minutes on a busy 2-core machine)")
-    p.add_argument("--refit", action="store_true",
-                   help="after each seed's default run, refit it on train + val for the epochs validation chose")
-    p.add_argument("--sampler", choices=["auto", "pyg", "torch"], default=None,
-                   help="neighbour sampler of every model run (TrainConfig.sampler; default: the config's)")
-    p.add_argument("--ablation", nargs="*", default=None,
-                   help="also run these ablation rows (no names: all)")
+    p.add_argument(
+        "--tune-every-seed",
+        action="store_true",
+        help="tune each baseline on every seed's validation edges (default: on the first seed's, "
+        "then reused; EASE's inverse is minutes on a busy 2-core machine)",
+    )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="after each seed's default run, refit it on train + val for the epochs validation chose",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["auto", "pyg", "torch"],
+        default=None,
+        help="neighbour sampler of every model run (TrainConfig.sampler; default: the config's)",
+    )
+    p.add_argument("--ablation", nargs="*", default=None, help="also run these ablation rows (no names: all)")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--doc", type=Path, default=None,
-                   help="Markdown file whose quality block is replaced (docs/RESULTS.md)")
+    p.add_argument(
+        "--doc", type=Path, default=None, help="Markdown file whose quality block is replaced (docs/RESULTS.md)"
+    )
     p.add_argument("--note", default=None, help="a sentence added under the table (e.g. which code ran)")
-    p.add_argument("--combine", type=Path, nargs="+", default=None,
-                   help="merge the JSON outputs of earlier runs (e.g. model and baselines run as two "
-                        "processes) into --out instead of running anything")
+    p.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="merge the JSON outputs of earlier runs (e.g. model and baselines run as two "
+        "processes) into --out instead of running anything",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.combine:
         return write_outputs(combine([json.loads(path.read_text()) for path in args.combine]), args)
     # the code that runs is the code checked out now (a later commit must not label it)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
     commit = f"{commit}+uncommitted" if commit and dirty else commit
     threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -276,35 +414,57 @@ def main(argv: list[str] | None = None) -> int:
         cfg = with_overrides(base, {}, seed)
         if not args.no_model:
             methods.setdefault(MODEL, []).append(
-                {"seed": seed, **run_model(graph, cfg, Path(args.workdir) / f"default-seed{seed}")})
+                {"seed": seed, **run_model(graph, cfg, Path(args.workdir) / f"default-seed{seed}")}
+            )
             log.info("seed %d model: %s", seed, methods[MODEL][-1])
             if args.refit:
                 epochs = methods[MODEL][-1]["best_epoch"] + 1
                 refit = copy.deepcopy(cfg)
                 refit.train = cfg.train.for_refit(epochs)
                 methods.setdefault(REFIT, []).append(
-                    {"seed": seed, **run_model(graph, refit, Path(args.workdir) / f"refit-seed{seed}")})
+                    {"seed": seed, **run_model(graph, refit, Path(args.workdir) / f"refit-seed{seed}")}
+                )
                 log.info("seed %d refit (%d epochs): %s", seed, epochs, methods[REFIT][-1])
         if args.baselines is None or args.baselines:
-            for name, metrics in baselines_for_split(graph, split_edges(graph, cfg.split), seed, threshold,
-                                                     (base.data.rating_min, base.data.rating_max),
-                                                     args.baselines, {} if args.tune_every_seed else chosen).items():
+            for name, metrics in baselines_for_split(
+                graph,
+                split_edges(graph, cfg.split),
+                seed,
+                threshold,
+                (base.data.rating_min, base.data.rating_max),
+                args.baselines,
+                {} if args.tune_every_seed else chosen,
+            ).items():
                 methods.setdefault(name, []).append({"seed": seed, **metrics})
     ablation = []
     if args.ablation is not None:
         rows = [row for row in ABLATION if not args.ablation or row[0] in args.ablation]
         for name, what, overrides in rows:
-            runs = [{"seed": s, **run_model(graph, with_overrides(base, overrides, s),
-                                            Path(args.workdir) / f"ablation-{name}-seed{s}")}
-                    for s in args.ablation_seeds]
+            runs = [
+                {
+                    "seed": s,
+                    **run_model(
+                        graph, with_overrides(base, overrides, s), Path(args.workdir) / f"ablation-{name}-seed{s}"
+                    ),
+                }
+                for s in args.ablation_seeds
+            ]
             ablation.append({"name": name, "what": what, "overrides": overrides, "runs": runs})
             log.info("ablation %s: %s", name, runs)
-    result = {"seeds": args.seeds, "relevance_threshold": threshold, "threads": threads,
-              "machine": f"{platform.machine()} {os.cpu_count()} cores", "commit": commit or "unknown",
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "target": TARGET,
-              "config": base.to_json(), "methods": methods, "ablation": ablation,
-              "ablation_seeds": args.ablation_seeds,
-              "baseline_tuning": "every seed" if args.tune_every_seed else f"seed {args.seeds[0]}'s validation"}
+    result = {
+        "seeds": args.seeds,
+        "relevance_threshold": threshold,
+        "threads": threads,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "commit": commit or "unknown",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "target": TARGET,
+        "config": base.to_json(),
+        "methods": methods,
+        "ablation": ablation,
+        "ablation_seeds": args.ablation_seeds,
+        "baseline_tuning": "every seed" if args.tune_every_seed else f"seed {args.seeds[0]}'s validation",
+    }
     return write_outputs(result, args)
 
 
@@ -341,8 +501,9 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> int:
     if args.note:
         result["note"] = args.note
-    result["summary"] = {n: {k: summarise(rows, k) for k in ("recall@10", "ndcg@10", "rmse")}
-                         for n, rows in result["methods"].items()}
+    result["summary"] = {
+        n: {k: summarise(rows, k) for k in ("recall@10", "ndcg@10", "rmse")} for n, rows in result["methods"].items()
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), json.loads(json.dumps(result, default=_jsonable)))

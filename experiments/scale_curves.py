@@ -31,6 +31,7 @@ process tree (peaks of the sums):
 
 Writes ``scale.json``, ``scale.md`` and ``scale.png`` (time and memory vs edges, log-log).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,19 @@ from pathlib import Path
 from scalable_rec.heap import hugepages_environ
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "index", "load", "train", "train-store", "train-2", "train-store-2", "train-store-2-fork",
-          "train-store-phases", "score", "score-store")
+STAGES = (
+    "prepare",
+    "index",
+    "load",
+    "train",
+    "train-store",
+    "train-2",
+    "train-store-2",
+    "train-store-2-fork",
+    "train-store-phases",
+    "score",
+    "score-store",
+)
 DEFAULT_STAGES = ("prepare", "index", "load", "train", "train-store", "score", "score-store")
 TWO_RANKS = ("train-2", "train-store-2")  # under torchrun; its launcher's memory is left out
 FORKED = "train-store-2-fork"  # two ranks forked by scalable_rec.train.launch, the launcher counted
@@ -54,11 +66,18 @@ FORKED = "train-store-2-fork"  # two ranks forked by scalable_rec.train.launch, 
 
 def sizes_for(edges: int) -> tuple[int, int]:
     ratio = edges / 25_000_000
-    return max(100, int(162_000 * ratio ** 0.75)), max(100, int(59_000 * ratio ** 0.6))
+    return max(100, int(162_000 * ratio**0.75)), max(100, int(59_000 * ratio**0.6))
 
 
-def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_users: int = 0,
-              table_optimizer: str = "auto", heap_kb: int = 0) -> dict:
+def run_stage(
+    stage: str,
+    edges: int,
+    workdir: Path,
+    train_steps: int,
+    score_users: int = 0,
+    table_optimizer: str = "auto",
+    heap_kb: int = 0,
+) -> dict:
     """Child-process body: runs one stage and returns its figures."""
     import torch
 
@@ -98,8 +117,13 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
             g = RatingGraph.from_shards(shards)
             split = split_edges(g, SplitConfig())
         split.val = split.val[:50_000]  # validation of a capped epoch on a slice
-        cfg = TrainConfig(epochs=1, steps_per_epoch=train_steps, progress=False, table_optimizer=table_optimizer,
-                          heap_mmap_threshold_kb=heap_kb)
+        cfg = TrainConfig(
+            epochs=1,
+            steps_per_epoch=train_steps,
+            progress=False,
+            table_optimizer=table_optimizer,
+            heap_mmap_threshold_kb=heap_kb,
+        )
         c0 = time.process_time()
         result = train(g, split, ModelConfig(), cfg, workdir / f"run-{stage}-{edges}", data=data)
         out["train_cpu_s"] = time.process_time() - c0
@@ -107,12 +131,16 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
             from scalable_rec.dist import DistEnv
 
             out["heap_threshold_kb_applied"] = cfg.heap_threshold_kb(DistEnv.from_environ())
-        out.update(steps=result.history[-1]["steps"], labelled_edges_per_s=result.history[-1]["edges_per_s"],
-                   message_passing_edges=edges, ranks=int(os.environ.get("WORLD_SIZE", "1")),
-                   train_loop_s=result.seconds)
+        out.update(
+            steps=result.history[-1]["steps"],
+            labelled_edges_per_s=result.history[-1]["edges_per_s"],
+            message_passing_edges=edges,
+            ranks=int(os.environ.get("WORLD_SIZE", "1")),
+            train_loop_s=result.seconds,
+        )
     elif stage.startswith("score"):
-        from scalable_rec.score import RatedIndex, ScoreConfig, topk_chunks
         from scalable_rec.model.layerwise import encode_layerwise
+        from scalable_rec.score import RatedIndex, ScoreConfig, topk_chunks
         from scalable_rec.train import ModelConfig, Recommender
 
         shards = GraphShards(shards_dir, verify=False)
@@ -139,11 +167,12 @@ def run_stage(stage: str, edges: int, workdir: Path, train_steps: int, score_use
         # extrapolated linearly in users (ranking costs the same per user: one score row).
         users = None
         if 0 < score_users < num_users:
-            users = torch.arange(num_users)[::-(-num_users // score_users)]
+            users = torch.arange(num_users)[:: -(-num_users // score_users)]
         t2, c2 = time.perf_counter(), time.process_time()
         n = 0
-        for users_chunk, _, _ in topk_chunks(lambda u: model.rank_block(z, u, all_movies), num_users,
-                                             num_movies, ScoreConfig(), rated, users):
+        for users_chunk, _, _ in topk_chunks(
+            lambda u: model.rank_block(z, u, all_movies), num_users, num_movies, ScoreConfig(), rated, users
+        ):
             n += users_chunk.numel()
         out["rank_s"] = time.perf_counter() - t2
         out["rank_cpu_s"] = time.process_time() - c2
@@ -284,8 +313,9 @@ def tree_memory(root: int, ranks_only: bool) -> dict[str, float]:
     return tot
 
 
-def run_child(cmd: list[str], ranks_only: bool, log_dir: Path, name: str = "child",
-              env: dict[str, str] | None = None) -> tuple[int, str, str, dict[str, float]]:
+def run_child(
+    cmd: list[str], ranks_only: bool, log_dir: Path, name: str = "child", env: dict[str, str] | None = None
+) -> tuple[int, str, str, dict[str, float]]:
     """Runs ``cmd``, sampling its tree's memory every 50 ms; returns rc, stdout, stderr, peaks."""
     out_path, err_path = log_dir / f".{name}.out", log_dir / f".{name}.err"
     peaks: dict[str, float] = {}
@@ -317,16 +347,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for stage in STAGES:
-        pts = sorted(((r["edges"], r) for r in rows if r["stage"] == stage and "error" not in r),
-                     key=lambda p: p[0])
+        pts = sorted(((r["edges"], r) for r in rows if r["stage"] == stage and "error" not in r), key=lambda p: p[0])
         if not pts:
             continue
         xs = [e for e, _ in pts]
         axes[0].plot(xs, [r["seconds"] for _, r in pts], marker="o", label=stage)
         axes[1].plot(xs, [r.get("private_mib", float("nan")) for _, r in pts], marker="o", label=stage)
         axes[2].plot(xs, [r.get("pss_mib", float("nan")) for _, r in pts], marker="o", label=stage)
-    for ax, label in zip(axes, ("seconds", "peak private MiB (RSS − file pages, all ranks)",
-                                "peak PSS MiB (all ranks)")):
+    for ax, label in zip(
+        axes, ("seconds", "peak private MiB (RSS − file pages, all ranks)", "peak PSS MiB (all ranks)")
+    ):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("rating edges")
@@ -338,25 +368,39 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| edges | users × movies | stage | seconds | CPU s | private MiB | USS MiB | PSS MiB | peak RSS MiB "
-             "| throughput |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| edges | users × movies | stage | seconds | CPU s | private MiB | USS MiB | PSS MiB | peak RSS MiB "
+        "| throughput |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     nan = float("nan")
     for r in sorted(rows, key=lambda r: (r["edges"], STAGES.index(r["stage"]))):
         if "error" in r:
             lines.append(f"| {r['edges']:,} | | {r['stage']} | failed | | | | | | {r['error'][-80:]!r} |")
             continue
         thr = ", ".join(f"{k}={v:,.0f}" for k, v in r.items() if k.endswith("_per_s"))
-        lines.append(f"| {r['edges']:,} | {r['users']:,} × {r['movies']:,} | {r['stage']} | {r['seconds']:.1f} | "
-                     f"{r.get('cpu_s', nan):.1f} | {r.get('private_mib', nan):,.0f} | {r.get('uss_mib', nan):,.0f} | "
-                     f"{r.get('pss_mib', nan):,.0f} | {r['peak_rss_mib']:,.0f} | {thr} |")
+        lines.append(
+            f"| {r['edges']:,} | {r['users']:,} × {r['movies']:,} | {r['stage']} | {r['seconds']:.1f} | "
+            f"{r.get('cpu_s', nan):.1f} | {r.get('private_mib', nan):,.0f} | {r.get('uss_mib', nan):,.0f} | "
+            f"{r.get('pss_mib', nan):,.0f} | {r['peak_rss_mib']:,.0f} | {thr} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 MARK_START, MARK_END = "<!-- scale:start -->", "<!-- scale:end -->"
-PATHS = {"prepare": "shards", "index": "graph index", "load": "memory", "train": "memory", "train-store": "store",
-         "train-2": "memory, 2 ranks", "train-store-2": "store, 2 ranks",
-         "train-store-2-fork": "store, 2 forked ranks + launcher", "train-store-phases": "store, by phase",
-         "score": "memory", "score-store": "store"}
+PATHS = {
+    "prepare": "shards",
+    "index": "graph index",
+    "load": "memory",
+    "train": "memory",
+    "train-store": "store",
+    "train-2": "memory, 2 ranks",
+    "train-store-2": "store, 2 ranks",
+    "train-store-2-fork": "store, 2 forked ranks + launcher",
+    "train-store-phases": "store, by phase",
+    "score": "memory",
+    "score-store": "store",
+}
 
 
 def _score_cpu(r: dict) -> float:
@@ -367,8 +411,10 @@ def _score_cpu(r: dict) -> float:
 def _score_cell(r: dict) -> str:
     users = r.get("scored_users", r["users"])
     if users < r["users"]:
-        return (f"encode {r['encode_cpu_s']:.1f} + rank {r['rank_cpu_s']:.1f} CPU s for {users:,} users → "
-                f"{_score_cpu(r):.0f} CPU s for all {r['users']:,} (extrapolated)")
+        return (
+            f"encode {r['encode_cpu_s']:.1f} + rank {r['rank_cpu_s']:.1f} CPU s for {users:,} users → "
+            f"{_score_cpu(r):.0f} CPU s for all {r['users']:,} (extrapolated)"
+        )
     return f"encode {r['encode_cpu_s']:.1f} + rank {r['rank_cpu_s']:.1f} CPU s, all {users:,} users"
 
 
@@ -381,8 +427,12 @@ def results_block(rows: list[dict]) -> str:
         if not by:
             continue
         any_row = next(iter(by.values()))
-        out += [f"**{edges:,} edges** ({any_row['users']:,} users × {any_row['movies']:,} movies)", "",
-                "| stage | path | wall s | CPU s | private MiB | PSS MiB | figure |", "|---|---|---:|---:|---:|---:|---|"]
+        out += [
+            f"**{edges:,} edges** ({any_row['users']:,} users × {any_row['movies']:,} movies)",
+            "",
+            "| stage | path | wall s | CPU s | private MiB | PSS MiB | figure |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
         for stage in STAGES:
             r = by.get(stage)
             if r is None or stage == "train-store-phases":
@@ -396,49 +446,73 @@ def results_block(rows: list[dict]) -> str:
             else:
                 cpu = r.get("cpu_s", nan)
                 fig = f"{r.get('edges_per_s', nan):,.0f} edges/s"
-            out.append(f"| {stage} | {PATHS[stage]} | {r['seconds']:.0f} | {cpu:.1f} | {r.get('private_mib', nan):,.0f} | "
-                       f"{r.get('pss_mib', nan):,.0f} | {fig} |")
+            out.append(
+                f"| {stage} | {PATHS[stage]} | {r['seconds']:.0f} | {cpu:.1f} | {r.get('private_mib', nan):,.0f} | "
+                f"{r.get('pss_mib', nan):,.0f} | {fig} |"
+            )
         for name, fail in [("failed", [r for r in rows if r["edges"] == edges and "error" in r])]:
             for r in fail:
                 out.append(f"| {r['stage']} | {PATHS[r['stage']]} | {name} | | | | {r['error'][-60:]!r} |")
         checks = []
         if "train-store" in by and "train-store-2" in by:
             one, two = by["train-store"], by["train-store-2"]
-            checks.append(f"two ranks / one rank, summed PSS: {two['pss_mib']:,.0f} / {one['pss_mib']:,.0f} = "
-                          f"**{two['pss_mib'] / one['pss_mib']:.2f}×** (target < 1.3×)")
+            checks.append(
+                f"two ranks / one rank, summed PSS: {two['pss_mib']:,.0f} / {one['pss_mib']:,.0f} = "
+                f"**{two['pss_mib'] / one['pss_mib']:.2f}×** (target < 1.3×)"
+            )
         if "train-store" in by and FORKED in by:
             one, two = by["train-store"], by[FORKED]
-            checks.append(f"two forked ranks with their launcher / one rank, summed PSS: {two['pss_mib']:,.0f} / "
-                          f"{one['pss_mib']:,.0f} = **{two['pss_mib'] / one['pss_mib']:.2f}×** (target < 1.3×)")
+            checks.append(
+                f"two forked ranks with their launcher / one rank, summed PSS: {two['pss_mib']:,.0f} / "
+                f"{one['pss_mib']:,.0f} = **{two['pss_mib'] / one['pss_mib']:.2f}×** (target < 1.3×)"
+            )
         for stage in ("train-store", "score-store"):
             if stage in by:
                 target = "target ≤ 2,048" if edges == 25_000_000 else "the ≤ 2,048 target is set at 25M"
                 checks.append(f"{stage} peak private memory **{by[stage]['private_mib']:,.0f} MiB** ({target})")
         if "train" in by and "train-store" in by:
             m, st = by["train"], by["train-store"]
-            checks.append(f"train CPU s store / memory: {st['train_cpu_s']:.1f} / {m['train_cpu_s']:.1f} = "
-                          f"**{st['train_cpu_s'] / m['train_cpu_s']:.2f}** (target ≤ 1.2); labelled edges/s "
-                          f"{st['labelled_edges_per_s']:,.0f} / {m['labelled_edges_per_s']:,.0f} = "
-                          f"{st['labelled_edges_per_s'] / m['labelled_edges_per_s']:.2f} (wall time)")
+            checks.append(
+                f"train CPU s store / memory: {st['train_cpu_s']:.1f} / {m['train_cpu_s']:.1f} = "
+                f"**{st['train_cpu_s'] / m['train_cpu_s']:.2f}** (target ≤ 1.2); labelled edges/s "
+                f"{st['labelled_edges_per_s']:,.0f} / {m['labelled_edges_per_s']:,.0f} = "
+                f"{st['labelled_edges_per_s'] / m['labelled_edges_per_s']:.2f} (wall time)"
+            )
         if "score" in by and "score-store" in by:
             m, st = by["score"], by["score-store"]
-            checks.append(f"score CPU s store / memory: {_score_cpu(st):.0f} / {_score_cpu(m):.0f} = "
-                          f"**{_score_cpu(st) / _score_cpu(m):.2f}** (target ≤ 1.2)")
+            checks.append(
+                f"score CPU s store / memory: {_score_cpu(st):.0f} / {_score_cpu(m):.0f} = "
+                f"**{_score_cpu(st) / _score_cpu(m):.2f}** (target ≤ 1.2)"
+            )
         out += [""] + [f"- {c}" for c in checks] + [""]
         if "train-store-phases" in by:
-            out += ["One store-backed training rank by phase (`train-store-phases`: this process's private "
-                    "memory after each phase, and its peak within it):", "",
-                    "| phase | private MiB after | peak MiB within |", "|---|---:|---:|"]
-            out += [f"| {name} | {v['after_mib']:,.0f} | {v['peak_mib']:,.0f} |"
-                    for name, v in by["train-store-phases"]["phases"].items()] + [""]
+            out += [
+                "One store-backed training rank by phase (`train-store-phases`: this process's private "
+                "memory after each phase, and its peak within it):",
+                "",
+                "| phase | private MiB after | peak MiB within |",
+                "|---|---:|---:|",
+            ]
+            out += [
+                f"| {name} | {v['after_mib']:,.0f} | {v['peak_mib']:,.0f} |"
+                for name, v in by["train-store-phases"]["phases"].items()
+            ] + [""]
             parts = by["train-store-phases"].get("step_parts")
             if parts:
-                out += ["Its training steps part by part (largest rise of private memory within each part over "
-                        "the part's start, over all steps):", "", "| step part | largest rise MiB |", "|---|---:|"]
+                out += [
+                    "Its training steps part by part (largest rise of private memory within each part over "
+                    "the part's start, over all steps):",
+                    "",
+                    "| step part | largest rise MiB |",
+                    "|---|---:|",
+                ]
                 out += [f"| {name} | {v['peak_rise_mib']:,.0f} |" for name, v in parts.items()] + [""]
             if by["train-store-phases"].get("table_optimizer"):
-                out += [f"Tables: `table_optimizer={by['train-store-phases']['table_optimizer']}` (`auto`: row-wise "
-                        "Adagrad from 100,000 users + movies on).", ""]
+                out += [
+                    f"Tables: `table_optimizer={by['train-store-phases']['table_optimizer']}` (`auto`: row-wise "
+                    "Adagrad from 100,000 users + movies on).",
+                    "",
+                ]
     return "\n".join(out)
 
 
@@ -457,20 +531,43 @@ def main() -> None:
     p.add_argument("--edges", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000, 25_000_000])
     p.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=STAGES)
     p.add_argument("--train-steps", type=int, default=50)
-    p.add_argument("--heap-mmap-threshold-kb", type=int, default=None,
-                   help="TrainConfig.heap_mmap_threshold_kb of the train-store stages (recorded in each row; "
-                        "default: TrainConfig's, -1: auto; 0: glibc's dynamic threshold)")
-    p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
-                   help="run the stages without glibc's transparent huge pages, which the scalable-rec "
-                        "command turns on (scalable_rec/heap.py)")
-    p.add_argument("--table-optimizer", default="auto", choices=("auto", "adamw", "rowwise_adagrad"),
-                   help="TrainConfig.table_optimizer of the train stages (recorded in each row)")
-    p.add_argument("--score-users", type=int, default=0,
-                   help="score stages rank this many users (evenly spaced) and extrapolate to all; 0: all")
-    p.add_argument("--results", default="scale.json",
-                   help="rows file in --out for this invocation (several may run at once); reports merge scale*.json")
-    p.add_argument("--doc", type=Path, default=None,
-                   help="Markdown file whose scale block is replaced, with --report (docs/RESULTS.md)")
+    p.add_argument(
+        "--heap-mmap-threshold-kb",
+        type=int,
+        default=None,
+        help="TrainConfig.heap_mmap_threshold_kb of the train-store stages (recorded in each row; "
+        "default: TrainConfig's, -1: auto; 0: glibc's dynamic threshold)",
+    )
+    p.add_argument(
+        "--no-hugepages",
+        dest="hugepages",
+        action="store_false",
+        help="run the stages without glibc's transparent huge pages, which the scalable-rec "
+        "command turns on (scalable_rec/heap.py)",
+    )
+    p.add_argument(
+        "--table-optimizer",
+        default="auto",
+        choices=("auto", "adamw", "rowwise_adagrad"),
+        help="TrainConfig.table_optimizer of the train stages (recorded in each row)",
+    )
+    p.add_argument(
+        "--score-users",
+        type=int,
+        default=0,
+        help="score stages rank this many users (evenly spaced) and extrapolate to all; 0: all",
+    )
+    p.add_argument(
+        "--results",
+        default="scale.json",
+        help="rows file in --out for this invocation (several may run at once); reports merge scale*.json",
+    )
+    p.add_argument(
+        "--doc",
+        type=Path,
+        default=None,
+        help="Markdown file whose scale block is replaced, with --report (docs/RESULTS.md)",
+    )
     p.add_argument("--out", default="runs/scale")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # child mode
     p.add_argument("--report", action="store_true", help="only rewrite scale.md and scale.png from scale.json")
@@ -494,8 +591,15 @@ def main() -> None:
 
         if args.stage == FORKED and not os.environ.get(LAUNCHED_ENV):
             sys.exit(launch(_forked_rank, sys.argv[1:], 2))
-        row = run_stage(args.stage, args.edges[0], out, args.train_steps, args.score_users, args.table_optimizer,
-                        args.heap_mmap_threshold_kb)
+        row = run_stage(
+            args.stage,
+            args.edges[0],
+            out,
+            args.train_steps,
+            args.score_users,
+            args.table_optimizer,
+            args.heap_mmap_threshold_kb,
+        )
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(row))
         return
@@ -507,30 +611,61 @@ def main() -> None:
     rows = json.loads(results.read_text()) if results.is_file() else []  # runs add to earlier ones
     for edges in args.edges:
         for stage in args.stages:
-            child = [__file__, "--stage", stage, "--edges", str(edges), "--out", str(out),
-                     "--train-steps", str(args.train_steps), "--score-users", str(args.score_users),
-                     "--table-optimizer", args.table_optimizer,
-                     "--heap-mmap-threshold-kb", str(args.heap_mmap_threshold_kb)]
+            child = [
+                __file__,
+                "--stage",
+                stage,
+                "--edges",
+                str(edges),
+                "--out",
+                str(out),
+                "--train-steps",
+                str(args.train_steps),
+                "--score-users",
+                str(args.score_users),
+                "--table-optimizer",
+                args.table_optimizer,
+                "--heap-mmap-threshold-kb",
+                str(args.heap_mmap_threshold_kb),
+            ]
             two = stage in TWO_RANKS
-            cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *child]
-                   if two else [sys.executable, *child])  # FORKED: the child forks its two ranks itself
+            cmd = (
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *child]
+                if two
+                else [sys.executable, *child]
+            )  # FORKED: the child forks its two ranks itself
             rc, stdout, stderr, peaks = run_child(cmd, ranks_only=two, log_dir=out, name=f"{stage}-{edges}", env=env)
             rows = [r for r in rows if (r["stage"], r["edges"]) != (stage, edges)]
             if rc != 0:
                 print(f"{stage} at {edges:,} edges failed:\n{stderr[-2000:]}", file=sys.stderr)
-                rows.append({"stage": stage, "edges": edges, "users": 0, "movies": 0, "seconds": float("nan"),
-                             "peak_rss_mib": float("nan"), "error": stderr[-500:]})
+                rows.append(
+                    {
+                        "stage": stage,
+                        "edges": edges,
+                        "users": 0,
+                        "movies": 0,
+                        "seconds": float("nan"),
+                        "peak_rss_mib": float("nan"),
+                        "error": stderr[-500:],
+                    }
+                )
                 continue
             row = json.loads(stdout.strip().splitlines()[-1])
-            row.update({k: round(v, 1) for k, v in peaks.items()}, threads=os.environ.get("OMP_NUM_THREADS"),
-                       glibc_tunables=env.get("GLIBC_TUNABLES", ""))
+            row.update(
+                {k: round(v, 1) for k, v in peaks.items()},
+                threads=os.environ.get("OMP_NUM_THREADS"),
+                glibc_tunables=env.get("GLIBC_TUNABLES", ""),
+            )
             if stage.startswith("train"):
                 row["table_optimizer"] = args.table_optimizer
                 row["heap_mmap_threshold_kb"] = args.heap_mmap_threshold_kb
             rows.append(row)
-            print(f"{edges:>11,} {stage:14s} {row['seconds']:8.1f}s  private {row.get('private_mib', 0):8,.0f} MiB"
-                  f"  USS {row.get('uss_mib', 0):8,.0f}  PSS {row.get('pss_mib', 0):8,.0f}"
-                  f"  RSS {row['peak_rss_mib']:8,.0f} MiB", flush=True)
+            print(
+                f"{edges:>11,} {stage:14s} {row['seconds']:8.1f}s  private {row.get('private_mib', 0):8,.0f} MiB"
+                f"  USS {row.get('uss_mib', 0):8,.0f}  PSS {row.get('pss_mib', 0):8,.0f}"
+                f"  RSS {row['peak_rss_mib']:8,.0f} MiB",
+                flush=True,
+            )
             results.write_text(json.dumps(rows, indent=2))
     rows = merged_rows(out)
     (out / "scale.md").write_text(markdown(rows))

@@ -9,6 +9,7 @@ of ``supervision``, ``optimizer`` and ``select_metric``).
 Each variant is a JSON object of ``TrainConfig`` overrides (``model.`` prefixed keys go to
 ``ModelConfig``); the split, seed and everything else stay at their defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,14 +34,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="epoch cap of every variant")
     parser.add_argument("--seed", type=int, default=0, help="split seed and model seed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
-                        help="a named set of overrides (repeatable)")
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=JSON", help="a named set of overrides (repeatable)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = RatingGraph.from_shards(GraphShards(args.shards), FeatureConfig())
     split = split_edges(g, SplitConfig(split_seed=args.seed))
-    results = {"shards": args.shards, "epochs": args.epochs, "seed": args.seed, "threads": args.threads,
-               "variants": {}}
+    results = {"shards": args.shards, "epochs": args.epochs, "seed": args.seed, "threads": args.threads, "variants": {}}
     for spec in args.variant or ["default={}"]:
         name, _, overrides = spec.partition("=")
         over = json.loads(overrides or "{}")
@@ -51,13 +52,28 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as run_dir:
             result = train(g, split, ModelConfig(**model_over), cfg, Path(run_dir))
         test = evaluate_split(result.model, g, split, relevant_min=cfg.relevant_min)
-        results["variants"][name] = {"overrides": over, "seconds": time.perf_counter() - t0,
-                                     "best_val_rmse": result.best_val_rmse,
-                                     "best_val_recall@10": result.best_val_recall,
-                                     "history": result.history, "test": test}
-        print(json.dumps({name: {"val_rmse": result.best_val_rmse, "val_recall@10": result.best_val_recall,
-                                 "test_rmse": test["rmse"], "test_recall@10": test["model"]["recall@10"],
-                                 "test_ndcg@10": test["model"]["ndcg@10"]}}), flush=True)
+        results["variants"][name] = {
+            "overrides": over,
+            "seconds": time.perf_counter() - t0,
+            "best_val_rmse": result.best_val_rmse,
+            "best_val_recall@10": result.best_val_recall,
+            "history": result.history,
+            "test": test,
+        }
+        print(
+            json.dumps(
+                {
+                    name: {
+                        "val_rmse": result.best_val_rmse,
+                        "val_recall@10": result.best_val_recall,
+                        "test_rmse": test["rmse"],
+                        "test_recall@10": test["model"]["recall@10"],
+                        "test_ndcg@10": test["model"]["ndcg@10"],
+                    }
+                }
+            ),
+            flush=True,
+        )
         write_json_atomic(args.out, results)
 
 

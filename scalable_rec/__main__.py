@@ -1,4 +1,5 @@
 """``python -m scalable_rec`` and the ``scalable-rec`` command."""
+
 import os
 import sys
 

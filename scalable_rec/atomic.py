@@ -5,6 +5,7 @@ Every artifact the package writes (manifests, configs, metrics, checkpoints, fea
 caches) goes through here, so a crash or a full disk never leaves a file that looks
 finished, and the temporary file is removed when the write fails.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 
 def temp_name(path: Path) -> Path:
@@ -90,4 +92,4 @@ def replace_marked_block(path: str | os.PathLike, start_mark: str, end_mark: str
     if start < 0 or end < start:
         raise ValueError(f"{path} has no '{start_mark}' … '{end_mark}' block")
     with atomic_open(path, "w") as fh:
-        fh.write(old[:start + len(start_mark)] + "\n" + text + old[end:])
+        fh.write(old[: start + len(start_mark)] + "\n" + text + old[end:])

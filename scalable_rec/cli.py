@@ -15,6 +15,7 @@ Run under ``torchrun`` unchanged for DDP, or let ``run``/``train``/``score`` sta
 one node themselves with ``--nproc-per-node N`` (forked from a forkserver after its
 imports, so the ranks share them: ``scalable_rec.train.launch``). ``scalable-rec COMMAND --help`` lists flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,18 +24,18 @@ import json
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from scalable_rec import pipeline
 from scalable_rec.atomic import dumps
 from scalable_rec.config import GROUPS, RunConfig, add_config_arguments, build_group
+from scalable_rec.dist import DistEnv, shutdown_distributed
 from scalable_rec.errors import ConfigError, InterruptedRunError, ScalableRecError
+from scalable_rec.model.recommender import check_model_device
 from scalable_rec.refresh import RefreshConfig
 from scalable_rec.source.synthetic import PRESETS
-from scalable_rec.dist import DistEnv, shutdown_distributed
-from scalable_rec.train.launch import LAUNCHED_ENV, launch
 from scalable_rec.train.config import resolve_device
-from scalable_rec.model.recommender import check_model_device
+from scalable_rec.train.launch import LAUNCHED_ENV, launch
 
 log = logging.getLogger("scalable_rec")
 
@@ -42,10 +43,16 @@ log = logging.getLogger("scalable_rec")
 # Exit status of a user error (bad option, bad input, refused state), as argparse uses.
 USAGE_ERROR = 2
 # OS errors that are the environment's, not a bug: one line and exit 2, no traceback.
-USER_OS_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
-                  errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-                  errno.ENOENT: "no such file or directory", errno.ENOTDIR: "not a directory",
-                  errno.EDQUOT: "disk quota exceeded", errno.EISDIR: "is a directory"}
+USER_OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "not a directory",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EISDIR: "is a directory",
+}
 
 
 def cmd_prepare(cfg: RunConfig, args: argparse.Namespace) -> None:
@@ -64,17 +71,21 @@ def cmd_score(cfg: RunConfig, args: argparse.Namespace) -> None:
     """Run directory → top-K per user (Parquet or ArangoDB)."""
     if not cfg.run_dir:
         raise ConfigError("'score' needs --run-dir (a directory written by 'train' or 'run')")
-    print(pipeline.score_stage(cfg, cfg.run_dir, allow_interrupted=args.allow_interrupted,
-                               allow_shard_mismatch=args.allow_shard_mismatch))
+    print(
+        pipeline.score_stage(
+            cfg, cfg.run_dir, allow_interrupted=args.allow_interrupted, allow_shard_mismatch=args.allow_shard_mismatch
+        )
+    )
 
 
 # Flags of the groups 'refresh' shares with 'score' that a refresh cannot honour: refused
 # with one line (and left out of its --help) rather than silently ignored.
-REFRESH_REFUSES = {"ScoreConfig.score_device": "--score-device (a refresh runs on the CPU)",
-                   "ScoreConfig.exclude_rated": "--exclude-rated/--no-exclude-rated (rated movies are always "
-                                                "excluded)",
-                   "WritebackConfig.replace_previous": "--replace-previous/--no-replace-previous (a refresh always "
-                                                       "replaces the refreshed users' edges)"}
+REFRESH_REFUSES = {
+    "ScoreConfig.score_device": "--score-device (a refresh runs on the CPU)",
+    "ScoreConfig.exclude_rated": "--exclude-rated/--no-exclude-rated (rated movies are always excluded)",
+    "WritebackConfig.replace_previous": "--replace-previous/--no-replace-previous (a refresh always "
+    "replaces the refreshed users' edges)",
+}
 
 
 def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig, args: argparse.Namespace) -> None:
@@ -83,15 +94,26 @@ def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig, args: argparse.Names
     if not cfg.run_dir:
         problems.append("'refresh' needs --run-dir (a directory written by 'train' or 'run')")
     if not refresh_cfg.new_ratings:
-        problems.append("'refresh' needs --new-ratings (a ratings.csv file, a folder holding one, or a shard directory)")
+        problems.append(
+            "'refresh' needs --new-ratings (a ratings.csv file, a folder holding one, or a shard directory)"
+        )
     refused = [flag for dest, flag in REFRESH_REFUSES.items() if dest in vars(args)]
     if refused:
         problems.append("'refresh' does not take " + ", ".join(refused))
     if problems:
         raise ConfigError("; ".join(problems))
     k = cfg.score.k if "ScoreConfig.k" in vars(args) else None  # None: the k the Parquet was written with
-    print(dumps(pipeline.refresh_stage(cfg, refresh_cfg, k=k, allow_interrupted=args.allow_interrupted,
-                                       allow_shard_mismatch=args.allow_shard_mismatch)))
+    print(
+        dumps(
+            pipeline.refresh_stage(
+                cfg,
+                refresh_cfg,
+                k=k,
+                allow_interrupted=args.allow_interrupted,
+                allow_shard_mismatch=args.allow_shard_mismatch,
+            )
+        )
+    )
 
 
 def cmd_run(cfg: RunConfig, args: argparse.Namespace) -> None:
@@ -105,23 +127,42 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from scalable_rec.source import SkipReport, write_rating_shards
     from scalable_rec.source.synthetic import SyntheticSource
 
-    overrides = {k: v for k, v in {"num_users": args.users, "num_movies": args.movies,
-                                    "num_edges": args.edges, "seed": args.seed}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "num_users": args.users,
+            "num_movies": args.movies,
+            "num_edges": args.edges,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
     source = SyntheticSource.preset(args.preset, **overrides)
-    manifest = write_rating_shards(source, args.out, SkipReport(), max_rows_per_shard=args.max_rows_per_shard,
-                                   overwrite=args.overwrite)
+    manifest = write_rating_shards(
+        source, args.out, SkipReport(), max_rows_per_shard=args.max_rows_per_shard, overwrite=args.overwrite
+    )
     print(json.dumps({"shards": args.out, "config": manifest.config}, indent=2))
 
 
 def cmd_arango_load(cfg: RunConfig, args: argparse.Namespace) -> None:
     """MovieLens (--data) → ArangoDB: Users, Movie, Ratings and the graph movie_rating_graph."""
-    from scalable_rec.source import RatingBounds
     from scalable_rec.sink.arango_load import load_movielens_dir
+    from scalable_rec.source import RatingBounds
     from scalable_rec.source.download import fetch_movielens
 
     data_dir = cfg.data.data or str(fetch_movielens())
-    print(json.dumps(load_movielens_dir(data_dir, cfg.arango, cfg.arango_load, strict=cfg.data.strict,
-                                        bounds=RatingBounds(cfg.data.rating_min, cfg.data.rating_max)), indent=2))
+    print(
+        json.dumps(
+            load_movielens_dir(
+                data_dir,
+                cfg.arango,
+                cfg.arango_load,
+                strict=cfg.data.strict,
+                bounds=RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
+            ),
+            indent=2,
+        )
+    )
 
 
 def cmd_arango_export(cfg: RunConfig, args: argparse.Namespace) -> None:
@@ -131,17 +172,27 @@ def cmd_arango_export(cfg: RunConfig, args: argparse.Namespace) -> None:
 
     if not cfg.data.shards:
         raise ScalableRecError("'arango export' needs --shards DIR (the shard directory to write)")
-    manifest = export_command(cfg.data.shards, cfg.arango, cfg.export, strict=cfg.data.strict,
-                              bounds=RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
-                              max_rows_per_shard=cfg.data.max_rows_per_shard, overwrite=cfg.data.overwrite)
+    manifest = export_command(
+        cfg.data.shards,
+        cfg.arango,
+        cfg.export,
+        strict=cfg.data.strict,
+        bounds=RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
+        max_rows_per_shard=cfg.data.max_rows_per_shard,
+        overwrite=cfg.data.overwrite,
+    )
     print(json.dumps({"shards": cfg.data.shards, "report": manifest.report}, indent=2))
 
 
 def _print_summary(cfg: RunConfig, metrics: dict) -> None:
     if DistEnv.from_environ().is_main:
         selected = metrics.get("selection", metrics)  # --refit: validated by the selecting run
-        summary = {"run_dir": cfg.run_dir, "best_val_rmse": selected["best_val_rmse"],
-                   "test": metrics.get("test"), "interrupted": metrics["interrupted"]}
+        summary = {
+            "run_dir": cfg.run_dir,
+            "best_val_rmse": selected["best_val_rmse"],
+            "test": metrics.get("test"),
+            "interrupted": metrics["interrupted"],
+        }
         if "selection" in metrics:
             summary["refit_epochs"] = selected["epochs"]
         print(dumps(summary))
@@ -164,65 +215,102 @@ ARANGO_COMMANDS: dict[str, tuple[Callable[[RunConfig, argparse.Namespace], None]
 
 def _add_verbose(parser: argparse.ArgumentParser, top: bool = False) -> None:
     """``-v`` before or after the command; a subcommand's copy sets it only when given."""
-    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
-                        help="debug logging, and the traceback of an error")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="debug logging, and the traceback of an error",
+    )
 
 
 def _add_check_overrides(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--allow-interrupted", action="store_true",
-                        help=f"{command} from best.pt even if training was interrupted, killed or diverged")
-    parser.add_argument("--allow-shard-mismatch", action="store_true",
-                        help=f"{command} even if the shards differ from those the model was trained on")
+    parser.add_argument(
+        "--allow-interrupted",
+        action="store_true",
+        help=f"{command} from best.pt even if training was interrupted, killed or diverged",
+    )
+    parser.add_argument(
+        "--allow-shard-mismatch",
+        action="store_true",
+        help=f"{command} even if the shards differ from those the model was trained on",
+    )
+
+
 # What each command's ``--help`` opens with: its usage line and what it does.
-USAGE = {"run": "scalable-rec run [options]", "prepare": "scalable-rec prepare [options]",
-         "train": "scalable-rec train [options]", "score": "scalable-rec score --run-dir DIR [options]",
-         "refresh": "scalable-rec refresh --run-dir DIR --new-ratings PATH [options]",
-         "arango load": "scalable-rec arango load [options]",
-         "arango export": "scalable-rec arango export --shards DIR [options]"}
+USAGE = {
+    "run": "scalable-rec run [options]",
+    "prepare": "scalable-rec prepare [options]",
+    "train": "scalable-rec train [options]",
+    "score": "scalable-rec score --run-dir DIR [options]",
+    "refresh": "scalable-rec refresh --run-dir DIR --new-ratings PATH [options]",
+    "arango load": "scalable-rec arango load [options]",
+    "arango export": "scalable-rec arango export --shards DIR [options]",
+}
 DESCRIPTIONS = {
     "run": "Prepare, train, evaluate and score in one run directory: config.json, best.pt, last.pt, "
-           "metrics.json, curves and recommendations.parquet (or ArangoDB edges with --sink arango). "
-           "For DDP run it under torchrun, or give --nproc-per-node N on one node.",
+    "metrics.json, curves and recommendations.parquet (or ArangoDB edges with --sink arango). "
+    "For DDP run it under torchrun, or give --nproc-per-node N on one node.",
     "prepare": "MovieLens (--data) or a given split (--train-file, --test-file) -> Arrow shards and cached "
-               "movie features; reused when the input and the options are unchanged.",
+    "movie features; reused when the input and the options are unchanged.",
     "train": "Shards -> run directory: config.json, best.pt, last.pt, metrics.json (validation curve, test "
-             "metrics) and curves. For DDP run it under torchrun, or give --nproc-per-node N on one node.",
+    "metrics) and curves. For DDP run it under torchrun, or give --nproc-per-node N on one node.",
     "score": "Run directory -> top-K movies per user in <run-dir>/recommendations.parquet, or edges in "
-             "ArangoDB with --sink arango. Refuses an interrupted run, or shards that changed since "
-             "training, unless told otherwise.",
+    "ArangoDB with --sink arango. Refuses an interrupted run, or shards that changed since "
+    "training, unless told otherwise.",
     "refresh": "Folds new ratings into a run's graph (not its weights) and re-scores only the users whose "
-               "recommendations can change (--mode exact) or who rated (--mode bounded); their rows are "
-               "replaced in recommendations.parquet or in ArangoDB. Holds the run directory's lock, refuses "
-               "what score refuses and keeps the k recommendations.parquet was written with. The report "
-               "also goes to <run-dir>/refresh/last_report.json.",
+    "recommendations can change (--mode exact) or who rated (--mode bounded); their rows are "
+    "replaced in recommendations.parquet or in ArangoDB. Holds the run directory's lock, refuses "
+    "what score refuses and keeps the k recommendations.parquet was written with. The report "
+    "also goes to <run-dir>/refresh/last_report.json.",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scalable-rec", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scalable-rec", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _add_verbose(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, groups) in COMMANDS.items():
         p = sub.add_parser(name, help=fn.__doc__, usage=USAGE[name], description=DESCRIPTIONS[name])
         _add_verbose(p)
-        p.add_argument("--run-dir", dest="run_dir", default=None,
-                       help="run directory (default: <workdir>/run-<time>-<id>)")
+        p.add_argument(
+            "--run-dir", dest="run_dir", default=None, help="run directory (default: <workdir>/run-<time>-<id>)"
+        )
         if name in ("run", "train", "score"):
-            p.add_argument("--nproc-per-node", dest="nproc_per_node", type=int, default=1, metavar="N",
-                           help="DDP ranks on this node, forked from one process after its imports (one "
-                                "node; across nodes use torchrun); default 1: this process alone")
-            p.add_argument("--max-restarts", dest="max_restarts", type=int, default=0, metavar="N",
-                           help="with --nproc-per-node: restart the ranks up to N times after a failure "
-                                "(they resume from last.pt)")
+            p.add_argument(
+                "--nproc-per-node",
+                dest="nproc_per_node",
+                type=int,
+                default=1,
+                metavar="N",
+                help="DDP ranks on this node, forked from one process after its imports (one "
+                "node; across nodes use torchrun); default 1: this process alone",
+            )
+            p.add_argument(
+                "--max-restarts",
+                dest="max_restarts",
+                type=int,
+                default=0,
+                metavar="N",
+                help="with --nproc-per-node: restart the ranks up to N times after a failure "
+                "(they resume from last.pt)",
+            )
         if name == "score":
             _add_check_overrides(p, "score")
         if "train" not in groups:  # --no-progress also silences prepare's text encoder
-            p.add_argument("--progress", action=argparse.BooleanOptionalAction, dest="TrainConfig.progress",
-                           default=argparse.SUPPRESS, help="show progress bars (default: on)")
+            p.add_argument(
+                "--progress",
+                action=argparse.BooleanOptionalAction,
+                dest="TrainConfig.progress",
+                default=argparse.SUPPRESS,
+                help="show progress bars (default: on)",
+            )
         add_config_arguments(p, [GROUPS[g] for g in groups + ("runtime",)])
-    refresh = sub.add_parser("refresh", help=cmd_refresh.__doc__, usage=USAGE["refresh"],
-                             description=DESCRIPTIONS["refresh"])
+    refresh = sub.add_parser(
+        "refresh", help=cmd_refresh.__doc__, usage=USAGE["refresh"], description=DESCRIPTIONS["refresh"]
+    )
     _add_verbose(refresh)
     refresh.add_argument("--run-dir", dest="run_dir", default=None, help="run directory written by 'train' or 'run'")
     add_config_arguments(refresh, [RefreshConfig, GROUPS["score"], GROUPS["sink"], GROUPS["arango"]])
@@ -230,15 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest in REFRESH_REFUSES:
             action.help = argparse.SUPPRESS
         elif action.dest == "ScoreConfig.k":
-            action.help = "recommendations per user; default and only accepted value: the k recommendations.parquet " \
-                          "was written with (without one: the run's k)"
+            action.help = (
+                "recommendations per user; default and only accepted value: the k recommendations.parquet "
+                "was written with (without one: the run's k)"
+            )
     _add_check_overrides(refresh, "refresh")
-    refresh.add_argument("--strict", dest="DataConfig.strict", action="store_true", default=argparse.SUPPRESS,
-                         help="fail on the first unusable new rating instead of counting and skipping it")
+    refresh.add_argument(
+        "--strict",
+        dest="DataConfig.strict",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="fail on the first unusable new rating instead of counting and skipping it",
+    )
     synth = sub.add_parser("synth", help=cmd_synth.__doc__, description=cmd_synth.__doc__)
     _add_verbose(synth)
-    synth.add_argument("--preset", default="small", choices=sorted(PRESETS),
-                       help="size preset (users, movies, edges): " + ", ".join(f"{k}={v}" for k, v in PRESETS.items()))
+    synth.add_argument(
+        "--preset",
+        default="small",
+        choices=sorted(PRESETS),
+        help="size preset (users, movies, edges): " + ", ".join(f"{k}={v}" for k, v in PRESETS.items()),
+    )
     synth.add_argument("--users", type=int, help="override the preset's number of users")
     synth.add_argument("--movies", type=int, help="override the preset's number of movies")
     synth.add_argument("--edges", type=int, help="override the preset's number of rating edges")
@@ -246,9 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="shard directory to write")
     synth.add_argument("--max-rows-per-shard", type=int, default=1_000_000, help="rows per Arrow file")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
-    arango = sub.add_parser("arango", help="ArangoDB: load MovieLens into it, export its graph to shards",
-                            description="The password comes from $SCALABLE_REC_ARANGO_PASSWORD, "
-                                        "$SCALABLE_REC_ARANGO_PASSWORD_FILE or --arango-config-file, never a flag.")
+    arango = sub.add_parser(
+        "arango",
+        help="ArangoDB: load MovieLens into it, export its graph to shards",
+        description="The password comes from $SCALABLE_REC_ARANGO_PASSWORD, "
+        "$SCALABLE_REC_ARANGO_PASSWORD_FILE or --arango-config-file, never a flag.",
+    )
     _add_verbose(arango)
     actions = arango.add_subparsers(dest="action", required=True)
     for name, (fn, groups) in ARANGO_COMMANDS.items():
@@ -294,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         return _launch_ranks(args, argv, env)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.INFO if env.is_main else logging.WARNING),
-        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s" if env.enabled
+        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s"
+        if env.enabled
         else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # glibc reads its tunables at exec: what this process runs with (the command restarts
@@ -331,8 +434,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _launch_ranks(args: argparse.Namespace, argv: list[str], env: DistEnv) -> int:
     """``--nproc-per-node N``: this process starts the N ranks and waits for them."""
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     problem = None
     if args.nproc_per_node < 1:
         problem = f"'--nproc-per-node' needs to be positive (got {args.nproc_per_node})"

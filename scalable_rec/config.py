@@ -6,6 +6,7 @@ what every artifact stores (``config.json``, checkpoints, manifests). Field name
 unique across stages, so each becomes one ``--flag`` whose help is the field's entry in
 its class docstring.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,12 @@ from scalable_rec.errors import ConfigError
 from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.hetero import SplitConfig
 from scalable_rec.graph.store import StoreConfig
+from scalable_rec.model.recommender import ModelConfig
 from scalable_rec.model.topk import ScoreConfig
 from scalable_rec.sink.arango import WritebackConfig
 from scalable_rec.sink.arango_load import LoadConfig
 from scalable_rec.source.arango import ExportConfig
 from scalable_rec.train.config import TrainConfig
-from scalable_rec.model.recommender import ModelConfig
 
 
 @dataclass
@@ -72,8 +73,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         problems = []
         if (self.train_file is None) != (self.test_file is None):
-            problems.append(f"'train_file' and 'test_file' go together (got train_file={self.train_file!r}, "
-                            f"test_file={self.test_file!r})")
+            problems.append(
+                f"'train_file' and 'test_file' go together (got train_file={self.train_file!r}, "
+                f"test_file={self.test_file!r})"
+            )
         if self.max_rows_per_shard <= 0:
             problems.append(f"'max_rows_per_shard' needs to be positive (got {self.max_rows_per_shard})")
         if not self.rating_min < self.rating_max:
@@ -142,8 +145,8 @@ class RuntimeConfig:
 # Fields whose default changed after runs were saved without them: a saved config that lacks
 # one was trained with the old value (its checkpoint has no parameters for the new one).
 SAVED_BEFORE_FIELD: dict[str, dict[str, Any]] = {
-    "model": {"retrieval_ids": False, "retrieval_temperature": 0.0, "retrieval_bias": False,
-              "rating_messages": "none"}}
+    "model": {"retrieval_ids": False, "retrieval_temperature": 0.0, "retrieval_bias": False, "rating_messages": "none"}
+}
 
 
 @dataclass
@@ -168,11 +171,15 @@ class RunConfig:
         """Checks that span groups (each group checks its own fields)."""
         problems = []
         if len(self.train.num_neighbors) != self.model.num_layers:
-            problems.append(f"'num_neighbors' needs one entry per layer: {self.model.num_layers} for "
-                            f"--num-layers {self.model.num_layers} (got {self.train.num_neighbors})")
+            problems.append(
+                f"'num_neighbors' needs one entry per layer: {self.model.num_layers} for "
+                f"--num-layers {self.model.num_layers} (got {self.train.num_neighbors})"
+            )
         if self.split.val_ratio <= 0:
-            problems.append(f"'val_ratio' needs to be positive: validation picks the best epoch and stops "
-                            f"early (got {self.split.val_ratio})")
+            problems.append(
+                f"'val_ratio' needs to be positive: validation picks the best epoch and stops "
+                f"early (got {self.split.val_ratio})"
+            )
         if problems:
             raise ConfigError("Invalid options:\n  " + "\n  ".join(problems))
 
@@ -180,20 +187,31 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "RunConfig":
+    def from_json(cls, obj: dict[str, Any]) -> RunConfig:
         groups = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "run_dir"}
         obj = {**obj, "model": {**SAVED_BEFORE_FIELD["model"], **obj.get("model", {})}} if "model" in obj else obj
         kwargs = {name: GROUPS[name](**obj.get(name, {})) for name in groups}
         return cls(**kwargs, run_dir=obj.get("run_dir"))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "RunConfig":
+    def load(cls, path: str | os.PathLike) -> RunConfig:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-GROUPS = {"data": DataConfig, "features": FeatureConfig, "split": SplitConfig, "model": ModelConfig,
-          "train": TrainConfig, "score": ScoreConfig, "store": StoreConfig, "sink": WritebackConfig,
-          "arango": ArangoConfig, "export": ExportConfig, "arango_load": LoadConfig, "runtime": RuntimeConfig}
+GROUPS = {
+    "data": DataConfig,
+    "features": FeatureConfig,
+    "split": SplitConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "score": ScoreConfig,
+    "store": StoreConfig,
+    "sink": WritebackConfig,
+    "arango": ArangoConfig,
+    "export": ExportConfig,
+    "arango_load": LoadConfig,
+    "runtime": RuntimeConfig,
+}
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -217,29 +235,81 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 # Title of each config group in ``--help``.
-TITLES = {"DataConfig": "input and output", "FeatureConfig": "movie features", "SplitConfig": "split",
-          "ModelConfig": "model", "TrainConfig": "training", "ScoreConfig": "scoring",
-          "StoreConfig": "graph storage", "WritebackConfig": "recommendation sink",
-          "ArangoConfig": "ArangoDB connection", "ExportConfig": "ArangoDB export", "LoadConfig": "ArangoDB load",
-          "RuntimeConfig": "runtime", "RefreshConfig": "refresh"}
+TITLES = {
+    "DataConfig": "input and output",
+    "FeatureConfig": "movie features",
+    "SplitConfig": "split",
+    "ModelConfig": "model",
+    "TrainConfig": "training",
+    "ScoreConfig": "scoring",
+    "StoreConfig": "graph storage",
+    "WritebackConfig": "recommendation sink",
+    "ArangoConfig": "ArangoDB connection",
+    "ExportConfig": "ArangoDB export",
+    "LoadConfig": "ArangoDB load",
+    "RuntimeConfig": "runtime",
+    "RefreshConfig": "refresh",
+}
 
 # Flags most runs leave alone: ``--help`` lists them after the others, in "advanced ..." groups.
 RARELY_USED = {
     "DataConfig": ("max_rows_per_shard", "rating_min", "rating_max", "max_skipped_share"),
     "FeatureConfig": ("encode_batch_size", "encode_device"),
-    "ModelConfig": ("decoder", "aggr", "user_id_dropout", "movie_id_dropout", "retrieval_ids",
-                    "retrieval_temperature", "retrieval_bias"),
-    "TrainConfig": ("weight_decay", "supervision", "disjoint_ratio", "relevant_min", "optimizer", "table_optimizer",
-                    "table_lr", "sparse_tables_min_rows", "val_memory_mb", "node_shared_tables",
-                    "heap_mmap_threshold_kb", "loss", "rank_loss_weight", "ema_decay", "logq_correction", "rank_id_l2",
-                    "num_workers", "steps_per_epoch", "stop_check_every", "collective_timeout_s"),
+    "ModelConfig": (
+        "decoder",
+        "aggr",
+        "user_id_dropout",
+        "movie_id_dropout",
+        "retrieval_ids",
+        "retrieval_temperature",
+        "retrieval_bias",
+    ),
+    "TrainConfig": (
+        "weight_decay",
+        "supervision",
+        "disjoint_ratio",
+        "relevant_min",
+        "optimizer",
+        "table_optimizer",
+        "table_lr",
+        "sparse_tables_min_rows",
+        "val_memory_mb",
+        "node_shared_tables",
+        "heap_mmap_threshold_kb",
+        "loss",
+        "rank_loss_weight",
+        "ema_decay",
+        "logq_correction",
+        "rank_id_l2",
+        "num_workers",
+        "steps_per_epoch",
+        "stop_check_every",
+        "collective_timeout_s",
+    ),
     "ScoreConfig": ("score_memory_mb",),
     "StoreConfig": ("store_min_edges", "store_verify", "layer_batch_size"),
     "WritebackConfig": ("writeback_batch_docs", "writeback_batch_mb"),
-    "ArangoConfig": ("arango_timeout", "arango_retries", "arango_backoff", "users_collection", "movies_collection",
-                     "ratings_collection", "graph_name"),
-    "ExportConfig": ("export_batch_size", "export_ttl", "export_prefetch", "export_partition_rows", "per_shard_reads",
-                     "pause_gc", "rating_attribute", "timestamp_attribute", "title_attribute", "genres_attribute"),
+    "ArangoConfig": (
+        "arango_timeout",
+        "arango_retries",
+        "arango_backoff",
+        "users_collection",
+        "movies_collection",
+        "ratings_collection",
+        "graph_name",
+    ),
+    "ExportConfig": (
+        "export_batch_size",
+        "export_ttl",
+        "export_prefetch",
+        "export_partition_rows",
+        "per_shard_reads",
+        "pause_gc",
+        "rating_attribute",
+        "timestamp_attribute",
+        "title_attribute",
+        "genres_attribute",
+    ),
     "RefreshConfig": ("candidate_margin",),
 }
 
@@ -264,8 +334,9 @@ def default_text(f: dataclasses.Field) -> str:
     return f" (default: {text})"
 
 
-def add_group_arguments(parser: argparse.ArgumentParser, cls: type, names: typing.Collection[str] | None = None,
-                        title: str | None = None) -> None:
+def add_group_arguments(
+    parser: argparse.ArgumentParser, cls: type, names: typing.Collection[str] | None = None, title: str | None = None
+) -> None:
     """Adds one ``--flag`` per dataclass field (or per field in ``names``) as one argument
     group; the help is the field's docstring entry and its default (defaults stay in the
     dataclass: an unset flag is absent from the namespace)."""
@@ -278,10 +349,13 @@ def add_group_arguments(parser: argparse.ArgumentParser, cls: type, names: typin
             continue
         tp = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS,
-                                  "help": docs.get(f.name, "").replace("``", "") + default_text(f)}
+        kwargs: dict[str, Any] = {
+            "dest": f"{cls.__name__}.{f.name}",
+            "default": argparse.SUPPRESS,
+            "help": docs.get(f.name, "").replace("``", "") + default_text(f),
+        }
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = args[0] if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) else tp
+        base = args[0] if typing.get_origin(tp) in (typing.Union, __import__("types").UnionType) else tp
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is Literal:

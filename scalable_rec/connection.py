@@ -16,6 +16,7 @@ errorNum (32 resource limit, 1521 unknown shard, ...), since the same request fa
 way again. Cursor reads also start a partition over after 1600 (cursor gone) and 1601
 (cursor busy), see ``is_cursor_retryable``. ``docs/arango.md`` has the whole error map.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -23,21 +24,27 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
 from arango import ArangoClient
-from arango.database import StandardDatabase
 from arango.collection import StandardCollection
+from arango.database import StandardDatabase
 from arango.exceptions import ArangoClientError, ArangoServerError
 from arango.http import DefaultHTTPClient
 
 from scalable_rec.errors import (
-    AuthenticationError, CollectionNotFoundError, ConfigError, DatabaseError, DatabaseNotFoundError,
-    DatabaseUnreachableError, PermissionDeniedError,
+    AuthenticationError,
+    CollectionNotFoundError,
+    ConfigError,
+    DatabaseError,
+    DatabaseNotFoundError,
+    DatabaseUnreachableError,
+    PermissionDeniedError,
 )
 
 log = logging.getLogger(__name__)
@@ -92,8 +99,10 @@ class ArangoSettings:
             problems.append(f"'url' needs to be http(s)://host[:port] (got {parts.scheme}://{parts.hostname})")
         if parts.username is not None or parts.password is not None:
             # Reported without the URL itself: it holds a secret.
-            problems.append("'url' must not contain user:password@; set the user with "
-                            f"{ENV_USER} and the password with {ENV_PASSWORD} or {ENV_PASSWORD_FILE}")
+            problems.append(
+                "'url' must not contain user:password@; set the user with "
+                f"{ENV_USER} and the password with {ENV_PASSWORD} or {ENV_PASSWORD_FILE}"
+            )
         if not self.database:
             problems.append("'database' needs to be a non-empty name")
         if self.request_timeout <= 0:
@@ -114,8 +123,9 @@ class ArangoSettings:
         return {"url": self.url, "database": self.database, "username": self.username}
 
     @classmethod
-    def from_sources(cls, config_file: str | os.PathLike | None = None,
-                     environ: Mapping[str, str] | None = None, **overrides: Any) -> "ArangoSettings":
+    def from_sources(
+        cls, config_file: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> ArangoSettings:
         """Resolves settings: ``overrides`` (flags) > environment > ``config_file`` > defaults.
 
         Args:
@@ -142,8 +152,9 @@ class ArangoSettings:
             try:
                 values["request_timeout"] = float(values["request_timeout"])
             except (TypeError, ValueError):
-                raise ConfigError(f"'request_timeout' needs to be a number of seconds "
-                                  f"(got {values['request_timeout']!r})") from None
+                raise ConfigError(
+                    f"'request_timeout' needs to be a number of seconds (got {values['request_timeout']!r})"
+                ) from None
         return cls(**values)
 
 
@@ -169,13 +180,13 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         except configparser.Error as err:
             raise ConfigError(f"ArangoDB config file '{path}' is not valid INI: {err.message}") from None
         if not parser.has_section("arango"):
-            raise ConfigError(f"ArangoDB config file '{path}' has no [arango] section "
-                              f"(sections: {parser.sections()})")
+            raise ConfigError(f"ArangoDB config file '{path}' has no [arango] section (sections: {parser.sections()})")
         obj = dict(parser["arango"])
     unknown = sorted(set(obj) - set(FILE_KEYS))
     if unknown:
-        raise ConfigError(f"ArangoDB config file '{path}' has unknown keys {unknown} "
-                          f"(expected some of {list(FILE_KEYS)})")
+        raise ConfigError(
+            f"ArangoDB config file '{path}' has unknown keys {unknown} (expected some of {list(FILE_KEYS)})"
+        )
     return dict(obj)
 
 
@@ -183,8 +194,7 @@ def _read_password_file(path: str, what: str) -> str:
     try:
         return Path(path).read_text().rstrip("\r\n")
     except OSError as err:
-        raise ConfigError(f"Cannot read the ArangoDB password file named by {what} ('{path}'): "
-                          f"{err.strerror}") from err
+        raise ConfigError(f"Cannot read the ArangoDB password file named by {what} ('{path}'): {err.strerror}") from err
 
 
 @dataclass
@@ -236,9 +246,11 @@ class ArangoConfig:
             if parts.username is not None or parts.password is not None:
                 # Refused before anything is written (config.json, checkpoints); named without
                 # the URL itself, which holds the secret.
-                problems.append(f"'arango_url' must not contain user:password@ (it would be stored in the run "
-                                f"directory); set the user with --arango-username or {ENV_USER} and the password "
-                                f"with {ENV_PASSWORD} or {ENV_PASSWORD_FILE}")
+                problems.append(
+                    f"'arango_url' must not contain user:password@ (it would be stored in the run "
+                    f"directory); set the user with --arango-username or {ENV_USER} and the password "
+                    f"with {ENV_PASSWORD} or {ENV_PASSWORD_FILE}"
+                )
         names = [self.users_collection, self.movies_collection, self.ratings_collection]
         if len(set(names)) != 3:
             problems.append(f"users, movies and ratings collections need distinct names (got {names})")
@@ -248,10 +260,16 @@ class ArangoConfig:
     def settings(self, environ: Mapping[str, str] | None = None) -> ArangoSettings:
         """Resolves connection settings: these flags > environment > config file > defaults."""
         return ArangoSettings.from_sources(
-            self.arango_config_file, environ, url=self.arango_url, database=self.arango_database,
-            username=self.arango_username, request_timeout=self.arango_timeout, ca_file=self.arango_ca_file)
+            self.arango_config_file,
+            environ,
+            url=self.arango_url,
+            database=self.arango_database,
+            username=self.arango_username,
+            request_timeout=self.arango_timeout,
+            ca_file=self.arango_ca_file,
+        )
 
-    def retry_policy(self) -> "RetryPolicy":
+    def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(attempts=self.arango_retries, backoff=self.arango_backoff)
 
 
@@ -271,7 +289,7 @@ class RetryPolicy:
 
     def delays(self) -> Iterator[float]:
         for i in range(self.attempts):
-            yield min(self.max_backoff, self.backoff * (2 ** i))
+            yield min(self.max_backoff, self.backoff * (2**i))
 
     def call(self, fn: Callable[[], T], what: str) -> T:
         """Runs ``fn``, repeating it after transient failures; other errors pass through.
@@ -295,8 +313,16 @@ class RetryPolicy:
 def is_transient(err: BaseException) -> bool:
     """True for failures a repeat may fix: a dropped connection or timeout, HTTP 502/503/504,
     a write-write conflict (errorNum 1200). Never a 500 or any other status."""
-    if isinstance(err, (ConnectionError, TimeoutError, requests.exceptions.ConnectionError,
-                        requests.exceptions.Timeout, requests.exceptions.RetryError)):
+    if isinstance(
+        err,
+        (
+            ConnectionError,
+            TimeoutError,
+            requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout,
+            requests.exceptions.RetryError,
+        ),
+    ):
         return True
     if isinstance(err, ArangoServerError):
         return err.http_code in TRANSIENT_HTTP or err.error_code == WRITE_CONFLICT
@@ -326,17 +352,23 @@ def database_error(err: BaseException, what: str, settings: ArangoSettings | Non
             # ArangoDB answers 401 both for a wrong password and for a database the user may not
             # see (it does not tell which, so that database names do not leak).
             user = f" for user '{settings.username}'" if settings else ""
-            return AuthenticationError(f"{what}: ArangoDB rejected the credentials{user}{where} (HTTP 401): wrong "
-                                       f"credentials or no access to this database. Check the user, "
-                                       f"{ENV_PASSWORD} / {ENV_PASSWORD_FILE} and the user's database permissions")
+            return AuthenticationError(
+                f"{what}: ArangoDB rejected the credentials{user}{where} (HTTP 401): wrong "
+                f"credentials or no access to this database. Check the user, "
+                f"{ENV_PASSWORD} / {ENV_PASSWORD_FILE} and the user's database permissions"
+            )
         if err.http_code == 403:
             user = f"user '{settings.username}'" if settings else "the user"
-            return PermissionDeniedError(f"{what}: ArangoDB refused the request{where} (HTTP 403, {detail}); "
-                                         f"{user} needs read/write access to the database and its collections")
+            return PermissionDeniedError(
+                f"{what}: ArangoDB refused the request{where} (HTTP 403, {detail}); "
+                f"{user} needs read/write access to the database and its collections"
+            )
         if err.error_code == 1228 or code == (404, 1228):
             name = f"'{settings.database}' " if settings else ""
-            return DatabaseNotFoundError(f"{what}: database {name}does not exist{where} (expected an existing "
-                                         f"database, got errorNum 1228 'database not found')")
+            return DatabaseNotFoundError(
+                f"{what}: database {name}does not exist{where} (expected an existing "
+                f"database, got errorNum 1228 'database not found')"
+            )
         if err.error_code == 1203:
             return CollectionNotFoundError(f"{what}: collection not found{where} ({detail})")
         return DatabaseError(f"{what} failed{where}: {detail}")
@@ -380,14 +412,14 @@ def connect(settings: ArangoSettings, fast_json: bool = True) -> StandardDatabas
     """
     client = ArangoClient(
         hosts=settings.url,
-        http_client=DefaultHTTPClient(request_timeout=settings.request_timeout,
-                                      retry_attempts=settings.http_retries, backoff_factor=0.5),
+        http_client=DefaultHTTPClient(
+            request_timeout=settings.request_timeout, retry_attempts=settings.http_retries, backoff_factor=0.5
+        ),
         verify_override=settings.ca_file,
         deserializer=json_loads() if fast_json else json.loads,
     )
     try:
-        db = client.db(settings.database, username=settings.username, password=settings.password,
-                       verify=True)
+        db = client.db(settings.database, username=settings.username, password=settings.password, verify=True)
     except (ArangoServerError, ArangoClientError) as err:
         client.close()
         raise database_error(err, f"Connecting to database '{settings.database}'", settings) from err
@@ -427,14 +459,19 @@ def parse_version(text: str) -> tuple[int, int]:
 def check_version(text: str | None) -> None:
     """Refuses servers older than ``MIN_VERSION``; a hidden version (hardened server) is logged."""
     if text is None:
-        log.warning("ArangoDB does not tell this user its version (a server started with --server.harden "
-                    "answers it to administrators only): assuming %d.%d or later and reading with counted "
-                    "cursors, which are correct on every version", *MIN_VERSION)
+        log.warning(
+            "ArangoDB does not tell this user its version (a server started with --server.harden "
+            "answers it to administrators only): assuming %d.%d or later and reading with counted "
+            "cursors, which are correct on every version",
+            *MIN_VERSION,
+        )
         return
     if parse_version(text) < MIN_VERSION:
-        raise DatabaseError(f"ArangoDB {text} is too old: expected {MIN_VERSION[0]}.{MIN_VERSION[1]} or later "
-                            "(python-arango fetches cursor batches with POST /_api/cursor/<id>, which older "
-                            "servers do not have)")
+        raise DatabaseError(
+            f"ArangoDB {text} is too old: expected {MIN_VERSION[0]}.{MIN_VERSION[1]} or later "
+            "(python-arango fetches cursor batches with POST /_api/cursor/<id>, which older "
+            "servers do not have)"
+        )
 
 
 @dataclass(frozen=True)
@@ -483,8 +520,10 @@ def server_info(db: StandardDatabase) -> ServerInfo:
     except (ArangoServerError, ArangoClientError, ConnectionError, requests.exceptions.RequestException) as err:
         raise database_error(err, "Reading the server role") from err
     if role not in SUPPORTED_ROLES:
-        raise DatabaseError(f"ArangoDB answers with role {role!r}: expected one of {SUPPORTED_ROLES} "
-                            "(connect to a single server or a cluster's coordinator)")
+        raise DatabaseError(
+            f"ArangoDB answers with role {role!r}: expected one of {SUPPORTED_ROLES} "
+            "(connect to a single server or a cluster's coordinator)"
+        )
     info = ServerInfo(None if text is None else parse_version(text), text, role)
     log.info("ArangoDB %s, role %s", text or "(version hidden)", role)
     return info
@@ -504,13 +543,14 @@ def require_collection(db: StandardDatabase, name: str, edge: bool | None = None
             raise CollectionNotFoundError(
                 f"Collection '{name}' does not exist in database '{db.name}' (errorNum 1203); expected "
                 f"{'an edge' if edge else 'a document' if edge is False else 'a'} collection. Run "
-                "'scalable-rec arango load' or pass the collection name") from err
+                "'scalable-rec arango load' or pass the collection name"
+            ) from err
         raise database_error(err, f"Reading collection '{name}'") from err
     except (ConnectionError, requests.exceptions.RequestException) as err:
         raise database_error(err, f"Reading collection '{name}'") from err
     if edge is not None and bool(props.get("edge")) != edge:
         want, got = ("an edge", "a document") if edge else ("a document", "an edge")
-        raise DatabaseError(f"Collection '{name}' in database '{db.name}' is {got} collection, "
-                            f"expected {want} collection")
+        raise DatabaseError(
+            f"Collection '{name}' in database '{db.name}' is {got} collection, expected {want} collection"
+        )
     return db.collection(name)
-

@@ -3,6 +3,7 @@
 Without torchrun (no ``WORLD_SIZE`` in the environment) everything here degrades to a
 single process, so one command runs unchanged either way.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -10,8 +11,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -69,12 +71,13 @@ class DistEnv:
         return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
 
     @classmethod
-    def from_environ(cls) -> "DistEnv":
+    def from_environ(cls) -> DistEnv:
         forced = os.environ.get(FORCE_DDP_ENV, "").strip().lower() in ("1", "true", "yes")
         if "WORLD_SIZE" not in os.environ:
             return cls(forced=forced)
-        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]),
-                   forced=forced)
+        return cls(
+            int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]), forced=forced
+        )
 
 
 def init_distributed(env: DistEnv, device: torch.device, timeout_s: float | None = None) -> None:
@@ -98,19 +101,30 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float | None
         # Workers share the launcher's store across torchrun restarts; without a key prefix
         # per attempt a restarted group reads the dead group's addresses and cannot connect
         # (pytorch/pytorch#135712).
-        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
-                             is_master=False, timeout=timeout)
+        base = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False, timeout=timeout
+        )
         store = dist.PrefixStore(f"scalable_rec/attempt-{env.restart_count}", base)
-    dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
-                            timeout=timeout, device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend=backend,
+        store=store,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,
+    )
     _control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
 
 
 def is_collective_timeout(err: BaseException) -> bool:
     """Whether ``err`` is a collective that gave up waiting (gloo/NCCL word it differently)."""
     text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text
-                                              or "connection closed by peer" in text or "connection reset by peer" in text)
+    return isinstance(err, RuntimeError) and (
+        "timed out" in text
+        or "timeout" in text
+        or "connection closed by peer" in text
+        or "connection reset by peer" in text
+    )
 
 
 def agree_stop(local_signal: int) -> int:
@@ -227,8 +241,7 @@ class EdgeEpochSampler(Sampler[int]):
     uninterrupted run's slice.
     """
 
-    def __init__(self, num_edges: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(self, num_edges: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
         if num_edges <= 0:
             raise ValueError(f"'num_edges' needs to be positive (got {num_edges})")
         self.num_edges, self.rank, self.world_size = num_edges, rank, world_size
@@ -256,7 +269,7 @@ class EdgeEpochSampler(Sampler[int]):
         # int32 ids (the same permutation as int64's) and only this rank's share kept: the
         # global order is a private array in every rank, 4 instead of 8 bytes per edge, and
         # freed before the epoch starts instead of held by a strided view of it.
-        dtype = torch.int32 if self.num_edges + self.world_size < 2 ** 31 else torch.long
+        dtype = torch.int32 if self.num_edges + self.world_size < 2**31 else torch.long
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.num_edges, generator=g, dtype=dtype)
@@ -267,10 +280,15 @@ class EdgeEpochSampler(Sampler[int]):
         # position ``position + i`` of the order (one strided slice, no slot-sized
         # temporaries: at 20M edges those peaked at six order-sized arrays), the slots
         # after it are pads ``num_edges + i - rest``.
-        real = order[self.position + self.rank:self.num_edges:self.world_size]
+        real = order[self.position + self.rank : self.num_edges : self.world_size]
         first_pad = rest + (self.rank - rest) % self.world_size
-        pads = torch.tensor([self.num_edges + i - rest for i in range(
-            first_pad, rest + self.num_pad(rest, self.world_size), self.world_size)], dtype=dtype)
+        pads = torch.tensor(
+            [
+                self.num_edges + i - rest
+                for i in range(first_pad, rest + self.num_pad(rest, self.world_size), self.world_size)
+            ],
+            dtype=dtype,
+        )
         mine = torch.cat([real, pads]) if pads.numel() or self.world_size > 1 else real
         # Converted to Python ints a chunk at a time: a list of the whole slice costs
         # ~36 bytes per edge (720 MiB for 20M training edges) in every rank.

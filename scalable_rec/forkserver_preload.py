@@ -8,15 +8,25 @@ forks each rank from a process that has imported torch, PyG and the package but 
 thread besides its own: the ranks share those pages copy-on-write with it and with each
 other, and ``gc.freeze`` keeps a collection in a rank from writing to them.
 """
+
 from __future__ import annotations
 
 import gc
 import importlib
 
 # What a rank imports on its way through train/score.
-PRELOAD = ("torch", "torch_geometric", "torch_geometric.loader", "torch.distributed",
-           "scalable_rec.pipeline", "scalable_rec.train.loop", "scalable_rec.graph.store",
-           "scalable_rec.graph.index", "scalable_rec.model.layerwise", "scalable_rec.sink.parquet")
+PRELOAD = (
+    "torch",
+    "torch_geometric",
+    "torch_geometric.loader",
+    "torch.distributed",
+    "scalable_rec.pipeline",
+    "scalable_rec.train.loop",
+    "scalable_rec.graph.store",
+    "scalable_rec.graph.index",
+    "scalable_rec.model.layerwise",
+    "scalable_rec.sink.parquet",
+)
 
 for _name in PRELOAD:
     importlib.import_module(_name)

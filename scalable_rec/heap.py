@@ -20,6 +20,7 @@ the kernel for 2 MiB transparent huge pages for its mappings (``glibc.malloc.hug
 ``scalable-rec`` command restarts itself once with it (``restart_with_hugepages``) before
 torch is imported.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -48,8 +49,7 @@ def hugepages_environ(environ: Mapping[str, str]) -> dict[str, str] | None:
     tunables = environ.get("GLIBC_TUNABLES", "")
     if RESTARTED_ENV in environ or "glibc.malloc.hugetlb=" in tunables or not glibc():
         return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGEPAGES_TUNABLE) if t),
-            RESTARTED_ENV: "1"}
+    return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGEPAGES_TUNABLE) if t), RESTARTED_ENV: "1"}
 
 
 def restart_with_hugepages() -> None:

@@ -6,6 +6,7 @@ their files. ``hold(directory)`` takes an advisory lock (the ``filelock`` packag
 leaves no stale lock) on ``.<name>.lock`` beside the directory and records the holder's pid, host and
 command in ``.<name>.owner`` beside it so that the refusal can name it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,8 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from filelock import FileLock, Timeout
 
@@ -66,9 +67,15 @@ def hold(directory: str | os.PathLike, what: str = "directory") -> Iterator[None
         ) from None
     _held.add(key)
     try:
-        write_json_atomic(path.with_suffix(".owner"), {
-            "pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
-            "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        write_json_atomic(
+            path.with_suffix(".owner"),
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": " ".join(sys.argv)[:300],
+                "since": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            },
+        )
         yield
     finally:
         _held.discard(key)

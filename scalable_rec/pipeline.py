@@ -5,6 +5,7 @@ Under torchrun, rank 0 prepares shards and features while the other ranks wait, 
 ranks train, evaluate (metrics reduced over ranks) and score a disjoint block of users
 each; rank 0 merges the recommendation parts and writes the run directory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,18 +25,24 @@ import torch
 from scalable_rec import locking
 from scalable_rec.atomic import dumps, write_json_atomic
 from scalable_rec.config import RunConfig
+from scalable_rec.dist import DistEnv, broadcast_object, from_rank0, init_distributed
 from scalable_rec.errors import (
-    CheckpointError, ConfigError, InterruptedRunError, MalformedInputError, RunStateError, ScalableRecError,
+    CheckpointError,
+    ConfigError,
+    InterruptedRunError,
+    MalformedInputError,
+    RunStateError,
+    ScalableRecError,
     ShardError,
 )
 from scalable_rec.graph import RATES, RatingGraph, movie_features, split_edges
 from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.index import GraphIndex, build_index
 from scalable_rec.graph.store import open_stores
-from scalable_rec.score import RatedIndex, ScoreConfig, evaluate_split, plot_curves, recommend
 from scalable_rec.model.layerwise import encode_layerwise
-from scalable_rec.score.recommend import user_slice
 from scalable_rec.refresh import RefreshConfig
+from scalable_rec.score import RatedIndex, ScoreConfig, evaluate_split, plot_curves, recommend
+from scalable_rec.score.recommend import user_slice
 from scalable_rec.shards import GraphShards, Manifest
 from scalable_rec.shards.manifest import edge_type_name
 from scalable_rec.sink import merge_parts, part_path, write_parquet
@@ -43,7 +50,6 @@ from scalable_rec.source import MovieLensSource, RatingBounds, SkipReport, write
 from scalable_rec.source.download import fetch_movielens
 from scalable_rec.train import Recommender, train
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.dist import DistEnv, broadcast_object, from_rank0, init_distributed
 from scalable_rec.train.config import TrainConfig, resolve_device
 
 log = logging.getLogger(__name__)
@@ -51,8 +57,15 @@ log = logging.getLogger(__name__)
 
 # What a run directory holds; ``--overwrite`` removes exactly these (never the folder itself,
 # which may be one the user named by mistake).
-RUN_ARTIFACTS = ("config.json", "metrics.json", "best.pt", "last.pt", "curves.png", "recommendations.parquet",
-                 "arango_writeback.json")
+RUN_ARTIFACTS = (
+    "config.json",
+    "metrics.json",
+    "best.pt",
+    "last.pt",
+    "curves.png",
+    "recommendations.parquet",
+    "arango_writeback.json",
+)
 SELECT_DIR = "select"  # where 'train --refit' keeps its selecting run, inside the run directory
 
 
@@ -102,10 +115,15 @@ def _prepare_on_this_rank(cfg: RunConfig, rebuild: bool) -> Path:
             t0 = time.perf_counter()
             report = SkipReport(strict=cfg.data.strict)
             try:
-                write_rating_shards(source, str(out), report,
-                                    RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
-                                    cfg.data.max_rows_per_shard, overwrite=True,
-                                    max_skipped_share=cfg.data.max_skipped_share)
+                write_rating_shards(
+                    source,
+                    str(out),
+                    report,
+                    RatingBounds(cfg.data.rating_min, cfg.data.rating_max),
+                    cfg.data.max_rows_per_shard,
+                    overwrite=True,
+                    max_skipped_share=cfg.data.max_skipped_share,
+                )
             except (MalformedInputError, OSError):
                 shutil.rmtree(f"{out}.incomplete", ignore_errors=True)  # refused input: nothing half-written
                 raise
@@ -179,15 +197,19 @@ def claim_run_dir(cfg: RunConfig, run_dir: Path, env: DistEnv) -> None:
     the checkpoint's config must match) or ``--overwrite`` (its artifacts are removed). A
     group that torchrun restarted (``--max-restarts``) continues its own run."""
     if cfg.train.resume and cfg.data.overwrite:
-        raise ConfigError("'resume' and 'overwrite' exclude each other: --resume continues the run in "
-                          f"'{run_dir}', --overwrite replaces it")
+        raise ConfigError(
+            "'resume' and 'overwrite' exclude each other: --resume continues the run in "
+            f"'{run_dir}', --overwrite replaces it"
+        )
     # a '--refit' run keeps its selecting run in select/: part of the same run
     found = [f"{d}{n}" for d in ("", f"{SELECT_DIR}/") for n in RUN_ARTIFACTS if (run_dir / d / n).exists()]
     if not found or cfg.train.resume or env.restart_count > 0:
         return
     if not cfg.data.overwrite:
-        raise RunStateError(f"Run directory '{run_dir}' already holds a run ({', '.join(found)}); pass --resume "
-                            "to continue it or --overwrite to replace it")
+        raise RunStateError(
+            f"Run directory '{run_dir}' already holds a run ({', '.join(found)}); pass --resume "
+            "to continue it or --overwrite to replace it"
+        )
     for name in found:
         (run_dir / name).unlink()
     log.info("--overwrite: removed %s from %s", ", ".join(found), run_dir)
@@ -214,8 +236,7 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.data.workdir) / f"run-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
-def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
-                graph: RatingGraph | None = None) -> dict[str, Any]:
+def train_stage(cfg: RunConfig, shards: GraphShards | None = None, graph: RatingGraph | None = None) -> dict[str, Any]:
     """Trains, evaluates on the test split and writes the run directory (rank 0).
 
     ``shards``/``graph`` are read from ``cfg`` when not given (``run`` passes them in).
@@ -226,13 +247,19 @@ def train_stage(cfg: RunConfig, shards: GraphShards | None = None,
     if run_dir is None:
         run_dir = broadcast_object(new_run_dir(cfg), env)
     cfg.run_dir = str(run_dir)
-    with (locking.hold(run_dir, "run directory") if env.is_main else contextlib.nullcontext()):
+    with locking.hold(run_dir, "run directory") if env.is_main else contextlib.nullcontext():
         from_rank0(lambda: claim_run_dir(cfg, run_dir, env), env, "claim the run directory")
         return _train_in(cfg, run_dir, env, shards, graph)
 
 
-def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards | None,
-              graph: RatingGraph | None, evaluate_test: bool = True) -> dict[str, Any]:
+def _train_in(
+    cfg: RunConfig,
+    run_dir: Path,
+    env: DistEnv,
+    shards: GraphShards | None,
+    graph: RatingGraph | None,
+    evaluate_test: bool = True,
+) -> dict[str, Any]:
     if cfg.train.refit and not cfg.train.refitting():
         return _select_then_refit(cfg, run_dir, env, shards, graph)
     shards = shards or _open_shards(cfg)
@@ -240,8 +267,11 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
         cfg.data.shards = str(shards.directory.resolve())
     finished = _stopped_early(run_dir, cfg)
     if finished is not None:
-        log.info("resume: the run in %s already stopped early (best val rmse %s); not training further",
-                 run_dir, finished.get("best_val_rmse"))
+        log.info(
+            "resume: the run in %s already stopped early (best val rmse %s); not training further",
+            run_dir,
+            finished.get("best_val_rmse"),
+        )
         return finished
     # The shards' identity goes into config.json and every checkpoint: 'score' and '--resume'
     # refuse shards that changed since.
@@ -262,16 +292,31 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", config)
-    result = train(graph, split, cfg.model, cfg.train, run_dir, config=config, data=data,
-                   rating_range=(cfg.data.rating_min, cfg.data.rating_max),
-                   layer_batch_size=cfg.store.layer_batch_size)
+    result = train(
+        graph,
+        split,
+        cfg.model,
+        cfg.train,
+        run_dir,
+        config=config,
+        data=data,
+        rating_range=(cfg.data.rating_min, cfg.data.rating_max),
+        layer_batch_size=cfg.store.layer_batch_size,
+    )
     timings["train_s"] = result.seconds
-    interrupted_by = (signal.Signals(result.signal).name if result.signal is not None
-                      else "max_steps" if result.interrupted else None)
-    metrics: dict[str, Any] = {"history": result.history, "best_val_rmse": result.best_val_rmse,
-                               "best_val_recall@10": result.best_val_recall, "select_metric": cfg.train.select_metric,
-                               "global_step": result.global_step, "stopped_early": result.stopped_early,
-                               "interrupted": result.interrupted, "interrupted_by": interrupted_by}
+    interrupted_by = (
+        signal.Signals(result.signal).name if result.signal is not None else "max_steps" if result.interrupted else None
+    )
+    metrics: dict[str, Any] = {
+        "history": result.history,
+        "best_val_rmse": result.best_val_rmse,
+        "best_val_recall@10": result.best_val_recall,
+        "select_metric": cfg.train.select_metric,
+        "global_step": result.global_step,
+        "stopped_early": result.stopped_early,
+        "interrupted": result.interrupted,
+        "interrupted_by": interrupted_by,
+    }
     if evaluate_test and not result.interrupted:  # the same on every rank: the stop was agreed
         t1 = time.perf_counter()
         z = seen = None
@@ -279,10 +324,19 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
             z = encode_layerwise(result.model, *open_stores(index, "seen"), batch_size=cfg.store.layer_batch_size)
             rev_row, rev_colptr = index.csc("seen")["rev_rates"]
             seen = RatedIndex(rowptr=rev_colptr, col=rev_row)
-        metrics["test"] = evaluate_split(result.model, graph, split, k=cfg.score.k,
-                                         memory_mb=cfg.score.score_memory_mb, rating_min=cfg.data.rating_min,
-                                         rating_max=cfg.data.rating_max, relevant_min=cfg.train.relevant_min,
-                                         z=z, seen=seen, env=env)
+        metrics["test"] = evaluate_split(
+            result.model,
+            graph,
+            split,
+            k=cfg.score.k,
+            memory_mb=cfg.score.score_memory_mb,
+            rating_min=cfg.data.rating_min,
+            rating_max=cfg.data.rating_max,
+            relevant_min=cfg.train.relevant_min,
+            z=z,
+            seen=seen,
+            env=env,
+        )
         timings["evaluate_s"] = time.perf_counter() - t1
         log.info("test: %s", dumps(metrics["test"], indent=None))
     metrics["timings"] = timings
@@ -294,12 +348,15 @@ def _train_in(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards |
     if result.signal is not None:
         raise InterruptedRunError(
             f"Training was interrupted by {interrupted_by} at step {result.global_step}; '{run_dir}' is marked "
-            "interrupted in metrics.json. Continue with --resume", result.signal)
+            "interrupted in metrics.json. Continue with --resume",
+            result.signal,
+        )
     return metrics
 
 
-def _select_then_refit(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards | None,
-                       graph: RatingGraph | None) -> dict[str, Any]:
+def _select_then_refit(
+    cfg: RunConfig, run_dir: Path, env: DistEnv, shards: GraphShards | None, graph: RatingGraph | None
+) -> dict[str, Any]:
     """``--refit``: a selecting run in ``<run_dir>/select`` (early stopping on validation,
     no test evaluation), then the refit in ``run_dir``: training + validation edges, the
     chosen epoch count, no selection, evaluated once on the test split.
@@ -311,10 +368,14 @@ def _select_then_refit(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: Grap
     select_dir = run_dir / SELECT_DIR
     chosen, select_started = from_rank0(
         lambda: (_finished_metrics(select_dir) if cfg.train.resume else None, (select_dir / "last.pt").is_file()),
-        env, "read select/metrics.json")
-    select = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False,
-                                                                resume=cfg.train.resume and select_started),
-                                 run_dir=str(select_dir))
+        env,
+        "read select/metrics.json",
+    )
+    select = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, refit=False, resume=cfg.train.resume and select_started),
+        run_dir=str(select_dir),
+    )
     if chosen is None:
         # a signal raises; max_steps is refused with --refit
         chosen = _train_in(select, select_dir, env, shards, graph, evaluate_test=False)
@@ -325,12 +386,17 @@ def _select_then_refit(cfg: RunConfig, run_dir: Path, env: DistEnv, shards: Grap
     # --resume continues the refit only where it has started (its last.pt): after an
     # interrupted selection it starts now
     started = from_rank0(lambda: (run_dir / "last.pt").is_file(), env, "look for the refit's last.pt")
-    refit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train.for_refit(epochs),
-                                                               resume=cfg.train.resume and started))
+    refit = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train.for_refit(epochs), resume=cfg.train.resume and started)
+    )
     metrics = _train_in(refit, run_dir, env, shards, graph)
-    metrics["selection"] = {"run_dir": str(select_dir), "epochs": epochs, "select_metric": cfg.train.select_metric,
-                            "best_val_rmse": chosen["best_val_rmse"],
-                            "best_val_recall@10": chosen["best_val_recall@10"]}
+    metrics["selection"] = {
+        "run_dir": str(select_dir),
+        "epochs": epochs,
+        "select_metric": cfg.train.select_metric,
+        "best_val_rmse": chosen["best_val_rmse"],
+        "best_val_recall@10": chosen["best_val_recall@10"],
+    }
     if env.is_main:
         write_json_atomic(run_dir / "metrics.json", metrics)
     return metrics
@@ -355,8 +421,13 @@ def _score_device(score: ScoreConfig, train: TrainConfig, env: DistEnv) -> torch
         raise ConfigError(f"Cannot score: {err}{hint}") from None
 
 
-def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: RatingGraph | None = None,
-                allow_interrupted: bool = False, allow_shard_mismatch: bool = False) -> Path:
+def score_stage(
+    cfg: RunConfig,
+    run_dir: str | Path | None = None,
+    graph: RatingGraph | None = None,
+    allow_interrupted: bool = False,
+    allow_shard_mismatch: bool = False,
+) -> Path:
     """Encodes with all rating edges, ranks the whole catalog per user, writes Parquet (or
     ArangoDB edges with ``--sink arango``). ``graph`` is read from the run's shards when
     not given.
@@ -372,9 +443,12 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
     env = DistEnv.from_environ()
     run_dir = Path(run_dir or cfg.run_dir)
     explicit = cfg.score.score_device != "run"
-    init_distributed(env, _score_device(cfg.score, cfg.train, env) if explicit else resolve_device(cfg.train, env),
-                     cfg.train.collective_timeout_s)
-    with (locking.hold(run_dir, "run directory") if env.is_main else contextlib.nullcontext()):
+    init_distributed(
+        env,
+        _score_device(cfg.score, cfg.train, env) if explicit else resolve_device(cfg.train, env),
+        cfg.train.collective_timeout_s,
+    )
+    with locking.hold(run_dir, "run directory") if env.is_main else contextlib.nullcontext():
         saved, state = from_rank0(lambda: _check_scorable(run_dir, allow_interrupted), env, "read the run")
         saved.store = cfg.store  # the backend is this command's choice, the index key the run's
         shards = GraphShards(saved.data.shards_dir(), verify=False)
@@ -397,39 +471,55 @@ def score_stage(cfg: RunConfig, run_dir: str | Path | None = None, graph: Rating
         if cfg.sink.sink == "arango":  # edges Users/<key> → Movie/<key>; outcome in arango_writeback.json
             from scalable_rec.sink.arango import writeback_run
 
-            out = from_rank0(lambda: writeback_run(recommend(model, graph, cfg.score, z=z, rated=rated,
-                                                             rating_range=rating_range),
-                                                   cfg.arango, cfg.sink, run_dir),
-                             env, "write recommendations to ArangoDB")
-            log.info("score: recommendations for %d users written to ArangoDB in %.2fs (%s)", graph.num_users,
-                     time.perf_counter() - t0, out)
+            out = from_rank0(
+                lambda: writeback_run(
+                    recommend(model, graph, cfg.score, z=z, rated=rated, rating_range=rating_range),
+                    cfg.arango,
+                    cfg.sink,
+                    run_dir,
+                ),
+                env,
+                "write recommendations to ArangoDB",
+            )
+            log.info(
+                "score: recommendations for %d users written to ArangoDB in %.2fs (%s)",
+                graph.num_users,
+                time.perf_counter() - t0,
+                out,
+            )
             return out
         out = run_dir / "recommendations.parquet"
         metadata = {"run_dir": str(run_dir), "k": str(cfg.score.k)}
         if not env.enabled:
             try:
-                rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated, rating_range=rating_range),
-                                     out, metadata=metadata)
+                rows = write_parquet(
+                    recommend(model, graph, cfg.score, z=z, rated=rated, rating_range=rating_range),
+                    out,
+                    metadata=metadata,
+                )
             except ValueError as err:
                 raise ScalableRecError(f"score: {err}") from err
         else:
             rows = _score_parts(model, graph, cfg, env, out, metadata, z, rated, rating_range)
         if rows == 0:
             from_rank0(lambda: out.unlink(missing_ok=True), env, "remove the empty recommendations")
-            raise ScalableRecError(f"score: no recommendations for run '{run_dir}' (expected up to "
-                                   f"{cfg.score.k} per user for {graph.num_users} users, got 0 rows)")
-        log.info("score: %d recommendations for %d users in %.2fs → %s", rows, graph.num_users,
-                 time.perf_counter() - t0, out)
+            raise ScalableRecError(
+                f"score: no recommendations for run '{run_dir}' (expected up to "
+                f"{cfg.score.k} per user for {graph.num_users} users, got 0 rows)"
+            )
+        log.info(
+            "score: %d recommendations for %d users in %.2fs → %s", rows, graph.num_users, time.perf_counter() - t0, out
+        )
         return out
 
 
-def _check_scorable(run_dir: Path, allow_interrupted: bool,
-                    command: str = "score") -> tuple[RunConfig, dict[str, Any]]:
+def _check_scorable(run_dir: Path, allow_interrupted: bool, command: str = "score") -> tuple[RunConfig, dict[str, Any]]:
     """The run's config and best checkpoint, if training finished (or ``allow_interrupted``);
     ``command`` (``score``, ``refresh``) names what is refused."""
     if not (run_dir / "config.json").is_file():
-        raise RunStateError(f"No config.json in '{run_dir}': expected a run directory written by 'train' or "
-                            "'run' (pass --run-dir)")
+        raise RunStateError(
+            f"No config.json in '{run_dir}': expected a run directory written by 'train' or 'run' (pass --run-dir)"
+        )
     try:
         saved = RunConfig.load(run_dir / "config.json")
     except (ValueError, TypeError, KeyError) as err:
@@ -443,8 +533,10 @@ def _check_scorable(run_dir: Path, allow_interrupted: bool,
         problem = f"training was interrupted by {by}" if by and by != "max_steps" else None
     if problem:
         if not allow_interrupted:
-            raise RunStateError(f"Refusing to {command} '{run_dir}': {problem}. Continue it with 'train --resume "
-                                f"--run-dir {run_dir}', or pass --allow-interrupted to use best.pt anyway")
+            raise RunStateError(
+                f"Refusing to {command} '{run_dir}': {problem}. Continue it with 'train --resume "
+                f"--run-dir {run_dir}', or pass --allow-interrupted to use best.pt anyway"
+            )
         log.warning("%s: %s; using best.pt anyway (--allow-interrupted)", command, problem)
     try:
         state = ckpt.load(run_dir / "best.pt")
@@ -453,18 +545,22 @@ def _check_scorable(run_dir: Path, allow_interrupted: bool,
     return saved, state
 
 
-def _check_same_shards(run_dir: Path, trained: dict[str, str] | None, shards: GraphShards, allow: bool,
-                       command: str = "score") -> None:
+def _check_same_shards(
+    run_dir: Path, trained: dict[str, str] | None, shards: GraphShards, allow: bool, command: str = "score"
+) -> None:
     now = shards.manifest.identity()
     if trained is None:
-        log.warning("%s: best.pt in %s records no shard identity (older run); cannot check the shards", command,
-                    run_dir)
+        log.warning(
+            "%s: best.pt in %s records no shard identity (older run); cannot check the shards", command, run_dir
+        )
         return
     if trained.get("content_sha256") == now["content_sha256"]:
         return
-    message = (f"The shards in '{shards.directory}' are not the ones the model in '{run_dir}' was trained on "
-               f"(trained on content sha256 {trained.get('content_sha256')}, now {now['content_sha256']}): "
-               "node indices may map to other users and movies")
+    message = (
+        f"The shards in '{shards.directory}' are not the ones the model in '{run_dir}' was trained on "
+        f"(trained on content sha256 {trained.get('content_sha256')}, now {now['content_sha256']}): "
+        "node indices may map to other users and movies"
+    )
     if not allow:
         raise RunStateError(message + "; re-train, or pass --allow-shard-mismatch")
     log.warning("%s: %s (--allow-shard-mismatch)", command, message)
@@ -480,9 +576,17 @@ def check_sink(cfg: RunConfig) -> None:
     check_writable(cfg.arango, cfg.sink)
 
 
-def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: DistEnv, out: Path,
-                 metadata: dict[str, str], z: dict[str, torch.Tensor] | None = None,
-                 rated: RatedIndex | None = None, rating_range: tuple[float, float] = (0.5, 5.0)) -> int:
+def _score_parts(
+    model: Recommender,
+    graph: RatingGraph,
+    cfg: RunConfig,
+    env: DistEnv,
+    out: Path,
+    metadata: dict[str, str],
+    z: dict[str, torch.Tensor] | None = None,
+    rated: RatedIndex | None = None,
+    rating_range: tuple[float, float] = (0.5, 5.0),
+) -> int:
     """Each rank writes its users' part; rank 0 merges them once every rank has reported
     (a failed rank's error reaches every rank, and no part is left behind)."""
     users = user_slice(graph.num_users, env.rank, env.world_size)
@@ -490,10 +594,16 @@ def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: Di
     rows, error = 0, None
     try:
         if users.numel():
-            rows = write_parquet(recommend(model, graph, cfg.score, z=z, rated=rated, users=users,
-                                             rating_range=rating_range), part)
-        log.debug("score: rank %d ranked users %d..%d (%d rows)", env.rank, int(users[0]) if users.numel() else 0,
-                  int(users[-1]) if users.numel() else -1, rows)
+            rows = write_parquet(
+                recommend(model, graph, cfg.score, z=z, rated=rated, users=users, rating_range=rating_range), part
+            )
+        log.debug(
+            "score: rank %d ranked users %d..%d (%d rows)",
+            env.rank,
+            int(users[0]) if users.numel() else 0,
+            int(users[-1]) if users.numel() else -1,
+            rows,
+        )
     except Exception as err:  # reported to every rank below
         error = f"rank {env.rank}: {type(err).__name__}: {err}"
     reports: list = [None] * env.world_size
@@ -511,9 +621,14 @@ def _score_parts(model: Recommender, graph: RatingGraph, cfg: RunConfig, env: Di
     return from_rank0(merge, env, "merge the recommendation parts")
 
 
-def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Path | None = None,
-                  k: int | None = None, allow_interrupted: bool = False,
-                  allow_shard_mismatch: bool = False) -> dict[str, Any]:
+def refresh_stage(
+    cfg: RunConfig,
+    refresh_cfg: RefreshConfig,
+    run_dir: str | Path | None = None,
+    k: int | None = None,
+    allow_interrupted: bool = False,
+    allow_shard_mismatch: bool = False,
+) -> dict[str, Any]:
     """Folds new ratings into the run's message-passing graph (not its weights) and
     re-scores only the users whose recommendations can change (``--mode exact``) or only
     the users who rated (``--mode bounded``); replaces their rows in
@@ -534,8 +649,9 @@ def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Pat
     with locking.hold(run_dir, "run directory"):
         saved, state = _check_scorable(run_dir, allow_interrupted, "refresh")
         shards = GraphShards(saved.data.shards_dir())
-        _check_same_shards(run_dir, state.get("config", {}).get("shards_identity"), shards, allow_shard_mismatch,
-                           "refresh")
+        _check_same_shards(
+            run_dir, state.get("config", {}).get("shards_identity"), shards, allow_shard_mismatch, "refresh"
+        )
         k = _refresh_k(run_dir, saved, k)
         graph = RatingGraph.from_shards(shards, saved.features)
         model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model)
@@ -546,9 +662,18 @@ def refresh_stage(cfg: RunConfig, refresh_cfg: RefreshConfig, run_dir: str | Pat
 
             def writer(batch, users, fingerprint):
                 return replace_users(batch, cfg.arango, cfg.sink, run_dir, fingerprint[:12])
-        report = refresh(run_dir, model, graph, refresh_cfg, k=k, memory_mb=cfg.score.score_memory_mb,
-                         bounds=RatingBounds(saved.data.rating_min, saved.data.rating_max), strict=cfg.data.strict,
-                         writer=writer)
+
+        report = refresh(
+            run_dir,
+            model,
+            graph,
+            refresh_cfg,
+            k=k,
+            memory_mb=cfg.score.score_memory_mb,
+            bounds=RatingBounds(saved.data.rating_min, saved.data.rating_max),
+            strict=cfg.data.strict,
+            writer=writer,
+        )
         if not report["already_folded"]:
             write_json_atomic(run_dir / "refresh" / "last_report.json", report)
     log.info("refresh: %s", json.dumps({key: v for key, v in report.items() if key != "input_report"}))
@@ -566,13 +691,16 @@ def _refresh_k(run_dir: Path, saved: RunConfig, given: int | None) -> int:
         return given if given is not None else saved.score.k
     written = (pq.read_schema(out).metadata or {}).get(b"k")
     if written is None:
-        raise RunStateError(f"'{out}' records no k (not written by 'score'); re-score it with 'score --run-dir "
-                            f"{run_dir}' first")
+        raise RunStateError(
+            f"'{out}' records no k (not written by 'score'); re-score it with 'score --run-dir {run_dir}' first"
+        )
     written_k = int(written)
     if given is not None and given != written_k:
-        raise ConfigError(f"'k' {given} differs from the k={written_k} that '{out}' was written with: a refresh "
-                          f"replaces only some users' rows, so it keeps k={written_k}; leave out --k, or re-score "
-                          f"with 'score --k {given}' first")
+        raise ConfigError(
+            f"'k' {given} differs from the k={written_k} that '{out}' was written with: a refresh "
+            f"replaces only some users' rows, so it keeps k={written_k}; leave out --k, or re-score "
+            f"with 'score --k {given}' first"
+        )
     return written_k
 
 
@@ -583,7 +711,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if cfg.run_dir is None:
         cfg.run_dir = str(broadcast_object(new_run_dir(cfg), env))
     run_dir = Path(cfg.run_dir)
-    with (locking.hold(run_dir, "run directory") if env.is_main else contextlib.nullcontext()):
+    with locking.hold(run_dir, "run directory") if env.is_main else contextlib.nullcontext():
         from_rank0(lambda: claim_run_dir(cfg, run_dir, env), env, "claim the run directory")  # before any work
         from_rank0(lambda: check_sink(cfg), env, "check the sink")
         shards = prepare(cfg)

@@ -24,13 +24,15 @@ price of drift in the lists of users it does not touch (measured by
 benchmarks/bench_refresh.py). The state is then
 marked inexact, and the next ``exact`` refresh re-encodes and re-scores everything.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -39,18 +41,23 @@ from torch import Tensor
 
 from scalable_rec.atomic import sha256_file, write_json_atomic
 from scalable_rec.graph.hetero import MOVIE, USER, RatingGraph
+from scalable_rec.model.recommender import Recommender
+from scalable_rec.model.topk import RatedIndex, to_record_batch
 from scalable_rec.score import state_store
 from scalable_rec.score.incremental import (
-    EdgeList, Encoded, affected_sets, bounded_update, encode_layers, recompute,
+    EdgeList,
+    Encoded,
+    affected_sets,
+    bounded_update,
+    encode_layers,
+    recompute,
 )
-from scalable_rec.model.topk import RatedIndex, to_record_batch
 from scalable_rec.shards import KeyIndex
 from scalable_rec.sink.parquet import replace_user_rows, write_parquet
 from scalable_rec.source.base import RatingBounds
 from scalable_rec.source.new_ratings import fingerprint as new_ratings_fingerprint
 from scalable_rec.source.new_ratings import read_new_ratings
 from scalable_rec.source.report import SkipReport
-from scalable_rec.model.recommender import Recommender
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +117,13 @@ class RefreshState:
 
     def save(self, path: Path) -> None:
         fields = {k: v for k, v in self.__dict__.items() if k not in ("store_base", "dirty")}
-        self.store_base = state_store.save(path, {"version": STATE_VERSION, **fields}, BIG_FIELDS,
-                                           self.store_base, self.dirty)
+        self.store_base = state_store.save(
+            path, {"version": STATE_VERSION, **fields}, BIG_FIELDS, self.store_base, self.dirty
+        )
         self.dirty = None
 
     @classmethod
-    def load(cls, path: Path) -> "RefreshState | None":
+    def load(cls, path: Path) -> RefreshState | None:
         loaded = state_store.load(path, BIG_FIELDS)
         if loaded is None:
             return None
@@ -126,14 +134,25 @@ class RefreshState:
 
 
 def empty_extra() -> dict[str, Tensor]:
-    return {"src": torch.empty(0, dtype=torch.long), "dst": torch.empty(0, dtype=torch.long),
-            "rating": torch.empty(0), "timestamp": torch.empty(0, dtype=torch.long)}
+    return {
+        "src": torch.empty(0, dtype=torch.long),
+        "dst": torch.empty(0, dtype=torch.long),
+        "rating": torch.empty(0),
+        "timestamp": torch.empty(0, dtype=torch.long),
+    }
 
 
 def edge_list(graph: RatingGraph, extra: dict[str, Tensor], num_new_users: int) -> EdgeList:
-    return EdgeList(base_src=graph.src, base_dst=graph.dst, num_users=graph.num_users + num_new_users,
-                    num_movies=graph.num_movies, extra_src=extra["src"], extra_dst=extra["dst"],
-                    base_rating=graph.rating, extra_rating=extra["rating"])
+    return EdgeList(
+        base_src=graph.src,
+        base_dst=graph.dst,
+        num_users=graph.num_users + num_new_users,
+        num_movies=graph.num_movies,
+        extra_src=extra["src"],
+        extra_dst=extra["dst"],
+        base_rating=graph.rating,
+        extra_rating=extra["rating"],
+    )
 
 
 def _rated_subset(edges: EdgeList, users: Tensor) -> RatedIndex:
@@ -163,8 +182,9 @@ def _chunk(budget_mb: int, columns: int) -> int:
 
 
 @torch.no_grad()
-def score_rows(model: Recommender, z: dict[str, Tensor], edges: EdgeList, users: Tensor, width: int,
-               memory_mb: int) -> tuple[Tensor, Tensor, Tensor]:
+def score_rows(
+    model: Recommender, z: dict[str, Tensor], edges: EdgeList, users: Tensor, width: int, memory_mb: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Full-row scoring of ``users``: top ``width`` candidates (rated movies masked) and the
     floor (the next score, an upper bound on everything outside the list)."""
     rated = _rated_subset(edges, users)
@@ -188,8 +208,15 @@ def score_rows(model: Recommender, z: dict[str, Tensor], edges: EdgeList, users:
 
 
 @torch.no_grad()
-def merge_columns(model: Recommender, z: dict[str, Tensor], edges: EdgeList, state: RefreshState, users: Tensor,
-                  movies: Tensor, memory_mb: int) -> Tensor:
+def merge_columns(
+    model: Recommender,
+    z: dict[str, Tensor],
+    edges: EdgeList,
+    state: RefreshState,
+    users: Tensor,
+    movies: Tensor,
+    memory_mb: int,
+) -> Tensor:
     """Re-scores the changed ``movies`` columns for ``users`` (whose own embedding did not
     change) and merges them into their candidate lists in ``state``. Returns the users
     whose top ``k`` is no longer provably exact (to be re-scored in full)."""
@@ -221,9 +248,17 @@ def merge_columns(model: Recommender, z: dict[str, Tensor], edges: EdgeList, sta
     return torch.cat(fallback) if fallback else torch.empty(0, dtype=torch.long)
 
 
-def initial_state(model: Recommender, graph: RatingGraph, k: int, margin: int, memory_mb: int, model_sha: str,
-                  extra: dict[str, Tensor] | None = None, new_user_keys: list | None = None,
-                  folded: list | None = None) -> RefreshState:
+def initial_state(
+    model: Recommender,
+    graph: RatingGraph,
+    k: int,
+    margin: int,
+    memory_mb: int,
+    model_sha: str,
+    extra: dict[str, Tensor] | None = None,
+    new_user_keys: list | None = None,
+    folded: list | None = None,
+) -> RefreshState:
     """Encodes the whole graph (trained edges plus ``extra``), keeps every layer, and scores
     every user: the full re-score that incremental refreshes must equal."""
     extra = extra if extra is not None else empty_extra()
@@ -231,9 +266,21 @@ def initial_state(model: Recommender, graph: RatingGraph, k: int, margin: int, m
     edges = edge_list(graph, extra, len(new_user_keys))
     enc = encode_layers(model, edges, graph.movie_x)
     idx, score, floor = score_rows(model, enc.layers[-1], edges, torch.arange(edges.num_users), k + margin, memory_mb)
-    return RefreshState(k=k, width=k + margin, exact=True, model_sha=model_sha, new_user_keys=new_user_keys,
-                        extra=extra, layers=enc.layers, aggs=enc.aggs, degree=enc.degree, cand_idx=idx,
-                        cand_score=score, floor=floor, folded=folded or [])
+    return RefreshState(
+        k=k,
+        width=k + margin,
+        exact=True,
+        model_sha=model_sha,
+        new_user_keys=new_user_keys,
+        extra=extra,
+        layers=enc.layers,
+        aggs=enc.aggs,
+        degree=enc.degree,
+        cand_idx=idx,
+        cand_score=score,
+        floor=floor,
+        folded=folded or [],
+    )
 
 
 @dataclass
@@ -245,17 +292,29 @@ class RefreshOutcome:
 
 
 @torch.no_grad()
-def apply_edges(model: Recommender, graph: RatingGraph, state: RefreshState, src: Tensor, dst: Tensor,
-                rating: Tensor, timestamp: Tensor, new_user_keys: list, mode: str,
-                memory_mb: int) -> RefreshOutcome:
+def apply_edges(
+    model: Recommender,
+    graph: RatingGraph,
+    state: RefreshState,
+    src: Tensor,
+    dst: Tensor,
+    rating: Tensor,
+    timestamp: Tensor,
+    new_user_keys: list,
+    mode: str,
+    memory_mb: int,
+) -> RefreshOutcome:
     """Folds new edges (node indices; users past the known ones are new) into ``state``
     and re-scores what ``mode`` asks for. Returns the users whose top ``k`` changed."""
     t0 = time.perf_counter()
     old_users = graph.num_users + len(state.new_user_keys)
     k = state.k
-    state.extra = {"src": torch.cat([state.extra["src"], src]), "dst": torch.cat([state.extra["dst"], dst]),
-                   "rating": torch.cat([state.extra["rating"], rating]),
-                   "timestamp": torch.cat([state.extra["timestamp"], timestamp])}
+    state.extra = {
+        "src": torch.cat([state.extra["src"], src]),
+        "dst": torch.cat([state.extra["dst"], dst]),
+        "rating": torch.cat([state.extra["rating"], rating]),
+        "timestamp": torch.cat([state.extra["timestamp"], timestamp]),
+    }
     state.new_user_keys = state.new_user_keys + list(new_user_keys)
     edges = edge_list(graph, state.extra, len(state.new_user_keys))
     old_top = (state.cand_idx[:, :k].clone(), state.cand_score[:, :k].clone())
@@ -268,8 +327,9 @@ def apply_edges(model: Recommender, graph: RatingGraph, state: RefreshState, src
     stats: dict[str, Any] = {"mode": mode, "new_edges": int(src.numel()), "new_users": grow}
     if mode == "exact" and not state.exact:
         # An earlier bounded refresh left stale states: only a full pass is exact again.
-        fresh = initial_state(model, graph, k, state.width - k, memory_mb, state.model_sha, state.extra,
-                              state.new_user_keys, state.folded)
+        fresh = initial_state(
+            model, graph, k, state.width - k, memory_mb, state.model_sha, state.extra, state.new_user_keys, state.folded
+        )
         state.__dict__.update(fresh.__dict__)
         stats.update(full_rescore=True, rescored_users=edges.num_users)
     else:
@@ -295,15 +355,23 @@ def apply_edges(model: Recommender, graph: RatingGraph, state: RefreshState, src
             others = torch.ones(edges.num_users, dtype=torch.bool)
             others[changed_users] = False
             others = torch.nonzero(others).flatten()
-            fb = merge_columns(model, z, edges, state, others, changed_movies, memory_mb) \
-                if changed_movies.numel() and others.numel() else torch.empty(0, dtype=torch.long)
+            fb = (
+                merge_columns(model, z, edges, state, others, changed_movies, memory_mb)
+                if changed_movies.numel() and others.numel()
+                else torch.empty(0, dtype=torch.long)
+            )
             merged, fallback = int(others.numel()), int(fb.numel())
             rescore = torch.unique(torch.cat([rescore, fb]))
         idx, score, floor = score_rows(model, z, edges, rescore, state.width, memory_mb)
         state.cand_idx[rescore], state.cand_score[rescore], state.floor[rescore] = idx, score, floor
-        stats.update(full_rescore=False, reencoded_users=int(changed_users.numel()),
-                     reencoded_movies=int(changed_movies.numel()), rescored_users=int(rescore.numel()),
-                     column_merged_users=merged, fallback_users=fallback)
+        stats.update(
+            full_rescore=False,
+            reencoded_users=int(changed_users.numel()),
+            reencoded_movies=int(changed_movies.numel()),
+            rescored_users=int(rescore.numel()),
+            column_merged_users=merged,
+            fallback_users=fallback,
+        )
     n_old = old_top[0].size(0)
     same = (state.cand_idx[:n_old, :k] == old_top[0]).all(1) & (state.cand_score[:n_old, :k] == old_top[1]).all(1)
     replaced = torch.cat([torch.nonzero(~same).flatten(), torch.arange(n_old, edges.num_users)])
@@ -325,16 +393,23 @@ def bounded_dirty_rows(state: RefreshState, endpoints: dict[str, Tensor], rescor
     return {**rows, "cand_idx": rescored, "cand_score": rescored, "floor": rescored}
 
 
-def record_batch(model: Recommender, state: RefreshState, graph: RatingGraph, users: Tensor,
-                 user_keys: pa.Array, rating_range: tuple[float, float] = (0.5, 5.0)) -> pa.RecordBatch:
+def record_batch(
+    model: Recommender,
+    state: RefreshState,
+    graph: RatingGraph,
+    users: Tensor,
+    user_keys: pa.Array,
+    rating_range: tuple[float, float] = (0.5, 5.0),
+) -> pa.RecordBatch:
     """Top-``k`` rows of ``users`` in the ``recommend`` schema (``predicted_rating``, clamped
     to the run's ``rating_range``, included)."""
     k = state.k
     top, scores = state.cand_idx[users, :k], state.cand_score[users, :k]
     with torch.no_grad():
         rated = model.predict_pairs(state.layers[-1], users.repeat_interleave(k), top.flatten())
-    return to_record_batch(users, top, scores, user_keys, graph.movie_keys,
-                           predicted_rating=rated.view_as(top).clamp(*rating_range))
+    return to_record_batch(
+        users, top, scores, user_keys, graph.movie_keys, predicted_rating=rated.view_as(top).clamp(*rating_range)
+    )
 
 
 def user_keys_of(graph: RatingGraph, state: RefreshState) -> pa.Array:
@@ -351,15 +426,25 @@ fingerprint (for deterministic keys) and returns what it wrote."""
 def parquet_writer(run_dir: Path, k: int) -> RowWriter:
     """Replaces rows in ``<run_dir>/recommendations.parquet`` (written in full from the state
     by ``refresh`` when it does not exist yet)."""
+
     def write(batch: pa.RecordBatch, users: pa.Array, fingerprint: str) -> dict[str, Any]:
         out = run_dir / "recommendations.parquet"
         return {"parquet": str(out), "parquet_rows": replace_user_rows(out, batch, users)}
+
     return write
 
 
-def refresh(run_dir: str | Path, model: Recommender, graph: RatingGraph, cfg: RefreshConfig, k: int = 10,
-            memory_mb: int = 256, bounds: RatingBounds | None = None, strict: bool = False,
-            writer: RowWriter | None = None) -> dict[str, Any]:
+def refresh(
+    run_dir: str | Path,
+    model: Recommender,
+    graph: RatingGraph,
+    cfg: RefreshConfig,
+    k: int = 10,
+    memory_mb: int = 256,
+    bounds: RatingBounds | None = None,
+    strict: bool = False,
+    writer: RowWriter | None = None,
+) -> dict[str, Any]:
     """Folds ``cfg.new_ratings`` into the run's graph and updates its recommendations.
 
     ``<run_dir>/refresh/state.pt`` holds the per-layer embeddings, candidate lists and the
@@ -382,42 +467,78 @@ def refresh(run_dir: str | Path, model: Recommender, graph: RatingGraph, cfg: Re
     state = RefreshState.load(state_path)
     fp = new_ratings_fingerprint(cfg.new_ratings)
     if state is not None and any(r["fingerprint"] == fp for r in state.folded):
-        return {"already_folded": True, "fingerprint": fp, "source": str(cfg.new_ratings),
-                "changed": "nothing (this input was folded in before)"}
+        return {
+            "already_folded": True,
+            "fingerprint": fp,
+            "source": str(cfg.new_ratings),
+            "changed": "nothing (this input was folded in before)",
+        }
     report: dict[str, Any] = {"already_folded": False, "fingerprint": fp}
     if state is None or state.model_sha != model_sha or state.k != k or state.width != k + cfg.candidate_margin:
         t1 = time.perf_counter()
         keep = state if state is not None and state.model_sha == model_sha else None
-        state = initial_state(model, graph, k, cfg.candidate_margin, memory_mb, model_sha,
-                              keep.extra if keep else None, keep.new_user_keys if keep else None,
-                              keep.folded if keep else None)
+        state = initial_state(
+            model,
+            graph,
+            k,
+            cfg.candidate_margin,
+            memory_mb,
+            model_sha,
+            keep.extra if keep else None,
+            keep.new_user_keys if keep else None,
+            keep.folded if keep else None,
+        )
         report["initial_full_score_s"] = time.perf_counter() - t1
     users = KeyIndex(user_keys_of(graph, state).to_pylist())
     movies = KeyIndex(graph.movie_keys.to_pylist())
     known = len(users)
     skips = SkipReport(strict=strict)
     new = read_new_ratings(cfg.new_ratings, users, movies, skips, bounds or RatingBounds())
-    outcome = apply_edges(model, graph, state, torch.from_numpy(new.src), torch.from_numpy(new.dst),
-                          torch.from_numpy(new.rating), torch.from_numpy(new.timestamp), users.keys[known:],
-                          cfg.mode, memory_mb)
+    outcome = apply_edges(
+        model,
+        graph,
+        state,
+        torch.from_numpy(new.src),
+        torch.from_numpy(new.dst),
+        torch.from_numpy(new.rating),
+        torch.from_numpy(new.timestamp),
+        users.keys[known:],
+        cfg.mode,
+        memory_mb,
+    )
     t2 = time.perf_counter()
     rating_range = (bounds.min, bounds.max) if bounds is not None else (0.5, 5.0)
     keys = user_keys_of(graph, state)
     out = run_dir / "recommendations.parquet"
     if writer is None and not out.is_file():
-        written = {"parquet": str(out), "parquet_rows": write_parquet(
-            [record_batch(model, state, graph, torch.arange(len(keys)), keys, rating_range)], out,
-            metadata={"run_dir": str(run_dir), "k": str(k)})}
+        written = {
+            "parquet": str(out),
+            "parquet_rows": write_parquet(
+                [record_batch(model, state, graph, torch.arange(len(keys)), keys, rating_range)],
+                out,
+                metadata={"run_dir": str(run_dir), "k": str(k)},
+            ),
+        }
     else:
         batch = record_batch(model, state, graph, outcome.replaced_users, keys, rating_range)
-        written = (writer or parquet_writer(run_dir, k))(batch, keys.take(pa.array(outcome.replaced_users.numpy())),
-                                                         fp)
-    record = {"fingerprint": fp, "source": new.source, "mode": cfg.mode, "edges": int(new.src.size),
-              "new_users": len(users) - known, "skipped": skips.counts,
-              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        written = (writer or parquet_writer(run_dir, k))(batch, keys.take(pa.array(outcome.replaced_users.numpy())), fp)
+    record = {
+        "fingerprint": fp,
+        "source": new.source,
+        "mode": cfg.mode,
+        "edges": int(new.src.size),
+        "new_users": len(users) - known,
+        "skipped": skips.counts,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     state.folded = state.folded + [record]
     state.save(state_path)
     write_json_atomic(run_dir / "refresh" / "folded.json", state.folded)
-    report.update(outcome.stats, input_report=skips.to_json(), written=written,
-                  write_s=time.perf_counter() - t2, total_s=time.perf_counter() - t0)
+    report.update(
+        outcome.stats,
+        input_report=skips.to_json(),
+        written=written,
+        write_s=time.perf_counter() - t2,
+        total_s=time.perf_counter() - t0,
+    )
     return report

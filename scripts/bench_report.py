@@ -8,6 +8,7 @@ Each row shows the median time and the throughput figures the benchmark recorded
 ``extra_info`` (keys ending in ``_per_s``, ratios such as ``speedup`` and
 ``fraction_of_mm``). With two files, a ``new/old`` column compares medians.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ def throughput(extra: dict) -> str:
 
 
 def markdown(new: dict, old: dict | None, machine: dict) -> str:
-    lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} cores, "
-             f"python {machine.get('python_version', '?')}", ""]
+    lines = [
+        f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} cores, "
+        f"python {machine.get('python_version', '?')}",
+        "",
+    ]
     header = "| benchmark | median s | throughput |" + (" old median s | new/old |" if old else "")
     lines += [header, "|---|---:|---|" + ("---:|---:|" if old else "")]
     for name, b in sorted(new.items()):
@@ -52,11 +56,16 @@ def chart(new: dict, old: dict | None, path: Path) -> None:
     names = sorted(new)
     fig, ax = plt.subplots(figsize=(9, 0.4 * len(names) + 1.5))
     y = range(len(names))
-    ax.barh([i + (0.2 if old else 0) for i in y], [new[n]["stats"]["median"] for n in names], height=0.4,
-            label="new" if old else "median")
+    ax.barh(
+        [i + (0.2 if old else 0) for i in y],
+        [new[n]["stats"]["median"] for n in names],
+        height=0.4,
+        label="new" if old else "median",
+    )
     if old:
-        ax.barh([i - 0.2 for i in y], [old[n]["stats"]["median"] if n in old else 0 for n in names], height=0.4,
-                label="old")
+        ax.barh(
+            [i - 0.2 for i in y], [old[n]["stats"]["median"] if n in old else 0 for n in names], height=0.4, label="old"
+        )
         ax.legend()
     ax.set_yticks(list(y), names, fontsize=7)
     ax.set_xscale("log")

@@ -95,6 +95,8 @@ from __future__ import annotations
 import base64
 import bisect
 import dataclasses
+import hashlib
+import heapq
 import itertools
 import json
 import os
@@ -104,21 +106,25 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable, Iterator
+from functools import lru_cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, NoReturn
 from urllib.parse import parse_qsl, unquote, urlsplit
-
-import heapq
-import hashlib
-from functools import lru_cache
 
 import pytest
 import pyuca
 
 __all__ = [
-    "ArangoDouble", "ArangoEndpoint", "Faults", "RequestLog", "RequestRecord",
-    "arango_double", "arango_endpoint", "arango_faults",
+    "ArangoDouble",
+    "ArangoEndpoint",
+    "Faults",
+    "RequestLog",
+    "RequestRecord",
+    "arango_double",
+    "arango_endpoint",
+    "arango_faults",
 ]
 
 DEFAULT_USERS = {"root": "test-password"}
@@ -144,8 +150,7 @@ class ApiError(Exception):
         self.status, self.error_num, self.message = status, error_num, message
 
     def body(self) -> dict:
-        return {"error": True, "code": self.status, "errorNum": self.error_num,
-                "errorMessage": self.message}
+        return {"error": True, "code": self.status, "errorNum": self.error_num, "errorMessage": self.message}
 
 
 def _flag(query: dict, name: str, default: bool = False) -> bool:
@@ -237,14 +242,23 @@ class _Collection:
         if not known:
             # As the coordinator does: the restriction leaves the collection without a shard, and
             # locking it fails (Aql/QuerySnippet / EngineInfoContainer: "Could not identify any shard").
-            raise ApiError(500, 1521, f"Could not identify any shard belonging to collection: {self.name}. "
-                                      "Maybe it is dropped?")
+            raise ApiError(
+                500, 1521, f"Could not identify any shard belonging to collection: {self.name}. Maybe it is dropped?"
+            )
         return sorted(names.index(i) for i in known)
 
     def info(self) -> dict:
-        return {"id": self.id, "name": self.name, "type": 3 if self.edge else 2, "status": 3,
-                "statusString": "loaded", "isSystem": False,
-                "globallyUniqueId": f"h{self.id}/{self.name}", "error": False, "code": 200}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "type": 3 if self.edge else 2,
+            "status": 3,
+            "statusString": "loaded",
+            "isSystem": False,
+            "globallyUniqueId": f"h{self.id}/{self.name}",
+            "error": False,
+            "code": 200,
+        }
 
     def put(self, doc: dict) -> None:
         key = doc["_key"]
@@ -277,14 +291,13 @@ class _Collection:
             self._shard_sorted = per
         return self._shard_sorted[shard]
 
-    def _range_scan(self, lock: threading.RLock, keys_of: Callable[[], list[str]],
-                    after: str | None) -> Iterator[dict]:
+    def _range_scan(self, lock: threading.RLock, keys_of: Callable[[], list[str]], after: str | None) -> Iterator[dict]:
         last = after
         while True:
             with lock:
                 keys = keys_of()
                 start = 0 if last is None else bisect.bisect_right(keys, last)
-                chunk_keys = keys[start:start + _CHUNK]
+                chunk_keys = keys[start : start + _CHUNK]
                 chunk = [self.docs[k] for k in chunk_keys]
             if not chunk:
                 return
@@ -302,8 +315,10 @@ class _Collection:
         if self.shards == 1:
             yield from self._range_scan(lock, self.sorted_keys, after)
             return
-        streams = [self._range_scan(lock, lambda s=s: self.shard_sorted_keys(s), after)
-                   for s in (range(self.shards) if only is None else only)]
+        streams = [
+            self._range_scan(lock, lambda s=s: self.shard_sorted_keys(s), after)
+            for s in (range(self.shards) if only is None else only)
+        ]
         yield from heapq.merge(*streams, key=lambda doc: icu_key(doc["_key"]))
 
     def insertion_scan(self, lock: threading.RLock, only: list[int] | None = None) -> Iterator[dict]:
@@ -311,12 +326,15 @@ class _Collection:
         shards when given), one chunk per lock."""
         with lock:
             log = self._log
-        for shard in (range(self.shards) if only is None else only):
+        for shard in range(self.shards) if only is None else only:
             pos = 0
             while True:
                 with lock:
-                    chunk = [self.docs[k] for k in log[pos:pos + _CHUNK]
-                             if k in self.docs and (self.shards == 1 or self.shard_of(k) == shard)]
+                    chunk = [
+                        self.docs[k]
+                        for k in log[pos : pos + _CHUNK]
+                        if k in self.docs and (self.shards == 1 or self.shard_of(k) == shard)
+                    ]
                     pos += _CHUNK
                     done = pos >= len(log)
                 yield from chunk
@@ -360,9 +378,17 @@ class _Transaction:
 class _State:
     """All databases, the users and the tick generator; one re-entrant lock guards it all."""
 
-    def __init__(self, users: dict[str, str], version: str = "3.11", role: str = "SINGLE",
-                 shards: int = 1, read_only: frozenset = frozenset(), hardened: bool = False,
-                 admins: frozenset = frozenset({"root"}), access: dict | None = None) -> None:
+    def __init__(
+        self,
+        users: dict[str, str],
+        version: str = "3.11",
+        role: str = "SINGLE",
+        shards: int = 1,
+        read_only: frozenset = frozenset(),
+        hardened: bool = False,
+        admins: frozenset = frozenset({"root"}),
+        access: dict | None = None,
+    ) -> None:
         self.lock = threading.RLock()
         self.users = dict(users)
         self.version, self.role, self.shards, self.read_only = version, role, shards, read_only
@@ -442,17 +468,47 @@ class _State:
 
 # ----------------------------------------------------------------------------- AQL
 
-_KEYWORDS = {"FOR", "IN", "FILTER", "SORT", "LIMIT", "RETURN", "REMOVE", "AND", "OR", "NOT", "ASC",
-             "DESC", "LET", "COLLECT", "INSERT", "UPDATE", "REPLACE", "UPSERT", "WITH", "INTO",
-             "NULL", "TRUE", "FALSE", "DISTINCT", "OPTIONS", "WINDOW", "PRUNE", "SEARCH"}
-_TOKEN_RE = re.compile(r"""
+_KEYWORDS = {
+    "FOR",
+    "IN",
+    "FILTER",
+    "SORT",
+    "LIMIT",
+    "RETURN",
+    "REMOVE",
+    "AND",
+    "OR",
+    "NOT",
+    "ASC",
+    "DESC",
+    "LET",
+    "COLLECT",
+    "INSERT",
+    "UPDATE",
+    "REPLACE",
+    "UPSERT",
+    "WITH",
+    "INTO",
+    "NULL",
+    "TRUE",
+    "FALSE",
+    "DISTINCT",
+    "OPTIONS",
+    "WINDOW",
+    "PRUNE",
+    "SEARCH",
+}
+_TOKEN_RE = re.compile(
+    r"""
     (?P<skip>\s+|//[^\n]*|/\*.*?\*/)
   | (?P<bind>@@?[A-Za-z_][A-Za-z0-9_]*)
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<op>==|!=|<=|>=|[<>.,\[\](){}:])
   | (?P<number>\d+(?:\.\d+)?)
   | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
-  | (?P<other>.)""", re.X | re.S)
+  | (?P<other>.)""",
+    re.X | re.S,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,8 +528,9 @@ class _Parser:
     """Token cursor used by the shape functions; records bind parameters and variable uses."""
 
     def __init__(self, query: str) -> None:
-        self.toks = [_Tok(m.lastgroup, m.group(), m.start()) for m in _TOKEN_RE.finditer(query)
-                     if m.lastgroup != "skip"]
+        self.toks = [
+            _Tok(m.lastgroup, m.group(), m.start()) for m in _TOKEN_RE.finditer(query) if m.lastgroup != "skip"
+        ]
         self.i = 0
         self.binds: dict[str, None] = {}  # bindVars keys in order of appearance ("@c" for @@c)
         self.loop_var: str | None = None
@@ -570,8 +627,16 @@ class _Run:
 
 
 def _new_stats() -> dict:
-    return {"writesExecuted": 0, "writesIgnored": 0, "scannedFull": 0, "scannedIndex": 0,
-            "filtered": 0, "httpRequests": 0, "executionTime": 0.0, "peakMemoryUsage": 0}
+    return {
+        "writesExecuted": 0,
+        "writesIgnored": 0,
+        "scannedFull": 0,
+        "scannedIndex": 0,
+        "filtered": 0,
+        "httpRequests": 0,
+        "executionTime": 0.0,
+        "peakMemoryUsage": 0,
+    }
 
 
 def _bind_error(key: str) -> ApiError:
@@ -640,6 +705,7 @@ class _ReadPlan:
                         yield d
                     else:
                         stats["filtered"] += 1
+
             docs = bucket_filter()
 
         def produce() -> Iterator[Any]:
@@ -741,11 +807,13 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}
 
 def _string_literal(text: str) -> str:
     """AQL ``'...'`` or ``"..."`` → its value (backslash escapes as in JSON, plus ``\\'``)."""
+
     def unescape(m: re.Match) -> str:
         esc = m.group(1)
         if esc.startswith("u") and len(esc) == 5:
             return chr(int(esc[1:], 16))
         return _ESCAPES.get(esc, esc)
+
     return re.sub(r"\\(u[0-9A-Fa-f]{4}|.)", unescape, text[1:-1], flags=re.S)
 
 
@@ -784,7 +852,9 @@ def _fn_keep(args: list, warnings: list) -> Any:
 
 # name -> (implementation, minimum arguments, maximum arguments)
 _FUNCTIONS: dict[str, tuple[Callable[[list, list], Any], int, int]] = {
-    "MERGE": (_fn_merge, 1, 65536), "KEEP": (_fn_keep, 2, 65536)}
+    "MERGE": (_fn_merge, 1, 65536),
+    "KEEP": (_fn_keep, 2, 65536),
+}
 
 
 def _expression(p: _Parser) -> tuple:
@@ -800,8 +870,11 @@ def _expression(p: _Parser) -> tuple:
         if not p.op("}"):
             while True:
                 key = p.peek()
-                if key is None or key.kind not in ("name", "string") or (
-                        key.kind == "name" and key.text.upper() in _KEYWORDS):
+                if (
+                    key is None
+                    or key.kind not in ("name", "string")
+                    or (key.kind == "name" and key.text.upper() in _KEYWORDS)
+                ):
                     p.fail("attribute name")
                 p.i += 1
                 p.expect_op(":")
@@ -830,8 +903,12 @@ def _expression(p: _Parser) -> tuple:
         args = _expression_list(p, ")")
         _, least, most = _FUNCTIONS[name]
         if not least <= len(args) <= most:
-            raise ApiError(400, 1541, f"AQL: invalid number of arguments for function '{name}()', expected "
-                                      f"number of arguments: minimum: {least}, maximum: {most} (while parsing)")
+            raise ApiError(
+                400,
+                1541,
+                f"AQL: invalid number of arguments for function '{name}()', expected "
+                f"number of arguments: minimum: {least}, maximum: {most} (while parsing)",
+            )
         return ("call", name, args)
     start = p.i
     p.variable()
@@ -868,6 +945,7 @@ def _simple_projection(tree: tuple) -> Any:
 
 def _evaluator(expr: _Expr, binds: dict, warnings: list) -> Callable[[dict], Any]:
     """Compiles an `_Expr` (bind values resolved once) into ``doc -> value``."""
+
     def build(node: tuple) -> Callable[[dict], Any]:
         kind = node[0]
         if kind == "var":
@@ -887,6 +965,7 @@ def _evaluator(expr: _Expr, binds: dict, warnings: list) -> Callable[[dict], Any
         impl = _FUNCTIONS[node[1]][0]
         args = [build(n) for n in node[2]]
         return lambda doc: impl([f(doc) for f in args], warnings)
+
     return build(expr.tree)
 
 
@@ -1032,12 +1111,12 @@ def compile_query(query: str, bind_vars: dict) -> Any:
                 raise ApiError(400, 1512, f"AQL: unknown variable '{name}' (while parsing)")
         for key in parser.binds:
             if key not in bind_vars:
-                raise ApiError(400, 1551, f"AQL: no value specified for declared bind parameter "
-                                          f"'{key}' (while parsing)")
+                raise ApiError(
+                    400, 1551, f"AQL: no value specified for declared bind parameter '{key}' (while parsing)"
+                )
         for key in bind_vars:
             if key not in parser.binds:
-                raise ApiError(400, 1552, f"AQL: bind parameter '{key}' was not declared in the "
-                                          f"query (while parsing)")
+                raise ApiError(400, 1552, f"AQL: bind parameter '{key}' was not declared in the query (while parsing)")
         return plan
     toks = _Parser(query).toks
     tok = toks[best.index] if best.index < len(toks) else None
@@ -1049,11 +1128,14 @@ def compile_query(query: str, bind_vars: dict) -> Any:
     elif tok.kind == "name":
         what = f"{tok.text.upper()} keyword" if tok.text.upper() in _KEYWORDS else "identifier"
     else:
-        what = {"bind": "bind parameter", "number": "number", "string": "quoted string"}.get(
-            tok.kind, f"'{tok.text}'")
-    raise ApiError(400, 1501, f"AQL: syntax error, unexpected {what}, expecting {best.expected} "
-                              f"near '{query[offset:offset + 40]}' at position {line}:{column} "
-                              f"(while parsing)")
+        what = {"bind": "bind parameter", "number": "number", "string": "quoted string"}.get(tok.kind, f"'{tok.text}'")
+    raise ApiError(
+        400,
+        1501,
+        f"AQL: syntax error, unexpected {what}, expecting {best.expected} "
+        f"near '{query[offset : offset + 40]}' at position {line}:{column} "
+        f"(while parsing)",
+    )
 
 
 # ----------------------------------------------------------------------------- cursors
@@ -1064,8 +1146,19 @@ _END = object()
 class _Cursor:
     """Server-side cursor; pulls results lazily from ``results`` with one item of look-ahead."""
 
-    def __init__(self, ident: str, db: str, results: Iterator[Any], stats: dict, *, batch_size: int,
-                 ttl: float, allow_retry: bool, count: int | None, warnings: list | None = None) -> None:
+    def __init__(
+        self,
+        ident: str,
+        db: str,
+        results: Iterator[Any],
+        stats: dict,
+        *,
+        batch_size: int,
+        ttl: float,
+        allow_retry: bool,
+        count: int | None,
+        warnings: list | None = None,
+    ) -> None:
         self.id, self.db, self.stats = ident, db, stats
         self.warnings = [] if warnings is None else warnings
         self.batch_size, self.ttl, self.allow_retry, self.count = batch_size, ttl, allow_retry, count
@@ -1101,8 +1194,9 @@ class _Cursor:
             body["nextBatchId"] = self.batch_id + 1
         if self.count is not None:
             body["count"] = self.count
-        body.update(cached=False, extra={"stats": dict(self.stats), "warnings": list(self.warnings)},
-                    error=False, code=code)
+        body.update(
+            cached=False, extra={"stats": dict(self.stats), "warnings": list(self.warnings)}, error=False, code=code
+        )
         return body
 
 
@@ -1188,9 +1282,12 @@ class RequestLog:
         with ``path_prefix``; None matches anything."""
         with self._lock:
             records = list(self._records)
-        return [r for r in records if (method is None or r.method == method.upper())
-                and (path_prefix is None or r.api_path.startswith(path_prefix)
-                     or r.path.startswith(path_prefix))]
+        return [
+            r
+            for r in records
+            if (method is None or r.method == method.upper())
+            and (path_prefix is None or r.api_path.startswith(path_prefix) or r.path.startswith(path_prefix))
+        ]
 
     def clear(self) -> None:
         with self._lock:
@@ -1222,12 +1319,16 @@ class _Rule:
     def matches(self, record: RequestRecord, batches: int) -> bool:
         if self.method is not None and record.method != self.method.upper():
             return False
-        if self.prefix is not None and not (record.api_path.startswith(self.prefix)
-                                            or record.path.startswith(self.prefix)):
+        if self.prefix is not None and not (
+            record.api_path.startswith(self.prefix) or record.path.startswith(self.prefix)
+        ):
             return False
         if self.after_batches is not None:
-            return (record.method in ("POST", "PUT") and bool(_CURSOR_FETCH_RE.match(record.api_path))
-                    and batches >= self.after_batches)
+            return (
+                record.method in ("POST", "PUT")
+                and bool(_CURSOR_FETCH_RE.match(record.api_path))
+                and batches >= self.after_batches
+            )
         return True
 
 
@@ -1262,9 +1363,16 @@ class Faults:
         with self._lock:
             return self._batches
 
-    def fail_next(self, path_prefix: str, status: int = 503, *, times: int = 1,
-                  error_num: int | None = None, message: str | None = None,
-                  method: str | None = None) -> None:
+    def fail_next(
+        self,
+        path_prefix: str,
+        status: int = 503,
+        *,
+        times: int = 1,
+        error_num: int | None = None,
+        message: str | None = None,
+        method: str | None = None,
+    ) -> None:
         """Answer the next ``times`` matching requests with an error, without performing them.
 
         Args:
@@ -1275,12 +1383,14 @@ class Faults:
             message: ``errorMessage`` (default: the lower-case HTTP reason, "service unavailable").
             method: Only requests with this HTTP method.
         """
-        error = ApiError(status, status if error_num is None else error_num,
-                         message or HTTPStatus(status).phrase.lower())
+        error = ApiError(
+            status, status if error_num is None else error_num, message or HTTPStatus(status).phrase.lower()
+        )
         self._add(_Rule("fail", times, method, path_prefix, error=error))
 
-    def drop_next(self, path_prefix: str, *, times: int = 1, method: str | None = None,
-                  lose_response: bool = False) -> None:
+    def drop_next(
+        self, path_prefix: str, *, times: int = 1, method: str | None = None, lose_response: bool = False
+    ) -> None:
         """Close the TCP connection of the next ``times`` matching requests without answering.
 
         Args:
@@ -1292,8 +1402,9 @@ class Faults:
         """
         self._add(_Rule("drop", times, method, path_prefix, lose_response=lose_response))
 
-    def drop_connection_after_batches(self, n: int, *, times: int = 1, lose_response: bool = True,
-                                      busy_for: float = 0.0) -> None:
+    def drop_connection_after_batches(
+        self, n: int, *, times: int = 1, lose_response: bool = True, busy_for: float = 0.0
+    ) -> None:
         """Once ``n`` more cursor batches have been served (across cursors), drop the connection of
         the next ``times`` cursor fetch requests (``POST``/``PUT /_api/cursor/{id}[/{batchId}]``).
 
@@ -1307,11 +1418,13 @@ class Faults:
                 driver's immediate re-send finds it busy (409 / 1601).
         """
         with self._lock:
-            self._rules.append(_Rule("drop", times, after_batches=self._batches + n,
-                                     lose_response=lose_response, seconds=busy_for))
+            self._rules.append(
+                _Rule("drop", times, after_batches=self._batches + n, lose_response=lose_response, seconds=busy_for)
+            )
 
-    def delay(self, seconds: float, path_prefix: str | None = None, *, times: int | None = None,
-              method: str | None = None) -> None:
+    def delay(
+        self, seconds: float, path_prefix: str | None = None, *, times: int | None = None, method: str | None = None
+    ) -> None:
         """Wait ``seconds`` before answering matching requests (all, when ``path_prefix`` is None).
 
         Args:
@@ -1365,8 +1478,9 @@ class Faults:
                     decision.delay += rule.seconds
                 elif rule.kind == "fail" and decision.fail is None and not decision.drop_before:
                     decision.fail = rule.error
-                elif rule.kind == "drop" and decision.fail is None and not (
-                        decision.drop_before or decision.drop_after):
+                elif (
+                    rule.kind == "drop" and decision.fail is None and not (decision.drop_before or decision.drop_after)
+                ):
                     decision.drop_after, decision.drop_before = rule.lose_response, not rule.lose_response
                     decision.busy_for = rule.seconds if rule.lose_response else 0.0
                 else:
@@ -1412,36 +1526,39 @@ class _Request:
         return body
 
 
-_ROUTES: list[tuple[str, re.Pattern, str]] = [(m, re.compile(p + "$"), h) for m, p, h in [
-    ("GET", r"/_api/version", "version"),
-    ("GET", r"/_admin/server/role", "server_role"),
-    ("GET", r"/_api/database(?:/user)?", "list_databases"),
-    ("GET", r"/_api/database/current", "current_database"),
-    ("POST", r"/_api/database", "create_database"),
-    ("DELETE", r"/_api/database/(?P<name>[^/]+)", "delete_database"),
-    ("GET", r"/_api/collection", "list_collections"),
-    ("POST", r"/_api/collection", "create_collection"),
-    ("GET", r"/_api/collection/(?P<name>[^/]+)(?:/(?P<aspect>properties|count|shards))?", "collection"),
-    ("PUT", r"/_api/collection/(?P<name>[^/]+)/truncate", "truncate_collection"),
-    ("DELETE", r"/_api/collection/(?P<name>[^/]+)", "delete_collection"),
-    ("GET", r"/_api/gharial", "list_graphs"),
-    ("POST", r"/_api/gharial", "create_graph"),
-    ("GET", r"/_api/gharial/(?P<name>[^/]+)", "get_graph"),
-    ("GET", r"/_api/gharial/(?P<name>[^/]+)/(?P<kind>vertex|edge)", "graph_collections"),
-    ("DELETE", r"/_api/gharial/(?P<name>[^/]+)", "delete_graph"),
-    ("POST", r"/_api/document/(?P<coll>[^/]+)", "insert_documents"),
-    ("GET", r"/_api/document/(?P<coll>[^/]+)/(?P<key>[^/]+)", "get_document"),
-    ("HEAD", r"/_api/document/(?P<coll>[^/]+)/(?P<key>[^/]+)", "get_document"),
-    ("POST", r"/_api/import", "import_documents"),
-    ("POST", r"/_api/cursor", "create_cursor"),
-    ("POST", r"/_api/cursor/(?P<ident>[^/]+)(?:/(?P<batch>[^/]+))?", "next_batch"),
-    ("PUT", r"/_api/cursor/(?P<ident>[^/]+)", "next_batch"),
-    ("DELETE", r"/_api/cursor/(?P<ident>[^/]+)", "delete_cursor"),
-    ("POST", r"/_api/transaction/begin", "begin_transaction"),
-    ("GET", r"/_api/transaction/(?P<ident>[^/]+)", "status_transaction"),
-    ("PUT", r"/_api/transaction/(?P<ident>[^/]+)", "commit_transaction"),
-    ("DELETE", r"/_api/transaction/(?P<ident>[^/]+)", "abort_transaction"),
-]]
+_ROUTES: list[tuple[str, re.Pattern, str]] = [
+    (m, re.compile(p + "$"), h)
+    for m, p, h in [
+        ("GET", r"/_api/version", "version"),
+        ("GET", r"/_admin/server/role", "server_role"),
+        ("GET", r"/_api/database(?:/user)?", "list_databases"),
+        ("GET", r"/_api/database/current", "current_database"),
+        ("POST", r"/_api/database", "create_database"),
+        ("DELETE", r"/_api/database/(?P<name>[^/]+)", "delete_database"),
+        ("GET", r"/_api/collection", "list_collections"),
+        ("POST", r"/_api/collection", "create_collection"),
+        ("GET", r"/_api/collection/(?P<name>[^/]+)(?:/(?P<aspect>properties|count|shards))?", "collection"),
+        ("PUT", r"/_api/collection/(?P<name>[^/]+)/truncate", "truncate_collection"),
+        ("DELETE", r"/_api/collection/(?P<name>[^/]+)", "delete_collection"),
+        ("GET", r"/_api/gharial", "list_graphs"),
+        ("POST", r"/_api/gharial", "create_graph"),
+        ("GET", r"/_api/gharial/(?P<name>[^/]+)", "get_graph"),
+        ("GET", r"/_api/gharial/(?P<name>[^/]+)/(?P<kind>vertex|edge)", "graph_collections"),
+        ("DELETE", r"/_api/gharial/(?P<name>[^/]+)", "delete_graph"),
+        ("POST", r"/_api/document/(?P<coll>[^/]+)", "insert_documents"),
+        ("GET", r"/_api/document/(?P<coll>[^/]+)/(?P<key>[^/]+)", "get_document"),
+        ("HEAD", r"/_api/document/(?P<coll>[^/]+)/(?P<key>[^/]+)", "get_document"),
+        ("POST", r"/_api/import", "import_documents"),
+        ("POST", r"/_api/cursor", "create_cursor"),
+        ("POST", r"/_api/cursor/(?P<ident>[^/]+)(?:/(?P<batch>[^/]+))?", "next_batch"),
+        ("PUT", r"/_api/cursor/(?P<ident>[^/]+)", "next_batch"),
+        ("DELETE", r"/_api/cursor/(?P<ident>[^/]+)", "delete_cursor"),
+        ("POST", r"/_api/transaction/begin", "begin_transaction"),
+        ("GET", r"/_api/transaction/(?P<ident>[^/]+)", "status_transaction"),
+        ("PUT", r"/_api/transaction/(?P<ident>[^/]+)", "commit_transaction"),
+        ("DELETE", r"/_api/transaction/(?P<ident>[^/]+)", "abort_transaction"),
+    ]
+]
 
 
 class _Api:
@@ -1450,16 +1567,20 @@ class _Api:
     def __init__(self, state: _State, cursors: _CursorRegistry, faults: Faults) -> None:
         self.state, self.cursors, self.faults = state, cursors, faults
 
-    def handle(self, record: RequestRecord, authorization: str | None, raw: bytes,
-               hold: float = 0.0) -> tuple[int, Any]:
+    def handle(
+        self, record: RequestRecord, authorization: str | None, raw: bytes, hold: float = 0.0
+    ) -> tuple[int, Any]:
         try:
             user = self._authenticate(authorization)
             granted = self.state.access.get(user)
             if granted is not None and record.db not in granted:
                 # The server does not tell a user whether a database it may not see exists.
                 raise ApiError(401, 11, "not authorized to execute this request")
-            if user in self.state.read_only and record.method not in ("GET", "HEAD") and not (
-                    record.api_path.startswith("/_api/cursor") or record.api_path == "/_api/version"):
+            if (
+                user in self.state.read_only
+                and record.method not in ("GET", "HEAD")
+                and not (record.api_path.startswith("/_api/cursor") or record.api_path == "/_api/version")
+            ):
                 raise ApiError(403, 11, "forbidden")
             db = self.state.database(record.db)
             allowed = False
@@ -1524,8 +1645,11 @@ class _Api:
             return 200, {"error": False, "code": 200, "result": sorted(self.state.databases)}
 
     def current_database(self, req: _Request) -> tuple[int, Any]:
-        return 200, {"error": False, "code": 200, "result": {
-            "name": req.db.name, "id": req.db.id, "path": "none", "isSystem": req.db.name == "_system"}}
+        return 200, {
+            "error": False,
+            "code": 200,
+            "result": {"name": req.db.name, "id": req.db.id, "path": "none", "isSystem": req.db.name == "_system"},
+        }
 
     def create_database(self, req: _Request) -> tuple[int, Any]:
         self._system_only(req)
@@ -1553,8 +1677,9 @@ class _Api:
     # -- collections
     def list_collections(self, req: _Request) -> tuple[int, Any]:
         with self.state.lock:
-            result = [{k: v for k, v in c.info().items() if k not in ("error", "code")}
-                      for c in req.db.collections.values()]
+            result = [
+                {k: v for k, v in c.info().items() if k not in ("error", "code")} for c in req.db.collections.values()
+            ]
         return 200, {"error": False, "code": 200, "result": result}
 
     def create_collection(self, req: _Request) -> tuple[int, Any]:
@@ -1562,16 +1687,24 @@ class _Api:
         if body.get("type", 2) not in (2, 3):
             raise ApiError(400, 1218, f"collection type invalid: expected 2 or 3, got {body['type']!r}")
         with self.state.lock:
-            coll = self.state.create_collection(req.db, body.get("name"), body.get("type") == 3,
-                                                body.get("numberOfShards"))
+            coll = self.state.create_collection(
+                req.db, body.get("name"), body.get("type") == 3, body.get("numberOfShards")
+            )
             return 200, self._properties(coll, body.get("waitForSync", False))
 
     @staticmethod
     def _properties(coll: _Collection, wait_for_sync: bool = False) -> dict:
-        return {**coll.info(), "waitForSync": wait_for_sync, "cacheEnabled": False,
-                "writeConcern": 1, "replicationFactor": 1, "schema": None, "computedValues": None,
-                "numberOfShards": coll.shards,
-                "keyOptions": {"type": "traditional", "allowUserKeys": True, "lastValue": 0}}
+        return {
+            **coll.info(),
+            "waitForSync": wait_for_sync,
+            "cacheEnabled": False,
+            "writeConcern": 1,
+            "replicationFactor": 1,
+            "schema": None,
+            "computedValues": None,
+            "numberOfShards": coll.shards,
+            "keyOptions": {"type": "traditional", "allowUserKeys": True, "lastValue": 0},
+        }
 
     def collection(self, req: _Request, name: str, aspect: str | None) -> tuple[int, Any]:
         with self.state.lock:
@@ -1606,14 +1739,19 @@ class _Api:
         name = body.get("name")
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ApiError(400, 1208, f"illegal name: expected a graph name, got {name!r}")
-        definitions = [{"collection": d["collection"], "from": sorted(set(d.get("from", []))),
-                        "to": sorted(set(d.get("to", [])))} for d in body.get("edgeDefinitions") or []]
+        definitions = [
+            {"collection": d["collection"], "from": sorted(set(d.get("from", []))), "to": sorted(set(d.get("to", [])))}
+            for d in body.get("edgeDefinitions") or []
+        ]
         orphans = list(body.get("orphanCollections") or [])
         with self.state.lock:
             if name in req.db.graphs:
                 raise ApiError(409, 1925, "graph already exists")
-            wanted = [(d["collection"], True) for d in definitions] + [
-                (v, False) for d in definitions for v in d["from"] + d["to"]] + [(o, False) for o in orphans]
+            wanted = (
+                [(d["collection"], True) for d in definitions]
+                + [(v, False) for d in definitions for v in d["from"] + d["to"]]
+                + [(o, False) for o in orphans]
+            )
             for coll_name, edge in wanted:
                 existing = req.db.collections.get(coll_name)
                 if existing is not None and edge and not existing.edge:
@@ -1621,10 +1759,20 @@ class _Api:
             for coll_name, edge in wanted:
                 if coll_name not in req.db.collections:
                     self.state.create_collection(req.db, coll_name, edge)
-            graph = {"_key": name, "_id": f"_graphs/{name}", "_rev": self.state.revision(), "name": name,
-                     "edgeDefinitions": definitions, "orphanCollections": orphans, "numberOfShards": 1,
-                     "replicationFactor": 1, "minReplicationFactor": 1, "writeConcern": 1,
-                     "isSmart": False, "isSatellite": False}
+            graph = {
+                "_key": name,
+                "_id": f"_graphs/{name}",
+                "_rev": self.state.revision(),
+                "name": name,
+                "edgeDefinitions": definitions,
+                "orphanCollections": orphans,
+                "numberOfShards": 1,
+                "replicationFactor": 1,
+                "minReplicationFactor": 1,
+                "writeConcern": 1,
+                "isSmart": False,
+                "isSatellite": False,
+            }
             req.db.graphs[name] = graph
         return 202, {"error": False, "code": 202, "graph": graph}
 
@@ -1688,8 +1836,12 @@ class _Api:
             if mode == "update":
                 doc = _merge(old, doc, _flag(params, "keepNull", True), _flag(params, "mergeObjects", True))
             elif mode != "replace":
-                raise ApiError(409, 1210, "unique constraint violated - in index primary of type primary "
-                                          f"over '_key'; conflicting key: {doc['_key']}")
+                raise ApiError(
+                    409,
+                    1210,
+                    "unique constraint violated - in index primary of type primary "
+                    f"over '_key'; conflicting key: {doc['_key']}",
+                )
         coll.put(doc)
         result = {"_id": doc["_id"], "_key": doc["_key"], "_rev": doc["_rev"]}
         if old is not None:
@@ -1725,10 +1877,16 @@ class _Api:
             empty = sum(1 for line in lines[:-1] if not line.strip())
             docs = [self._json_line(line) for line in lines if line.strip()]
         else:
-            raise ApiError(400, 10, f"invalid value for 'type': expected documents, array, list or "
-                                    f"auto (the double has no CSV-style import), got {kind!r}")
-        prefixes = [p + ("" if not p or p.endswith("/") else "/")
-                    for p in (params.get("fromPrefix", ""), params.get("toPrefix", ""))]
+            raise ApiError(
+                400,
+                10,
+                f"invalid value for 'type': expected documents, array, list or "
+                f"auto (the double has no CSV-style import), got {kind!r}",
+            )
+        prefixes = [
+            p + ("" if not p or p.endswith("/") else "/")
+            for p in (params.get("fromPrefix", ""), params.get("toPrefix", ""))
+        ]
         on_duplicate = params.get("onDuplicate", "error")
         complete, overwrite = _flag(params, "complete"), _flag(params, "overwrite")
         counts = dict.fromkeys(("created", "errors", "updated", "ignored"), 0)
@@ -1741,8 +1899,9 @@ class _Api:
                 if complete:
                     raise err
                 counts["errors"] += 1
-                details.append(f"at position {position}: {what}, offending document: "
-                               f"{json.dumps(raw, ensure_ascii=False)[:255]}")
+                details.append(
+                    f"at position {position}: {what}, offending document: {json.dumps(raw, ensure_ascii=False)[:255]}"
+                )
 
             # RestImportHandler validates every document first (objects only; an edge needs string
             # _from and _to) and reports those errors by 1-based position in the request; the
@@ -1751,26 +1910,42 @@ class _Api:
             validated: list[tuple[int, Any, dict]] = []
             for position, raw in enumerate(docs):
                 if not isinstance(raw, dict):
-                    reject(position + 1, ApiError(400, 1227, "invalid document type"), raw,
-                           "invalid JSON type (expecting object)")
+                    reject(
+                        position + 1,
+                        ApiError(400, 1227, "invalid document type"),
+                        raw,
+                        "invalid JSON type (expecting object)",
+                    )
                     continue
                 doc = dict(raw)
                 if coll.edge:
                     for attr, prefix in (("_from", prefixes[0]), ("_to", prefixes[1])):
                         value = doc.get(attr)
-                        if prefix and isinstance(value, (str, int)) and not isinstance(value, bool) \
-                                and "/" not in str(value):
+                        if (
+                            prefix
+                            and isinstance(value, (str, int))
+                            and not isinstance(value, bool)
+                            and "/" not in str(value)
+                        ):
                             doc[attr] = prefix + str(value)
                     if not isinstance(doc.get("_from"), str) or not isinstance(doc.get("_to"), str):
-                        reject(position + 1, ApiError(400, 1233, "edge attribute missing or invalid"), raw,
-                               "missing '_from' or '_to' attribute")
+                        reject(
+                            position + 1,
+                            ApiError(400, 1233, "edge attribute missing or invalid"),
+                            raw,
+                            "missing '_from' or '_to' attribute",
+                        )
                         continue
                 validated.append((position, raw, doc))
             conflicts = self.faults._take_conflicts(len(docs))
             for insert_position, (position, raw, doc) in enumerate(validated):
                 if position in conflicts:  # a concurrent writer holds this document: 1200, not applied
-                    reject(insert_position, ApiError(409, 1200, "write-write conflict"), raw,
-                           "creating document failed with error 'write-write conflict'")
+                    reject(
+                        insert_position,
+                        ApiError(409, 1200, "write-write conflict"),
+                        raw,
+                        "creating document failed with error 'write-write conflict'",
+                    )
                     continue
                 try:
                     doc = self.state.prepare(coll, doc)
@@ -1788,10 +1963,15 @@ class _Api:
                     counts["updated"] += 1
                     doc = _merge(old, doc) if on_duplicate == "update" else doc
                 else:
-                    err = ApiError(409, 1210, "unique constraint violated - in index primary of type "
-                                              f"primary over '_key'; conflicting key: {key}")
-                    reject(insert_position, err, raw,
-                           "creating document failed with error 'unique constraint violated'")
+                    err = ApiError(
+                        409,
+                        1210,
+                        "unique constraint violated - in index primary of type "
+                        f"primary over '_key'; conflicting key: {key}",
+                    )
+                    reject(
+                        insert_position, err, raw, "creating document failed with error 'unique constraint violated'"
+                    )
                     continue
                 staged[key] = doc
             if overwrite:
@@ -1843,9 +2023,17 @@ class _Api:
             results = iter(materialised)
             count = len(materialised) if body.get("count") else None
         run.stats["executionTime"] = time.perf_counter() - started
-        cursor = _Cursor(self.state.tick(), req.db.name, results, run.stats, batch_size=batch_size,
-                         ttl=float(ttl), allow_retry=bool(options.get("allowRetry")) and self.state.allow_retry,
-                         count=count, warnings=run.warnings)
+        cursor = _Cursor(
+            self.state.tick(),
+            req.db.name,
+            results,
+            run.stats,
+            batch_size=batch_size,
+            ttl=float(ttl),
+            allow_retry=bool(options.get("allowRetry")) and self.state.allow_retry,
+            count=count,
+            warnings=run.warnings,
+        )
         batch = cursor.advance()
         if cursor.has_more:
             self.cursors.add(cursor)
@@ -1868,9 +2056,13 @@ class _Api:
             elif batch.isdigit() and int(batch) == cursor.batch_id and cursor.last_batch is not None:
                 result = cursor.last_batch
             else:
-                raise ApiError(400, 400, f"batch id not found: expected {cursor.batch_id + 1}"
-                                         f"{f' or {cursor.batch_id}' if cursor.allow_retry else ''}, "
-                                         f"got {batch} (allowRetry={cursor.allow_retry})")
+                raise ApiError(
+                    400,
+                    400,
+                    f"batch id not found: expected {cursor.batch_id + 1}"
+                    f"{f' or {cursor.batch_id}' if cursor.allow_retry else ''}, "
+                    f"got {batch} (allowRetry={cursor.allow_retry})",
+                )
             cursor.touch()
             if not cursor.has_more and not cursor.allow_retry:
                 self.cursors.remove(ident)
@@ -1937,7 +2129,7 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], double: "ArangoDouble") -> None:
+    def __init__(self, address: tuple[str, int], double: ArangoDouble) -> None:
         super().__init__(address, _Handler)
         self.double = double
         self._open: set[socket.socket] = set()
@@ -1985,9 +2177,15 @@ class _Handler(BaseHTTPRequestHandler):
         match = re.match(r"^/_db/([^/]+)(/.*)?$", path)
         if match:
             db, api_path = unquote(match.group(1)), unquote(match.group(2) or "/")
-        record = RequestRecord(self.command, path, db, api_path,
-                               dict(parse_qsl(parts.query, keep_blank_values=True)), len(raw),
-                               transaction=self.headers.get("x-arango-trx-id"))
+        record = RequestRecord(
+            self.command,
+            path,
+            db,
+            api_path,
+            dict(parse_qsl(parts.query, keep_blank_values=True)),
+            len(raw),
+            transaction=self.headers.get("x-arango-trx-id"),
+        )
         double.requests.append(record)
         decision = double.faults._decide(record)
         if decision.delay:
@@ -2048,10 +2246,19 @@ class ArangoDouble:
         requests: `RequestLog` of every request received.
     """
 
-    def __init__(self, users: dict[str, str] | None = None, *, host: str = "127.0.0.1",
-                 version: str = "3.11", role: str = "SINGLE", shards: int = 1,
-                 read_only: tuple[str, ...] = (), hardened: bool = False, admins: tuple[str, ...] = ("root",),
-                 access: dict[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        users: dict[str, str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        version: str = "3.11",
+        role: str = "SINGLE",
+        shards: int = 1,
+        read_only: tuple[str, ...] = (),
+        hardened: bool = False,
+        admins: tuple[str, ...] = ("root",),
+        access: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
         if version not in SERVER_VERSIONS:
             raise ValueError(f"'version' needs to be one of {SERVER_VERSIONS} (got {version!r})")
         if role not in ("SINGLE", "COORDINATOR"):
@@ -2059,8 +2266,7 @@ class ArangoDouble:
         if shards < 1 or (shards > 1 and role != "COORDINATOR"):
             raise ValueError(f"'shards' needs to be 1, or >= 1 with role COORDINATOR (got {shards}, {role})")
         users = dict(users or DEFAULT_USERS)
-        self._state = _State(users, version, role, shards, frozenset(read_only), hardened, frozenset(admins),
-                             access)
+        self._state = _State(users, version, role, shards, frozenset(read_only), hardened, frozenset(admins), access)
         self._cursors = _CursorRegistry()
         self.faults = Faults(self._cursors)
         self.requests = RequestLog()
@@ -2068,8 +2274,12 @@ class ArangoDouble:
         self._server = _Server((host, 0), self)
         self.url = f"http://{host}:{self._server.server_address[1]}"
         self.username, self.password = next(iter(users.items()))
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"arango-double{self.url[6:]}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"arango-double{self.url[6:]}",
+            daemon=True,
+        )
         self._thread.start()
 
     def create_database(self, name: str) -> None:
@@ -2116,7 +2326,7 @@ class ArangoDouble:
         self._server.close_connections()
         self._server.server_close()
 
-    def __enter__(self) -> "ArangoDouble":
+    def __enter__(self) -> ArangoDouble:
         return self
 
     def __exit__(self, *_: Any) -> None:

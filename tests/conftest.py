@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic shards, the shared MovieLens shards, the ArangoDB double."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from arango_double import *  # noqa: F401,F403  (arango_double, arango_endpoint, arango_faults)
+
 from scalable_rec.shards import GraphShards
 from scalable_rec.source import SkipReport, write_rating_shards
 from scalable_rec.source.synthetic import SyntheticSource

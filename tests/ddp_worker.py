@@ -6,15 +6,16 @@ JSON_OPTIONS (optional, used by benchmarks/bench_train.py): {"val_edges": M, "tr
 "model": {...}} keeps the first M validation (N training) edges of the split and sets the ModelConfig (default: hidden
 16, no dropout, no ID dropout and no ranking bias, for the exactness tests: masks are drawn per rank).
 """
+
 import json
 import sys
 
 import torch
 
+from scalable_rec.dist import DistEnv, shutdown_distributed
 from scalable_rec.graph import RatingGraph, SplitConfig, split_edges
 from scalable_rec.shards import GraphShards
 from scalable_rec.train import ModelConfig, TrainConfig, train
-from scalable_rec.dist import DistEnv, shutdown_distributed
 
 shards, run_dir, out_prefix, train_json = sys.argv[1:5]
 env = DistEnv.from_environ()
@@ -36,6 +37,8 @@ result = train(graph, split, model_cfg, TrainConfig(**json.loads(train_json)), r
 torch.save({k: v.detach().cpu() for k, v in result.model.state_dict().items()}, f"{out_prefix}-rank{env.rank}.pt")
 # Inodes of the node-shared table files this rank maps (``node_tables``; deleted names).
 tables = sorted({line.split()[4] for line in open("/proc/self/maps") if "/scalable_rec-tables-" in line})
-json.dump({"history": result.history, "steps": result.global_step, "world": env.world_size, "table_inodes": tables},
-          open(f"{out_prefix}-rank{env.rank}.json", "w"))
+json.dump(
+    {"history": result.history, "steps": result.global_step, "world": env.world_size, "table_inodes": tables},
+    open(f"{out_prefix}-rank{env.rank}.json", "w"),
+)
 shutdown_distributed()

@@ -6,6 +6,7 @@ collected by pytest).
 starts two ranks with ``launch``; each writes OUT_DIR/rank-RANK.json with its parent's pid
 and the names of the threads its parent runs.
 """
+
 import json
 import os
 import sys

@@ -6,6 +6,7 @@ Every rank asks for the same, not yet built graph index right after a barrier (a
 ranks of ``scalable-rec train --graph-backend store`` do), and writes what the index
 module logged and which directory it opened to ``OUT_PREFIX-rank<r>.json``.
 """
+
 import json
 import logging
 import sys
@@ -31,7 +32,9 @@ logger.setLevel(logging.INFO)
 logger.addHandler(_Keep())
 dist.barrier()  # both ranks ask at the same moment
 index = GraphIndex.for_shards(GraphShards(shards), SplitConfig(), root=root)
-json.dump({"messages": messages, "directory": str(index.directory), "edges": index.num_edges},
-          open(f"{out_prefix}-rank{dist.get_rank()}.json", "w"))
+json.dump(
+    {"messages": messages, "directory": str(index.directory), "edges": index.num_edges},
+    open(f"{out_prefix}-rank{dist.get_rank()}.json", "w"),
+)
 dist.barrier()
 dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """Helper for tests that start a launcher (torchrun or ``--nproc-per-node``) in a session of
 its own: wait for it, or kill it and every rank it started (not collected by pytest)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """A short training configuration shared by the training tests."""
+
 from __future__ import annotations
 
 from scalable_rec.train import TrainConfig

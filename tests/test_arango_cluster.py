@@ -1,14 +1,15 @@
 """The export against deployments the single-server tests cannot show: a 3-shard cluster with
 ICU-ordered coordinator merges, a 3.10 server without cursor allowRetry, and verification
 failures (count mismatch, repeated keys). Runs on the double only (it needs its switches)."""
+
 import hashlib
 import random
 import string
 
 import pytest
 from arango import ArangoClient
-
 from arango_double import ArangoDouble
+
 from scalable_rec.connection import ArangoConfig, ArangoSettings, connect, server_info
 from scalable_rec.errors import ConfigError, DatabaseError, ExportVerificationError
 from scalable_rec.shards import GraphShards
@@ -36,15 +37,24 @@ def _fill(double, users=300, movies=200, ratings=3000):
     db.create_collection("Users").import_bulk([{"_key": k} for k in ukeys])
     db.create_collection("Movie").import_bulk([{"_key": k, "title": k, "genres": "Drama"} for k in mkeys])
     pairs = rng.sample([(u, m) for u in ukeys for m in mkeys], ratings)
-    edges = [{"_key": f"{u}:{m}", "_from": f"Users/{u}", "_to": f"Movie/{m}", "rating": rng.randint(1, 10) / 2,
-              "timestamp": 1_000 + i} for i, (u, m) in enumerate(pairs)]
+    edges = [
+        {
+            "_key": f"{u}:{m}",
+            "_from": f"Users/{u}",
+            "_to": f"Movie/{m}",
+            "rating": rng.randint(1, 10) / 2,
+            "timestamp": 1_000 + i,
+        }
+        for i, (u, m) in enumerate(pairs)
+    ]
     db.create_collection("Ratings", edge=True).import_bulk(edges)
     return edges
 
 
 def _db(double):
-    return connect(ArangoSettings(url=double.url, database="t", username=double.username,
-                                  password=double.password, http_retries=0))
+    return connect(
+        ArangoSettings(url=double.url, database="t", username=double.username, password=double.password, http_retries=0)
+    )
 
 
 def _export(double, out, source_cls=ArangoSource, resume=False, **export):
@@ -129,13 +139,16 @@ class _RepeatsUsers(ArangoSource):
             if not seen:
                 seen.append(1)
                 consume(rows)
+
         return super().read(spec, part, twice, on_start)
 
 
 def test_count_mismatch_is_an_error(tmp_path):
     with ArangoDouble() as double:
         _fill(double)
-        with pytest.raises(ExportVerificationError, match="Exported 3000 rows of 'Ratings', but the server counts 3001"):
+        with pytest.raises(
+            ExportVerificationError, match="Exported 3000 rows of 'Ratings', but the server counts 3001"
+        ):
             _export(double, tmp_path / "out", source_cls=_CountsOneMore)
 
 
@@ -154,13 +167,17 @@ class _LeaksAUserAcrossPartitions(ArangoSource):
         if spec.collection != "Users" or part.index != 1:
             return super().read(spec, part, consume, on_start)
         first = Partition(0, part.count)
-        leaked = next(k for k in _mixed_keys(300, random.Random(7))
-                      if hashlib.md5(k.encode()).hexdigest()[:first.width] in first.buckets)
+        leaked = next(
+            k
+            for k in _mixed_keys(300, random.Random(7))
+            if hashlib.md5(k.encode()).hexdigest()[: first.width] in first.buckets
+        )
         done = []
 
         def leak(rows):
             consume(rows if done else rows + [[leaked]])
             done.append(1)
+
         return super().read(spec, part, leak, on_start)
 
 
@@ -273,6 +290,7 @@ def test_per_shard_reads_need_driver_internals_that_still_exist(tmp_path, monkey
     from arango.aql import AQL
     from arango.connection import BaseConnection
     from arango.cursor import Cursor
+
     from scalable_rec.source.arango import driver_can_restrict_to_shards
 
     with ArangoDouble(role="COORDINATOR", shards=3) as double:
@@ -305,8 +323,11 @@ class _StaleShardList(ArangoSource):
 def test_unknown_shard_is_fatal_and_named(tmp_path):
     with ArangoDouble(role="COORDINATOR", shards=3) as double:
         _fill(double)
-        with pytest.raises(DatabaseError, match=r"Reading shard s999999 of 'Movie' .*no such shard any more "
-                                                r"\(HTTP 500, errorNum 1521"):
+        with pytest.raises(
+            DatabaseError,
+            match=r"Reading shard s999999 of 'Movie' .*no such shard any more "
+            r"\(HTTP 500, errorNum 1521",
+        ):
             _export(double, tmp_path / "out", source_cls=_StaleShardList)
         assert len([r for r in double.requests.matching("POST", "/_api/cursor") if r.status == 500]) == 1
 
@@ -327,8 +348,11 @@ class _RecreatesRatings(ArangoSource):
 def test_shard_gone_mid_export_is_not_retried(tmp_path, caplog):
     with ArangoDouble(role="COORDINATOR", shards=3) as double:
         _fill(double)
-        with pytest.raises(DatabaseError, match=r"Reading partition 1/3 \(shard s\d+, .*\) of 'Ratings': the server "
-                                                r"has no such shard any more .*errorNum 1521"):
+        with pytest.raises(
+            DatabaseError,
+            match=r"Reading partition 1/3 \(shard s\d+, .*\) of 'Ratings': the server "
+            r"has no such shard any more .*errorNum 1521",
+        ):
             _export(double, tmp_path / "out", source_cls=_RecreatesRatings)
         assert "reading the partition again" not in caplog.text  # never retried
         assert 1 <= len([r for r in double.requests.matching("POST", "/_api/cursor") if r.status == 500]) <= 3

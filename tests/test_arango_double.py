@@ -27,7 +27,6 @@ from arango.exceptions import (
     GraphDeleteError,
     ServerConnectionError,
 )
-
 from arango_double import *  # noqa: F401,F403 - the fixtures under test
 from arango_double import ArangoDouble, ArangoEndpoint, Faults
 
@@ -41,8 +40,7 @@ def client(arango_endpoint: ArangoEndpoint):
 
 @pytest.fixture
 def db(client: ArangoClient, arango_endpoint: ArangoEndpoint):
-    return client.db(arango_endpoint.database, username=arango_endpoint.username,
-                     password=arango_endpoint.password)
+    return client.db(arango_endpoint.database, username=arango_endpoint.username, password=arango_endpoint.password)
 
 
 @pytest.fixture
@@ -77,8 +75,7 @@ def _raw(arango_endpoint: ArangoEndpoint, method: str, path: str, **kwargs) -> r
 
 def test_arango_double_fixture_serves_system_database(arango_double: ArangoDouble) -> None:
     client = ArangoClient(hosts=arango_double.url)
-    sys_db = client.db("_system", username=arango_double.username, password=arango_double.password,
-                       verify=True)
+    sys_db = client.db("_system", username=arango_double.username, password=arango_double.password, verify=True)
     assert sys_db.databases() == ["_system"]
     arango_double.create_database("extra")
     assert sys_db.has_database("extra")
@@ -91,8 +88,7 @@ def test_arango_endpoint_fixture_gives_fresh_database(arango_endpoint: ArangoEnd
     assert db.collections() == [] or all(c["system"] for c in db.collections())
 
 
-def test_arango_faults_fixture_is_the_doubles_faults(arango_faults: Faults,
-                                                     arango_endpoint: ArangoEndpoint) -> None:
+def test_arango_faults_fixture_is_the_doubles_faults(arango_faults: Faults, arango_endpoint: ArangoEndpoint) -> None:
     assert arango_faults is arango_endpoint.double.faults
 
 
@@ -101,8 +97,7 @@ def test_arango_faults_fixture_is_the_doubles_faults(arango_faults: Faults,
 
 def test_bad_password_is_401(client: ArangoClient, arango_endpoint: ArangoEndpoint) -> None:
     with pytest.raises(ServerConnectionError) as err:
-        client.db(arango_endpoint.database, username=arango_endpoint.username, password="wrong",
-                  verify=True)
+        client.db(arango_endpoint.database, username=arango_endpoint.username, password="wrong", verify=True)
     assert err.value.http_code == 401
     bad = client.db(arango_endpoint.database, username="nobody", password="x")
     with pytest.raises(CollectionListError) as err:
@@ -115,8 +110,7 @@ def test_bad_password_is_401(client: ArangoClient, arango_endpoint: ArangoEndpoi
 
 def test_unknown_database_is_1228(client: ArangoClient, arango_endpoint: ArangoEndpoint) -> None:
     with pytest.raises(ServerConnectionError) as err:
-        client.db("no_such_db", username=arango_endpoint.username,
-                  password=arango_endpoint.password, verify=True)
+        client.db("no_such_db", username=arango_endpoint.username, password=arango_endpoint.password, verify=True)
     assert (err.value.http_code, err.value.error_code) == (404, 1228)
 
 
@@ -167,8 +161,7 @@ def test_unknown_collection_is_1203(db) -> None:
 
 
 def test_graph_lifecycle_creates_missing_collections(db) -> None:
-    definition = {"edge_collection": "rated", "from_vertex_collections": ["users"],
-                  "to_vertex_collections": ["movies"]}
+    definition = {"edge_collection": "rated", "from_vertex_collections": ["users"], "to_vertex_collections": ["movies"]}
     db.create_graph("ratings", edge_definitions=[definition])
     assert db.has_graph("ratings") and not db.has_graph("other")
     assert db.collection("rated").properties()["edge"] is True
@@ -259,13 +252,13 @@ def test_import_bulk_complete_is_all_or_nothing(db) -> None:
 
 def test_import_edges_with_prefixes_and_errors(db) -> None:
     rated = db.create_collection("rated", edge=True)
-    result = rated.import_bulk([{"_from": "u1", "_to": "m1"}, {"_from": "users/u2", "_to": "m2"}],
-                               from_prefix="users", to_prefix="movies")
+    result = rated.import_bulk(
+        [{"_from": "u1", "_to": "m1"}, {"_from": "users/u2", "_to": "m2"}], from_prefix="users", to_prefix="movies"
+    )
     assert result["created"] == 2
     rows = db.aql.execute("FOR e IN @@c SORT e._key RETURN [e._from, e._to]", bind_vars={"@c": "rated"})
     assert list(rows) == [["users/u1", "movies/m1"], ["users/u2", "movies/m2"]]
-    result = rated.import_bulk([{"_from": "users/u3"}, {"_from": "users/u4", "_to": "movies/m4"}],
-                               halt_on_error=False)
+    result = rated.import_bulk([{"_from": "users/u3"}, {"_from": "users/u4", "_to": "movies/m4"}], halt_on_error=False)
     assert (result["created"], result["errors"]) == (1, 1)
     assert "'_from' or '_to'" in result["details"][0]
     with pytest.raises(DocumentInsertError) as err:
@@ -280,8 +273,7 @@ def test_import_bulk_sends_one_request_per_batch(db, double: ArangoDouble) -> No
     assert [r["created"] for r in results] == [1000, 1000, 500]
     imports = double.requests.matching("POST", "/_api/import")
     assert [r.body_items for r in imports] == [1000, 1000, 500]
-    assert imports[0].query == {"type": "array", "collection": "movies", "complete": "1",
-                                "details": "1"}
+    assert imports[0].query == {"type": "array", "collection": "movies", "complete": "1", "details": "1"}
     assert double.documents(db.name, "movies")[0]["_key"] == "k0"
 
 
@@ -296,8 +288,7 @@ def test_key_pagination_is_ordered_and_complete(db) -> None:
             LIMIT @limit RETURN [doc._key, doc.@attr, doc.missing]"""
     seen, after = [], ""
     while True:
-        page = list(db.aql.execute(query, bind_vars={"@c": "movies", "after": after, "limit": 10,
-                                                     "attr": "i"}))
+        page = list(db.aql.execute(query, bind_vars={"@c": "movies", "after": after, "limit": 10, "attr": "i"}))
         if not page:
             break
         seen.extend(page)
@@ -316,19 +307,28 @@ def test_full_scan_without_sort_is_in_insertion_order(db, double: ArangoDouble) 
 
 def test_edge_projection_length_and_remove(db) -> None:
     rated = db.create_collection("rated", edge=True)
-    rated.import_bulk([{"_key": f"e{i}", "_from": f"users/u{i % 3}", "_to": f"movies/m{i}",
-                        "run_id": "old" if i < 6 else "new"} for i in range(9)])
-    rows = list(db.aql.execute("FOR e IN @@c SORT e._key LIMIT @n RETURN [e._key, e._from, e._to]",
-                               bind_vars={"@c": "rated", "n": 2}))
+    rated.import_bulk(
+        [
+            {"_key": f"e{i}", "_from": f"users/u{i % 3}", "_to": f"movies/m{i}", "run_id": "old" if i < 6 else "new"}
+            for i in range(9)
+        ]
+    )
+    rows = list(
+        db.aql.execute(
+            "FOR e IN @@c SORT e._key LIMIT @n RETURN [e._key, e._from, e._to]", bind_vars={"@c": "rated", "n": 2}
+        )
+    )
     assert rows == [["e0", "users/u0", "movies/m0"], ["e1", "users/u1", "movies/m1"]]
     assert list(db.aql.execute("RETURN LENGTH(@@c)", bind_vars={"@c": "rated"})) == [9]
     cursor = db.aql.execute(
         "FOR e IN @@c FILTER e._from IN @froms FILTER e.run_id != @run_id REMOVE e IN @@c",
-        bind_vars={"@c": "rated", "froms": ["users/u0", "users/u1"], "run_id": "new"})
+        bind_vars={"@c": "rated", "froms": ["users/u0", "users/u1"], "run_id": "new"},
+    )
     assert list(cursor) == [] and cursor.statistics()["modified"] == 4
     cursor = db.aql.execute(
         "FOR e IN @@c FILTER e._from IN @froms AND e.run_id != @run_id REMOVE e._key IN @@c",
-        bind_vars={"@c": "rated", "froms": ["users/u2"], "run_id": "new"})
+        bind_vars={"@c": "rated", "froms": ["users/u2"], "run_id": "new"},
+    )
     assert cursor.statistics()["modified"] == 2
     assert sorted(rated.keys()) == ["e6", "e7", "e8"]
 
@@ -343,17 +343,22 @@ ADBPYG_QUERY = """FOR doc IN @@col RETURN
 
 def test_adbpyg_adapter_merge_keep_query(db) -> None:
     db.create_collection("users").import_bulk([{"_key": "u1", "age": 30}, {"_key": "u2"}])
-    db.create_collection("rates", edge=True).import_bulk([
-        {"_key": "e1", "_from": "users/u1", "_to": "users/u2", "rating": 4.5, "other": 1},
-        {"_key": "e2", "_from": "users/u2", "_to": "users/u1"}])
+    db.create_collection("rates", edge=True).import_bulk(
+        [
+            {"_key": "e1", "_from": "users/u1", "_to": "users/u2", "rating": 4.5, "other": 1},
+            {"_key": "e2", "_from": "users/u2", "_to": "users/u1"},
+        ]
+    )
     edges = list(db.aql.execute(ADBPYG_QUERY, bind_vars={"@col": "rates"}, stream=True, batch_size=1))
     assert sorted(edges, key=lambda d: d["_key"]) == [
         {"_key": "e1", "_from": "users/u1", "_to": "users/u2", "rating": 4.5},
-        {"_key": "e2", "_from": "users/u2", "_to": "users/u1"}]  # KEEP leaves a missing attribute out
+        {"_key": "e2", "_from": "users/u2", "_to": "users/u1"},
+    ]  # KEEP leaves a missing attribute out
     users = list(db.aql.execute(ADBPYG_QUERY.replace("'rating', 'missing'", "'age'"), bind_vars={"@col": "users"}))
     assert sorted(users, key=lambda d: d["_key"]) == [
         {"_key": "u1", "_from": None, "_to": None, "age": 30},  # an object literal's missing attribute is null
-        {"_key": "u2", "_from": None, "_to": None}]
+        {"_key": "u2", "_from": None, "_to": None},
+    ]
     # adbpyg with an empty attribute list: KEEP(doc, [])
     empty = list(db.aql.execute(ADBPYG_QUERY.replace("'rating', 'missing'", ""), bind_vars={"@col": "rates"}))
     assert sorted(d["_key"] for d in empty) == ["e1", "e2"] and all(set(d) == {"_key", "_from", "_to"} for d in empty)
@@ -365,14 +370,14 @@ def test_keep_semantics(db) -> None:
     def one(expr: str, **binds):
         return list(db.aql.execute(f"FOR v IN @@c RETURN {expr}", bind_vars={"@c": "docs", **binds}))[0]
 
-    assert one("KEEP(v, 'a', 'c')") == {"a": 1, "c": [1, 2]}          # variadic names
-    assert one("KEEP(v, ['a', 'd'])") == {"a": 1, "d": {"x": 1}}       # one array of names
-    assert one("KEEP(v, 'b')") == {"b": None}                          # a stored null is kept
-    assert one("KEEP(v, 'nope', 'a')") == {"a": 1}                     # missing: left out, not null
+    assert one("KEEP(v, 'a', 'c')") == {"a": 1, "c": [1, 2]}  # variadic names
+    assert one("KEEP(v, ['a', 'd'])") == {"a": 1, "d": {"x": 1}}  # one array of names
+    assert one("KEEP(v, 'b')") == {"b": None}  # a stored null is kept
+    assert one("KEEP(v, 'nope', 'a')") == {"a": 1}  # missing: left out, not null
     assert one("KEEP(v, [])") == {}
     assert one("KEEP(v, @names)", names=["a", "zzz"]) == {"a": 1}
-    assert one("KEEP(v, ['a', 1, null])") == {"a": 1}                  # non-string names ignored
-    assert one("KEEP({x: 1, y: v.a}, \"y\")") == {"y": 1}            # any object, double quotes
+    assert one("KEEP(v, ['a', 1, null])") == {"a": 1}  # non-string names ignored
+    assert one('KEEP({x: 1, y: v.a}, "y")') == {"y": 1}  # any object, double quotes
 
 
 def test_merge_semantics(db) -> None:
@@ -382,14 +387,20 @@ def test_merge_semantics(db) -> None:
         cursor = db.aql.execute(f"FOR v IN @@c RETURN {expr}", bind_vars={"@c": "docs", **binds})
         return list(cursor)[0], cursor.warnings()
 
-    assert one("MERGE(v, {a: 2, c: 3})")[0] == {"_key": "k", "_id": "docs/k", "_rev": one("v._rev")[0],
-                                              "a": 2, "b": {"x": 1, "y": 2}, "c": 3}  # later wins
-    assert one("MERGE({a: 1, b: 2}, {b: null})")[0] == {"a": 1, "b": None}          # null overrides
-    assert one("MERGE({b: v.b}, {b: {z: 1}})")[0] == {"b": {"z": 1}}                # shallow, not recursive
-    assert one("MERGE([{a: 1}, {b: 2}, {a: 3}])")[0] == {"a": 3, "b": 2}            # one array of objects
+    assert one("MERGE(v, {a: 2, c: 3})")[0] == {
+        "_key": "k",
+        "_id": "docs/k",
+        "_rev": one("v._rev")[0],
+        "a": 2,
+        "b": {"x": 1, "y": 2},
+        "c": 3,
+    }  # later wins
+    assert one("MERGE({a: 1, b: 2}, {b: null})")[0] == {"a": 1, "b": None}  # null overrides
+    assert one("MERGE({b: v.b}, {b: {z: 1}})")[0] == {"b": {"z": 1}}  # shallow, not recursive
+    assert one("MERGE([{a: 1}, {b: 2}, {a: 3}])")[0] == {"a": 3, "b": 2}  # one array of objects
     assert one("MERGE({a: v.missing})")[0] == {"a": None}
     assert one("MERGE({_key: v._key}, KEEP(v, 'nope'))")[0] == {"_key": "k"}
-    value, warnings = one("MERGE({a: 1}, v.a)")                                      # not an object
+    value, warnings = one("MERGE({a: 1}, v.a)")  # not an object
     assert value is None and [w["code"] for w in warnings] == [1542]
     value, warnings = one("KEEP(v.a, 'a')")
     assert value is None and [w["code"] for w in warnings] == [1542]
@@ -397,10 +408,12 @@ def test_merge_semantics(db) -> None:
 
 def test_function_call_errors(db) -> None:
     db.create_collection("docs")
-    for query, error_num in [("FOR v IN @@c RETURN NO_SUCH_FUNCTION(v)", 1540),
-                             ("FOR v IN @@c RETURN KEEP(v)", 1541),
-                             ("FOR v IN @@c RETURN MERGE()", 1541),
-                             ("FOR v IN @@c RETURN MERGE({a: w.b})", 1512)]:
+    for query, error_num in [
+        ("FOR v IN @@c RETURN NO_SUCH_FUNCTION(v)", 1540),
+        ("FOR v IN @@c RETURN KEEP(v)", 1541),
+        ("FOR v IN @@c RETURN MERGE()", 1541),
+        ("FOR v IN @@c RETURN MERGE({a: w.b})", 1512),
+    ]:
         with pytest.raises(AQLQueryExecuteError) as err:
             db.aql.execute(query, bind_vars={"@c": "docs"})
         assert err.value.error_code == error_num, query
@@ -447,8 +460,9 @@ def test_double_rejects_aql_outside_its_shapes(db, double: ArangoDouble) -> None
 
 def test_stream_cursor_paging_ids_only_while_has_more(db, double: ArangoDouble) -> None:
     _movies(db, 10)
-    cursor = db.aql.execute("FOR v IN @@c SORT v._key RETURN v._key", bind_vars={"@c": "movies"},
-                            batch_size=4, stream=True)
+    cursor = db.aql.execute(
+        "FOR v IN @@c SORT v._key RETURN v._key", bind_vars={"@c": "movies"}, batch_size=4, stream=True
+    )
     first_id = cursor.id
     assert first_id and cursor.has_more() and len(cursor.batch()) == 4
     keys = [cursor.pop() for _ in range(4)]
@@ -465,8 +479,7 @@ def test_stream_cursor_paging_ids_only_while_has_more(db, double: ArangoDouble) 
 
 def _raw_cursor_post(db, cursor_id: str) -> requests.Response:
     conn = db.conn
-    return conn._sessions[0].post(f"{conn._url_prefixes[0]}/_api/cursor/{cursor_id}", auth=conn._auth,
-                                  timeout=10)
+    return conn._sessions[0].post(f"{conn._url_prefixes[0]}/_api/cursor/{cursor_id}", auth=conn._auth, timeout=10)
 
 
 def test_single_batch_result_has_no_cursor_id(db) -> None:
@@ -477,8 +490,12 @@ def test_single_batch_result_has_no_cursor_id(db) -> None:
 
 def test_retry_protocol_over_raw_http(arango_endpoint: ArangoEndpoint, db) -> None:
     _movies(db, 7)
-    body = {"query": "FOR v IN @@c SORT v._key RETURN v._key", "bindVars": {"@c": "movies"},
-            "batchSize": 2, "options": {"allowRetry": True}}
+    body = {
+        "query": "FOR v IN @@c SORT v._key RETURN v._key",
+        "bindVars": {"@c": "movies"},
+        "batchSize": 2,
+        "options": {"allowRetry": True},
+    }
     created = _raw(arango_endpoint, "POST", "/_api/cursor", json=body)
     first = created.json()
     assert created.status_code == 201 and first["nextBatchId"] == 2 and first["cached"] is False
@@ -501,8 +518,13 @@ def test_retry_protocol_over_raw_http(arango_endpoint: ArangoEndpoint, db) -> No
 def test_allow_retry_survives_a_lost_response(db, arango_faults: Faults, double: ArangoDouble) -> None:
     _movies(db, 30)
     arango_faults.drop_connection_after_batches(2)  # the 3rd batch is produced, then lost
-    cursor = db.aql.execute("FOR v IN @@c SORT v._key RETURN v._key", bind_vars={"@c": "movies"},
-                            batch_size=5, stream=True, allow_retry=True)
+    cursor = db.aql.execute(
+        "FOR v IN @@c SORT v._key RETURN v._key",
+        bind_vars={"@c": "movies"},
+        batch_size=5,
+        stream=True,
+        allow_retry=True,
+    )
     assert list(cursor) == [f"m{i:06d}" for i in range(30)]
     fetches = double.requests.matching("POST", "/_api/cursor/")
     assert [r.dropped for r in fetches].count(True) == 1
@@ -516,20 +538,21 @@ def test_lost_response_without_allow_retry_skips_a_batch(db, arango_faults: Faul
     """python-arango silently resends POST /_api/cursor/{id}; ArangoDB hands out the next batch."""
     _movies(db, 30)
     arango_faults.drop_connection_after_batches(2)
-    cursor = db.aql.execute("FOR v IN @@c SORT v._key RETURN v._key", bind_vars={"@c": "movies"},
-                            batch_size=5, stream=True)
+    cursor = db.aql.execute(
+        "FOR v IN @@c SORT v._key RETURN v._key", bind_vars={"@c": "movies"}, batch_size=5, stream=True
+    )
     keys = list(cursor)
     assert len(keys) == 25 and f"m{10:06d}" not in keys
 
 
-def test_dropped_connection_surfaces_as_connection_error(arango_endpoint: ArangoEndpoint, db,
-                                                         arango_faults: Faults) -> None:
+def test_dropped_connection_surfaces_as_connection_error(
+    arango_endpoint: ArangoEndpoint, db, arango_faults: Faults
+) -> None:
     _movies(db, 20)
     client = ArangoClient(hosts=arango_endpoint.url, resolver_max_tries=1)
     one_try = client.db(db.name, username=arango_endpoint.username, password=arango_endpoint.password)
     arango_faults.drop_connection_after_batches(1, lose_response=False)
-    cursor = one_try.aql.execute("FOR v IN @@c RETURN v", bind_vars={"@c": "movies"}, batch_size=5,
-                                 stream=True)
+    cursor = one_try.aql.execute("FOR v IN @@c RETURN v", bind_vars={"@c": "movies"}, batch_size=5, stream=True)
     with pytest.raises(ConnectionAbortedError):
         list(cursor)
     arango_faults.drop_connection_after_batches(1, times=3)  # python-arango's default: 3 tries
@@ -542,8 +565,7 @@ def test_dropped_connection_surfaces_as_connection_error(arango_endpoint: Arango
 def test_cursor_ttl_expiry_is_1600(db, double: ArangoDouble) -> None:
     """Double only: a real server drops expired cursors from a periodic garbage collection."""
     _movies(db, 6)
-    cursor = db.aql.execute("FOR v IN @@c RETURN v", bind_vars={"@c": "movies"}, batch_size=2,
-                            ttl=0.3, stream=True)
+    cursor = db.aql.execute("FOR v IN @@c RETURN v", bind_vars={"@c": "movies"}, batch_size=2, ttl=0.3, stream=True)
     time.sleep(0.5)
     with pytest.raises(CursorNextError) as err:
         list(cursor)
@@ -569,8 +591,7 @@ def test_expire_cursor_faults(db, arango_faults: Faults) -> None:
 # ----------------------------------------------------------------------------- other faults
 
 
-def test_503_once_on_import_is_retried_by_python_arango(db, arango_faults: Faults,
-                                                        double: ArangoDouble) -> None:
+def test_503_once_on_import_is_retried_by_python_arango(db, arango_faults: Faults, double: ArangoDouble) -> None:
     movies = db.create_collection("movies")
     arango_faults.fail_next("/_api/import")
     assert movies.import_bulk([{"_key": "a"}])["created"] == 1
@@ -607,8 +628,13 @@ def test_failed_get_is_retried_by_urllib3(db, arango_faults: Faults, double: Ara
 def test_import_type_documents_over_raw_http(arango_endpoint: ArangoEndpoint, db) -> None:
     db.create_collection("movies")
     lines = '{"_key": "a"}\n\n{"_key": "b"}\nnot json\n'
-    response = _raw(arango_endpoint, "POST", "/_api/import",
-                    params={"collection": "movies", "type": "documents", "details": "true"}, data=lines)
+    response = _raw(
+        arango_endpoint,
+        "POST",
+        "/_api/import",
+        params={"collection": "movies", "type": "documents", "details": "true"},
+        data=lines,
+    )
     body = response.json()
     assert response.status_code == 201
     assert (body["created"], body["errors"], body["empty"]) == (2, 1, 1) and len(body["details"]) == 1
@@ -629,8 +655,12 @@ def test_100k_documents_stream_through_a_cursor_quickly(db, double: ArangoDouble
     movies = db.create_collection("movies")
     movies.import_bulk([{"_key": f"{i:07d}", "i": i} for i in range(100_000)], batch_size=50_000)
     started = time.perf_counter()
-    cursor = db.aql.execute("FOR v IN @@c FILTER v._key > @after SORT v._key RETURN [v._key, v.i]",
-                            bind_vars={"@c": "movies", "after": ""}, batch_size=10_000, stream=True)
+    cursor = db.aql.execute(
+        "FOR v IN @@c FILTER v._key > @after SORT v._key RETURN [v._key, v.i]",
+        bind_vars={"@c": "movies", "after": ""},
+        batch_size=10_000,
+        stream=True,
+    )
     assert cursor.statistics()["scanned_index"] <= 11_000  # lazy: one batch plus one chunk read
     total = last = 0
     for total, (key, i) in enumerate(cursor, start=1):
@@ -645,10 +675,12 @@ def test_100k_documents_stream_through_a_cursor_quickly(db, double: ArangoDouble
 
 def _client_db(double, name="t", user=None, password=None):
     from arango import ArangoClient
+
     if name not in double._state.databases:
         double.create_database(name)
-    return ArangoClient(hosts=double.url).db(name, username=user or double.username,
-                                             password=password or double.password)
+    return ArangoClient(hosts=double.url).db(
+        name, username=user or double.username, password=password or double.password
+    )
 
 
 MIXED = ["a", "B", "_x", "b", "A", "1", "a:b", "a.b", "Zz", "z", "-k", "a@b"]
@@ -656,7 +688,9 @@ MIXED = ["a", "B", "_x", "b", "A", "1", "a:b", "a.b", "Zz", "z", "-k", "a@b"]
 
 def test_icu_sort_on_a_cluster_and_byte_order_on_a_single_server():
     import heapq
+
     from arango_double import ArangoDouble, icu_key
+
     query = "FOR v IN @@c SORT v._key RETURN v._key"
     with ArangoDouble(role="COORDINATOR", shards=3) as double:
         db = _client_db(double)
@@ -670,8 +704,11 @@ def test_icu_sort_on_a_cluster_and_byte_order_on_a_single_server():
         assert sorted(MIXED, key=icu_key)[:4] == ["_x", "-k", "1", "a"] and sorted(MIXED)[:3] == ["-k", "1", "A"]
         # each shard filters `_key > @after` in byte order: "_x" is last in bytes, so after it only
         # keys above it in byte order remain, although ICU order puts "_x" first
-        after = list(db.aql.execute("FOR v IN @@c FILTER v._key > @after SORT v._key RETURN v._key",
-                                    bind_vars={"@c": "C", "after": "_x"}))
+        after = list(
+            db.aql.execute(
+                "FOR v IN @@c FILTER v._key > @after SORT v._key RETURN v._key", bind_vars={"@c": "C", "after": "_x"}
+            )
+        )
         assert sorted(after) == sorted(k for k in MIXED if k > "_x")
     with ArangoDouble() as double:
         db = _client_db(double)
@@ -681,7 +718,9 @@ def test_icu_sort_on_a_cluster_and_byte_order_on_a_single_server():
 
 def test_md5_bucket_filter_partitions_a_collection():
     import hashlib
+
     from arango_double import ArangoDouble
+
     with ArangoDouble(role="COORDINATOR", shards=2) as double:
         db = _client_db(double)
         keys = [f"k{i}" for i in range(300)]
@@ -695,6 +734,7 @@ def test_md5_bucket_filter_partitions_a_collection():
 
 def test_per_shard_reads_with_shard_ids_scan_only_that_shard():
     from arango_double import ArangoDouble
+
     with ArangoDouble(role="COORDINATOR", shards=3) as double:
         db = _client_db(double)
         keys = [f"k{i}" for i in range(300)] + MIXED
@@ -705,37 +745,56 @@ def test_per_shard_reads_with_shard_ids_scan_only_that_shard():
         seen = []
         for shard in ids:
             before = double.documents_scanned
-            body = requests.post(url, auth=auth, timeout=10, json={
-                "query": "FOR v IN @@c RETURN [v._key]", "bindVars": {"@c": "C"}, "batchSize": 1000,
-                "options": {"stream": True, "shardIds": [shard]}}).json()
+            body = requests.post(
+                url,
+                auth=auth,
+                timeout=10,
+                json={
+                    "query": "FOR v IN @@c RETURN [v._key]",
+                    "bindVars": {"@c": "C"},
+                    "batchSize": 1000,
+                    "options": {"stream": True, "shardIds": [shard]},
+                },
+            ).json()
             got = [r[0] for r in body["result"]]
             assert not body["hasMore"] and body["extra"]["stats"]["scannedFull"] == len(got) > 0
             assert double.documents_scanned - before == len(got)  # this shard only, not the collection
             seen += got
         assert sorted(seen) == sorted(keys)  # the shards are disjoint and cover the collection
         before = double.documents_scanned
-        list(db.aql.execute("FOR v IN @@c FILTER SUBSTRING(MD5(v._key), 0, 1) IN @b RETURN [v._key]",
-                            bind_vars={"@c": "C", "b": ["0"]}))
+        list(
+            db.aql.execute(
+                "FOR v IN @@c FILTER SUBSTRING(MD5(v._key), 0, 1) IN @b RETURN [v._key]",
+                bind_vars={"@c": "C", "b": ["0"]},
+            )
+        )
         assert double.documents_scanned - before == len(keys)  # a hash filter still visits every document
-        bad = requests.post(url, auth=auth, timeout=10, json={
-            "query": "FOR v IN @@c RETURN v", "bindVars": {"@c": "C"}, "options": {"shardIds": ["s0"]}})
+        bad = requests.post(
+            url,
+            auth=auth,
+            timeout=10,
+            json={"query": "FOR v IN @@c RETURN v", "bindVars": {"@c": "C"}, "options": {"shardIds": ["s0"]}},
+        )
         assert bad.status_code == 500 and bad.json()["errorNum"] == 1521  # no shard left to lock, as a coordinator
     with ArangoDouble() as double:
         db = _client_db(double)
         db.create_collection("C")
-        reply = requests.get(f"{double.url}/_db/t/_api/collection/C/shards", auth=(double.username, double.password),
-                             timeout=10)
+        reply = requests.get(
+            f"{double.url}/_db/t/_api/collection/C/shards", auth=(double.username, double.password), timeout=10
+        )
         assert reply.status_code == 501 and reply.json()["errorNum"] == 1471
 
 
 def test_version_and_role_switches():
     from arango_double import ArangoDouble
+
     with ArangoDouble(version="3.10", role="COORDINATOR", shards=2) as double:
         db = _client_db(double)
         assert db.version().startswith("3.10.") and db.role() == "COORDINATOR"
         db.create_collection("C").import_bulk([{"_key": str(i)} for i in range(30)])
-        cursor = db.aql.execute("FOR v IN @@c RETURN v._key", bind_vars={"@c": "C"}, batch_size=10,
-                                stream=True, allow_retry=True)
+        cursor = db.aql.execute(
+            "FOR v IN @@c RETURN v._key", bind_vars={"@c": "C"}, batch_size=10, stream=True, allow_retry=True
+        )
         assert cursor._next_batch_id is None  # 3.10: no nextBatchId even when allowRetry is asked for
     with pytest.raises(ValueError, match="'shards' needs to be 1"):
         ArangoDouble(shards=3)
@@ -743,18 +802,23 @@ def test_version_and_role_switches():
 
 def test_310_resent_fetch_skips_a_batch():
     from arango_double import ArangoDouble
+
     with ArangoDouble(version="3.10") as double:
         db = _client_db(double)
         db.create_collection("C").import_bulk([{"_key": f"{i:03d}"} for i in range(30)])
         double.faults.drop_connection_after_batches(1, lose_response=True)
-        got = list(db.aql.execute("FOR v IN @@c RETURN v._key", bind_vars={"@c": "C"}, batch_size=10,
-                                  stream=True, allow_retry=True))
+        got = list(
+            db.aql.execute(
+                "FOR v IN @@c RETURN v._key", bind_vars={"@c": "C"}, batch_size=10, stream=True, allow_retry=True
+            )
+        )
         assert len(got) == 20  # the lost second batch is never seen: what the 3.10 export mode guards against
 
 
 def test_import_conflicts_and_read_only_users():
     from arango.exceptions import DocumentInsertError
     from arango_double import ArangoDouble
+
     with ArangoDouble({"root": "pw", "ro": "pw"}, read_only=("ro",)) as double:
         db = _client_db(double)
         db.create_collection("C")
@@ -773,8 +837,13 @@ def test_import_error_positions_follow_the_server(db) -> None:
     # RestImportHandler: validation errors by 1-based request position, insert errors by 0-based
     # position among the documents that passed validation (contract test: also a real server).
     db.create_collection("E", edge=True)
-    docs = [{"_key": "e1", "_from": "V/1", "_to": "V/2"}, "not an object", {"_key": "e2", "_from": "V/1"},
-            {"_key": "e3 bad", "_from": "V/1", "_to": "V/2"}, {"_key": "e1", "_from": "V/3", "_to": "V/4"}]
+    docs = [
+        {"_key": "e1", "_from": "V/1", "_to": "V/2"},
+        "not an object",
+        {"_key": "e2", "_from": "V/1"},
+        {"_key": "e3 bad", "_from": "V/1", "_to": "V/2"},
+        {"_key": "e1", "_from": "V/3", "_to": "V/4"},
+    ]
     result = db.collection("E").import_bulk(docs, halt_on_error=False, details=True, on_duplicate="error")
     assert (result["created"], result["errors"]) == (1, 4)
     lines = sorted(result["details"], key=lambda d: ("creating" in d, d))
@@ -788,12 +857,14 @@ def test_fetch_of_a_busy_cursor_is_1601() -> None:
     # A fetch whose connection dropped while the server still works on it holds the cursor; the
     # driver's immediate re-send is answered 409 / 1601 (CursorRepository::find), not queued.
     from arango_double import ArangoDouble
+
     with ArangoDouble() as double:
         db = _client_db(double)
         db.create_collection("C").import_bulk([{"_key": f"{i:03d}"} for i in range(30)])
         double.faults.drop_connection_after_batches(1, busy_for=0.5)
-        cursor = db.aql.execute("FOR v IN @@c RETURN v._key", bind_vars={"@c": "C"}, batch_size=10,
-                                stream=True, allow_retry=True)
+        cursor = db.aql.execute(
+            "FOR v IN @@c RETURN v._key", bind_vars={"@c": "C"}, batch_size=10, stream=True, allow_retry=True
+        )
         with pytest.raises(CursorNextError) as err:
             list(cursor)
         assert (err.value.http_code, err.value.error_code) == (409, 1601)
@@ -802,6 +873,7 @@ def test_fetch_of_a_busy_cursor_is_1601() -> None:
 
 def test_hardened_server_hides_the_version_from_users_who_are_not_admins() -> None:
     from arango_double import ArangoDouble
+
     with ArangoDouble({"root": "pw", "app": "pw"}, hardened=True) as double:
         app = _client_db(double, user="app", password="pw")
         assert "version" not in app.version(details=True)
@@ -812,6 +884,7 @@ def test_hardened_server_hides_the_version_from_users_who_are_not_admins() -> No
 
 def test_a_database_the_user_may_not_see_is_401_existing_or_not() -> None:
     from arango_double import ArangoDouble
+
     with ArangoDouble({"root": "pw", "app": "pw"}, access={"app": ("t",)}) as double:
         double.create_database("t")
         double.create_database("other")
@@ -823,6 +896,7 @@ def test_a_database_the_user_may_not_see_is_401_existing_or_not() -> None:
 
 def test_37_server_fetches_with_put_only() -> None:
     from arango_double import ArangoDouble
+
     with ArangoDouble(version="3.7") as double:
         db = _client_db(double)
         db.create_collection("C").import_bulk([{"_key": f"{i:03d}"} for i in range(30)])
@@ -834,6 +908,7 @@ def test_37_server_fetches_with_put_only() -> None:
 
 def test_stream_transaction_commit_abort_and_expiry() -> None:
     from arango_double import ArangoDouble
+
     query = 'FOR d IN @docs INSERT d INTO @@c OPTIONS { overwriteMode: "replace" } RETURN OLD._key'
     with ArangoDouble() as double:
         db = _client_db(double)

@@ -3,6 +3,7 @@
 Runs against the double, or the real server named by ``SCALABLE_REC_ARANGO_URL`` (fault
 tests then skip).
 """
+
 import pytest
 
 from scalable_rec.connection import ArangoConfig, ArangoSettings, RetryPolicy, connect
@@ -12,24 +13,37 @@ from scalable_rec.sink.arango_load import LoadConfig, load_movielens
 from scalable_rec.source import MovieLensSource
 
 LAYOUT = ArangoConfig(arango_retries=3, arango_backoff=0.01)
-MOVIES = ("movieId,title,genres\n1,Toy Story (1995),Adventure|Animation\n2,Heat (1995),Action|Crime\n"
-          "3,Unknown (2000),(no genres listed)\n")
+MOVIES = (
+    "movieId,title,genres\n1,Toy Story (1995),Adventure|Animation\n2,Heat (1995),Action|Crime\n"
+    "3,Unknown (2000),(no genres listed)\n"
+)
 
 
 def _movielens(tmp_path, users=12):
     """12 users × 3 movies, 30 ratings (some users rate all three)."""
-    rows = [(u, m, (u + m) % 10 / 2 + 0.5, 1_000_000 + u * 10 + m) for u in range(1, users + 1)
-            for m in (1, 2, 3) if (u * m) % 5 != 1][:30]
+    rows = [
+        (u, m, (u + m) % 10 / 2 + 0.5, 1_000_000 + u * 10 + m)
+        for u in range(1, users + 1)
+        for m in (1, 2, 3)
+        if (u * m) % 5 != 1
+    ][:30]
     (tmp_path / "movies.csv").write_text(MOVIES)
-    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" +
-                                          "".join(f"{u},{m},{r},{t}\n" for u, m, r, t in rows))
+    (tmp_path / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},{r},{t}\n" for u, m, r, t in rows)
+    )
     return MovieLensSource(str(tmp_path)), rows
 
 
 @pytest.fixture
 def db(arango_endpoint):
-    return connect(ArangoSettings(url=arango_endpoint.url, database=arango_endpoint.database,
-                                  username=arango_endpoint.username, password=arango_endpoint.password))
+    return connect(
+        ArangoSettings(
+            url=arango_endpoint.url,
+            database=arango_endpoint.database,
+            username=arango_endpoint.username,
+            password=arango_endpoint.password,
+        )
+    )
 
 
 def _count(db, name):
@@ -47,8 +61,11 @@ def test_load_writes_collections_graph_and_keys(db, tmp_path):
     assert db.collection("Movie").get("1")["genres"] == ["Adventure", "Animation"]
     assert db.collection("Movie").get("3")["genres"] == []
     (definition,) = db.graph("movie_rating_graph").edge_definitions()
-    assert definition == {"edge_collection": "Ratings", "from_vertex_collections": ["Users"],
-                          "to_vertex_collections": ["Movie"]}
+    assert definition == {
+        "edge_collection": "Ratings",
+        "from_vertex_collections": ["Users"],
+        "to_vertex_collections": ["Movie"],
+    }
 
 
 def test_reload_neither_duplicates_nor_fails(db, tmp_path):
@@ -92,9 +109,12 @@ def test_existing_graph_with_other_definition_is_an_error(db, tmp_path):
     db.create_collection("Users")
     db.create_collection("Movie")
     db.create_collection("Ratings", edge=True)
-    db.create_graph("movie_rating_graph", edge_definitions=[{"edge_collection": "Ratings",
-                                                             "from_vertex_collections": ["Movie"],
-                                                             "to_vertex_collections": ["Users"]}])
+    db.create_graph(
+        "movie_rating_graph",
+        edge_definitions=[
+            {"edge_collection": "Ratings", "from_vertex_collections": ["Movie"], "to_vertex_collections": ["Users"]}
+        ],
+    )
     source, _ = _movielens(tmp_path)
     with pytest.raises(DatabaseError, match="Graph 'movie_rating_graph' exists with edge definitions .* expected"):
         load_movielens(db, source, LAYOUT)
@@ -114,8 +134,9 @@ def test_load_skips_bad_ratings_exactly_like_prepare(db, tmp_path):
     from scalable_rec.source import SkipReport, write_rating_shards
 
     (tmp_path / "movies.csv").write_text(MOVIES)
-    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,10\n1,2,nan,11\n2,1,inf,12\n"
-                                          "2,2,7.5,13\n3,3,0.5,14\n4,1,-inf,15\n")
+    (tmp_path / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n1,1,4.0,10\n1,2,nan,11\n2,1,inf,12\n2,2,7.5,13\n3,3,0.5,14\n4,1,-inf,15\n"
+    )
     load_report, prepare_report = SkipReport(), SkipReport()
     load_movielens(db, MovieLensSource(str(tmp_path)), LAYOUT, report=load_report)
     write_rating_shards(MovieLensSource(str(tmp_path)), str(tmp_path / "shards"), prepare_report)
@@ -126,8 +147,9 @@ def test_load_skips_bad_ratings_exactly_like_prepare(db, tmp_path):
 def test_import_retries_write_write_conflicts(db, arango_faults):
     db.create_collection("C")
     arango_faults.conflict_next_imports([0, 2, 3])
-    counts = import_documents(db.collection("C"), [{"_key": str(i), "v": i} for i in range(5)],
-                              RetryPolicy(attempts=2, backoff=0.0))
+    counts = import_documents(
+        db.collection("C"), [{"_key": str(i), "v": i} for i in range(5)], RetryPolicy(attempts=2, backoff=0.0)
+    )
     assert (counts.created, counts.errors, counts.conflicts_retried) == (5, 0, 3) and _count(db, "C") == 5
 
 
@@ -152,8 +174,11 @@ def test_import_conflicts_that_never_clear_are_a_mismatch(db, arango_faults):
 
 def test_import_refuses_nan_and_inf_before_sending(db, arango_endpoint, caplog):
     db.create_collection("C")
-    docs = [{"_key": "ok", "score": 1.0}, {"_key": "nan", "score": float("nan")},
-            {"_key": "inf", "score": float("-inf")}]
+    docs = [
+        {"_key": "ok", "score": 1.0},
+        {"_key": "nan", "score": float("nan")},
+        {"_key": "inf", "score": float("-inf")},
+    ]
     counts = import_documents(db.collection("C"), docs, RetryPolicy(attempts=0))
     assert (counts.sent, counts.refused_non_finite) == (1, 2) and _count(db, "C") == 1
     assert "refused 2 documents with NaN/inf values" in caplog.text and "'nan': score=nan" in caplog.text
@@ -161,13 +186,16 @@ def test_import_refuses_nan_and_inf_before_sending(db, arango_endpoint, caplog):
 
 def test_read_only_user_gets_a_permission_error(tmp_path):
     from arango_double import ArangoDouble
+
     from scalable_rec.errors import PermissionDeniedError
 
     with ArangoDouble({"root": "pw", "reader": "pw"}, read_only=("reader",)) as double:
         double.create_database("t")
         reader = connect(ArangoSettings(url=double.url, database="t", username="reader", password="pw"))
         source, _ = _movielens(tmp_path)
-        with pytest.raises(PermissionDeniedError, match="Creating collection 'Users'.*HTTP 403.*needs read/write access"):
+        with pytest.raises(
+            PermissionDeniedError, match="Creating collection 'Users'.*HTTP 403.*needs read/write access"
+        ):
             load_movielens(reader, source, LAYOUT)
 
 

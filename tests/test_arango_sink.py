@@ -3,6 +3,7 @@
 Runs against the double, or the real server named by ``SCALABLE_REC_ARANGO_URL`` (fault
 tests then skip).
 """
+
 import hashlib
 import logging
 
@@ -30,13 +31,18 @@ def _ranked(users, k=3, movies=20, seed=0) -> list[pa.RecordBatch]:
     rng = np.random.default_rng(seed)
     batches = []
     for i in range(0, len(users), 2):
-        chunk = users[i:i + 2]
+        chunk = users[i : i + 2]
         picks = [rng.choice(movies, k, replace=False) + 1 for _ in chunk]
-        batches.append(pa.record_batch({
-            "user_key": pa.array([u for u in chunk for _ in range(k)]),
-            "movie_key": pa.array([int(m) for p in picks for m in p]),
-            "score": pa.array(np.sort(rng.random(len(chunk) * k))[::-1], pa.float32()),
-            "rank": pa.array(list(range(1, k + 1)) * len(chunk), pa.int32())}))
+        batches.append(
+            pa.record_batch(
+                {
+                    "user_key": pa.array([u for u in chunk for _ in range(k)]),
+                    "movie_key": pa.array([int(m) for p in picks for m in p]),
+                    "score": pa.array(np.sort(rng.random(len(chunk) * k))[::-1], pa.float32()),
+                    "rank": pa.array(list(range(1, k + 1)) * len(chunk), pa.int32()),
+                }
+            )
+        )
     return batches
 
 
@@ -47,13 +53,20 @@ def _edges(db, name=COLLECTION) -> dict[str, tuple]:
 
 @pytest.fixture
 def db(arango_endpoint):
-    return connect(ArangoSettings(url=arango_endpoint.url, database=arango_endpoint.database,
-                                  username=arango_endpoint.username, password=arango_endpoint.password))
+    return connect(
+        ArangoSettings(
+            url=arango_endpoint.url,
+            database=arango_endpoint.database,
+            username=arango_endpoint.username,
+            password=arango_endpoint.password,
+        )
+    )
 
 
 def _write(db, batches, run_id="run-a", **cfg):
-    return write_recommendations(db, batches, LAYOUT, WritebackConfig(sink="arango", **cfg), run_id,
-                                 created_at="2024-01-01T00:00:00+00:00")
+    return write_recommendations(
+        db, batches, LAYOUT, WritebackConfig(sink="arango", **cfg), run_id, created_at="2024-01-01T00:00:00+00:00"
+    )
 
 
 def test_writeback_edges_and_idempotent_rerun(db):
@@ -93,10 +106,19 @@ def test_transient_failures_are_retried(db, arango_faults, fault):
 def test_keys_the_server_would_reject_are_refused_and_reported(db):
     # An AQL insert fails whole at its first bad document, so such edges are refused before sending;
     # every other user's edges are still written.
-    batch = pa.record_batch({"user_key": pa.array(["1", "bad user"]), "movie_key": pa.array(["5", "6"]),
-                             "score": pa.array([1.0, 0.5], pa.float32()), "rank": pa.array([1, 2], pa.int32())})
-    with pytest.raises(WriteMismatchError, match=r"refused 1 of 2 recommendation edges before sending .*\n"
-                                                 r"  user 'bad user' → movie '6': a key with characters"):
+    batch = pa.record_batch(
+        {
+            "user_key": pa.array(["1", "bad user"]),
+            "movie_key": pa.array(["5", "6"]),
+            "score": pa.array([1.0, 0.5], pa.float32()),
+            "rank": pa.array([1, 2], pa.int32()),
+        }
+    )
+    with pytest.raises(
+        WriteMismatchError,
+        match=r"refused 1 of 2 recommendation edges before sending .*\n"
+        r"  user 'bad user' → movie '6': a key with characters",
+    ):
         _write(db, [batch])
     assert [v[0] for v in _edges(db).values()] == ["Users/1"]
 
@@ -113,7 +135,7 @@ def test_replace_previous_keeps_every_user_covered(db, arango_endpoint):
         group = [("POST", "transaction"), ("POST", "cursor"), ("POST", "cursor"), ("PUT", "transaction")]
         assert log[-12:] == group * 3
     runs_by_user: dict[str, set] = {}
-    for _from, _to, score, rank, run_id, _ in _edges(db).values():
+    for _from, _to, _score, _rank, run_id, _ in _edges(db).values():
         runs_by_user.setdefault(_from[6:], set()).add(run_id)
     assert all(runs_by_user[u] == {"run-b"} for u in users[:6])
     assert all(runs_by_user[u] == {"run-a"} for u in users[6:])
@@ -122,7 +144,7 @@ def test_replace_previous_keeps_every_user_covered(db, arango_endpoint):
 
 def _by_user(db) -> dict[str, list[tuple]]:
     out: dict[str, list[tuple]] = {}
-    for _from, _to, score, rank, run_id, _ in _edges(db).values():
+    for _from, _to, _score, rank, run_id, _ in _edges(db).values():
         out.setdefault(_from[6:], []).append((rank, _to, run_id))
     return {u: sorted(v) for u, v in out.items()}
 
@@ -143,8 +165,11 @@ def test_rescoring_the_same_run_leaves_exactly_the_new_edges(db, second):
 
 
 def _edges_of_first_write_not_kept(users, second) -> set:
-    keys = lambda batches: {(u, m) for b in batches for u, m in zip(b.column("user_key").to_pylist(),
-                                                                     b.column("movie_key").to_pylist())}
+    def keys(batches):
+        return {
+            (u, m) for b in batches for u, m in zip(b.column("user_key").to_pylist(), b.column("movie_key").to_pylist())
+        }
+
     return keys(_ranked(users, k=3, seed=1)) - keys(_ranked(users, **second))
 
 
@@ -172,9 +197,15 @@ def test_a_crash_mid_write_leaves_each_user_all_old_or_all_new(db, arango_faults
         _write(db, _ranked(users, k=2, seed=0), writeback_batch_docs=6)
     monkeypatch.setattr(AQL, "execute", execute)
     expired = arango_endpoint.double.expire_transactions()  # the server's idle timeout
-    new = {u: sorted((r, f"Movie/{m}", "run-a") for b in _ranked(users, k=2, seed=0) for bu, m, r in
-                     zip(*(b.column(c).to_pylist() for c in ("user_key", "movie_key", "rank"))) if bu == u)
-           for u in users}
+    new = {
+        u: sorted(
+            (r, f"Movie/{m}", "run-a")
+            for b in _ranked(users, k=2, seed=0)
+            for bu, m, r in zip(*(b.column(c).to_pylist() for c in ("user_key", "movie_key", "rank")))
+            if bu == u
+        )
+        for u in users
+    }
     now = _by_user(db)
     assert all(now[u] in (old[u], new[u]) for u in users)
     assert [u for u in users if now[u] == new[u]] == users[:6]  # two groups of three users committed
@@ -196,8 +227,9 @@ def test_a_group_that_fails_transiently_is_written_again_whole(db, arango_faults
 
 def _cheap_titles(titles, cfg, progress=True):
     """Stands in for the sentence-transformer (20-40 s on two cores): the round trip tests data flow."""
-    return np.stack([np.frombuffer(hashlib.sha256(t.encode()).digest()[:16], np.uint8) / 255.0
-                     for t in titles]).astype(np.float32)
+    return np.stack([np.frombuffer(hashlib.sha256(t.encode()).digest()[:16], np.uint8) / 255.0 for t in titles]).astype(
+        np.float32
+    )
 
 
 def _checksum(triples) -> tuple[int, str]:
@@ -226,8 +258,12 @@ def _files_containing(root, secret: str) -> list[str]:
 @pytest.mark.slow
 def test_movielens_round_trip(arango_endpoint, movielens_dir, tmp_path, monkeypatch, caplog, capsys):
     caplog.set_level(logging.DEBUG)
-    for var, value in ((ENV_URL, arango_endpoint.url), (ENV_DATABASE, arango_endpoint.database),
-                       (ENV_USER, arango_endpoint.username), (ENV_PASSWORD, arango_endpoint.password)):
+    for var, value in (
+        (ENV_URL, arango_endpoint.url),
+        (ENV_DATABASE, arango_endpoint.database),
+        (ENV_USER, arango_endpoint.username),
+        (ENV_PASSWORD, arango_endpoint.password),
+    ):
         monkeypatch.setenv(var, value)
     monkeypatch.setattr(features, "embed_titles", _cheap_titles)
     db = connect(LAYOUT.settings())
@@ -243,9 +279,12 @@ def test_movielens_round_trip(arango_endpoint, movielens_dir, tmp_path, monkeypa
     shards_before = _manifest_files(out)
 
     run_dir = tmp_path / "run"
-    cfg = RunConfig(data=DataConfig(shards=str(out), workdir=str(tmp_path)), model=ModelConfig(hidden=16),
-                    train=TrainConfig(epochs=1, max_steps=20, batch_size=1024, num_neighbors=[5, 3],
-                                      progress=False), run_dir=str(run_dir))
+    cfg = RunConfig(
+        data=DataConfig(shards=str(out), workdir=str(tmp_path)),
+        model=ModelConfig(hidden=16),
+        train=TrainConfig(epochs=1, max_steps=20, batch_size=1024, num_neighbors=[5, 3], progress=False),
+        run_dir=str(run_dir),
+    )
     pipeline.train_stage(cfg)
     assert cli.main(["score", "--run-dir", str(run_dir), "--sink", "arango", "--k", str(k)]) == 0
     recommendations = _edges(db)

@@ -4,6 +4,7 @@
 A small graph (40 users, 30 movies, 600 ratings) is exported with 100-row shards and
 25-row cursor batches, so every fault lands mid-cursor and mid-export.
 """
+
 import logging
 import random
 
@@ -13,11 +14,14 @@ from arango.aql import AQL
 from scalable_rec import cli
 from scalable_rec.connection import ArangoConfig, ArangoSettings, connect
 from scalable_rec.errors import (
-    CollectionNotFoundError, ConfigError, DatabaseError, DatabaseUnreachableError, MalformedInputError,
+    CollectionNotFoundError,
+    ConfigError,
+    DatabaseError,
+    DatabaseUnreachableError,
+    MalformedInputError,
 )
 from scalable_rec.shards import GraphShards, Manifest
-from scalable_rec.source import SkipReport, write_rating_shards
-from scalable_rec.source import arango_export
+from scalable_rec.source import SkipReport, arango_export, write_rating_shards
 from scalable_rec.source.arango import ArangoSource, ExportConfig
 from scalable_rec.source.arango_export import export_shards
 
@@ -27,20 +31,38 @@ SHARD_ROWS, BATCH = 100, 25
 
 
 def _connect(endpoint):
-    return connect(ArangoSettings(url=endpoint.url, database=endpoint.database, username=endpoint.username,
-                                  password=endpoint.password, http_retries=0))
+    return connect(
+        ArangoSettings(
+            url=endpoint.url,
+            database=endpoint.database,
+            username=endpoint.username,
+            password=endpoint.password,
+            http_retries=0,
+        )
+    )
 
 
 def _fill(db, extra_ratings=()):
     """Users "1".."40", movies "1".."30" (genres alternately a list and a pipe string), 600 ratings."""
     rng = random.Random(3)
     db.create_collection("Users").import_bulk([{"_key": str(u)} for u in range(1, USERS + 1)])
-    db.create_collection("Movie").import_bulk([
-        {"_key": str(m), "title": f"Movie {m} (1999)", "genres": ["Drama", "Comedy"] if m % 2 else "Action|Sci-Fi"}
-        for m in range(1, MOVIES + 1)])
+    db.create_collection("Movie").import_bulk(
+        [
+            {"_key": str(m), "title": f"Movie {m} (1999)", "genres": ["Drama", "Comedy"] if m % 2 else "Action|Sci-Fi"}
+            for m in range(1, MOVIES + 1)
+        ]
+    )
     pairs = rng.sample([(u, m) for u in range(1, USERS + 1) for m in range(1, MOVIES + 1)], RATINGS)
-    docs = [{"_key": f"{u}-{m}", "_from": f"Users/{u}", "_to": f"Movie/{m}", "rating": rng.randint(1, 10) / 2,
-             "timestamp": 964_980_000 + i} for i, (u, m) in enumerate(pairs)]
+    docs = [
+        {
+            "_key": f"{u}-{m}",
+            "_from": f"Users/{u}",
+            "_to": f"Movie/{m}",
+            "rating": rng.randint(1, 10) / 2,
+            "timestamp": 964_980_000 + i,
+        }
+        for i, (u, m) in enumerate(pairs)
+    ]
     db.create_collection("Ratings", edge=True).import_bulk(docs + list(extra_ratings))
     return docs
 
@@ -52,8 +74,9 @@ def _source(db, layout=LAYOUT, **export):
 
 def _export(db, out, strict=False, resume=False, **export):
     report = SkipReport(strict=strict)
-    manifest = export_shards(_source(db, **export), out, report, max_rows_per_shard=SHARD_ROWS, resume=resume,
-                             progress=False)
+    manifest = export_shards(
+        _source(db, **export), out, report, max_rows_per_shard=SHARD_ROWS, resume=resume, progress=False
+    )
     return manifest, report
 
 
@@ -197,8 +220,7 @@ def test_cursor_that_keeps_dying_gives_up(db, arango_faults, tmp_path):
         _export(db, tmp_path / "dead")
 
 
-def test_busy_cursor_after_a_dropped_fetch_rereads_the_partition(db, clean, arango_faults, arango_endpoint,
-                                                                 tmp_path):
+def test_busy_cursor_after_a_dropped_fetch_rereads_the_partition(db, clean, arango_faults, arango_endpoint, tmp_path):
     # The fetch's connection drops while the server still holds the cursor; python-arango re-sends at
     # once and gets 409 / 1601. The partition is read again after a backoff, as for 1600.
     _, manifest, report, _ = clean
@@ -209,17 +231,14 @@ def test_busy_cursor_after_a_dropped_fetch_rereads_the_partition(db, clean, aran
 
 
 @pytest.mark.parametrize("status, error_num", [(500, 32), (500, 4), (400, 1501)])
-def test_deterministic_cursor_errors_are_not_retried(db, arango_faults, arango_endpoint, tmp_path, status,
-                                                      error_num):
+def test_deterministic_cursor_errors_are_not_retried(db, arango_faults, arango_endpoint, tmp_path, status, error_num):
     # A 500 that names its cause (32: resource limit) fails the same way again: one try, one named line.
     _fill(db)
-    arango_faults.fail_next("/_api/cursor", status, error_num=error_num, message="resource limit exceeded",
-                            times=1000)
+    arango_faults.fail_next("/_api/cursor", status, error_num=error_num, message="resource limit exceeded", times=1000)
     with pytest.raises(DatabaseError, match=rf"\[HTTP {status}\]\[ERR {error_num}\]") as err:
         _export(db, tmp_path / "dead")
     assert not isinstance(err.value, DatabaseUnreachableError)
-    assert len([r for r in arango_endpoint.double.requests.matching("POST", "/_api/cursor")
-                if r.status == status]) == 1
+    assert len([r for r in arango_endpoint.double.requests.matching("POST", "/_api/cursor") if r.status == status]) == 1
 
 
 def test_source_reopens_after_last_key_received(db, clean, arango_faults, tmp_path):
@@ -245,19 +264,28 @@ BAD_EDGES = [
 def test_bad_edges_are_counted_with_examples(db, tmp_path):
     docs = _fill(db, BAD_EDGES)
     _, report = _export(db, tmp_path / "bad")
-    assert report.counts == {"unknown_user": 1, "unknown_movie": 1, "wrong_from_collection": 1,
-                             "non_numeric_rating": 1, "missing_rating": 1, "rating_out_of_range": 1}
+    assert report.counts == {
+        "unknown_user": 1,
+        "unknown_movie": 1,
+        "wrong_from_collection": 1,
+        "non_numeric_rating": 1,
+        "missing_rating": 1,
+        "rating_out_of_range": 1,
+    }
     assert "Ratings/text-rating: expected a numeric rating, got" in report.examples["non_numeric_rating"][0]
     assert "'user_key': '999'" in report.examples["unknown_user"][0]
     assert sorted(_edge_rows(tmp_path / "bad")) == sorted(_expected(docs))
     assert GraphShards(tmp_path / "bad").manifest.report["skipped"] == report.counts
 
 
-@pytest.mark.parametrize("edge, message", [
-    (BAD_EDGES[0], r"unknown_user: \{'user_key': '999'"),
-    (BAD_EDGES[1], r"unknown_movie: \{'user_key': '1', 'movie_key': '999'"),
-    (BAD_EDGES[3], r"non_numeric_rating: Ratings/text-rating: expected a numeric rating, got .*rating='five'"),
-])
+@pytest.mark.parametrize(
+    "edge, message",
+    [
+        (BAD_EDGES[0], r"unknown_user: \{'user_key': '999'"),
+        (BAD_EDGES[1], r"unknown_movie: \{'user_key': '1', 'movie_key': '999'"),
+        (BAD_EDGES[3], r"non_numeric_rating: Ratings/text-rating: expected a numeric rating, got .*rating='five'"),
+    ],
+)
 def test_strict_mode_raises_on_first_bad_edge(db, tmp_path, edge, message):
     _fill(db, [edge])
     with pytest.raises(MalformedInputError, match=message):
@@ -278,8 +306,18 @@ def test_export_command_needs_shards_dir(caplog):
 def test_export_command_names_a_wrong_password(arango_endpoint, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("SCALABLE_REC_ARANGO_PASSWORD", "not-the-password")
-    argv = ["arango", "export", "--shards", str(tmp_path / "s"), "--arango-url", arango_endpoint.url,
-            "--arango-database", arango_endpoint.database, "--arango-username", arango_endpoint.username]
+    argv = [
+        "arango",
+        "export",
+        "--shards",
+        str(tmp_path / "s"),
+        "--arango-url",
+        arango_endpoint.url,
+        "--arango-database",
+        arango_endpoint.database,
+        "--arango-username",
+        arango_endpoint.username,
+    ]
     assert cli.main(argv) == 2
     assert "rejected the credentials for user" in caplog.text and "not-the-password" not in caplog.text
 
@@ -315,9 +353,24 @@ def test_killed_between_parts_of_one_partition_drops_the_unrecorded_part(db, cle
 def test_export_command_with_parallelism_flag(db, clean, arango_endpoint, tmp_path, monkeypatch):
     docs, *_ = clean
     monkeypatch.setenv("SCALABLE_REC_ARANGO_PASSWORD", arango_endpoint.password)
-    argv = ["arango", "export", "--shards", str(tmp_path / "cli"), "--arango-url", arango_endpoint.url,
-            "--arango-database", arango_endpoint.database, "--arango-username", arango_endpoint.username,
-            "--parallelism", "3", "--export-partition-rows", "150", "--export-batch-size", "40"]
+    argv = [
+        "arango",
+        "export",
+        "--shards",
+        str(tmp_path / "cli"),
+        "--arango-url",
+        arango_endpoint.url,
+        "--arango-database",
+        arango_endpoint.database,
+        "--arango-username",
+        arango_endpoint.username,
+        "--parallelism",
+        "3",
+        "--export-partition-rows",
+        "150",
+        "--export-batch-size",
+        "40",
+    ]
     assert cli.main(argv) == 0
     assert sorted(_edge_rows(tmp_path / "cli")) == sorted(_expected(docs))
     assert Manifest.load(tmp_path / "cli").config["parallelism"] == 3

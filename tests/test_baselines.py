@@ -71,6 +71,7 @@ def test_tune_on_validation_picks_the_best_value():
 
     def fit(x, value):
         return B.ease(x, 1.0) if value == "good" else B.popularity(x)
+
     best, recalls = B.tune_on_validation(fit, ["bad", "good"], (src, dst), (held[0], held[1]), 40, 14, k=1)
     assert best == "good" and recalls["good"] > recalls["bad"]
 
@@ -89,11 +90,18 @@ def test_biased_mf_beats_the_global_mean():
     rng = np.random.default_rng(0)
     users, movies = rng.integers(0, 50, 3000), rng.integers(0, 40, 3000)
     user_bias, movie_bias = rng.normal(0, 0.7, 50), rng.normal(0, 0.7, 40)
-    rating = np.clip(np.round(2 * (3.5 + user_bias[users] + movie_bias[movies] + rng.normal(0, 0.3, 3000))) / 2,
-                     0.5, 5.0)
+    rating = np.clip(
+        np.round(2 * (3.5 + user_bias[users] + movie_bias[movies] + rng.normal(0, 0.3, 3000))) / 2, 0.5, 5.0
+    )
     train, test = slice(0, 2500), slice(2500, None)
-    out = B.biased_mf_rmse((users[train], movies[train], rating[train]), (users[test], movies[test], rating[test]),
-                           0.5, 5.0, factors=4, epochs=30)
+    out = B.biased_mf_rmse(
+        (users[train], movies[train], rating[train]),
+        (users[test], movies[test], rating[test]),
+        0.5,
+        5.0,
+        factors=4,
+        epochs=30,
+    )
     mean_rmse = math.sqrt(float(np.mean((rating[test] - rating[train].mean()) ** 2)))
     assert out["rmse"] < 0.8 * mean_rmse
 
@@ -110,8 +118,10 @@ def test_relevant_only_variants_fit_on_the_relevant_ratings_and_mask_every_seen_
     def fit(x, _):
         fitted.append(x.toarray().tolist())
         return B.popularity(B.interaction_matrix(torch.tensor([0, 0, 0]), torch.tensor([1, 1, 2]), 2, 3))
+
     # user 0's held-out movie 2: movie 1 (rated 1.0) is more popular but seen, so masked
-    _, recalls = B.tune_on_validation(fit, ["a", "b"], (src, dst), (torch.tensor([0]), torch.tensor([2])), 2, 3,
-                                      k=1, fit_on=(fit_src, fit_dst))
+    _, recalls = B.tune_on_validation(
+        fit, ["a", "b"], (src, dst), (torch.tensor([0]), torch.tensor([2])), 2, 3, k=1, fit_on=(fit_src, fit_dst)
+    )
     assert fitted[0] == [[1, 0, 0], [0, 1, 0]]
     assert recalls["a"] == 1.0

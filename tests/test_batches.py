@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from scalable_rec.dist import DistEnv
 from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import TrainConfig
 from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_stats
-from scalable_rec.dist import DistEnv
 from scalable_rec.train.losses import rating_class_table, rating_class_weights
 
 
@@ -25,8 +25,15 @@ def test_batches_gather_labels_and_class_weights_of_their_edges_and_pads_weigh_n
     expected_weight = rating_class_weights(g.rating[ids])
     seen = []
     for rank in range(2):
-        loader, sampler = make_loader(g.hetero_data(ids), edges, TrainConfig(num_neighbors=[2, 2], progress=False),
-                                      32, DistEnv(rank, rank, 2), shuffle=True, device=torch.device("cpu"))
+        loader, sampler = make_loader(
+            g.hetero_data(ids),
+            edges,
+            TrainConfig(num_neighbors=[2, 2], progress=False),
+            32,
+            DistEnv(rank, rank, 2),
+            shuffle=True,
+            device=torch.device("cpu"),
+        )
         sampler.set_epoch(1)
         for batch in loader:
             store = batch[RATES]
@@ -72,8 +79,16 @@ def test_every_sampled_edge_carries_its_own_rating(tiny, tiny_shards, tmp_path, 
         data = g.hetero_data(split.train)
     truth = {(u, m): r for u, m, r in zip(g.src.tolist(), g.dst.tolist(), g.rating.tolist())}
     edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)
-    loader, _ = make_loader(data, edges, TrainConfig(num_neighbors=[3, 2], progress=False, sampler=sampler), 32,
-                            DistEnv(), shuffle=True, device=torch.device("cpu"), exclude_targets=exclude_targets)
+    loader, _ = make_loader(
+        data,
+        edges,
+        TrainConfig(num_neighbors=[3, 2], progress=False, sampler=sampler),
+        32,
+        DistEnv(),
+        shuffle=True,
+        device=torch.device("cpu"),
+        exclude_targets=exclude_targets,
+    )
     checked = 0
     for batch in loader:
         for edge_type, (ui, mi) in ((RATES, (0, 1)), (REV_RATES, (1, 0))):

@@ -29,8 +29,25 @@ def test_synth_train_score_through_the_cli(tmp_path, capsys):
     shards = tmp_path / "shards"
     assert main(["synth", "--preset", "tiny", "--out", str(shards)]) == 0
     run_dir = tmp_path / "run"
-    assert main(["train", "--shards", str(shards), "--run-dir", str(run_dir), "--epochs", "1",
-                 "--batch-size", "64", "--hidden", "8", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--shards",
+                str(shards),
+                "--run-dir",
+                str(run_dir),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--hidden",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     saved = RunConfig.load(run_dir / "config.json")
     assert saved.model.hidden == 8 and saved.train.batch_size == 64
     assert main(["score", "--run-dir", str(run_dir), "--k", "3"]) == 0
@@ -60,6 +77,7 @@ def test_every_command_formats_its_help():
             if isinstance(action, argparse._SubParsersAction):
                 for name, sub in action.choices.items():
                     walk(sub, f"{path} {name}")
+
     walk(build_parser(), "scalable-rec")
 
 
@@ -71,8 +89,19 @@ def test_aggr_max_on_cuda_without_its_kernels_is_one_line_before_any_work(tmp_pa
     monkeypatch.setattr(cli, "resolve_device", lambda cfg, env: torch.device("cuda"))
     monkeypatch.setattr(model_mod, "torch_sparse_runs_on", lambda device: False)
     monkeypatch.setattr(model_mod, "torch_scatter_runs_on", lambda device: False)
-    rc = main(["train", "--shards", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run"),
-               "--device", "cuda", "--aggr", "max"])
+    rc = main(
+        [
+            "train",
+            "--shards",
+            str(tmp_path / "nowhere"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--device",
+            "cuda",
+            "--aggr",
+            "max",
+        ]
+    )
     assert rc == 2
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "'aggr' max on CUDA" in errors[0].getMessage() and not errors[0].exc_info

@@ -1,5 +1,6 @@
 """Config docstrings are the flags' contracts: every field documented in at most three lines,
 and ``--help`` a reference without lab notes (measurements, seeds, history, cross-references)."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,17 @@ LAB_NOTES = re.compile(
     r"measured|ablation|\bseeds? \d|Recall@\d+ (from |of )?0\.\d|RMSE (from |of )?0\.\d|\d\.\d+ → \d|"
     r"\bformer\b|before issue|this round|\bissue\b|#\d+\b|README|"
     r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 # Flags a command adds itself, with its own help, outside their config group.
-OWN_WORDING = {("refresh", "DataConfig.strict"), ("prepare", "TrainConfig.progress"), ("score", "TrainConfig.progress"),
-               ("refresh", "ScoreConfig.k")}  # refresh keeps the Parquet's k: its own help says so
+OWN_WORDING = {
+    ("refresh", "DataConfig.strict"),
+    ("prepare", "TrainConfig.progress"),
+    ("score", "TrainConfig.progress"),
+    ("refresh", "ScoreConfig.k"),
+}  # refresh keeps the Parquet's k: its own help says so
 
 
 def entry_lines(cls: type) -> dict[str, int]:
@@ -96,8 +102,9 @@ def test_rarely_used_flags_come_after_the_others_in_advanced_groups():
     parser = subparser("train")
     titles = [g.title for g in parser._action_groups]
     assert titles.index("training") < titles.index("advanced training")
-    assert max(i for i, t in enumerate(titles) if not t.startswith("advanced")) < \
-        min(i for i, t in enumerate(titles) if t.startswith("advanced"))
+    assert max(i for i, t in enumerate(titles) if not t.startswith("advanced")) < min(
+        i for i, t in enumerate(titles) if t.startswith("advanced")
+    )
     advanced = next(g for g in parser._action_groups if g.title == "advanced training")
     assert {a.dest for a in advanced._group_actions} == {f"TrainConfig.{n}" for n in RARELY_USED["TrainConfig"]}
 
@@ -110,8 +117,10 @@ def test_rarely_used_titles_and_why_name_real_fields():
         assert set(names) <= fields, f"{cls_name}: {set(names) - fields} are not fields"
     for anchor in WHY.values():  # the page the help points to exists and has the section
         page, section = anchor.split("#")
-        headings = [re.sub(r"[^a-z0-9 -]", "", h.lower()).strip().replace(" ", "-")
-                    for h in re.findall(r"^#+ (.*)$", (ROOT / page).read_text(), re.M)]
+        headings = [
+            re.sub(r"[^a-z0-9 -]", "", h.lower()).strip().replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", (ROOT / page).read_text(), re.M)
+        ]
         assert section in headings, anchor
 
 
@@ -136,8 +145,14 @@ def test_train_help_exits_0(capsys):
 def test_run_help_exits_0_in_a_fresh_process():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "scalable_rec", "run", "--help"], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scalable_rec", "run", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=180,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage: scalable-rec run [options]") and not LAB_NOTES.search(proc.stdout)

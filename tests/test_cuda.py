@@ -3,6 +3,7 @@
 Skipped with a reason on machines without a CUDA device (the marker is handled in
 conftest.py); run them where a GPU is present.
 """
+
 import json
 import math
 import os
@@ -23,8 +24,9 @@ pytestmark = pytest.mark.cuda
 def test_training_on_cuda(small_shards, tmp_path, precision):
     g = RatingGraph.from_shards(small_shards)
     split = split_edges(g, SplitConfig())
-    result = train(g, split, ModelConfig(), TrainConfig(epochs=2, device="cuda", precision=precision,
-                                                        progress=False), tmp_path)
+    result = train(
+        g, split, ModelConfig(), TrainConfig(epochs=2, device="cuda", precision=precision, progress=False), tmp_path
+    )
     assert math.isfinite(result.best_val_rmse) and result.best_val_rmse < 1.2
     assert next(result.model.parameters()).is_cuda
 
@@ -56,23 +58,38 @@ def test_torchrun_nccl_two_gpus(tiny_shards, tmp_path):
     cfg = {"epochs": 1, "batch_size": 20, "num_neighbors": [-1, -1], "progress": False, "device": "cuda"}
     env = {**os.environ}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           str(tiny_shards.directory), str(tmp_path / "run"), str(tmp_path / "out"), json.dumps(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(worker),
+        str(tiny_shards.directory),
+        str(tmp_path / "run"),
+        str(tmp_path / "out"),
+        json.dumps(cfg),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = torch.load(tmp_path / "out-rank0.pt"), torch.load(tmp_path / "out-rank1.pt")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
 
 
-def _cli(args: list[str], nproc: int | None = None, extra_env: dict | None = None,
-         timeout: int = 600) -> subprocess.CompletedProcess:
+def _cli(
+    args: list[str], nproc: int | None = None, extra_env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """``python -m scalable_rec ARGS``, under ``torchrun --nproc_per_node=NPROC`` if given."""
     env = {**os.environ, **(extra_env or {})}
     env.pop("WORLD_SIZE", None)
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-              if nproc else [sys.executable])
-    return subprocess.run([*launch, "-m", "scalable_rec", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc
+        else [sys.executable]
+    )
+    return subprocess.run(
+        [*launch, "-m", "scalable_rec", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_torchrun_nccl_run_on_gpu_then_score_on_cpu(small_shards, tmp_path):
@@ -82,8 +99,25 @@ def test_torchrun_nccl_run_on_gpu_then_score_on_cpu(small_shards, tmp_path):
     import pyarrow.parquet as pq
 
     run = tmp_path / "run"
-    proc = _cli(["train", "--shards", str(small_shards.directory), "--run-dir", str(run), "--epochs", "2",
-                 "--device", "cuda", "--precision", "bf16", "--graph-backend", "store", "--no-progress"], nproc=1)
+    proc = _cli(
+        [
+            "train",
+            "--shards",
+            str(small_shards.directory),
+            "--run-dir",
+            str(run),
+            "--epochs",
+            "2",
+            "--device",
+            "cuda",
+            "--precision",
+            "bf16",
+            "--graph-backend",
+            "store",
+            "--no-progress",
+        ],
+        nproc=1,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     proc = _cli(["score", "--run-dir", str(run), "--graph-backend", "store"], nproc=1)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -115,8 +149,22 @@ def test_sigterm_under_nccl_stops_cleanly_and_resumes(tiny_shards, tmp_path):
     from scalable_rec.dist import FAULT_ENV
 
     run = tmp_path / "run"
-    args = ["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run), "--epochs", "2",
-            "--batch-size", "20", "--device", "cuda", "--precision", "fp16", "--no-progress"]
+    args = [
+        "train",
+        "--shards",
+        str(tiny_shards.directory),
+        "--run-dir",
+        str(run),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "20",
+        "--device",
+        "cuda",
+        "--precision",
+        "fp16",
+        "--no-progress",
+    ]
     proc = _cli(args, nproc=1, extra_env={FAULT_ENV: "0:5:TERM"}, timeout=300)
     assert proc.returncode != 0 and "SIGTERM" in proc.stderr, (proc.returncode, proc.stderr[-3000:])
     state = torch.load(run / "last.pt", weights_only=False, map_location="cpu")
@@ -136,10 +184,15 @@ def test_fp16_training_step_with_sum_aggregation_is_finite():
     from scalable_rec.model.recommender import Recommender
 
     n = 100_000
-    g = RatingGraph(user_keys=pa.array(range(n)), movie_keys=pa.array([0, 1]), movie_x=torch.ones(2, 4),
-                    src=torch.cat([torch.arange(n), torch.tensor([0])]),
-                    dst=torch.cat([torch.zeros(n, dtype=torch.long), torch.tensor([1])]),
-                    rating=torch.full((n + 1,), 4.0), timestamp=torch.zeros(n + 1, dtype=torch.long))
+    g = RatingGraph(
+        user_keys=pa.array(range(n)),
+        movie_keys=pa.array([0, 1]),
+        movie_x=torch.ones(2, 4),
+        src=torch.cat([torch.arange(n), torch.tensor([0])]),
+        dst=torch.cat([torch.zeros(n, dtype=torch.long), torch.tensor([1])]),
+        rating=torch.full((n + 1,), 4.0),
+        timestamp=torch.zeros(n + 1, dtype=torch.long),
+    )
     torch.manual_seed(0)
     model = Recommender(n, 2, 4, ModelConfig(hidden=8, aggr="sum", dropout=0.0), rating_mean=3.5).cuda()
     with torch.no_grad():
@@ -170,10 +223,28 @@ def test_forced_one_rank_nccl_ddp_with_fp16_and_sparse_tables(tiny_shards, tmp_p
     from scalable_rec.dist import FORCE_DDP_ENV
 
     run = tmp_path / "run"
-    proc = _cli(["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run), "--epochs", "1",
-                 "--batch-size", "50", "--device", "cuda", "--precision", "fp16",
-                 "--table-optimizer", "rowwise_adagrad", "--no-progress"],
-                extra_env={FORCE_DDP_ENV: "1"}, timeout=300)
+    proc = _cli(
+        [
+            "train",
+            "--shards",
+            str(tiny_shards.directory),
+            "--run-dir",
+            str(run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "50",
+            "--device",
+            "cuda",
+            "--precision",
+            "fp16",
+            "--table-optimizer",
+            "rowwise_adagrad",
+            "--no-progress",
+        ],
+        extra_env={FORCE_DDP_ENV: "1"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank 0]" in proc.stderr  # the DDP path's log format: the process group was created
     metrics = json.loads((run / "metrics.json").read_text())
@@ -186,9 +257,27 @@ def test_forked_rank_on_cuda_trains_or_is_refused_with_one_line(tiny_shards, tmp
     code = "import sys; from scalable_rec.train.launch import launch; sys.exit(launch(sys.argv[1:], 1))"
     env = {**os.environ}
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-c", code, "train", "--shards", str(tiny_shards.directory),
-                           "--run-dir", str(run), "--epochs", "1", "--device", "cuda", "--no-progress"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "train",
+            "--shards",
+            str(tiny_shards.directory),
+            "--run-dir",
+            str(run),
+            "--epochs",
+            "1",
+            "--device",
+            "cuda",
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode == 2:  # refused: one line naming torchrun, no traceback
         assert "torchrun" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     else:
@@ -200,8 +289,18 @@ def test_two_rank_cpu_checkpoint_resumes_on_one_gpu(tiny_shards, tmp_path):
     """A checkpoint of two (gloo, CPU) ranks resumed by one process on the GPU: fewer
     devices than the checkpoint's ranks, state mapped onto the GPU."""
     run = tmp_path / "run"
-    args = ["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run), "--epochs", "1",
-            "--batch-size", "20", "--no-progress"]
+    args = [
+        "train",
+        "--shards",
+        str(tiny_shards.directory),
+        "--run-dir",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "20",
+        "--no-progress",
+    ]
     proc = _cli([*args, "--device", "cpu", "--max-steps", "4"], nproc=2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(run / "last.pt", weights_only=False, map_location="cpu")["world_size"] == 2
@@ -217,8 +316,23 @@ def test_aggr_max_on_cuda_trains_or_is_refused_before_any_work(tiny_shards, tmp_
     from scalable_rec.model.recommender import torch_scatter_runs_on, torch_sparse_runs_on
 
     run = tmp_path / "run"
-    proc = _cli(["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run), "--epochs", "1",
-                 "--device", "cuda", "--aggr", "max", "--no-progress"], timeout=300)
+    proc = _cli(
+        [
+            "train",
+            "--shards",
+            str(tiny_shards.directory),
+            "--run-dir",
+            str(run),
+            "--epochs",
+            "1",
+            "--device",
+            "cuda",
+            "--aggr",
+            "max",
+            "--no-progress",
+        ],
+        timeout=300,
+    )
     device = torch.device("cuda")
     if not torch_sparse_runs_on(device) and torch_scatter_runs_on(device) is False:
         assert proc.returncode == 2 and "'aggr' max on CUDA" in proc.stderr and "Traceback" not in proc.stderr

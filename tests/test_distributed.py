@@ -1,4 +1,5 @@
 """DDP under torchrun (gloo, 2 CPU processes), per-rank edge slices and exact resume."""
+
 import json
 import os
 import shutil
@@ -9,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from process_group import finish_group
 
+from scalable_rec.dist import FAULT_ENV, DistEnv, EdgeEpochSampler
 from scalable_rec.errors import CheckpointError
 from scalable_rec.graph import RATES, RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import ModelConfig, TrainConfig, train
-from scalable_rec.dist import FAULT_ENV, DistEnv, EdgeEpochSampler
-from process_group import finish_group
 from scalable_rec.train.batches import SupervisionEdges, make_loader
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -49,8 +50,8 @@ def test_union_of_rank_batches_is_the_single_process_batch():
     ranks = [list(EdgeEpochSampler(16, r, world, seed=5)) for r in range(world)]
     single = list(EdgeEpochSampler(16, 0, 1, seed=5))
     for step in range(16 // (world * b)):
-        union = sorted(i for r in ranks for i in r[step * b:(step + 1) * b])
-        assert union == sorted(single[step * world * b:(step + 1) * world * b])
+        union = sorted(i for r in ranks for i in r[step * b : (step + 1) * b])
+        assert union == sorted(single[step * world * b : (step + 1) * world * b])
 
 
 def test_real_loader_rank_slices_see_every_training_edge_once(tiny_shards):
@@ -60,8 +61,9 @@ def test_real_loader_rank_slices_see_every_training_edge_once(tiny_shards):
     edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)
     seen, real = [], 0
     for rank in range(2):
-        loader, sampler = make_loader(g.hetero_data(split.train), edges, cfg, 16, DistEnv(rank, rank, 2), shuffle=True,
-                                      device=torch.device("cpu"))
+        loader, sampler = make_loader(
+            g.hetero_data(split.train), edges, cfg, 16, DistEnv(rank, rank, 2), shuffle=True, device=torch.device("cpu")
+        )
         sampler.set_epoch(2)
         for batch in loader:
             weight = batch[RATES].edge_label[:, 1]
@@ -73,22 +75,43 @@ def test_real_loader_rank_slices_see_every_training_edge_once(tiny_shards):
 def _run_group(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
     """Runs torchrun in its own process group; a deadlock fails the test after ``timeout``
     seconds and its workers are killed with it (none is left behind)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     out, err = finish_group(proc, timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _torchrun(tmp_path, shards, cfg: dict, nproc: int, name: str | None = None, extra_env: dict | None = None,
-              torchrun_args: tuple = (), expect_ok: bool = True, timeout: int = 300, options: dict | None = None):
+def _torchrun(
+    tmp_path,
+    shards,
+    cfg: dict,
+    nproc: int,
+    name: str | None = None,
+    extra_env: dict | None = None,
+    torchrun_args: tuple = (),
+    expect_ok: bool = True,
+    timeout: int = 300,
+    options: dict | None = None,
+):
     """Runs tests/ddp_worker.py under torchrun; returns (output prefix, completed process)."""
     name = name or str(nproc)
     prefix = tmp_path / f"out-{name}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *torchrun_args, str(WORKER), str(shards.directory), str(tmp_path / f"run-{name}"), str(prefix),
-           json.dumps(cfg)] + ([json.dumps(options)] if options else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *torchrun_args,
+        str(WORKER),
+        str(shards.directory),
+        str(tmp_path / f"run-{name}"),
+        str(prefix),
+        json.dumps(cfg),
+    ] + ([json.dumps(options)] if options else [])
     proc = _run_group(cmd, env, timeout)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -99,8 +122,17 @@ def _torchrun(tmp_path, shards, cfg: dict, nproc: int, name: str | None = None, 
 # sampling deterministic. The uninterrupted run is the reference the fault tests resume to.
 # Supervision "none": with exclude_targets each rank drops only its own batch's targets from
 # its subgraph, a legitimately different subgraph from the single process's.
-EXACT = dict(epochs=2, num_neighbors=[-1, -1], seed=7, progress=False, device="cpu", lr=0.01, weight_decay=0.0,
-             patience=10, supervision="none")
+EXACT = dict(
+    epochs=2,
+    num_neighbors=[-1, -1],
+    seed=7,
+    progress=False,
+    device="cpu",
+    lr=0.01,
+    weight_decay=0.0,
+    patience=10,
+    supervision="none",
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +151,7 @@ def _assert_same_params(a: dict, b: dict, atol: float = 1e-6) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=f"{name} differs")
 
 
-def test_torchrun_two_ranks_match_single_process_on_same_global_batches(tiny_shards, tmp_path,
-                                                                       reference_two_ranks):
+def test_torchrun_two_ranks_match_single_process_on_same_global_batches(tiny_shards, tmp_path, reference_two_ranks):
     # DDP with per-rank batch b and one process with batch 2b see identical subgraphs and
     # must reach the same parameters.
     ref_dir, ddp = reference_two_ranks
@@ -160,8 +191,9 @@ def test_torchrun_rowwise_tables_sparse_gradients_match_single_process(tiny_shar
     # ranks that each keep and step their own copy.
     cfg = {**EXACT, "epochs": 1, "table_optimizer": "rowwise_adagrad", "table_lr": 0.05}
     ddp, _ = _torchrun(tmp_path, tiny_shards, {**cfg, "batch_size": 20}, nproc=2, name="rw-2")
-    own, _ = _torchrun(tmp_path, tiny_shards, {**cfg, "batch_size": 20, "node_shared_tables": False}, nproc=2,
-                       name="rw-2-own")
+    own, _ = _torchrun(
+        tmp_path, tiny_shards, {**cfg, "batch_size": 20, "node_shared_tables": False}, nproc=2, name="rw-2-own"
+    )
     single, _ = _torchrun(tmp_path, tiny_shards, {**cfg, "batch_size": 40}, nproc=1, name="rw-1")
     r0, r1, one = torch.load(f"{ddp}-rank0.pt"), torch.load(f"{ddp}-rank1.pt"), torch.load(f"{single}-rank0.pt")
     own0 = torch.load(f"{own}-rank0.pt")
@@ -190,13 +222,31 @@ def test_two_nodes_on_one_host_each_step_their_own_shared_tables(tiny_shards, tm
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     prefix = tmp_path / "out-nodes"
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
-                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER),
-                               str(tiny_shards.directory), str(tmp_path / "run-nodes"), str(prefix),
-                               json.dumps({**cfg, "batch_size": 10})],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-             for node in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=2",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                str(WORKER),
+                str(tiny_shards.directory),
+                str(tmp_path / "run-nodes"),
+                str(prefix),
+                json.dumps({**cfg, "batch_size": 10}),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for node in (0, 1)
+    ]
     for proc in procs:
         out, err = finish_group(proc, 300)
         assert proc.returncode == 0, out[-2000:] + err[-2000:]
@@ -213,13 +263,23 @@ def test_two_nodes_on_one_host_each_step_their_own_shared_tables(tiny_shards, tm
 def test_torchrun_pad_path_matches_single_process(tiny_shards, tmp_path):
     # 399 training edges: rank 1 gets a zero-weight pad, which must change nothing (the
     # rating loss, the softmax rows and its columns all ignore it).
-    common = dict(epochs=1, num_neighbors=[-1, -1], seed=7, progress=False, device="cpu", lr=0.01,
-                  weight_decay=0.0, supervision="none")
-    options = {"train_edges": 399, "model": {"hidden": 16, "dropout": 0.0, "user_id_dropout": 0.0, "movie_id_dropout": 0.0}}
+    common = dict(
+        epochs=1,
+        num_neighbors=[-1, -1],
+        seed=7,
+        progress=False,
+        device="cpu",
+        lr=0.01,
+        weight_decay=0.0,
+        supervision="none",
+    )
+    options = {
+        "train_edges": 399,
+        "model": {"hidden": 16, "dropout": 0.0, "user_id_dropout": 0.0, "movie_id_dropout": 0.0},
+    }
     assert EdgeEpochSampler.num_pad(399, 2) == 1
     ddp, _ = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 20}, nproc=2, name="pad-2", options=options)
-    single, _ = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 40}, nproc=1, name="pad-1",
-                          options=options)
+    single, _ = _torchrun(tmp_path, tiny_shards, {**common, "batch_size": 40}, nproc=1, name="pad-1", options=options)
     r0, r1 = torch.load(f"{ddp}-rank0.pt"), torch.load(f"{ddp}-rank1.pt")
     one = torch.load(f"{single}-rank0.pt")
     meta = json.loads(Path(f"{ddp}-rank0.json").read_text())
@@ -229,15 +289,17 @@ def test_torchrun_pad_path_matches_single_process(tiny_shards, tmp_path):
         torch.testing.assert_close(r0[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs from 1 process")
 
 
-def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tiny_shards, tmp_path,
-                                                                            reference_two_ranks):
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(
+    tiny_shards, tmp_path, reference_two_ranks
+):
     """SIGTERM reaches rank 1 only (after its step 13); before the stop agreement rank 1
     went to the checkpoint alone while rank 0 trained on: a deadlock torchrun had to kill."""
     ref_dir, _ = reference_two_ranks
     cfg = {**EXACT, "batch_size": 20}
     t0 = time.monotonic()
-    prefix, _ = _torchrun(tmp_path, tiny_shards, cfg, nproc=2, name="term", timeout=120,
-                          extra_env={FAULT_ENV: "1:13:TERM"})
+    prefix, _ = _torchrun(
+        tmp_path, tiny_shards, cfg, nproc=2, name="term", timeout=120, extra_env={FAULT_ENV: "1:13:TERM"}
+    )
     assert time.monotonic() - t0 < 120
     for rank in (0, 1):
         assert json.loads(Path(f"{prefix}-rank{rank}.json").read_text())["steps"] == 13
@@ -248,15 +310,24 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tin
     _assert_same_params(_last_model(ref_dir / "run-2"), _last_model(tmp_path / "run-term"))
 
 
-def test_torchrun_restart_after_sigkill_resumes_from_last_checkpoint_by_itself(tiny_shards, tmp_path,
-                                                                              reference_two_ranks):
+def test_torchrun_restart_after_sigkill_resumes_from_last_checkpoint_by_itself(
+    tiny_shards, tmp_path, reference_two_ranks
+):
     """Rank 1 SIGKILLs itself after step 13 (first attempt only); torchrun restarts the
     group, which resumes from the step-12 last.pt without --resume and ends where an
     uninterrupted run ends."""
     ref_dir, _ = reference_two_ranks
     cfg = {**EXACT, "batch_size": 20, "checkpoint_every": 4}
-    prefix, proc = _torchrun(tmp_path, tiny_shards, cfg, nproc=2, name="kill", timeout=240,
-                             torchrun_args=("--max-restarts=1",), extra_env={FAULT_ENV: "1:13:KILL"})
+    prefix, proc = _torchrun(
+        tmp_path,
+        tiny_shards,
+        cfg,
+        nproc=2,
+        name="kill",
+        timeout=240,
+        torchrun_args=("--max-restarts=1",),
+        extra_env={FAULT_ENV: "1:13:KILL"},
+    )
     assert "torchrun restart 1: resuming from" in proc.stderr
     assert json.loads(Path(f"{prefix}-rank0.json").read_text())["steps"] == 20
     _assert_same_params(_last_model(ref_dir / "run-2"), _last_model(tmp_path / "run-kill"))
@@ -265,8 +336,16 @@ def test_torchrun_restart_after_sigkill_resumes_from_last_checkpoint_by_itself(t
 def test_hung_rank_fails_with_a_clear_error_after_the_collective_timeout(tiny_shards, tmp_path):
     cfg = {**EXACT, "epochs": 1, "batch_size": 20, "collective_timeout_s": 5}
     t0 = time.monotonic()
-    _, proc = _torchrun(tmp_path, tiny_shards, cfg, nproc=2, name="hang", timeout=180, expect_ok=False,
-                        extra_env={FAULT_ENV: "1:3:HANG"})
+    _, proc = _torchrun(
+        tmp_path,
+        tiny_shards,
+        cfg,
+        nproc=2,
+        name="hang",
+        timeout=180,
+        expect_ok=False,
+        extra_env={FAULT_ENV: "1:3:HANG"},
+    )
     assert proc.returncode != 0
     assert "did not complete within 'collective_timeout_s' (5s)" in proc.stderr, proc.stderr[-3000:]
     assert time.monotonic() - t0 < 180
@@ -289,8 +368,7 @@ def test_resume_with_another_world_size_redeals_the_rest_of_the_epoch(tiny_shard
     split = split_edges(g, SplitConfig())
     shutil.copytree(tmp_path / "run-w2", tmp_path / "run-w2b")
     model = ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0, retrieval_bias=False)
-    runs = [train(g, split, model, TrainConfig(**cfg, resume=True), tmp_path / d)
-            for d in ("run-w2", "run-w2b")]
+    runs = [train(g, split, model, TrainConfig(**cfg, resume=True), tmp_path / d) for d in ("run-w2", "run-w2b")]
     assert [r.global_step for r in runs] == [13 + 14, 13 + 14]
     _assert_same_params(_last_model(tmp_path / "run-w2"), _last_model(tmp_path / "run-w2b"), atol=0)
     assert torch.load(tmp_path / "run-w2" / "last.pt", weights_only=False)["world_size"] == 1
@@ -303,7 +381,7 @@ def test_sampler_redeals_the_unconsumed_rest_of_the_epoch(old, new):
     for rank in range(old):
         s = EdgeEpochSampler(n, rank, old, seed=2)
         s.set_epoch(1)
-        consumed += list(s)[:steps * b]
+        consumed += list(s)[: steps * b]
     rest = []
     for rank in range(new):
         s = EdgeEpochSampler(n, rank, new, seed=2)
@@ -320,8 +398,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tiny_shards, tmp_path, stop_
     g = RatingGraph.from_shards(tiny_shards)
     split = split_edges(g, SplitConfig())
     model_cfg = ModelConfig(hidden=16, dropout=0.3)  # dropout: the RNG state must be restored too
-    cfg = dict(epochs=3, batch_size=32, num_neighbors=[3, 2], progress=False, patience=10, seed=3,
-               ema_decay=ema_decay)
+    cfg = dict(epochs=3, batch_size=32, num_neighbors=[3, 2], progress=False, patience=10, seed=3, ema_decay=ema_decay)
     full = train(g, split, model_cfg, TrainConfig(**cfg), tmp_path / "full")
     first = train(g, split, model_cfg, TrainConfig(**cfg, max_steps=stop_at), tmp_path / "resumed")
     assert first.interrupted and first.global_step == stop_at
@@ -371,8 +448,9 @@ def test_resuming_an_early_stopped_run_trains_no_further(tiny_shards, tmp_path):
     again = train(g, split, ModelConfig(hidden=8), TrainConfig(**cfg, epochs=8, resume=True), tmp_path)
     assert again.stopped_early and again.global_step == first.global_step and len(again.history) == 2
     # a larger patience is a new budget: the run trains on until it is used up
-    longer = train(g, split, ModelConfig(hidden=8), TrainConfig(**{**cfg, "patience": 3}, epochs=8, resume=True),
-                   tmp_path)
+    longer = train(
+        g, split, ModelConfig(hidden=8), TrainConfig(**{**cfg, "patience": 3}, epochs=8, resume=True), tmp_path
+    )
     assert longer.stopped_early and longer.global_step > first.global_step and len(longer.history) == 4
 
 
@@ -381,8 +459,10 @@ def _tiny_movielens(d: Path, users: int = 40, movies: int = 30, per_user: int = 
     g = torch.Generator().manual_seed(0)
     d.mkdir(parents=True)
     genres = ["Drama", "Comedy", "Action|Crime", "Animation|Children"]
-    (d / "movies.csv").write_text("movieId,title,genres\n" + "".join(
-        f"{m},Movie number {m} ({1950 + m}),{genres[m % 4]}\n" for m in range(1, movies + 1)))
+    (d / "movies.csv").write_text(
+        "movieId,title,genres\n"
+        + "".join(f"{m},Movie number {m} ({1950 + m}),{genres[m % 4]}\n" for m in range(1, movies + 1))
+    )
     rows = []
     for u in range(1, users + 1):
         for m in torch.randperm(movies, generator=g)[:per_user].tolist():
@@ -393,8 +473,17 @@ def _tiny_movielens(d: Path, users: int = 40, movies: int = 30, per_user: int = 
 def _cli_torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scalable_rec",
-           "-v", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "scalable_rec",
+        "-v",
+        *args,
+    ]
     proc = _run_group(cmd, env, timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -417,8 +506,27 @@ def test_two_rank_train_and_score_match_one_process(tmp_path):
     shards = tmp_path / "shards"
     write_rating_shards(MovieLensSource(str(tmp_path / "ml")), str(shards), SkipReport())
     run = tmp_path / "run"
-    proc = _cli_torchrun(["train", "--shards", str(shards), "--run-dir", str(run), "--epochs", "2", "--batch-size",
-                          "64", "--num-neighbors", "3", "2", "--device", "cpu", "--no-progress", "--hidden", "16"])
+    proc = _cli_torchrun(
+        [
+            "train",
+            "--shards",
+            str(shards),
+            "--run-dir",
+            str(run),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--num-neighbors",
+            "3",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--hidden",
+            "16",
+        ]
+    )
     encodes = [line for line in proc.stderr.splitlines() if "movie features: encoding" in line]
     assert len(encodes) == 1 and "[rank 0]" in encodes[0], encodes
     test = json.loads((run / "metrics.json").read_text())["test"]
@@ -517,8 +625,9 @@ def test_epoch_sampler_peak_while_dealing_is_the_order_and_one_share():
 
 
 @pytest.mark.parametrize("table_optimizer", ["adamw", "rowwise_adagrad"])
-def test_forced_ddp_runs_every_collective_with_one_rank_and_matches_one_process(tiny_shards, tmp_path, monkeypatch,
-                                                                               table_optimizer):
+def test_forced_ddp_runs_every_collective_with_one_rank_and_matches_one_process(
+    tiny_shards, tmp_path, monkeypatch, table_optimizer
+):
     """``SCALABLE_REC_FORCE_DDP=1`` in one process: the process group (gloo here, NCCL on
     CUDA) is created, the model is wrapped in DDP, and the loss counts' all-reduce, the
     ranking all-gathers, the sparse tables' all-reduce and the object collectives all run
@@ -526,8 +635,8 @@ def test_forced_ddp_runs_every_collective_with_one_rank_and_matches_one_process(
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from scalable_rec.train import loop
     from scalable_rec.dist import FORCE_DDP_ENV, shutdown_distributed
+    from scalable_rec.train import loop
 
     g = RatingGraph.from_shards(tiny_shards)
     split = split_edges(g, SplitConfig())

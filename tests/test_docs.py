@@ -1,6 +1,7 @@
 """The documentation as a reader meets it: a short README without lab notes, links that
 resolve (files and #anchors), the generated result blocks where their scripts write them,
 and indexes that list every benchmark, reference file and experiment."""
+
 import importlib.util
 import json
 import re
@@ -66,11 +67,13 @@ def test_readme_is_a_short_guide():
 
 def test_readme_holds_no_lab_notes():
     text = README.read_text()
-    hashes = [t for t in re.findall(r"\b[0-9a-f]{7,40}\b", text)
-              if re.search(r"\d", t) and re.search(r"[a-f]", t)]
+    hashes = [t for t in re.findall(r"\b[0-9a-f]{7,40}\b", text) if re.search(r"\d", t) and re.search(r"[a-f]", t)]
     assert not hashes, f"commit-hash-looking tokens in README.md: {hashes}"
-    notes = re.findall(r"(?i)\bissues?\s*#?\d+|(?<![\w/])#\d+\b|\bmeasured\b|\bbefore issue\b|\bformer default\b"
-                       r"|\bthis round\b", text)
+    notes = re.findall(
+        r"(?i)\bissues?\s*#?\d+|(?<![\w/])#\d+\b|\bmeasured\b|\bbefore issue\b|\bformer default\b"
+        r"|\bthis round\b",
+        text,
+    )
     assert not notes, f"issue numbers or lab notes in README.md: {notes}"
 
 
@@ -101,12 +104,16 @@ def test_generated_blocks_live_in_results_once():
 
 def test_indexes_list_every_benchmark_reference_file_and_experiment():
     bench_index = (ROOT / "benchmarks" / "README.md").read_text()
-    listed = {p.name for p in (ROOT / "benchmarks").iterdir()
-              if p.suffix in (".py", ".sh", ".ini") and not p.name.startswith("__")}
+    listed = {
+        p.name
+        for p in (ROOT / "benchmarks").iterdir()
+        if p.suffix in (".py", ".sh", ".ini") and not p.name.startswith("__")
+    }
     missing = sorted(n for n in listed if n not in bench_index)
     stems = {p.name.split(".")[0] for p in (ROOT / "benchmarks" / "reference").iterdir()}
-    missing += sorted(f"reference/{s}" for s in stems
-                      if not re.search(rf"(?<![\w-]){re.escape(s)}(?![\w-])", bench_index))
+    missing += sorted(
+        f"reference/{s}" for s in stems if not re.search(rf"(?<![\w-]){re.escape(s)}(?![\w-])", bench_index)
+    )
     exp_index = (ROOT / "experiments" / "README.md").read_text()
     missing += sorted(f"experiments/{p.name}" for p in (ROOT / "experiments").glob("*.py") if p.name not in exp_index)
     assert not missing, f"not in benchmarks/README.md or experiments/README.md: {missing}"
@@ -122,7 +129,7 @@ def _script(relpath: str):
 def _block(name: str) -> str:
     text = RESULTS.read_text()
     start = text.index(f"<!-- {name}:start -->") + len(f"<!-- {name}:start -->\n")
-    return text[start:text.index(f"<!-- {name}:end -->")]
+    return text[start : text.index(f"<!-- {name}:end -->")]
 
 
 def test_generated_blocks_are_what_their_scripts_make_of_the_reference_json():

@@ -1,4 +1,5 @@
 """fetch_movielens against a local HTTP server on 127.0.0.1 (no outside network)."""
+
 import hashlib
 import threading
 import zipfile
@@ -20,13 +21,18 @@ def mirror(tmp_path):
         z.writestr("ml-latest-small/ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.5,1\n")
         z.writestr("ml-latest-small/movies.csv", "movieId,title,genres\n1,A (1990),Drama\n")
     # A matching .md5 beside the archive: served by the same host, so it must not be trusted.
-    (root / "ml-latest-small.zip.md5").write_text(hashlib.md5(archive.read_bytes()).hexdigest() + "  ml-latest-small.zip\n")
+    (root / "ml-latest-small.zip.md5").write_text(
+        hashlib.md5(archive.read_bytes()).hexdigest() + "  ml-latest-small.zip\n"
+    )
     handler = partial(SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a: None
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}", (archive.stat().st_size,
-                                                                 hashlib.sha256(archive.read_bytes()).hexdigest())
+    yield (
+        root,
+        f"http://127.0.0.1:{server.server_address[1]}",
+        (archive.stat().st_size, hashlib.sha256(archive.read_bytes()).hexdigest()),
+    )
     server.shutdown()
 
 

@@ -1,4 +1,5 @@
 """examples/ run end to end on a slice of the shared MovieLens data, with one thread."""
+
 from __future__ import annotations
 
 import collections
@@ -46,8 +47,22 @@ def test_quickstart_prepares_trains_and_writes_top_10(movielens_dir, tmp_path):
     threads = torch.get_num_threads()
     start, cpu = time.monotonic(), time.process_time()
     try:
-        out = load_example().main(["--data", str(data), "--workdir", str(tmp_path / "work"), "--epochs", "2",
-                                   "--batch-size", "512", "--hidden", "32", "--threads", "1"])
+        out = load_example().main(
+            [
+                "--data",
+                str(data),
+                "--workdir",
+                str(tmp_path / "work"),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "512",
+                "--hidden",
+                "32",
+                "--threads",
+                "1",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     elapsed, cpu = time.monotonic() - start, time.process_time() - cpu

@@ -4,6 +4,7 @@ secret and no temporary file behind, and never ends in a silent wrong result.
 The CLI is driven in-process (``cli.main``); one test runs it in a child process to send it
 SIGTERM. Text embeddings are replaced by a cheap stand-in where the test is not about them.
 """
+
 from __future__ import annotations
 
 import json
@@ -107,19 +108,35 @@ def fails(argv: list[str], caplog, code: int = 2, match: str = "") -> str:
 
 # --- secrets and untrusted files -------------------------------------------------------------
 
+
 def test_url_userinfo_is_refused_before_anything_is_written(tmp_path, caplog):
     run_dir = tmp_path / "run"
     data = movielens(tmp_path)
-    text = fails(["run", "--data", str(data), "--workdir", str(tmp_path / "w"), "--run-dir", str(run_dir),
-                  "--sink", "arango", "--arango-url", "http://alice:s3cr3t@127.0.0.1:9"], caplog,
-                 match="'arango_url' must not contain user:password@")
+    text = fails(
+        [
+            "run",
+            "--data",
+            str(data),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--run-dir",
+            str(run_dir),
+            "--sink",
+            "arango",
+            "--arango-url",
+            "http://alice:s3cr3t@127.0.0.1:9",
+        ],
+        caplog,
+        match="'arango_url' must not contain user:password@",
+    )
     assert "s3cr3t" not in text and "s3cr3t" not in caplog.text
     assert not run_dir.exists() and not (tmp_path / "w").exists()
     assert files_containing(tmp_path, "s3cr3t") == []
 
 
-@pytest.mark.parametrize("case, match", [("wrong password", "rejected the credentials"),
-                                         ("read-only user", "HTTP 403")])
+@pytest.mark.parametrize(
+    "case, match", [("wrong password", "rejected the credentials"), ("read-only user", "HTTP 403")]
+)
 def test_run_checks_the_arango_sink_before_training(tmp_path, caplog, monkeypatch, no_encoder, case, match):
     from arango_double import ArangoDouble
 
@@ -129,16 +146,33 @@ def test_run_checks_the_arango_sink_before_training(tmp_path, caplog, monkeypatc
         for var, value in (("URL", double.url), ("DB", "recs"), ("USER", user), ("PASSWORD", password)):
             monkeypatch.setenv(f"SCALABLE_REC_ARANGO_{var}", value)
         run_dir = tmp_path / "run"
-        fails(["run", "--data", str(movielens(tmp_path)), "--workdir", str(tmp_path / "w"), "--run-dir",
-               str(run_dir), "--sink", "arango", *TINY], caplog, match=match)
+        fails(
+            [
+                "run",
+                "--data",
+                str(movielens(tmp_path)),
+                "--workdir",
+                str(tmp_path / "w"),
+                "--run-dir",
+                str(run_dir),
+                "--sink",
+                "arango",
+                *TINY,
+            ],
+            caplog,
+            match=match,
+        )
     assert not (run_dir / "best.pt").exists() and not (tmp_path / "w" / "shards").exists()
     assert files_containing(tmp_path, password) == [] and password not in caplog.text
 
 
-@pytest.mark.parametrize("server, user, match", [
-    (dict(version="3.7"), "root", "ArangoDB 3.7.99-double is too old: expected 3.8 or later"),
-    (dict(access={"app": ("elsewhere",)}), "app", "wrong credentials or no access to this database"),
-])
+@pytest.mark.parametrize(
+    "server, user, match",
+    [
+        (dict(version="3.7"), "root", "ArangoDB 3.7.99-double is too old: expected 3.8 or later"),
+        (dict(access={"app": ("elsewhere",)}), "app", "wrong credentials or no access to this database"),
+    ],
+)
 def test_arango_export_refusals_are_one_line(tmp_path, caplog, monkeypatch, server, user, match):
     from arango_double import ArangoDouble
 
@@ -194,10 +228,14 @@ def test_manifest_paths_stay_inside_the_directory(shards, tmp_path, bad):
 
 # --- silent wrong results --------------------------------------------------------------------
 
+
 def test_diverged_training_fails_and_cannot_be_scored(shards, tmp_path, caplog):
     run_dir = tmp_path / "run"
-    fails(["train", "--shards", str(shards), "--run-dir", str(run_dir), "--lr", "1e30", *TINY], caplog,
-          match="Training diverged")
+    fails(
+        ["train", "--shards", str(shards), "--run-dir", str(run_dir), "--lr", "1e30", *TINY],
+        caplog,
+        match="Training diverged",
+    )
     assert not (run_dir / "metrics.json").exists()
     fails(["score", "--run-dir", str(run_dir)], caplog, match="training did not finish")
     assert not (run_dir / "recommendations.parquet").exists() and temp_files(tmp_path) == []
@@ -224,12 +262,26 @@ def feat_source(data: Path):
     return MovieLensSource(str(data))
 
 
-@pytest.mark.parametrize("batches, match", [
-    ([], "No rows to write"),
-    ([pa.record_batch([pa.array([], pa.int64()), pa.array([], pa.int64()), pa.array([], pa.float32()),
-                       pa.array([], pa.int32())], names=["user_key", "movie_key", "score", "rank"])],
-     "got 0 rows"),
-])
+@pytest.mark.parametrize(
+    "batches, match",
+    [
+        ([], "No rows to write"),
+        (
+            [
+                pa.record_batch(
+                    [
+                        pa.array([], pa.int64()),
+                        pa.array([], pa.int64()),
+                        pa.array([], pa.float32()),
+                        pa.array([], pa.int32()),
+                    ],
+                    names=["user_key", "movie_key", "score", "rank"],
+                )
+            ],
+            "got 0 rows",
+        ),
+    ],
+)
 def test_an_empty_recommendation_set_is_not_success(run_copy, caplog, monkeypatch, batches, match):
     from scalable_rec import pipeline
 
@@ -238,17 +290,34 @@ def test_an_empty_recommendation_set_is_not_success(run_copy, caplog, monkeypatc
     assert not (run_copy / "recommendations.parquet").exists() and temp_files(run_copy) == []
 
 
-@pytest.mark.parametrize("flags, first_rows, second_rows", [
-    (["--rating-max", "4.0"], 36, None),  # ratings of 5.0 are out of range now
-    (["--max-rows-per-shard", "7"], 36, 36),
-])
+@pytest.mark.parametrize(
+    "flags, first_rows, second_rows",
+    [
+        (["--rating-max", "4.0"], 36, None),  # ratings of 5.0 are out of range now
+        (["--max-rows-per-shard", "7"], 36, 36),
+    ],
+)
 def test_prepare_rebuilds_when_an_option_changes_the_shards(tmp_path, no_encoder, flags, first_rows, second_rows):
     data, work = movielens(tmp_path), tmp_path / "w"
     assert cli.main(["prepare", "--data", str(data), "--workdir", str(work), "--no-progress"]) == 0
     out = work / "shards" / "ml"
     assert GraphShards(out).edges("user", "rates", "movie").num_rows == first_rows
-    assert cli.main(["prepare", "--data", str(data), "--workdir", str(work), "--no-progress",
-                     "--max-skipped-share", "1", *flags]) == 0
+    assert (
+        cli.main(
+            [
+                "prepare",
+                "--data",
+                str(data),
+                "--workdir",
+                str(work),
+                "--no-progress",
+                "--max-skipped-share",
+                "1",
+                *flags,
+            ]
+        )
+        == 0
+    )
     manifest = GraphShards(out).manifest
     rows = manifest.edge_types["user__rates__movie"].num_rows
     if second_rows is None:
@@ -261,8 +330,7 @@ def test_strict_prepare_is_not_satisfied_by_lenient_shards(tmp_path, caplog, no_
     data = movielens(tmp_path, ratings_csv(garbage=1))
     work = tmp_path / "w"
     assert cli.main(["prepare", "--data", str(data), "--workdir", str(work), "--no-progress"]) == 0
-    fails(["prepare", "--data", str(data), "--workdir", str(work), "--strict"], caplog,
-          match="ratings.csv line 38")
+    fails(["prepare", "--data", str(data), "--workdir", str(work), "--strict"], caplog, match="ratings.csv line 38")
 
 
 def test_score_refuses_shards_the_model_was_not_trained_on(run_copy, caplog):
@@ -277,12 +345,34 @@ def test_score_refuses_shards_the_model_was_not_trained_on(run_copy, caplog):
 
 def test_sigterm_exits_143_and_marks_the_run_interrupted(shards, tmp_path, caplog):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-m", "scalable_rec.cli", "train", "--shards", str(shards),
-                              "--run-dir", str(run_dir), "--epochs", "100000", "--batch-size", "16",
-                              "--hidden", "8", "--no-progress", "--checkpoint-every", "5", "--patience", "100000"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scalable_rec.cli",
+            "train",
+            "--shards",
+            str(shards),
+            "--run-dir",
+            str(run_dir),
+            "--epochs",
+            "100000",
+            "--batch-size",
+            "16",
+            "--hidden",
+            "8",
+            "--no-progress",
+            "--checkpoint-every",
+            "5",
+            "--patience",
+            "100000",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not (run_dir / "best.pt").exists() and time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.2)
@@ -298,11 +388,15 @@ def test_sigterm_exits_143_and_marks_the_run_interrupted(shards, tmp_path, caplo
 
 def test_a_run_dir_belongs_to_one_config(run_copy, caplog):
     shards = str(run_copy.parent / "shards")
-    fails(["train", "--shards", shards, "--run-dir", str(run_copy), "--lr", "0.01", *TINY], caplog,
-          match="pass --resume to continue it or --overwrite to replace it")
+    fails(
+        ["train", "--shards", shards, "--run-dir", str(run_copy), "--lr", "0.01", *TINY],
+        caplog,
+        match="pass --resume to continue it or --overwrite to replace it",
+    )
     old_best = (run_copy / "best.pt").stat().st_mtime_ns
-    assert cli.main(["train", "--shards", shards, "--run-dir", str(run_copy), "--lr", "0.01", "--overwrite",
-                     *TINY]) == 0
+    assert (
+        cli.main(["train", "--shards", shards, "--run-dir", str(run_copy), "--lr", "0.01", "--overwrite", *TINY]) == 0
+    )
     assert json.loads((run_copy / "config.json").read_text())["train"]["lr"] == 0.01
     assert (run_copy / "best.pt").stat().st_mtime_ns != old_best
 
@@ -316,8 +410,24 @@ def test_resume_accepts_output_only_options():
 
 def test_resuming_an_early_stopped_run_does_not_train_on(shards, tmp_path, caplog):
     run_dir = tmp_path / "run"
-    argv = ["train", "--shards", str(shards), "--run-dir", str(run_dir), "--epochs", "200", "--patience", "1",
-            "--lr", "0.05", "--batch-size", "64", "--hidden", "8", "--no-progress"]
+    argv = [
+        "train",
+        "--shards",
+        str(shards),
+        "--run-dir",
+        str(run_dir),
+        "--epochs",
+        "200",
+        "--patience",
+        "1",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "64",
+        "--hidden",
+        "8",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["stopped_early"], "the tiny run should stop early with --patience 1"
@@ -330,16 +440,27 @@ def test_resuming_an_early_stopped_run_does_not_train_on(shards, tmp_path, caplo
 
 # --- concurrency, disks and encodings --------------------------------------------------------
 
+
 def test_a_locked_run_dir_names_its_holder(shards, tmp_path, caplog):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from scalable_rec import locking\n"
-         f"with locking.hold({str(run_dir)!r}):\n    print('held', flush=True); time.sleep(60)"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from scalable_rec import locking\n"
+            f"with locking.hold({str(run_dir)!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        fails(["train", "--shards", str(shards), "--run-dir", str(run_dir), *TINY], caplog,
-              match=f"is in use by pid {holder.pid} on host {os.uname().nodename}")
+        fails(
+            ["train", "--shards", str(shards), "--run-dir", str(run_dir), *TINY],
+            caplog,
+            match=f"is in use by pid {holder.pid} on host {os.uname().nodename}",
+        )
         assert not (run_dir / "config.json").exists()
     finally:
         holder.kill()  # SIGKILL: the kernel drops the lock with the process
@@ -358,15 +479,21 @@ def test_bom_and_undecodable_rows(tmp_path, caplog, no_encoder):
     report = GraphShards(work / "shards" / "ml").manifest.report
     assert report["accepted"]["ratings"] == 36 and report["skipped"] == {"undecodable_row": 2}
     assert any("movies.csv line 5" in e for e in report["examples"]["undecodable_row"])
-    fails(["prepare", "--data", str(data), "--workdir", str(work), "--strict", "--overwrite"], caplog,
-          match="movies.csv line 5")
+    fails(
+        ["prepare", "--data", str(data), "--workdir", str(work), "--strict", "--overwrite"],
+        caplog,
+        match="movies.csv line 5",
+    )
     assert temp_files(tmp_path) == []
 
 
-@pytest.mark.parametrize("ratings, match", [
-    ("userId,movieId,rating,timestamp\n", "no usable ratings"),
-    (ratings_csv(n_users=1, garbage=20), "more than --max-skipped-share"),
-])
+@pytest.mark.parametrize(
+    "ratings, match",
+    [
+        ("userId,movieId,rating,timestamp\n", "no usable ratings"),
+        (ratings_csv(n_users=1, garbage=20), "more than --max-skipped-share"),
+    ],
+)
 def test_empty_or_mostly_invalid_input_is_refused_at_prepare(tmp_path, caplog, ratings, match):
     work = tmp_path / "w"
     fails(["prepare", "--data", str(movielens(tmp_path, ratings)), "--workdir", str(work)], caplog, match=match)
@@ -375,24 +502,43 @@ def test_empty_or_mostly_invalid_input_is_refused_at_prepare(tmp_path, caplog, r
 
 def test_skipped_share_flag_accepts_what_the_user_allows(tmp_path, no_encoder):
     data = movielens(tmp_path, ratings_csv(n_users=1, garbage=20))
-    assert cli.main(["prepare", "--data", str(data), "--workdir", str(tmp_path / "w"), "--no-progress",
-                     "--max-skipped-share", "0.9"]) == 0
+    assert (
+        cli.main(
+            [
+                "prepare",
+                "--data",
+                str(data),
+                "--workdir",
+                str(tmp_path / "w"),
+                "--no-progress",
+                "--max-skipped-share",
+                "0.9",
+            ]
+        )
+        == 0
+    )
 
 
 def test_full_disk_is_one_line_and_leaves_no_temp_file(shards, tmp_path, caplog):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / f".config.json.tmp-{os.getpid()}").symlink_to("/dev/full")  # every write: ENOSPC
-    fails(["train", "--shards", str(shards), "--run-dir", str(run_dir), *TINY], caplog,
-          match="no space left on the device")
+    fails(
+        ["train", "--shards", str(shards), "--run-dir", str(run_dir), *TINY],
+        caplog,
+        match="no space left on the device",
+    )
     assert temp_files(tmp_path) == [] and not (run_dir / "config.json").exists()
 
 
-@pytest.mark.parametrize("how", [
-    # root (as in CI) ignores permissions, but not a path that runs through a regular file
-    "under a file",
-    pytest.param("read-only", marks=pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")),
-])
+@pytest.mark.parametrize(
+    "how",
+    [
+        # root (as in CI) ignores permissions, but not a path that runs through a regular file
+        "under a file",
+        pytest.param("read-only", marks=pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")),
+    ],
+)
 def test_unwritable_workdir_is_one_line(tmp_path, caplog, how):
     argv = ["prepare", "--data", str(movielens(tmp_path)), "--no-progress", "--workdir"]
     if how == "under a file":
@@ -414,16 +560,25 @@ def test_missing_config_json(tmp_path, caplog):
     fails(["score", "--run-dir", str(tmp_path / "run")], caplog, match="No config.json in")
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--text-model", "./no-such-model"], "'text_model' './no-such-model' looks like a local path"),
-    (["--val-ratio", "0"], "'val_ratio' needs to be positive"),
-    (["--aggr", "meen"], "'aggr' needs to be 'mean', 'sum' or 'max' (got 'meen')"),
-    (["--num-neighbors", "10", "5", "5"], "'num_neighbors' needs one entry per layer"),
-    pytest.param(["--device", "cuda"], "no CUDA device is available",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")),
-    pytest.param(["--precision", "fp16", "--device", "cpu"], "'precision' fp16 needs CUDA",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--text-model", "./no-such-model"], "'text_model' './no-such-model' looks like a local path"),
+        (["--val-ratio", "0"], "'val_ratio' needs to be positive"),
+        (["--aggr", "meen"], "'aggr' needs to be 'mean', 'sum' or 'max' (got 'meen')"),
+        (["--num-neighbors", "10", "5", "5"], "'num_neighbors' needs one entry per layer"),
+        pytest.param(
+            ["--device", "cuda"],
+            "no CUDA device is available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present"),
+        ),
+        pytest.param(
+            ["--precision", "fp16", "--device", "cpu"],
+            "'precision' fp16 needs CUDA",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present"),
+        ),
+    ],
+)
 def test_bad_options_are_one_line_and_exit_2(shards, tmp_path, caplog, argv, match):
     run_dir = tmp_path / "run"
     fails(["train", "--shards", str(shards), "--run-dir", str(run_dir), *TINY, *argv], caplog, match=match)
@@ -435,11 +590,15 @@ def test_score_device_choice(shards, tmp_path, caplog):
     missing CUDA device is one line and exit 2, and nothing is written."""
     run_dir = tmp_path / "run"
     assert cli.main(["train", "--shards", str(shards), "--run-dir", str(run_dir), *TINY]) == 0
-    fails(["score", "--run-dir", str(run_dir), "--score-device", "gpu"], caplog,
-          match="'score_device' needs run, auto, cpu, cuda or cuda:N (got 'gpu')")
+    fails(
+        ["score", "--run-dir", str(run_dir), "--score-device", "gpu"],
+        caplog,
+        match="'score_device' needs run, auto, cpu, cuda or cuda:N (got 'gpu')",
+    )
     if not torch.cuda.is_available():
-        fails(["score", "--run-dir", str(run_dir), "--score-device", "cuda"], caplog,
-              match="no CUDA device is available")
+        fails(
+            ["score", "--run-dir", str(run_dir), "--score-device", "cuda"], caplog, match="no CUDA device is available"
+        )
         config = json.loads((run_dir / "config.json").read_text())  # as if trained on a GPU machine
         config["train"]["device"] = "cuda"
         (run_dir / "config.json").write_text(json.dumps(config))
@@ -452,8 +611,20 @@ def test_score_device_choice(shards, tmp_path, caplog):
 def test_unloadable_text_model_is_a_config_error(tmp_path, caplog):
     model_dir = tmp_path / "empty-model"
     model_dir.mkdir()
-    fails(["prepare", "--data", str(movielens(tmp_path)), "--workdir", str(tmp_path / "w"), "--no-progress",
-           "--text-model", str(model_dir)], caplog, match="cannot be loaded")
+    fails(
+        [
+            "prepare",
+            "--data",
+            str(movielens(tmp_path)),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--no-progress",
+            "--text-model",
+            str(model_dir),
+        ],
+        caplog,
+        match="cannot be loaded",
+    )
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
@@ -469,11 +640,14 @@ def test_traceback_only_with_verbose(tmp_path, caplog, where):
 
 # --- determinism and small things ------------------------------------------------------------
 
+
 def test_deterministic_runs_are_identical(shards, tmp_path):
     states = []
     for name in ("a", "b"):
-        assert cli.main(["train", "--shards", str(shards), "--run-dir", str(tmp_path / name), "--deterministic",
-                         *TINY]) == 0
+        assert (
+            cli.main(["train", "--shards", str(shards), "--run-dir", str(tmp_path / name), "--deterministic", *TINY])
+            == 0
+        )
         states.append(torch.load(tmp_path / name / "best.pt", weights_only=True)["model"])
     cli.main(["score", "--run-dir", str(tmp_path / "a")])  # leaves deterministic mode off again
     assert not torch.are_deterministic_algorithms_enabled()
@@ -500,7 +674,9 @@ def test_json_outputs_have_no_nan(tmp_path, capsys):
         raise ValueError(f"non-standard JSON constant {constant}")
 
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {
-        "best_val_rmse": None, "h": [{"x": None}]}
+        "best_val_rmse": None,
+        "h": [{"x": None}],
+    }
 
 
 def test_help_lists_what_each_command_does(capsys):
@@ -508,7 +684,8 @@ def test_help_lists_what_each_command_does(capsys):
         cli.main(["--help"])
     out = capsys.readouterr().out
     assert "run  run" not in " ".join(out.split(" ")) and not any(
-        line.split() == ["run", "run"] for line in out.splitlines())
+        line.split() == ["run", "run"] for line in out.splitlines()
+    )
     assert "Prepare → train → evaluate → score" in out
 
 
@@ -526,8 +703,10 @@ def test_malformed_row_examples_name_the_line(tmp_path, no_encoder):
 def test_no_progress_silences_the_text_encoder(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(feat, "embed_titles", lambda t, c, progress=True: seen.append(progress) or cheap_titles(t, c))
-    assert cli.main(["prepare", "--data", str(movielens(tmp_path)), "--workdir", str(tmp_path / "w"),
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(["prepare", "--data", str(movielens(tmp_path)), "--workdir", str(tmp_path / "w"), "--no-progress"])
+        == 0
+    )
     assert seen == [False]
 
 
@@ -536,8 +715,21 @@ def test_refit_interrupted_while_selecting_resumes_selection_then_refits(shards,
     refused with the way on, ``--resume`` finishes the selection and then trains the refit
     (which had not started), and the run scores; ``--overwrite`` replaces both."""
     run_dir = tmp_path / "run"
-    argv = ["train", "--shards", str(shards), "--run-dir", str(run_dir), "--refit", "--epochs", "2",
-            "--batch-size", "64", "--hidden", "8", "--no-progress"]
+    argv = [
+        "train",
+        "--shards",
+        str(shards),
+        "--run-dir",
+        str(run_dir),
+        "--refit",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--hidden",
+        "8",
+        "--no-progress",
+    ]
     monkeypatch.setenv("SCALABLE_REC_FAULT", "0:3:TERM")  # SIGTERM at the selecting run's third step
     assert cli.main(argv) == 143
     monkeypatch.delenv("SCALABLE_REC_FAULT")
@@ -565,8 +757,7 @@ def test_overwrite_replaces_the_run_directory_and_reuses_unchanged_shards(tmp_pa
     caplog.set_level(logging.INFO)
     rows = [f"{u},{m},{1 + (u * m) % 5}.0,{u * 10 + m}" for u in range(1, 13) for m in (1, 2, 3) if u < 7 or m < 3]
     data = movielens(tmp_path, "userId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")  # 6 users left to rank
-    argv = ["run", "--data", str(data), "--workdir", str(tmp_path / "w"), "--run-dir",
-            str(tmp_path / "run"), *TINY]
+    argv = ["run", "--data", str(data), "--workdir", str(tmp_path / "w"), "--run-dir", str(tmp_path / "run"), *TINY]
     assert cli.main(argv) == 0
     manifest = tmp_path / "w" / "shards" / "ml" / "manifest.json"
     written, old_best = manifest.stat().st_mtime_ns, (tmp_path / "run" / "best.pt").stat().st_mtime_ns
@@ -574,8 +765,20 @@ def test_overwrite_replaces_the_run_directory_and_reuses_unchanged_shards(tmp_pa
     assert cli.main([*argv, "--overwrite"]) == 0
     assert (tmp_path / "run" / "best.pt").stat().st_mtime_ns != old_best  # the run was replaced
     assert manifest.stat().st_mtime_ns == written and "reusing shards" in caplog.text
-    assert cli.main(["prepare", "--data", str(tmp_path / "ml"), "--workdir", str(tmp_path / "w"), "--no-progress",
-                     "--overwrite"]) == 0
+    assert (
+        cli.main(
+            [
+                "prepare",
+                "--data",
+                str(tmp_path / "ml"),
+                "--workdir",
+                str(tmp_path / "w"),
+                "--no-progress",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert manifest.stat().st_mtime_ns != written
 
 
@@ -587,11 +790,21 @@ def test_given_split_files_with_a_data_folder_holding_only_movies(tmp_path, capl
     data = tmp_path / "movies-only"
     data.mkdir()
     (data / "movies.csv").write_text(MOVIES)
-    (tmp_path / "train.tsv").write_text("".join(f"{u}\t{m}\t{1 + (u + m) % 5}\t{u * 10 + m}\n"
-                                                for u in range(1, 9) for m in (1, 2, 3)))
+    (tmp_path / "train.tsv").write_text(
+        "".join(f"{u}\t{m}\t{1 + (u + m) % 5}\t{u * 10 + m}\n" for u in range(1, 9) for m in (1, 2, 3))
+    )
     (tmp_path / "test.tsv").write_text("1\t2\t4\t99\n2\t3\t3\t99\n")
-    argv = ["prepare", "--data", str(data), "--workdir", str(tmp_path / "w"), "--no-progress",
-            "--train-file", str(tmp_path / "train.tsv"), "--test-file"]
+    argv = [
+        "prepare",
+        "--data",
+        str(data),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--no-progress",
+        "--train-file",
+        str(tmp_path / "train.tsv"),
+        "--test-file",
+    ]
     assert cli.main([*argv, str(tmp_path / "test.tsv")]) == 0
     shards = GraphShards(tmp_path / "w" / "shards" / "given-train-test")
     assert sorted(shards.nodes("movie").column("key").to_pylist()) == [1, 2, 3]  # from movies.csv

@@ -29,7 +29,11 @@ def test_title_embeddings_cached_by_model_and_input(tmp_path, monkeypatch):
     shards = GraphShards(tmp_path / "s")
     calls = []
     real = feat.embed_titles
-    monkeypatch.setattr(feat, "embed_titles", lambda titles, cfg, progress=True: calls.append(len(titles)) or real(titles, cfg, progress))
+    monkeypatch.setattr(
+        feat,
+        "embed_titles",
+        lambda titles, cfg, progress=True: calls.append(len(titles)) or real(titles, cfg, progress),
+    )
     x = movie_features(shards)
     assert x.shape == (2, 384 + 3) and x.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(x[:, :384], axis=1), 1.0, rtol=1e-5)

@@ -2,15 +2,15 @@
 huge pages (scalable_rec/heap.py).
 
 Each case runs in a fresh interpreter: the settings are process-wide."""
+
 import os
 import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
-
-from pathlib import Path
 
 from scalable_rec.heap import HUGEPAGES_TUNABLE, RESTARTED_ENV, fix_mmap_threshold, glibc, hugepages_environ
 
@@ -88,13 +88,18 @@ RESTART = textwrap.dedent("""
 def _thp_mode() -> str:
     path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     text = path.read_text() if path.exists() else "[never]"
-    return text[text.index("[") + 1:text.index("]")]
+    return text[text.index("[") + 1 : text.index("]")]
 
 
 def test_restart_keeps_the_process_and_its_arguments_and_gets_huge_pages():
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", RESTARTED_ENV)}
-    out = subprocess.run([sys.executable, "-c", RESTART, "--flag", "x"], capture_output=True, text=True,
-                         env={**env, "OMP_NUM_THREADS": "1"}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", RESTART, "--flag", "x"],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     starts = [ln.split()[1] for ln in lines if ln.startswith("start")]
@@ -106,8 +111,13 @@ def test_restart_keeps_the_process_and_its_arguments_and_gets_huge_pages():
     huge = int(lines[-1].split()[1])
     assert huge >= 64 << 10, f"only {huge} KiB of a 128 MiB tensor in huge pages"
     # the user's opt-out: no restart, and (where huge pages come only when asked) none
-    out = subprocess.run([sys.executable, "-c", RESTART], capture_output=True, text=True, timeout=120,
-                         env={**env, "OMP_NUM_THREADS": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    out = subprocess.run(
+        [sys.executable, "-c", RESTART],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "OMP_NUM_THREADS": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert sum(ln.startswith("start") for ln in lines) == 1
@@ -118,8 +128,8 @@ def test_restart_keeps_the_process_and_its_arguments_and_gets_huge_pages():
 def test_auto_heap_threshold_is_fixed_only_when_ranks_share_the_node(monkeypatch):
     """``heap_mmap_threshold_kb`` -1 (default): 1024 KiB for ranks that share a node, glibc's
     dynamic threshold for a rank alone on its node; an explicit value always wins."""
-    from scalable_rec.train import TrainConfig
     from scalable_rec.dist import DistEnv
+    from scalable_rec.train import TrainConfig
 
     auto = TrainConfig()
     assert auto.heap_mmap_threshold_kb == -1
@@ -138,8 +148,9 @@ def test_auto_heap_threshold_is_fixed_only_when_ranks_share_the_node(monkeypatch
 
 def _command(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", RESTARTED_ENV)}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"},
-                          **kwargs)
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"}, **kwargs
+    )
 
 
 def _tunables_logged(stderr: str) -> list[str]:

@@ -47,10 +47,13 @@ def test_no_user_movie_pair_is_on_two_sides_of_the_split(graph, strategy):
 def test_split_refuses_a_graph_with_repeated_pairs(graph):
     import dataclasses
 
-    twice = dataclasses.replace(graph, src=torch.cat([graph.src, graph.src[:3]]),
-                                dst=torch.cat([graph.dst, graph.dst[:3]]),
-                                rating=torch.cat([graph.rating, graph.rating[:3]]),
-                                timestamp=torch.cat([graph.timestamp, graph.timestamp[:3]]))
+    twice = dataclasses.replace(
+        graph,
+        src=torch.cat([graph.src, graph.src[:3]]),
+        dst=torch.cat([graph.dst, graph.dst[:3]]),
+        rating=torch.cat([graph.rating, graph.rating[:3]]),
+        timestamp=torch.cat([graph.timestamp, graph.timestamp[:3]]),
+    )
     with pytest.raises(ShardError, match="3 repeated \\(user, movie\\) pairs"):
         split_edges(twice, SplitConfig())
 

@@ -32,8 +32,11 @@ def test_index_holds_edges_split_features_and_csc_of_each_subset(tiny_shards, in
     got = index.split()
     for part in ("train", "val", "test"):
         assert torch.equal(getattr(got, part), getattr(split, part))
-    subsets = {"train": split.train, "seen": torch.cat([split.train, split.val]).sort().values,
-               "all": torch.arange(g.num_edges)}
+    subsets = {
+        "train": split.train,
+        "seen": torch.cat([split.train, split.val]).sort().values,
+        "all": torch.arange(g.num_edges),
+    }
     for subset, ids in subsets.items():
         csc = index.csc(subset)
         user_movie = sorted(zip(g.src[ids].tolist(), g.dst[ids].tolist()))
@@ -42,7 +45,7 @@ def test_index_holds_edges_split_features_and_csc_of_each_subset(tiny_shards, in
         # neighbours keep edge order within a destination (a stable sort, like PyG's sort_csc)
         row, colptr = csc["rates"]
         first = int(g.dst[ids][0])
-        assert row[colptr[first]:colptr[first + 1]].tolist() == g.src[ids][g.dst[ids] == first].tolist()
+        assert row[colptr[first] : colptr[first + 1]].tolist() == g.src[ids][g.dst[ids] == first].tolist()
 
 
 def test_index_is_reused_and_leaves_no_temporary_directory(tiny_shards, index_dir):
@@ -53,8 +56,9 @@ def test_index_is_reused_and_leaves_no_temporary_directory(tiny_shards, index_di
     assert sorted(p.name for p in index_dir.parent.iterdir()) == [f".{index_dir.name}.lock", index_dir.name]
     # another split is another index
     other = build_index(tiny_shards, SplitConfig(split_seed=1), root=index_dir.parent)
-    assert other != index_dir and not torch.equal(GraphIndex.open(other).split().test,
-                                                  GraphIndex.open(index_dir).split().test)
+    assert other != index_dir and not torch.equal(
+        GraphIndex.open(other).split().test, GraphIndex.open(index_dir).split().test
+    )
 
 
 def test_bit_flip_in_an_index_file_is_detected(index_dir):
@@ -97,8 +101,17 @@ def test_two_torchrun_ranks_build_the_index_once(tiny_shards, tmp_path):
     root, prefix = tmp_path / "index", tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).with_name("index_worker.py")), str(tiny_shards.directory), str(root), str(prefix)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(Path(__file__).with_name("index_worker.py")),
+        str(tiny_shards.directory),
+        str(root),
+        str(prefix),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads(Path(f"{prefix}-rank{r}.json").read_text()) for r in range(2)]

@@ -1,4 +1,5 @@
 """``--nproc-per-node``: DDP ranks forked from the command's process (gloo, 2 CPU ranks)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from process_group import finish_group
+
 from scalable_rec.cli import main
 from scalable_rec.train.launch import FORKSERVER_PRELOAD, SHUTDOWN_TIMEOUT_S, _launch_config
 
@@ -29,10 +30,14 @@ def _env() -> dict:
 
 
 def _start(args: list[str], *, torchrun: bool = False) -> subprocess.Popen:
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scalable_rec"]
-           if torchrun else [sys.executable, "-m", "scalable_rec"])
-    return subprocess.Popen(cmd + args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scalable_rec"]
+        if torchrun
+        else [sys.executable, "-m", "scalable_rec"]
+    )
+    return subprocess.Popen(
+        cmd + args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: int = 240) -> tuple[int, str]:
@@ -54,8 +59,9 @@ def forked_run(tiny_shards, tmp_path_factory):
     copy-on-write share seen while it ran (the ranks: the forkserver's children, the
     launcher's grandchildren)."""
     run_dir = tmp_path_factory.mktemp("launch") / "run-fork"
-    proc = _start(["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run_dir), *TRAIN,
-                   "--nproc-per-node", "2"])
+    proc = _start(
+        ["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run_dir), *TRAIN, "--nproc-per-node", "2"]
+    )
     shared: dict[int, int] = {}
     while proc.poll() is None:
         try:
@@ -77,8 +83,12 @@ def forked_run(tiny_shards, tmp_path_factory):
 
 def test_forked_ranks_train_exactly_like_torchrun_ranks(forked_run, tiny_shards, tmp_path):
     run_dir, _ = forked_run
-    rc, output = _finish(_start(["train", "--shards", str(tiny_shards.directory), "--run-dir", str(tmp_path / "run-t"),
-                                 *TRAIN], torchrun=True))
+    rc, output = _finish(
+        _start(
+            ["train", "--shards", str(tiny_shards.directory), "--run-dir", str(tmp_path / "run-t"), *TRAIN],
+            torchrun=True,
+        )
+    )
     assert rc == 0, output[-3000:]
     fork = torch.load(run_dir / "last.pt", weights_only=False)
     ref = torch.load(tmp_path / "run-t" / "last.pt", weights_only=False)
@@ -96,8 +106,22 @@ def test_forked_ranks_share_the_imports_copy_on_write(forked_run):
 
 def test_sigterm_to_the_launcher_stops_every_rank_with_last_pt(tiny_shards, tmp_path):
     run_dir = tmp_path / "run-term"
-    args = ["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run_dir), "--epochs", "12",
-            "--patience", "12", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+    args = [
+        "train",
+        "--shards",
+        str(tiny_shards.directory),
+        "--run-dir",
+        str(run_dir),
+        "--epochs",
+        "12",
+        "--patience",
+        "12",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     proc = _start([*args, "--nproc-per-node", "2"])
     deadline = time.monotonic() + 180
     while not (run_dir / "best.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -148,9 +172,14 @@ def test_ranks_are_forked_from_a_process_running_no_other_thread(tmp_path):
     """A fork copies every lock of the parent's other threads (the agent's store, pyarrow's
     allocator) in whatever state it is: the ranks come from a forkserver that runs none.
     It only imports and forks, so its threads when a rank looks are those at the fork."""
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fork_probe.py")), str(tmp_path)],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("fork_probe.py")), str(tmp_path)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     rc, output = _finish(proc, timeout=180)
     assert rc == 0, output[-3000:]
     reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]

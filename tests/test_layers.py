@@ -22,6 +22,7 @@ inside a function (a deferred import is still a dependency). Layers, lowest firs
 
 The package's own ``__init__`` imports nothing and sits with the utilities.
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,8 +33,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "scalable_rec"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("scalable_rec", "scalable_rec.errors", "scalable_rec.atomic", "scalable_rec.heap", "scalable_rec.locking",
-     "scalable_rec.connection"),
+    (
+        "scalable_rec",
+        "scalable_rec.errors",
+        "scalable_rec.atomic",
+        "scalable_rec.heap",
+        "scalable_rec.locking",
+        "scalable_rec.connection",
+    ),
     ("scalable_rec.shards",),
     ("scalable_rec.source",),
     ("scalable_rec.graph",),
@@ -81,7 +88,7 @@ def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against this module's package
                 base = module.split(".") if is_package else module.split(".")[:-1]
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -104,8 +111,9 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
         for dep in sorted(deps):
             theirs = layer_of(dep)
             if own is not None and theirs is not None and theirs > own:
-                problems.append(f"{module} (layer {LAYERS[own][0]}) imports {dep} (layer {LAYERS[theirs][0]}), "
-                                "a layer above it")
+                problems.append(
+                    f"{module} (layer {LAYERS[own][0]}) imports {dep} (layer {LAYERS[theirs][0]}), a layer above it"
+                )
     return problems
 
 
@@ -168,23 +176,33 @@ def test_no_import_cycle():
 def test_function_level_upward_import_and_cycle_are_caught(tmp_path):
     """The checks see an import inside a function, and a cycle through one."""
     pkg = tmp_path / "scalable_rec"
-    for rel, text in {"__init__.py": "", "graph/__init__.py": "", "train/__init__.py": "",
-                      "graph/hetero.py": "def f():\n    from scalable_rec.train import loop\n",
-                      "train/loop.py": "from scalable_rec.graph.hetero import f\n"}.items():
+    for rel, text in {
+        "__init__.py": "",
+        "graph/__init__.py": "",
+        "train/__init__.py": "",
+        "graph/hetero.py": "def f():\n    from scalable_rec.train import loop\n",
+        "train/loop.py": "from scalable_rec.graph.hetero import f\n",
+    }.items():
         (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
         (pkg / rel).write_text(text)
     graph = import_graph(pkg)
     assert graph["scalable_rec.graph.hetero"] == {"scalable_rec.train.loop"}
     problems = upward_imports(graph)
-    assert len(problems) == 1 and problems[0].startswith("scalable_rec.graph.hetero (layer scalable_rec.graph) "
-                                                         "imports scalable_rec.train.loop")
+    assert len(problems) == 1 and problems[0].startswith(
+        "scalable_rec.graph.hetero (layer scalable_rec.graph) imports scalable_rec.train.loop"
+    )
     assert cycles(graph) == [["scalable_rec.graph.hetero", "scalable_rec.train.loop"]]
 
 
-@pytest.mark.parametrize("module, layer", [("scalable_rec.train.loop", "scalable_rec.train"),
-                                           ("scalable_rec.model", "scalable_rec.model"),
-                                           ("scalable_rec.dist", "scalable_rec.dist"),
-                                           ("scalable_rec.config", "scalable_rec.config"),
-                                           ("scalable_rec.connection", "scalable_rec")])
+@pytest.mark.parametrize(
+    "module, layer",
+    [
+        ("scalable_rec.train.loop", "scalable_rec.train"),
+        ("scalable_rec.model", "scalable_rec.model"),
+        ("scalable_rec.dist", "scalable_rec.dist"),
+        ("scalable_rec.config", "scalable_rec.config"),
+        ("scalable_rec.connection", "scalable_rec"),
+    ],
+)
 def test_layer_of_takes_the_longest_match(module, layer):
     assert LAYERS[layer_of(module)][0] == layer

@@ -15,23 +15,27 @@ def small(small_shards, tmp_path_factory):
     return g, index
 
 
-@pytest.mark.parametrize("model_cfg,batch_size,spill", [
-    (ModelConfig(hidden=16, num_layers=2), 257, False),
-    (ModelConfig(hidden=16, num_layers=1, retrieval_head=False, decoder="mlp"), 4096, False),
-    (ModelConfig(hidden=8, num_layers=3), 100, True),
-    (ModelConfig(hidden=8, num_layers=2, aggr="sum"), 999, False),
-    (ModelConfig(hidden=8, user_id_dropout=0.2), 300, False),
-    (ModelConfig(hidden=8, retrieval_ids=False), 300, False),
-    (ModelConfig(hidden=8, rating_messages="relation"), 300, False),
-    (ModelConfig(hidden=8, num_layers=3, rating_messages="relation"), 100, True),
-])
+@pytest.mark.parametrize(
+    "model_cfg,batch_size,spill",
+    [
+        (ModelConfig(hidden=16, num_layers=2), 257, False),
+        (ModelConfig(hidden=16, num_layers=1, retrieval_head=False, decoder="mlp"), 4096, False),
+        (ModelConfig(hidden=8, num_layers=3), 100, True),
+        (ModelConfig(hidden=8, num_layers=2, aggr="sum"), 999, False),
+        (ModelConfig(hidden=8, user_id_dropout=0.2), 300, False),
+        (ModelConfig(hidden=8, retrieval_ids=False), 300, False),
+        (ModelConfig(hidden=8, rating_messages="relation"), 300, False),
+        (ModelConfig(hidden=8, num_layers=3, rating_messages="relation"), 100, True),
+    ],
+)
 def test_layerwise_equals_full_graph_encoding(small, tmp_path, model_cfg, batch_size, spill):
     g, index = small
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), model_cfg).eval()
     ref = model.encode_all(g.hetero_data())
-    got = encode_layerwise(model, *open_stores(index, "all"), batch_size=batch_size,
-                           spill_dir=tmp_path if spill else None)
+    got = encode_layerwise(
+        model, *open_stores(index, "all"), batch_size=batch_size, spill_dir=tmp_path if spill else None
+    )
     assert set(got) == set(ref)
     for key in ref:
         # sums over hundreds of neighbours in another order: tolerance relative to the scale

@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
+from quick_train import quick_cfg as _cfg
 
 from scalable_rec.errors import CheckpointError
 from scalable_rec.train import ModelConfig, TrainConfig, train
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.losses import rating_class_weights
-from quick_train import quick_cfg as _cfg
 
 
 def test_training_learns_signal_and_writes_checkpoints(small, tmp_path):
@@ -54,6 +54,7 @@ def test_early_stopping(small, tmp_path):
 
 def test_in_batch_softmax_loss_masks_repeated_movies_and_pads():
     from scalable_rec.train.losses import in_batch_softmax_loss
+
     ru = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
     rm = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     movies = torch.tensor([7, 8, 7])  # rows 0 and 2 share a movie: not each other's negative
@@ -63,7 +64,8 @@ def test_in_batch_softmax_loss_masks_repeated_movies_and_pads():
     padded = in_batch_softmax_loss(ru, rm, movies, movies, log_q, torch.tensor([1.0, 1.0, 0.0]))
     # a pad row (weight 0) adds nothing: same as dropping the row but keeping its column
     assert padded.item() == pytest.approx(
-        in_batch_softmax_loss(ru[:2], rm, movies[:2], movies, log_q, torch.ones(2)).item(), abs=1e-6)
+        in_batch_softmax_loss(ru[:2], rm, movies[:2], movies, log_q, torch.ones(2)).item(), abs=1e-6
+    )
     # logQ correction: logits minus log q of the column's movie. Row 1 (rare movie 8) sees
     # popular movie 7 as its negative, which is discounted: its loss drops; row 0 (popular
     # movie 7) sees rare movie 8 as its negative, which is boosted: its loss rises.
@@ -78,8 +80,9 @@ def test_in_batch_softmax_loss_masks_repeated_movies_and_pads():
     expected = torch.logsumexp(logits, 0) - logits[1]
     assert corrected[1] == pytest.approx(expected.item(), rel=1e-5)
     # pad columns (movie id -1) are nobody's negative
-    with_pad = in_batch_softmax_loss(ru1, torch.cat([rm, torch.tensor([[0.0, 5.0]])]), movies,
-                                     torch.cat([movies, torch.tensor([-1])]), log_q, row[1])
+    with_pad = in_batch_softmax_loss(
+        ru1, torch.cat([rm, torch.tensor([[0.0, 5.0]])]), movies, torch.cat([movies, torch.tensor([-1])]), log_q, row[1]
+    )
     assert with_pad.item() == pytest.approx(plain[1], rel=1e-6)
     # with an offset, rows pick their column inside a larger (gathered) batch
     wide = torch.cat([torch.tensor([[0.0, 0.0]]), rm])
@@ -104,8 +107,9 @@ def test_weighted_mse_pulls_predictions_towards_rare_ratings(small, tmp_path):
     assert low.numel() > 100
     preds = {}
     for loss in ("mse", "weighted_mse"):
-        result = train(g, split, ModelConfig(hidden=16), _cfg(epochs=2, loss=loss, select_metric="rmse"),
-                       tmp_path / loss)
+        result = train(
+            g, split, ModelConfig(hidden=16), _cfg(epochs=2, loss=loss, select_metric="rmse"), tmp_path / loss
+        )
         assert result.best_val_rmse < 1.5
         z = result.model.encode_all(g.hetero_data(split.train))
         preds[loss] = result.model.predict_pairs(z, g.src[low], g.dst[low]).mean().item()
@@ -142,17 +146,24 @@ def test_steps_per_epoch_caps_each_epoch(small, tmp_path):
 
 @pytest.mark.parametrize("supervision", ["exclude_targets", "disjoint"])
 def test_no_target_pair_is_in_its_own_batch_in_either_direction(small, supervision):
-    from scalable_rec.graph import RATES, REV_RATES
     from scalable_rec.dist import DistEnv
+    from scalable_rec.graph import RATES, REV_RATES
     from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_edges
 
     g, split = small
     cfg = _cfg(supervision=supervision, num_neighbors=[-1, -1])  # all neighbours: every target would be in
     message_ids, target_ids = supervision_edges(split.train, cfg)
     edges = SupervisionEdges(g.src, g.dst, g.rating, target_ids)
-    loader, _ = make_loader(g.hetero_data(message_ids), edges, cfg, 512, DistEnv(), shuffle=True,
-                            device=torch.device("cpu"),
-                            exclude_targets=supervision == "exclude_targets")
+    loader, _ = make_loader(
+        g.hetero_data(message_ids),
+        edges,
+        cfg,
+        512,
+        DistEnv(),
+        shuffle=True,
+        device=torch.device("cpu"),
+        exclude_targets=supervision == "exclude_targets",
+    )
     checked = 0
     for step, batch in enumerate(loader):
         users, movies = batch["user"].n_id, batch["movie"].n_id
@@ -172,8 +183,8 @@ def test_no_target_pair_is_in_its_own_batch_in_either_direction(small, supervisi
 
 
 def test_adamw_leaves_embedding_rows_outside_the_batch_in_place(small, tmp_path):
-    from scalable_rec.train.loop import make_optimizer
     from scalable_rec.model.recommender import Recommender
+    from scalable_rec.train.loop import make_optimizer
 
     g, _ = small
     torch.manual_seed(0)
@@ -215,28 +226,44 @@ def test_ranking_positives_are_relevant_ratings_weighted_one():
 def test_training_loss_ranking_term_ignores_dislikes_and_class_weights(small, tmp_path):
     import types
 
-    from scalable_rec.graph import RATES
     from scalable_rec.dist import DistEnv
+    from scalable_rec.graph import RATES
+    from scalable_rec.model.recommender import Recommender
     from scalable_rec.train.batches import SupervisionEdges, make_loader
     from scalable_rec.train.loop import training_loss
-    from scalable_rec.model.recommender import Recommender
 
     g, split = small
     ids = split.train[:256]
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),  # no dropout: the same forward each call
-                        ModelConfig(hidden=8, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0))
+    model = Recommender(
+        g.num_users,
+        g.num_movies,
+        g.movie_x.size(1),  # no dropout: the same forward each call
+        ModelConfig(hidden=8, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0),
+    )
     cfg = _cfg(num_neighbors=[-1, -1])
-    loader, _ = make_loader(g.hetero_data(split.train), SupervisionEdges(g.src, g.dst, g.rating, ids), cfg, 256,
-                            DistEnv(), shuffle=False, device=torch.device("cpu"))
+    loader, _ = make_loader(
+        g.hetero_data(split.train),
+        SupervisionEdges(g.src, g.dst, g.rating, ids),
+        cfg,
+        256,
+        DistEnv(),
+        shuffle=False,
+        device=torch.device("cpu"),
+    )
     batch = next(iter(loader))
 
     def loss(rank_weight, label):
         batch[RATES].edge_label = label
         # the ranking term alone (without the ranking vectors' L2, which a batch of dislikes pays too)
-        job = types.SimpleNamespace(autocast=torch.autocast("cpu", enabled=False), ddp_model=model, model=model,
-                                    cfg=_cfg(rank_loss_weight=rank_weight, rank_id_l2=0.0), env=DistEnv(),
-                                    log_q=torch.zeros(g.num_movies))
+        job = types.SimpleNamespace(
+            autocast=torch.autocast("cpu", enabled=False),
+            ddp_model=model,
+            model=model,
+            cfg=_cfg(rank_loss_weight=rank_weight, rank_id_l2=0.0),
+            env=DistEnv(),
+            log_q=torch.zeros(g.num_movies),
+        )
         return training_loss(job, batch)[0].item()
 
     rating = batch[RATES].edge_label[:, 0].clone()
@@ -259,10 +286,16 @@ def test_validation_runs_like_the_test_and_selects_by_the_configured_metric(smal
     # predictions all lie near the mean, inside any range, so the clamp check below needs them
     # (and no ID dropout, ranking-vector L2, cosine ranking or ranking bias, which leave the
     # 2-epoch predictions inside [3, 4])
-    result = train(g, split, ModelConfig(hidden=16, user_id_dropout=0.0, movie_id_dropout=0.0,
-                                         retrieval_temperature=0.0, retrieval_bias=False),
-                   _cfg(epochs=2, select_metric="recall", ema_decay=0.0, rank_id_l2=0.0),
-                   tmp_path, rating_range=(3.0, 4.0))
+    result = train(
+        g,
+        split,
+        ModelConfig(
+            hidden=16, user_id_dropout=0.0, movie_id_dropout=0.0, retrieval_temperature=0.0, retrieval_bias=False
+        ),
+        _cfg(epochs=2, select_metric="recall", ema_decay=0.0, rank_id_l2=0.0),
+        tmp_path,
+        rating_range=(3.0, 4.0),
+    )
     h = result.history
     assert all(0.0 <= r["val_recall@10"] <= 1.0 for r in h)
     best = max(h, key=lambda r: r["val_recall@10"])
@@ -277,10 +310,13 @@ def test_validation_runs_like_the_test_and_selects_by_the_configured_metric(smal
     assert wide["rmse"] < again["rmse"] - 0.003  # the bounds are really applied (a narrow range costs)
     from scalable_rec.score import ScoreConfig, recommend
 
-    rated = torch.cat([torch.from_numpy(b.column("predicted_rating").to_numpy().copy())
-                       for b in recommend(result.model, g, ScoreConfig(k=5), rating_range=(3.0, 4.0))])
+    rated = torch.cat(
+        [
+            torch.from_numpy(b.column("predicted_rating").to_numpy().copy())
+            for b in recommend(result.model, g, ScoreConfig(k=5), rating_range=(3.0, 4.0))
+        ]
+    )
     assert rated.min() >= 3.0 and rated.max() == 4.0  # clamped to the run's range, not 0.5–5.0
-
 
 
 def test_select_last_trains_every_epoch_without_validation_edges_and_keeps_the_last(small, tmp_path):
@@ -337,11 +373,18 @@ def test_no_moving_average_of_rowwise_sparse_tables(small, tmp_path):
     from scalable_rec.train.loop import build_job
 
     g, split = small
-    sparse = build_job(g, split, ModelConfig(hidden=8), _cfg(ema_decay=0.99, table_optimizer="rowwise_adagrad"),
-                       tmp_path / "sparse", None)
+    sparse = build_job(
+        g,
+        split,
+        ModelConfig(hidden=8),
+        _cfg(ema_decay=0.99, table_optimizer="rowwise_adagrad"),
+        tmp_path / "sparse",
+        None,
+    )
     assert sparse.ema is None and sparse.scored is sparse.model
-    dense = build_job(g, split, ModelConfig(hidden=8), _cfg(ema_decay=0.99, table_optimizer="adamw"),
-                      tmp_path / "dense", None)
+    dense = build_job(
+        g, split, ModelConfig(hidden=8), _cfg(ema_decay=0.99, table_optimizer="adamw"), tmp_path / "dense", None
+    )
     assert dense.ema is not None and dense.scored is dense.ema.module
 
 
@@ -375,8 +418,9 @@ def test_rank_id_l2_shrinks_the_batch_rows_only(small, tmp_path):
         # no ID dropout (it hides rows from the forward, and so from the L2) and no ranking bias
         # (it takes over what the ID vectors grew for, leaving the L2 less to shrink: 0.85
         # with it); τ 0.2 as when the 0.8 below was set
-        model = ModelConfig(hidden=8, user_id_dropout=0.0, movie_id_dropout=0.0, retrieval_temperature=0.2,
-                            retrieval_bias=False)
+        model = ModelConfig(
+            hidden=8, user_id_dropout=0.0, movie_id_dropout=0.0, retrieval_temperature=0.2, retrieval_bias=False
+        )
         runs[l2] = train(g, split, model, _cfg(rank_id_l2=l2, ema_decay=0.0), tmp_path / str(l2)).model
     trained = torch.bincount(g.dst[split.train], minlength=g.num_movies) > 0
     assert (~trained).any()
@@ -432,8 +476,9 @@ def test_a_training_step_reads_nothing_back_from_the_device(small, tmp_path, mon
     from scalable_rec.train.loop import build_job, train_step
 
     g, split = small
-    job = build_job(g, split, ModelConfig(hidden=8), _cfg(ema_decay=0.9, table_optimizer=table_optimizer),
-                    tmp_path, None)
+    job = build_job(
+        g, split, ModelConfig(hidden=8), _cfg(ema_decay=0.9, table_optimizer=table_optimizer), tmp_path, None
+    )
     assert job.ema is not None or table_optimizer == "rowwise_adagrad"
     batches = [b.to(job.device) for _, b in zip(range(4), job.train_loader)]
     train_step(job, batches[0])  # creates the optimiser's state
@@ -450,12 +495,13 @@ def test_a_training_step_reads_nothing_back_from_the_device(small, tmp_path, mon
 def test_ema_update_is_torchs_averaged_model_bit_for_bit(small, tmp_path):
     """``update_ema`` (no host read of the count) gives exactly what
     ``AveragedModel.update_parameters`` gives, first update (a copy) included."""
-    from scalable_rec.train.loop import build_job, train_step, update_ema
+    from scalable_rec.train.loop import build_job, train_step
 
     g, split = small
     job = build_job(g, split, ModelConfig(hidden=8), _cfg(ema_decay=0.9), tmp_path, None)
     reference = torch.optim.swa_utils.AveragedModel(
-        job.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=False)
+        job.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=False
+    )
     for _, batch in zip(range(3), job.train_loader):
         train_step(job, batch)  # updates job.ema through update_ema
         reference.update_parameters(job.model)

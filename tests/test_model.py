@@ -10,8 +10,9 @@ from scalable_rec.model.recommender import ModelConfig, Recommender
 def test_score_block_equals_pairwise_decoder(tiny_shards, decoder):
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, decoder=decoder),
-                        rating_mean=3.5).eval()
+    model = Recommender(
+        g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, decoder=decoder), rating_mean=3.5
+    ).eval()
     z = model.encode_all(g.hetero_data())
     users, movies = torch.arange(7), torch.arange(g.num_movies)
     block = model.score_block(z, users, movies)
@@ -24,18 +25,26 @@ def test_rank_block_and_training_logits_agree(tiny_shards):
     from torch_geometric.loader import LinkNeighborLoader
 
     from scalable_rec.graph import RATES
+
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=False, retrieval_temperature=0.0,
-                                    retrieval_bias=False)).eval()
+    model = Recommender(
+        g.num_users,
+        g.num_movies,
+        g.movie_x.size(1),
+        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=False, retrieval_temperature=0.0, retrieval_bias=False),
+    ).eval()
     z = model.encode_all(g.hetero_data())
     users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
     expected = model.retrieval.user(z["user"][users]) @ model.retrieval.movie(z["movie"][movies]).T
     torch.testing.assert_close(model.rank_block(z, users, movies), expected)
     # with all neighbours, the mini-batch logits equal the full-graph ones
-    loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
-                                edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
+    loader = LinkNeighborLoader(
+        g.hetero_data(),
+        num_neighbors=[-1, -1],
+        batch_size=8,
+        edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])),
+    )
     pred, (ru, rm, *_) = model(next(iter(loader)))
     assert ru.shape == rm.shape == (8, 16)
     torch.testing.assert_close(ru @ rm.T, model.rank_block(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
@@ -46,22 +55,31 @@ def test_retrieval_ids_add_each_node_its_own_ranking_vector(tiny_shards):
     from torch_geometric.loader import LinkNeighborLoader
 
     from scalable_rec.graph import RATES
+
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=True, retrieval_temperature=0.0,
-                                    retrieval_bias=False)).eval()
+    model = Recommender(
+        g.num_users,
+        g.num_movies,
+        g.movie_x.size(1),
+        ModelConfig(hidden=16, dropout=0.0, retrieval_ids=True, retrieval_temperature=0.0, retrieval_bias=False),
+    ).eval()
     head = model.retrieval
     z = model.encode_all(g.hetero_data())
     users, movies = torch.tensor([3, 9]), torch.tensor([0, 5, 7])
-    expected = ((head.user(z["user"][users]) + head.user_id.weight[users])
-                @ (head.movie(z["movie"][movies]) + head.movie_id.weight[movies]).T)
+    expected = (head.user(z["user"][users]) + head.user_id.weight[users]) @ (
+        head.movie(z["movie"][movies]) + head.movie_id.weight[movies]
+    ).T
     torch.testing.assert_close(model.rank_block(z, users, movies), expected)
     # the ID vectors matter: without them the scores differ
     assert not torch.allclose(expected, head.user(z["user"][users]) @ head.movie(z["movie"][movies]).T, atol=1e-3)
     # mini-batch logits (all neighbours) equal the full-graph ones, ID rows included
-    loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
-                                edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
+    loader = LinkNeighborLoader(
+        g.hetero_data(),
+        num_neighbors=[-1, -1],
+        batch_size=8,
+        edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])),
+    )
     _, (ru, rm, *_) = model(next(iter(loader)))
     torch.testing.assert_close(ru @ rm.T, model.rank_block(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
     # a user past the table (unknown) has no ID vector: the projection alone
@@ -76,11 +94,17 @@ def test_retrieval_ids_add_each_node_its_own_ranking_vector(tiny_shards):
     got = head.project_movie(zm, mid, model.encoder.movie_known(mid))
     torch.testing.assert_close(got[0], head.movie(zm[:1])[0] + head.movie_id.weight[4])
     torch.testing.assert_close(got[1:], head.movie(zm[1:]))
-    torch.testing.assert_close(model.encode_all(g.hetero_data())["movie_rank"][5], head.movie(
-        model.encode_all(g.hetero_data())["movie"][5:6])[0])
+    torch.testing.assert_close(
+        model.encode_all(g.hetero_data())["movie_rank"][5],
+        head.movie(model.encode_all(g.hetero_data())["movie"][5:6])[0],
+    )
     # movie ID dropout hides batch movies past the table: trains, and those rows get no ID vector
-    dropping = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                           ModelConfig(hidden=16, retrieval_ids=True, movie_id_dropout=0.5, user_id_dropout=0.5)).train()
+    dropping = Recommender(
+        g.num_users,
+        g.num_movies,
+        g.movie_x.size(1),
+        ModelConfig(hidden=16, retrieval_ids=True, movie_id_dropout=0.5, user_id_dropout=0.5),
+    ).train()
     _, (ru, rm, *_) = dropping(next(iter(loader)))
     (ru.sum() + rm.sum()).backward()
     assert dropping.retrieval.movie_id.weight.grad is not None
@@ -118,11 +142,13 @@ def test_without_retrieval_head_ranking_uses_predicted_ratings(tiny_shards):
 
 def test_mlp_block_chunking_is_exact():
     from scalable_rec.model.recommender import MLPDecoder
+
     dec = MLPDecoder(8)
     zu, zm = torch.randn(5, 8), torch.randn(11, 8)
     ids_u, ids_m = torch.arange(5), torch.arange(11)
-    torch.testing.assert_close(dec.score_block(zu, zm, ids_u, ids_m, max_elements=8 * 11),
-                               dec.score_block(zu, zm, ids_u, ids_m))
+    torch.testing.assert_close(
+        dec.score_block(zu, zm, ids_u, ids_m, max_elements=8 * 11), dec.score_block(zu, zm, ids_u, ids_m)
+    )
 
 
 def test_message_passing_aggregates_in_fp32_under_autocast(tiny_shards):
@@ -149,10 +175,15 @@ def _hub_graph(num_users: int = 100_000):
     import pyarrow as pa
 
     src = torch.arange(num_users)
-    return RatingGraph(user_keys=pa.array(range(num_users)), movie_keys=pa.array([0, 1]),
-                       movie_x=torch.ones(2, 4), src=torch.cat([src, torch.tensor([0])]),
-                       dst=torch.cat([torch.zeros(num_users, dtype=torch.long), torch.tensor([1])]),
-                       rating=torch.full((num_users + 1,), 4.0), timestamp=torch.zeros(num_users + 1, dtype=torch.long))
+    return RatingGraph(
+        user_keys=pa.array(range(num_users)),
+        movie_keys=pa.array([0, 1]),
+        movie_x=torch.ones(2, 4),
+        src=torch.cat([src, torch.tensor([0])]),
+        dst=torch.cat([torch.zeros(num_users, dtype=torch.long), torch.tensor([1])]),
+        rating=torch.full((num_users + 1,), 4.0),
+        timestamp=torch.zeros(num_users + 1, dtype=torch.long),
+    )
 
 
 @pytest.mark.parametrize("decoder,aggr", [("dot", "sum"), ("mlp", "sum"), ("dot", "mean")])
@@ -164,8 +195,9 @@ def test_fp16_autocast_with_sum_aggregation_over_100k_neighbours_stays_finite(de
 
     g = _hub_graph()
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, 4, ModelConfig(hidden=8, aggr=aggr, decoder=decoder,
-                                                                 dropout=0.0), rating_mean=3.5)
+    model = Recommender(
+        g.num_users, g.num_movies, 4, ModelConfig(hidden=8, aggr=aggr, decoder=decoder, dropout=0.0), rating_mean=3.5
+    )
     with torch.no_grad():  # coherent messages: the hub's sum is ~1e5 per dimension
         model.encoder.user_emb.weight.fill_(1.0)
     data = g.hetero_data()
@@ -214,7 +246,7 @@ def test_every_adjacency_kind_encodes_and_trains_alike(aggr):
     gradients: training aggregates through the sparse kinds as the full-graph encode does."""
     import torch_geometric.typing as pyg_typing
 
-    from scalable_rec.graph import MOVIE, REV_RATES, USER, RATES
+    from scalable_rec.graph import MOVIE, RATES, REV_RATES, USER
     from scalable_rec.model.recommender import edge_adjacency
 
     torch.manual_seed(0)
@@ -229,8 +261,10 @@ def test_every_adjacency_kind_encodes_and_trains_alike(aggr):
         kinds.remove("csr")  # torch's CSR has no max reduction on CUDA; never chosen for max
     outs, grads = [], []
     for kind in kinds:
-        adj = {RATES: edge_adjacency(torch.stack([src, dst]), nu, nm, aggr, kind),
-               REV_RATES: edge_adjacency(torch.stack([dst, src]), nm, nu, aggr, kind)}
+        adj = {
+            RATES: edge_adjacency(torch.stack([src, dst]), nu, nm, aggr, kind),
+            REV_RATES: edge_adjacency(torch.stack([dst, src]), nm, nu, aggr, kind),
+        }
         model.zero_grad()
         z = model.encoder(n_id, x, adj)
         (z[USER].pow(2).sum() + z[MOVIE].sum()).backward()
@@ -256,18 +290,26 @@ def test_training_aggregates_over_sparse_adjacency_not_edge_index(tiny_shards, m
     forward = SAGEConv.forward
 
     def spy(self, x, edge_index, *args, **kwargs):
-        seen.append(type(edge_index).__name__ if not isinstance(edge_index, torch.Tensor)
-                    else ("csr" if edge_index.layout == torch.sparse_csr else "edge_index"))
+        seen.append(
+            type(edge_index).__name__
+            if not isinstance(edge_index, torch.Tensor)
+            else ("csr" if edge_index.layout == torch.sparse_csr else "edge_index")
+        )
         return forward(self, x, edge_index, *args, **kwargs)
 
     monkeypatch.setattr(SAGEConv, "forward", spy)
     from torch_geometric.loader import LinkNeighborLoader
 
     from scalable_rec.graph import RATES
+
     g = RatingGraph.from_shards(tiny_shards)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8)).train()
-    loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
-                                edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
+    loader = LinkNeighborLoader(
+        g.hetero_data(),
+        num_neighbors=[-1, -1],
+        batch_size=8,
+        edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])),
+    )
     pred, _ = model(next(iter(loader)))
     pred.sum().backward()
     want = {"torch_sparse": "SparseTensor", "edge_index": "edge_index"}[training_adjacency_kind(torch.device("cpu"))]
@@ -287,14 +329,14 @@ def _without_movies(g: RatingGraph, movies: torch.Tensor) -> RatingGraph:
     import dataclasses
 
     keep = ~torch.isin(g.dst, movies)
-    return dataclasses.replace(g, src=g.src[keep], dst=g.dst[keep], rating=g.rating[keep],
-                               timestamp=g.timestamp[keep])
+    return dataclasses.replace(g, src=g.src[keep], dst=g.dst[keep], rating=g.rating[keep], timestamp=g.timestamp[keep])
 
 
 def _cold_model(g: RatingGraph, **kw) -> Recommender:
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8, **kw),
-                        rating_mean=3.5).eval()
+    model = Recommender(
+        g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8, **kw), rating_mean=3.5
+    ).eval()
     with torch.no_grad():
         model.encoder.movie_trained[COLD] = 0
         if model.cfg.decoder == "dot":
@@ -362,8 +404,8 @@ def test_training_marks_movies_without_training_ratings_and_scoring_keeps_them(t
 
     from scalable_rec.graph import split_edges
     from scalable_rec.graph.hetero import SplitConfig
-    from scalable_rec.score.recommend import recommend
     from scalable_rec.model.topk import ScoreConfig
+    from scalable_rec.score.recommend import recommend
     from scalable_rec.train import TrainConfig
     from scalable_rec.train import checkpoint as ckpt
     from scalable_rec.train.loop import train
@@ -371,8 +413,7 @@ def test_training_marks_movies_without_training_ratings_and_scoring_keeps_them(t
     g = _without_movies(RatingGraph.from_shards(tiny_shards), COLD)
     split = split_edges(g, SplitConfig())
     only_test = g.dst[split.test][~torch.isin(g.dst[split.test], g.dst[split.train])].unique()
-    train(g, split, ModelConfig(hidden=8), TrainConfig(epochs=1, batch_size=64, progress=False, device="cpu"),
-          tmp_path)
+    train(g, split, ModelConfig(hidden=8), TrainConfig(epochs=1, batch_size=64, progress=False, device="cpu"), tmp_path)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8))
     model.load_state_dict(ckpt.load(tmp_path / "best.pt")["model"])
     model.eval()
@@ -397,9 +438,14 @@ def test_movie_id_dropout_trains_the_unknown_movie_vector(tiny_shards):
     from scalable_rec.train.loop import build_job, training_loss
 
     g = RatingGraph.from_shards(tiny_shards)
-    job = build_job(g, split_edges(g, SplitConfig()), ModelConfig(hidden=8, movie_id_dropout=0.5),
-                    TrainConfig(batch_size=64, progress=False, device="cpu"), tiny_shards.directory.parent / "jm",
-                    None)
+    job = build_job(
+        g,
+        split_edges(g, SplitConfig()),
+        ModelConfig(hidden=8, movie_id_dropout=0.5),
+        TrainConfig(batch_size=64, progress=False, device="cpu"),
+        tiny_shards.directory.parent / "jm",
+        None,
+    )
     job.model.train()
     loss, _, _ = training_loss(job, next(iter(job.train_loader)))
     loss.backward()
@@ -425,18 +471,24 @@ def test_retrieval_temperature_ranks_by_cosine_over_tau(tiny_shards):
     from torch_geometric.loader import LinkNeighborLoader
 
     from scalable_rec.graph import RATES
+
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=16, dropout=0.0, retrieval_temperature=0.2)).eval()
+    model = Recommender(
+        g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, dropout=0.0, retrieval_temperature=0.2)
+    ).eval()
     z = model.encode_all(g.hetero_data())
     head, users, movies = model.retrieval, torch.tensor([3, 9]), torch.tensor([0, 5, 7])
     raw_u = head.user(z["user"][users]) + head.user_id.weight[users]
     raw_m = head.movie(z["movie"][movies]) + head.movie_id.weight[movies]
     expected = F.normalize(raw_u, dim=-1) @ F.normalize(raw_m, dim=-1).T / 0.2
     torch.testing.assert_close(model.rank_block(z, users, movies), expected, rtol=1e-5, atol=1e-5)
-    loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
-                                edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
+    loader = LinkNeighborLoader(
+        g.hetero_data(),
+        num_neighbors=[-1, -1],
+        batch_size=8,
+        edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])),
+    )
     _, (ru, rm, *_) = model(next(iter(loader)))
     torch.testing.assert_close(ru @ rm.T, model.rank_block(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
 
@@ -445,7 +497,7 @@ def test_a_checkpoint_from_before_the_temperature_keeps_raw_dot_products():
     model = Recommender(5, 4, 3, ModelConfig(hidden=4, retrieval_temperature=0.2, retrieval_bias=False))
     head = model.retrieval
     z, ids, known = torch.randn(4, 4), torch.arange(4), torch.ones(4, dtype=torch.bool)
-    assert torch.allclose(head.project_movie(z, ids, known).norm(dim=-1), torch.full((4,), 0.2 ** -0.5))
+    assert torch.allclose(head.project_movie(z, ids, known).norm(dim=-1), torch.full((4,), 0.2**-0.5))
     old = {k: v for k, v in model.state_dict().items() if k != "retrieval.temperature"}
     model.load_state_dict(old)  # strict: the missing buffer is filled in, not an error
     assert head.tau == 0.0 and float(head.temperature) == 0.0
@@ -460,10 +512,15 @@ def test_retrieval_bias_adds_each_movies_learned_bias_to_every_ranking_score(tin
     from torch_geometric.loader import LinkNeighborLoader
 
     from scalable_rec.graph import RATES
+
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=16, dropout=0.0, retrieval_bias=True, retrieval_temperature=0.2)).eval()
+    model = Recommender(
+        g.num_users,
+        g.num_movies,
+        g.movie_x.size(1),
+        ModelConfig(hidden=16, dropout=0.0, retrieval_bias=True, retrieval_temperature=0.2),
+    ).eval()
     head = model.retrieval
     with torch.no_grad():
         head.movie_bias.weight.copy_(torch.randn_like(head.movie_bias.weight))
@@ -477,8 +534,12 @@ def test_retrieval_bias_adds_each_movies_learned_bias_to_every_ranking_score(tin
     expected = F.normalize(raw_u, dim=-1) @ F.normalize(raw_m, dim=-1).T / 0.2 + bias[None, :]
     torch.testing.assert_close(model.rank_block(z, users, movies), expected, rtol=1e-5, atol=1e-5)
     assert head.out_features == 17
-    loader = LinkNeighborLoader(g.hetero_data(), num_neighbors=[-1, -1], batch_size=8,
-                                edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])))
+    loader = LinkNeighborLoader(
+        g.hetero_data(),
+        num_neighbors=[-1, -1],
+        batch_size=8,
+        edge_label_index=(RATES, torch.stack([g.src[:8], g.dst[:8]])),
+    )
     _, (ru, rm, *_) = model(next(iter(loader)))
     torch.testing.assert_close(ru @ rm.T, model.rank_block(z, g.src[:8], g.dst[:8]), rtol=1e-4, atol=1e-4)
 
@@ -525,8 +586,9 @@ def test_the_rating_reaches_the_messages_only_with_rating_relations(tiny_shards,
     differently, one without embeds them identically (its messages ignore the rating)."""
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1),
-                        ModelConfig(hidden=8, rating_messages=mode)).eval()
+    model = Recommender(
+        g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8, rating_messages=mode)
+    ).eval()
     a = model.encode_all(g.hetero_data())
     b = model.encode_all(_rerated(g, 1).hetero_data())
     for key in a:
@@ -536,9 +598,15 @@ def test_the_rating_reaches_the_messages_only_with_rating_relations(tiny_shards,
 def test_rating_relations_need_each_edges_rating():
     import pyarrow as pa
 
-    g = RatingGraph(user_keys=pa.array([0, 1]), movie_keys=pa.array([0]), movie_x=torch.ones(1, 4),
-                    src=torch.tensor([0, 1]), dst=torch.tensor([0, 0]), rating=torch.tensor([1.0, 5.0]),
-                    timestamp=torch.zeros(2, dtype=torch.long))
+    g = RatingGraph(
+        user_keys=pa.array([0, 1]),
+        movie_keys=pa.array([0]),
+        movie_x=torch.ones(1, 4),
+        src=torch.tensor([0, 1]),
+        dst=torch.tensor([0, 0]),
+        rating=torch.tensor([1.0, 5.0]),
+        timestamp=torch.zeros(2, dtype=torch.long),
+    )
     model = Recommender(2, 1, 4, ModelConfig(hidden=4, rating_messages="relation")).eval()
     data = g.hetero_data()
     del data[RATES].rating

@@ -1,4 +1,3 @@
-
 import pyarrow.compute as pc
 import pytest
 
@@ -43,21 +42,29 @@ def test_shared_movielens_full_counts_and_half_stars(movielens_dir, tmp_path):
 
 
 def test_bad_rows_are_counted_with_examples(tmp_path):
-    d = _dataset(tmp_path, [
-        "1,1,4.5,100",
-        "1,2,0.5,101",
-        "2,1,five,102",          # unparseable rating
-        "2,99,3.0,103",          # unknown movie
-        "3,1,7.0,104",           # out of range
-        "3,2,0.0,105",           # out of range (below 0.5)
-        "3,3,3.5,106,extra",     # malformed row (5 columns)
-        "x,3,3.5,107",           # unparseable user id
-        "4,3,2.0,108",
-    ])
+    d = _dataset(
+        tmp_path,
+        [
+            "1,1,4.5,100",
+            "1,2,0.5,101",
+            "2,1,five,102",  # unparseable rating
+            "2,99,3.0,103",  # unknown movie
+            "3,1,7.0,104",  # out of range
+            "3,2,0.0,105",  # out of range (below 0.5)
+            "3,3,3.5,106,extra",  # malformed row (5 columns)
+            "x,3,3.5,107",  # unparseable user id
+            "4,3,2.0,108",
+        ],
+    )
     report = SkipReport()
     write_rating_shards(MovieLensSource(str(d)), str(tmp_path / "s"), report)
-    assert report.counts == {"unparseable_rating": 1, "unknown_movie": 1, "rating_out_of_range": 2,
-                             "malformed_row_ratings": 1, "unparseable_user_id": 1}
+    assert report.counts == {
+        "unparseable_rating": 1,
+        "unknown_movie": 1,
+        "rating_out_of_range": 2,
+        "malformed_row_ratings": 1,
+        "unparseable_user_id": 1,
+    }
     assert "99" in report.examples["unknown_movie"][0]
     assert "extra" in report.examples["malformed_row_ratings"][0]
     assert "five" in report.examples["unparseable_rating"][0]
@@ -112,16 +119,18 @@ def test_repeated_pairs_keep_the_latest_rating_and_are_counted(tmp_path):
     # user 1 rates movie 1 three times (the latest, ts 300, is in the middle of the file and
     # lands in another shard than its repeats); user 2 rates movie 2 twice with equal
     # timestamps (the later row wins).
-    rows = ["1,1,1.0,100", "1,2,3.0,50", "2,2,2.0,70", "1,1,5.0,300", "3,3,4.0,10",
-            "2,2,4.5,70", "1,1,2.0,200"]
+    rows = ["1,1,1.0,100", "1,2,3.0,50", "2,2,2.0,70", "1,1,5.0,300", "3,3,4.0,10", "2,2,4.5,70", "1,1,2.0,200"]
     report = SkipReport()
-    manifest = write_rating_shards(MovieLensSource(str(_dataset(tmp_path, rows))), str(tmp_path / "s"), report,
-                                   max_rows_per_shard=2)
+    manifest = write_rating_shards(
+        MovieLensSource(str(_dataset(tmp_path, rows))), str(tmp_path / "s"), report, max_rows_per_shard=2
+    )
     edges = GraphShards(tmp_path / "s").edges("user", "rates", "movie")
     users = GraphShards(tmp_path / "s").nodes("user").column("key").to_pylist()
     movies = GraphShards(tmp_path / "s").nodes("movie").column("key").to_pylist()
-    got = sorted((users[s], movies[d], r, t) for s, d, r, t in zip(
-        *(edges.column(c).to_pylist() for c in ("src", "dst", "rating", "timestamp"))))
+    got = sorted(
+        (users[s], movies[d], r, t)
+        for s, d, r, t in zip(*(edges.column(c).to_pylist() for c in ("src", "dst", "rating", "timestamp")))
+    )
     assert got == [(1, 1, 5.0, 300), (1, 2, 3.0, 50), (2, 2, 4.5, 70), (3, 3, 4.0, 10)]
     assert report.counts == {"duplicate_rating": 3}
     assert manifest.report["accepted"]["ratings"] == 4

@@ -1,4 +1,5 @@
 """Reading new ratings for a refresh: CSV (quoted or not), MovieLens folder, shard directory."""
+
 from __future__ import annotations
 
 import pytest

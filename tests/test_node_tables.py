@@ -1,11 +1,12 @@
 """Node-shared tables (``scalable_rec.train.node_tables``) in a one-process gloo group that
 pretends to have a second rank on its node; the two-rank runs are in test_distributed."""
+
+import pytest
 import torch
 import torch.distributed as dist
-import pytest
 
-from scalable_rec.train import node_tables
 from scalable_rec.dist import DistEnv
+from scalable_rec.train import node_tables
 
 
 @pytest.fixture
@@ -103,8 +104,9 @@ def test_leftovers_of_dead_jobs_are_removed_at_start(group, shm):
     import subprocess
     import sys
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(gone.stdout)  # exited and reaped: its pid names no process now
     host = socket.gethostname()
     dead = shm / node_tables.table_name(host, dead_pid, "abc", "0", 0)
@@ -112,6 +114,5 @@ def test_leftovers_of_dead_jobs_are_removed_at_start(group, shm):
     elsewhere = shm / node_tables.table_name(host + "-other", dead_pid, "ghi", "0", 0)
     for path in (dead, alive, elsewhere):
         path.write_bytes(b"x" * 64)
-    assert node_tables.share_tables_on_node([torch.nn.Parameter(torch.randn(5, 4))], DistEnv(0, 0, 2),
-                                            directory=shm)
+    assert node_tables.share_tables_on_node([torch.nn.Parameter(torch.randn(5, 4))], DistEnv(0, 0, 2), directory=shm)
     assert sorted(shm.iterdir()) == sorted([alive, elsewhere])

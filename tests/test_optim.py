@@ -1,16 +1,17 @@
 """Row-wise Adagrad, sparse embedding tables and the combined optimiser (train/optim.py)."""
+
 import math
 
 import pytest
 import torch
+from quick_train import quick_cfg as _cfg
 
 from scalable_rec.graph import RATES
+from scalable_rec.model.recommender import Recommender
 from scalable_rec.train import ModelConfig, train
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.loop import make_optimizer
-from scalable_rec.model.recommender import Recommender
 from scalable_rec.train.optim import CombinedOptimizer, RowWiseAdagrad, embedding_tables
-from quick_train import quick_cfg as _cfg
 
 
 def test_rowwise_adagrad_matches_a_hand_computation_and_keeps_one_float_per_row():
@@ -61,13 +62,14 @@ def test_rowwise_tables_get_sparse_gradients_only_and_the_rest_adamw(small):
     assert isinstance(opt, CombinedOptimizer)
     tables = {id(m.weight) for m in embedding_tables(model)}
     assert len(tables) == 7  # user/movie ID embeddings, biases, retrieval ID vectors, movie ranking bias
-    from scalable_rec.train.batches import SupervisionEdges, make_loader
     from scalable_rec.dist import DistEnv
+    from scalable_rec.train.batches import SupervisionEdges, make_loader
 
     cfg = _cfg()
     edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)
-    loader, _ = make_loader(g.hetero_data(split.train), edges, cfg, 256, DistEnv(), shuffle=False,
-                            device=torch.device("cpu"))
+    loader, _ = make_loader(
+        g.hetero_data(split.train), edges, cfg, 256, DistEnv(), shuffle=False, device=torch.device("cpu")
+    )
     batch = next(iter(loader))
     pred, rank = model(batch)
     loss = (pred - batch[RATES].edge_label[:, 0]).pow(2).mean() + (rank[0] * rank[1]).sum()
@@ -126,6 +128,9 @@ def test_rowwise_training_learns_and_resumes_exactly(small, tmp_path):
     assert resumed.history[-1]["val_rmse"] == pytest.approx(full.history[-1]["val_rmse"], abs=1e-6)
     # a checkpoint of the dense optimiser does not load into the row-wise one
     with pytest.raises(ValueError, match="table_optimizer"):
-        CombinedOptimizer({"dense": torch.optim.AdamW([torch.zeros(1, requires_grad=True)]),
-                           "tables": RowWiseAdagrad([torch.zeros(2, 2, requires_grad=True)])}).load_state_dict(
-            {"state": {}, "param_groups": []})
+        CombinedOptimizer(
+            {
+                "dense": torch.optim.AdamW([torch.zeros(1, requires_grad=True)]),
+                "tables": RowWiseAdagrad([torch.zeros(2, 2, requires_grad=True)]),
+            }
+        ).load_state_dict({"state": {}, "param_groups": []})

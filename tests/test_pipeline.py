@@ -1,4 +1,5 @@
 """End to end: shards → train → evaluate → full-catalog top-K → Parquet."""
+
 import json
 import math
 
@@ -42,8 +43,13 @@ def _check_recommendations(run_dir, shards, k):
 def _check_metrics(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     test = metrics["test"]
-    for value in (test["rmse"], test["mae"], test["model"]["recall@10"], test["model"]["ndcg@10"],
-                  test["popularity"]["recall@10"]):
+    for value in (
+        test["rmse"],
+        test["mae"],
+        test["model"]["recall@10"],
+        test["model"]["ndcg@10"],
+        test["popularity"]["recall@10"],
+    ):
         assert math.isfinite(value)
     assert metrics["history"] and all(math.isfinite(h["val_rmse"]) for h in metrics["history"])
     saved = json.loads((run_dir / "config.json").read_text())
@@ -52,9 +58,12 @@ def _check_metrics(run_dir):
 
 
 def test_tiny_synthetic_end_to_end(tiny_shards, tmp_path):
-    cfg = RunConfig(data=DataConfig(shards=str(tiny_shards.directory), workdir=str(tmp_path)),
-                    model=ModelConfig(hidden=16),
-                    train=TrainConfig(epochs=2, batch_size=64, progress=False), run_dir=str(tmp_path / "run"))
+    cfg = RunConfig(
+        data=DataConfig(shards=str(tiny_shards.directory), workdir=str(tmp_path)),
+        model=ModelConfig(hidden=16),
+        train=TrainConfig(epochs=2, batch_size=64, progress=False),
+        run_dir=str(tmp_path / "run"),
+    )
     pipeline.train_stage(cfg)
     pipeline.score_stage(cfg, cfg.run_dir)
     run_dir = tmp_path / "run"
@@ -115,10 +124,13 @@ def test_store_backend_trains_evaluates_and_scores_like_memory(tiny_shards, tmp_
     shutil.copytree(tiny_shards.directory, shards_dir)
     results = {}
     for backend in ("auto", "store"):  # auto: 500 edges stay in memory
-        cfg = RunConfig(data=DataConfig(shards=str(shards_dir), workdir=str(tmp_path)),
-                        model=ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0),
-                        train=TrainConfig(epochs=2, batch_size=64, num_neighbors=[-1, -1], progress=False),
-                        store=StoreConfig(graph_backend=backend), run_dir=str(tmp_path / backend))
+        cfg = RunConfig(
+            data=DataConfig(shards=str(shards_dir), workdir=str(tmp_path)),
+            model=ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0),
+            train=TrainConfig(epochs=2, batch_size=64, num_neighbors=[-1, -1], progress=False),
+            store=StoreConfig(graph_backend=backend),
+            run_dir=str(tmp_path / backend),
+        )
         metrics = pipeline.train_stage(cfg)
         assert (shards_dir / "index").exists() == (backend == "store")  # built on first use
         pipeline.score_stage(cfg, cfg.run_dir)
@@ -150,11 +162,21 @@ def test_refit_trains_on_training_and_validation_edges_with_either_backend(tiny_
     monkeypatch.setattr(pipeline, "train", spy)
     results = {}
     for backend in ("auto", "store"):
-        cfg = RunConfig(data=DataConfig(shards=str(shards_dir), workdir=str(tmp_path)),
-                        model=ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0),
-                        train=TrainConfig(epochs=2, batch_size=64, num_neighbors=[-1, -1], progress=False,
-                                          refit=True, select_metric="last", patience=1),
-                        store=StoreConfig(graph_backend=backend), run_dir=str(tmp_path / backend))
+        cfg = RunConfig(
+            data=DataConfig(shards=str(shards_dir), workdir=str(tmp_path)),
+            model=ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0),
+            train=TrainConfig(
+                epochs=2,
+                batch_size=64,
+                num_neighbors=[-1, -1],
+                progress=False,
+                refit=True,
+                select_metric="last",
+                patience=1,
+            ),
+            store=StoreConfig(graph_backend=backend),
+            run_dir=str(tmp_path / backend),
+        )
         results[backend] = pipeline.train_stage(cfg)
         assert len(results[backend]["history"]) == 2  # no early stop: nothing to select by
     graph, split = seen_splits[0]
@@ -174,11 +196,14 @@ def test_refit_flag_selects_on_validation_then_refits_for_the_chosen_epochs(tiny
     for best.pt's epoch + 1 epochs, which is what 'score' reads."""
     from scalable_rec.train import checkpoint as ckpt
 
-    cfg = RunConfig(data=DataConfig(shards=str(tiny_shards.directory), workdir=str(tmp_path)),
-                    model=ModelConfig(hidden=16),
-                    train=TrainConfig(epochs=6, patience=2, lr=0.003, batch_size=64, num_neighbors=[5, 5],
-                                      progress=False, refit=True),
-                    run_dir=str(tmp_path / "run"))
+    cfg = RunConfig(
+        data=DataConfig(shards=str(tiny_shards.directory), workdir=str(tmp_path)),
+        model=ModelConfig(hidden=16),
+        train=TrainConfig(
+            epochs=6, patience=2, lr=0.003, batch_size=64, num_neighbors=[5, 5], progress=False, refit=True
+        ),
+        run_dir=str(tmp_path / "run"),
+    )
     metrics = pipeline.train_stage(cfg)
     run = tmp_path / "run"
     chosen = ckpt.load(run / "select" / "best.pt")["epoch"] + 1

@@ -4,6 +4,7 @@ The default model and training settings, with the epoch count capped so the test
 several minutes on one CPU thread, must beat the popularity baseline on Recall@10 and NDCG@10
 (positives: test ratings >= 4, train+val masked) and reach test RMSE <= 0.88.
 """
+
 import pytest
 import torch
 

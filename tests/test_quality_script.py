@@ -15,9 +15,17 @@ def quality():
 
 
 def _result(methods, seeds=(0, 1, 2), ablation=()):
-    return {"seeds": list(seeds), "relevance_threshold": 4.0, "threads": 1, "machine": "x", "commit": "abc",
-            "target": {"rmse": 0.85, "recall@10": 0.23, "ndcg@10": 0.24}, "methods": methods,
-            "ablation": list(ablation), "ablation_seeds": [0]}
+    return {
+        "seeds": list(seeds),
+        "relevance_threshold": 4.0,
+        "threads": 1,
+        "machine": "x",
+        "commit": "abc",
+        "target": {"rmse": 0.85, "recall@10": 0.23, "ndcg@10": 0.24},
+        "methods": methods,
+        "ablation": list(ablation),
+        "ablation_seeds": [0],
+    }
 
 
 def test_markdown_reports_mean_std_and_range_per_method(quality):
@@ -29,11 +37,24 @@ def test_markdown_reports_mean_std_and_range_per_method(quality):
 
 
 def test_ablation_table_shows_the_validation_recall_that_selected_each_run(quality):
-    runs = [{"seed": 0, "recall@10": 0.15, "ndcg@10": 0.14, "rmse": 0.87, "best_val_recall@10": 0.16,
-             "best_val_rmse": 0.88}]
-    result = _result({quality.MODEL: [{"seed": 0, "recall@10": 0.2, "ndcg@10": 0.2, "rmse": 0.86,
-                                       "best_val_recall@10": 0.19, "best_val_rmse": 0.87}]},
-                     ablation=[{"name": "no-x", "what": "without x", "runs": runs}])
+    runs = [
+        {"seed": 0, "recall@10": 0.15, "ndcg@10": 0.14, "rmse": 0.87, "best_val_recall@10": 0.16, "best_val_rmse": 0.88}
+    ]
+    result = _result(
+        {
+            quality.MODEL: [
+                {
+                    "seed": 0,
+                    "recall@10": 0.2,
+                    "ndcg@10": 0.2,
+                    "rmse": 0.86,
+                    "best_val_recall@10": 0.19,
+                    "best_val_rmse": 0.87,
+                }
+            ]
+        },
+        ablation=[{"name": "no-x", "what": "without x", "runs": runs}],
+    )
     table = quality.markdown(result)
     assert "| val Recall@10 (best.pt) | val RMSE (best.pt) | Recall@10 |" in table
     assert "| no-x | without x | 0.1600 ± 0.0000 (0.1600–0.1600) | 0.8800 ± 0.0000 (0.8800–0.8800) | 0.1500" in table
@@ -55,6 +76,7 @@ def test_combine_joins_an_ablation_row_split_over_seed_processes(quality):
     def part(seed):
         r = _result({}, seeds=(seed,), ablation=[{"name": "no-x", "what": "w", "runs": [{"seed": seed}]}])
         return dict(r, ablation_seeds=[seed])
+
     out = quality.combine([part(0), part(1), part(2)])
     assert [a["name"] for a in out["ablation"]] == ["no-x"]
     assert [r["seed"] for r in out["ablation"][0]["runs"]] == [0, 1, 2] and out["ablation_seeds"] == [0, 1, 2]

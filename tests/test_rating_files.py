@@ -1,4 +1,5 @@
 """A given train/test split: tab/comma files without header, MovieLens CSV with header."""
+
 import json
 
 import numpy as np
@@ -18,8 +19,9 @@ def _pair(tmp_path, n_users=30, n_items=20, seed=0):
     rng.shuffle(pairs)
     test, train = pairs[:60], pairs[60:]
     (tmp_path / "u.base").write_text("".join(f"{u}\t{i}\t{1 + (u * i) % 5}\n" for u, i in train))
-    (tmp_path / "u.test").write_text("".join(f"{u},{i},{1 + (u * i) % 5},{1000 + k}\n"
-                                             for k, (u, i) in enumerate(test)))
+    (tmp_path / "u.test").write_text(
+        "".join(f"{u},{i},{1 + (u * i) % 5},{1000 + k}\n" for k, (u, i) in enumerate(test))
+    )
     return tmp_path / "u.base", tmp_path / "u.test", train, test
 
 
@@ -60,16 +62,40 @@ def test_given_split_is_kept_exactly_and_validation_is_carved_from_train(tmp_pat
 def test_cli_run_on_a_given_split_with_movielens_header_files(tmp_path):
     train_f, test_f, train, test = _pair(tmp_path)
     header = "userId,movieId,rating,timestamp\n"
-    (tmp_path / "train.csv").write_text(header + "".join(f"{u},{i},{1 + (u * i) % 5},{k}\n"
-                                                         for k, (u, i) in enumerate(train)))
+    (tmp_path / "train.csv").write_text(
+        header + "".join(f"{u},{i},{1 + (u * i) % 5},{k}\n" for k, (u, i) in enumerate(train))
+    )
     (tmp_path / "test.csv").write_text(header + test_f.read_text())
     run_dir = tmp_path / "run"
-    files = ["--train-file", str(tmp_path / "train.csv"), "--test-file", str(tmp_path / "test.csv"),
-             "--workdir", str(tmp_path)]
+    files = [
+        "--train-file",
+        str(tmp_path / "train.csv"),
+        "--test-file",
+        str(tmp_path / "test.csv"),
+        "--workdir",
+        str(tmp_path),
+    ]
     assert main(["prepare", *files]) == 0
-    rc = main(["train", "--train-file", str(tmp_path / "train.csv"), "--test-file", str(tmp_path / "test.csv"),
-               "--workdir", str(tmp_path), "--run-dir", str(run_dir), "--epochs", "1", "--batch-size", "64",
-               "--hidden", "8", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--train-file",
+            str(tmp_path / "train.csv"),
+            "--test-file",
+            str(tmp_path / "test.csv"),
+            "--workdir",
+            str(tmp_path),
+            "--run-dir",
+            str(run_dir),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--hidden",
+            "8",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"]["test_edges"] == len(test)

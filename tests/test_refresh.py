@@ -1,5 +1,6 @@
 """Incremental refresh: exact mode equals a full re-score, bounded mode touches only the
 raters, the run directory is updated atomically and idempotently, new users are served."""
+
 from __future__ import annotations
 
 import csv
@@ -11,15 +12,21 @@ import torch
 
 from scalable_rec import cli
 from scalable_rec.graph import RatingGraph
-from scalable_rec.score.incremental import encode_layers
+from scalable_rec.model.recommender import ModelConfig, Recommender
 from scalable_rec.refresh import (
-    RefreshConfig, RefreshState, apply_edges, edge_list, empty_extra, initial_state, refresh,
+    RefreshConfig,
+    RefreshState,
+    apply_edges,
+    edge_list,
+    empty_extra,
+    initial_state,
+    refresh,
 )
+from scalable_rec.score.incremental import encode_layers
 from scalable_rec.shards import GraphShards
 from scalable_rec.source import SkipReport, write_rating_shards
 from scalable_rec.source.synthetic import SyntheticSource
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.model.recommender import ModelConfig, Recommender
 
 K = 5
 NEW_USER = 10**6  # not a key of the tiny synthetic graph
@@ -30,8 +37,9 @@ def sparse_graph(tmp_path_factory) -> RatingGraph:
     """120 users × 150 movies × 600 ratings: sparse enough that two hops of a few new
     edges do not reach everything, so the column-merge path is exercised."""
     out = tmp_path_factory.mktemp("sparse") / "shards"
-    write_rating_shards(SyntheticSource(num_users=120, num_movies=150, num_edges=600, feature_dim=12, seed=3),
-                        str(out), SkipReport())
+    write_rating_shards(
+        SyntheticSource(num_users=120, num_movies=150, num_edges=600, feature_dim=12, seed=3), str(out), SkipReport()
+    )
     return RatingGraph.from_shards(GraphShards(out))
 
 
@@ -52,8 +60,15 @@ def _new_edges(graph: RatingGraph, seed: int, n: int = 8, new_users: int = 2):
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-@pytest.mark.parametrize("head", [dict(retrieval_head=True), dict(retrieval_head=False), dict(retrieval_ids=False),
-                                  dict(rating_messages="relation")])
+@pytest.mark.parametrize(
+    "head",
+    [
+        dict(retrieval_head=True),
+        dict(retrieval_head=False),
+        dict(retrieval_ids=False),
+        dict(rating_messages="relation"),
+    ],
+)
 def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
     model = _model(sparse_graph, num_layers=num_layers, **head)
     z = model.encode_all(sparse_graph.hetero_data())
@@ -63,9 +78,16 @@ def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-@pytest.mark.parametrize("head", [dict(decoder="dot"), dict(decoder="dot", retrieval_head=False),
-                                  dict(decoder="mlp", retrieval_head=False), dict(decoder="dot", retrieval_ids=False),
-                                  dict(decoder="dot", rating_messages="relation")])
+@pytest.mark.parametrize(
+    "head",
+    [
+        dict(decoder="dot"),
+        dict(decoder="dot", retrieval_head=False),
+        dict(decoder="mlp", retrieval_head=False),
+        dict(decoder="dot", retrieval_ids=False),
+        dict(decoder="dot", rating_messages="relation"),
+    ],
+)
 @pytest.mark.parametrize("margin", [0, 10])
 def test_exact_refresh_equals_full_rescore(sparse_graph, num_layers, head, margin):
     """Three successive refreshes (new users included); after each, every user's top-k
@@ -98,8 +120,18 @@ def test_refresh_detects_when_margin_is_exhausted(sparse_graph):
     # new ratings on the movies most often in top-k lists: their embeddings change
     popular = torch.bincount(state.cand_idx[:, :K].flatten(), minlength=sparse_graph.num_movies).topk(5).indices
     src = torch.arange(5)
-    out = apply_edges(model, sparse_graph, state, src, popular, torch.ones(5), torch.zeros(5, dtype=torch.long),
-                      [], "exact", memory_mb=1)
+    out = apply_edges(
+        model,
+        sparse_graph,
+        state,
+        src,
+        popular,
+        torch.ones(5),
+        torch.zeros(5, dtype=torch.long),
+        [],
+        "exact",
+        memory_mb=1,
+    )
     assert out.stats["fallback_users"] > 0
     full = initial_state(model, sparse_graph, K, 0, 1, "sha", state.extra)
     assert torch.equal(state.cand_idx[:, :K], full.cand_idx[:, :K])
@@ -157,8 +189,24 @@ def test_bounded_refresh_saves_a_row_delta_that_reloads_to_the_same_state(sparse
 def trained_run(tiny_shards, tmp_path):
     """A run directory (config.json, best.pt, recommendations.parquet) on the tiny graph."""
     run = tmp_path / "run"
-    code = cli.main(["train", "--shards", str(tiny_shards.directory), "--run-dir", str(run), "--epochs", "1",
-                     "--hidden", "16", "--batch-size", "128", "--no-progress", "--user-id-dropout", "0.2"])
+    code = cli.main(
+        [
+            "train",
+            "--shards",
+            str(tiny_shards.directory),
+            "--run-dir",
+            str(run),
+            "--epochs",
+            "1",
+            "--hidden",
+            "16",
+            "--batch-size",
+            "128",
+            "--no-progress",
+            "--user-id-dropout",
+            "0.2",
+        ]
+    )
     assert code == 0
     assert cli.main(["score", "--run-dir", str(run), "--k", str(K)]) == 0
     return run
@@ -182,25 +230,38 @@ def test_refresh_command_replaces_exactly_changed_users_and_is_idempotent(traine
     graph = RatingGraph.from_shards(tiny_shards)
     users, movies = graph.user_keys.to_pylist(), graph.movie_keys.to_pylist()
     new = tmp_path / "new.csv"
-    _write_ratings(new, [[users[0], movies[1], 4.5, 1], [users[1], movies[2], 3.0, 2],
-                         [NEW_USER, movies[3], 5.0, 3], [NEW_USER, movies[4], 4.0, 4],
-                         [users[2], 10**9, 4.0, 5], [users[2], "x", 4.0, 5], [users[2], movies[5], 9.0, 6]])
+    _write_ratings(
+        new,
+        [
+            [users[0], movies[1], 4.5, 1],
+            [users[1], movies[2], 3.0, 2],
+            [NEW_USER, movies[3], 5.0, 3],
+            [NEW_USER, movies[4], 4.0, 4],
+            [users[2], 10**9, 4.0, 5],
+            [users[2], "x", 4.0, 5],
+            [users[2], movies[5], 9.0, 6],
+        ],
+    )
     out = trained_run / "recommendations.parquet"
     before = _rows_by_user(pq.read_table(out))
     code = cli.main(["refresh", "--run-dir", str(trained_run), "--new-ratings", str(new), "--k", str(K)])
     assert code == 0
     report = json.loads((trained_run / "refresh" / "last_report.json").read_text())
     assert report["new_users"] == 1 and report["new_edges"] == 4
-    assert report["input_report"]["skipped"] == {"unparseable_movie_id": 1, "rating_out_of_range": 1,
-                                                 "unknown_movie": 1}
+    assert report["input_report"]["skipped"] == {
+        "unparseable_movie_id": 1,
+        "rating_out_of_range": 1,
+        "unknown_movie": 1,
+    }
     after = _rows_by_user(pq.read_table(out))
     assert NEW_USER not in before and len(after[NEW_USER]) == K
     # exactly the reported number of users got new rows; everyone else's are identical
     changed = {u for u in after if after[u] != before.get(u)}
     assert len(changed) == report["replaced_users"] > 1
     # equal to a full re-score of the updated graph (from the state the refresh saved)
-    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1),
-                        ModelConfig(hidden=16, user_id_dropout=0.2))
+    model = Recommender(
+        graph.num_users, graph.num_movies, graph.movie_x.size(1), ModelConfig(hidden=16, user_id_dropout=0.2)
+    )
     model.load_state_dict(ckpt.load(trained_run / "best.pt")["model"])
     model.eval()
     saved = RefreshState.load(trained_run / "refresh" / "state.pt")
@@ -246,9 +307,14 @@ def test_user_id_dropout_trains_the_unknown_vector(tiny_shards):
     from scalable_rec.train.loop import build_job, training_loss
 
     graph = RatingGraph.from_shards(tiny_shards)
-    job = build_job(graph, split_edges(graph, SplitConfig()), ModelConfig(hidden=16, user_id_dropout=0.5),
-                    TrainConfig(batch_size=64, progress=False, device="cpu"), tiny_shards.directory.parent / "j",
-                    None)
+    job = build_job(
+        graph,
+        split_edges(graph, SplitConfig()),
+        ModelConfig(hidden=16, user_id_dropout=0.5),
+        TrainConfig(batch_size=64, progress=False, device="cpu"),
+        tiny_shards.directory.parent / "j",
+        None,
+    )
     job.model.train()
     loss, _, _ = training_loss(job, next(iter(job.train_loader)))
     loss.backward()
@@ -261,12 +327,17 @@ def test_user_id_dropout_is_validated():
         ModelConfig(user_id_dropout=1.5)
 
 
-def test_refresh_into_arango_replaces_exactly_the_refreshed_users(trained_run, tiny_shards, tmp_path,
-                                                                    arango_endpoint, monkeypatch):
+def test_refresh_into_arango_replaces_exactly_the_refreshed_users(
+    trained_run, tiny_shards, tmp_path, arango_endpoint, monkeypatch
+):
     from scalable_rec.connection import ENV_DATABASE, ENV_PASSWORD, ENV_URL, ENV_USER, ArangoConfig, connect
 
-    for var, value in ((ENV_URL, arango_endpoint.url), (ENV_DATABASE, arango_endpoint.database),
-                       (ENV_USER, arango_endpoint.username), (ENV_PASSWORD, arango_endpoint.password)):
+    for var, value in (
+        (ENV_URL, arango_endpoint.url),
+        (ENV_DATABASE, arango_endpoint.database),
+        (ENV_USER, arango_endpoint.username),
+        (ENV_PASSWORD, arango_endpoint.password),
+    ):
         monkeypatch.setenv(var, value)
     assert cli.main(["score", "--run-dir", str(trained_run), "--sink", "arango", "--k", str(K)]) == 0
     db = connect(ArangoConfig().settings())
@@ -283,8 +354,12 @@ def test_refresh_into_arango_replaces_exactly_the_refreshed_users(trained_run, t
     users, movies = graph.user_keys.to_pylist(), graph.movie_keys.to_pylist()
     new = tmp_path / "new.csv"
     _write_ratings(new, [[users[0], movies[1], 4.5, 1], [NEW_USER, movies[3], 5.0, 3]])
-    assert cli.main(["refresh", "--run-dir", str(trained_run), "--new-ratings", str(new), "--k", str(K),
-                     "--sink", "arango"]) == 0
+    assert (
+        cli.main(
+            ["refresh", "--run-dir", str(trained_run), "--new-ratings", str(new), "--k", str(K), "--sink", "arango"]
+        )
+        == 0
+    )
     report = json.loads((trained_run / "refresh" / "last_report.json").read_text())
     after = by_user()
     changed = {u for u in after if after[u] != before.get(u)}
@@ -305,8 +380,9 @@ def test_bounded_incremental_mean_matches_full_aggregate_at_layer_one(sparse_gra
     src, dst, rating, _ = _new_edges(sparse_graph, 0, new_users=2)
     extra = {"src": src, "dst": dst, "rating": rating, "timestamp": src * 0}
     edges = edge_list(sparse_graph, extra, 2)
-    enc = bounded_update(model, edges, sparse_graph.movie_x, Encoded(state.layers, state.aggs, state.degree), src, dst,
-                         rating)
+    enc = bounded_update(
+        model, edges, sparse_graph.movie_x, Encoded(state.layers, state.aggs, state.degree), src, dst, rating
+    )
     full = encode_layers(model, edges, sparse_graph.movie_x)
     for t, rows in (("user", src.unique()), ("movie", dst.unique())):
         torch.testing.assert_close(enc.aggs[0][t][rows], full.aggs[0][t][rows], rtol=1e-5, atol=1e-6)
@@ -318,8 +394,8 @@ def test_bounded_incremental_mean_matches_full_aggregate_at_layer_one(sparse_gra
 def test_rated_subset_by_binary_search_equals_the_scan(shuffled):
     """User-sorted edges are sliced by binary search (few users), unsorted ones scanned;
     both give every rated movie of exactly the asked users, extra (folded) edges too."""
-    from scalable_rec.score.incremental import EdgeList
     from scalable_rec.refresh import _rated_subset
+    from scalable_rec.score.incremental import EdgeList
 
     gen = torch.Generator().manual_seed(0)
     src = torch.sort(torch.randint(0, 300, (5000,), generator=gen)).values
@@ -351,15 +427,35 @@ def test_refresh_reaches_a_cold_movie_by_messages_with_its_features_only_input(s
     state = initial_state(model, sparse_graph, K, 10, 1, "sha")
     before = state.layers[-1]["movie"][cold].clone()
     src, dst = torch.tensor([0, 1, 2]), torch.full((3,), cold)
-    apply_edges(model, sparse_graph, state, src, dst, torch.full((3,), 5.0), torch.zeros(3, dtype=torch.long), [],
-                mode, memory_mb=1)
+    apply_edges(
+        model,
+        sparse_graph,
+        state,
+        src,
+        dst,
+        torch.full((3,), 5.0),
+        torch.zeros(3, dtype=torch.long),
+        [],
+        mode,
+        memory_mb=1,
+    )
     after = state.layers[-1]["movie"][cold].clone()
     assert not torch.allclose(after, before)
     with torch.no_grad():  # a different untrained row: the same states
         model.encoder.movie_emb.weight[cold] += 10.0
     again = initial_state(model, sparse_graph, K, 10, 1, "sha")
-    apply_edges(model, sparse_graph, again, src, dst, torch.full((3,), 5.0), torch.zeros(3, dtype=torch.long), [],
-                mode, memory_mb=1)
+    apply_edges(
+        model,
+        sparse_graph,
+        again,
+        src,
+        dst,
+        torch.full((3,), 5.0),
+        torch.zeros(3, dtype=torch.long),
+        [],
+        mode,
+        memory_mb=1,
+    )
     torch.testing.assert_close(again.layers[-1]["movie"][cold], after)
     if mode == "exact":
         full = initial_state(model, sparse_graph, K, 10, 1, "sha", state.extra)
@@ -402,8 +498,9 @@ def _refresh_fails(argv: list[str], caplog, match: str) -> None:
     assert "Traceback" not in caplog.text
 
 
-def test_refresh_keeps_the_parquets_k_refuses_what_it_ignores_and_waits_for_no_lock(trained_run, tiny_shards,
-                                                                                   tmp_path, caplog):
+def test_refresh_keeps_the_parquets_k_refuses_what_it_ignores_and_waits_for_no_lock(
+    trained_run, tiny_shards, tmp_path, caplog
+):
     import fcntl
 
     from scalable_rec.locking import lock_path
@@ -429,8 +526,7 @@ def test_refresh_keeps_the_parquets_k_refuses_what_it_ignores_and_waits_for_no_l
     assert len(rows[NEW_USER]) == K and max(len(r) for r in rows.values()) == K
 
 
-def test_refresh_runs_scores_checks_and_clamps_to_the_runs_rating_range(trained_run, tiny_shards, tmp_path,
-                                                                       caplog):
+def test_refresh_runs_scores_checks_and_clamps_to_the_runs_rating_range(trained_run, tiny_shards, tmp_path, caplog):
     import shutil
 
     from scalable_rec.source.synthetic import SyntheticSource

@@ -1,9 +1,16 @@
 """Rating-typed relations: buckets, and the COO and CSC splits the encoder's paths use."""
+
 import torch
 
 from scalable_rec.graph import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.graph.relations import (
-    bucket_of, incoming, message_types, parse, relation, split_coo, split_csc,
+    bucket_of,
+    incoming,
+    message_types,
+    parse,
+    relation,
+    split_coo,
+    split_csc,
 )
 
 

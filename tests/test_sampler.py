@@ -1,18 +1,17 @@
 import pytest
 import torch
+from quick_train import quick_cfg
 from scipy.stats import chisquare
 from torch_geometric.data import HeteroData
 from torch_geometric.sampler import EdgeSamplerInput, NegativeSampling, NodeSamplerInput
 
+from scalable_rec.dist import DistEnv
 from scalable_rec.graph import MOVIE, RATES, REV_RATES, USER, RatingGraph, SplitConfig, split_edges
 from scalable_rec.graph.index import GraphIndex, build_index
 from scalable_rec.graph.store import open_stores
 from scalable_rec.train import ModelConfig, TrainConfig, train
 from scalable_rec.train.batches import SupervisionEdges, make_loader, resolve_sampler
-from scalable_rec.dist import DistEnv
 from scalable_rec.train.sampler import DRAW_FROM, TorchNeighborSampler, device_stores, sampler_bytes
-
-from quick_train import quick_cfg
 
 CPU = torch.device("cpu")
 # The sampler's checks run on every device present; CUDA ones are skipped with a reason here.
@@ -24,10 +23,16 @@ def hub_graph() -> HeteroData:
     """Random ratings plus two hubs: movie 0 rated by every user, user 0 rating every movie
     (degrees 70 and 50: past DRAW_FROM × the fanouts used here, so hubs are drawn, not sorted)."""
     g = torch.Generator().manual_seed(0)
-    pairs = torch.stack([torch.randint(0, NUM_USERS, (600,), generator=g),
-                         torch.randint(0, NUM_MOVIES, (600,), generator=g)])
-    hubs = torch.cat([torch.stack([torch.arange(NUM_USERS), torch.zeros(NUM_USERS, dtype=torch.long)]),
-                      torch.stack([torch.zeros(NUM_MOVIES, dtype=torch.long), torch.arange(NUM_MOVIES)])], 1)
+    pairs = torch.stack(
+        [torch.randint(0, NUM_USERS, (600,), generator=g), torch.randint(0, NUM_MOVIES, (600,), generator=g)]
+    )
+    hubs = torch.cat(
+        [
+            torch.stack([torch.arange(NUM_USERS), torch.zeros(NUM_USERS, dtype=torch.long)]),
+            torch.stack([torch.zeros(NUM_MOVIES, dtype=torch.long), torch.arange(NUM_MOVIES)]),
+        ],
+        1,
+    )
     key = torch.cat([hubs, pairs], 1)
     key = torch.unique(key[0] * NUM_MOVIES + key[1])  # one rating per pair
     src, dst = key // NUM_MOVIES, key % NUM_MOVIES
@@ -47,8 +52,9 @@ def edges_of(data: HeteroData) -> SupervisionEdges:
 def torch_loader(data, num_neighbors, seed=0, exclude=True, batch_size=16, device=CPU):
     """The training loader with the torch sampler on ``device``; its batches on the CPU."""
     cfg = TrainConfig(sampler="torch", num_neighbors=num_neighbors, seed=seed, progress=False)
-    loader, epochs = make_loader(data, edges_of(data), cfg, batch_size, DistEnv(), shuffle=True, device=device,
-                                 exclude_targets=exclude)
+    loader, epochs = make_loader(
+        data, edges_of(data), cfg, batch_size, DistEnv(), shuffle=True, device=device, exclude_targets=exclude
+    )
     epochs.set_epoch(0)
     for batch in loader:
         assert batch[MOVIE].n_id.device.type == device.type and batch[MOVIE].x.device.type == device.type
@@ -91,8 +97,16 @@ def test_every_sampled_edge_exists_over_the_mapped_index(tiny_shards, tmp_path):
     g, split = RatingGraph.from_shards(tiny_shards), index.split()
     features, graph = open_stores(index, "train")
     edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)
-    loader, sampler = make_loader((features, graph), edges, TrainConfig(sampler="torch", num_neighbors=[4, 2]), 32,
-                                  DistEnv(), shuffle=True, device=CPU, exclude_targets=True)
+    loader, sampler = make_loader(
+        (features, graph),
+        edges,
+        TrainConfig(sampler="torch", num_neighbors=[4, 2]),
+        32,
+        DistEnv(),
+        shuffle=True,
+        device=CPU,
+        exclude_targets=True,
+    )
     train_keys = g.src[split.train] * g.num_movies + g.dst[split.train]
     csc = index.csc("train")
     n = 0
@@ -129,8 +143,8 @@ def test_fanout_is_each_frontier_nodes_allowed_degree_capped_per_hop_and_edge_ty
             dst_local = batch[et].edge_index[1]
             at = 0
             for hop, k in enumerate(num_neighbors):
-                lo, hi = sum(nodes[:hop]), sum(nodes[:hop + 1])  # the nodes the hop before added
-                hop_dst = dst_local[at:at + counts[hop]]
+                lo, hi = sum(nodes[:hop]), sum(nodes[: hop + 1])  # the nodes the hop before added
+                hop_dst = dst_local[at : at + counts[hop]]
                 at += counts[hop]
                 assert ((hop_dst >= lo) & (hop_dst < hi)).all()
                 got = torch.bincount(hop_dst - lo, minlength=hi - lo)
@@ -155,8 +169,11 @@ def test_each_neighbour_of_a_hub_is_drawn_equally_often(k, device):
     counts = torch.zeros(NUM_USERS, dtype=torch.long)
     trials = 2000
     for t in range(trials):
-        out = sampler.sample_from_edges(EdgeSamplerInput(
-            input_id=torch.tensor([t]), row=torch.tensor([3]), col=torch.tensor([0]), label=None, input_type=RATES))
+        out = sampler.sample_from_edges(
+            EdgeSamplerInput(
+                input_id=torch.tensor([t]), row=torch.tensor([3]), col=torch.tensor([0]), label=None, input_type=RATES
+            )
+        )
         users = out.node[USER][out.row[RATES]].cpu()
         assert users.unique().numel() == k
         counts += torch.bincount(users, minlength=NUM_USERS)
@@ -188,8 +205,9 @@ def test_pads_exclude_nothing():
     data = hub_graph()
     _, graph, perm = device_stores(data, CPU)
     sampler = TorchNeighborSampler(graph, [-1], exclude_targets=True, num_edges=5, edge_permutation=perm)
-    inputs = EdgeSamplerInput(input_id=torch.tensor([5]), row=torch.tensor([0]), col=torch.tensor([0]),
-                              label=None, input_type=RATES)
+    inputs = EdgeSamplerInput(
+        input_id=torch.tensor([5]), row=torch.tensor([0]), col=torch.tensor([0]), label=None, input_type=RATES
+    )
     out = sampler.sample_from_edges(inputs)
     assert 0 in out.node[USER][out.row[RATES]].tolist()  # movie 0's user 0 stays
     inputs.input_id = torch.tensor([4])
@@ -198,8 +216,7 @@ def test_pads_exclude_nothing():
 
 
 def _batches(loader):
-    return [(b[USER].n_id, b[MOVIE].n_id, b[RATES].edge_index, b[REV_RATES].edge_index, b[RATES].e_id)
-            for b in loader]
+    return [(b[USER].n_id, b[MOVIE].n_id, b[RATES].edge_index, b[REV_RATES].edge_index, b[RATES].e_id) for b in loader]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -213,10 +230,16 @@ def test_same_seed_same_batches_other_seed_other_batches(device):
     assert any(not torch.equal(x, y) for a, b in zip(first, other) for x, y in zip(a, b))
     # the sampler alone (the same input edges): another seed draws other neighbours
     _, graph, perm = device_stores(data, device)
-    inputs = EdgeSamplerInput(input_id=torch.arange(8), row=torch.arange(8), col=torch.zeros(8, dtype=torch.long),
-                              label=None, input_type=RATES)
-    draw = [TorchNeighborSampler(graph, [3, 2], seed=s, edge_permutation=perm).sample_from_edges(inputs)
-            for s in (0, 0, 1)]
+    inputs = EdgeSamplerInput(
+        input_id=torch.arange(8),
+        row=torch.arange(8),
+        col=torch.zeros(8, dtype=torch.long),
+        label=None,
+        input_type=RATES,
+    )
+    draw = [
+        TorchNeighborSampler(graph, [3, 2], seed=s, edge_permutation=perm).sample_from_edges(inputs) for s in (0, 0, 1)
+    ]
     assert torch.equal(draw[0].edge[RATES], draw[1].edge[RATES])
     assert not torch.equal(draw[0].edge[RATES], draw[2].edge[RATES])
 
@@ -225,10 +248,12 @@ def test_a_batch_draws_the_same_whatever_was_sampled_before():
     """A resumed run (or another worker) samples a batch as the uninterrupted run did."""
     data = hub_graph()
     _, graph, perm = device_stores(data, CPU)
-    batch = EdgeSamplerInput(input_id=torch.arange(4), row=torch.arange(4), col=torch.arange(4), label=None,
-                             input_type=RATES)
-    other = EdgeSamplerInput(input_id=torch.arange(4, 8), row=torch.arange(4, 8), col=torch.arange(4),
-                             label=None, input_type=RATES)
+    batch = EdgeSamplerInput(
+        input_id=torch.arange(4), row=torch.arange(4), col=torch.arange(4), label=None, input_type=RATES
+    )
+    other = EdgeSamplerInput(
+        input_id=torch.arange(4, 8), row=torch.arange(4, 8), col=torch.arange(4), label=None, input_type=RATES
+    )
     fresh = TorchNeighborSampler(graph, [5, 5], edge_permutation=perm)
     used = TorchNeighborSampler(graph, [5, 5], edge_permutation=perm)
     used.sample_from_edges(other)
@@ -244,8 +269,16 @@ def test_batches_carry_what_the_pyg_loader_gives_the_model(tiny):
     edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)
     got = {}
     for kind in ("pyg", "torch"):
-        loader, sampler = make_loader(g.hetero_data(split.train), edges, TrainConfig(sampler=kind, num_neighbors=[3, 2]),
-                                      32, DistEnv(), shuffle=True, device=CPU, exclude_targets=True)
+        loader, sampler = make_loader(
+            g.hetero_data(split.train),
+            edges,
+            TrainConfig(sampler=kind, num_neighbors=[3, 2]),
+            32,
+            DistEnv(),
+            shuffle=True,
+            device=CPU,
+            exclude_targets=True,
+        )
         sampler.set_epoch(0)
         got[kind] = next(iter(loader))
     pyg, ours = got["pyg"], got["torch"]
@@ -271,8 +304,13 @@ def tiny(tiny_shards):
 
 def test_trains_through_the_loop_on_cpu(tiny, tmp_path):
     g, split = tiny
-    result = train(g, split, ModelConfig(hidden=16),
-                   quick_cfg(sampler="torch", batch_size=64, max_steps=3, epochs=1), tmp_path / "run")
+    result = train(
+        g,
+        split,
+        ModelConfig(hidden=16),
+        quick_cfg(sampler="torch", batch_size=64, max_steps=3, epochs=1),
+        tmp_path / "run",
+    )
     assert result.global_step == 3
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
 
@@ -291,8 +329,9 @@ def test_sampler_refuses_what_it_does_not_do():
     with pytest.raises(ValueError, match="'num_neighbors' has no fanout for edge type"):
         TorchNeighborSampler(graph, {RATES: [2]})
     sampler = TorchNeighborSampler(graph, [2])
-    inputs = EdgeSamplerInput(input_id=torch.arange(2), row=torch.arange(2), col=torch.arange(2), label=None,
-                              input_type=RATES)
+    inputs = EdgeSamplerInput(
+        input_id=torch.arange(2), row=torch.arange(2), col=torch.arange(2), label=None, input_type=RATES
+    )
     with pytest.raises(ValueError, match="draws no negatives"):
         sampler.sample_from_edges(inputs, neg_sampling=NegativeSampling("binary"))
 
@@ -301,8 +340,13 @@ def test_sampler_refuses_what_it_does_not_do():
 def test_auto_picks_the_torch_sampler_on_cuda_and_trains_there(tiny, tmp_path):
     g, split = tiny
     assert resolve_sampler("auto", g.hetero_data(split.train), torch.device("cuda")) == "torch"
-    result = train(g, split, ModelConfig(hidden=16), quick_cfg(device="cuda", batch_size=64, max_steps=3, epochs=1),
-                   tmp_path / "run")
+    result = train(
+        g,
+        split,
+        ModelConfig(hidden=16),
+        quick_cfg(device="cuda", batch_size=64, max_steps=3, epochs=1),
+        tmp_path / "run",
+    )
     assert result.global_step == 3
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
 

@@ -11,16 +11,19 @@ SCHEMA = pa.schema([("src", pa.int64()), ("dst", pa.int64()), ("rating", pa.floa
 
 
 def _batch(n, start=0):
-    return pa.record_batch([pa.array(range(start, start + n)), pa.array(range(n)),
-                            pa.array([4.5] * n, pa.float32())], schema=SCHEMA)
+    return pa.record_batch(
+        [pa.array(range(start, start + n)), pa.array(range(n)), pa.array([4.5] * n, pa.float32())], schema=SCHEMA
+    )
 
 
 def _write(out, rows=250, per_shard=100):
     with GraphShardWriter(out, {"source": "test"}, max_rows_per_shard=per_shard) as w:
         w.node_writer("user", pa.schema([("key", pa.int64())])).write(
-            pa.record_batch([pa.array(range(rows))], names=["key"]))
+            pa.record_batch([pa.array(range(rows))], names=["key"])
+        )
         w.node_writer("movie", pa.schema([("key", pa.string())])).write(
-            pa.record_batch([pa.array([f"m{i}" for i in range(rows)])], names=["key"]))
+            pa.record_batch([pa.array([f"m{i}" for i in range(rows)])], names=["key"])
+        )
         e = w.edge_writer("user", "rates", "movie", SCHEMA)
         for start in range(0, rows, 60):
             e.write(_batch(min(60, rows - start), start))
@@ -35,7 +38,8 @@ def test_round_trip_and_layout(tmp_path, rows, per_shard, files):
     info = manifest.edge_types["user__rates__movie"]
     assert len(info.files) == files
     assert [f.path.rsplit("/", 1)[1] for f in info.files] == [
-        f"part-{i:05d}-of-{files:05d}.arrow" for i in range(files)]
+        f"part-{i:05d}-of-{files:05d}.arrow" for i in range(files)
+    ]
     assert all(f.num_rows <= per_shard for f in info.files)
     saved = json.loads((out / "manifest.json").read_text())
     assert saved["format_version"] == 1 and saved["config"] == {"source": "test"}
@@ -108,10 +112,10 @@ def test_existing_output_is_not_overwritten_by_default(tmp_path):
 def test_resume_keeps_finished_parts_and_state(tmp_path):
     d = tmp_path / "t"
     w = ShardWriter(d, SCHEMA, max_rows_per_shard=10)
-    w.write(_batch(10))          # flushes part 0 automatically
+    w.write(_batch(10))  # flushes part 0 automatically
     w.write(_batch(5, 10))
-    w.flush(state="key-15")      # part 1 with a resume token
-    w.write(_batch(3, 15))       # buffered only: lost in the "crash"
+    w.flush(state="key-15")  # part 1 with a resume token
+    w.write(_batch(3, 15))  # buffered only: lost in the "crash"
     (d / ".part-00002.arrow.tmp").write_bytes(b"half")
     resumed = ShardWriter(d, SCHEMA, max_rows_per_shard=10, resume=True)
     assert resumed.state == "key-15"

@@ -1,4 +1,5 @@
 """Base + delta state files: changed rows only, atomic, stale deltas ignored."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,12 @@ BIG = ("layers", "cand")
 
 def _obj(n=1000):
     g = torch.Generator().manual_seed(0)
-    return {"k": 3, "folded": ["a"], "layers": [{"user": torch.randn(n, 8, generator=g)}],
-            "cand": torch.arange(n * 4).view(n, 4)}
+    return {
+        "k": 3,
+        "folded": ["a"],
+        "layers": [{"user": torch.randn(n, 8, generator=g)}],
+        "cand": torch.arange(n * 4).view(n, 4),
+    }
 
 
 def _equal(a, b):
@@ -86,7 +91,7 @@ def test_failed_delta_write_keeps_the_previous_state(tmp_path):
     broken, _ = state_store.load(path, BIG)
     broken["cand"][6] = 2
     broken["folded"] = [lambda: None]  # cannot be serialised: the write fails midway
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickle raises, nothing may be left half-written
         state_store.save(path, broken, BIG, base, {"cand": torch.tensor([6])})
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     _equal(state_store.load(path, BIG)[0], obj)

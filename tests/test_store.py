@@ -23,9 +23,12 @@ def _global_edges(batch, edge_type) -> list[tuple[int, int]]:
 
 def _loaders(g, split, index, num_neighbors):
     label_index = torch.stack([g.src[split.train], g.dst[split.train]])
-    return [LinkNeighborLoader(data, num_neighbors=num_neighbors, edge_label_index=(RATES, label_index),
-                               batch_size=64, shuffle=False)
-            for data in (g.hetero_data(split.train), open_stores(index, "train"))]
+    return [
+        LinkNeighborLoader(
+            data, num_neighbors=num_neighbors, edge_label_index=(RATES, label_index), batch_size=64, shuffle=False
+        )
+        for data in (g.hetero_data(split.train), open_stores(index, "train"))
+    ]
 
 
 def test_full_neighbourhoods_give_the_same_subgraphs_as_hetero_data(tiny):
@@ -62,11 +65,15 @@ def test_sampled_subgraphs_use_only_training_edges_with_the_fanout(tiny):
 def test_training_through_the_stores_equals_training_on_hetero_data(tiny, tmp_path, rating_messages):
     g, split, index = tiny
     cfg = TrainConfig(epochs=2, batch_size=64, num_neighbors=[-1, -1], progress=False, num_workers=0)
-    model_cfg = ModelConfig(hidden=16, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0,  # masks follow node order
-                            rating_messages=rating_messages)
+    model_cfg = ModelConfig(
+        hidden=16,
+        dropout=0.0,
+        user_id_dropout=0.0,
+        movie_id_dropout=0.0,  # masks follow node order
+        rating_messages=rating_messages,
+    )
     a = train(g, split, model_cfg, cfg, tmp_path / "memory")
-    b = train(g, split, model_cfg, cfg, tmp_path / "stores",
-              data=open_stores(index, "train"))
+    b = train(g, split, model_cfg, cfg, tmp_path / "stores", data=open_stores(index, "train"))
     assert [h["steps"] for h in a.history] == [h["steps"] for h in b.history]
     assert a.best_val_rmse == pytest.approx(b.best_val_rmse, abs=1e-5)
     sa, sb = a.model.state_dict(), b.model.state_dict()
@@ -80,8 +87,14 @@ def test_mapped_graph_and_split_train_the_same_model(tiny, tiny_shards, tmp_path
     cfg = TrainConfig(epochs=1, batch_size=64, num_neighbors=[-1, -1], progress=False, num_workers=0)
     model_cfg = ModelConfig(hidden=8, dropout=0.0, user_id_dropout=0.0, movie_id_dropout=0.0)
     a = train(g, split, model_cfg, cfg, tmp_path / "memory")
-    b = train(index.rating_graph(tiny_shards), index.split(), model_cfg, cfg, tmp_path / "mapped",
-              data=open_stores(index, "train"))
+    b = train(
+        index.rating_graph(tiny_shards),
+        index.split(),
+        model_cfg,
+        cfg,
+        tmp_path / "mapped",
+        data=open_stores(index, "train"),
+    )
     assert a.best_val_rmse == pytest.approx(b.best_val_rmse, abs=1e-5)
 
 
@@ -92,8 +105,9 @@ def test_store_errors_name_what_is_wrong():
     with pytest.raises(ValueError, match="'index' of a put needs to be None"):
         features.put_tensor(torch.zeros(3, 2), group_name=MOVIE, attr_name="x", index=torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="'size' of edge type .* needs to be given"):
-        graph.put_edge_index((torch.zeros(1, dtype=torch.long), torch.zeros(2, dtype=torch.long)),
-                             edge_type=RATES, layout="csc")
+        graph.put_edge_index(
+            (torch.zeros(1, dtype=torch.long), torch.zeros(2, dtype=torch.long)), edge_type=RATES, layout="csc"
+        )
     features.put_tensor(torch.arange(6.0).view(3, 2), group_name=MOVIE, attr_name="x", index=None)
     assert features.get_tensor(MOVIE, "x", index=torch.tensor([2, 0])).tolist() == [[4.0, 5.0], [0.0, 1.0]]
     assert features.get_tensor_size(MOVIE, "x") == (3, 2)
@@ -104,7 +118,7 @@ def test_store_config_chooses_by_size_and_validates():
     assert StoreConfig(graph_backend="auto", store_min_edges=100).use_store(100)
     assert not StoreConfig(graph_backend="auto", store_min_edges=100).use_store(99)
     assert StoreConfig(graph_backend="store").use_store(1)
-    assert not StoreConfig(graph_backend="memory").use_store(10 ** 12)
+    assert not StoreConfig(graph_backend="memory").use_store(10**12)
     with pytest.raises(ValueError, match="'graph_backend' needs to be .* \\(got 'disk'\\); 'store_min_edges' needs"):
         StoreConfig(graph_backend="disk", store_min_edges=-1)
 

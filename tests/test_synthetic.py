@@ -72,9 +72,14 @@ def test_generator_writes_shards_directly(tmp_path):
     assert shards.manifest.config["source"] == "synthetic"
 
 
-@pytest.mark.parametrize("kw", [dict(num_users=1000, num_movies=2000, num_edges=100_000, batch_edges=7_000),
-                                dict(num_users=50, num_movies=50, num_edges=2_000, batch_edges=300),
-                                dict(num_users=20, num_movies=30, num_edges=600)])  # every pair once
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_users=1000, num_movies=2000, num_edges=100_000, batch_edges=7_000),
+        dict(num_users=50, num_movies=50, num_edges=2_000, batch_edges=300),
+        dict(num_users=20, num_movies=30, num_edges=600),
+    ],
+)  # every pair once
 def test_every_user_movie_pair_occurs_once(kw):
     """The small preset (first case) had 44% repeated pairs when edges were drawn with
     replacement; dense graphs (the last case is complete) must still reach num_edges."""

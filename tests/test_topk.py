@@ -53,7 +53,8 @@ def test_users_with_fewer_unrated_movies_than_k():
     batch = to_record_batch(*chunks[0], pa.array(["u0", "u1"]), pa.array(["a", "b", "c", "d"]))
     rows = batch.to_pylist()
     assert [r for r in rows if r["user_key"] == "u0"] == [
-        {"user_key": "u0", "movie_key": "d", "score": pytest.approx(rows[0]["score"]), "rank": 1}]
+        {"user_key": "u0", "movie_key": "d", "score": pytest.approx(rows[0]["score"]), "rank": 1}
+    ]
     assert [r["rank"] for r in rows if r["user_key"] == "u1"] == [1, 2, 3]
 
 
@@ -82,7 +83,7 @@ def test_pair_fn_values_come_back_with_their_top_k():
     cfg.chunk_users = lambda num_movies: 4
     chunks = list(topk_chunks(fn, 13, 40, cfg, pair_fn=lambda u, top: table[u[:, None], top] * 2))
     assert [c[0].numel() for c in chunks] == [4, 4, 4, 1]
-    for users, movies, scores, doubled in chunks:
+    for _users, _movies, scores, doubled in chunks:
         assert torch.equal(doubled, scores * 2)
 
 
@@ -113,8 +114,17 @@ def test_cuda_scoring_matches_cpu_without_a_sync_per_chunk(monkeypatch):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        chunks = list(topk_chunks(lambda u: gpu_table[u], 300, 2000, ScoreConfig(k=10), rated, device="cuda",
-                                  pair_fn=lambda u, top: gpu_table[u[:, None], top]))
+        chunks = list(
+            topk_chunks(
+                lambda u: gpu_table[u],
+                300,
+                2000,
+                ScoreConfig(k=10),
+                rated,
+                device="cuda",
+                pair_fn=lambda u, top: gpu_table[u[:, None], top],
+            )
+        )
     finally:
         torch.cuda.set_sync_debug_mode("default")
     users, movies, scores, again = (torch.cat(x) for x in zip(*chunks))

@@ -1,12 +1,13 @@
 """Sampling workers per rank and the /dev/shm room check (scalable_rec.train.workers)."""
+
 import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from scalable_rec.errors import ConfigError
 from scalable_rec.dist import DistEnv
+from scalable_rec.errors import ConfigError
 from scalable_rec.train.workers import check_shm_room, cores_per_rank, loader_workers, shared_bytes
 
 CUDA = torch.device("cuda")  # a device object only: nothing here touches a GPU
@@ -50,6 +51,13 @@ def test_loader_refuses_workers_without_room_before_moving_the_graph(small, monk
     monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=0, f_frsize=4096))
     edges = SupervisionEdges(g.src, g.dst, g.rating, split.train)
     with pytest.raises(ConfigError, match="sampling workers share the message graph"):
-        make_loader(data, edges, TrainConfig(num_workers=2, progress=False), 64, DistEnv(), shuffle=True,
-                    device=torch.device("cpu"))
+        make_loader(
+            data,
+            edges,
+            TrainConfig(num_workers=2, progress=False),
+            64,
+            DistEnv(),
+            shuffle=True,
+            device=torch.device("cpu"),
+        )
     assert not data["movie"].x.is_shared()  # nothing was moved

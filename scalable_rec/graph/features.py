@@ -3,6 +3,7 @@
 Users have no side information; the model gives them a learnable embedding table
 (``nn.Embedding``), never an identity matrix, whose memory would grow with users².
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,10 @@ class FeatureConfig:
         if self.encode_batch_size <= 0:
             problems.append(f"'encode_batch_size' needs to be positive (got {self.encode_batch_size})")
         if self.text_model.startswith(("/", "./", "../", "~")) and not Path(self.text_model).expanduser().is_dir():
-            problems.append(f"'text_model' {self.text_model!r} looks like a local path but is not a folder; "
-                            "expected a sentence-transformers model name or a model folder")
+            problems.append(
+                f"'text_model' {self.text_model!r} looks like a local path but is not a folder; "
+                "expected a sentence-transformers model name or a model folder"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -81,14 +84,21 @@ def load_text_model(cfg: FeatureConfig):
     try:
         return SentenceTransformer(resolve_model(cfg.text_model), device=cfg.encode_device)
     except (OSError, ValueError, RuntimeError) as err:  # not on disk, not on the hub, or no network
-        raise ConfigError(f"'text_model' {cfg.text_model!r} cannot be loaded: expected a sentence-transformers "
-                          f"model name or a local model folder ({type(err).__name__}: {str(err)[:200]})") from err
+        raise ConfigError(
+            f"'text_model' {cfg.text_model!r} cannot be loaded: expected a sentence-transformers "
+            f"model name or a local model folder ({type(err).__name__}: {str(err)[:200]})"
+        ) from err
 
 
 def embed_titles(titles: list[str], cfg: FeatureConfig, progress: bool = True) -> np.ndarray:
     model = load_text_model(cfg)
-    return model.encode(titles, batch_size=cfg.encode_batch_size, show_progress_bar=progress,
-                        convert_to_numpy=True, normalize_embeddings=True).astype(np.float32)
+    return model.encode(
+        titles,
+        batch_size=cfg.encode_batch_size,
+        show_progress_bar=progress,
+        convert_to_numpy=True,
+        normalize_embeddings=True,
+    ).astype(np.float32)
 
 
 def _load_cached(path: Path, meta: Path) -> np.ndarray | None:
@@ -99,8 +109,11 @@ def _load_cached(path: Path, meta: Path) -> np.ndarray | None:
     except (OSError, json.JSONDecodeError):
         expected = None
     if expected is None or sha256_file(path) != expected:
-        log.warning("movie features: cache %s does not match its recorded sha256 (corrupted or from an "
-                    "older version); re-encoding", path)
+        log.warning(
+            "movie features: cache %s does not match its recorded sha256 (corrupted or from an "
+            "older version); re-encoding",
+            path,
+        )
         return None
     feats = np.load(path, allow_pickle=False)
     if not np.isfinite(feats).all():
@@ -109,8 +122,12 @@ def _load_cached(path: Path, meta: Path) -> np.ndarray | None:
     return feats
 
 
-def movie_features(shards: GraphShards, cfg: FeatureConfig = FeatureConfig(),
-                   cache_dir: str | os.PathLike | None = None, progress: bool = True) -> np.ndarray:
+def movie_features(
+    shards: GraphShards,
+    cfg: FeatureConfig = FeatureConfig(),
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> np.ndarray:
     """Returns a ``[num_movies, dim]`` float32 feature matrix for the shards' movies.
 
     A ``features`` column in the movie table (synthetic graphs) is used as is. Otherwise
@@ -147,7 +164,7 @@ def movie_features(shards: GraphShards, cfg: FeatureConfig = FeatureConfig(),
     meta.unlink(missing_ok=True)  # no window where an old checksum describes a new matrix
     with atomic_open(path) as f:
         np.save(f, feats)
-    write_json_atomic(meta, {"model": cfg.text_model, "shape": list(feats.shape), "genres": vocab,
-                             "sha256": sha256_file(path)})
+    write_json_atomic(
+        meta, {"model": cfg.text_model, "shape": list(feats.shape), "genres": vocab, "sha256": sha256_file(path)}
+    )
     return feats
-

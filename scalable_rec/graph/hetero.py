@@ -1,4 +1,5 @@
 """Shards → tensors → ``HeteroData``, and the deterministic train/val/test edge split."""
+
 from __future__ import annotations
 
 import logging
@@ -52,7 +53,7 @@ class RatingGraph:
         return self.src.numel()
 
     @classmethod
-    def from_shards(cls, shards: GraphShards, features: FeatureConfig = FeatureConfig()) -> "RatingGraph":
+    def from_shards(cls, shards: GraphShards, features: FeatureConfig = FeatureConfig()) -> RatingGraph:
         edges = shards.edges(*RATES)
         ts = edges.column("timestamp")
         return cls(
@@ -63,8 +64,9 @@ class RatingGraph:
             dst=_to_tensor(edges.column("dst"), torch.long),
             rating=_to_tensor(edges.column("rating"), torch.float32),
             timestamp=_to_tensor(ts.fill_null(0), torch.long),
-            given_split=(_to_tensor(edges.column("given_split"), torch.int8)
-                         if "given_split" in edges.column_names else None),
+            given_split=(
+                _to_tensor(edges.column("given_split"), torch.int8) if "given_split" in edges.column_names else None
+            ),
         )
 
     def hetero_data(self, edge_ids: torch.Tensor | None = None) -> HeteroData:
@@ -128,7 +130,7 @@ class EdgeSplit:
     val: torch.Tensor
     test: torch.Tensor
 
-    def refit(self) -> "EdgeSplit":
+    def refit(self) -> EdgeSplit:
         """The validation edges joined to the training edges (a refit once validation has
         chosen the epoch count: ``TrainConfig.refit``); the same test edges, no validation."""
         return EdgeSplit(train=torch.cat([self.train, self.val]), val=self.val[:0], test=self.test)
@@ -144,15 +146,20 @@ def split_edges(graph: RatingGraph, cfg: SplitConfig) -> EdgeSplit:
     n = graph.num_edges
     repeats = n - torch.unique(graph.src * graph.num_movies + graph.dst).numel()
     if repeats:
-        raise ShardError(f"The graph has {repeats} repeated (user, movie) pairs; shards need one rating per "
-                         "pair (rebuild them: 'scalable-rec prepare --overwrite' or 'synth --overwrite')")
+        raise ShardError(
+            f"The graph has {repeats} repeated (user, movie) pairs; shards need one rating per "
+            "pair (rebuild them: 'scalable-rec prepare --overwrite' or 'synth --overwrite')"
+        )
     if graph.given_split is not None:
         return _given_split(graph, cfg)
     n_val, n_test = int(round(n * cfg.val_ratio)), int(round(n * cfg.test_ratio))
     n_train = n - n_val - n_test
     order = _order(graph, torch.arange(n), cfg)
-    return EdgeSplit(train=order[:n_train].sort().values, val=order[n_train:n_train + n_val].sort().values,
-                     test=order[n_train + n_val:].sort().values)
+    return EdgeSplit(
+        train=order[:n_train].sort().values,
+        val=order[n_train : n_train + n_val].sort().values,
+        test=order[n_train + n_val :].sort().values,
+    )
 
 
 def _order(graph: RatingGraph, ids: torch.Tensor, cfg: SplitConfig) -> torch.Tensor:

@@ -20,6 +20,7 @@ each CSC position (sampled batches carry CSC positions as ``e_id``; rating-aware
 passing reads the rating there). ``edges/*`` hold all rating edges in shard order, ``split/*`` the edge ids
 of each split, ``movie_x`` the movie feature matrix.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,11 +38,11 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from scalable_rec.atomic import sha256_file, write_json_atomic
 from scalable_rec.errors import ShardError
 from scalable_rec.graph.features import FeatureConfig
 from scalable_rec.graph.hetero import EdgeSplit, RatingGraph, SplitConfig, split_edges
 from scalable_rec.shards import GraphShards
-from scalable_rec.atomic import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,22 @@ def index_key(shards: GraphShards, split: SplitConfig, features: FeatureConfig) 
     """Hash of the shard files' checksums, the split config and the feature config."""
     m = shards.manifest
     files = sorted(f.sha256 for group in (m.node_types, m.edge_types) for t in group.values() for f in t.files)
-    payload = json.dumps({"version": INDEX_VERSION, "fingerprint": m.fingerprint, "files": files,
-                          "split": dataclasses.asdict(split), "text_model": features.text_model}, sort_keys=True)
+    payload = json.dumps(
+        {
+            "version": INDEX_VERSION,
+            "fingerprint": m.fingerprint,
+            "files": files,
+            "split": dataclasses.asdict(split),
+            "text_model": features.text_model,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def _csc(src: np.ndarray, dst: np.ndarray, num_dst: int, out_row: np.ndarray, rating: np.ndarray,
-         out_rating: np.ndarray) -> np.ndarray:
+def _csc(
+    src: np.ndarray, dst: np.ndarray, num_dst: int, out_row: np.ndarray, rating: np.ndarray, out_rating: np.ndarray
+) -> np.ndarray:
     """Writes ``src`` and ``rating`` ordered stably by ``dst`` into ``out_row`` and
     ``out_rating``; returns ``colptr``."""
     order = np.argsort(dst, kind="stable")
@@ -97,8 +107,12 @@ class _Writer:
             info["sha256"] = sha256_file(path)
 
 
-def build_index(shards: GraphShards, split: SplitConfig, features: FeatureConfig = FeatureConfig(),
-                root: str | os.PathLike | None = None) -> Path:
+def build_index(
+    shards: GraphShards,
+    split: SplitConfig,
+    features: FeatureConfig = FeatureConfig(),
+    root: str | os.PathLike | None = None,
+) -> Path:
     """Writes the index of ``shards`` under ``root`` (default ``<shards>/index``); returns its path.
 
     Peak memory is that of ``RatingGraph.from_shards`` plus one subset's sort (``prepare``
@@ -129,13 +143,23 @@ def _build(shards: GraphShards, split: SplitConfig, features: FeatureConfig, roo
         graph = RatingGraph.from_shards(shards, features)
         parts = split_edges(graph, split)
         w = _Writer(tmp)
-        for name, value in (("edges/src", graph.src), ("edges/dst", graph.dst), ("edges/rating", graph.rating),
-                            ("edges/timestamp", graph.timestamp), ("split/train", parts.train),
-                            ("split/val", parts.val), ("split/test", parts.test), ("movie_x", graph.movie_x)):
+        for name, value in (
+            ("edges/src", graph.src),
+            ("edges/dst", graph.dst),
+            ("edges/rating", graph.rating),
+            ("edges/timestamp", graph.timestamp),
+            ("split/train", parts.train),
+            ("split/val", parts.val),
+            ("split/test", parts.test),
+            ("movie_x", graph.movie_x),
+        ):
             w.put(name, value.numpy())
         src, dst, rating = graph.src.numpy(), graph.dst.numpy(), graph.rating.numpy()
-        subsets = {"train": parts.train.numpy(), "seen": np.sort(np.concatenate([parts.train.numpy(), parts.val.numpy()])),
-                   "all": None}
+        subsets = {
+            "train": parts.train.numpy(),
+            "seen": np.sort(np.concatenate([parts.train.numpy(), parts.val.numpy()])),
+            "all": None,
+        }
         counts = {}
         for subset, ids in subsets.items():
             s, d, r = (src, dst, rating) if ids is None else (src[ids], dst[ids], rating[ids])
@@ -149,11 +173,21 @@ def _build(shards: GraphShards, split: SplitConfig, features: FeatureConfig, roo
                 del row, row_rating
             del s, d, r
         w.finish()
-        write_json_atomic(tmp / META_NAME, {
-            "version": INDEX_VERSION, "shards": str(shards.directory.resolve()),
-            "fingerprint": shards.manifest.fingerprint, "split": dataclasses.asdict(split),
-            "text_model": features.text_model, "num_users": graph.num_users, "num_movies": graph.num_movies,
-            "num_edges": graph.num_edges, "subset_edges": counts, "files": w.files})
+        write_json_atomic(
+            tmp / META_NAME,
+            {
+                "version": INDEX_VERSION,
+                "shards": str(shards.directory.resolve()),
+                "fingerprint": shards.manifest.fingerprint,
+                "split": dataclasses.asdict(split),
+                "text_model": features.text_model,
+                "num_users": graph.num_users,
+                "num_movies": graph.num_movies,
+                "num_edges": graph.num_edges,
+                "subset_edges": counts,
+                "files": w.files,
+            },
+        )
         try:
             tmp.rename(final)
         except OSError:  # another process finished the same index first: keep theirs
@@ -181,15 +215,14 @@ class GraphIndex:
     meta: dict[str, Any]
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, verify: bool = True) -> "GraphIndex":
+    def open(cls, directory: str | os.PathLike, verify: bool = True) -> GraphIndex:
         directory = Path(directory)
         try:
             meta = json.loads((directory / META_NAME).read_text())
         except (OSError, ValueError) as err:
             raise ShardError(f"Graph index '{directory}' has no readable {META_NAME}: {err}") from err
         if meta.get("version") != INDEX_VERSION:
-            raise ShardError(f"Graph index '{directory}' has version {meta.get('version')!r}, "
-                             f"expected {INDEX_VERSION}")
+            raise ShardError(f"Graph index '{directory}' has version {meta.get('version')!r}, expected {INDEX_VERSION}")
         problems = []
         for name, info in meta["files"].items():
             path = directory / f"{name}.npy"
@@ -204,8 +237,14 @@ class GraphIndex:
         return cls(directory=directory, meta=meta)
 
     @classmethod
-    def for_shards(cls, shards: GraphShards, split: SplitConfig, features: FeatureConfig = FeatureConfig(),
-                   root: str | os.PathLike | None = None, verify: bool = True) -> "GraphIndex":
+    def for_shards(
+        cls,
+        shards: GraphShards,
+        split: SplitConfig,
+        features: FeatureConfig = FeatureConfig(),
+        root: str | os.PathLike | None = None,
+        verify: bool = True,
+    ) -> GraphIndex:
         """Opens the index of ``shards`` + ``split``, building it first if it does not exist."""
         return cls.open(build_index(shards, split, features, root), verify=verify)
 
@@ -218,8 +257,10 @@ class GraphIndex:
         info = self.meta["files"][name]
         arr = np.load(self.directory / f"{name}.npy", mmap_mode="c")
         if arr.dtype.str != info["dtype"] or list(arr.shape) != info["shape"]:
-            raise ShardError(f"Graph index file '{name}' holds {arr.dtype.str}{list(arr.shape)}, "
-                             f"meta.json records {info['dtype']}{info['shape']}")
+            raise ShardError(
+                f"Graph index file '{name}' holds {arr.dtype.str}{list(arr.shape)}, "
+                f"meta.json records {info['dtype']}{info['shape']}"
+            )
         return torch.from_numpy(arr)
 
     @property
@@ -238,8 +279,10 @@ class GraphIndex:
         """``{"rates": (row, colptr), "rev_rates": (row, colptr)}`` of one edge subset."""
         if subset not in SUBSETS:
             raise ValueError(f"'subset' needs to be one of {list(SUBSETS)} (got {subset!r})")
-        return {rel: (self.tensor(f"{subset}/{rel}_row"), self.tensor(f"{subset}/{rel}_colptr"))
-                for rel in ("rates", "rev_rates")}
+        return {
+            rel: (self.tensor(f"{subset}/{rel}_row"), self.tensor(f"{subset}/{rel}_colptr"))
+            for rel in ("rates", "rev_rates")
+        }
 
     def csc_rating(self, subset: str) -> dict[str, torch.Tensor]:
         """``{"rates": rating, "rev_rates": rating}``: each edge's rating at its position in
@@ -249,13 +292,16 @@ class GraphIndex:
         return {rel: self.tensor(f"{subset}/{rel}_rating") for rel in ("rates", "rev_rates")}
 
     def split(self) -> EdgeSplit:
-        return EdgeSplit(train=self.tensor("split/train"), val=self.tensor("split/val"),
-                         test=self.tensor("split/test"))
+        return EdgeSplit(train=self.tensor("split/train"), val=self.tensor("split/val"), test=self.tensor("split/test"))
 
     def rating_graph(self, shards: GraphShards) -> RatingGraph:
         """A ``RatingGraph`` whose edge tensors and features are the mapped files."""
         return RatingGraph(
             user_keys=shards.nodes("user").column("key").combine_chunks(),
             movie_keys=shards.nodes("movie").column("key").combine_chunks(),
-            movie_x=self.tensor("movie_x"), src=self.tensor("edges/src"), dst=self.tensor("edges/dst"),
-            rating=self.tensor("edges/rating"), timestamp=self.tensor("edges/timestamp"))
+            movie_x=self.tensor("movie_x"),
+            src=self.tensor("edges/src"),
+            dst=self.tensor("edges/dst"),
+            rating=self.tensor("edges/rating"),
+            timestamp=self.tensor("edges/timestamp"),
+        )

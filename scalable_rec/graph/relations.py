@@ -7,6 +7,7 @@ up, the ratings the ranking metrics call relevant). ``rates`` then becomes
 keeps each bucket's edges in their original order, so a destination's neighbours are
 summed in the same order on every path (in-memory graph, sampled batch, mapped CSC).
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,18 +66,22 @@ def parse(edge_type: EdgeType) -> tuple[EdgeType, int | None]:
 def split_coo(edge_type: EdgeType, edge_index: Tensor, rating: Tensor) -> dict[EdgeType, Tensor]:
     """A COO ``edge_index`` of ``edge_type`` as one ``edge_index`` per bucket relation."""
     if rating.numel() != edge_index.size(1):
-        raise ValueError(f"'rating' needs one entry per edge of {edge_type} (got {rating.numel()} for "
-                         f"{edge_index.size(1)} edges)")
+        raise ValueError(
+            f"'rating' needs one entry per edge of {edge_type} (got {rating.numel()} for {edge_index.size(1)} edges)"
+        )
     bucket = bucket_of(rating).to(edge_index.device)
     return {relation(edge_type, b): edge_index[:, bucket == b] for b in range(len(BUCKETS))}
 
 
-def split_csc(edge_type: EdgeType, colptr: Tensor, row: Tensor, rating: Tensor) -> dict[EdgeType, tuple[Tensor, Tensor]]:
+def split_csc(
+    edge_type: EdgeType, colptr: Tensor, row: Tensor, rating: Tensor
+) -> dict[EdgeType, tuple[Tensor, Tensor]]:
     """A CSC (``colptr`` over destinations, ``row`` sources) as one ``(colptr, row)`` per
     bucket relation, each destination's sources in their original order."""
     if rating.numel() != row.numel():
-        raise ValueError(f"'rating' needs one entry per edge of {edge_type} (got {rating.numel()} for "
-                         f"{row.numel()} edges)")
+        raise ValueError(
+            f"'rating' needs one entry per edge of {edge_type} (got {rating.numel()} for {row.numel()} edges)"
+        )
     bucket = bucket_of(rating)
     num_dst = colptr.numel() - 1
     dst = torch.repeat_interleave(torch.arange(num_dst), (colptr[1:] - colptr[:-1]).long())

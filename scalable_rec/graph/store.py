@@ -6,6 +6,7 @@ input needs) and gathers movie features row by row from the mapped feature matri
 The stores hold tensor references only: what they hold is whatever was put into them,
 and ``open_stores`` puts the index's mapped tensors there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -100,8 +101,9 @@ class MappedGraphStore(GraphStore):
 
     def _put_edge_index(self, edge_index: tuple[Tensor, Tensor], edge_attr: EdgeAttr) -> bool:
         if edge_attr.size is None:
-            raise ValueError(f"'size' of edge type {edge_attr.edge_type} needs to be given "
-                             "(the sampler infers node counts from it)")
+            raise ValueError(
+                f"'size' of edge type {edge_attr.edge_type} needs to be given (the sampler infers node counts from it)"
+            )
         self._edges[(edge_attr.edge_type, edge_attr.layout)] = (edge_attr, edge_index)
         return True
 
@@ -133,8 +135,7 @@ def open_stores(index: GraphIndex, subset: str) -> tuple[MappedFeatureStore, Map
     sizes = {RATES: (index.num_users, index.num_movies), REV_RATES: (index.num_movies, index.num_users)}
     for edge_type in (RATES, REV_RATES):
         row, colptr = csc[edge_type[1]]
-        graph.put_edge_index((row, colptr), edge_type=edge_type, layout="csc", size=sizes[edge_type],
-                             is_sorted=True)
+        graph.put_edge_index((row, colptr), edge_type=edge_type, layout="csc", size=sizes[edge_type], is_sorted=True)
         features.put_tensor(ratings[edge_type[1]], group_name=edge_type, attr_name="rating", index=None)
     return features, graph
 

@@ -7,10 +7,21 @@ computes RMSE, Recall@K and NDCG@K on held-out edges. Training validates with th
 scoring serves with them, so they sit below both ``scalable_rec.train`` and
 ``scalable_rec.score``.
 """
+
 from scalable_rec.model.evaluate import evaluate_edges, evaluate_split, ranking_metrics, rating_errors
 from scalable_rec.model.layerwise import encode_layerwise
 from scalable_rec.model.recommender import ModelConfig, Recommender
 from scalable_rec.model.topk import RatedIndex, ScoreConfig, topk_chunks
 
-__all__ = ["ModelConfig", "RatedIndex", "Recommender", "ScoreConfig", "encode_layerwise", "evaluate_edges",
-           "evaluate_split", "ranking_metrics", "rating_errors", "topk_chunks"]
+__all__ = [
+    "ModelConfig",
+    "RatedIndex",
+    "Recommender",
+    "ScoreConfig",
+    "encode_layerwise",
+    "evaluate_edges",
+    "evaluate_split",
+    "ranking_metrics",
+    "rating_errors",
+    "topk_chunks",
+]

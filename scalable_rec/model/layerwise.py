@@ -9,6 +9,7 @@ memory-mapped files too. The result equals ``encode_all`` up to float summation 
 With rating relations (``ModelConfig.rating_messages``) a batch's CSC slice is split by
 the ratings stored beside it (``store.edge_ratings``) into one adjacency per relation.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,12 +32,21 @@ from scalable_rec.model.recommender import sparse_adjacency
 INCOMING = {MOVIE: RATES, USER: REV_RATES}
 
 
-def _adjacency(edge_type, colptr: Tensor, row: Tensor, rating: Tensor | None, start: int, stop: int, num_src: int,
-               device: torch.device, aggr: str) -> dict:
+def _adjacency(
+    edge_type,
+    colptr: Tensor,
+    row: Tensor,
+    rating: Tensor | None,
+    start: int,
+    stop: int,
+    num_src: int,
+    device: torch.device,
+    aggr: str,
+) -> dict:
     """Sparse ``[stop - start, num_src]`` adjacency of destinations ``start:stop`` on ``device``
     (the same kind ``model.encode_all`` builds) by edge type: ``edge_type`` itself, or with
     ``rating`` (rating relations) one per relation, split from this slice alone."""
-    ptr = colptr[start:stop + 1]
+    ptr = colptr[start : stop + 1]
     lo, hi = int(ptr[0]), int(ptr[-1])
     if rating is None:
         return {edge_type: sparse_adjacency(ptr - lo, row[lo:hi], num_src, device, aggr)}
@@ -60,8 +70,13 @@ class _Buffers:
 
 
 @torch.no_grad()
-def encode_layerwise(model, feature_store: FeatureStore, graph_store: GraphStore, batch_size: int = 16384,
-                     spill_dir: str | os.PathLike | None = None) -> dict[str, Tensor]:
+def encode_layerwise(
+    model,
+    feature_store: FeatureStore,
+    graph_store: GraphStore,
+    batch_size: int = 16384,
+    spill_dir: str | os.PathLike | None = None,
+) -> dict[str, Tensor]:
     """Embeds every user and movie like ``model.encode_all``, one layer and node batch at a time.
 
     Args:
@@ -118,8 +133,17 @@ def encode_layerwise(model, feature_store: FeatureStore, graph_store: GraphStore
                 x_src = x[src].to(device)
                 out[dst] = buffers.new(num[dst], hidden)
                 for a, b in batches(num[dst]):
-                    adj = _adjacency(edge_type, colptr[edge_type], row[edge_type], ratings.get(edge_type), a, b,
-                                     num[src], device, enc.aggr)
+                    adj = _adjacency(
+                        edge_type,
+                        colptr[edge_type],
+                        row[edge_type],
+                        ratings.get(edge_type),
+                        a,
+                        b,
+                        num[src],
+                        device,
+                        enc.aggr,
+                    )
                     x_dst = x[dst][a:b].to(device)
                     # PyG's ModuleDict takes edge-type tuples; relations sum as HeteroConv sums them
                     hs = [hetero_conv.convs[et]((x_src, x_dst), adj[et]) for et in adj]
@@ -136,8 +160,11 @@ def encode_layerwise(model, feature_store: FeatureStore, graph_store: GraphStore
                 for a, b in batches(num[node]):
                     h = x[node][a:b].to(device)
                     ids = torch.arange(a, b, device=device)
-                    r = (head.project_user(h, ids) if node == USER else
-                         head.project_movie(h, ids, model.encoder.movie_known(ids)))
+                    r = (
+                        head.project_user(h, ids)
+                        if node == USER
+                        else head.project_movie(h, ids, model.encoder.movie_known(ids))
+                    )
                     z[key][a:b] = r.float().cpu()
         return z
     finally:

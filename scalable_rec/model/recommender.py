@@ -9,6 +9,7 @@ Decoders:
   RMSE than the MLP (docs/config-notes.md, "decoder"), because user/movie biases carry
   most of the explainable variance of explicit ratings.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +51,7 @@ def torch_scatter_runs_on(device: torch.device) -> bool | None:
     return device.type != "cuda" or torch.ops.torch_scatter.cuda_version() != -1
 
 
-def check_model_device(cfg: "ModelConfig", device: torch.device) -> None:
+def check_model_device(cfg: ModelConfig, device: torch.device) -> None:
     """Refuses a model that cannot train on ``device``, before any work starts.
 
     ``aggr`` max on CUDA aggregates by scatter (``edge_index``) unless torch-sparse has CUDA
@@ -59,11 +60,17 @@ def check_model_device(cfg: "ModelConfig", device: torch.device) -> None:
     neighbour sampling needs). torch's own scatter-reduce would do; PyG prefers torch-scatter
     whenever it is importable.
     """
-    if (device.type == "cuda" and cfg.aggr == "max" and not torch_sparse_runs_on(device)
-            and torch_scatter_runs_on(device) is False):
-        raise ConfigError("'aggr' max on CUDA needs torch-scatter or torch-sparse with CUDA kernels; the installed "
-                          "torch-scatter is CPU-only (use --aggr mean or sum, install a CUDA build of "
-                          "torch-scatter/torch-sparse, or train on the CPU)")
+    if (
+        device.type == "cuda"
+        and cfg.aggr == "max"
+        and not torch_sparse_runs_on(device)
+        and torch_scatter_runs_on(device) is False
+    ):
+        raise ConfigError(
+            "'aggr' max on CUDA needs torch-scatter or torch-sparse with CUDA kernels; the installed "
+            "torch-scatter is CPU-only (use --aggr mean or sum, install a CUDA build of "
+            "torch-scatter/torch-sparse, or train on the CPU)"
+        )
 
 
 def adjacency_kind(device: torch.device, aggr: str) -> str:
@@ -75,8 +82,9 @@ def adjacency_kind(device: torch.device, aggr: str) -> str:
     return "csr" if aggr != "max" else "edge_index"
 
 
-def sparse_adjacency(rowptr: Tensor, col: Tensor, num_src: int, device: torch.device, aggr: str,
-                     kind: str | None = None):
+def sparse_adjacency(
+    rowptr: Tensor, col: Tensor, num_src: int, device: torch.device, aggr: str, kind: str | None = None
+):
     """The ``[num_dst, num_src]`` adjacency (CSR: ``rowptr`` over destinations, ``col`` =
     sources) that SAGEConv aggregates over on ``device``, as ``kind`` (default
     ``adjacency_kind(device, aggr)``); the sparse kinds make no ``[E, hidden]`` messages."""
@@ -85,11 +93,13 @@ def sparse_adjacency(rowptr: Tensor, col: Tensor, num_src: int, device: torch.de
     if kind == "torch_sparse":
         from torch_sparse import SparseTensor
 
-        return SparseTensor(rowptr=rowptr, col=col, sparse_sizes=(num_dst, num_src), is_sorted=True,
-                            trust_data=True).to(device)
+        return SparseTensor(
+            rowptr=rowptr, col=col, sparse_sizes=(num_dst, num_src), is_sorted=True, trust_data=True
+        ).to(device)
     if kind == "csr":
-        return torch.sparse_csr_tensor(rowptr, col, torch.ones(col.numel(), device=col.device),
-                                       size=(num_dst, num_src)).to(device)
+        return torch.sparse_csr_tensor(
+            rowptr, col, torch.ones(col.numel(), device=col.device), size=(num_dst, num_src)
+        ).to(device)
     dst = torch.repeat_interleave(torch.arange(num_dst, device=rowptr.device), rowptr.diff())
     return torch.stack([col, dst]).to(device)
 
@@ -107,8 +117,14 @@ def training_adjacency_kind(device: torch.device) -> str:
     return "torch_sparse" if torch_sparse_runs_on(device) else "edge_index"
 
 
-def edge_adjacency(edge_index: Tensor, num_src: int, num_dst: int, aggr: str, kind: str | None = None,
-                   device: torch.device | None = None):
+def edge_adjacency(
+    edge_index: Tensor,
+    num_src: int,
+    num_dst: int,
+    aggr: str,
+    kind: str | None = None,
+    device: torch.device | None = None,
+):
     """``sparse_adjacency`` of a COO ``edge_index`` (row 0 sources, row 1 destinations, as
     PyG's loaders give them), built where ``edge_index`` is and moved to ``device``
     (default: there too)."""
@@ -225,8 +241,9 @@ class HeteroSAGEEncoder(nn.Module):
         self.movie_lin = nn.Linear(movie_dim, h)
         self.rating_messages = cfg.rating_messages
         self.convs = nn.ModuleList(
-            HeteroConv({et: SAGEConv((h, h), h, aggr=cfg.aggr) for et in message_types(cfg.rating_messages)},
-                       aggr="sum")
+            HeteroConv(
+                {et: SAGEConv((h, h), h, aggr=cfg.aggr) for et in message_types(cfg.rating_messages)}, aggr="sum"
+            )
             for _ in range(cfg.num_layers)
         )
         self.dropout = cfg.dropout
@@ -306,8 +323,14 @@ class DotDecoder(nn.Module):
     dropout) or the mean bias of the trained movies.
     """
 
-    def __init__(self, num_users: int, num_movies: int, hidden: int, learn_unknown: bool = False,
-                 learn_unknown_movie: bool = False) -> None:
+    def __init__(
+        self,
+        num_users: int,
+        num_movies: int,
+        hidden: int,
+        learn_unknown: bool = False,
+        learn_unknown_movie: bool = False,
+    ) -> None:
         super().__init__()
         self.user_bias = nn.Embedding(num_users, 1)
         self.movie_bias = nn.Embedding(num_movies, 1)
@@ -341,12 +364,12 @@ class DotDecoder(nn.Module):
             return torch.where(known, bias, mean)
         return bias
 
-    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor,
-                movie_trained: Tensor | None = None) -> Tensor:
+    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor, movie_trained: Tensor | None = None) -> Tensor:
         return (zu * zm).sum(-1) + self._user_bias(uid) + self._movie_bias(mid, movie_trained)
 
-    def score_block(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor,
-                    movie_trained: Tensor | None = None) -> Tensor:
+    def score_block(
+        self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor, movie_trained: Tensor | None = None
+    ) -> Tensor:
         """Scores ``[len(uid), len(mid)]``; the matmul is the whole cost. ``movie_trained``:
         the encoder's mask of trained movie rows (others get the unknown-movie bias)."""
         out = zu @ zm.T
@@ -363,12 +386,18 @@ class MLPDecoder(nn.Module):
         self.lin1 = nn.Linear(2 * hidden, hidden)
         self.lin2 = nn.Linear(hidden, 1)
 
-    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor,
-                movie_trained: Tensor | None = None) -> Tensor:
+    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor, movie_trained: Tensor | None = None) -> Tensor:
         return self.lin2(F.relu(self.lin1(torch.cat([zu, zm], dim=-1)))).squeeze(-1)
 
-    def score_block(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor,
-                    movie_trained: Tensor | None = None, max_elements: int = 1 << 25) -> Tensor:
+    def score_block(
+        self,
+        zu: Tensor,
+        zm: Tensor,
+        uid: Tensor,
+        mid: Tensor,
+        movie_trained: Tensor | None = None,
+        max_elements: int = 1 << 25,
+    ) -> Tensor:
         """Scores all pairs without materialising ``[users, movies, 2h]`` inputs.
 
         ``lin1([u ‖ m]) = W_u u + W_m m + b``: the two halves are computed once per user
@@ -381,8 +410,8 @@ class MLPDecoder(nn.Module):
         out = zu.new_empty(zu.size(0), zm.size(0))
         rows = max(1, max_elements // max(1, zm.size(0) * h))
         for i in range(0, zu.size(0), rows):
-            hidden = F.relu(a[i:i + rows, None, :] + b[None, :, :])
-            out[i:i + rows] = (hidden @ self.lin2.weight.T).squeeze(-1) + self.lin2.bias
+            hidden = F.relu(a[i : i + rows, None, :] + b[None, :, :])
+            out[i : i + rows] = (hidden @ self.lin2.weight.T).squeeze(-1) + self.lin2.bias
         return out
 
 
@@ -400,8 +429,16 @@ class RetrievalHead(nn.Module):
     existed loads with τ = 0 (raw dot products, as it was trained).
     """
 
-    def __init__(self, hidden: int, num_users: int = 0, num_movies: int = 0, id_embeddings: bool = False,
-                 temperature: float = 0.0, movie_bias: bool = False, learn_unknown_movie: bool = False) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        num_users: int = 0,
+        num_movies: int = 0,
+        id_embeddings: bool = False,
+        temperature: float = 0.0,
+        movie_bias: bool = False,
+        learn_unknown_movie: bool = False,
+    ) -> None:
         super().__init__()
         self.user = nn.Linear(hidden, hidden, bias=False)
         self.movie = nn.Linear(hidden, hidden, bias=False)
@@ -426,7 +463,7 @@ class RetrievalHead(nn.Module):
         """``v`` as the ranking space holds it: unit length over ``√τ`` with a temperature."""
         if self.tau <= 0:
             return v
-        return F.normalize(v.float(), dim=-1).to(v.dtype) * self.tau ** -0.5
+        return F.normalize(v.float(), dim=-1).to(v.dtype) * self.tau**-0.5
 
     @property
     def out_features(self) -> int:
@@ -480,8 +517,9 @@ class RetrievalHead(nn.Module):
             return None
         return self.movie_id(mid.clamp(max=self.movie_id.num_embeddings - 1)) * known[:, None]
 
-    def forward(self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor,
-                movie_known: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(
+        self, zu: Tensor, zm: Tensor, uid: Tensor, mid: Tensor, movie_known: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Ranking vectors of the users and of the movies, and the squared norms of their own
         ID vectors, ``‖p_u‖²`` and ``‖q_m‖²`` (fp32; 0 for a row without one: no ID vectors,
         past a table, hidden by ID dropout or a cold movie), from the same lookups the
@@ -508,18 +546,36 @@ class Recommender(nn.Module):
             model learns deviations from it.
     """
 
-    def __init__(self, num_users: int, num_movies: int, movie_dim: int, cfg: ModelConfig,
-                 rating_mean: float = 0.0) -> None:
+    def __init__(
+        self, num_users: int, num_movies: int, movie_dim: int, cfg: ModelConfig, rating_mean: float = 0.0
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = HeteroSAGEEncoder(num_users, num_movies, movie_dim, cfg)
-        self.decoder = (DotDecoder(num_users, num_movies, cfg.hidden, learn_unknown=cfg.user_id_dropout > 0,
-                                   learn_unknown_movie=cfg.movie_id_dropout > 0)
-                        if cfg.decoder == "dot" else MLPDecoder(cfg.hidden))
-        self.retrieval = (RetrievalHead(cfg.hidden, num_users, num_movies, cfg.retrieval_ids,
-                                        cfg.retrieval_temperature, cfg.retrieval_bias,
-                                        learn_unknown_movie=cfg.movie_id_dropout > 0)
-                          if cfg.retrieval_head else None)
+        self.decoder = (
+            DotDecoder(
+                num_users,
+                num_movies,
+                cfg.hidden,
+                learn_unknown=cfg.user_id_dropout > 0,
+                learn_unknown_movie=cfg.movie_id_dropout > 0,
+            )
+            if cfg.decoder == "dot"
+            else MLPDecoder(cfg.hidden)
+        )
+        self.retrieval = (
+            RetrievalHead(
+                cfg.hidden,
+                num_users,
+                num_movies,
+                cfg.retrieval_ids,
+                cfg.retrieval_temperature,
+                cfg.retrieval_bias,
+                learn_unknown_movie=cfg.movie_id_dropout > 0,
+            )
+            if cfg.retrieval_head
+            else None
+        )
         self.register_buffer("rating_mean", torch.tensor(float(rating_mean)))
 
     def forward(self, batch) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor] | None]:
@@ -558,13 +614,17 @@ class Recommender(nn.Module):
         for et in (RATES, REV_RATES):
             if self.encoder.rating_messages == "relation":
                 if "rating" not in data[et]:
-                    raise ValueError(f"rating_messages 'relation' needs each edge's 'rating' on {et} "
-                                     "(RatingGraph.hetero_data and the batch loaders attach it)")
+                    raise ValueError(
+                        f"rating_messages 'relation' needs each edge's 'rating' on {et} "
+                        "(RatingGraph.hetero_data and the batch loaders attach it)"
+                    )
                 edges.update(split_coo(et, data[et].edge_index, data[et].rating))
             else:
                 edges[et] = data[et].edge_index
-        return {et: edge_adjacency(ei, data[et[0]].num_nodes, data[et[2]].num_nodes, self.encoder.aggr, kind, device)
-                for et, ei in edges.items()}
+        return {
+            et: edge_adjacency(ei, data[et[0]].num_nodes, data[et[2]].num_nodes, self.encoder.aggr, kind, device)
+            for et, ei in edges.items()
+        }
 
     def _guard(self, like: Tensor):
         """The heads read the encoder's output: in fp32 too when it is an unbounded sum."""
@@ -578,13 +638,16 @@ class Recommender(nn.Module):
         message tensor ``[E, hidden]`` is materialised.
         """
         device = self.rating_mean.device
-        n_id = {USER: torch.arange(data[USER].num_nodes, device=device),
-                MOVIE: torch.arange(data[MOVIE].num_nodes, device=device)}
+        n_id = {
+            USER: torch.arange(data[USER].num_nodes, device=device),
+            MOVIE: torch.arange(data[MOVIE].num_nodes, device=device),
+        }
         z = self.encoder(n_id, data[MOVIE].x.to(device), self._adjacency(data, device))
         if self.retrieval is not None:
             with self._guard(z[USER]):
                 z["user_rank"], z["movie_rank"], *_ = self.retrieval(
-                    z[USER], z[MOVIE], n_id[USER], n_id[MOVIE], self.encoder.movie_known(n_id[MOVIE]))
+                    z[USER], z[MOVIE], n_id[USER], n_id[MOVIE], self.encoder.movie_known(n_id[MOVIE])
+                )
         return z
 
     def score_block(self, z: dict[str, Tensor], uid: Tensor, mid: Tensor) -> Tensor:

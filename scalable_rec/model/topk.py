@@ -9,11 +9,12 @@ On CUDA a chunk's scores, rated mask and top-K stay on the device; only the top-
 back, copied without blocking into pinned memory while the next chunk is computed
 (docs/gpu.md "Scoring on the device").
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -78,7 +79,7 @@ class RatedIndex:
     col: Tensor
 
     @classmethod
-    def from_edges(cls, src: Tensor, dst: Tensor, num_users: int) -> "RatedIndex":
+    def from_edges(cls, src: Tensor, dst: Tensor, num_users: int) -> RatedIndex:
         order = torch.argsort(src, stable=True)
         counts = torch.bincount(src, minlength=num_users)
         rowptr = torch.zeros(num_users + 1, dtype=torch.long)
@@ -101,7 +102,7 @@ class RatedIndex:
             return
         n = users.numel()
         if n == 1 or bool((users[1:] - users[:-1] == 1).all()):
-            cols = self.col[int(start[0]):int(end[-1])]  # consecutive users: one slice of col
+            cols = self.col[int(start[0]) : int(end[-1])]  # consecutive users: one slice of col
         else:
             # Position of each rated entry inside col: start[row] + offset within the row.
             offsets = torch.arange(total) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg, output_size=total)
@@ -143,10 +144,16 @@ class _HostCopy:
         return (self.users, *self.tensors)
 
 
-def topk_chunks(score_fn: ScoreFn, num_users: int, num_movies: int, cfg: ScoreConfig,
-                exclude: RatedIndex | None = None, users: Tensor | None = None,
-                device: torch.device | str | None = None, pair_fn: PairFn | None = None,
-                ) -> Iterator[tuple[Tensor, ...]]:
+def topk_chunks(
+    score_fn: ScoreFn,
+    num_users: int,
+    num_movies: int,
+    cfg: ScoreConfig,
+    exclude: RatedIndex | None = None,
+    users: Tensor | None = None,
+    device: torch.device | str | None = None,
+    pair_fn: PairFn | None = None,
+) -> Iterator[tuple[Tensor, ...]]:
     """Yields ``(users [c], movies [c, k], scores [c, k])`` per chunk on the CPU, best first,
     and ``pair_fn(users, movies)`` as a fourth ``[c, k]`` tensor when given. ``score_fn``
     and ``pair_fn`` get the chunk's user ids on ``device``.
@@ -167,7 +174,7 @@ def topk_chunks(score_fn: ScoreFn, num_users: int, num_movies: int, cfg: ScoreCo
     step = device_chunk_users(num_movies, device) if device.type == "cuda" else cfg.chunk_users(num_movies)
     pending: _HostCopy | None = None
     for i in range(0, users.numel(), step):
-        chunk = users[i:i + step]
+        chunk = users[i : i + step]
         # score_fn and pair_fn get the ids on the device: a blocking copy there would wait
         # for the device's queue every chunk
         ids = chunk.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else chunk
@@ -189,8 +196,14 @@ def topk_chunks(score_fn: ScoreFn, num_users: int, num_movies: int, cfg: ScoreCo
 RECOMMENDATION_SCHEMA_FIELDS = ("user_key", "movie_key", "score", "rank")
 
 
-def to_record_batch(users: Tensor, movies: Tensor, scores: Tensor, user_keys: pa.Array,
-                    movie_keys: pa.Array, predicted_rating: Tensor | None = None) -> pa.RecordBatch:
+def to_record_batch(
+    users: Tensor,
+    movies: Tensor,
+    scores: Tensor,
+    user_keys: pa.Array,
+    movie_keys: pa.Array,
+    predicted_rating: Tensor | None = None,
+) -> pa.RecordBatch:
     """Ranked rows with the source's original keys; rank 1 is the best.
 
     ``predicted_rating`` (``[c, k]``, optional) becomes an extra column of that name.
@@ -200,8 +213,12 @@ def to_record_batch(users: Tensor, movies: Tensor, scores: Tensor, user_keys: pa
     u = np.repeat(users.numpy(), k)[valid]
     m = movies.flatten().numpy()[valid]
     rank = np.tile(np.arange(1, k + 1, dtype=np.int32), c)[valid]
-    columns = [user_keys.take(pa.array(u)), movie_keys.take(pa.array(m)),
-               pa.array(scores.flatten().numpy()[valid], pa.float32()), pa.array(rank)]
+    columns = [
+        user_keys.take(pa.array(u)),
+        movie_keys.take(pa.array(m)),
+        pa.array(scores.flatten().numpy()[valid], pa.float32()),
+        pa.array(rank),
+    ]
     names = list(RECOMMENDATION_SCHEMA_FIELDS)
     if predicted_rating is not None:
         columns.append(pa.array(predicted_rating.flatten().float().numpy()[valid], pa.float32()))

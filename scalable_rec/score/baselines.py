@@ -15,10 +15,12 @@ validation and tests.
 - ``popularity``: number of ratings per movie (``popularity_score_fn``).
 - ``biased_mf_rmse``: scikit-surprise's biased SVD (Funk MF with biases) for RMSE.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -62,15 +64,16 @@ def ease(x: sp.csr_matrix, lam: float) -> ScoreFn:
     if xa.shape[0] < xa.shape[1]:
         dense = xa.toarray()
         k = np.linalg.inv(dense @ dense.T + lam * np.eye(dense.shape[0]))
-        kx = k @ dense                                   # (λI + XXᵀ)⁻¹ X
+        kx = k @ dense  # (λI + XXᵀ)⁻¹ X
         diag_p = (1.0 - np.einsum("ui,ui->i", dense, kx)) / lam
-        xp = (dense - (dense @ dense.T) @ kx) / lam      # X P
+        xp = (dense - (dense @ dense.T) @ kx) / lam  # X P
         scores = (dense - xp / diag_p).astype(np.float32)  # X B = X - X P diag(P)⁻¹
 
         def scores_of(users: np.ndarray) -> np.ndarray:
             out = np.full((users.size, x.shape[1]), -1e9, dtype=np.float32)
             out[:, active] = scores[users]
             return out
+
         return _rows_fn(scores_of)
     gram = (xa.T @ xa).toarray()
     gram[np.diag_indices_from(gram)] += lam
@@ -83,6 +86,7 @@ def ease(x: sp.csr_matrix, lam: float) -> ScoreFn:
         out = np.full((users.size, x.shape[1]), -1e9, dtype=np.float32)
         out[:, active] = xa32[users] @ b
         return out
+
     return _rows_fn(scores_of)
 
 
@@ -98,14 +102,16 @@ def item_knn(x: sp.csr_matrix, neighbours: int) -> ScoreFn:
     return _rows_fn(lambda users: np.asarray(x[users] @ sim))
 
 
-def implicit_als(x: sp.csr_matrix, factors: int, reg: float = 0.05, alpha: float = 10.0,
-                 iterations: int = 15, seed: int = 0) -> ScoreFn:
+def implicit_als(
+    x: sp.csr_matrix, factors: int, reg: float = 0.05, alpha: float = 10.0, iterations: int = 15, seed: int = 0
+) -> ScoreFn:
     """The ``implicit`` package's ALS on confidence ``1 + alpha·x``."""
     from implicit.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
-    model = AlternatingLeastSquares(factors=factors, regularization=reg, alpha=alpha, iterations=iterations,
-                                    random_state=seed, use_gpu=False)
+    model = AlternatingLeastSquares(
+        factors=factors, regularization=reg, alpha=alpha, iterations=iterations, random_state=seed, use_gpu=False
+    )
     with threadpool_limits(1, "blas"):
         model.fit(x.tocsr(), show_progress=False)
     users_f, items_f = np.asarray(model.user_factors), np.asarray(model.item_factors)
@@ -118,16 +124,31 @@ def popularity(x: sp.csr_matrix, _: Any = None) -> ScoreFn:
     return _rows_fn(lambda users: np.repeat(counts, users.size, axis=0))
 
 
-def evaluate_fn(score_fn: ScoreFn, seen_src: Tensor, seen_dst: Tensor, rel_src: Tensor, rel_dst: Tensor,
-                num_users: int, num_movies: int, k: int = 10) -> dict[str, float]:
+def evaluate_fn(
+    score_fn: ScoreFn,
+    seen_src: Tensor,
+    seen_dst: Tensor,
+    rel_src: Tensor,
+    rel_dst: Tensor,
+    num_users: int,
+    num_movies: int,
+    k: int = 10,
+) -> dict[str, float]:
     """``ranking_metrics`` with ``seen`` masked and ``rel`` the relevant held-out pairs."""
     seen = RatedIndex.from_edges(seen_src, seen_dst, num_users)
     return ranking_metrics(score_fn, num_users, num_movies, seen, rel_src, rel_dst, k)
 
 
-def tune_on_validation(fit: Fit, grid: list[Any], train: tuple[Tensor, Tensor], val_rel: tuple[Tensor, Tensor],
-                       num_users: int, num_movies: int, k: int = 10,
-                       fit_on: tuple[Tensor, Tensor] | None = None) -> tuple[Any, dict[Any, float]]:
+def tune_on_validation(
+    fit: Fit,
+    grid: list[Any],
+    train: tuple[Tensor, Tensor],
+    val_rel: tuple[Tensor, Tensor],
+    num_users: int,
+    num_movies: int,
+    k: int = 10,
+    fit_on: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Any, dict[Any, float]]:
     """The grid value with the best validation Recall@k (fit on training edges only:
     ``fit_on``, a subset of ``train`` such as ``relevant_edges``, default all of ``train``;
     all of ``train`` is masked)."""
@@ -139,9 +160,15 @@ def tune_on_validation(fit: Fit, grid: list[Any], train: tuple[Tensor, Tensor], 
     return max(recalls, key=recalls.get), recalls
 
 
-def biased_mf_rmse(train: tuple[np.ndarray, np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray, np.ndarray],
-                   rating_min: float, rating_max: float, factors: int = 100, epochs: int = 20,
-                   seed: int = 0) -> dict[str, float]:
+def biased_mf_rmse(
+    train: tuple[np.ndarray, np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray, np.ndarray],
+    rating_min: float,
+    rating_max: float,
+    factors: int = 100,
+    epochs: int = 20,
+    seed: int = 0,
+) -> dict[str, float]:
     """scikit-surprise's biased SVD (its defaults: lr 0.005, reg 0.02) fit on ``train``
     ``(users, movies, ratings)`` and measured on ``test``; predictions clamped to the range."""
     import tempfile
@@ -158,4 +185,4 @@ def biased_mf_rmse(train: tuple[np.ndarray, np.ndarray, np.ndarray], test: tuple
     algo.fit(trainset)
     pred = np.array([algo.predict(str(u), str(m)).est for u, m in zip(test[0].tolist(), test[1].tolist())])
     err = np.clip(pred, rating_min, rating_max) - test[2]
-    return {"rmse": math.sqrt(float(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err)))}
+    return {"rmse": math.sqrt(float(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}

@@ -23,6 +23,7 @@ aggregate per relation: ``aggs`` then hold them side by side (``[n, relations ×
 and ``degree`` one in-degree per relation (``[n, relations]``), so the cached state keeps
 one row per node either way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from torch import Tensor
 from torch_geometric.utils import spmm
 from torch_sparse import SparseTensor
 
-from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
+from scalable_rec.graph.hetero import MOVIE, RATES, USER
 from scalable_rec.graph.relations import BUCKETS, bucket_of, incoming, message_types, parse
 from scalable_rec.model.recommender import Recommender
 
@@ -169,16 +170,18 @@ def _aggregate(model: Recommender, i: int, prev: dict[str, Tensor], adj: dict) -
     """Neighbour aggregation of layer ``i`` per destination type, as SAGEConv computes it
     (one per relation it receives, side by side)."""
     convs = model.encoder.convs[i].convs
-    return {d: torch.cat([spmm(adj[et], prev[et[0]].float(), reduce=convs[et].aggr) for et in types], dim=1)
-            for d, types in _incoming(model).items()}
+    return {
+        d: torch.cat([spmm(adj[et], prev[et[0]].float(), reduce=convs[et].aggr) for et in types], dim=1)
+        for d, types in _incoming(model).items()
+    }
 
 
 def _finish(model: Recommender, z: dict[str, Tensor]) -> dict[str, Tensor]:
     if model.retrieval is not None:
         mid = torch.arange(z[MOVIE].size(0), device=z[MOVIE].device)
         z["user_rank"], z["movie_rank"], *_ = model.retrieval(
-            z[USER], z[MOVIE], torch.arange(z[USER].size(0), device=z[USER].device), mid,
-            model.encoder.movie_known(mid))
+            z[USER], z[MOVIE], torch.arange(z[USER].size(0), device=z[USER].device), mid, model.encoder.movie_known(mid)
+        )
     return z
 
 
@@ -196,10 +199,14 @@ class Encoded:
 def degrees(edges: EdgeList, relations: bool = False) -> dict[str, Tensor]:
     """In-degree per node type; with ``relations`` one column per rating bucket."""
     if not relations:
-        return {USER: torch.bincount(edges.src, minlength=edges.num_users),
-                MOVIE: torch.bincount(edges.dst, minlength=edges.num_movies)}
-    return {t: _bucket_counts(index, edges.bucket, n)
-            for t, index, n in ((USER, edges.src, edges.num_users), (MOVIE, edges.dst, edges.num_movies))}
+        return {
+            USER: torch.bincount(edges.src, minlength=edges.num_users),
+            MOVIE: torch.bincount(edges.dst, minlength=edges.num_movies),
+        }
+    return {
+        t: _bucket_counts(index, edges.bucket, n)
+        for t, index, n in ((USER, edges.src, edges.num_users), (MOVIE, edges.dst, edges.num_movies))
+    }
 
 
 def _bucket_counts(index: Tensor, bucket: Tensor, n: int) -> Tensor:
@@ -235,8 +242,11 @@ def _project_rows(model: Recommender, cached: dict[str, Tensor], last: dict[str,
     for t, key in ((USER, "user_rank"), (MOVIE, "movie_rank")):
         last[key] = _grown(cached[key], last[t].size(0))
         idx = rows[t]
-        last[key][idx] = (head.project_user(last[t][idx], idx) if t == USER else
-                          head.project_movie(last[t][idx], idx, model.encoder.movie_known(idx)))
+        last[key][idx] = (
+            head.project_user(last[t][idx], idx)
+            if t == USER
+            else head.project_movie(last[t][idx], idx, model.encoder.movie_known(idx))
+        )
 
 
 def _grown_all(cached: dict[str, Tensor], edges: EdgeList) -> dict[str, Tensor]:
@@ -244,8 +254,7 @@ def _grown_all(cached: dict[str, Tensor], edges: EdgeList) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def recompute(model: Recommender, edges: EdgeList, movie_x: Tensor, cached: Encoded,
-              sets: list[NodeSets]) -> Encoded:
+def recompute(model: Recommender, edges: EdgeList, movie_x: Tensor, cached: Encoded, sets: list[NodeSets]) -> Encoded:
     """Exact update: rows in ``sets[l]`` recomputed at layer ``l`` from all their
     neighbours' new layer ``l-1`` states; all other rows copied from ``cached``.
 
@@ -270,8 +279,15 @@ def recompute(model: Recommender, edges: EdgeList, movie_x: Tensor, cached: Enco
 
 
 @torch.no_grad()
-def bounded_update(model: Recommender, edges: EdgeList, movie_x: Tensor, cached: Encoded, src: Tensor,
-                   dst: Tensor, rating: Tensor | None = None) -> Encoded:
+def bounded_update(
+    model: Recommender,
+    edges: EdgeList,
+    movie_x: Tensor,
+    cached: Encoded,
+    src: Tensor,
+    dst: Tensor,
+    rating: Tensor | None = None,
+) -> Encoded:
     """Approximate update for new edges ``(src, dst)``: only their endpoints are
     re-encoded, with mean aggregates updated incrementally,
 
@@ -292,12 +308,16 @@ def bounded_update(model: Recommender, edges: EdgeList, movie_x: Tensor, cached:
         if rating is None:
             raise ValueError("a model with rating relations needs the new edges' 'rating' for a bounded refresh")
         bucket = bucket_of(rating)
-        new_deg = {USER: old_deg[USER] + _bucket_counts(src, bucket, edges.num_users),
-                   MOVIE: old_deg[MOVIE] + _bucket_counts(dst, bucket, edges.num_movies)}
+        new_deg = {
+            USER: old_deg[USER] + _bucket_counts(src, bucket, edges.num_users),
+            MOVIE: old_deg[MOVIE] + _bucket_counts(dst, bucket, edges.num_movies),
+        }
     else:
         bucket = torch.zeros_like(src)
-        new_deg = {USER: old_deg[USER] + torch.bincount(src, minlength=edges.num_users),
-                   MOVIE: old_deg[MOVIE] + torch.bincount(dst, minlength=edges.num_movies)}
+        new_deg = {
+            USER: old_deg[USER] + torch.bincount(src, minlength=edges.num_users),
+            MOVIE: old_deg[MOVIE] + torch.bincount(dst, minlength=edges.num_movies),
+        }
     n_rel = len(BUCKETS) if _relations(model) else 1
     # Layer-0 inputs are needed only at the endpoints (the new messages' sources and the
     # re-encoded rows), so the movie-feature projection runs on those rows alone.
@@ -335,5 +355,5 @@ def _grown(t: Tensor, rows: int) -> Tensor:
     if t.size(0) == rows:
         return t
     out = t.new_zeros((rows,) + tuple(t.shape[1:]))
-    out[:t.size(0)] = t
+    out[: t.size(0)] = t
     return out

@@ -1,4 +1,5 @@
 """Training curves as a PNG beside the run (optional: needs matplotlib)."""
+
 from __future__ import annotations
 
 import logging

@@ -2,16 +2,17 @@
 
 Embeddings in, ranked record batches out; the sinks (Parquet, ArangoDB) consume them.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 import torch
 
 from scalable_rec.graph import RatingGraph
-from scalable_rec.model.topk import RatedIndex, ScoreConfig, to_record_batch, topk_chunks
 from scalable_rec.model.recommender import Recommender
+from scalable_rec.model.topk import RatedIndex, ScoreConfig, to_record_batch, topk_chunks
 
 
 def user_slice(num_users: int, rank: int, world_size: int) -> torch.Tensor:
@@ -21,9 +22,15 @@ def user_slice(num_users: int, rank: int, world_size: int) -> torch.Tensor:
     return torch.arange(min(rank * per, num_users), min((rank + 1) * per, num_users))
 
 
-def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig, z: dict[str, torch.Tensor] | None = None,
-              rated: RatedIndex | None = None, users: torch.Tensor | None = None,
-              rating_range: tuple[float, float] = (0.5, 5.0)) -> Iterator[pa.RecordBatch]:
+def recommend(
+    model: Recommender,
+    graph: RatingGraph,
+    cfg: ScoreConfig,
+    z: dict[str, torch.Tensor] | None = None,
+    rated: RatedIndex | None = None,
+    users: torch.Tensor | None = None,
+    rating_range: tuple[float, float] = (0.5, 5.0),
+) -> Iterator[pa.RecordBatch]:
     """Yields ranked record batches for every user, or for ``users`` in that order (rated
     movies excluded when ``cfg.exclude_rated``).
 
@@ -50,7 +57,14 @@ def recommend(model: Recommender, graph: RatingGraph, cfg: ScoreConfig, z: dict[
         pairs = model.predict_pairs(z, users.to(device).repeat_interleave(top.size(1)), top.flatten())
         return pairs.view_as(top).clamp(*rating_range).float()
 
-    for users, top, scores, rated in topk_chunks(lambda u: model.rank_block(z, u.to(device), movies),
-                                                 graph.num_users, graph.num_movies, cfg, exclude, users,
-                                                 device=device, pair_fn=predicted):
-        yield to_record_batch(users, top, scores, graph.user_keys, graph.movie_keys, predicted_rating=rated)
+    for chunk, top, scores, rated in topk_chunks(
+        lambda u: model.rank_block(z, u.to(device), movies),
+        graph.num_users,
+        graph.num_movies,
+        cfg,
+        exclude,
+        users,
+        device=device,
+        pair_fn=predicted,
+    ):
+        yield to_record_batch(chunk, top, scores, graph.user_keys, graph.movie_keys, predicted_rating=rated)

@@ -15,6 +15,7 @@ table changed shape beyond appending rows) it writes a new base with a new ``bas
 and then removes the delta. A crash at any point leaves either the old (base, delta)
 pair or the new one: a delta whose ``base_id`` is not the base's is ignored on load.
 """
+
 from __future__ import annotations
 
 import os
@@ -85,8 +86,14 @@ class Base:
     delta_rows: dict[str, Tensor]
 
 
-def save(path: Path, obj: dict[str, Any], big: tuple[str, ...], base: Base | None,
-         dirty: dict[str, Tensor] | None, compact_ratio: float = 0.25) -> Base | None:
+def save(
+    path: Path,
+    obj: dict[str, Any],
+    big: tuple[str, ...],
+    base: Base | None,
+    dirty: dict[str, Tensor] | None,
+    compact_ratio: float = 0.25,
+) -> Base | None:
     """Saves ``obj``. With ``base`` (what ``load`` returned) and ``dirty`` (for each big
     tensor's path key, the rows changed since the load; rows appended since the base count
     without being listed), only those rows go to a delta file, unless it would exceed
@@ -98,8 +105,11 @@ def save(path: Path, obj: dict[str, Any], big: tuple[str, ...], base: Base | Non
         rows = {}
         for key, cur in flat.items():
             n = base.rows_in_base[key]
-            parts = [base.delta_rows.get(key, torch.empty(0, dtype=torch.long)),
-                     dirty.get(key, torch.empty(0, dtype=torch.long)), torch.arange(n, max(n, cur.size(0)))]
+            parts = [
+                base.delta_rows.get(key, torch.empty(0, dtype=torch.long)),
+                dirty.get(key, torch.empty(0, dtype=torch.long)),
+                torch.arange(n, max(n, cur.size(0))),
+            ]
             r = torch.unique(torch.cat([p.long() for p in parts]))
             rows[key] = {"rows": r, "values": cur[r].clone(), "n": cur.size(0)}
         size = sum(t.numel() * t.element_size() for t in flat.values())
@@ -141,7 +151,7 @@ def load(path: Path, big: tuple[str, ...]) -> tuple[dict[str, Any], Base | None]
         d = delta["rows"][key]
         if d["n"] != t.size(0):
             grown = torch.empty((d["n"],) + tuple(t.shape[1:]), dtype=t.dtype)
-            grown[:t.size(0)] = t
+            grown[: t.size(0)] = t
             flat[key] = grown
         flat[key][d["rows"]] = d["values"]
         base.delta_rows[key] = d["rows"]

@@ -9,6 +9,7 @@ Layout of a shard directory::
 Node tables carry a ``key`` column (the source's original id); the row position is the
 node index. Edge tables carry ``src``/``dst`` node indices plus edge attributes.
 """
+
 from scalable_rec.shards.keys import KeyIndex
 from scalable_rec.shards.manifest import FORMAT_VERSION, Manifest, ShardFile, TableInfo
 from scalable_rec.shards.reader import GraphShards

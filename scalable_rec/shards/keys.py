@@ -1,7 +1,8 @@
 """Incremental key → node-index maps, built while streaming edges."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -61,6 +62,7 @@ class KeyIndex:
                 mapped[j] = self.add(k.item() if hasattr(k, "item") else k)
         else:
             get = self._index.get
-            mapped = np.fromiter((get(k.item() if hasattr(k, "item") else k, -1) for k in uniq),
-                                 dtype=np.int64, count=len(uniq))
+            mapped = np.fromiter(
+                (get(k.item() if hasattr(k, "item") else k, -1) for k in uniq), dtype=np.int64, count=len(uniq)
+            )
         return mapped[inverse.reshape(-1)]

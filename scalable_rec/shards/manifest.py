@@ -1,4 +1,5 @@
 """The shard manifest: what a finished shard directory contains and how it was made."""
+
 from __future__ import annotations
 
 import hashlib
@@ -92,7 +93,7 @@ class Manifest:
         return out
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "Manifest":
+    def from_json(cls, obj: dict[str, Any]) -> Manifest:
         def table(d: dict[str, Any]) -> TableInfo:
             return TableInfo(
                 schema=d["schema"],
@@ -114,7 +115,7 @@ class Manifest:
         )
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "Manifest":
+    def load(cls, directory: str | os.PathLike) -> Manifest:
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
             hint = ""
@@ -152,4 +153,5 @@ class Manifest:
                         raise ShardError(
                             f"Shard manifest '{Path(directory) / MANIFEST_NAME}' lists '{f.path}' for table "
                             f"'{name}', which is outside the shard directory; expected a relative path "
-                            "inside it (manifest rejected)")
+                            "inside it (manifest rejected)"
+                        )

@@ -1,4 +1,5 @@
 """Reading shard directories: verified against the manifest, memory-mapped."""
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,10 @@ class GraphShards:
             self._read(info, name)
 
     def _tables(self) -> dict[str, TableInfo]:
-        return {**{f"nodes/{k}": v for k, v in self.manifest.node_types.items()},
-                **{f"edges/{k}": v for k, v in self.manifest.edge_types.items()}}
+        return {
+            **{f"nodes/{k}": v for k, v in self.manifest.node_types.items()},
+            **{f"edges/{k}": v for k, v in self.manifest.edge_types.items()},
+        }
 
     @property
     def node_types(self) -> list[str]:
@@ -86,9 +89,7 @@ class GraphShards:
         try:
             info = self.manifest.node_types[node_type]
         except KeyError:
-            raise ShardError(
-                f"Node type '{node_type}' is not in '{self.directory}' (has {self.node_types})"
-            ) from None
+            raise ShardError(f"Node type '{node_type}' is not in '{self.directory}' (has {self.node_types})") from None
         return self._read(info, f"nodes/{node_type}")
 
     def edges(self, src: str, rel: str, dst: str) -> pa.Table:

@@ -8,14 +8,16 @@ renames the parts to ``part-NNNNN-of-MMMMM.arrow``, writes ``manifest.json`` and
 directory to ``<out>``. A crash at any point therefore leaves either no ``<out>`` at all or a
 complete one, and ``resume=True`` continues from the last finished part.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -148,8 +150,9 @@ class ShardWriter:
         finally:  # a full disk must not leave a half-written temporary part behind
             tmp.unlink(missing_ok=True)
         self.files.append(
-            ShardFile(path=final.name, num_rows=table.num_rows, num_bytes=final.stat().st_size,
-                      sha256=sha256_file(final))
+            ShardFile(
+                path=final.name, num_rows=table.num_rows, num_bytes=final.stat().st_size, sha256=sha256_file(final)
+            )
         )
         self._pending, self._pending_rows = [], 0
         self._save_progress()
@@ -171,7 +174,7 @@ class ShardWriter:
             offset = 0
             for f in old:
                 table = pa.ipc.open_file(pa.memory_map(str(self.directory / Path(f.path).name), "r")).read_all()
-                self.write(table.filter(pa.array(keep[offset:offset + f.num_rows])))
+                self.write(table.filter(pa.array(keep[offset : offset + f.num_rows])))
                 offset += f.num_rows
             self.flush()
         finally:
@@ -192,8 +195,7 @@ class ShardWriter:
             return
         write_json_atomic(
             self.directory / PROGRESS_NAME,
-            {"schema": schema_to_json(self.schema), "files": [f.__dict__ for f in self.files],
-             "state": self.state},
+            {"schema": schema_to_json(self.schema), "files": [f.__dict__ for f in self.files], "state": self.state},
         )
 
     def close(self, prefix: str) -> TableInfo:
@@ -258,7 +260,7 @@ class GraphShardWriter:
         self._nodes: dict[str, ShardWriter] = {}
         self._edges: dict[str, tuple[tuple[str, str, str], ShardWriter]] = {}
 
-    def __enter__(self) -> "GraphShardWriter":
+    def __enter__(self) -> GraphShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -267,19 +269,20 @@ class GraphShardWriter:
     def node_writer(self, node_type: str, schema: pa.Schema, resume: bool | None = None) -> ShardWriter:
         if "key" not in schema.names:
             raise ValueError(f"Node table '{node_type}' needs a 'key' column (got {schema.names})")
-        w = ShardWriter(self.tmp / "nodes" / node_type, schema, self.max_rows_per_shard,
-                        self.resume if resume is None else resume)
+        w = ShardWriter(
+            self.tmp / "nodes" / node_type, schema, self.max_rows_per_shard, self.resume if resume is None else resume
+        )
         self._nodes[node_type] = w
         return w
 
-    def edge_writer(self, src: str, rel: str, dst: str, schema: pa.Schema,
-                    resume: bool | None = None) -> ShardWriter:
+    def edge_writer(self, src: str, rel: str, dst: str, schema: pa.Schema, resume: bool | None = None) -> ShardWriter:
         missing = {"src", "dst"} - set(schema.names)
         if missing:
             raise ValueError(f"Edge table '{src}__{rel}__{dst}' needs columns {sorted(missing)}")
         name = edge_type_name(src, rel, dst)
-        w = ShardWriter(self.tmp / "edges" / name, schema, self.max_rows_per_shard,
-                        self.resume if resume is None else resume)
+        w = ShardWriter(
+            self.tmp / "edges" / name, schema, self.max_rows_per_shard, self.resume if resume is None else resume
+        )
         self._edges[name] = ((src, rel, dst), w)
         return w
 
@@ -300,7 +303,7 @@ class GraphShardWriter:
             config=self.config,
             report=report or {},
             fingerprint=fingerprint,
-            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         )
         write_json_atomic(self.tmp / MANIFEST_NAME, manifest.to_json())
         if self.out.exists():

@@ -14,6 +14,7 @@ then the transaction commits. After a write a user's edges are exactly this writ
 crash leaves each user with either all of the old edges or all of the new ones: an
 uncommitted transaction is aborted by the server. ``docs/arango.md`` explains the semantics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,18 +26,19 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 from arango.collection import StandardCollection
 from arango.database import StandardDatabase
 from arango.exceptions import ArangoClientError, ArangoServerError
 
+from scalable_rec.atomic import write_json_atomic
 from scalable_rec.connection import ArangoConfig, RetryPolicy, connect, database_error, require_collection
 from scalable_rec.errors import CollectionNotFoundError, DatabaseError, WriteMismatchError
-from scalable_rec.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +96,17 @@ class ImportCounts:
     refused_non_finite: int = 0
     """Documents not sent because a value was NaN or infinite (JSON has no such numbers)."""
 
-    def add(self, other: "ImportCounts") -> None:
-        for name in ("sent", "created", "updated", "errors", "ignored", "requests", "conflicts_retried",
-                     "refused_non_finite"):
+    def add(self, other: ImportCounts) -> None:
+        for name in (
+            "sent",
+            "created",
+            "updated",
+            "errors",
+            "ignored",
+            "requests",
+            "conflicts_retried",
+            "refused_non_finite",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -174,13 +184,16 @@ def _finite_only(docs: Iterable[dict[str, Any]], refused: list[str]) -> Iterator
                 refused.append("")
 
 
-def _send_with_conflict_retry(collection: StandardCollection, batch: list[dict[str, Any]], policy: RetryPolicy,
-                              what: str) -> tuple[dict[str, Any], int]:
+def _send_with_conflict_retry(
+    collection: StandardCollection, batch: list[dict[str, Any]], policy: RetryPolicy, what: str
+) -> tuple[dict[str, Any], int]:
     """One import request; documents refused with 1200 (write-write conflict) are sent again with
     backoff. Returns the merged answer (counts over all tries) and how many were re-sent."""
+
     def send(docs: list[dict[str, Any]]) -> dict[str, Any]:
-        return policy.call(lambda: collection.import_bulk(docs, halt_on_error=False, details=True,
-                                                          on_duplicate="replace"), what)
+        return policy.call(
+            lambda: collection.import_bulk(docs, halt_on_error=False, details=True, on_duplicate="replace"), what
+        )
 
     result = dict(send(batch))
     retried, delays, pending, latest = 0, policy.delays(), batch, result.get("details") or []
@@ -199,15 +212,23 @@ def _send_with_conflict_retry(collection: StandardCollection, batch: list[dict[s
         again = send(pending)
         latest = again.get("details") or []
         others = [d for d in result.get("details") or [] if not _is_conflict(str(d))]
-        result = {"created": result.get("created", 0) + again.get("created", 0),
-                  "updated": result.get("updated", 0) + again.get("updated", 0),
-                  "ignored": result.get("ignored", 0) + again.get("ignored", 0),
-                  "errors": result.get("errors", 0) - len(positions) + again.get("errors", 0),
-                  "details": list(again.get("details") or []) + others}
+        result = {
+            "created": result.get("created", 0) + again.get("created", 0),
+            "updated": result.get("updated", 0) + again.get("updated", 0),
+            "ignored": result.get("ignored", 0) + again.get("ignored", 0),
+            "errors": result.get("errors", 0) - len(positions) + again.get("errors", 0),
+            "details": list(again.get("details") or []) + others,
+        }
 
 
-def import_documents(collection: StandardCollection, docs: Iterable[dict[str, Any]], policy: RetryPolicy,
-                     max_docs: int = 10_000, max_bytes: int = 32 << 20, progress: Any = None) -> ImportCounts:
+def import_documents(
+    collection: StandardCollection,
+    docs: Iterable[dict[str, Any]],
+    policy: RetryPolicy,
+    max_docs: int = 10_000,
+    max_bytes: int = 32 << 20,
+    progress: Any = None,
+) -> ImportCounts:
     """Imports documents idempotently and checks the server's counts for every batch.
 
     Args:
@@ -229,14 +250,22 @@ def import_documents(collection: StandardCollection, docs: Iterable[dict[str, An
             result, retried = _send_with_conflict_retry(collection, batch, policy, what)
         except ArangoServerError as err:
             raise database_error(err, what) from err
-        counts = ImportCounts(sent=len(batch), created=result.get("created", 0), updated=result.get("updated", 0),
-                              errors=result.get("errors", 0), ignored=result.get("ignored", 0), requests=1,
-                              conflicts_retried=retried)
+        counts = ImportCounts(
+            sent=len(batch),
+            created=result.get("created", 0),
+            updated=result.get("updated", 0),
+            errors=result.get("errors", 0),
+            ignored=result.get("ignored", 0),
+            requests=1,
+            conflicts_retried=retried,
+        )
         total.add(counts)
         if counts.errors or counts.ignored or counts.created + counts.updated != counts.sent:
-            line = (f"request {number} (keys {batch[0].get('_key')!r}..{batch[-1].get('_key')!r}): sent "
-                    f"{counts.sent}, server created {counts.created} + updated {counts.updated}, "
-                    f"errors {counts.errors}, ignored {counts.ignored}")
+            line = (
+                f"request {number} (keys {batch[0].get('_key')!r}..{batch[-1].get('_key')!r}): sent "
+                f"{counts.sent}, server created {counts.created} + updated {counts.updated}, "
+                f"errors {counts.errors}, ignored {counts.ignored}"
+            )
             details = result.get("details") or []
             if details:
                 line += f"; e.g. {'; '.join(str(d)[:200] for d in details[:3])}"
@@ -246,15 +275,20 @@ def import_documents(collection: StandardCollection, docs: Iterable[dict[str, An
             progress.update(len(batch))
     total.refused_non_finite = len(refused)
     if refused:
-        log.warning("%s: refused %d documents with NaN/inf values (not valid JSON numbers), e.g. %s",
-                    collection.name, len(refused), "; ".join(r for r in refused[:3] if r))
+        log.warning(
+            "%s: refused %d documents with NaN/inf values (not valid JSON numbers), e.g. %s",
+            collection.name,
+            len(refused),
+            "; ".join(r for r in refused[:3] if r),
+        )
     if mismatches:
         listed = mismatches[:MAX_LISTED_MISMATCHES]
         more = len(mismatches) - len(listed)
         raise WriteMismatchError(
             f"Collection '{collection.name}': {len(mismatches)} of {total.requests} import requests disagree "
             f"with what was sent (sent {total.sent}, created {total.created} + updated {total.updated}, "
-            f"errors {total.errors}):\n  " + "\n  ".join(listed) + (f"\n  ... and {more} more" if more else ""))
+            f"errors {total.errors}):\n  " + "\n  ".join(listed) + (f"\n  ... and {more} more" if more else "")
+        )
     return total
 
 
@@ -281,10 +315,11 @@ def recommendation_key(run_id: str, user: str, movie: str) -> str:
 # server refuse the whole AQL insert, so such edges are refused before sending instead.
 _KEY = re.compile(r"^[A-Za-z0-9_\-:.@()+,=;$!*'%]{1,254}$")
 REPLACE_EDGES = 'FOR d IN @docs INSERT d INTO @@collection OPTIONS { overwriteMode: "replace" } RETURN OLD._key'
-REMOVE_STALE = ("FOR v IN @@collection FILTER v._from IN @users AND v.run_id == @run_id AND v.write_id != @write_id "
-                "REMOVE v IN @@collection")
-REMOVE_OTHERS = ("FOR v IN @@collection FILTER v._from IN @users AND v.write_id != @write_id "
-                 "REMOVE v IN @@collection")
+REMOVE_STALE = (
+    "FOR v IN @@collection FILTER v._from IN @users AND v.run_id == @run_id AND v.write_id != @write_id "
+    "REMOVE v IN @@collection"
+)
+REMOVE_OTHERS = "FOR v IN @@collection FILTER v._from IN @users AND v.write_id != @write_id REMOVE v IN @@collection"
 
 
 @dataclass
@@ -326,15 +361,27 @@ def _groups(docs: Iterable[tuple[str, dict[str, Any]]], max_docs: int, max_bytes
         yield _Group(group, users)
 
 
-def _write_group(db: StandardDatabase, collection: str, group: _Group, layout: ArangoConfig, run_id: str,
-                 write_id: str, replace_previous: bool) -> tuple[int, int]:
+def _write_group(
+    db: StandardDatabase,
+    collection: str,
+    group: _Group,
+    layout: ArangoConfig,
+    run_id: str,
+    write_id: str,
+    replace_previous: bool,
+) -> tuple[int, int]:
     """One stream transaction: insert the group's edges, remove its users' stale ones, commit.
     Returns (edges created, edges removed). Aborted (best effort) on any error; a transaction
     the client never finishes is aborted by the server after its idle timeout."""
     txn = db.begin_transaction(write=[collection])
     try:
-        old = list(txn.aql.execute(REPLACE_EDGES, bind_vars={"@collection": collection, "docs": group.docs},
-                                   batch_size=max(1, len(group.docs))))
+        old = list(
+            txn.aql.execute(
+                REPLACE_EDGES,
+                bind_vars={"@collection": collection, "docs": group.docs},
+                batch_size=max(1, len(group.docs)),
+            )
+        )
         handles = [f"{layout.users_collection}/{u}" for u in group.users]
         binds = {"@collection": collection, "users": handles, "write_id": write_id}
         if not replace_previous:
@@ -346,15 +393,20 @@ def _write_group(db: StandardDatabase, collection: str, group: _Group, layout: A
         try:
             txn.abort_transaction()
         except Exception as err:  # noqa: BLE001 - the error that ended the group matters more
-            log.debug("aborting transaction %s failed (the server aborts it when idle): %s", txn.transaction_id,
-                      err)
+            log.debug("aborting transaction %s failed (the server aborts it when idle): %s", txn.transaction_id, err)
         raise
     return sum(1 for o in old if o is None), removed
 
 
-def write_recommendations(db: StandardDatabase, batches: Iterable[pa.RecordBatch], layout: ArangoConfig,
-                          cfg: WritebackConfig, run_id: str, created_at: str,
-                          write_id: str | None = None) -> WritebackResult:
+def write_recommendations(
+    db: StandardDatabase,
+    batches: Iterable[pa.RecordBatch],
+    layout: ArangoConfig,
+    cfg: WritebackConfig,
+    run_id: str,
+    created_at: str,
+    write_id: str | None = None,
+) -> WritebackResult:
     """Writes ranked ``(user_key, movie_key, score, rank)`` batches as recommendation edges.
 
     Groups of users are written one stream transaction each (``_write_group``): afterwards a
@@ -385,22 +437,39 @@ def write_recommendations(db: StandardDatabase, batches: Iterable[pa.RecordBatch
     def edges() -> Iterator[tuple[str, dict[str, Any]]]:
         for batch in batches:
             user_col = [str(u) for u in batch.column("user_key").to_pylist()]
-            predicted = (batch.column("predicted_rating").to_pylist() if "predicted_rating" in batch.schema.names
-                         else [None] * batch.num_rows)
-            for user, movie, score, rank, rating in zip(user_col, batch.column("movie_key").to_pylist(),
-                                                        batch.column("score").to_pylist(),
-                                                        batch.column("rank").to_pylist(), predicted):
+            predicted = (
+                batch.column("predicted_rating").to_pylist()
+                if "predicted_rating" in batch.schema.names
+                else [None] * batch.num_rows
+            )
+            for user, movie, score, rank, rating in zip(
+                user_col,
+                batch.column("movie_key").to_pylist(),
+                batch.column("score").to_pylist(),
+                batch.column("rank").to_pylist(),
+                predicted,
+            ):
                 movie = str(movie)
-                doc = {"_key": recommendation_key(run_id, user, movie),
-                       "_from": f"{layout.users_collection}/{user}", "_to": f"{layout.movies_collection}/{movie}",
-                       "score": score, "rank": rank, "run_id": run_id, "write_id": write_id,
-                       "created_at": created_at}
+                doc = {
+                    "_key": recommendation_key(run_id, user, movie),
+                    "_from": f"{layout.users_collection}/{user}",
+                    "_to": f"{layout.movies_collection}/{movie}",
+                    "score": score,
+                    "rank": rank,
+                    "run_id": run_id,
+                    "write_id": write_id,
+                    "created_at": created_at,
+                }
                 if rating is not None:
                     doc["predicted_rating"] = rating
                 bad = non_finite(doc)
-                reason = (f"{bad}={doc[bad]!r} (not a JSON number)" if bad is not None else
-                          None if _KEY.match(user) and _KEY.match(movie) else
-                          "a key with characters ArangoDB does not allow in a document key")
+                reason = (
+                    f"{bad}={doc[bad]!r} (not a JSON number)"
+                    if bad is not None
+                    else None
+                    if _KEY.match(user) and _KEY.match(movie)
+                    else "a key with characters ArangoDB does not allow in a document key"
+                )
                 if reason is None:
                     yield user, doc
                 else:
@@ -414,34 +483,42 @@ def write_recommendations(db: StandardDatabase, batches: Iterable[pa.RecordBatch
     for group in _groups(edges(), cfg.writeback_batch_docs, int(cfg.writeback_batch_mb * (1 << 20))):
         what = f"writing {len(group.docs)} recommendation edges of {len(group.users)} users into '{collection}'"
         try:
-            created, gone = policy.call(lambda g=group: _write_group(db, collection, g, layout, run_id, write_id,
-                                                                     cfg.replace_previous), what)
+            created, gone = policy.call(
+                lambda g=group: _write_group(db, collection, g, layout, run_id, write_id, cfg.replace_previous), what
+            )
         except ArangoServerError as err:
             raise database_error(err, what) from err
-        total.add(ImportCounts(sent=len(group.docs), created=created, updated=len(group.docs) - created,
-                               requests=1))
+        total.add(ImportCounts(sent=len(group.docs), created=created, updated=len(group.docs) - created, requests=1))
         removed += gone
         users.update(group.users)
     result = WritebackResult(run_id, collection, total, len(users), removed, write_id)
-    log.info("writeback: %d recommendation edges for %d users into %s (created %d, updated %d, removed %d "
-             "older ones)", total.sent, len(users), collection, total.created, total.updated, removed)
+    log.info(
+        "writeback: %d recommendation edges for %d users into %s (created %d, updated %d, removed %d older ones)",
+        total.sent,
+        len(users),
+        collection,
+        total.created,
+        total.updated,
+        removed,
+    )
     if refused:
         raise WriteMismatchError(
             f"Collection '{collection}': refused {total.errors} of {total.sent + total.errors} recommendation edges before "
-            f"sending (the other users' edges were written), e.g.:\n  " + "\n  ".join(refused))
+            f"sending (the other users' edges were written), e.g.:\n  " + "\n  ".join(refused)
+        )
     return result
 
 
 def run_timestamp(run_dir: Path) -> str:
     """When the run's model was made (``best.pt``'s mtime), in UTC; now when there is none."""
     ckpt = run_dir / "best.pt"
-    when = (_dt.datetime.fromtimestamp(ckpt.stat().st_mtime, _dt.timezone.utc) if ckpt.is_file()
-            else _dt.datetime.now(_dt.timezone.utc))
+    when = _dt.datetime.fromtimestamp(ckpt.stat().st_mtime, _dt.UTC) if ckpt.is_file() else _dt.datetime.now(_dt.UTC)
     return when.isoformat(timespec="seconds")
 
 
-def writeback_run(batches: Iterable[pa.RecordBatch], layout: ArangoConfig, cfg: WritebackConfig,
-                  run_dir: str | os.PathLike) -> Path:
+def writeback_run(
+    batches: Iterable[pa.RecordBatch], layout: ArangoConfig, cfg: WritebackConfig, run_dir: str | os.PathLike
+) -> Path:
     """Connects, writes one run's recommendations and records the outcome in the run directory.
 
     The run id is the run directory's name, so writing the same run again replaces its edges.
@@ -450,14 +527,22 @@ def writeback_run(batches: Iterable[pa.RecordBatch], layout: ArangoConfig, cfg: 
     run_dir = Path(run_dir).resolve()
     settings = layout.settings()
     db = connect(settings)
-    result = write_recommendations(db, batches, layout, cfg, run_id=run_dir.name,
-                                   created_at=run_timestamp(run_dir))
+    result = write_recommendations(db, batches, layout, cfg, run_id=run_dir.name, created_at=run_timestamp(run_dir))
     if result.counts.sent == 0:
         raise DatabaseError(f"No recommendations to write for run '{run_dir.name}' (expected ranked rows, got none)")
     out = run_dir / "arango_writeback.json"
-    write_json_atomic(out, {"run_id": result.run_id, "collection": result.collection, "users": result.users,
-                            "counts": asdict(result.counts), "removed_previous": result.removed_previous,
-                            "server": settings.describe(), "config": asdict(cfg)})
+    write_json_atomic(
+        out,
+        {
+            "run_id": result.run_id,
+            "collection": result.collection,
+            "users": result.users,
+            "counts": asdict(result.counts),
+            "removed_previous": result.removed_previous,
+            "server": settings.describe(),
+            "config": asdict(cfg),
+        },
+    )
     return out
 
 
@@ -474,8 +559,9 @@ def check_writable(layout: ArangoConfig, cfg: WritebackConfig) -> None:
     log.info("sink: collection %s in %s is writable", collection.name, db.name)
 
 
-def replace_users(batch: pa.RecordBatch, layout: ArangoConfig, cfg: WritebackConfig, run_dir: str | os.PathLike,
-                  tag: str) -> dict[str, Any]:
+def replace_users(
+    batch: pa.RecordBatch, layout: ArangoConfig, cfg: WritebackConfig, run_dir: str | os.PathLike, tag: str
+) -> dict[str, Any]:
     """Replaces the recommendation edges of exactly ``batch``'s users (a refresh).
 
     The new edges get run id ``<run_dir name>-refresh-<tag>`` (deterministic keys, so a
@@ -484,9 +570,19 @@ def replace_users(batch: pa.RecordBatch, layout: ArangoConfig, cfg: WritebackCon
     """
     run_dir = Path(run_dir).resolve()
     settings = layout.settings()
-    result = write_recommendations(connect(settings), [batch], layout, dataclasses.replace(cfg, replace_previous=True),
-                                   run_id=f"{run_dir.name}-refresh-{tag}",
-                                   created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    return {"run_id": result.run_id, "collection": result.collection, "users": result.users,
-            "counts": asdict(result.counts), "removed_previous": result.removed_previous,
-            "server": settings.describe()}
+    result = write_recommendations(
+        connect(settings),
+        [batch],
+        layout,
+        dataclasses.replace(cfg, replace_previous=True),
+        run_id=f"{run_dir.name}-refresh-{tag}",
+        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    )
+    return {
+        "run_id": result.run_id,
+        "collection": result.collection,
+        "users": result.users,
+        "counts": asdict(result.counts),
+        "removed_previous": result.removed_previous,
+        "server": settings.describe(),
+    }

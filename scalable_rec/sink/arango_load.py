@@ -11,11 +11,13 @@ as ``_key`` and rating edges get the key ``<userId>-<movieId>``, so with
 ``on_duplicate="replace"`` a re-run (or a resent batch) replaces instead of duplicating.
 The CSV is streamed; only the set of user ids is held, to write ``Users`` last.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from arango.database import StandardDatabase
 from arango.exceptions import ArangoServerError
@@ -23,8 +25,8 @@ from tqdm.auto import tqdm
 
 from scalable_rec.connection import ArangoConfig, connect, database_error
 from scalable_rec.errors import DatabaseError
-from scalable_rec.sink.arango import ImportCounts, ensure_collection, import_documents
 from scalable_rec.shards import KeyIndex
+from scalable_rec.sink.arango import ImportCounts, ensure_collection, import_documents
 from scalable_rec.source.base import RatingBounds, validate_ratings
 from scalable_rec.source.movielens import MovieLensSource
 from scalable_rec.source.report import SkipReport
@@ -67,17 +69,23 @@ def ensure_graph(db: StandardDatabase, layout: ArangoConfig) -> None:
     ensure_collection(db, layout.users_collection, edge=False)
     ensure_collection(db, layout.movies_collection, edge=False)
     ensure_collection(db, layout.ratings_collection, edge=True)
-    wanted = {"edge_collection": layout.ratings_collection,
-              "from_vertex_collections": [layout.users_collection],
-              "to_vertex_collections": [layout.movies_collection]}
+    wanted = {
+        "edge_collection": layout.ratings_collection,
+        "from_vertex_collections": [layout.users_collection],
+        "to_vertex_collections": [layout.movies_collection],
+    }
 
     def check_existing() -> None:
         found = db.graph(layout.graph_name).edge_definitions()
-        if not any(d["edge_collection"] == wanted["edge_collection"]
-                   and sorted(d["from_vertex_collections"]) == wanted["from_vertex_collections"]
-                   and sorted(d["to_vertex_collections"]) == wanted["to_vertex_collections"] for d in found):
-            raise DatabaseError(f"Graph '{layout.graph_name}' exists with edge definitions {found}, "
-                                f"expected one of them to be {wanted}")
+        if not any(
+            d["edge_collection"] == wanted["edge_collection"]
+            and sorted(d["from_vertex_collections"]) == wanted["from_vertex_collections"]
+            and sorted(d["to_vertex_collections"]) == wanted["to_vertex_collections"]
+            for d in found
+        ):
+            raise DatabaseError(
+                f"Graph '{layout.graph_name}' exists with edge definitions {found}, expected one of them to be {wanted}"
+            )
 
     try:
         if db.has_graph(layout.graph_name):
@@ -96,9 +104,14 @@ def ensure_graph(db: StandardDatabase, layout: ArangoConfig) -> None:
         raise database_error(err, f"Creating graph '{layout.graph_name}'") from err
 
 
-def load_movielens(db: StandardDatabase, source: MovieLensSource, layout: ArangoConfig,
-                   cfg: LoadConfig = LoadConfig(), report: SkipReport | None = None,
-                   bounds: RatingBounds = RatingBounds()) -> LoadResult:
+def load_movielens(
+    db: StandardDatabase,
+    source: MovieLensSource,
+    layout: ArangoConfig,
+    cfg: LoadConfig = LoadConfig(),
+    report: SkipReport | None = None,
+    bounds: RatingBounds = RatingBounds(),
+) -> LoadResult:
     """Writes a MovieLens directory into ``db``; idempotent.
 
     Args:
@@ -123,11 +136,15 @@ def load_movielens(db: StandardDatabase, source: MovieLensSource, layout: Arango
 
     def movie_docs() -> Iterator[dict[str, Any]]:
         for batch in source.movies(report):
-            for key, title, genres in zip(batch.column("key").to_pylist(), batch.column("title").to_pylist(),
-                                          batch.column("genres").to_pylist()):
+            for key, title, genres in zip(
+                batch.column("key").to_pylist(), batch.column("title").to_pylist(), batch.column("genres").to_pylist()
+            ):
                 movies_index.add(key)
-                yield {"_key": str(key), "title": title,
-                       "genres": [g for g in (genres or "").split("|") if g and g != NO_GENRES]}
+                yield {
+                    "_key": str(key),
+                    "title": title,
+                    "genres": [g for g in (genres or "").split("|") if g and g != NO_GENRES],
+                }
 
     def rating_docs() -> Iterator[dict[str, Any]]:
         users, movies = layout.users_collection, layout.movies_collection
@@ -135,26 +152,50 @@ def load_movielens(db: StandardDatabase, source: MovieLensSource, layout: Arango
             # The same validator as ``prepare``: NaN/inf and out-of-range ratings are skipped and counted.
             edges = validate_ratings(batch, users_index, movies_index, report, bounds, insert_users=True)
             user_keys, movie_keys = users_index.keys, movies_index.keys
-            for src, dst, rating, ts in zip(edges.column("src").to_pylist(), edges.column("dst").to_pylist(),
-                                            edges.column("rating").to_pylist(), edges.column("timestamp").to_pylist()):
+            for src, dst, rating, ts in zip(
+                edges.column("src").to_pylist(),
+                edges.column("dst").to_pylist(),
+                edges.column("rating").to_pylist(),
+                edges.column("timestamp").to_pylist(),
+            ):
                 user, movie = user_keys[src], movie_keys[dst]
-                yield {"_key": f"{user}-{movie}", "_from": f"{users}/{user}", "_to": f"{movies}/{movie}",
-                       "rating": round(rating, 4), "timestamp": ts}
+                yield {
+                    "_key": f"{user}-{movie}",
+                    "_from": f"{users}/{user}",
+                    "_to": f"{movies}/{movie}",
+                    "rating": round(rating, 4),
+                    "timestamp": ts,
+                }
 
     result.movies = import_all(layout.movies_collection, movie_docs())
     result.ratings = import_all(layout.ratings_collection, rating_docs())
     result.users = import_all(layout.users_collection, ({"_key": str(u)} for u in sorted(users_index.keys)))
-    log.info("load: %d movies, %d users, %d ratings into %s (%s)", result.movies.sent, result.users.sent,
-             result.ratings.sent, db.name, report.summary())
+    log.info(
+        "load: %d movies, %d users, %d ratings into %s (%s)",
+        result.movies.sent,
+        result.users.sent,
+        result.ratings.sent,
+        db.name,
+        report.summary(),
+    )
     return result
 
 
-def load_movielens_dir(data_dir: str, layout: ArangoConfig, cfg: LoadConfig = LoadConfig(),
-                       strict: bool = False, bounds: RatingBounds = RatingBounds()) -> dict[str, Any]:
+def load_movielens_dir(
+    data_dir: str,
+    layout: ArangoConfig,
+    cfg: LoadConfig = LoadConfig(),
+    strict: bool = False,
+    bounds: RatingBounds = RatingBounds(),
+) -> dict[str, Any]:
     """Connects with ``layout``'s settings and loads ``data_dir``; returns a JSON-able summary."""
     settings = layout.settings()
     db = connect(settings)
     report = SkipReport(strict=strict)
     result = load_movielens(db, MovieLensSource(data_dir), layout, cfg, report, bounds)
-    return {"server": settings.describe(), "graph": layout.graph_name, **result.to_json(),
-            "input_report": report.to_json()}
+    return {
+        "server": settings.describe(),
+        "graph": layout.graph_name,
+        **result.to_json(),
+        "input_report": report.to_json(),
+    }

@@ -1,9 +1,10 @@
 """Parquet sink for ranked recommendations, written atomically."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,8 +13,9 @@ import pyarrow.parquet as pq
 from scalable_rec.atomic import fsync_file
 
 
-def write_parquet(batches: Iterable[pa.RecordBatch], path: str | os.PathLike,
-                  metadata: dict[str, str] | None = None) -> int:
+def write_parquet(
+    batches: Iterable[pa.RecordBatch], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> int:
     """Streams record batches into ``path`` (temporary name, fsynced, renamed when complete).
 
     Returns the number of rows written. ``metadata`` (e.g. the run id and config hash)
@@ -50,8 +52,9 @@ def part_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
     return path.with_name(f".{path.name}.part-{rank:05d}-of-{world_size:05d}")
 
 
-def merge_parts(parts: Iterable[str | os.PathLike], path: str | os.PathLike,
-                metadata: dict[str, str] | None = None) -> int:
+def merge_parts(
+    parts: Iterable[str | os.PathLike], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> int:
     """Streams the parts' rows, in the order given, into ``path`` (atomically, as
     ``write_parquet``), then removes the parts. Returns the number of rows."""
     parts = [Path(p) for p in parts]

@@ -41,6 +41,7 @@ batch unnoticed, at the cost of the server materialising one partition.
 ``ArangoSource`` follows ``RatingGraphSource`` (``write_rating_shards`` can drive it); the
 checkpointed, parallel, verified export into shards is ``scalable_rec.source.arango_export``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,9 @@ import inspect
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from arango.cursor import Cursor
@@ -59,29 +61,38 @@ from arango.request import Request
 from arango.response import Response
 
 from scalable_rec.connection import (
-    ArangoConfig, RetryPolicy, ServerInfo, database_error, is_cursor_retryable, is_transient, require_collection,
+    ArangoConfig,
+    RetryPolicy,
+    ServerInfo,
+    database_error,
+    is_cursor_retryable,
+    is_transient,
+    require_collection,
     server_info,
 )
 from scalable_rec.errors import DatabaseError, ExportVerificationError
-from scalable_rec.source.prefetch import Prefetcher
 from scalable_rec.source.arango_rows import (  # noqa: F401 - re-exported: the rows of each read
-    MOVIE_SCHEMA, RATING_SCHEMA, USER_SCHEMA, movie_batch, rating_batch, user_batch,
+    MOVIE_SCHEMA,
+    RATING_SCHEMA,
+    USER_SCHEMA,
+    movie_batch,
+    rating_batch,
+    user_batch,
 )
+from scalable_rec.source.prefetch import Prefetcher
 from scalable_rec.source.report import SkipReport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FULL_QUERY = "FOR v IN @@collection RETURN [{projection}]"
-PARTITION_QUERY = ("FOR v IN @@collection FILTER SUBSTRING(MD5(v._key), 0, {width}) IN @buckets "
-                   "RETURN [{projection}]")
+PARTITION_QUERY = "FOR v IN @@collection FILTER SUBSTRING(MD5(v._key), 0, {width}) IN @buckets RETURN [{projection}]"
 MOVIE_PROJECTION = "v._key, v.@title, v.@genres"
 USER_PROJECTION = "v._key"
 RATING_PROJECTION = "v._key, v._from, v._to, v.@rating, v.@timestamp"
 PROBE_QUERY = "FOR v IN @@collection LIMIT @limit RETURN v._key"
 MAX_PARTITIONS = 4096  # three hex digits of MD5
 UNKNOWN_SHARD = 1521  # ERROR_QUERY_COLLECTION_LOCK_FAILED: no shard of the collection left to lock
-
 
 
 @dataclass
@@ -177,7 +188,7 @@ class Partition:
     @property
     def buckets(self) -> list[str]:
         width = self.width
-        return [f"{b:0{width}x}" for b in range(16 ** width) if b % self.count == self.index]
+        return [f"{b:0{width}x}" for b in range(16**width) if b % self.count == self.index]
 
 
 def partition_count(rows: int, parallelism: int, partition_rows: int, shards: int = 1) -> int:
@@ -209,27 +220,47 @@ def driver_can_restrict_to_shards(db: StandardDatabase) -> bool:
     return params[:2] == ["request", "response_handler"]
 
 
-def _open_cursor(db: StandardDatabase, query: str, binds: dict[str, Any], cfg: ExportConfig, legacy: bool,
-                 shard: str | None) -> Cursor:
+def _open_cursor(
+    db: StandardDatabase, query: str, binds: dict[str, Any], cfg: ExportConfig, legacy: bool, shard: str | None
+) -> Cursor:
     """``db.aql.execute`` with the export's options; a per-shard read's request (``shardIds``,
     which python-arango 8 cannot pass) is built here."""
     if shard is None:
-        return db.aql.execute(query, bind_vars=binds, batch_size=cfg.export_batch_size, ttl=cfg.export_ttl,
-                              stream=not legacy, count=legacy, fill_block_cache=False, allow_retry=not legacy)
+        return db.aql.execute(
+            query,
+            bind_vars=binds,
+            batch_size=cfg.export_batch_size,
+            ttl=cfg.export_ttl,
+            stream=not legacy,
+            count=legacy,
+            fill_block_cache=False,
+            allow_retry=not legacy,
+        )
     options = {"stream": not legacy, "fillBlockCache": False, "allowRetry": not legacy, "shardIds": [shard]}
-    request = Request(method="post", endpoint="/_api/cursor",
-                      data={"query": query, "bindVars": binds, "count": legacy, "batchSize": cfg.export_batch_size,
-                            "ttl": cfg.export_ttl, "options": options})
+    request = Request(
+        method="post",
+        endpoint="/_api/cursor",
+        data={
+            "query": query,
+            "bindVars": binds,
+            "count": legacy,
+            "batchSize": cfg.export_batch_size,
+            "ttl": cfg.export_ttl,
+            "options": options,
+        },
+    )
 
     def handler(resp: Response) -> Cursor:
         if not resp.is_success:
             raise AQLQueryExecuteError(resp, request)
         return Cursor(db.aql._conn, resp.body, allow_retry=not legacy)  # noqa: SLF001 - the driver's own path
+
     return db.aql._execute(request, handler)  # noqa: SLF001
 
 
-def read_partition(db: StandardDatabase, spec: ReadSpec, part: Partition, cfg: ExportConfig,
-                   server: ServerInfo) -> Iterator[list[list[Any]]]:
+def read_partition(
+    db: StandardDatabase, spec: ReadSpec, part: Partition, cfg: ExportConfig, server: ServerInfo
+) -> Iterator[list[list[Any]]]:
     """Cursor batches of one partition, in server order (any order).
 
     Raises:
@@ -261,7 +292,8 @@ def read_partition(db: StandardDatabase, spec: ReadSpec, part: Partition, cfg: E
         raise ExportVerificationError(
             f"Reading {part.describe()} of '{spec.collection}': received {received} rows, "
             f"the server's cursor counted {cursor.count()} (a cursor batch was lost; ArangoDB "
-            f"{server.version_text or '(version hidden)'} reads without allowRetry)")
+            f"{server.version_text or '(version hidden)'} reads without allowRetry)"
+        )
 
 
 def _close_quietly(cursor: Any) -> None:
@@ -301,9 +333,11 @@ def retry_partition(read: Callable[[], T], policy: RetryPolicy, what: str) -> T:
 
 def unknown_shard_error(err: ArangoServerError, what: str) -> DatabaseError:
     """The named error for 500 / errorNum 1521 on a shard-restricted read."""
-    return DatabaseError(f"{what}: the server has no such shard any more (HTTP {err.http_code}, errorNum "
-                         f"{err.error_code}: {err.error_message}); the collection was dropped, recreated or "
-                         "resharded since its shards were listed. Export again from the start")
+    return DatabaseError(
+        f"{what}: the server has no such shard any more (HTTP {err.http_code}, errorNum "
+        f"{err.error_code}: {err.error_message}); the collection was dropped, recreated or "
+        "resharded since its shards were listed. Export again from the start"
+    )
 
 
 # ----------------------------------------------------------------------------- the source
@@ -337,30 +371,48 @@ class ArangoSource:
         if self.server is None:
             self.server = server_info(self.db)
         if self.server.legacy_cursors:
-            log.warning("ArangoDB %s: no cursor allowRetry known, reading each partition with a counted, "
-                        "non-stream cursor and re-reading it when a batch goes missing",
-                        self.server.version_text or "(version hidden from this user)")
+            log.warning(
+                "ArangoDB %s: no cursor allowRetry known, reading each partition with a counted, "
+                "non-stream cursor and re-reading it when a batch goes missing",
+                self.server.version_text or "(version hidden from this user)",
+            )
 
     def identity(self) -> dict[str, Any]:
         """What determines the rows read (a resumed export must match it)."""
         e = self.export
-        return {"source": "arango", "database": self.db.name, "users": self.layout.users_collection,
-                "movies": self.layout.movies_collection, "ratings": self.layout.ratings_collection,
-                "attributes": {"rating": e.rating_attribute, "timestamp": e.timestamp_attribute,
-                               "title": e.title_attribute, "genres": e.genres_attribute}}
+        return {
+            "source": "arango",
+            "database": self.db.name,
+            "users": self.layout.users_collection,
+            "movies": self.layout.movies_collection,
+            "ratings": self.layout.ratings_collection,
+            "attributes": {
+                "rating": e.rating_attribute,
+                "timestamp": e.timestamp_attribute,
+                "title": e.title_attribute,
+                "genres": e.genres_attribute,
+            },
+        }
 
     def config(self) -> dict[str, Any]:
-        return {**self.identity(), "export_batch_size": self.export.export_batch_size,
-                "export_ttl": self.export.export_ttl, "parallelism": self.export.parallelism,
-                "server": self.server.describe()}
+        return {
+            **self.identity(),
+            "export_batch_size": self.export.export_batch_size,
+            "export_ttl": self.export.export_ttl,
+            "parallelism": self.export.parallelism,
+            "server": self.server.describe(),
+        }
 
     def fingerprint(self) -> None:
         return None  # a live database has no content hash; shards are never reused by fingerprint
 
     @property
     def movie_spec(self) -> ReadSpec:
-        return ReadSpec(self.layout.movies_collection, MOVIE_PROJECTION,
-                        {"title": self.export.title_attribute, "genres": self.export.genres_attribute})
+        return ReadSpec(
+            self.layout.movies_collection,
+            MOVIE_PROJECTION,
+            {"title": self.export.title_attribute, "genres": self.export.genres_attribute},
+        )
 
     @property
     def user_spec(self) -> ReadSpec:
@@ -368,8 +420,11 @@ class ArangoSource:
 
     @property
     def rating_spec(self) -> ReadSpec:
-        return ReadSpec(self.layout.ratings_collection, RATING_PROJECTION,
-                        {"rating": self.export.rating_attribute, "timestamp": self.export.timestamp_attribute})
+        return ReadSpec(
+            self.layout.ratings_collection,
+            RATING_PROJECTION,
+            {"rating": self.export.rating_attribute, "timestamp": self.export.timestamp_attribute},
+        )
 
     def shard_ids(self, collection: str) -> list[str] | None:
         """Sorted shards to read one by one (a coordinator, ``per_shard_reads``, the option taken),
@@ -380,11 +435,14 @@ class ArangoSource:
         """
         if not (self.server.cluster and self.export.per_shard_reads):
             return None
-        fallback = ("reading '%s' in hash partitions of the whole collection, one server-side scan each "
-                    "(%s)")
+        fallback = "reading '%s' in hash partitions of the whole collection, one server-side scan each (%s)"
         if not driver_can_restrict_to_shards(self.db):
-            log.warning(fallback, collection, "this python-arango has no db.aql._conn / db.aql._execute "
-                        "(request, response_handler), which cursor option shardIds is sent through")
+            log.warning(
+                fallback,
+                collection,
+                "this python-arango has no db.aql._conn / db.aql._execute "
+                "(request, response_handler), which cursor option shardIds is sent through",
+            )
             return None
         try:
             shards = self.list_shards(collection) or None
@@ -405,9 +463,14 @@ class ArangoSource:
 
     def probe_shard(self, collection: str, shard: str) -> None:
         """Reads at most one key of ``shard`` through the per-shard request path."""
-        cursor = _open_cursor(self.db, PROBE_QUERY, {"@collection": collection, "limit": 1},
-                              dataclasses.replace(self.export, export_batch_size=1), self.server.legacy_cursors,
-                              shard)
+        cursor = _open_cursor(
+            self.db,
+            PROBE_QUERY,
+            {"@collection": collection, "limit": 1},
+            dataclasses.replace(self.export, export_batch_size=1),
+            self.server.legacy_cursors,
+            shard,
+        )
         _close_quietly(cursor)
 
     def list_shards(self, collection: str) -> list[str]:
@@ -427,23 +490,32 @@ class ArangoSource:
         except ArangoServerError as err:
             raise database_error(err, f"Counting '{collection}'") from err
 
-    def read(self, spec: ReadSpec, part: Partition, consume: Callable[[list[list[Any]]], None],
-             on_start: Callable[[], None] = lambda: None) -> None:
+    def read(
+        self,
+        spec: ReadSpec,
+        part: Partition,
+        consume: Callable[[list[list[Any]]], None],
+        on_start: Callable[[], None] = lambda: None,
+    ) -> None:
         """Passes every cursor batch of one whole partition to ``consume``.
 
         The partition is read again from its start after a lost cursor or connection;
         ``on_start`` runs before each attempt, so the caller can drop what a failed one gave.
         """
+
         def once() -> None:
             on_start()
-            with Prefetcher(read_partition(self.db, spec, part, self.export, self.server),
-                            self.export.export_prefetch) as batches:
+            with Prefetcher(
+                read_partition(self.db, spec, part, self.export, self.server), self.export.export_prefetch
+            ) as batches:
                 for rows in batches:
                     consume(rows)
+
         retry_partition(once, self.layout.retry_policy(), f"Reading {part.describe()} of '{spec.collection}'")
 
-    def _batches(self, spec: ReadSpec, convert: Callable[..., pa.RecordBatch],
-                 report: SkipReport | None = None) -> Iterator[pa.RecordBatch]:
+    def _batches(
+        self, spec: ReadSpec, convert: Callable[..., pa.RecordBatch], report: SkipReport | None = None
+    ) -> Iterator[pa.RecordBatch]:
         """Every row of ``spec``'s collection exactly once, checked against the server's count.
 
         One partition is held in memory at a time (``export_partition_rows``)."""
@@ -482,7 +554,7 @@ def merge_report(into: SkipReport, part: SkipReport) -> None:
     for reason, n in part.counts.items():
         into.counts[reason] = into.counts.get(reason, 0) + n
         examples = into.examples.setdefault(reason, [])
-        examples.extend(part.examples.get(reason, [])[:max(0, into.max_examples - len(examples))])
+        examples.extend(part.examples.get(reason, [])[: max(0, into.max_examples - len(examples))])
     for what, n in part.accepted.items():
         into.accept(what, n)
 
@@ -492,8 +564,10 @@ def check_count(collection: str, read: int, before: int, after: int) -> None:
     if before != after:
         raise ExportVerificationError(
             f"'{collection}' changed during the export: count() was {before} before and {after} after; "
-            "export from a collection nobody writes to")
+            "export from a collection nobody writes to"
+        )
     if read != before:
         raise ExportVerificationError(
             f"Exported {read} rows of '{collection}', but the server counts {before} "
-            f"({'missing' if read < before else 'extra'}: {abs(before - read)})")
+            f"({'missing' if read < before else 'extra'}: {abs(before - read)})"
+        )

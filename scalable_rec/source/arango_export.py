@@ -20,6 +20,7 @@ A cursor that dies (connection reset after python-arango's retries, expired curs
 with ``--export-resume`` after its finished partitions. Rows are never read twice into a
 shard and never skipped.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,10 +30,11 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,11 +46,27 @@ from scalable_rec.connection import ArangoConfig, connect, database_error
 from scalable_rec.errors import ConfigError, ExportVerificationError
 from scalable_rec.shards import GraphShardWriter, KeyIndex, Manifest, ShardWriter
 from scalable_rec.source.arango import (
-    MOVIE_SCHEMA, USER_SCHEMA, ArangoSource, ExportConfig, Partition, ReadSpec, check_count, merge_report,
-    movie_batch, partitions, rating_batch, user_batch,
+    MOVIE_SCHEMA,
+    USER_SCHEMA,
+    ArangoSource,
+    ExportConfig,
+    Partition,
+    ReadSpec,
+    check_count,
+    merge_report,
+    movie_batch,
+    partitions,
+    rating_batch,
+    user_batch,
 )
 from scalable_rec.source.base import (
-    EDGE_SCHEMA, MOVIE, RATES, USER, RatingBounds, keep_latest_per_pair, validate_ratings,
+    EDGE_SCHEMA,
+    MOVIE,
+    RATES,
+    USER,
+    RatingBounds,
+    keep_latest_per_pair,
+    validate_ratings,
 )
 from scalable_rec.source.report import SkipReport
 
@@ -73,8 +91,9 @@ class FrozenKeyIndex(KeyIndex):
     def lookup(self, keys: np.ndarray | pa.Array, insert: bool = False) -> np.ndarray:
         if insert:
             raise TypeError("FrozenKeyIndex does not take new keys")
-        found = pc.index_in(pa.array(keys, pa.string()) if isinstance(keys, np.ndarray) else keys,
-                            value_set=self._values)
+        found = pc.index_in(
+            pa.array(keys, pa.string()) if isinstance(keys, np.ndarray) else keys, value_set=self._values
+        )
         return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
@@ -139,20 +158,36 @@ class _Read:
 class _Export:
     """Reads every table partition by partition into ``writer``, continuing from its checkpoints."""
 
-    def __init__(self, source: ArangoSource, writer: GraphShardWriter, report: SkipReport,
-                 bounds: RatingBounds, identity: dict[str, Any], progress: bool, spill: Path) -> None:
+    def __init__(
+        self,
+        source: ArangoSource,
+        writer: GraphShardWriter,
+        report: SkipReport,
+        bounds: RatingBounds,
+        identity: dict[str, Any],
+        progress: bool,
+        spill: Path,
+    ) -> None:
         self.source, self.writer, self.report, self.bounds = source, writer, report, bounds
         self.spill = spill
         self.identity, self.progress = identity, progress
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
-    def checkpoint(self, w: ShardWriter, count: int, shards: list[str] | None, done: list[int], rows: int,
-                   finished: bool) -> dict[str, Any]:
+    def checkpoint(
+        self, w: ShardWriter, count: int, shards: list[str] | None, done: list[int], rows: int, finished: bool
+    ) -> dict[str, Any]:
         # A deep copy: the writer keeps this object and may save it again later.
-        return {"identity": self.identity, "partitions": count, "shards": shards, "done": sorted(done),
-                "rows": rows, "files": len(w.files), "finished": finished,
-                "report": copy.deepcopy(self.report.to_json())}
+        return {
+            "identity": self.identity,
+            "partitions": count,
+            "shards": shards,
+            "done": sorted(done),
+            "rows": rows,
+            "files": len(w.files),
+            "finished": finished,
+            "report": copy.deepcopy(self.report.to_json()),
+        }
 
     def plan(self, collection: str, expected: int, state: dict[str, Any]) -> tuple[int, list[str] | None]:
         """The table's partitions: a resumed table keeps its recorded plan (its shards must still exist)."""
@@ -165,8 +200,10 @@ class _Export:
             except ArangoServerError as err:
                 raise database_error(err, f"Listing the shards of '{collection}' to resume") from err
             if now != shards:
-                raise ConfigError(f"Cannot resume '{self.writer.tmp}': '{collection}' was being read shard by shard "
-                                  f"from {shards}, the server now lists {now}; drop --export-resume to start over")
+                raise ConfigError(
+                    f"Cannot resume '{self.writer.tmp}': '{collection}' was being read shard by shard "
+                    f"from {shards}, the server now lists {now}; drop --export-resume to start over"
+                )
         return int(state["partitions"]), shards
 
     def run(self) -> None:
@@ -176,8 +213,10 @@ class _Export:
         states = [w.state for w in (movie_w, user_w, edge_w) if w.state]
         for state in states:
             if state.get("identity") != self.identity:
-                raise ConfigError(f"Cannot resume '{self.writer.tmp}': it was started with {state.get('identity')}, "
-                                  f"this export reads {self.identity}; drop --export-resume to start over")
+                raise ConfigError(
+                    f"Cannot resume '{self.writer.tmp}': it was started with {state.get('identity')}, "
+                    f"this export reads {self.identity}; drop --export-resume to start over"
+                )
         restore_report(self.report, states[-1]["report"] if states else None)
         movies = self.nodes(movie_w, self.source.movie_spec, movie_batch, "movies")
         users = self.nodes(user_w, self.source.user_spec, user_batch, "users")
@@ -185,8 +224,14 @@ class _Export:
         keep_latest_per_pair(edge_w, self.report)  # idempotent: a resumed run finds nothing left
 
     # -- one table
-    def table(self, w: ShardWriter, spec: ReadSpec, read: Callable[[Partition], _Read],
-              commit: Callable[[_Read], None], bar: Any = None) -> None:
+    def table(
+        self,
+        w: ShardWriter,
+        spec: ReadSpec,
+        read: Callable[[Partition], _Read],
+        commit: Callable[[_Read], None],
+        bar: Any = None,
+    ) -> None:
         state = w.state or {}
         if state.get("finished"):
             return
@@ -231,9 +276,11 @@ class _Export:
         check_count(spec.collection, rows, expected, self.source.count(spec.collection))
         w.flush(state=self.checkpoint(w, count, shards, done, rows, True))
 
-    def partition(self, spec: ReadSpec, part: Partition,
-                  convert: Callable[[list[list[Any]], SkipReport], pa.RecordBatch]) -> _Read:
+    def partition(
+        self, spec: ReadSpec, part: Partition, convert: Callable[[list[list[Any]], SkipReport], pa.RecordBatch]
+    ) -> _Read:
         """Reads one partition (retried as a whole) and checks that no ``_key`` repeats in it."""
+
         def batch(rows: list[list[Any]], out: _Read) -> None:
             out.rows += len(rows)
             out.keys.append(pa.array([r[0] for r in rows], pa.string()))
@@ -263,13 +310,12 @@ class _Export:
                 repeated = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:3]
                 out.discard()
                 raise ExportVerificationError(
-                    f"'{spec.collection}' {part.describe()}: {out.rows - distinct} "
-                    f"repeated _key(s), e.g. {repeated}")
+                    f"'{spec.collection}' {part.describe()}: {out.rows - distinct} repeated _key(s), e.g. {repeated}"
+                )
         out.keys = []
         return out
 
-    def nodes(self, w: ShardWriter, spec: ReadSpec, convert: Callable[[list], pa.RecordBatch],
-              what: str) -> KeyIndex:
+    def nodes(self, w: ShardWriter, spec: ReadSpec, convert: Callable[[list], pa.RecordBatch], what: str) -> KeyIndex:
         index = KeyIndex()
         for table in w.read_finished():
             for key in table.column("key").to_pylist():
@@ -284,7 +330,8 @@ class _Export:
                 n += batch.num_rows
             if len(index) - before != n:
                 raise ExportVerificationError(
-                    f"'{spec.collection}': {n - (len(index) - before)} _key(s) read twice across partitions")
+                    f"'{spec.collection}': {n - (len(index) - before)} _key(s) read twice across partitions"
+                )
             result.report.accept(what, n)
 
         self.table(w, spec, lambda part: self.partition(spec, part, lambda rows, _: convert(rows)), commit)
@@ -299,8 +346,13 @@ class _Export:
             return validate_ratings(batch, users, movies, report, self.bounds, insert_users=False)
 
         total = self.source.count(spec.collection) if self.progress else None
-        with tqdm(total=total, initial=(w.state or {}).get("rows", 0), unit="edge", desc="export ratings",
-                  disable=None if self.progress else True) as bar:
+        with tqdm(
+            total=total,
+            initial=(w.state or {}).get("rows", 0),
+            unit="edge",
+            desc="export ratings",
+            disable=None if self.progress else True,
+        ) as bar:
             self.table(w, spec, lambda part: self.partition(spec, part, convert), lambda result: None, bar)
 
 
@@ -319,9 +371,16 @@ def collector_paused(pause: bool) -> Iterator[None]:
             gc.enable()
 
 
-def export_shards(source: ArangoSource, out: str | os.PathLike, report: SkipReport,
-                  bounds: RatingBounds = RatingBounds(), max_rows_per_shard: int = 1_000_000,
-                  overwrite: bool = False, resume: bool = False, progress: bool = True) -> Manifest:
+def export_shards(
+    source: ArangoSource,
+    out: str | os.PathLike,
+    report: SkipReport,
+    bounds: RatingBounds = RatingBounds(),
+    max_rows_per_shard: int = 1_000_000,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> Manifest:
     """Exports the rating graph into a shard directory that ``scalable-rec train`` reads.
 
     Node types ``user`` (``key``) and ``movie`` (``key``, ``title``, ``genres``), edge type
@@ -342,30 +401,49 @@ def export_shards(source: ArangoSource, out: str | os.PathLike, report: SkipRepo
         ExportVerificationError: Rows read differ from the server's count, or a key repeats.
         MalformedInputError: In strict mode, at the first unusable row.
     """
-    identity = {**source.identity(), "rating_bounds": [bounds.min, bounds.max],
-                "max_rows_per_shard": max_rows_per_shard}
+    identity = {
+        **source.identity(),
+        "rating_bounds": [bounds.min, bounds.max],
+        "max_rows_per_shard": max_rows_per_shard,
+    }
     config = {**source.config(), "rating_bounds": [bounds.min, bounds.max], "max_rows_per_shard": max_rows_per_shard}
     writer = GraphShardWriter(out, config, max_rows_per_shard, resume=resume, overwrite=overwrite)
     parent = Path(out).resolve().parent
-    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.spill-", dir=parent) as spill, \
-            collector_paused(source.export.pause_gc):
+    with (
+        tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.spill-", dir=parent) as spill,
+        collector_paused(source.export.pause_gc),
+    ):
         _Export(source, writer, report, bounds, identity, progress, Path(spill)).run()
     if report.counts:
         log.warning("%s", report.summary())
     return writer.commit(report=report.to_json(), fingerprint="")
 
 
-def export_command(out: str, layout: ArangoConfig, cfg: ExportConfig, *, strict: bool = False,
-                   bounds: RatingBounds = RatingBounds(), max_rows_per_shard: int = 1_000_000,
-                   overwrite: bool = False) -> Manifest:
+def export_command(
+    out: str,
+    layout: ArangoConfig,
+    cfg: ExportConfig,
+    *,
+    strict: bool = False,
+    bounds: RatingBounds = RatingBounds(),
+    max_rows_per_shard: int = 1_000_000,
+    overwrite: bool = False,
+) -> Manifest:
     """Connects with ``layout``'s settings and runs ``export_shards`` (the CLI's entry point)."""
     db = connect(layout.settings())
     source = ArangoSource(db, layout, cfg)
     report = SkipReport(strict=strict)
     t0 = time.perf_counter()
-    manifest = export_shards(source, out, report, bounds, max_rows_per_shard, overwrite=overwrite,
-                             resume=cfg.export_resume)
+    manifest = export_shards(
+        source, out, report, bounds, max_rows_per_shard, overwrite=overwrite, resume=cfg.export_resume
+    )
     edges = sum(i.num_rows for i in manifest.edge_types.values())
-    log.info("export: %d rating edges into %s in %.1fs with %d worker(s) (%s)", edges, out,
-             time.perf_counter() - t0, cfg.parallelism, report.summary())
+    log.info(
+        "export: %d rating edges into %s in %.1fs with %d worker(s) (%s)",
+        edges,
+        out,
+        time.perf_counter() - t0,
+        cfg.parallelism,
+        report.summary(),
+    )
     return manifest

@@ -4,6 +4,7 @@ Rows are the compact arrays the export's queries return (``[key, title, genres]`
 ``[key]``, ``[key, _from, _to, rating, timestamp]``); conversion is vectorised in Arrow and
 NumPy where the values allow it, and every dropped row is counted in a ``SkipReport``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,8 +18,9 @@ from scalable_rec.source.report import SkipReport
 
 MOVIE_SCHEMA = pa.schema([("key", pa.string()), ("title", pa.string()), ("genres", pa.string())])
 USER_SCHEMA = pa.schema([("key", pa.string())])
-RATING_SCHEMA = pa.schema([("user_key", pa.string()), ("movie_key", pa.string()), ("rating", pa.float64()),
-                           ("timestamp", pa.int64())])
+RATING_SCHEMA = pa.schema(
+    [("user_key", pa.string()), ("movie_key", pa.string()), ("rating", pa.float64()), ("timestamp", pa.int64())]
+)
 
 
 def movie_batch(rows: list[list[Any]]) -> pa.RecordBatch:
@@ -26,8 +28,9 @@ def movie_batch(rows: list[list[Any]]) -> pa.RecordBatch:
     keys, titles, genres = zip(*rows)
     genres = ["|".join(str(g) for g in v) if isinstance(v, list) else ("" if v is None else str(v)) for v in genres]
     titles = ["" if t is None else str(t) for t in titles]
-    return pa.record_batch([pa.array(keys, pa.string()), pa.array(titles, pa.string()),
-                            pa.array(genres, pa.string())], schema=MOVIE_SCHEMA)
+    return pa.record_batch(
+        [pa.array(keys, pa.string()), pa.array(titles, pa.string()), pa.array(genres, pa.string())], schema=MOVIE_SCHEMA
+    )
 
 
 def user_batch(rows: list[list[Any]]) -> pa.RecordBatch:
@@ -72,8 +75,13 @@ def _timestamps(values: tuple[Any, ...]) -> pa.Array:
     try:
         return pa.array(values, pa.int64())
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
-                         else None for v in values], pa.int64())
+        return pa.array(
+            [
+                int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() else None
+                for v in values
+            ],
+            pa.int64(),
+        )
 
 
 def rating_batch(rows: list[list[Any]], layout: ArangoConfig, report: SkipReport) -> pa.RecordBatch:
@@ -89,16 +97,23 @@ def rating_batch(rows: list[list[Any]], layout: ArangoConfig, report: SkipReport
     rating, missing, wrong = _ratings(ratings)
     pending = np.ones(len(keys), bool)
     for reason, bad, expected in (
-            ("wrong_from_collection", ~ok_from, f"_from in '{layout.users_collection}'"),
-            ("wrong_to_collection", ~ok_to, f"_to in '{layout.movies_collection}'"),
-            ("missing_rating", missing, "a rating"),
-            ("non_numeric_rating", wrong, "a numeric rating")):
+        ("wrong_from_collection", ~ok_from, f"_from in '{layout.users_collection}'"),
+        ("wrong_to_collection", ~ok_to, f"_to in '{layout.movies_collection}'"),
+        ("missing_rating", missing, "a rating"),
+        ("non_numeric_rating", wrong, "a numeric rating"),
+    ):
         hit = np.flatnonzero(pending & bad)
         if len(hit):
             i = int(hit[0])
-            report.skip(reason, f"{layout.ratings_collection}/{keys[i]}: expected {expected}, got _from="
-                                f"{froms[i]!r}, _to={tos[i]!r}, rating={ratings[i]!r}", count=len(hit))
+            report.skip(
+                reason,
+                f"{layout.ratings_collection}/{keys[i]}: expected {expected}, got _from="
+                f"{froms[i]!r}, _to={tos[i]!r}, rating={ratings[i]!r}",
+                count=len(hit),
+            )
             pending[hit] = False
     keep = pa.array(pending)
-    return pa.record_batch([user_key.filter(keep), movie_key.filter(keep), pa.array(rating[pending]),
-                            _timestamps(stamps).filter(keep)], schema=RATING_SCHEMA)
+    return pa.record_batch(
+        [user_key.filter(keep), movie_key.filter(keep), pa.array(rating[pending]), _timestamps(stamps).filter(keep)],
+        schema=RATING_SCHEMA,
+    )

@@ -6,11 +6,13 @@ dense indices (``KeyIndex``), validates ratings and endpoints, and writes a shar
 directory. MovieLens CSV, the ArangoDB export and the synthetic generator all go through
 it, so the trainer sees one format.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -59,9 +61,14 @@ class RatingBounds:
             raise ValueError(f"Rating bounds need min < max (got min={self.min}, max={self.max})")
 
 
-EDGE_SCHEMA = pa.schema([
-    ("src", pa.int64()), ("dst", pa.int64()), ("rating", pa.float32()), ("timestamp", pa.int64()),
-])
+EDGE_SCHEMA = pa.schema(
+    [
+        ("src", pa.int64()),
+        ("dst", pa.int64()),
+        ("rating", pa.float32()),
+        ("timestamp", pa.int64()),
+    ]
+)
 # Sources of a given train/test split (``RatingFilesSource``) add which side an edge is on.
 GIVEN_SPLIT_EDGE_SCHEMA = EDGE_SCHEMA.append(pa.field("given_split", pa.int8()))
 
@@ -79,8 +86,9 @@ def validate_ratings(
     bad = ~np.isfinite(rating) | (rating < bounds.min) | (rating > bounds.max)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        report.skip("rating_out_of_range", f"{_row(batch, first)} (valid: {bounds.min}..{bounds.max})",
-                    count=int(bad.sum()))
+        report.skip(
+            "rating_out_of_range", f"{_row(batch, first)} (valid: {bounds.min}..{bounds.max})", count=int(bad.sum())
+        )
     dst = movies.lookup(batch.column("movie_key"))
     unknown_movie = (dst < 0) & ~bad
     if unknown_movie.any():
@@ -100,8 +108,12 @@ def validate_ratings(
             report.skip("unknown_user", _row(batch, first), count=int(unknown_user.sum()))
         keep &= ~unknown_user
     ts = batch.column("timestamp")
-    columns = [pa.array(src[keep]), pa.array(dst[keep]), pa.array(rating[keep], pa.float32()),
-               pc.filter(ts.cast(pa.int64()), pa.array(keep))]
+    columns = [
+        pa.array(src[keep]),
+        pa.array(dst[keep]),
+        pa.array(rating[keep], pa.float32()),
+        pc.filter(ts.cast(pa.int64()), pa.array(keep)),
+    ]
     given = "given_split" in batch.schema.names
     if given:
         columns.append(pc.filter(batch.column("given_split").cast(pa.int8()), pa.array(keep)))
@@ -132,8 +144,7 @@ def write_rating_shards(
     or with more than that share of rows skipped raises ``MalformedInputError`` before
     anything is published.
     """
-    config = {**source.config(), "rating_bounds": [bounds.min, bounds.max],
-              "max_rows_per_shard": max_rows_per_shard}
+    config = {**source.config(), "rating_bounds": [bounds.min, bounds.max], "max_rows_per_shard": max_rows_per_shard}
     with GraphShardWriter(out, config, max_rows_per_shard, overwrite=overwrite) as writer:
         movies = _write_nodes(source.movies(report), writer, MOVIE, report)
         if movies is None:
@@ -204,8 +215,9 @@ def keep_latest_per_pair(edges: ShardWriter, report: SkipReport) -> int:
     part_at = np.cumsum([t.num_rows for t in parts])
     p = int(np.searchsorted(part_at, first, side="right"))
     row = parts[p].slice(first - (int(part_at[p - 1]) if p else 0), 1).to_pylist()[0]
-    report.skip("duplicate_rating", f"{row} (node indices; a later rating of the same pair is kept)",
-                count=int((~last).sum()))
+    report.skip(
+        "duplicate_rating", f"{row} (node indices; a later rating of the same pair is kept)", count=int((~last).sum())
+    )
     del parts
     dropped = edges.filter_rows(keep)
     report.accepted["ratings"] = report.accepted.get("ratings", 0) - dropped

@@ -1,4 +1,5 @@
 """Fetching MovieLens into a cache directory, checksummed, written atomically."""
+
 from __future__ import annotations
 
 import logging
@@ -36,9 +37,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SCALABLE_REC_CACHE", Path.home() / ".cache" / "scalable-rec"))
 
 
-def fetch_movielens(name: str = "ml-latest-small", cache_dir: str | os.PathLike | None = None,
-                    base_url: str = BASE_URL, timeout: float = 60.0,
-                    pinned: tuple[int, str] | None = None) -> Path:
+def fetch_movielens(
+    name: str = "ml-latest-small",
+    cache_dir: str | os.PathLike | None = None,
+    base_url: str = BASE_URL,
+    timeout: float = 60.0,
+    pinned: tuple[int, str] | None = None,
+) -> Path:
     """Returns a local MovieLens directory, downloading ``<name>.zip`` once if needed.
 
     The zip's size and sha256 must match the values pinned in ``PINNED_ARCHIVES`` (never a
@@ -61,8 +66,10 @@ def fetch_movielens(name: str = "ml-latest-small", cache_dir: str | os.PathLike 
         return final
     pinned = pinned or PINNED_ARCHIVES.get(name)
     if pinned is None:
-        raise DownloadError(f"No pinned sha256 for '{name}' (known: {sorted(PINNED_ARCHIVES)}); download it "
-                            "yourself and pass --data DIR (a folder with ratings.csv and movies.csv)")
+        raise DownloadError(
+            f"No pinned sha256 for '{name}' (known: {sorted(PINNED_ARCHIVES)}); download it "
+            "yourself and pass --data DIR (a folder with ratings.csv and movies.csv)"
+        )
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"{name}.incomplete"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -82,8 +89,10 @@ def fetch_movielens(name: str = "ml-latest-small", cache_dir: str | os.PathLike 
     size, digest = archive.stat().st_size, sha256_file(archive)
     if (size, digest) != tuple(pinned):
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DownloadError(f"Checksum mismatch for {url}: got {size} bytes with sha256 {digest}, expected "
-                            f"{pinned[0]} bytes with sha256 {pinned[1]} (pinned in scalable_rec.source.download)")
+        raise DownloadError(
+            f"Checksum mismatch for {url}: got {size} bytes with sha256 {digest}, expected "
+            f"{pinned[0]} bytes with sha256 {pinned[1]} (pinned in scalable_rec.source.download)"
+        )
     with zipfile.ZipFile(archive) as z:
         for member in z.namelist():
             target = (tmp / member).resolve()

@@ -5,14 +5,16 @@ sit in memory whole. Values are read as strings and converted per column: the ve
 cast handles clean blocks, and only a block that fails it is walked row by row to count
 and report the bad rows. Ratings stay floats (4.5 stays 4.5).
 """
+
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -49,15 +51,14 @@ class MovieLensSource:
 
     def fingerprint(self) -> str:
         """sha256 over both files' bytes and the config: unchanged input gives the same value."""
-        h = hashlib.sha256(json.dumps({k: v for k, v in self.config().items() if k != "path"},
-                                      sort_keys=True).encode())
+        h = hashlib.sha256(json.dumps({k: v for k, v in self.config().items() if k != "path"}, sort_keys=True).encode())
         for name in ("movies.csv", "ratings.csv"):
             with open(Path(self.path) / name, "rb") as f:
                 while block := f.read(1 << 22):
                     h.update(block)
         return h.hexdigest()
 
-    def _csv(self, name: str, columns: list[str], report: SkipReport) -> Iterator[tuple[pa.RecordBatch, "LineOf"]]:
+    def _csv(self, name: str, columns: list[str], report: SkipReport) -> Iterator[tuple[pa.RecordBatch, LineOf]]:
         """Streams ``columns`` as string batches, each with its rows' line numbers. A UTF-8
         BOM is accepted; a row with bytes that are not UTF-8 is counted (``undecodable_row``)
         and skipped, or under ``--strict`` raises naming the file and line."""
@@ -66,8 +67,11 @@ class MovieLensSource:
 
         def on_invalid(row) -> str:
             invalid.append(row.number)
-            report.skip(f"malformed_row_{path.stem}", f"{path.name} line {row.number}: {row.text!r} "
-                        f"(expected {row.expected_columns} columns, got {row.actual_columns})")
+            report.skip(
+                f"malformed_row_{path.stem}",
+                f"{path.name} line {row.number}: {row.text!r} "
+                f"(expected {row.expected_columns} columns, got {row.actual_columns})",
+            )
             return "skip"
 
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
@@ -81,12 +85,13 @@ class MovieLensSource:
             read_options=pacsv.ReadOptions(block_size=self.block_size, use_threads=False),
             # Empty lines are malformed rows too, so every line is a row or a reported skip
             # and the line numbers of skipped values stay exact.
-            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=False,
-                                              ignore_empty_lines=False),
+            parse_options=pacsv.ParseOptions(
+                invalid_row_handler=on_invalid, newlines_in_values=False, ignore_empty_lines=False
+            ),
             # Bytes first: a stray latin-1 byte must cost one row, not abort the whole file.
             convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.binary() for c in columns}, include_columns=columns,
-                strings_can_be_null=False),
+                column_types={c: pa.binary() for c in columns}, include_columns=columns, strings_can_be_null=False
+            ),
         )
         next_line = 2  # line 1 is the header
         for batch in reader:
@@ -195,8 +200,9 @@ def _parse(column: pa.Array, to: pa.DataType) -> tuple[np.ndarray, np.ndarray]:
     return out, ok
 
 
-def _skip_rows(batch: pa.RecordBatch, bad: np.ndarray, reason: str, report: SkipReport,
-               line_of: LineOf | None = None) -> None:
+def _skip_rows(
+    batch: pa.RecordBatch, bad: np.ndarray, reason: str, report: SkipReport, line_of: LineOf | None = None
+) -> None:
     idx = np.flatnonzero(bad)
     if len(idx):
         row = {n: batch.column(n)[int(idx[0])].as_py() for n in batch.schema.names}

@@ -10,6 +10,7 @@ users the run does not know become new user nodes (``insert_users``).
 The fingerprint is a sha256 of the input's bytes (of the files' recorded sha256s for a
 shard directory), so the run directory can tell an input it has already folded in.
 """
+
 from __future__ import annotations
 
 import csv
@@ -54,8 +55,9 @@ def fingerprint(path: str | Path) -> str:
 def _shard_digests(obj) -> list[str]:
     """Every ``sha256`` value found in a manifest (node and edge files alike)."""
     if isinstance(obj, dict):
-        return [v for k, v in sorted(obj.items()) if k == "sha256"] + \
-               [d for k, v in sorted(obj.items()) if k != "sha256" for d in _shard_digests(v)]
+        return [v for k, v in sorted(obj.items()) if k == "sha256"] + [
+            d for k, v in sorted(obj.items()) if k != "sha256" for d in _shard_digests(v)
+        ]
     if isinstance(obj, list):
         return [d for v in obj for d in _shard_digests(v)]
     return []
@@ -66,8 +68,10 @@ def _resolve(path: str | Path) -> Path:
     if path.is_dir() and not (path / "manifest.json").is_file():
         if (path / "ratings.csv").is_file():
             return path / "ratings.csv"
-        raise ConfigError(f"'new_ratings' needs a ratings.csv file, a folder holding one or a shard directory "
-                          f"(got folder '{path}' with neither ratings.csv nor manifest.json)")
+        raise ConfigError(
+            f"'new_ratings' needs a ratings.csv file, a folder holding one or a shard directory "
+            f"(got folder '{path}' with neither ratings.csv nor manifest.json)"
+        )
     if not path.exists():
         raise ConfigError(f"'new_ratings' needs an existing file or directory (got '{path}')")
     return path
@@ -80,11 +84,15 @@ def _batches(path: Path, report: SkipReport):
         src, rel, dst = shards.rating_edge_type
         edges = shards.edges(src, rel, dst)
         users, movies = shards.nodes(src).column("key"), shards.nodes(dst).column("key")
-        yield pa.record_batch([users.take(edges.column("src")).combine_chunks(),
-                               movies.take(edges.column("dst")).combine_chunks(),
-                               edges.column("rating").combine_chunks().cast(pa.float64()),
-                               edges.column("timestamp").combine_chunks().fill_null(0)],
-                              names=["user_key", "movie_key", "rating", "timestamp"])
+        yield pa.record_batch(
+            [
+                users.take(edges.column("src")).combine_chunks(),
+                movies.take(edges.column("dst")).combine_chunks(),
+                edges.column("rating").combine_chunks().cast(pa.float64()),
+                edges.column("timestamp").combine_chunks().fill_null(0),
+            ],
+            names=["user_key", "movie_key", "rating", "timestamp"],
+        )
         return
     with open(path, newline="", encoding="utf-8") as f:
         header = next(csv.reader(f), [])
@@ -96,24 +104,33 @@ def _batches(path: Path, report: SkipReport):
         report.skip("malformed_row_ratings", f"{path.name} line {row.number}: {row.text!r}")
         return "skip"
 
-    table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
-                           convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in RATINGS_COLUMNS},
-                                                                include_columns=RATINGS_COLUMNS,
-                                                                strings_can_be_null=False))
+    table = pacsv.read_csv(
+        path,
+        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in RATINGS_COLUMNS},
+            include_columns=RATINGS_COLUMNS,
+            strings_can_be_null=False,
+        ),
+    )
     for batch in table.to_batches():
-        parsed = [_parse(batch.column(c), t) for c, t in
-                  zip(RATINGS_COLUMNS, (pa.int64(), pa.int64(), pa.float64(), pa.int64()))]
+        parsed = [
+            _parse(batch.column(c), t)
+            for c, t in zip(RATINGS_COLUMNS, (pa.int64(), pa.int64(), pa.float64(), pa.int64()))
+        ]
         ok = np.logical_and.reduce([good for _, good in parsed])
         pending = ~ok
         for (_, good), what in zip(parsed, ("user_id", "movie_id", "rating", "timestamp")):
             _skip_rows(batch, pending & ~good, f"unparseable_{what}", report)
             pending &= good
-        yield pa.record_batch([pa.array(v[ok]) for v, _ in parsed],
-                              names=["user_key", "movie_key", "rating", "timestamp"])
+        yield pa.record_batch(
+            [pa.array(v[ok]) for v, _ in parsed], names=["user_key", "movie_key", "rating", "timestamp"]
+        )
 
 
-def read_new_ratings(path: str | Path, users: KeyIndex, movies: KeyIndex, report: SkipReport,
-                     bounds: RatingBounds = RatingBounds()) -> NewEdges:
+def read_new_ratings(
+    path: str | Path, users: KeyIndex, movies: KeyIndex, report: SkipReport, bounds: RatingBounds = RatingBounds()
+) -> NewEdges:
     """Validates and maps new ratings; unknown users are added to ``users`` (new nodes).
 
     Args:
@@ -125,11 +142,22 @@ def read_new_ratings(path: str | Path, users: KeyIndex, movies: KeyIndex, report
         bounds: Valid rating range.
     """
     resolved = _resolve(path)
-    parts = [validate_ratings(b, users, movies, report, bounds, insert_users=True)
-             for b in _batches(resolved, report) if b.num_rows]
-    cols = {n: np.concatenate([p.column(n).to_numpy(zero_copy_only=False) for p in parts]) if parts
-            else np.empty(0, dtype=np.float32 if n == "rating" else np.int64)
-            for n in ("src", "dst", "rating", "timestamp")}
-    return NewEdges(src=cols["src"].astype(np.int64), dst=cols["dst"].astype(np.int64),
-                    rating=cols["rating"].astype(np.float32), timestamp=cols["timestamp"].astype(np.int64),
-                    fingerprint=fingerprint(resolved), source=str(resolved))
+    parts = [
+        validate_ratings(b, users, movies, report, bounds, insert_users=True)
+        for b in _batches(resolved, report)
+        if b.num_rows
+    ]
+    cols = {
+        n: np.concatenate([p.column(n).to_numpy(zero_copy_only=False) for p in parts])
+        if parts
+        else np.empty(0, dtype=np.float32 if n == "rating" else np.int64)
+        for n in ("src", "dst", "rating", "timestamp")
+    }
+    return NewEdges(
+        src=cols["src"].astype(np.int64),
+        dst=cols["dst"].astype(np.int64),
+        rating=cols["rating"].astype(np.float32),
+        timestamp=cols["timestamp"].astype(np.int64),
+        fingerprint=fingerprint(resolved),
+        source=str(resolved),
+    )

@@ -1,10 +1,12 @@
 """A bounded background iterator: the next cursor batches are fetched while the current one is
 converted (``ExportConfig.export_prefetch``)."""
+
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 class Prefetcher:
@@ -61,7 +63,7 @@ class Prefetcher:
         self._stop.set()
         self._thread.join(timeout=5.0)
 
-    def __enter__(self) -> "Prefetcher":
+    def __enter__(self) -> Prefetcher:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -14,13 +14,15 @@ Movies come from a MovieLens ``movies.csv`` when one is given (titles and genres
 features as usual); otherwise from the items of both files, with a constant 1-d feature
 (the model then learns from ids and the graph alone).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,8 +43,10 @@ def sniff(path: Path) -> tuple[str, bool, int]:
     delimiter = "\t" if "\t" in first else ","
     fields = [x.strip() for x in first.split(delimiter)]
     if not 3 <= len(fields) <= 4:
-        raise ValueError(f"Rating file '{path}' needs 3 or 4 tab- or comma-separated columns "
-                         f"(user item rating [timestamp]); its first line has {len(fields)}: {first[:80]!r}")
+        raise ValueError(
+            f"Rating file '{path}' needs 3 or 4 tab- or comma-separated columns "
+            f"(user item rating [timestamp]); its first line has {len(fields)}: {first[:80]!r}"
+        )
     try:
         float(fields[2])
         header = False
@@ -92,10 +96,14 @@ class RatingFilesSource:
         return {"source": "rating_files", **{k: v for k, v in asdict(self).items()}}
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps({k: v for k, v in self.config().items() if not k.endswith(("file", "dir"))},
-                                      sort_keys=True).encode())
-        files = [self.train_file, self.test_file] + ([str(Path(self.movies_dir) / "movies.csv")]
-                                                     if self._movielens else [])
+        h = hashlib.sha256(
+            json.dumps(
+                {k: v for k, v in self.config().items() if not k.endswith(("file", "dir"))}, sort_keys=True
+            ).encode()
+        )
+        files = [self.train_file, self.test_file] + (
+            [str(Path(self.movies_dir) / "movies.csv")] if self._movielens else []
+        )
         for name in files:
             with open(name, "rb") as f:
                 while block := f.read(1 << 22):
@@ -108,16 +116,21 @@ class RatingFilesSource:
         names = COLUMNS[:ncols]
 
         def on_invalid(row) -> str:
-            report.skip("malformed_row_ratings", f"{Path(path).name} line {row.number}: {row.text!r} "
-                        f"(expected {row.expected_columns} columns, got {row.actual_columns})")
+            report.skip(
+                "malformed_row_ratings",
+                f"{Path(path).name} line {row.number}: {row.text!r} "
+                f"(expected {row.expected_columns} columns, got {row.actual_columns})",
+            )
             return "skip"
 
         reader = pacsv.open_csv(
-            path, read_options=pacsv.ReadOptions(block_size=self.block_size, column_names=names,
-                                                 skip_rows=int(header)),
+            path,
+            read_options=pacsv.ReadOptions(block_size=self.block_size, column_names=names, skip_rows=int(header)),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names},
-                                                 strings_can_be_null=False))
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in names}, strings_can_be_null=False
+            ),
+        )
         for batch in reader:
             user, ok_u = _parse(batch.column("user"), pa.int64())
             item, ok_i = _parse(batch.column("item"), pa.int64())
@@ -138,16 +151,27 @@ class RatingFilesSource:
         if self._movielens is not None:
             yield from self._movielens.movies(report)
             return
-        items = np.unique(np.concatenate([item for path in (self.train_file, self.test_file)
-                                          for _, item, _, _ in self._rows(path, SkipReport())] or [np.empty(0, np.int64)]))
-        yield pa.record_batch([pa.array(items), pa.FixedSizeListArray.from_arrays(
-            pa.array(np.zeros(len(items), np.float32)), 1)], names=["key", "features"])
+        items = np.unique(
+            np.concatenate(
+                [item for path in (self.train_file, self.test_file) for _, item, _, _ in self._rows(path, SkipReport())]
+                or [np.empty(0, np.int64)]
+            )
+        )
+        yield pa.record_batch(
+            [pa.array(items), pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(len(items), np.float32)), 1)],
+            names=["key", "features"],
+        )
 
     def ratings(self, report: SkipReport) -> Iterator[pa.RecordBatch]:
         for given, path in enumerate((self.train_file, self.test_file)):
             for user, item, rating, ts in self._rows(path, report):
                 yield pa.record_batch(
-                    [pa.array(user), pa.array(item), pa.array(rating),
-                     pa.array(ts, pa.int64()) if ts is not None else pa.nulls(len(user), pa.int64()),
-                     pa.array(np.full(len(user), given, np.int8))],
-                    names=["user_key", "movie_key", "rating", "timestamp", "given_split"])
+                    [
+                        pa.array(user),
+                        pa.array(item),
+                        pa.array(rating),
+                        pa.array(ts, pa.int64()) if ts is not None else pa.nulls(len(user), pa.int64()),
+                        pa.array(np.full(len(user), given, np.int8)),
+                    ],
+                    names=["user_key", "movie_key", "rating", "timestamp", "given_split"],
+                )

@@ -1,4 +1,5 @@
 """Counting and reporting input rows that were skipped, with examples."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,14 +47,14 @@ class SkipReport:
         of the rows read (skipped + accepted ratings and movies) had to be skipped."""
         ratings = self.accepted.get("ratings", 0)
         if ratings == 0:
-            raise MalformedInputError(f"The input has no usable ratings (expected at least one; "
-                                      f"{self.summary()})")
+            raise MalformedInputError(f"The input has no usable ratings (expected at least one; {self.summary()})")
         read = self.total_skipped + ratings + self.accepted.get("movies", 0)
         share = self.total_skipped / read
         if share > max_skipped_share:
             raise MalformedInputError(
                 f"{share:.1%} of the {read} input rows were skipped, more than --max-skipped-share "
-                f"{max_skipped_share:.1%} allows ({self.summary()})")
+                f"{max_skipped_share:.1%} allows ({self.summary()})"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return {"accepted": self.accepted, "skipped": self.counts, "examples": self.examples}

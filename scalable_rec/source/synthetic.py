@@ -10,10 +10,12 @@ Every (user, movie) pair occurs at most once (users' ratings are drawn per range
 without repeats). Memory is O(users + movies) (factors, sampling tables, degrees) plus
 about one batch of edges, whatever ``edges`` is; the same seed gives the same graph.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -62,17 +64,21 @@ class SyntheticSource:
     batch_edges: int = 1_000_000
 
     def __post_init__(self) -> None:
-        problems = [f"'{n}' needs to be positive (got {getattr(self, n)})"
-                    for n in ("num_users", "num_movies", "num_edges", "feature_dim", "latent_dim", "batch_edges")
-                    if getattr(self, n) <= 0]
+        problems = [
+            f"'{n}' needs to be positive (got {getattr(self, n)})"
+            for n in ("num_users", "num_movies", "num_edges", "feature_dim", "latent_dim", "batch_edges")
+            if getattr(self, n) <= 0
+        ]
         if not problems and self.num_edges > self.num_users * self.num_movies:
-            problems.append(f"'num_edges' needs to be at most num_users * num_movies = "
-                            f"{self.num_users * self.num_movies} (distinct pairs; got {self.num_edges})")
+            problems.append(
+                f"'num_edges' needs to be at most num_users * num_movies = "
+                f"{self.num_users * self.num_movies} (distinct pairs; got {self.num_edges})"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "SyntheticSource":
+    def preset(cls, name: str, **overrides: Any) -> SyntheticSource:
         if name not in PRESETS:
             raise ValueError(f"Unknown synthetic preset {name!r} (choose from {list(PRESETS)})")
         users, movies, edges = PRESETS[name]
@@ -117,8 +123,10 @@ class SyntheticSource:
             stop = min(self.num_movies, start + step)
             x = f["q"][start:stop] @ f["proj"] + rng.normal(0, 0.5, (stop - start, self.feature_dim)).astype(np.float32)
             yield pa.record_batch(
-                [pa.array(np.arange(start, stop, dtype=np.int64)),
-                 pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), self.feature_dim)],
+                [
+                    pa.array(np.arange(start, stop, dtype=np.int64)),
+                    pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), self.feature_dim),
+                ],
                 names=["key", "features"],
             )
 
@@ -126,7 +134,7 @@ class SyntheticSource:
         """Ratings per user: multinomial over power-law activity, each capped at the number
         of movies (a user rates a movie at most once); the excess goes to users with room."""
         deg = rng.multinomial(self.num_edges, p_user)
-        while (excess := int(np.clip(deg - self.num_movies, 0, None).sum())):
+        while excess := int(np.clip(deg - self.num_movies, 0, None).sum()):
             np.minimum(deg, self.num_movies, out=deg)
             room = np.where(deg < self.num_movies, p_user, 0.0)
             deg += rng.multinomial(excess, room / room.sum())
@@ -142,8 +150,9 @@ class SyntheticSource:
             yield start, min(stop, self.num_users)
             start = stop
 
-    def _distinct_movies(self, users: np.ndarray, p_movie: np.ndarray, cdf: np.ndarray,
-                         rng: np.random.Generator, rounds: int = 8) -> np.ndarray:
+    def _distinct_movies(
+        self, users: np.ndarray, p_movie: np.ndarray, cdf: np.ndarray, rng: np.random.Generator, rounds: int = 8
+    ) -> np.ndarray:
         """One movie per row of ``users`` (sorted), drawn by popularity, distinct per user.
 
         Light users draw with replacement and redraw the rows that repeat a pair, a few
@@ -183,7 +192,7 @@ class SyntheticSource:
             redo = span[repeat[span]]
             score = log_p + rng.gumbel(size=m)
             score[movies[span[~repeat[span]]]] = -np.inf
-            movies[redo] = np.argpartition(-score, len(redo) - 1)[:len(redo)]
+            movies[redo] = np.argpartition(-score, len(redo) - 1)[: len(redo)]
         return movies
 
     def _pairs(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.random.Generator]]:
@@ -212,12 +221,21 @@ class SyntheticSource:
         pending: list[pa.RecordBatch] = []
         buffered = 0
         for src, dst, rng in self._pairs():
-            raw = (mu + f["bu"][src] + f["bm"][dst] + 3.0 * np.einsum("ij,ij->i", f["p"][src], f["q"][dst])
-                   + rng.normal(0, self.noise, len(src)))
+            raw = (
+                mu
+                + f["bu"][src]
+                + f["bm"][dst]
+                + 3.0 * np.einsum("ij,ij->i", f["p"][src], f["q"][dst])
+                + rng.normal(0, self.noise, len(src))
+            )
             rating = np.clip(np.round(raw * 2) / 2, 0.5, 5.0)
             ts = 1_000_000_000 + rng.integers(0, 10 * self.num_edges, len(src), dtype=np.int64)
-            pending.append(pa.record_batch([pa.array(src), pa.array(dst.astype(np.int64)), pa.array(rating),
-                                            pa.array(ts)], names=["user_key", "movie_key", "rating", "timestamp"]))
+            pending.append(
+                pa.record_batch(
+                    [pa.array(src), pa.array(dst.astype(np.int64)), pa.array(rating), pa.array(ts)],
+                    names=["user_key", "movie_key", "rating", "timestamp"],
+                )
+            )
             buffered += len(src)
             while buffered >= self.batch_edges:
                 table = pa.Table.from_batches(pending)

@@ -1,6 +1,7 @@
 """Supervision batches: which training edges supervise and which pass messages, and the
 loader over a rank's slice of them (PyG's ``LinkNeighborLoader`` or the torch sampler under
 PyG's ``LinkLoader``) with each batch's targets excluded from its own subgraph."""
+
 from __future__ import annotations
 
 import logging
@@ -13,11 +14,11 @@ from torch_geometric.data import HeteroData
 from torch_geometric.loader import LinkLoader, LinkNeighborLoader
 from torch_geometric.sampler import EdgeSamplerInput
 
+from scalable_rec.dist import DistEnv, EdgeEpochSampler
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.graph.store import edge_ratings
 from scalable_rec.train.config import TrainConfig
-from scalable_rec.dist import DistEnv, EdgeEpochSampler
-from scalable_rec.train.losses import rating_class_table, rating_classes
+from scalable_rec.train.losses import rating_classes
 from scalable_rec.train.sampler import TorchNeighborSampler, device_stores, sampler_bytes
 from scalable_rec.train.workers import check_shm_room, loader_workers, shared_bytes
 
@@ -125,8 +126,10 @@ class SupervisionEdges:
     def __post_init__(self) -> None:
         n = self.src.numel()
         if self.dst.numel() != n or self.rating.numel() != n:
-            raise ValueError(f"'src', 'dst' and 'rating' need one entry per edge (got {n}, {self.dst.numel()}, "
-                             f"{self.rating.numel()})")
+            raise ValueError(
+                f"'src', 'dst' and 'rating' need one entry per edge (got {n}, {self.dst.numel()}, "
+                f"{self.rating.numel()})"
+            )
         if self.ids.numel() == 0:
             raise ValueError("'ids' needs at least one supervision edge (got none)")
 
@@ -142,8 +145,13 @@ class SupervisionEdges:
         ids = self.ids[torch.where(real, index, index - self.num_edges)]
         rating = self.rating[ids].float()
         weight = real.float() if self.class_weight is None else self.class_weight[rating_classes(rating)] * real
-        return EdgeSamplerInput(input_id=index, row=self.src[ids], col=self.dst[ids],
-                                label=torch.stack([rating, weight], 1), input_type=RATES)
+        return EdgeSamplerInput(
+            input_id=index,
+            row=self.src[ids],
+            col=self.dst[ids],
+            label=torch.stack([rating, weight], 1),
+            input_type=RATES,
+        )
 
     def chunks(self):
         """``(dst, rating)`` of the supervision edges, ``STATS_CHUNK`` at a time."""
@@ -159,14 +167,23 @@ def supervision_stats(edges: SupervisionEdges, num_movies: int) -> dict[str, Ten
     for dst, rating in edges.chunks():
         c = torch.bincount(rating_classes(rating))
         classes = torch.nn.functional.pad(classes, (0, max(0, c.numel() - classes.numel())))
-        classes[:c.numel()] += c
+        classes[: c.numel()] += c
         movies += torch.bincount(dst, minlength=num_movies)
         total += float(rating.double().sum())
     return {"class_counts": classes, "rating_mean": total / edges.num_edges, "movie_counts": movies}
 
 
-def make_loader(data, edges: SupervisionEdges, cfg: TrainConfig, batch_size: int, env: DistEnv, shuffle: bool,
-                device: torch.device, generator: torch.Generator | None = None, exclude_targets: bool = False):
+def make_loader(
+    data,
+    edges: SupervisionEdges,
+    cfg: TrainConfig,
+    batch_size: int,
+    env: DistEnv,
+    shuffle: bool,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    exclude_targets: bool = False,
+):
     """Mini-batches of this rank's slice of the supervision ``edges``, each with its
     sampled subgraph (``cfg.sampler``: PyG's ``LinkNeighborLoader`` or the torch
     ``TorchNeighborSampler`` under PyG's ``LinkLoader``); returns ``(loader, sampler)``.
@@ -184,8 +201,11 @@ def make_loader(data, edges: SupervisionEdges, cfg: TrainConfig, batch_size: int
     workers = loader_workers(cfg.num_workers, device, env)
     if kind == "torch" and device.type != "cpu":
         if workers:
-            log.info("sampler: the torch sampler samples on %s in the training process (num_workers %d unused)",
-                     device, workers)
+            log.info(
+                "sampler: the torch sampler samples on %s in the training process (num_workers %d unused)",
+                device,
+                workers,
+            )
         workers = 0  # CUDA tensors cannot be sampled in forked workers
     if workers > 0 and isinstance(data, HeteroData):
         # Worker processes then map the same pages instead of each holding a copy
@@ -203,25 +223,51 @@ def make_loader(data, edges: SupervisionEdges, cfg: TrainConfig, batch_size: int
     label_index = (RATES, torch.stack([placeholder.row, placeholder.col]))
     if kind == "torch":
         features, graph, perm = device_stores(data, device)
-        ratings = (edge_ratings(features) if isinstance(data, tuple) else
-                   {et: data[et].rating.to(device) for et in (RATES, REV_RATES) if "rating" in data[et]})
-        neighbors = TorchNeighborSampler(graph, cfg.num_neighbors, seed=cfg.seed + env.rank,
-                                         exclude_targets=exclude_targets, num_edges=n, edge_permutation=perm)
-        link = LinkLoader((features, graph), neighbors, edge_label_index=label_index, edge_label=placeholder.label,
-                          batch_size=batch_size, filter_per_worker=False,
-                          transform=AttachRatings(ratings) if ratings else None)
+        ratings = (
+            edge_ratings(features)
+            if isinstance(data, tuple)
+            else {et: data[et].rating.to(device) for et in (RATES, REV_RATES) if "rating" in data[et]}
+        )
+        neighbors = TorchNeighborSampler(
+            graph,
+            cfg.num_neighbors,
+            seed=cfg.seed + env.rank,
+            exclude_targets=exclude_targets,
+            num_edges=n,
+            edge_permutation=perm,
+        )
+        link = LinkLoader(
+            (features, graph),
+            neighbors,
+            edge_label_index=label_index,
+            edge_label=placeholder.label,
+            batch_size=batch_size,
+            filter_per_worker=False,
+            transform=AttachRatings(ratings) if ratings else None,
+        )
     else:
         link = LinkNeighborLoader(
-            data, num_neighbors=cfg.num_neighbors, edge_label_index=label_index,
-            edge_label=placeholder.label, batch_size=batch_size,
-            transform=Compose(AttachRatings(edge_ratings(data[0])) if isinstance(data, tuple) else None,
-                              ExcludeTargets(n) if exclude_targets else None),
+            data,
+            num_neighbors=cfg.num_neighbors,
+            edge_label_index=label_index,
+            edge_label=placeholder.label,
+            batch_size=batch_size,
+            transform=Compose(
+                AttachRatings(edge_ratings(data[0])) if isinstance(data, tuple) else None,
+                ExcludeTargets(n) if exclude_targets else None,
+            ),
         )
     link.input_data = edges
     loader = DataLoader(
-        range(n + pad), batch_size=batch_size, sampler=sampler, collate_fn=link, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=device.type == "cuda" and kind == "pyg",
-        prefetch_factor=4 if workers > 0 else None, generator=generator,
+        range(n + pad),
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=link,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda" and kind == "pyg",
+        prefetch_factor=4 if workers > 0 else None,
+        generator=generator,
     )
     return loader, sampler
 
@@ -237,8 +283,9 @@ def resolve_sampler(choice: str, data, device: torch.device) -> str:
     need = sampler_bytes(data)
     free, _ = torch.cuda.mem_get_info(device)
     kind = "torch" if need <= AUTO_DEVICE_SHARE * free else "pyg"
-    log.info("sampler auto: %s (the graph takes %.0f MiB on %s, %.0f MiB free)", kind, need / 2**20, device,
-             free / 2**20)
+    log.info(
+        "sampler auto: %s (the graph takes %.0f MiB on %s, %.0f MiB free)", kind, need / 2**20, device, free / 2**20
+    )
     return kind
 
 

@@ -4,6 +4,7 @@ Checkpoints hold only tensors and plain Python values (dicts, lists, numbers, st
 they load with ``torch.load(weights_only=True)``: a crafted ``.pt`` file cannot run code
 when ``score`` or ``--resume`` opens it. RNG states are stored in that form too.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,11 +22,29 @@ from scalable_rec.errors import CheckpointError
 # what is computed (``device``: the same run on other hardware, e.g. resumed on a machine
 # with fewer GPUs or none; only float summation order differs). Anything else that differs
 # is refused.
-RESUMABLE_DIFFERENCES = {"epochs", "max_steps", "num_workers", "checkpoint_every", "log_every",
-                         "patience", "run_dir", "resume", "progress", "threads", "deterministic",
-                         "overwrite", "workdir", "strict", "max_skipped_share",
-                         "stop_check_every", "collective_timeout_s", "val_memory_mb",
-                         "heap_mmap_threshold_kb", "device", "sampler"}
+RESUMABLE_DIFFERENCES = {
+    "epochs",
+    "max_steps",
+    "num_workers",
+    "checkpoint_every",
+    "log_every",
+    "patience",
+    "run_dir",
+    "resume",
+    "progress",
+    "threads",
+    "deterministic",
+    "overwrite",
+    "workdir",
+    "strict",
+    "max_skipped_share",
+    "stop_check_every",
+    "collective_timeout_s",
+    "val_memory_mb",
+    "heap_mmap_threshold_kb",
+    "device",
+    "sampler",
+}
 # Config groups that only say where outputs go or how to reach a server: never part of what
 # a checkpoint computed, so ``--resume`` accepts new values (``--k``, ``--sink``, ...).
 OUTPUT_GROUPS = ("score.", "sink.", "arango.", "export.", "arango_load.", "features.encode_")
@@ -54,10 +73,14 @@ def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]
     version, mt, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
-                   "gauss_next": gauss_next},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -69,8 +92,15 @@ def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]
 def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | None = None) -> None:
     torch.set_rng_state(state["torch"].cpu())
     np_state = state["numpy"]
-    np.random.set_state((np_state["kind"], np_state["keys"].cpu().numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np_state["keys"].cpu().numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -81,6 +111,7 @@ def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | Non
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuses to resume when a field that changes the computation differs."""
+
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out = {}
         for k, v in d.items():
@@ -91,9 +122,13 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
         return out
 
     a, b = flat(saved), flat(current)
-    changed = sorted(k for k in a.keys() | b.keys()
-                     if a.get(k) != b.get(k) and k.rsplit(".", 1)[-1] not in RESUMABLE_DIFFERENCES
-                     and not k.startswith(OUTPUT_GROUPS))
+    changed = sorted(
+        k
+        for k in a.keys() | b.keys()
+        if a.get(k) != b.get(k)
+        and k.rsplit(".", 1)[-1] not in RESUMABLE_DIFFERENCES
+        and not k.startswith(OUTPUT_GROUPS)
+    )
     if changed:
         details = ", ".join(f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in changed)
         raise CheckpointError(f"Cannot resume: the config no longer matches the checkpoint ({details})")

@@ -1,4 +1,5 @@
 """Training settings (``TrainConfig``) and the device and precision they resolve to."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -7,7 +8,6 @@ from typing import Literal
 import torch
 
 from scalable_rec.dist import DistEnv
-
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -130,7 +130,7 @@ class TrainConfig:
             return self.heap_mmap_threshold_kb
         return 1024 if env.enabled and env.local_world_size > 1 else 0
 
-    def for_refit(self, epochs: int) -> "TrainConfig":
+    def for_refit(self, epochs: int) -> TrainConfig:
         """The second step of ``refit``: these settings for ``epochs`` epochs on training +
         validation edges, with no selection (``select_metric`` ``last``)."""
         return replace(self, refit=True, select_metric="last", epochs=epochs)
@@ -142,7 +142,8 @@ class TrainConfig:
     def rowwise_tables(self, rows: int) -> bool:
         """Whether tables of ``rows`` users + movies get ``rowwise_adagrad``."""
         return self.table_optimizer == "rowwise_adagrad" or (
-            self.table_optimizer == "auto" and rows >= self.sparse_tables_min_rows)
+            self.table_optimizer == "auto" and rows >= self.sparse_tables_min_rows
+        )
 
     def __post_init__(self) -> None:
         problems = []
@@ -166,8 +167,9 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"'ema_decay' needs to be in [0, 1) (got {self.ema_decay})")
         if self.supervision not in ("exclude_targets", "disjoint", "none"):
-            problems.append(f"'supervision' needs to be 'exclude_targets', 'disjoint' or 'none' "
-                            f"(got {self.supervision!r})")
+            problems.append(
+                f"'supervision' needs to be 'exclude_targets', 'disjoint' or 'none' (got {self.supervision!r})"
+            )
         if not 0.0 < self.disjoint_ratio < 1.0:
             problems.append(f"'disjoint_ratio' needs to be in (0, 1) (got {self.disjoint_ratio})")
         if self.sampler not in ("auto", "pyg", "torch"):
@@ -175,11 +177,13 @@ class TrainConfig:
         if self.optimizer not in ("adamw", "adam"):
             problems.append(f"'optimizer' needs to be 'adamw' or 'adam' (got {self.optimizer!r})")
         if self.table_optimizer not in ("auto", "adamw", "rowwise_adagrad"):
-            problems.append(f"'table_optimizer' needs to be 'auto', 'adamw' or 'rowwise_adagrad' "
-                            f"(got {self.table_optimizer!r})")
+            problems.append(
+                f"'table_optimizer' needs to be 'auto', 'adamw' or 'rowwise_adagrad' (got {self.table_optimizer!r})"
+            )
         if not -1 <= self.heap_mmap_threshold_kb <= 32 * 1024:
-            problems.append(f"'heap_mmap_threshold_kb' needs to be -1 (auto) or in [0, 32768] "
-                            f"(got {self.heap_mmap_threshold_kb})")
+            problems.append(
+                f"'heap_mmap_threshold_kb' needs to be -1 (auto) or in [0, 32768] (got {self.heap_mmap_threshold_kb})"
+            )
         if self.val_memory_mb <= 0:
             problems.append(f"'val_memory_mb' needs to be positive (got {self.val_memory_mb})")
         if self.table_lr <= 0:
@@ -189,8 +193,10 @@ class TrainConfig:
         if self.select_metric not in ("recall", "rmse", "last"):
             problems.append(f"'select_metric' needs to be 'recall', 'rmse' or 'last' (got {self.select_metric!r})")
         if self.refit and self.max_steps is not None:
-            problems.append("'refit' needs whole epochs: it repeats the epoch count validation chose "
-                            f"(got 'max_steps' {self.max_steps})")
+            problems.append(
+                "'refit' needs whole epochs: it repeats the epoch count validation chose "
+                f"(got 'max_steps' {self.max_steps})"
+            )
         if self.lr <= 0:
             problems.append(f"'lr' needs to be positive (got {self.lr})")
         if self.stop_check_every <= 0:
@@ -209,8 +215,10 @@ def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
     if cfg.precision == "fp16" and not want_cuda:
         problems.append("'precision' fp16 needs CUDA (CPU autocast supports bf16)")
     if want_cuda and torch.cuda.is_available() and torch.cuda._is_in_bad_fork():
-        problems.append("'device' is CUDA but this rank was forked from a process that had initialised CUDA, "
-                        "where CUDA cannot start again; launch the ranks with torchrun instead of --nproc-per-node")
+        problems.append(
+            "'device' is CUDA but this rank was forked from a process that had initialised CUDA, "
+            "where CUDA cannot start again; launch the ranks with torchrun instead of --nproc-per-node"
+        )
     if problems:
         raise ValueError("; ".join(problems))
     if want_cuda:

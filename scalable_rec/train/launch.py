@@ -24,6 +24,7 @@ resumes from ``last.pt``), and SIGTERM/SIGINT forwarded to every rank, which sto
 same step and write ``last.pt``. Each rank runs the unchanged command line, so everything
 that works under ``torchrun`` works here. One node only; across nodes, use ``torchrun``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,8 @@ import multiprocessing.forkserver
 import os
 import sys
 import uuid
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torch.distributed.launcher.api import LaunchConfig
@@ -107,12 +109,20 @@ def launch(entrypoint: Callable[[list[str]], int], argv: Sequence[str], nproc: i
     if nproc < 1:
         raise ValueError(f"'nproc_per_node' needs to be positive (got {nproc})")
     if not log.isEnabledFor(logging.DEBUG):  # the ranks log their own errors; the agent's
-        _quiet_agent()                       # traceback of a rank's exit adds nothing
+        _quiet_agent()  # traceback of a rank's exit adds nothing
     os.environ[LAUNCHED_ENV] = "1"
     _start_forkserver()
-    config = _launch_config(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"scalable-rec-{uuid.uuid4()}",
-                            rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
-                            start_method="forkserver", monitor_interval=0.1)
+    config = _launch_config(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"scalable-rec-{uuid.uuid4()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=max_restarts,
+        start_method="forkserver",
+        monitor_interval=0.1,
+    )
     try:
         codes = elastic_launch(config, _rank_main)(entrypoint, list(argv))
     except SignalException as err:

@@ -7,6 +7,7 @@ epoch, run the way the test runs, early stopping on ``select_metric``, and check
 scoring) and ``last.pt`` (everything needed to resume exactly, written at epoch ends,
 every ``checkpoint_every`` steps, at ``max_steps`` and on SIGTERM/SIGINT).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,21 +28,33 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch_geometric.data import HeteroData
 from tqdm.auto import tqdm
 
+from scalable_rec.dist import (
+    DistEnv,
+    EdgeEpochSampler,
+    agree_stop,
+    all_reduce_sum,
+    broadcast_tensors_,
+    from_rank0,
+    init_distributed,
+    inject_fault,
+    is_collective_timeout,
+)
 from scalable_rec.errors import CollectiveError, DivergedError
 from scalable_rec.graph.hetero import RATES, REV_RATES, EdgeSplit, RatingGraph
+from scalable_rec.heap import fix_mmap_threshold
+from scalable_rec.model.recommender import ModelConfig, Recommender, check_model_device
 from scalable_rec.train import checkpoint as ckpt
-from scalable_rec.dist import (
-    DistEnv, EdgeEpochSampler, agree_stop, all_reduce_sum, broadcast_tensors_, from_rank0, init_distributed,
-    inject_fault, is_collective_timeout,
-)
 from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_edges, supervision_stats
 from scalable_rec.train.config import PRECISIONS, TrainConfig, resolve_device
 from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, ranking_positives, rating_class_table
-from scalable_rec.heap import fix_mmap_threshold
-from scalable_rec.model.recommender import ModelConfig, Recommender, check_model_device
 from scalable_rec.train.node_tables import share_tables_on_node
 from scalable_rec.train.optim import (
-    CombinedOptimizer, RowWiseAdagrad, all_reduce_sparse_grads_, embedding_tables, sparse_table_names, table_rows,
+    CombinedOptimizer,
+    RowWiseAdagrad,
+    all_reduce_sparse_grads_,
+    embedding_tables,
+    sparse_table_names,
+    table_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -55,6 +68,7 @@ FINITE_CHECK_EVERY = 50
 # torch-sparse's sampler works and is what CPU-only installs have; PyG's nudge towards
 # pyg-lib is not actionable where no pyg-lib wheel exists for the installed torch.
 warnings.filterwarnings("ignore", message=".*without a 'pyg-lib' installation is deprecated.*")
+
 
 @dataclass
 class TrainResult:
@@ -126,10 +140,17 @@ class Progress:
     stopped_early: bool = False
 
 
-def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
-          run_dir: str | os.PathLike, config: dict[str, Any] | None = None,
-          data: HeteroData | tuple | None = None,
-          rating_range: tuple[float, float] = (0.5, 5.0), layer_batch_size: int = 16384) -> TrainResult:
+def train(
+    graph: RatingGraph,
+    split: EdgeSplit,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    config: dict[str, Any] | None = None,
+    data: HeteroData | tuple | None = None,
+    rating_range: tuple[float, float] = (0.5, 5.0),
+    layer_batch_size: int = 16384,
+) -> TrainResult:
     """Trains a recommender on ``split.train`` and early-stops on ``split.val``.
 
     Under torchrun this joins the process group (and leaves it joined, so the caller can
@@ -175,16 +196,33 @@ def train(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: Tra
         if job.env.enabled and is_collective_timeout(err):
             raise CollectiveError(
                 f"rank {job.env.rank}: a collective did not complete within 'collective_timeout_s' "
-                f"({cfg.collective_timeout_s:g}s) or lost its peer: another rank hung or died ({err})") from err
+                f"({cfg.collective_timeout_s:g}s) or lost its peer: another rank hung or died ({err})"
+            ) from err
         raise
-    return TrainResult(model=job.model, history=progress.history, best_val_rmse=progress.best_val_rmse,
-                       best_val_recall=progress.best_val_recall, global_step=progress.global_step, stopped_early=stopped_early, interrupted=interrupted,
-                       seconds=time.perf_counter() - t0, signal=stop["signal"] if interrupted else None)
+    return TrainResult(
+        model=job.model,
+        history=progress.history,
+        best_val_rmse=progress.best_val_rmse,
+        best_val_recall=progress.best_val_recall,
+        global_step=progress.global_step,
+        stopped_early=stopped_early,
+        interrupted=interrupted,
+        seconds=time.perf_counter() - t0,
+        signal=stop["signal"] if interrupted else None,
+    )
 
 
-def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg: TrainConfig,
-              run_dir: Path, config: dict[str, Any] | None, data: HeteroData | tuple | None = None,
-              rating_range: tuple[float, float] = (0.5, 5.0), layer_batch_size: int = 16384) -> Job:
+def build_job(
+    graph: RatingGraph,
+    split: EdgeSplit,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    run_dir: Path,
+    config: dict[str, Any] | None,
+    data: HeteroData | tuple | None = None,
+    rating_range: tuple[float, float] = (0.5, 5.0),
+    layer_batch_size: int = 16384,
+) -> Job:
     """Joins the process group, builds the loaders (message passing over training edges
     only), the model, optimiser and precision, and wraps the model for DDP."""
     env = DistEnv.from_environ()
@@ -199,8 +237,10 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
 
     message_ids, target_ids = supervision_edges(split.train, cfg)
     if data is not None and cfg.supervision == "disjoint":
-        raise ValueError("'supervision' disjoint needs the in-memory graph (the mapped index passes messages "
-                         "over all training edges)")
+        raise ValueError(
+            "'supervision' disjoint needs the in-memory graph (the mapped index passes messages "
+            "over all training edges)"
+        )
     edges = SupervisionEdges(graph.src, graph.dst, graph.rating, target_ids)
     # Statistics a chunk at a time, and labels gathered per batch: with the graph index no
     # rank holds a private copy of the supervision edges (they stay in the shared page cache).
@@ -210,38 +250,71 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
     train_data = graph.hetero_data(message_ids) if data is None else data
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     train_loader, train_sampler = make_loader(
-        train_data, edges, cfg, cfg.batch_size, env, shuffle=True, device=device, generator=loader_gen,
-        exclude_targets=cfg.supervision == "exclude_targets")
+        train_data,
+        edges,
+        cfg,
+        cfg.batch_size,
+        env,
+        shuffle=True,
+        device=device,
+        generator=loader_gen,
+        exclude_targets=cfg.supervision == "exclude_targets",
+    )
     # log of each movie's share of training edges: how often it turns up as an in-batch negative
     log_q = torch.log(stats["movie_counts"].float().clamp(min=1) / target_ids.numel()).to(device)
     if not cfg.logq_correction:
         log_q = torch.zeros_like(log_q)
 
-    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), model_cfg,
-                        rating_mean=stats["rating_mean"]).to(device)
+    model = Recommender(
+        graph.num_users, graph.num_movies, graph.movie_x.size(1), model_cfg, rating_mean=stats["rating_mean"]
+    ).to(device)
     # Movies without a training edge never get their ID row trained: they are encoded from
     # their features (the unknown-movie input), at validation, test and scoring alike.
     # (Supervision edges are the training edges except with 'disjoint', which is in memory.)
-    train_counts = (stats["movie_counts"] if target_ids is split.train
-                    else torch.bincount(graph.dst[split.train], minlength=graph.num_movies))
+    train_counts = (
+        stats["movie_counts"]
+        if target_ids is split.train
+        else torch.bincount(graph.dst[split.train], minlength=graph.num_movies)
+    )
     model.encoder.movie_trained.copy_(train_counts > 0)
     optimizer = make_optimizer(model, cfg)
     ema = None
     if cfg.ema_decay > 0 and cfg.rowwise_tables(table_rows(model)):
-        log.info("ema_decay %g: no moving average with row-wise sparse tables (it would be a second dense "
-                 "copy of every table, updated every step)", cfg.ema_decay)
+        log.info(
+            "ema_decay %g: no moving average with row-wise sparse tables (it would be a second dense "
+            "copy of every table, updated every step)",
+            cfg.ema_decay,
+        )
     elif cfg.ema_decay > 0:  # after movie_trained is set: the copy's buffers are never averaged
         ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False)
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False
+        )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    job = Job(env=env, device=device, cfg=cfg, run_dir=run_dir, config=config, model=model,
-              ddp_model=model, optimizer=optimizer, scaler=scaler, autocast=autocast,
-              train_loader=train_loader, train_sampler=train_sampler, graph=graph, split=split,
-              rating_range=rating_range, loader_gen=loader_gen, log_q=log_q,
-              stores=data if isinstance(data, tuple) else None, layer_batch_size=layer_batch_size, ema=ema)
+    job = Job(
+        env=env,
+        device=device,
+        cfg=cfg,
+        run_dir=run_dir,
+        config=config,
+        model=model,
+        ddp_model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast=autocast,
+        train_loader=train_loader,
+        train_sampler=train_sampler,
+        graph=graph,
+        split=split,
+        rating_range=rating_range,
+        loader_gen=loader_gen,
+        log_q=log_q,
+        stores=data if isinstance(data, tuple) else None,
+        layer_batch_size=layer_batch_size,
+        ema=ema,
+    )
     if env.enabled:
         # Sparse table gradients are averaged by reduce_table_grads, not DDP's reducer.
         tables = sparse_table_names(model)
@@ -252,8 +325,11 @@ def build_job(graph: RatingGraph, split: EdgeSplit, model_cfg: ModelConfig, cfg:
             if device.type == "cpu" and cfg.node_shared_tables:
                 job.shared_tables = share_tables_on_node(params, env)
                 optimizer.optimizers["tables"].applies = not job.shared_tables or env.local_rank == 0
-        job.ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                            find_unused_parameters=_has_unused_parameters(job))
+        job.ddp_model = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=_has_unused_parameters(job),
+        )
     return job
 
 
@@ -265,8 +341,11 @@ def wants_resume(job: Job) -> bool:
         return False
     found = from_rank0(lambda: (job.run_dir / "last.pt").is_file(), job.env, "look for last.pt")
     if job.env.is_main:
-        log.warning("torchrun restart %d: %s", job.env.restart_count,
-                    f"resuming from {job.run_dir / 'last.pt'}" if found else "no last.pt yet, starting over")
+        log.warning(
+            "torchrun restart %d: %s",
+            job.env.restart_count,
+            f"resuming from {job.run_dir / 'last.pt'}" if found else "no last.pt yet, starting over",
+        )
     return bool(found)
 
 
@@ -293,22 +372,32 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     else:
         decay = [p for p in dense if p.ndim >= 2 and id(p) not in tables]
         rest = [p for p in dense if p.ndim < 2 or id(p) in tables]
-        adam = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                  {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, **fused)
+        adam = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            **fused,
+        )
     if not rowwise:
         return adam
     for table in embedding_tables(model):
         table.sparse = True  # F.embedding then returns a sparse gradient of the looked-up rows
-    return CombinedOptimizer({"dense": adam, "tables": RowWiseAdagrad(
-        [m.weight for m in embedding_tables(model) if m.weight.requires_grad], lr=cfg.table_lr)})
+    return CombinedOptimizer(
+        {
+            "dense": adam,
+            "tables": RowWiseAdagrad(
+                [m.weight for m in embedding_tables(model) if m.weight.requires_grad], lr=cfg.table_lr
+            ),
+        }
+    )
 
 
 def reduce_table_grads(job: Job) -> None:
     """Under DDP, averages the sparse gradients of row-wise tables over the ranks (DDP's
     reducer leaves them out; ``scalable_rec.train.optim``)."""
     if job.env.enabled and isinstance(job.optimizer, CombinedOptimizer):
-        all_reduce_sparse_grads_([p for g in job.optimizer.optimizers["tables"].param_groups for p in g["params"]],
-                                 job.env.world_size)
+        all_reduce_sparse_grads_(
+            [p for g in job.optimizer.optimizers["tables"].param_groups for p in g["params"]], job.env.world_size
+        )
 
 
 def restore(job: Job) -> Progress:
@@ -337,17 +426,29 @@ def restore(job: Job) -> Progress:
         torch.manual_seed(job.cfg.seed + env.rank + 1_000_003 * state["global_step"])
         job.loader_gen.manual_seed(job.cfg.seed + 1_000_003 * state["global_step"])
     if env.is_main:
-        log.info("resumed from %s at epoch %d step %d", job.run_dir / "last.pt", state["epoch"],
-                 state["step_in_epoch"])
+        log.info("resumed from %s at epoch %d step %d", job.run_dir / "last.pt", state["epoch"], state["step_in_epoch"])
         if saved_world != env.world_size:
-            log.warning("resuming with world size %d (checkpoint: %d): the rest of epoch %d (from position "
-                        "%d of its edge order) is re-dealt over %d rank(s)", env.world_size, saved_world,
-                        state["epoch"], position, env.world_size)
-    return Progress(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], global_step=state["global_step"],
-                    history=state["history"], best_val_rmse=state["best_val_rmse"],
-                    best_val_recall=state.get("best_val_recall", math.nan),
-                    best_score=state.get("best_score", state["best_val_rmse"]), bad_epochs=state["bad_epochs"],
-                    epoch_position=position, stopped_early=bool(state.get("stopped_early", False)))
+            log.warning(
+                "resuming with world size %d (checkpoint: %d): the rest of epoch %d (from position "
+                "%d of its edge order) is re-dealt over %d rank(s)",
+                env.world_size,
+                saved_world,
+                state["epoch"],
+                position,
+                env.world_size,
+            )
+    return Progress(
+        epoch=state["epoch"],
+        step_in_epoch=state["step_in_epoch"],
+        global_step=state["global_step"],
+        history=state["history"],
+        best_val_rmse=state["best_val_rmse"],
+        best_val_recall=state.get("best_val_recall", math.nan),
+        best_score=state.get("best_score", state["best_val_rmse"]),
+        bad_epochs=state["bad_epochs"],
+        epoch_position=position,
+        stopped_early=bool(state.get("stopped_early", False)),
+    )
 
 
 @contextlib.contextmanager
@@ -395,7 +496,8 @@ def training_loss(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         # pads (weight 0) become column id -1: not a negative of any row
         rm_all, movies_all, offset = gather_columns(rm, torch.where(weight > 0, movies, -1), job.env)
         loss = loss + job.cfg.rank_loss_weight * in_batch_softmax_loss(
-            ru, rm_all, movies, movies_all, job.log_q, positive, offset, denominator=counts[1])
+            ru, rm_all, movies, movies_all, job.log_q, positive, offset, denominator=counts[1]
+        )
         if job.cfg.rank_id_l2 > 0:  # the rows the forward looked up (none an ID dropout hid)
             loss = loss + job.cfg.rank_id_l2 * ((rank[2] + rank[3]) * weight.bool()).sum() / counts[0]
     return loss, se, weight
@@ -465,8 +567,13 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
     t_epoch = time.perf_counter()
     full_epoch = len(job.train_loader) + progress.step_in_epoch  # the sampler skips resumed steps
     steps_this_epoch = min(full_epoch, cfg.steps_per_epoch or full_epoch)
-    bar = tqdm(total=steps_this_epoch, initial=progress.step_in_epoch, desc=f"epoch {progress.epoch}",
-               disable=not (cfg.progress and env.is_main), leave=False)
+    bar = tqdm(
+        total=steps_this_epoch,
+        initial=progress.step_in_epoch,
+        desc=f"epoch {progress.epoch}",
+        disable=not (cfg.progress and env.is_main),
+        leave=False,
+    )
     interrupted = False
     it = iter(job.train_loader)
     while progress.step_in_epoch < steps_this_epoch:
@@ -501,8 +608,14 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
     t_sync = time.perf_counter()
     sse_total, count_total = float(sse), float(count)  # sync point: the epoch's sums, once per epoch
     compute_s += time.perf_counter() - t_sync
-    return {"sse": sse_total, "count": count_total, "load_s": load_s, "compute_s": compute_s,
-            "started": t_epoch, "interrupted": interrupted}
+    return {
+        "sse": sse_total,
+        "count": count_total,
+        "load_s": load_s,
+        "compute_s": compute_s,
+        "started": t_epoch,
+        "interrupted": interrupted,
+    }
 
 
 def should_stop(job: Job, progress: Progress, stop: dict[str, int | None]) -> bool:
@@ -543,11 +656,26 @@ def validate(job: Job) -> dict[str, float]:
         z = encode_layerwise(job.scored, feature_store, graph_store, batch_size=job.layer_batch_size)
         rev_row, rev_colptr = graph_store.get_edge_index(REV_RATES, layout="csc")
         seen = RatedIndex(rowptr=rev_colptr, col=rev_row)
-    out = evaluate_edges(job.scored, job.graph, job.split.train, job.split.val, k=10, memory_mb=job.cfg.val_memory_mb,
-                         rating_min=job.rating_range[0], rating_max=job.rating_range[1],
-                         relevant_min=job.cfg.relevant_min, z=z, seen=seen, env=job.env)
-    return {"rmse": out["rmse"], "mae": out["mae"], "recall": out["model"]["recall@10"],
-            "ndcg": out["model"]["ndcg@10"]}
+    out = evaluate_edges(
+        job.scored,
+        job.graph,
+        job.split.train,
+        job.split.val,
+        k=10,
+        memory_mb=job.cfg.val_memory_mb,
+        rating_min=job.rating_range[0],
+        rating_max=job.rating_range[1],
+        relevant_min=job.cfg.relevant_min,
+        z=z,
+        seen=seen,
+        env=job.env,
+    )
+    return {
+        "rmse": out["rmse"],
+        "mae": out["mae"],
+        "recall": out["model"]["recall@10"],
+        "ndcg": out["model"]["ndcg@10"],
+    }
 
 
 def selection_score(val: dict[str, float], metric: str) -> float:
@@ -569,23 +697,46 @@ def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any])
     else:  # a refit on every labelled edge (select_metric 'last'): nothing left to validate on
         val = dict.fromkeys(("rmse", "mae", "recall", "ndcg"), math.nan)
     busy = max(stats["load_s"] + stats["compute_s"], 1e-9)
-    record = {"epoch": progress.epoch, "train_rmse": math.sqrt(sse_t / max(count_t, 1)), "val_rmse": val["rmse"],
-              "val_mae": val["mae"], "val_recall@10": val["recall"], "val_ndcg@10": val["ndcg"],
-              "seconds": time.perf_counter() - stats["started"], "steps": progress.step_in_epoch,
-              "edges_per_s": count_t / busy, "loader_share": stats["load_s"] / busy}
+    record = {
+        "epoch": progress.epoch,
+        "train_rmse": math.sqrt(sse_t / max(count_t, 1)),
+        "val_rmse": val["rmse"],
+        "val_mae": val["mae"],
+        "val_recall@10": val["recall"],
+        "val_ndcg@10": val["ndcg"],
+        "seconds": time.perf_counter() - stats["started"],
+        "steps": progress.step_in_epoch,
+        "edges_per_s": count_t / busy,
+        "loader_share": stats["load_s"] / busy,
+    }
     progress.history.append(record)
     if env.is_main:
-        log.info("epoch %d: train rmse %.4f  val rmse %.4f  val recall@10 %.4f  (%.1fs, %.0f edges/s, loader %.0f%%)",
-                 progress.epoch, record["train_rmse"], val["rmse"], val["recall"], record["seconds"],
-                 record["edges_per_s"], 100 * record["loader_share"])
+        log.info(
+            "epoch %d: train rmse %.4f  val rmse %.4f  val recall@10 %.4f  (%.1fs, %.0f edges/s, loader %.0f%%)",
+            progress.epoch,
+            record["train_rmse"],
+            val["rmse"],
+            val["recall"],
+            record["seconds"],
+            record["edges_per_s"],
+            100 * record["loader_share"],
+        )
     score = selection_score(val, job.cfg.select_metric)
     if job.cfg.select_metric == "last" or score < progress.best_score - 1e-5:
         progress.best_score, progress.bad_epochs = score, 0
         progress.best_val_rmse, progress.best_val_recall = val["rmse"], val["recall"]
         if env.is_main:
-            ckpt.save_atomic({"model": job.scored.state_dict(), "config": job.config, "epoch": progress.epoch,
-                              "val_rmse": val["rmse"], "val_recall@10": val["recall"],
-                              "select_metric": job.cfg.select_metric}, job.run_dir / "best.pt")
+            ckpt.save_atomic(
+                {
+                    "model": job.scored.state_dict(),
+                    "config": job.config,
+                    "epoch": progress.epoch,
+                    "val_rmse": val["rmse"],
+                    "val_recall@10": val["recall"],
+                    "select_metric": job.cfg.select_metric,
+                },
+                job.run_dir / "best.pt",
+            )
     else:
         progress.bad_epochs += 1
     # Decided before last.pt is written, so resuming a finished run does not train on.
@@ -595,8 +746,13 @@ def validate_and_checkpoint(job: Job, progress: Progress, stats: dict[str, Any])
     progress.step_in_epoch = 0
     if progress.stopped_early:
         if env.is_main:
-            log.info("early stop: no better val %s for %d epochs (best val rmse %.4f, recall@10 %.4f)",
-                     job.cfg.select_metric, progress.bad_epochs, progress.best_val_rmse, progress.best_val_recall)
+            log.info(
+                "early stop: no better val %s for %d epochs (best val rmse %.4f, recall@10 %.4f)",
+                job.cfg.select_metric,
+                progress.bad_epochs,
+                progress.best_val_rmse,
+                progress.best_val_recall,
+            )
         return True
     return False
 
@@ -606,7 +762,8 @@ def check_finite(what: str, value: float, progress: Progress) -> None:
     if not math.isfinite(value):
         raise DivergedError(
             f"Training diverged: {what} is {value} at epoch {progress.epoch} step {progress.global_step}; "
-            "lower --lr, check the movie features, or resume from an earlier last.pt")
+            "lower --lr, check the movie features, or resume from an earlier last.pt"
+        )
 
 
 def save_last(job: Job, progress: Progress, epoch: int, step_in_epoch: int) -> None:
@@ -617,16 +774,28 @@ def save_last(job: Job, progress: Progress, epoch: int, step_in_epoch: int) -> N
         states = [None] * job.env.world_size
         torch.distributed.all_gather_object(states, ckpt.rng_state(job.loader_gen))
     if job.env.is_main:
-        ckpt.save_atomic({
-            "model": job.model.state_dict(), "optimizer": job.optimizer.state_dict(),
-            "scaler": job.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-            "global_step": progress.global_step, "history": progress.history,
-            "best_val_rmse": progress.best_val_rmse, "best_val_recall": progress.best_val_recall,
-            "best_score": progress.best_score, "bad_epochs": progress.bad_epochs, "rng": states,
-            **({"ema": job.ema.state_dict()} if job.ema is not None else {}),
-            "config": job.config, "world_size": job.env.world_size, "epoch_position": progress.epoch_position,
-            "stopped_early": progress.stopped_early,
-        }, job.run_dir / "last.pt")
+        ckpt.save_atomic(
+            {
+                "model": job.model.state_dict(),
+                "optimizer": job.optimizer.state_dict(),
+                "scaler": job.scaler.state_dict(),
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": progress.global_step,
+                "history": progress.history,
+                "best_val_rmse": progress.best_val_rmse,
+                "best_val_recall": progress.best_val_recall,
+                "best_score": progress.best_score,
+                "bad_epochs": progress.bad_epochs,
+                "rng": states,
+                **({"ema": job.ema.state_dict()} if job.ema is not None else {}),
+                "config": job.config,
+                "world_size": job.env.world_size,
+                "epoch_position": progress.epoch_position,
+                "stopped_early": progress.stopped_early,
+            },
+            job.run_dir / "last.pt",
+        )
 
 
 def load_best(job: Job, epoch: int) -> None:
@@ -642,8 +811,9 @@ def load_best(job: Job, epoch: int) -> None:
         if best.is_file():
             job.model.load_state_dict(ckpt.load(best, map_location=job.device)["model"])
             return True
-        ckpt.save_atomic({"model": job.scored.state_dict(), "config": job.config, "epoch": epoch,
-                          "val_rmse": None}, best)
+        ckpt.save_atomic(
+            {"model": job.scored.state_dict(), "config": job.config, "epoch": epoch, "val_rmse": None}, best
+        )
         return False
 
     if from_rank0(read_or_write, job.env, "load best.pt"):

@@ -1,5 +1,6 @@
 """Training objectives: the rating loss's class weights and the retrieval head's in-batch
 sampled softmax (logQ-corrected, gathered across DDP ranks)."""
+
 from __future__ import annotations
 
 import torch
@@ -42,9 +43,16 @@ def ranking_positives(rating: torch.Tensor, weight: torch.Tensor, relevant_min: 
     return ((weight > 0) & (rating >= relevant_min)).to(rating.dtype)
 
 
-def in_batch_softmax_loss(ru: torch.Tensor, rm: torch.Tensor, row_movies: torch.Tensor,
-                          col_movies: torch.Tensor, log_q: torch.Tensor, weight: torch.Tensor,
-                          offset: int = 0, denominator: torch.Tensor | float | None = None) -> torch.Tensor:
+def in_batch_softmax_loss(
+    ru: torch.Tensor,
+    rm: torch.Tensor,
+    row_movies: torch.Tensor,
+    col_movies: torch.Tensor,
+    log_q: torch.Tensor,
+    weight: torch.Tensor,
+    offset: int = 0,
+    denominator: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """Sampled softmax of each labelled user over all labelled movies of the global batch.
 
     Row ``i`` (user ``ru[i]``, whose movie is ``row_movies[i]``) should pick column

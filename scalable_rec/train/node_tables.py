@@ -22,6 +22,7 @@ a copy; the names are unlinked as soon as every rank has mapped them; and a job 
 before that leaves files whose names carry its host and pid, which the next job on that
 host removes when the pid is gone.
 """
+
 from __future__ import annotations
 
 import errno
@@ -146,8 +147,12 @@ def share_tables_on_node(tables: list[nn.Parameter], env: DistEnv, directory: Pa
         if env.local_rank == 0:
             removed = remove_leftovers(directory)
             if removed:
-                log.warning("node-shared tables: removed %d file(s) that dead jobs left in %s: %s", len(removed),
-                            directory, ", ".join(p.name for p in removed))
+                log.warning(
+                    "node-shared tables: removed %d file(s) that dead jobs left in %s: %s",
+                    len(removed),
+                    directory,
+                    ", ".join(p.name for p in removed),
+                )
             problem = _reserve(paths, [p.numel() * p.element_size() for p in tables], directory)
         room = torch.tensor([int(problem is None)])
         dist.all_reduce(room, op=dist.ReduceOp.MIN)
@@ -155,8 +160,10 @@ def share_tables_on_node(tables: list[nn.Parameter], env: DistEnv, directory: Pa
             if problem:
                 log.warning("node-shared tables: %s; every rank keeps its own copy of the tables", problem)
             elif env.is_main:
-                log.warning("node-shared tables: no room in %s on another node; every rank keeps its own copy "
-                            "of the tables", directory)
+                log.warning(
+                    "node-shared tables: no room in %s on another node; every rank keeps its own copy of the tables",
+                    directory,
+                )
             return False
         if env.local_rank == 0:
             for path, p in zip(paths, tables):
@@ -173,6 +180,10 @@ def share_tables_on_node(tables: list[nn.Parameter], env: DistEnv, directory: Pa
             for path in paths:
                 path.unlink(missing_ok=True)
     if env.is_main:
-        log.info("node-shared tables: %d tables, %.0f MiB, one copy per node (%d ranks on this node)",
-                 len(tables), nbytes / 2**20, local_world_size())
+        log.info(
+            "node-shared tables: %d tables, %.0f MiB, one copy per node (%d ranks on this node)",
+            len(tables),
+            nbytes / 2**20,
+            local_world_size(),
+        )
     return True

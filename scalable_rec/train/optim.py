@@ -17,6 +17,7 @@ has): with sparse ``nn.Embedding`` gradients inside DDP (torch 2.13, gloo) the d
 parameters' averaged gradients came out halved at two ranks, which
 ``tests/test_distributed.py`` caught against a single process.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,8 +44,10 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         if lr <= 0:
             raise ValueError(f"'lr' needs to be positive (got {lr})")
         if eps < 0 or initial_accumulator_value < 0:
-            raise ValueError(f"'eps' and 'initial_accumulator_value' need to be non-negative "
-                             f"(got {eps}, {initial_accumulator_value})")
+            raise ValueError(
+                f"'eps' and 'initial_accumulator_value' need to be non-negative "
+                f"(got {eps}, {initial_accumulator_value})"
+            )
         super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator_value": initial_accumulator_value})
         # False on a rank whose tables are another rank's node-shared copy (``node_tables``):
         # that rank applies the step, this one only takes part in the gradient all-reduce.
@@ -68,8 +71,9 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if "sum" not in state:
-                    state["sum"] = torch.full((p.size(0),), group["initial_accumulator_value"], dtype=torch.float32,
-                                              device=p.device)
+                    state["sum"] = torch.full(
+                        (p.size(0),), group["initial_accumulator_value"], dtype=torch.float32, device=p.device
+                    )
                 grad = p.grad
                 if grad.is_sparse:
                     grad = grad.coalesce()  # one entry per row (a row looked up twice sums)
@@ -115,8 +119,10 @@ class CombinedOptimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != set(self.optimizers):
-            raise ValueError(f"optimiser state holds {sorted(state)}, this optimiser {sorted(self.optimizers)} "
-                             "(a checkpoint written with another 'table_optimizer')")
+            raise ValueError(
+                f"optimiser state holds {sorted(state)}, this optimiser {sorted(self.optimizers)} "
+                "(a checkpoint written with another 'table_optimizer')"
+            )
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
 
@@ -151,8 +157,9 @@ def all_reduce_sparse_grads_(params: list[torch.Tensor], world_size: int) -> Non
         return
     for p in params:
         if p.grad is not None and not p.grad.is_sparse:
-            raise ValueError(f"all_reduce_sparse_grads_ needs sparse gradients (got a dense one of shape "
-                             f"{tuple(p.shape)})")
+            raise ValueError(
+                f"all_reduce_sparse_grads_ needs sparse gradients (got a dense one of shape {tuple(p.shape)})"
+            )
         grad = p.grad.coalesce() if p.grad is not None else None
         rows = grad.indices()[0] if grad is not None else torch.empty(0, dtype=torch.long, device=p.device)
         values = grad.values() if grad is not None else p.new_empty(0, *p.shape[1:])

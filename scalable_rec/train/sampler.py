@@ -21,15 +21,19 @@ Each batch's target edges, and their reverse edges, are never candidates
 draws are a function of the sampler's seed and the batch's input ids, so they repeat
 across runs, resumes and worker counts.
 """
-from __future__ import annotations
 
-from typing import Union
+from __future__ import annotations
 
 import torch
 from torch import Tensor
 from torch_geometric.data import HeteroData
-from torch_geometric.sampler import (BaseSampler, EdgeSamplerInput, HeteroSamplerOutput, NegativeSampling,
-                                     NodeSamplerInput)
+from torch_geometric.sampler import (
+    BaseSampler,
+    EdgeSamplerInput,
+    HeteroSamplerOutput,
+    NegativeSampling,
+    NodeSamplerInput,
+)
 from torch_geometric.typing import EdgeType, NodeType
 
 from scalable_rec.graph.store import MappedFeatureStore, MappedGraphStore
@@ -38,8 +42,9 @@ DRAW_FROM = 4  # a node with more than DRAW_FROM × fanout neighbours is drawn f
 _MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constant (as int64) for the batch seed
 
 
-def device_stores(data: Union[HeteroData, tuple], device: torch.device
-                  ) -> tuple[MappedFeatureStore, MappedGraphStore, dict[EdgeType, Tensor | None]]:
+def device_stores(
+    data: HeteroData | tuple, device: torch.device
+) -> tuple[MappedFeatureStore, MappedGraphStore, dict[EdgeType, Tensor | None]]:
     """The graph of ``data`` as a ``(feature_store, graph_store)`` pair on ``device``, CSC
     per edge type, and each edge type's permutation from CSC position to edge id.
 
@@ -62,25 +67,31 @@ def device_stores(data: Union[HeteroData, tuple], device: torch.device
             order = torch.argsort(dst, stable=True)
             colptr = torch.zeros(num_dst + 1, dtype=torch.long, device=device)
             colptr[1:] = torch.bincount(dst, minlength=num_dst).cumsum(0)
-            graph.put_edge_index((src[order], colptr), edge_type=edge_type, layout="csc",
-                                 size=(num_src, num_dst), is_sorted=True)
+            graph.put_edge_index(
+                (src[order], colptr), edge_type=edge_type, layout="csc", size=(num_src, num_dst), is_sorted=True
+            )
             perm[edge_type] = order
         return features, graph, perm
     feature_store, graph_store = data
     for attr in feature_store.get_all_tensor_attrs():
-        features.put_tensor(feature_store.get_tensor(attr.group_name, attr.attr_name, index=None).to(device),
-                            group_name=attr.group_name, attr_name=attr.attr_name, index=None)
+        features.put_tensor(
+            feature_store.get_tensor(attr.group_name, attr.attr_name, index=None).to(device),
+            group_name=attr.group_name,
+            attr_name=attr.attr_name,
+            index=None,
+        )
     for attr in graph_store.get_all_edge_attrs():
         if attr.layout.value != "csc":
             continue
         row, colptr = graph_store.get_edge_index(attr.edge_type, layout="csc")
-        graph.put_edge_index((row.to(device), colptr.to(device)), edge_type=attr.edge_type, layout="csc",
-                             size=attr.size, is_sorted=True)
+        graph.put_edge_index(
+            (row.to(device), colptr.to(device)), edge_type=attr.edge_type, layout="csc", size=attr.size, is_sorted=True
+        )
         perm[attr.edge_type] = None
     return features, graph, perm
 
 
-def sampler_bytes(data: Union[HeteroData, tuple]) -> int:
+def sampler_bytes(data: HeteroData | tuple) -> int:
     """Bytes ``device_stores`` puts on a device for ``data``: CSC, permutations, node
     features, and the sampler's node-id maps (8 bytes per node)."""
     if isinstance(data, HeteroData):
@@ -114,9 +125,15 @@ class TorchNeighborSampler(BaseSampler):
         edge_permutation: CSC position → edge id per edge type (``device_stores``).
     """
 
-    def __init__(self, graph_store: MappedGraphStore, num_neighbors: list[int] | dict[EdgeType, list[int]],
-                 seed: int = 0, exclude_targets: bool = False, num_edges: int | None = None,
-                 edge_permutation: dict[EdgeType, Tensor | None] | None = None) -> None:
+    def __init__(
+        self,
+        graph_store: MappedGraphStore,
+        num_neighbors: list[int] | dict[EdgeType, list[int]],
+        seed: int = 0,
+        exclude_targets: bool = False,
+        num_edges: int | None = None,
+        edge_permutation: dict[EdgeType, Tensor | None] | None = None,
+    ) -> None:
         attrs = [a for a in graph_store.get_all_edge_attrs() if a.layout.value == "csc"]
         if not attrs:
             raise ValueError("'graph_store' needs a CSC edge index per edge type (got none)")
@@ -127,8 +144,9 @@ class TorchNeighborSampler(BaseSampler):
             self.num_nodes[a.edge_type[0]], self.num_nodes[a.edge_type[2]] = a.size
         if not isinstance(num_neighbors, dict):
             num_neighbors = {et: list(num_neighbors) for et in self.edge_types}
-        problems = [f"'num_neighbors' has no fanout for edge type {et}" for et in self.edge_types
-                    if et not in num_neighbors]
+        problems = [
+            f"'num_neighbors' has no fanout for edge type {et}" for et in self.edge_types if et not in num_neighbors
+        ]
         hops = {len(v) for v in num_neighbors.values()}
         if len(hops) > 1:
             problems.append(f"'num_neighbors' needs as many hops for every edge type (got {sorted(hops)})")
@@ -145,8 +163,9 @@ class TorchNeighborSampler(BaseSampler):
         self._perm = edge_permutation
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # global id → local id of the batch being sampled (-1: not in it); reset after each batch
-        self._local = {nt: torch.full((n,), -1, dtype=torch.long, device=self.device)
-                       for nt, n in self.num_nodes.items()}
+        self._local = {
+            nt: torch.full((n,), -1, dtype=torch.long, device=self.device) for nt, n in self.num_nodes.items()
+        }
 
     @property
     def edge_permutation(self) -> dict[EdgeType, Tensor | None] | None:
@@ -156,8 +175,10 @@ class TorchNeighborSampler(BaseSampler):
         """The sampled neighbourhood of ``index.node`` (distinct seeds, kept in order: a
         batch's first nodes of the input type are its seeds, as with PyG's samplers)."""
         if index.time is not None or index.input_type is None:
-            raise ValueError("TorchNeighborSampler needs typed seed nodes without 'time' "
-                             f"(got input_type {index.input_type!r}, time {'set' if index.time is not None else None})")
+            raise ValueError(
+                "TorchNeighborSampler needs typed seed nodes without 'time' "
+                f"(got input_type {index.input_type!r}, time {'set' if index.time is not None else None})"
+            )
         seeds = index.node.to(self.device)
         if seeds.unique().numel() != seeds.numel():
             raise ValueError(f"TorchNeighborSampler needs distinct seed nodes (got {seeds.numel()} with repeats)")
@@ -166,14 +187,17 @@ class TorchNeighborSampler(BaseSampler):
         out.metadata = (index.input_id, None)
         return out
 
-    def sample_from_edges(self, index: EdgeSamplerInput,
-                          neg_sampling: NegativeSampling | None = None) -> HeteroSamplerOutput:
+    def sample_from_edges(
+        self, index: EdgeSamplerInput, neg_sampling: NegativeSampling | None = None
+    ) -> HeteroSamplerOutput:
         """The union of the input edges' endpoints' sampled neighbourhoods (PyG's
         ``edge_sample`` without negatives or time: endpoints deduplicated per node type,
         ``edge_label_index`` into them)."""
         if neg_sampling is not None:
-            raise ValueError("TorchNeighborSampler draws no negatives (got 'neg_sampling'); "
-                             "the retrieval head uses in-batch negatives")
+            raise ValueError(
+                "TorchNeighborSampler draws no negatives (got 'neg_sampling'); "
+                "the retrieval head uses in-batch negatives"
+            )
         if index.time is not None:
             raise ValueError("TorchNeighborSampler does not sample in time (got 'time' on its input)")
         if index.input_type is None:
@@ -190,8 +214,11 @@ class TorchNeighborSampler(BaseSampler):
             seeds, label_index = {src_type: seed}, inverse.view(2, -1)
         targets = None
         if self.exclude_targets:
-            real = slice(None) if self.num_edges is None or index.input_id is None else (
-                index.input_id.to(self.device) < self.num_edges)
+            real = (
+                slice(None)
+                if self.num_edges is None or index.input_id is None
+                else (index.input_id.to(self.device) < self.num_edges)
+            )
             targets = (row[real] * self.num_nodes[dst_type] + col[real]).unique()
         out = self._sample(seeds, index.input_type, targets)
         out.metadata = (index.input_id, label_index, index.label, None)
@@ -206,8 +233,9 @@ class TorchNeighborSampler(BaseSampler):
         mixed = int(((ids + 1) * _MIX).sum()) ^ (self.seed * 0x2545F491 + ids.numel())
         self.generator.manual_seed(mixed & ((1 << 63) - 1))
 
-    def _sample(self, seeds: dict[NodeType, Tensor], input_type: EdgeType, targets: Tensor | None
-                ) -> HeteroSamplerOutput:
+    def _sample(
+        self, seeds: dict[NodeType, Tensor], input_type: EdgeType, targets: Tensor | None
+    ) -> HeteroSamplerOutput:
         node = {nt: seeds.get(nt, torch.empty(0, dtype=torch.long, device=self.device)) for nt in self.num_nodes}
         for nt, ids in node.items():
             self._local[nt][ids] = torch.arange(ids.numel(), device=self.device)
@@ -221,8 +249,11 @@ class TorchNeighborSampler(BaseSampler):
                 found = []
                 for et in self.edge_types:
                     f = frontier[et[2]]
-                    which, pos = (self._draw(et, f, self.num_neighbors[et][hop], input_type, targets)
-                                  if f.numel() else (empty, empty))
+                    which, pos = (
+                        self._draw(et, f, self.num_neighbors[et][hop], input_type, targets)
+                        if f.numel()
+                        else (empty, empty)
+                    )
                     found.append((et, self.csc[et][0][pos], which + offset[et[2]], pos))
                 for nt in node:
                     cand = [src for et, src, _, _ in found if et[0] == nt]
@@ -241,14 +272,17 @@ class TorchNeighborSampler(BaseSampler):
             for nt, ids in node.items():
                 self._local[nt][ids] = -1
         return HeteroSamplerOutput(
-            node=node, row={et: torch.cat(rows[et]) for et in self.edge_types},
+            node=node,
+            row={et: torch.cat(rows[et]) for et in self.edge_types},
             col={et: torch.cat(cols[et]) for et in self.edge_types},
             edge={et: torch.cat(edges[et]) for et in self.edge_types},
             num_sampled_nodes=sampled_nodes,
-            num_sampled_edges={et: [c.numel() for c in cols[et]] for et in self.edge_types})
+            num_sampled_edges={et: [c.numel() for c in cols[et]] for et in self.edge_types},
+        )
 
-    def _draw(self, et: EdgeType, frontier: Tensor, k: int, input_type: EdgeType, targets: Tensor | None
-              ) -> tuple[Tensor, Tensor]:
+    def _draw(
+        self, et: EdgeType, frontier: Tensor, k: int, input_type: EdgeType, targets: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """Up to ``k`` neighbours of each node of ``frontier`` over ``et``: ``(which, pos)``,
         the index into ``frontier`` and the CSC position of each sampled edge."""
         colptr = self.csc[et][1]
@@ -299,8 +333,7 @@ class TorchNeighborSampler(BaseSampler):
             seg, pos = seg[keep], pos[keep]
         return nodes[seg], pos
 
-    def _by_draws(self, hubs: Tensor, start: Tensor, deg: Tensor, k: int, allowed
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+    def _by_draws(self, hubs: Tensor, start: Tensor, deg: Tensor, k: int, allowed) -> tuple[Tensor, Tensor, Tensor]:
         """``2k`` draws with replacement per hub; the first ``k`` distinct allowed ones in
         draw order. Returns ``(which, pos, missed)``: hubs with fewer are ``missed`` (none
         of their draws kept)."""

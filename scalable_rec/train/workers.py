@@ -8,6 +8,7 @@ cores are those this process may run on (``os.sched_getaffinity``: a container's
 (``share_memory_``) rather than each holding a copy; a container's default mount there is
 64 MiB, so the room is checked before the graph is moved there.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from scalable_rec.errors import ConfigError
 from scalable_rec.dist import DistEnv
+from scalable_rec.errors import ConfigError
 
 SHM_DIR = Path("/dev/shm")
 SHM_HEADROOM = 1.1  # free room needed in /dev/shm, as a multiple of the bytes moved there
@@ -43,8 +44,7 @@ def loader_workers(num_workers: int, device: torch.device, env: DistEnv) -> int:
 def shared_bytes(tensors) -> int:
     """Bytes of the tensors among ``tensors`` not in shared memory yet (what
     ``share_memory_`` would copy to ``/dev/shm``)."""
-    return sum(t.numel() * t.element_size() for t in tensors
-               if isinstance(t, torch.Tensor) and not t.is_shared())
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor) and not t.is_shared())
 
 
 def check_shm_room(nbytes: int, directory: Path = SHM_DIR) -> None:
@@ -55,11 +55,15 @@ def check_shm_room(nbytes: int, directory: Path = SHM_DIR) -> None:
     try:
         st = os.statvfs(directory)
     except OSError as err:
-        raise ConfigError(f"sampling workers share the message graph through {directory}, which cannot be "
-                          f"read ({err.strerror}); pass --num-workers 0") from err
+        raise ConfigError(
+            f"sampling workers share the message graph through {directory}, which cannot be "
+            f"read ({err.strerror}); pass --num-workers 0"
+        ) from err
     free = st.f_bavail * st.f_frsize
     need = int(nbytes * SHM_HEADROOM)
     if free < need:
-        raise ConfigError(f"sampling workers share the message graph through {directory}: it needs "
-                          f"{need / 2**20:,.0f} MiB free there (got {free / 2**20:,.0f} MiB); enlarge it "
-                          "(docker run --shm-size), pass --num-workers 0, or use --graph-backend store")
+        raise ConfigError(
+            f"sampling workers share the message graph through {directory}: it needs "
+            f"{need / 2**20:,.0f} MiB free there (got {free / 2**20:,.0f} MiB); enlarge it "
+            "(docker run --shm-size), pass --num-workers 0, or use --graph-backend store"
+        )
