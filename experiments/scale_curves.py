@@ -446,6 +446,8 @@ def results_block(rows: list[dict]) -> str:
             else:
                 cpu = r.get("cpu_s", nan)
                 fig = f"{r.get('edges_per_s', nan):,.0f} edges/s"
+            if r.get("note"):
+                fig += f" ({r['note']})"
             out.append(
                 f"| {stage} | {PATHS[stage]} | {r['seconds']:.0f} | {cpu:.1f} | {r.get('private_mib', nan):,.0f} | "
                 f"{r.get('pss_mib', nan):,.0f} | {fig} |"
