@@ -16,8 +16,9 @@ one node themselves with ``--nproc-per-node N`` (forked from a forkserver after 
 imports, so the ranks share them: ``scalable_rec.train.launch``). ``scalable-rec COMMAND --help`` lists flags.
 
 Flags are parsed and checked before torch, PyG, Arrow or python-arango is imported: this module
-imports only the torch-free config modules, and each command imports the pipeline when it
-runs, so ``--help`` and a bad flag are answered at once (docs/design.md, "Start-up").
+imports none of them (the config dataclasses live in torch-free modules), and each command
+imports the pipeline when it runs, so ``--help`` and a bad flag are answered at once
+(docs/design.md, "Start-up").
 """
 
 from __future__ import annotations

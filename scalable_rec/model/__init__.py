@@ -1,8 +1,9 @@
 """Model: the hetero GraphSAGE recommender and what training and scoring both do with it.
 
-``recommender`` holds the encoder, decoders and retrieval head (``Recommender``,
-``ModelConfig``); ``layerwise`` encodes every node with full neighbourhoods over a graph
-store; ``topk`` ranks the full catalog per user in chunks (``ScoreConfig``); ``evaluate``
+``config`` holds their settings (``ModelConfig``, ``ScoreConfig``); ``recommender`` the
+encoder, decoders and retrieval head (``Recommender``); ``layerwise`` encodes every node
+with full neighbourhoods over a graph store; ``topk`` ranks the full catalog per user in
+chunks; ``evaluate``
 computes RMSE, Recall@K and NDCG@K on held-out edges. Training validates with these and
 scoring serves with them, so they sit below both ``scalable_rec.train`` and
 ``scalable_rec.score``.
