@@ -14,6 +14,11 @@
 Run under ``torchrun`` unchanged for DDP, or let ``run``/``train``/``score`` start the ranks of
 one node themselves with ``--nproc-per-node N`` (forked from a forkserver after its
 imports, so the ranks share them: ``scalable_rec.train.launch``). ``scalable-rec COMMAND --help`` lists flags.
+
+Flags are parsed and checked before torch, PyG, Arrow or python-arango is imported: this module
+imports none of them (the config dataclasses live in torch-free modules), and each command
+imports the pipeline when it runs, so ``--help`` and a bad flag are answered at once
+(docs/design.md, "Start-up").
 """
 
 from __future__ import annotations
@@ -26,15 +31,12 @@ import os
 import sys
 from collections.abc import Callable
 
-from scalable_rec import pipeline
 from scalable_rec.atomic import dumps
 from scalable_rec.config import GROUPS, RunConfig, add_config_arguments, build_group
-from scalable_rec.dist import DistEnv, shutdown_distributed
+from scalable_rec.dist_env import DistEnv
 from scalable_rec.errors import ConfigError, InterruptedRunError, ScalableRecError
-from scalable_rec.model.recommender import check_model_device
-from scalable_rec.refresh import RefreshConfig
-from scalable_rec.source.synthetic import PRESETS
-from scalable_rec.train.config import resolve_device
+from scalable_rec.refresh_config import RefreshConfig
+from scalable_rec.source.config import PRESETS
 from scalable_rec.train.launch import LAUNCHED_ENV, launch
 
 log = logging.getLogger("scalable_rec")
@@ -57,20 +59,24 @@ USER_OS_ERRORS = {
 
 def cmd_prepare(cfg: RunConfig, args: argparse.Namespace) -> None:
     """MovieLens → Arrow shards + cached movie features (reused when input and options are unchanged)."""
+    from scalable_rec import pipeline
+
     shards = pipeline.prepare(cfg, rebuild=cfg.data.overwrite)
     print(dumps({"shards": str(shards.directory), "report": shards.manifest.report}))
 
 
 def cmd_train(cfg: RunConfig, args: argparse.Namespace) -> None:
     """Shards → run directory: checkpoints, metrics, curves."""
+    from scalable_rec import pipeline
+
     metrics = pipeline.train_stage(cfg)
     _print_summary(cfg, metrics)
 
 
 def cmd_score(cfg: RunConfig, args: argparse.Namespace) -> None:
     """Run directory → top-K per user (Parquet or ArangoDB)."""
-    if not cfg.run_dir:
-        raise ConfigError("'score' needs --run-dir (a directory written by 'train' or 'run')")
+    from scalable_rec import pipeline
+
     print(
         pipeline.score_stage(
             cfg, cfg.run_dir, allow_interrupted=args.allow_interrupted, allow_shard_mismatch=args.allow_shard_mismatch
@@ -90,18 +96,8 @@ REFRESH_REFUSES = {
 
 def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig, args: argparse.Namespace) -> None:
     """Fold new ratings into a run's graph and re-score only the users they can affect."""
-    problems = []
-    if not cfg.run_dir:
-        problems.append("'refresh' needs --run-dir (a directory written by 'train' or 'run')")
-    if not refresh_cfg.new_ratings:
-        problems.append(
-            "'refresh' needs --new-ratings (a ratings.csv file, a folder holding one, or a shard directory)"
-        )
-    refused = [flag for dest, flag in REFRESH_REFUSES.items() if dest in vars(args)]
-    if refused:
-        problems.append("'refresh' does not take " + ", ".join(refused))
-    if problems:
-        raise ConfigError("; ".join(problems))
+    from scalable_rec import pipeline
+
     k = cfg.score.k if "ScoreConfig.k" in vars(args) else None  # None: the k the Parquet was written with
     print(
         dumps(
@@ -118,6 +114,8 @@ def cmd_refresh(cfg: RunConfig, refresh_cfg: RefreshConfig, args: argparse.Names
 
 def cmd_run(cfg: RunConfig, args: argparse.Namespace) -> None:
     """Prepare → train → evaluate → score in one run directory."""
+    from scalable_rec import pipeline
+
     metrics = pipeline.run(cfg)
     _print_summary(cfg, metrics)
 
@@ -170,8 +168,6 @@ def cmd_arango_export(cfg: RunConfig, args: argparse.Namespace) -> None:
     from scalable_rec.source import RatingBounds
     from scalable_rec.source.arango_export import export_command
 
-    if not cfg.data.shards:
-        raise ScalableRecError("'arango export' needs --shards DIR (the shard directory to write)")
     manifest = export_command(
         cfg.data.shards,
         cfg.arango,
@@ -377,11 +373,37 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise ConfigError(str(err)) from None
 
 
+def check_command(cfg: RunConfig, refresh_cfg: RefreshConfig | None, args: argparse.Namespace) -> None:
+    """What a command needs beyond valid flags (a run directory, new ratings, a shard
+    directory), checked before torch is imported."""
+    if args.command == "score" and not cfg.run_dir:
+        raise ConfigError("'score' needs --run-dir (a directory written by 'train' or 'run')")
+    if args.command == "arango" and args.action == "export" and not cfg.data.shards:
+        raise ScalableRecError("'arango export' needs --shards DIR (the shard directory to write)")
+    if refresh_cfg is None:
+        return
+    problems = []
+    if not cfg.run_dir:
+        problems.append("'refresh' needs --run-dir (a directory written by 'train' or 'run')")
+    if not refresh_cfg.new_ratings:
+        problems.append(
+            "'refresh' needs --new-ratings (a ratings.csv file, a folder holding one, or a shard directory)"
+        )
+    refused = [flag for dest, flag in REFRESH_REFUSES.items() if dest in vars(args)]
+    if refused:
+        problems.append("'refresh' does not take " + ", ".join(refused))
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def check_device(cfg: RunConfig, command: str) -> None:
     """``--device``/``--precision`` (and what the model needs there) against this machine,
     before any work."""
     if command not in ("run", "train"):
         return
+    from scalable_rec.model.recommender import check_model_device
+    from scalable_rec.train.config import resolve_device
+
     try:
         check_model_device(cfg.model, resolve_device(cfg.train, DistEnv.from_environ()))
     except ValueError as err:
@@ -408,17 +430,26 @@ def main(argv: list[str] | None = None) -> int:
             cmd_synth(args)
             return 0
         cfg = config_from_args(args)
-        check_device(cfg, args.command)
-        threads = cfg.runtime.apply()
-        log.debug("torch threads per process: %d (deterministic: %s)", threads, cfg.runtime.deterministic)
+        refresh_cfg = None
         if args.command == "refresh":
             try:
                 refresh_cfg = build_group(RefreshConfig, args)
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"Invalid options:\n  refresh: {err}") from err
-            cmd_refresh(cfg, refresh_cfg, args)
-            return 0
-        (ARANGO_COMMANDS[args.action] if args.command == "arango" else COMMANDS[args.command])[0](cfg, args)
+        check_command(cfg, refresh_cfg, args)
+        # Everything above is answered without torch; from here on the command loads it.
+        check_device(cfg, args.command)
+        threads = cfg.runtime.apply()
+        log.debug("torch threads per process: %d (deterministic: %s)", threads, cfg.runtime.deterministic)
+        from scalable_rec.dist import shutdown_distributed
+
+        try:
+            if refresh_cfg is not None:
+                cmd_refresh(cfg, refresh_cfg, args)
+            else:
+                (ARANGO_COMMANDS[args.action] if args.command == "arango" else COMMANDS[args.command])[0](cfg, args)
+        finally:
+            shutdown_distributed()
     except InterruptedRunError as err:
         log.error("%s", err)
         return 128 + err.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
@@ -427,8 +458,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         log.error("%s", one_line(err), exc_info=args.verbose)
         return USAGE_ERROR
-    finally:
-        shutdown_distributed()
     return 0
 
 

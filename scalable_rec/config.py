@@ -1,10 +1,12 @@
 """The run's configuration: typed dataclasses, one per stage, and their CLI flags.
 
-Each stage keeps its own dataclass next to its code (``FeatureConfig``, ``SplitConfig``,
-``ModelConfig``, ``TrainConfig``, ``ScoreConfig``, ``StoreConfig``); ``RunConfig`` composes them and is
-what every artifact stores (``config.json``, checkpoints, manifests). Field names are
-unique across stages, so each becomes one ``--flag`` whose help is the field's entry in
-its class docstring.
+Each stage keeps its own dataclasses in its ``config`` module (``FeatureConfig``,
+``SplitConfig``, ``ModelConfig``, ``TrainConfig``, ``ScoreConfig``, ``StoreConfig``, ...);
+``RunConfig`` composes them and is what every artifact stores (``config.json``,
+checkpoints, manifests). Field names are unique across stages, so each becomes one
+``--flag`` whose help is the field's entry in its class docstring. None of these modules
+imports torch, PyG, Arrow or python-arango: flags are parsed and checked before those load
+(docs/design.md, "Start-up").
 """
 
 from __future__ import annotations
@@ -21,14 +23,10 @@ from typing import Any, Literal
 
 from scalable_rec.connection import ArangoConfig
 from scalable_rec.errors import ConfigError
-from scalable_rec.graph.features import FeatureConfig
-from scalable_rec.graph.hetero import SplitConfig
-from scalable_rec.graph.store import StoreConfig
-from scalable_rec.model.recommender import ModelConfig
-from scalable_rec.model.topk import ScoreConfig
-from scalable_rec.sink.arango import WritebackConfig
-from scalable_rec.sink.arango_load import LoadConfig
-from scalable_rec.source.arango import ExportConfig
+from scalable_rec.graph.config import FeatureConfig, SplitConfig, StoreConfig
+from scalable_rec.model.config import ModelConfig, ScoreConfig
+from scalable_rec.sink.config import LoadConfig, WritebackConfig
+from scalable_rec.source.config import ExportConfig
 from scalable_rec.train.config import TrainConfig
 
 

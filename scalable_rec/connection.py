@@ -15,6 +15,10 @@ timeout, and a write-write conflict (errorNum 1200); a 500 is never repeated, wh
 errorNum (32 resource limit, 1521 unknown shard, ...), since the same request fails the same
 way again. Cursor reads also start a partition over after 1600 (cursor gone) and 1601
 (cursor busy), see ``is_cursor_retryable``. ``docs/arango.md`` has the whole error map.
+
+python-arango and requests are imported by the functions that reach the server, not by this
+module: the command line builds its flags from ``ArangoConfig`` before anything else loads
+(docs/design.md, "Start-up").
 """
 
 from __future__ import annotations
@@ -27,15 +31,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
-
-import requests
-from arango import ArangoClient
-from arango.collection import StandardCollection
-from arango.database import StandardDatabase
-from arango.exceptions import ArangoClientError, ArangoServerError
-from arango.http import DefaultHTTPClient
 
 from scalable_rec.errors import (
     AuthenticationError,
@@ -46,6 +43,10 @@ from scalable_rec.errors import (
     DatabaseUnreachableError,
     PermissionDeniedError,
 )
+
+if TYPE_CHECKING:
+    from arango.collection import StandardCollection
+    from arango.database import StandardDatabase
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,9 @@ class RetryPolicy:
 def is_transient(err: BaseException) -> bool:
     """True for failures a repeat may fix: a dropped connection or timeout, HTTP 502/503/504,
     a write-write conflict (errorNum 1200). Never a 500 or any other status."""
+    import requests
+    from arango.exceptions import ArangoServerError
+
     if isinstance(
         err,
         (
@@ -333,6 +337,8 @@ def is_cursor_retryable(err: BaseException) -> bool:
     """True when a cursor read may start over: the cursor vanished (404/1600: ttl expired,
     coordinator restart) or is busy (409/1601: an earlier fetch, whose connection dropped,
     still holds it on the server while the driver's re-sent fetch arrives)."""
+    from arango.exceptions import ArangoServerError
+
     return isinstance(err, ArangoServerError) and err.error_code in (CURSOR_NOT_FOUND, CURSOR_BUSY)
 
 
@@ -344,6 +350,8 @@ def database_error(err: BaseException, what: str, settings: ArangoSettings | Non
         what: What was being done, e.g. ``"import into 'Ratings'"``.
         settings: Connection settings, for naming the server (never the password).
     """
+    from arango.exceptions import ArangoClientError, ArangoServerError
+
     where = f" on {settings.url} (database '{settings.database}')" if settings else ""
     if isinstance(err, ArangoServerError):
         code = (err.http_code, err.error_code)
@@ -410,6 +418,10 @@ def connect(settings: ArangoSettings, fast_json: bool = True) -> StandardDatabas
         AuthenticationError: HTTP 401.
         DatabaseNotFoundError: errorNum 1228.
     """
+    from arango import ArangoClient
+    from arango.exceptions import ArangoClientError, ArangoServerError
+    from arango.http import DefaultHTTPClient
+
     client = ArangoClient(
         hosts=settings.url,
         http_client=DefaultHTTPClient(
@@ -439,6 +451,9 @@ def server_version(db: StandardDatabase, settings: ArangoSettings | None = None)
     for users who are not administrators (python-arango's ``db.version()`` then raises a bare
     ``KeyError``), so the answer's body is read as a whole.
     """
+    import requests
+    from arango.exceptions import ArangoClientError, ArangoServerError
+
     try:
         body = db.version(details=True)
     except (ArangoServerError, ArangoClientError, ConnectionError, requests.exceptions.RequestException) as err:
@@ -513,6 +528,9 @@ def server_info(db: StandardDatabase) -> ServerInfo:
         DatabaseError: The version cannot be parsed, is older than ``MIN_VERSION``, or the role
             is not one a client may read from (a DB-server or agent instead of a coordinator).
     """
+    import requests
+    from arango.exceptions import ArangoClientError, ArangoServerError
+
     text = server_version(db)
     check_version(text)
     try:
@@ -536,6 +554,9 @@ def require_collection(db: StandardDatabase, name: str, edge: bool | None = None
         CollectionNotFoundError: It does not exist (errorNum 1203).
         DatabaseError: It exists with the other type.
     """
+    import requests
+    from arango.exceptions import ArangoServerError
+
     try:
         props = db.collection(name).properties()
     except ArangoServerError as err:

@@ -23,8 +23,6 @@ torch is imported.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import sys
 from collections.abc import Mapping
@@ -79,5 +77,8 @@ def fix_mmap_threshold(threshold_bytes: int) -> bool:
         raise ValueError(f"'threshold_bytes' needs to be in (0, 32 MiB] (got {threshold_bytes})")
     if not glibc():
         return False
+    import ctypes  # here, not at the top: every command imports this module before it restarts
+    import ctypes.util
+
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,7 @@ from scalable_rec.atomic import sha256_file, write_json_atomic
 from scalable_rec.graph.hetero import MOVIE, USER, RatingGraph
 from scalable_rec.model.recommender import Recommender
 from scalable_rec.model.topk import RatedIndex, to_record_batch
+from scalable_rec.refresh_config import RefreshConfig  # re-export
 from scalable_rec.score import state_store
 from scalable_rec.score.incremental import (
     EdgeList,
@@ -64,33 +65,6 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 BIG_FIELDS = ("layers", "aggs", "degree", "cand_idx", "cand_score", "floor")
 """State tables saved row-wise (changed rows only) by ``state_store``."""
-
-
-@dataclass
-class RefreshConfig:
-    """Incremental re-scoring settings (``scalable-rec refresh``).
-
-    Args:
-        new_ratings: New ratings to fold in: a MovieLens-format ratings.csv, a folder
-            holding one, or a shard directory.
-        mode: ``exact`` (every user whose recommendations can change; equals a full
-            re-score) or ``bounded`` (only users with new ratings; drifts, cheaper).
-        candidate_margin: Candidates kept per user beyond ``k`` (with exact scores), non-negative,
-            so that a changed movie leaving a top-k list is replaced without a full re-score.
-    """
-
-    new_ratings: str | None = None
-    mode: Literal["exact", "bounded"] = "exact"
-    candidate_margin: int = 20
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.mode not in ("exact", "bounded"):
-            problems.append(f"'mode' needs to be 'exact' or 'bounded' (got {self.mode!r})")
-        if self.candidate_margin < 0:
-            problems.append(f"'candidate_margin' needs to be non-negative (got {self.candidate_margin})")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Every ``import`` and ``from ... import`` in ``scalable_rec/`` counts, at module level or
 inside a function (a deferred import is still a dependency). Layers, lowest first:
 
-    errors, atomic, heap, locking, connection   shared utilities, no package imports above them
+    errors, atomic, heap, locking, connection, dist_env
+                shared utilities, no package imports above them
     shards      the Arrow shard format every source writes and the graph reads
     source      MovieLens, synthetic, ArangoDB readers → shards
     graph       shards → HeteroData, the mapped graph index and its stores
@@ -14,7 +15,7 @@ inside a function (a deferred import is still a dependency). Layers, lowest firs
     score       recommendations, baselines, incremental refresh
     sink        Parquet and ArangoDB writers (and loading MovieLens into ArangoDB)
     refresh     new ratings folded into a trained run's graph, affected users re-scored
-                and their rows rewritten in the sinks
+                and their rows rewritten in the sinks (``refresh_config``: its settings)
     config      ``RunConfig``: every stage's config composed
     pipeline    the stages chained
     cli         the command line and ``python -m scalable_rec`` (and the forkserver's preload,
@@ -40,6 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
         "scalable_rec.heap",
         "scalable_rec.locking",
         "scalable_rec.connection",
+        "scalable_rec.dist_env",
     ),
     ("scalable_rec.shards",),
     ("scalable_rec.source",),
@@ -49,7 +51,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("scalable_rec.train",),
     ("scalable_rec.score",),
     ("scalable_rec.sink",),
-    ("scalable_rec.refresh",),
+    ("scalable_rec.refresh", "scalable_rec.refresh_config"),
     ("scalable_rec.config",),
     ("scalable_rec.pipeline",),
     ("scalable_rec.cli", "scalable_rec.__main__", "scalable_rec.forkserver_preload"),

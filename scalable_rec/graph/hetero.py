@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +11,7 @@ import torch
 from torch_geometric.data import HeteroData
 
 from scalable_rec.errors import ShardError
+from scalable_rec.graph.config import SplitConfig  # re-export
 from scalable_rec.graph.features import FeatureConfig, movie_features
 from scalable_rec.shards import GraphShards
 
@@ -89,37 +89,6 @@ class RatingGraph:
         data[RATES].rating = rating
         data[REV_RATES].rating = rating
         return data
-
-
-@dataclass
-class SplitConfig:
-    """How rating edges are split into train/val/test.
-
-    Args:
-        val_ratio: Share of edges for validation, in (0, 1); with ``test_ratio`` below 1.
-        test_ratio: Share of edges for test, in [0, 1).
-        strategy: ``random`` (seeded permutation) or ``temporal`` (by rating timestamp:
-            oldest for training, newest for test; ties broken by edge order).
-        split_seed: Seed of the random split.
-    """
-
-    val_ratio: float = 0.1
-    test_ratio: float = 0.1
-    strategy: Literal["random", "temporal"] = "random"
-    split_seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("val_ratio", "test_ratio"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                problems.append(f"'{name}' needs to be in [0, 1) (got {v})")
-        if self.val_ratio + self.test_ratio >= 1.0:
-            problems.append(f"'val_ratio' + 'test_ratio' needs to be < 1 (got {self.val_ratio + self.test_ratio})")
-        if self.strategy not in ("random", "temporal"):
-            problems.append(f"'strategy' needs to be 'random' or 'temporal' (got {self.strategy!r})")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 @dataclass

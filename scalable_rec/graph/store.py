@@ -9,51 +9,15 @@ and ``open_stores`` puts the index's mapped tensors there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 import torch
 from torch import Tensor
 from torch_geometric.data import EdgeAttr, FeatureStore, GraphStore, TensorAttr
 from torch_geometric.data.graph_store import EdgeLayout
 
+from scalable_rec.graph.config import StoreConfig  # noqa: F401 - re-exported
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.graph.index import GraphIndex
-
-
-@dataclass
-class StoreConfig:
-    """Where the message-passing graph lives while training, evaluating and scoring.
-
-    Args:
-        graph_backend: ``memory`` (tensors in each process, full-graph encoding), ``store``
-            (PyG stores over the memory-mapped graph index, shared by a node's processes;
-            layer-wise encoding) or ``auto`` (``store`` from ``store_min_edges`` edges on).
-        store_min_edges: Rating edges from which ``auto`` picks ``store``; non-negative.
-        store_verify: Check the sha256 of every index file when it is opened.
-        layer_batch_size: Destination nodes per batch of layer-wise encoding.
-    """
-
-    graph_backend: Literal["auto", "memory", "store"] = "auto"
-    store_min_edges: int = 1_000_000
-    store_verify: bool = True
-    layer_batch_size: int = 16384
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.graph_backend not in ("auto", "memory", "store"):
-            problems.append(f"'graph_backend' needs to be 'auto', 'memory' or 'store' (got {self.graph_backend!r})")
-        if self.store_min_edges < 0:
-            problems.append(f"'store_min_edges' needs to be non-negative (got {self.store_min_edges})")
-        if self.layer_batch_size <= 0:
-            problems.append(f"'layer_batch_size' needs to be positive (got {self.layer_batch_size})")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def use_store(self, num_edges: int) -> bool:
-        """Whether a graph of ``num_edges`` rating edges goes through the stores."""
-        return self.graph_backend == "store" or (self.graph_backend == "auto" and num_edges >= self.store_min_edges)
 
 
 class MappedFeatureStore(FeatureStore):

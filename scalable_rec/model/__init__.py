@@ -1,17 +1,41 @@
 """Model: the hetero GraphSAGE recommender and what training and scoring both do with it.
 
-``recommender`` holds the encoder, decoders and retrieval head (``Recommender``,
-``ModelConfig``); ``layerwise`` encodes every node with full neighbourhoods over a graph
-store; ``topk`` ranks the full catalog per user in chunks (``ScoreConfig``); ``evaluate``
+``config`` holds their settings (``ModelConfig``, ``ScoreConfig``); ``recommender`` the
+encoder, decoders and retrieval head (``Recommender``); ``layerwise`` encodes every node
+with full neighbourhoods over a graph store; ``topk`` ranks the full catalog per user in
+chunks; ``evaluate``
 computes RMSE, Recall@K and NDCG@K on held-out edges. Training validates with these and
 scoring serves with them, so they sit below both ``scalable_rec.train`` and
 ``scalable_rec.score``.
 """
 
-from scalable_rec.model.evaluate import evaluate_edges, evaluate_split, ranking_metrics, rating_errors
-from scalable_rec.model.layerwise import encode_layerwise
-from scalable_rec.model.recommender import ModelConfig, Recommender
-from scalable_rec.model.topk import RatedIndex, ScoreConfig, topk_chunks
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scalable_rec.model.config import ModelConfig, ScoreConfig
+    from scalable_rec.model.evaluate import evaluate_edges, evaluate_split, ranking_metrics, rating_errors
+    from scalable_rec.model.layerwise import encode_layerwise
+    from scalable_rec.model.recommender import Recommender
+    from scalable_rec.model.topk import RatedIndex, topk_chunks
+
+# Where each name lives: imported on first access (PEP 562), so that importing one light
+# submodule (the stage's ``config``) does not import what the others need (docs/design.md,
+# "Start-up").
+_EXPORTS = {
+    "ModelConfig": "scalable_rec.model.config",
+    "ScoreConfig": "scalable_rec.model.config",
+    "evaluate_edges": "scalable_rec.model.evaluate",
+    "evaluate_split": "scalable_rec.model.evaluate",
+    "ranking_metrics": "scalable_rec.model.evaluate",
+    "rating_errors": "scalable_rec.model.evaluate",
+    "encode_layerwise": "scalable_rec.model.layerwise",
+    "Recommender": "scalable_rec.model.recommender",
+    "RatedIndex": "scalable_rec.model.topk",
+    "topk_chunks": "scalable_rec.model.topk",
+}
 
 __all__ = [
     "ModelConfig",
@@ -25,3 +49,13 @@ __all__ = [
     "rating_errors",
     "topk_chunks",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

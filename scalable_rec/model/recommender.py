@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +23,7 @@ from torch_geometric.nn import HeteroConv, SAGEConv
 from scalable_rec.errors import ConfigError
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.graph.relations import message_types, split_coo
+from scalable_rec.model.config import ModelConfig  # re-export
 
 # Full-graph encoding goes through torch.sparse CSR (via torch-sparse); torch labels it
 # beta on every call, which is noise for users of a stable code path.
@@ -137,74 +136,6 @@ def edge_adjacency(
     rowptr = torch.zeros(num_dst + 1, dtype=torch.long, device=edge_index.device)
     rowptr[1:] = torch.bincount(dst, minlength=num_dst).cumsum(0)
     return sparse_adjacency(rowptr, src[perm], num_src, device, aggr, kind)
-
-
-@dataclass
-class ModelConfig:
-    """Model shape and ranking head (design: docs/design.md#ranking-head).
-
-    Args:
-        hidden: Width of the embeddings and of every GraphSAGE layer; positive.
-        num_layers: GraphSAGE layers, i.e. hops of message passing; at least 1, with one
-            ``num_neighbors`` entry per layer.
-        decoder: Rating decoder: ``dot`` (scores the catalog with one matrix multiply) or
-            ``mlp`` (an MLP on ``[user ‖ movie]``).
-        dropout: Dropout between layers, in [0, 1).
-        aggr: Neighbour aggregation of SAGEConv: ``mean``, ``sum`` or ``max``.
-        retrieval_head: Add a two-tower ranking head, trained with an in-batch sampled softmax
-            beside the rating loss; top-K lists rank by it.
-        user_id_dropout: Share of batch users, in [0, 1), whose ID embedding is replaced by
-            the "unknown user" input during training, so users added after training can be
-            served from their ratings alone.
-        retrieval_ids: Give each user and movie its own ranking vector, added to the ranking
-            head's projection of the encoder output; unknown nodes get the projection alone.
-        movie_id_dropout: Share of batch movies, in [0, 1), given the "unknown movie" input
-            (learned vector plus title/genre features) during training; movies without a
-            trained row are always encoded that way.
-        retrieval_temperature: τ ≥ 0: rank by cosine similarity over τ (ranking vectors
-            L2-normalised in training and scoring); 0 ranks by the raw dot product.
-        retrieval_bias: Give every movie a learned ranking bias, added to each of its ranking
-            scores (one more dimension of the ranking vectors).
-        rating_messages: How an edge's rating reaches its messages: ``none`` (the neighbour's
-            state alone) or ``relation`` (one relation each way per rating bucket: below 3,
-            3 to 3.5, 4 and up, each with its own SAGEConv weights); see docs/rating.md.
-    """
-
-    hidden: int = 128
-    num_layers: int = 2
-    decoder: Literal["dot", "mlp"] = "dot"
-    dropout: float = 0.3
-    aggr: str = "mean"
-    retrieval_head: bool = True
-    user_id_dropout: float = 0.2
-    retrieval_ids: bool = True
-    movie_id_dropout: float = 0.2
-    retrieval_temperature: float = 0.15
-    retrieval_bias: bool = True
-    rating_messages: Literal["none", "relation"] = "none"
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.hidden <= 0:
-            problems.append(f"'hidden' needs to be positive (got {self.hidden})")
-        if self.num_layers < 1:
-            problems.append(f"'num_layers' needs to be at least 1 (got {self.num_layers})")
-        if self.decoder not in ("dot", "mlp"):
-            problems.append(f"'decoder' needs to be 'dot' or 'mlp' (got {self.decoder!r})")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"'dropout' needs to be in [0, 1) (got {self.dropout})")
-        if self.aggr not in ("mean", "sum", "max"):
-            problems.append(f"'aggr' needs to be 'mean', 'sum' or 'max' (got {self.aggr!r})")
-        if not 0.0 <= self.user_id_dropout < 1.0:
-            problems.append(f"'user_id_dropout' needs to be in [0, 1) (got {self.user_id_dropout})")
-        if not 0.0 <= self.movie_id_dropout < 1.0:
-            problems.append(f"'movie_id_dropout' needs to be in [0, 1) (got {self.movie_id_dropout})")
-        if self.retrieval_temperature < 0:
-            problems.append(f"'retrieval_temperature' needs to be non-negative (got {self.retrieval_temperature})")
-        if self.rating_messages not in ("none", "relation"):
-            problems.append(f"'rating_messages' needs to be 'none' or 'relation' (got {self.rating_messages!r})")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 def fp32_guard(active: bool, device: torch.device):

@@ -12,7 +12,6 @@ back, copied without blocking into pinned memory while the next chunk is compute
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -20,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor
+
+from scalable_rec.model.config import ScoreConfig  # re-export
 
 # Device bytes a chunk needs per score: the fp32 block, the score function's own
 # intermediate (a matmul result before the bias adds, or an autocast block and its fp32
@@ -34,41 +35,6 @@ def device_chunk_users(num_movies: int, device: torch.device) -> int:
     (``torch.cuda.mem_get_info``) over ``DEVICE_BYTES_PER_SCORE`` per user × movie."""
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, int(free * DEVICE_MEMORY_SHARE) // (DEVICE_BYTES_PER_SCORE * max(1, num_movies)))
-
-
-@dataclass
-class ScoreConfig:
-    """Full-catalog scoring settings.
-
-    Args:
-        k: Recommendations per user, positive.
-        score_memory_mb: MiB of one block of scores on the CPU (users × movies × 4 bytes),
-            positive; sets how many users are scored per chunk. On CUDA the chunk follows the
-            device's free memory instead (``device_chunk_users``).
-        exclude_rated: Never recommend a movie the user has rated anywhere in the input.
-        score_device: Where ``score`` encodes and ranks: ``run`` (the device the run trained
-            on), ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (e.g. score a GPU-trained run on a
-            CPU machine).
-    """
-
-    k: int = 10
-    score_memory_mb: int = 256
-    exclude_rated: bool = True
-    score_device: str = "run"
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.k <= 0:
-            problems.append(f"'k' needs to be positive (got {self.k})")
-        if self.score_memory_mb <= 0:
-            problems.append(f"'score_memory_mb' needs to be positive (got {self.score_memory_mb})")
-        if not re.fullmatch(r"run|auto|cpu|cuda(:\d+)?", self.score_device):
-            problems.append(f"'score_device' needs run, auto, cpu, cuda or cuda:N (got {self.score_device!r})")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def chunk_users(self, num_movies: int) -> int:
-        return max(1, (self.score_memory_mb << 20) // (4 * max(1, num_movies)))
 
 
 @dataclass

@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 from arango.collection import StandardCollection
@@ -39,6 +39,7 @@ from arango.exceptions import ArangoClientError, ArangoServerError
 from scalable_rec.atomic import write_json_atomic
 from scalable_rec.connection import ArangoConfig, RetryPolicy, connect, database_error, require_collection
 from scalable_rec.errors import CollectionNotFoundError, DatabaseError, WriteMismatchError
+from scalable_rec.sink.config import WritebackConfig  # re-export
 
 log = logging.getLogger(__name__)
 
@@ -46,39 +47,6 @@ MAX_LISTED_MISMATCHES = 20
 # Fixed JSON overhead of one document beyond its keys' and values' text: braces, quotes,
 # colons and commas (7 attributes), used to size batches without serialising twice.
 DOC_OVERHEAD_BYTES = 48
-
-
-@dataclass
-class WritebackConfig:
-    """Where ranked recommendations go.
-
-    Args:
-        sink: ``parquet`` (<run-dir>/recommendations.parquet) or ``arango`` (edges
-            Users/<key> → Movie/<key> with score, rank, run_id, write_id, created_at).
-        inference_collection: Edge collection for ``--sink arango`` (created if missing).
-        replace_previous: Also remove the written users' edges of other run ids, in the same
-            transaction as the new edges, so no user is ever left without recommendations.
-        writeback_batch_docs: Edges per transaction, positive; a transaction ends only between
-            users, so it may exceed this by one user's edges.
-        writeback_batch_mb: (Estimated) MiB of edges per transaction, positive; ended between users.
-    """
-
-    sink: Literal["parquet", "arango"] = "parquet"
-    inference_collection: str = "Recommendation_Inferences"
-    replace_previous: bool = False
-    writeback_batch_docs: int = 10_000
-    writeback_batch_mb: float = 8.0
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.sink not in ("parquet", "arango"):
-            problems.append(f"'sink' needs to be 'parquet' or 'arango' (got {self.sink!r})")
-        if self.writeback_batch_docs <= 0:
-            problems.append(f"'writeback_batch_docs' needs to be positive (got {self.writeback_batch_docs})")
-        if self.writeback_batch_mb <= 0:
-            problems.append(f"'writeback_batch_mb' needs to be positive (got {self.writeback_batch_mb})")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 @dataclass

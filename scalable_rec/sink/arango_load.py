@@ -27,6 +27,7 @@ from scalable_rec.connection import ArangoConfig, connect, database_error
 from scalable_rec.errors import DatabaseError
 from scalable_rec.shards import KeyIndex
 from scalable_rec.sink.arango import ImportCounts, ensure_collection, import_documents
+from scalable_rec.sink.config import LoadConfig  # re-export
 from scalable_rec.source.base import RatingBounds, validate_ratings
 from scalable_rec.source.movielens import MovieLensSource
 from scalable_rec.source.report import SkipReport
@@ -35,21 +36,6 @@ log = logging.getLogger(__name__)
 
 NO_GENRES = "(no genres listed)"
 GRAPH_EXISTS = 1925
-
-
-@dataclass
-class LoadConfig:
-    """How ``arango load`` writes.
-
-    Args:
-        load_batch_size: Documents per import_bulk request, positive.
-    """
-
-    load_batch_size: int = 10_000
-
-    def __post_init__(self) -> None:
-        if self.load_batch_size <= 0:
-            raise ValueError(f"'load_batch_size' needs to be positive (got {self.load_batch_size})")
 
 
 @dataclass

@@ -20,18 +20,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from scalable_rec.source.config import PRESETS  # re-export
 from scalable_rec.source.report import SkipReport
 
 MOVIELENS_FEATURE_DIM = 384 + 19
-
-PRESETS: dict[str, tuple[int, int, int]] = {
-    # name: (users, movies, edges)
-    "tiny": (50, 50, 500),
-    "small": (1_000, 2_000, 100_000),
-    "medium": (10_000, 10_000, 1_000_000),
-    "large": (70_000, 30_000, 10_000_000),
-    "ml-25m": (162_000, 59_000, 25_000_000),
-}
 
 
 @dataclass

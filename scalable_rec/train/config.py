@@ -1,15 +1,20 @@
-"""Training settings (``TrainConfig``) and the device and precision they resolve to."""
+"""Training settings (``TrainConfig``) and the device and precision they resolve to.
+
+torch is imported only by the functions that resolve a device or a dtype, so that the
+command line can parse and validate its flags before torch loads (docs/design.md, "Start-up").
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+from scalable_rec.dist_env import DistEnv
 
-from scalable_rec.dist import DistEnv
+if TYPE_CHECKING:
+    import torch
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -207,7 +212,16 @@ class TrainConfig:
             raise ValueError("; ".join(problems))
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The autocast dtype of a ``precision`` name (one of ``PRECISIONS``)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    import torch
+
     problems = []
     want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():

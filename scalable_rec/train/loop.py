@@ -45,7 +45,7 @@ from scalable_rec.heap import fix_mmap_threshold
 from scalable_rec.model.recommender import ModelConfig, Recommender, check_model_device
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_edges, supervision_stats
-from scalable_rec.train.config import PRECISIONS, TrainConfig, resolve_device
+from scalable_rec.train.config import TrainConfig, precision_dtype, resolve_device
 from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, ranking_positives, rating_class_table
 from scalable_rec.train.node_tables import share_tables_on_node
 from scalable_rec.train.optim import (
@@ -290,7 +290,7 @@ def build_job(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False
         )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
+    autocast = torch.autocast(device.type, dtype=precision_dtype(cfg.precision), enabled=cfg.precision != "fp32")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     job = Job(
