@@ -366,7 +366,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         except (ValueError, TypeError) as err:
             problems.append(f"{name}: {err}")
     if problems:
-        raise ConfigError("Invalid options:\n  " + "\n  ".join(problems))
+        raise ConfigError.of(problems)
     try:
         return RunConfig(**groups, run_dir=args.run_dir)
     except ValueError as err:  # checks across groups
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 refresh_cfg = build_group(RefreshConfig, args)
             except (ValueError, TypeError) as err:
-                raise ConfigError(f"Invalid options:\n  refresh: {err}") from err
+                raise ConfigError.of([f"refresh: {err}"]) from err
         check_command(cfg, refresh_cfg, args)
         # Everything above is answered without torch; from here on the command loads it.
         check_device(cfg, args.command)

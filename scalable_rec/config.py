@@ -179,7 +179,7 @@ class RunConfig:
                 f"early (got {self.split.val_ratio})"
             )
         if problems:
-            raise ConfigError("Invalid options:\n  " + "\n  ".join(problems))
+            raise ConfigError.of(problems)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,6 +12,11 @@ class ScalableRecError(Exception):
 class ConfigError(ScalableRecError, ValueError):
     """Options that are invalid or conflict with each other (all problems in one message)."""
 
+    @classmethod
+    def of(cls, problems: list[str]) -> "ConfigError":
+        """One error, on one line, naming every problem (``; `` between them)."""
+        return cls("Invalid options: " + "; ".join(problems))
+
 
 class MalformedInputError(ScalableRecError):
     """Input rows or documents that cannot be used (raised in strict mode, else counted)."""

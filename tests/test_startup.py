@@ -155,3 +155,16 @@ def test_console_script_answers_within_a_second():
     assert "scalable_rec.cli" in _imported(stderr)
     assert not _imported(stderr) & set(HEAVY), sorted(_imported(stderr) & set(HEAVY))
     assert best < BOUND_S, f"scalable-rec run --help took {best:.2f} s"
+
+
+def test_every_invalid_option_is_named_on_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "scalable_rec", "train", "--lr", "-1", "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "'lr' needs to be positive" in lines[0] and "'epochs' needs to be positive" in lines[0]
