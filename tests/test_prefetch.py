@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from scalable_rec.dist import DistEnv
-from scalable_rec.graph import MOVIE, RATES
+from scalable_rec.graph import MOVIE
 from scalable_rec.train import TrainConfig
 from scalable_rec.train.batches import SupervisionEdges, make_loader
 from scalable_rec.train.feed import Feed
@@ -93,13 +93,15 @@ def test_on_cuda_batches_are_built_on_a_side_stream_and_the_compute_stream_waits
     for batch in DevicePrefetcher(Feed(feed.loader, recording_build), device):
         assert torch.cuda.current_stream(device) == compute  # the caller's stream is untouched
         assert all(t.is_cuda for t in batch_tensors(batch))
-        # read on the compute stream at once: it must see the finished copy
-        batches.append((batch[MOVIE].x.sum(), batch[RATES].edge_index.shape, batch[MOVIE].n_id))
-    assert streams and all(s != compute for s in streams)
+        # read on the compute stream at once: it must see the finished copy and gather
+        batches.append((batch[MOVIE].x.double().sum(), batch[MOVIE].x, batch[MOVIE].n_id))
+    assert len(streams) == len(batches) == 8 and all(s != compute for s in streams)
     torch.cuda.synchronize()
     g, _ = small
-    for x_sum, _, n_id in batches:
-        torch.testing.assert_close(x_sum.cpu(), g.movie_x[n_id.cpu()].sum())
+    for x_sum, x, n_id in batches:
+        expected = g.movie_x[n_id.cpu()]
+        assert torch.equal(x.cpu(), expected)
+        torch.testing.assert_close(x_sum.cpu(), expected.double().sum())
 
 
 @pytest.mark.cuda
