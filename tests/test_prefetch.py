@@ -115,3 +115,43 @@ def test_prefetched_batches_equal_the_cpu_batches(small):
     torch.manual_seed(3)
     gpu = [_fingerprint(b) for b in DevicePrefetcher(feed, torch.device("cuda"))]
     assert len(cpu) == len(gpu) and all(_same(a, b) for a, b in zip(cpu, gpu))
+
+
+@pytest.mark.cuda
+def test_the_torch_sampler_samples_on_the_side_stream_and_gives_its_own_batches(small):
+    """With the torch sampler on the device the sampling runs inside the loader's
+    ``next``: on the side stream, and the batches are those of a plain iteration."""
+    device = torch.device("cuda")
+    g, split = small
+
+    def feed():
+        loader, sampler = make_loader(
+            g.hetero_data(split.train),
+            SupervisionEdges(g.src, g.dst, g.rating, split.train[:4000]),
+            TrainConfig(num_neighbors=[3, 2], progress=False, sampler="torch"),
+            512,
+            DistEnv(),
+            shuffle=True,
+            device=device,
+            exclude_targets=True,
+        )
+        sampler.set_epoch(0)
+        return loader
+
+    streams = []
+
+    class Recording:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            for item in self.loader:
+                streams.append(torch.cuda.current_stream(device))
+                yield item
+
+    plain = [_fingerprint(b) for b in feed()]
+    inner = feed()
+    through = [_fingerprint(b) for b in DevicePrefetcher(Feed(Recording(inner.loader), inner.build), device)]
+    compute = torch.cuda.current_stream(device)
+    assert len(streams) == 8 and all(s != compute for s in streams)
+    assert len(plain) == len(through) == 8 and all(_same(a, b) for a, b in zip(plain, through))

@@ -136,7 +136,7 @@ class BatchBuilder:
                 et: {k: v for k, v in data[et].items() if k != "edge_index" and isinstance(v, Tensor)}
                 for et in self.edge_types
             }
-            self.float_ratings = False  # PyG's filter gathers the attribute as it is
+            self.float_edge_attrs = False  # PyG's filter gathers the attribute as it is
         else:
             feature_store, graph_store = data
             groups = [a for a in feature_store.get_all_tensor_attrs() if isinstance(a.group_name, str)]
@@ -146,7 +146,7 @@ class BatchBuilder:
             for a in groups:
                 node_attrs[a.group_name][a.attr_name] = feature_store.get_tensor(a.group_name, a.attr_name, index=None)
             edge_attrs = {et: {"rating": r} for et, r in edge_ratings(feature_store).items()}
-            self.float_ratings = True  # as AttachRatings: the stored dtype, gathered, as float
+            self.float_edge_attrs = True  # as AttachRatings: the stored dtype, gathered, as float
         self.resident = self._fits(node_attrs, edge_attrs, device_share)
         moved: dict[int, Tensor] = {}  # one copy of a tensor two edge types share
 
@@ -194,8 +194,9 @@ class BatchBuilder:
         sampled = sampled.to(self.device, non_blocking=True)  # from pinned memory: no wait
         data = HeteroData()
         empty = torch.empty(0, dtype=torch.long, device=self.device)
+        empty_host = torch.empty(0, dtype=torch.long)
         for nt in self.node_types:
-            ids, ids_host = sampled.node.get(nt, empty), host.node.get(nt, empty.cpu())
+            ids, ids_host = sampled.node.get(nt, empty), host.node.get(nt, empty_host)
             store = data[nt]
             store.num_nodes = ids_host.numel()
             for key, value in self.node_attrs[nt].items():
@@ -204,10 +205,10 @@ class BatchBuilder:
         for et in self.edge_types:
             store = data[et]
             store.edge_index = torch.stack([sampled.row.get(et, empty), sampled.col.get(et, empty)])
-            e_id, e_host = sampled.edge.get(et, empty), host.edge.get(et, empty.cpu())
+            e_id, e_host = sampled.edge.get(et, empty), host.edge.get(et, empty_host)
             for key, value in self.edge_attrs.get(et, {}).items():
                 gathered = self._gather(value, e_id, e_host)
-                store[key] = gathered.float() if self.float_ratings else gathered
+                store[key] = gathered.float() if self.float_edge_attrs else gathered
             store.e_id = e_id
         store = data[self.input_type]
         store.input_id, store.edge_label_index, store.edge_label = (
