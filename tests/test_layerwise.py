@@ -61,3 +61,43 @@ def test_layerwise_rejects_bad_arguments(small):
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=8)).eval()
     with pytest.raises(ValueError, match="'batch_size' needs to be positive \\(got 0\\)"):
         encode_layerwise(model, *open_stores(index, "all"), batch_size=0)
+
+
+def _tables(small, device, spill_dir=None):
+    g, index = small
+    torch.manual_seed(0)
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, num_layers=2))
+    return encode_layerwise(model.eval().to(device), *open_stores(index, "all"), batch_size=300, spill_dir=spill_dir)
+
+
+def test_layerwise_copy_back_on_the_cpu_gives_the_bits_of_a_plain_assignment(small, tmp_path, monkeypatch):
+    """On the CPU the tables are plain host tensors with the bits the plain
+    ``table[a:b] = h.float().cpu()`` gives, into memory and into spill files alike."""
+    from scalable_rec.model import layerwise
+
+    memory, spilled = _tables(small, "cpu"), _tables(small, "cpu", tmp_path)
+
+    def assign(self, out, h):
+        out[:] = h.float().cpu()
+
+    monkeypatch.setattr(layerwise._Buffers, "put", assign)
+    plain = _tables(small, "cpu")
+    assert set(memory) == set(spilled) == set(plain) == {"user", "movie", "user_rank", "movie_rank"}
+    for key in memory:
+        assert memory[key].device.type == "cpu" and memory[key].dtype == torch.float32
+        assert not memory[key].is_pinned()
+        assert torch.equal(memory[key], plain[key]) and torch.equal(memory[key], spilled[key]), key
+        assert (memory[key].abs().sum(1) > 0).all()  # every batch was written
+
+
+@pytest.mark.cuda
+def test_layerwise_on_cuda_copies_back_into_pinned_tables_without_blocking(small, tmp_path):
+    """On CUDA each batch's result goes to pinned host tables without a wait; the host
+    waits once, at the end. Bit-identical to the blocking copies into spill files, and
+    the CPU's result up to float summation order."""
+    pinned, spilled = _tables(small, "cuda"), _tables(small, "cuda", tmp_path)
+    cpu = _tables(small, "cpu")
+    for key in pinned:
+        assert pinned[key].is_pinned() and pinned[key].device.type == "cpu"
+        assert torch.equal(pinned[key], spilled[key]), key
+        torch.testing.assert_close(pinned[key], cpu[key], atol=1e-4, rtol=1e-4)

@@ -55,18 +55,27 @@ def _adjacency(
 
 
 class _Buffers:
-    """Per-layer ``[n, hidden]`` float32 tables: in memory, or files under ``spill_dir``."""
+    """Per-layer ``[n, hidden]`` float32 tables: in memory (pinned with ``pin``), or files
+    under ``spill_dir``."""
 
-    def __init__(self, spill_dir: Path | None) -> None:
+    def __init__(self, spill_dir: Path | None, pin: bool = False) -> None:
         self.spill_dir = spill_dir
+        self.pin = pin and spill_dir is None
         self.count = 0
 
     def new(self, rows: int, cols: int) -> Tensor:
         if self.spill_dir is None:
-            return torch.empty(rows, cols)
+            return torch.empty(rows, cols, pin_memory=self.pin)
         self.count += 1
         path = self.spill_dir / f"z-{self.count}.npy"
         return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, cols)))
+
+    def put(self, out: Tensor, h: Tensor) -> None:
+        """One batch's result ``h`` into its rows ``out`` of a table. Into pinned memory the
+        copy does not block: the host waits once, before it reads the tables (``encode_layerwise``'s
+        return), and the device reads them back in stream order. Elsewhere (the CPU, spill
+        files) a plain copy."""
+        out.copy_(h.float(), non_blocking=self.pin)
 
 
 @torch.no_grad()
@@ -106,7 +115,8 @@ def encode_layerwise(
         raise ValueError(f"'graph_store' needs CSC edges of {missing} (got {list(row)})")
     ratings = edge_ratings(feature_store) if enc.rating_messages == "relation" else {}
     work = Path(tempfile.mkdtemp(prefix="layerwise-", dir=spill_dir)) if spill_dir is not None else None
-    buffers = _Buffers(work)
+    # On CUDA the tables are pinned, so results come back without a wait per batch.
+    buffers = _Buffers(work, pin=device.type == "cuda")
     hidden = enc.user_emb.embedding_dim
 
     def batches(n: int):
@@ -120,17 +130,17 @@ def encode_layerwise(
         no_x = torch.empty(0, enc.movie_lin.in_features, device=device)
         for a, b in batches(num[USER]):
             ids = {USER: torch.arange(a, b, device=device), MOVIE: none}
-            x[USER][a:b] = enc.input_features(ids, no_x)[USER].float().cpu()
+            buffers.put(x[USER][a:b], enc.input_features(ids, no_x)[USER])
         for a, b in batches(num[MOVIE]):
             feats = feature_store.get_tensor(MOVIE, "x", index=slice(a, b)).to(device)
             ids = {USER: none, MOVIE: torch.arange(a, b, device=device)}
-            x[MOVIE][a:b] = enc.input_features(ids, feats)[MOVIE].float().cpu()
+            buffers.put(x[MOVIE][a:b], enc.input_features(ids, feats)[MOVIE])
         # ---- message-passing layers: full neighbourhoods, destination batches -------------
         for i, hetero_conv in enumerate(enc.convs):
             out = {}
             for dst, edge_type in INCOMING.items():
                 src = edge_type[0]
-                x_src = x[src].to(device)
+                x_src = x[src].to(device, non_blocking=True)
                 out[dst] = buffers.new(num[dst], hidden)
                 for a, b in batches(num[dst]):
                     adj = _adjacency(
@@ -144,13 +154,13 @@ def encode_layerwise(
                         device,
                         enc.aggr,
                     )
-                    x_dst = x[dst][a:b].to(device)
+                    x_dst = x[dst][a:b].to(device, non_blocking=True)
                     # PyG's ModuleDict takes edge-type tuples; relations sum as HeteroConv sums them
                     hs = [hetero_conv.convs[et]((x_src, x_dst), adj[et]) for et in adj]
                     h = hs[0] if len(hs) == 1 else torch.stack(hs).sum(0)
                     if i < len(enc.convs) - 1:
                         h = F.relu(h)  # dropout is the identity in inference
-                    out[dst][a:b] = h.float().cpu()
+                    buffers.put(out[dst][a:b], h)
             x = out
         z = {USER: x[USER], MOVIE: x[MOVIE]}
         if model.retrieval is not None:
@@ -158,14 +168,17 @@ def encode_layerwise(
             for key, node in (("user_rank", USER), ("movie_rank", MOVIE)):
                 z[key] = buffers.new(num[node], head.out_features)
                 for a, b in batches(num[node]):
-                    h = x[node][a:b].to(device)
+                    h = x[node][a:b].to(device, non_blocking=True)
                     ids = torch.arange(a, b, device=device)
                     r = (
                         head.project_user(h, ids)
                         if node == USER
                         else head.project_movie(h, ids, model.encoder.movie_known(ids))
                     )
-                    z[key][a:b] = r.float().cpu()
+                    buffers.put(z[key][a:b], r)
+        if buffers.pin:
+            # sync point: the host reads the tables from here on (once per encoding)
+            torch.cuda.current_stream(device).synchronize()
         return z
     finally:
         if work is not None:

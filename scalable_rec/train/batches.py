@@ -18,6 +18,7 @@ from scalable_rec.dist import DistEnv, EdgeEpochSampler
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.graph.store import edge_ratings
 from scalable_rec.train.config import TrainConfig
+from scalable_rec.train.feed import BatchBuilder, Feed, SampleOnly, ToDevice
 from scalable_rec.train.losses import rating_classes
 from scalable_rec.train.sampler import TorchNeighborSampler, device_stores, sampler_bytes
 from scalable_rec.train.workers import check_shm_room, loader_workers, shared_bytes
@@ -183,16 +184,23 @@ def make_loader(
     device: torch.device,
     generator: torch.Generator | None = None,
     exclude_targets: bool = False,
-):
+    build_on_device: bool | None = None,
+) -> tuple[Feed, EdgeEpochSampler]:
     """Mini-batches of this rank's slice of the supervision ``edges``, each with its
     sampled subgraph (``cfg.sampler``: PyG's ``LinkNeighborLoader`` or the torch
-    ``TorchNeighborSampler`` under PyG's ``LinkLoader``); returns ``(loader, sampler)``.
+    ``TorchNeighborSampler`` under PyG's ``LinkLoader``); returns ``(feed, sampler)``:
+    iterating the ``Feed`` gives the batches on ``device``.
 
     Batch labels are ``[b, 2]``: rating and sample weight. ``world_size - 1`` zero-weight
     pads follow the real edges so that every rank gets the same number of batches. With
     ``exclude_targets`` each batch's targets leave its subgraph (``ExcludeTargets``, or the
     torch sampler never draws them). Every sampled edge gets its ``rating``: PyG's loader
     gathers it from ``HeteroData``, ``AttachRatings`` looks it up at its ``e_id`` elsewhere.
+
+    ``build_on_device`` (PyG's sampler only; ``None``: on a CUDA device): the loader's
+    workers only sample and the batch is built on ``device`` (``feed.BatchBuilder``: the
+    same batch, features and ratings gathered there); ``False``: workers build the whole
+    batch and it is copied.
     """
     n = edges.num_edges
     pad = env.world_size - 1  # enough for any remainder the sampler deals (also a re-dealt resume)
@@ -207,14 +215,6 @@ def make_loader(
                 workers,
             )
         workers = 0  # CUDA tensors cannot be sampled in forked workers
-    if workers > 0 and isinstance(data, HeteroData):
-        # Worker processes then map the same pages instead of each holding a copy
-        # (a (feature_store, graph_store) pair is file-mapped already).
-        check_shm_room(shared_bytes(v for store in data.stores for v in store.values()))
-        for store in data.stores:
-            for value in store.values():
-                if isinstance(value, torch.Tensor):
-                    value.share_memory_()
     # PyG's loader is used as the per-batch sampling function (``link(index)`` samples and
     # filters the subgraph of the input edges at ``index``), with ``edges`` as its input:
     # built from one placeholder edge, because LinkLoader copies every ``edge_label_index``
@@ -246,30 +246,68 @@ def make_loader(
             transform=AttachRatings(ratings) if ratings else None,
         )
     else:
+        if build_on_device is None:
+            build_on_device = device.type == "cuda"
+        exclude = ExcludeTargets(n) if exclude_targets else None
         link = LinkNeighborLoader(
             data,
             num_neighbors=cfg.num_neighbors,
             edge_label_index=label_index,
             edge_label=placeholder.label,
             batch_size=batch_size,
-            transform=Compose(
-                AttachRatings(edge_ratings(data[0])) if isinstance(data, tuple) else None,
-                ExcludeTargets(n) if exclude_targets else None,
-            ),
+            # Built whole in the worker (filter_fn in collate), or sampled there alone.
+            filter_per_worker=not build_on_device,
+            transform=None
+            if build_on_device
+            else Compose(AttachRatings(edge_ratings(data[0])) if isinstance(data, tuple) else None, exclude),
         )
     link.input_data = edges
+    sample_only = kind == "pyg" and build_on_device
+    if workers > 0 and isinstance(data, HeteroData):
+        # Worker processes map the same pages instead of each holding a copy (the mapped
+        # store pair is file-mapped already): what they read, the sampler's graph and,
+        # where they build the whole batch, the features and ratings they gather.
+        read = worker_tensors(link.link_sampler, None if sample_only else data)
+        check_shm_room(shared_bytes(read))
+        for value in read:
+            value.share_memory_()
     loader = DataLoader(
         range(n + pad),
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=link,
+        collate_fn=SampleOnly(link) if sample_only else link,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=device.type == "cuda" and kind == "pyg",
         prefetch_factor=4 if workers > 0 else None,
         generator=generator,
     )
-    return loader, sampler
+    if sample_only:
+        build = BatchBuilder(data, device, RATES, exclude, device_share=AUTO_DEVICE_SHARE)
+    else:
+        build = ToDevice(device)
+    return Feed(loader, build), sampler
+
+
+def worker_tensors(link_sampler, data: HeteroData | None = None) -> list[Tensor]:
+    """The tensors sampling workers read, each once: the sampler's graph (PyG's CSC and
+    edge permutation, or the torch sampler's) and, given ``data``, its node and edge
+    attributes (features, ratings) for workers that build the whole batch."""
+    if isinstance(link_sampler, TorchNeighborSampler):
+        graph = [t for csc in link_sampler.csc.values() for t in csc]
+        graph += list((link_sampler.edge_permutation or {}).values())
+    else:  # PyG's NeighborSampler over HeteroData
+        graph = [*link_sampler.row_dict.values(), *link_sampler.colptr_dict.values()]
+        graph += list((link_sampler.perm or {}).values())
+    attrs = []
+    if data is not None:
+        attrs = [v for store in data.stores for k, v in store.items() if k != "edge_index"]
+    out, seen = [], set()
+    for t in graph + attrs:
+        if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            out.append(t)
+    return out
 
 
 def resolve_sampler(choice: str, data, device: torch.device) -> str:

@@ -46,6 +46,7 @@ from scalable_rec.model.recommender import ModelConfig, Recommender, check_model
 from scalable_rec.train import checkpoint as ckpt
 from scalable_rec.train.batches import SupervisionEdges, make_loader, supervision_edges, supervision_stats
 from scalable_rec.train.config import TrainConfig, precision_dtype, resolve_device
+from scalable_rec.train.feed import Feed
 from scalable_rec.train.losses import gather_columns, in_batch_softmax_loss, ranking_positives, rating_class_table
 from scalable_rec.train.node_tables import share_tables_on_node
 from scalable_rec.train.optim import (
@@ -56,6 +57,7 @@ from scalable_rec.train.optim import (
     sparse_table_names,
     table_rows,
 )
+from scalable_rec.train.prefetch import DevicePrefetcher
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,8 @@ class Job:
     optimizer: torch.optim.Optimizer | CombinedOptimizer
     scaler: torch.amp.GradScaler
     autocast: torch.autocast
-    train_loader: Any
+    train_loader: Feed
+    """The rank's batches (``make_loader``): a loader and the build that puts a batch on the device."""
     train_sampler: EdgeEpochSampler
     graph: RatingGraph
     split: EdgeSplit
@@ -575,13 +578,13 @@ def train_epoch(job: Job, progress: Progress, stop: dict[str, int | None]) -> di
         leave=False,
     )
     interrupted = False
-    it = iter(job.train_loader)
+    # On CUDA each batch is copied and built on a side stream while the last step runs
+    it = iter(DevicePrefetcher(job.train_loader, job.device))
     while progress.step_in_epoch < steps_this_epoch:
         t_load = time.perf_counter()
         batch = next(it, None)
         if batch is None:
             break
-        batch = batch.to(job.device, non_blocking=True)
         t_step = time.perf_counter()
         load_s += t_step - t_load
         se, weight = train_step(job, batch)

@@ -4,9 +4,11 @@ On a GPU the model waits for neighbour sampling when it runs on the CPU, so a ra
 loader takes every core the rank has but one (its own process feeds the device). The
 cores are those this process may run on (``os.sched_getaffinity``: a container's or
 ``taskset``'s limit, not the host's count) split between the ranks of the node
-(``LOCAL_WORLD_SIZE``). Workers map the in-memory message graph from ``/dev/shm``
-(``share_memory_``) rather than each holding a copy; a container's default mount there is
-64 MiB, so the room is checked before the graph is moved there.
+(``LOCAL_WORLD_SIZE``). Workers map what they read of the in-memory message graph (the
+sampler's CSC; features and ratings too where they build whole batches,
+``batches.worker_tensors``) from ``/dev/shm`` (``share_memory_``) rather than each holding
+a copy; a container's default mount there is 64 MiB, so the room is checked before
+anything is moved there.
 """
 
 from __future__ import annotations
