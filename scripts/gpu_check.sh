@@ -111,10 +111,11 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out_dir/nvidia-smi.csv" || true
 
 started=$(date +%s)
-# CUDA tests (skipped with their reason without a GPU). A failure is reported, not fatal:
+# Every CUDA-marked test, in the files that mark one (skipped with its reason without a GPU). A failure is reported, not fatal:
 # the benchmarks still run and the report says what failed.
 set +e
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout 200 "$py" -m pytest tests/test_cuda.py tests/test_topk.py -m cuda \
+mapfile -t cuda_tests < <(grep -lE 'pytest\.mark\.cuda|^@cuda|^pytestmark = .*cuda' tests/test_*.py)
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout 200 "$py" -m pytest "${cuda_tests[@]}" -m cuda \
   -q -rs -p no:cacheprovider -p no:randomly --junitxml "$out_dir/cuda-tests.xml" 2>&1 | tee "$out_dir/cuda-tests.log"
 tests_rc=${PIPESTATUS[0]}
 set -e
