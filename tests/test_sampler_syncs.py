@@ -1,6 +1,6 @@
-"""The torch sampler's host syncs per hop, and the batches it draws, which fewer syncs must
-not change: digests of every output tensor, recorded from the sampler before its syncs were
-cut, on a skewed graph whose hubs take the draw path and sometimes miss."""
+"""The torch sampler's host syncs per hop, and the batches it draws, which where the syncs
+fall must not change: recorded digests of every output tensor, on graphs whose hubs take
+the draw path and sometimes fall short."""
 
 import hashlib
 import warnings
@@ -157,17 +157,17 @@ def syncs_per_batch(hops: int, k: int, exclude: bool) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize("exclude", [True, False], ids=["exclude", "keep-targets"])
-def test_at_most_four_host_syncs_per_hop(exclude):
-    """Fanout 2: hubs in both edge types at every hop. Per hop: one read of the hub and
-    candidate counts, one of the filtered counts with the first type's draw outcome, one of
-    the second type's draw outcome, one of the new nodes (the sampler before: 32 with
-    targets excluded, 24 without). The per-batch rest (input ids for the seed, the
-    endpoints' and targets' unique) runs on the loader's CPU tensors."""
+def test_three_host_syncs_per_hop_and_one_per_batch(exclude):
+    """Fanout 2: hubs in both edge types at every hop. Per hop: the filtered counts with the
+    first type's draw outcome, the second type's draw outcome, the new nodes with the next
+    hop's hub and candidate counts; per batch one more, the first hop's hub and candidate
+    counts. The rest counted here (the seed's input ids, the endpoints' and targets'
+    unique) runs on the loader's CPU tensors, no device read."""
     totals = [syncs_per_batch(hops, 2, exclude) for hops in (1, 2, 3)]
     per_hop = {totals[i + 1][0] - totals[i][0] for i in range(2)}
-    assert per_hop == {4}, totals
+    assert per_hop == {3}, totals
     assert all(set(counts) == {"tolist", "unique", "item/bool/int"} for _, counts in totals), totals
-    assert totals[0][1]["tolist"] == 4 and totals[2][1]["tolist"] == 12
+    assert [counts["tolist"] for _, counts in totals] == [4, 7, 10], totals
 
 
 def test_the_counter_sees_what_syncs():
@@ -189,10 +189,11 @@ def test_the_counter_sees_what_syncs():
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", list(RECORDED))
 def test_cuda_syncs_per_hop_as_counted_on_the_cpu(name, monkeypatch):
-    """On CUDA, ``torch.cuda.set_sync_debug_mode`` sees the syncs: per hop no more than the
-    CPU count allows (4, and one more per edge type whose hub draws fall short with targets
-    excluded), and none per batch outside the hops (the batch's own bookkeeping runs on its
-    CPU input). The CPU digests do not apply: CUDA's generator draws other numbers."""
+    """On CUDA, ``torch.cuda.set_sync_debug_mode`` sees the syncs: within the hops no more
+    than the CPU count allows (3 per hop and 1 per batch, and one more per edge type whose
+    hub draws fall short with targets excluded), and none per batch outside them (the
+    batch's own bookkeeping runs on its CPU input). The CPU digests do not apply: CUDA's
+    generator draws other numbers."""
     spec, _ = RECORDED[name]
     sampler, data = make_sampler(spec, torch.device("cuda"))
     sample(sampler, data, spec)  # warm: lazy initialisation
@@ -216,4 +217,4 @@ def test_cuda_syncs_per_hop_as_counted_on_the_cpu(name, monkeypatch):
             torch.cuda.set_sync_debug_mode("default")
     in_hops = sum(b - a for a, b in zip(inside[::2], inside[1::2]))
     calls, num_hops = len(inside) // 2, sampler.num_hops
-    assert in_hops <= 6 * num_hops * calls and len(seen) == in_hops, (len(seen), in_hops, calls)
+    assert in_hops <= (1 + 5 * num_hops) * calls and len(seen) == in_hops, (len(seen), in_hops, calls)

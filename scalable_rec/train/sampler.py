@@ -24,9 +24,10 @@ across runs, resumes and worker counts.
 Host syncs (on CUDA the host waits for the device wherever a size is read): a hop reads
 sizes only where a shape needs them, each read one ``tolist`` of every size known by
 then, and compacts with ``nonzero_static`` given that size (a boolean index, ``nonzero``,
-``unique`` or ``repeat_interleave`` without ``output_size`` would each read one). Four
-reads per hop at most, with hubs in both edge types (``_hop``), plus one per edge type
-whose hub draws fall short while targets are excluded (rare). A batch's own bookkeeping
+``unique`` or ``repeat_interleave`` without ``output_size`` would each read one). Three
+reads per hop at most, with hubs in both edge types (``_hop``, ``_fresh``), one more per
+batch (the first hop's sizes), and one per edge type whose hub draws fall short while
+targets are excluded (rare). A batch's own bookkeeping
 (its endpoints' ``unique``, its target keys, the ids that seed it) runs on the loader's
 CPU tensors, which are then copied over without a stream sync.
 """
@@ -258,12 +259,14 @@ class TorchNeighborSampler(BaseSampler):
         rows, cols, edges = ({et: [] for et in self.edge_types} for _ in range(3))
         sampled_nodes = {nt: [ids.numel()] for nt, ids in node.items()}
         empty = torch.empty(0, dtype=torch.long, device=self.device)
+        ahead = None  # the hop's first sizes, read with the hop before's new nodes
         try:
             for hop in range(self.num_hops):
-                found = self._hop(hop, frontier, input_type, targets)
+                found = self._hop(hop, frontier, input_type, targets, ahead)
                 src = {et: self.csc[et][0][pos] for et, (_, pos) in found.items()}
                 dst = {et: which + offset[et[2]] for et, (which, _) in found.items()}
-                fresh = self._fresh({nt: [src[et] for et in found if et[0] == nt] for nt in node})
+                candidates = {nt: [src[et] for et in found if et[0] == nt] for nt in node}
+                fresh, ahead = self._fresh(candidates, hop + 1 if hop + 1 < self.num_hops else None)
                 for nt, new in fresh.items():
                     offset[nt] = node[nt].numel()
                     node[nt] = torch.cat([node[nt], new])
@@ -286,10 +289,14 @@ class TorchNeighborSampler(BaseSampler):
             num_sampled_edges={et: [c.numel() for c in cols[et]] for et in self.edge_types},
         )
 
-    def _fresh(self, candidates: dict[NodeType, list[Tensor]]) -> dict[NodeType, Tensor]:
+    def _fresh(
+        self, candidates: dict[NodeType, list[Tensor]], next_hop: int | None
+    ) -> tuple[dict[NodeType, Tensor], dict[EdgeType, list[int]] | None]:
         """Per node type, the sampled sources not yet in the batch, deduplicated and sorted:
-        each type's candidates sorted (those already in the batch set past every id), their
-        first occurrences counted, and all counts read at once."""
+        each type's candidates sorted (those already in the batch set past every id) and
+        their first occurrences counted. Read with those counts: ``next_hop``'s first sizes
+        per edge type (``_Draws.counts``, from the new nodes' degrees before they are
+        compacted into the next frontier); ``None`` after the last hop."""
         ordered, first = {}, {}
         for nt, parts in candidates.items():
             cand = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=self.device)
@@ -297,11 +304,27 @@ class TorchNeighborSampler(BaseSampler):
             new = cand < self.num_nodes[nt]
             new[1:] &= cand[1:] != cand[:-1]
             ordered[nt], first[nt] = cand, new
-        counts = _read([first[nt].sum() for nt in candidates])  # sync point: the hop's new nodes per type
-        return {nt: ordered[nt][_where(first[nt], n)] for nt, n in zip(candidates, counts)}
+        values = [first[nt].sum() for nt in candidates]
+        if next_hop is not None:
+            for et in self.edge_types:
+                nt, colptr = et[2], self.csc[et][1]
+                at = ordered[nt].clamp(max=self.num_nodes[nt] - 1)
+                deg = (colptr[at + 1] - colptr[at]).masked_fill(~first[nt], 0)
+                values += _first_sizes(deg, self.num_neighbors[et][next_hop])
+        sizes = _read(values)  # sync point: the hop's new nodes per type (and the next hop's first sizes)
+        fresh = {nt: ordered[nt][_where(first[nt], n)] for nt, n in zip(candidates, sizes)}
+        if next_hop is None:
+            return fresh, None
+        rest = sizes[len(candidates) :]
+        return fresh, {et: rest[3 * i : 3 * i + 3] for i, et in enumerate(self.edge_types)}
 
     def _hop(
-        self, hop: int, frontier: dict[NodeType, Tensor], input_type: EdgeType, targets: Tensor | None
+        self,
+        hop: int,
+        frontier: dict[NodeType, Tensor],
+        input_type: EdgeType,
+        targets: Tensor | None,
+        ahead: dict[EdgeType, list[int]] | None = None,
     ) -> dict[EdgeType, tuple[Tensor, Tensor]]:
         """Up to the hop's fanout of in-neighbours of every frontier node, per edge type with
         a frontier: ``{et: (which, pos)}``, the index into the frontier and the CSC position
@@ -310,9 +333,10 @@ class TorchNeighborSampler(BaseSampler):
         Draws come from the one generator in edge-type order (each type's hub draws, then
         its sort keys), and their sizes are read from the device only where a shape needs
         them, each read taking every size known by then: the hub and candidate counts of all
-        types at once, then the filtered counts of all types with the first type's draw
-        outcome, then each later type's draw outcome (only where it has hubs), and the
-        hubs' ranges where draws fell short and targets are excluded (rare).
+        types (``ahead``: read with the hop before's new nodes; read here at the first hop),
+        then the filtered counts of all types with the first type's draw outcome, then each
+        later type's draw outcome (only where it has hubs), and the hubs' ranges where draws
+        fell short and targets are excluded (rare).
         """
         todo = []
         for et in self.edge_types:
@@ -322,10 +346,12 @@ class TorchNeighborSampler(BaseSampler):
                 todo.append(_Draws(self, et, f, self.num_neighbors[et][hop], allowed))
         if not todo:
             return {}
-        # sync point: hubs and non-hub candidates of every edge type, one read
-        sizes = _read([x for d in todo for x in d.counts()])
-        for i, d in enumerate(todo):
-            d.gather(*sizes[3 * i : 3 * i + 3])
+        if ahead is None:  # the first hop (later ones were read with the new nodes)
+            # sync point: hubs and non-hub candidates of every edge type, one read
+            sizes = _read([x for d in todo for x in _first_sizes(d.deg, d.k)])
+            ahead = {d.et: sizes[3 * i : 3 * i + 3] for i, d in enumerate(todo)}
+        for d in todo:
+            d.gather(*ahead[d.et])
         todo[0].draw()
         # sync point: allowed and kept candidates of every edge type, and the first type's missed hubs
         later = _read([x for d in todo for x in d.filtered()] + todo[0].outcome())
@@ -367,8 +393,8 @@ class TorchNeighborSampler(BaseSampler):
 class _Draws:
     """One edge type's draws in one hop (module docstring: how), in steps that
     ``TorchNeighborSampler._hop`` runs in order, handing in the sizes it read as host ints:
-    ``counts`` → ``gather`` → ``filtered`` → ``draw`` → ``outcome`` → ``finish``. Hubs
-    whose draws fall short are sorted after the other nodes."""
+    ``gather`` (given ``_first_sizes``) → ``filtered`` → ``draw`` → ``outcome`` →
+    ``finish``. Hubs whose draws fall short are sorted after the other nodes."""
 
     def __init__(self, sampler: TorchNeighborSampler, et: EdgeType, frontier: Tensor, k: int, allowed) -> None:
         self.sampler, self.et, self.frontier, self.k, self.allowed = sampler, et, frontier, k, allowed
@@ -376,13 +402,7 @@ class _Draws:
         colptr = sampler.csc[et][1]
         self.start = colptr[frontier]
         self.deg = colptr[frontier + 1] - self.start
-        self.hub = self.deg > DRAW_FROM * k if k >= 0 else torch.zeros_like(self.deg, dtype=torch.bool)
-
-    def counts(self) -> list[Tensor]:
-        """Hubs, non-hub candidates, and (with nothing excluded) how many of them are kept."""
-        d = self.deg.masked_fill(self.hub, 0)
-        kept = d.sum() if self.k < 0 else d.clamp(max=self.k).sum()
-        return [self.hub.sum(), d.sum(), kept]
+        self.hub = _hubs(self.deg, k)
 
     def gather(self, num_hubs: int, total: int, kept: int) -> None:
         """Every candidate of the non-hub nodes, and which are allowed (not a target)."""
@@ -485,6 +505,20 @@ class _Candidates:
             return self.seg, self.pos, self.count
         i = _where(self.ok, allowed)
         return self.seg[i], self.pos[i], self.count
+
+
+def _first_sizes(deg: Tensor, k: int) -> list[Tensor]:
+    """A hop's first sizes for nodes of degrees ``deg`` at fanout ``k``: hubs, non-hub
+    candidates, and (with nothing excluded) how many of those are kept."""
+    hub = _hubs(deg, k)
+    d = deg.masked_fill(hub, 0)
+    kept = d.sum() if k < 0 else d.clamp(max=k).sum()
+    return [hub.sum(), d.sum(), kept]
+
+
+def _hubs(deg: Tensor, k: int) -> Tensor:
+    """Which nodes of degrees ``deg`` are drawn from at fanout ``k`` rather than sorted."""
+    return deg > DRAW_FROM * k if k >= 0 else torch.zeros_like(deg, dtype=torch.bool)
 
 
 def _read(values: list[Tensor]) -> list[int]:
