@@ -126,10 +126,10 @@ def test_batches_are_bit_identical_to_the_recorded_ones(name):
 def test_the_recorded_workload_takes_every_draw_path(monkeypatch):
     """The digests above guard the draw path and its fallback: hubs are drawn, and some of
     them miss (with and without a target among their draws) and go through the sort."""
-    from scalable_rec.train import sampler as sampler_module
+    from scalable_rec.train.draws import EdgeDraws
 
     seen = {"hubs": 0, "missed": 0, "missed_excluding": 0}
-    finish = sampler_module._Draws.finish
+    finish = EdgeDraws.finish
 
     def spy(self, num_missed=0, missed_total=0):
         seen["hubs"] += self.num_hubs
@@ -137,7 +137,7 @@ def test_the_recorded_workload_takes_every_draw_path(monkeypatch):
         seen["missed_excluding"] += num_missed * (self.allowed is not None)
         return finish(self, num_missed, missed_total)
 
-    monkeypatch.setattr(sampler_module._Draws, "finish", spy)
+    monkeypatch.setattr(EdgeDraws, "finish", spy)
     for spec, _ in RECORDED.values():
         batches(spec)
     assert seen["hubs"] > 100 and seen["missed"] > seen["missed_excluding"] > 0, seen

@@ -6,7 +6,8 @@ hop's fanout of them uniformly without replacement. ``LinkLoader`` takes it as i
 ``link_sampler`` and turns its ``HeteroSamplerOutput`` into the ``HeteroData`` batch the
 model takes, over ``device_stores`` (the graph's CSC and node features on that device).
 
-How a node's neighbours are drawn (``k`` the fanout, ``d`` the node's degree):
+How a node's neighbours are drawn (``k`` the fanout, ``d`` the node's degree;
+``scalable_rec.train.draws``):
 
 - ``d <= DRAW_FROM * k``: every candidate gets a random 32-bit key and one sort by
   (node, key) orders each node's candidates at random; the first ``k`` are kept (all of
@@ -47,8 +48,8 @@ from torch_geometric.sampler import (
 from torch_geometric.typing import EdgeType, NodeType
 
 from scalable_rec.graph.store import MappedFeatureStore, MappedGraphStore
+from scalable_rec.train.draws import EdgeDraws, first_sizes, read_sizes, where_true
 
-DRAW_FROM = 4  # a node with more than DRAW_FROM × fanout neighbours is drawn from, not sorted
 _MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constant (as int64) for the batch seed
 
 
@@ -295,7 +296,7 @@ class TorchNeighborSampler(BaseSampler):
         """Per node type, the sampled sources not yet in the batch, deduplicated and sorted:
         each type's candidates sorted (those already in the batch set past every id) and
         their first occurrences counted. Read with those counts: ``next_hop``'s first sizes
-        per edge type (``_Draws.counts``, from the new nodes' degrees before they are
+        per edge type (``first_sizes``, from the new nodes' degrees before they are
         compacted into the next frontier); ``None`` after the last hop."""
         ordered, first = {}, {}
         for nt, parts in candidates.items():
@@ -310,9 +311,9 @@ class TorchNeighborSampler(BaseSampler):
                 nt, colptr = et[2], self.csc[et][1]
                 at = ordered[nt].clamp(max=self.num_nodes[nt] - 1)
                 deg = (colptr[at + 1] - colptr[at]).masked_fill(~first[nt], 0)
-                values += _first_sizes(deg, self.num_neighbors[et][next_hop])
-        sizes = _read(values)  # sync point: the hop's new nodes per type (and the next hop's first sizes)
-        fresh = {nt: ordered[nt][_where(first[nt], n)] for nt, n in zip(candidates, sizes)}
+                values += first_sizes(deg, self.num_neighbors[et][next_hop])
+        sizes = read_sizes(values)  # sync point: the hop's new nodes per type (and the next hop's first sizes)
+        fresh = {nt: ordered[nt][where_true(first[nt], n)] for nt, n in zip(candidates, sizes)}
         if next_hop is None:
             return fresh, None
         rest = sizes[len(candidates) :]
@@ -343,18 +344,19 @@ class TorchNeighborSampler(BaseSampler):
             f = frontier[et[2]]
             if f.numel():
                 allowed = self._allowed_fn(et, input_type, targets, f)
-                todo.append(_Draws(self, et, f, self.num_neighbors[et][hop], allowed))
+                k = self.num_neighbors[et][hop]
+                todo.append(EdgeDraws(et, f, k, self.csc[et][1], self.generator, allowed))
         if not todo:
             return {}
         if ahead is None:  # the first hop (later ones were read with the new nodes)
             # sync point: hubs and non-hub candidates of every edge type, one read
-            sizes = _read([x for d in todo for x in _first_sizes(d.deg, d.k)])
+            sizes = read_sizes([x for d in todo for x in first_sizes(d.deg, d.k)])
             ahead = {d.et: sizes[3 * i : 3 * i + 3] for i, d in enumerate(todo)}
         for d in todo:
             d.gather(*ahead[d.et])
         todo[0].draw()
         # sync point: allowed and kept candidates of every edge type, and the first type's missed hubs
-        later = _read([x for d in todo for x in d.filtered()] + todo[0].outcome())
+        later = read_sizes([x for d in todo for x in d.filtered()] + todo[0].outcome())
         for d in todo:
             if d.allowed is not None:
                 d.nonhub_allowed, d.nonhub_kept = later[:2]
@@ -363,7 +365,7 @@ class TorchNeighborSampler(BaseSampler):
         for i, d in enumerate(todo):
             if i:
                 d.draw()
-                outcome = _read(d.outcome())  # sync point: this type's missed hubs (only where it has hubs)
+                outcome = read_sizes(d.outcome())  # sync point: this type's missed hubs (only where it has hubs)
             else:
                 outcome = later
             found[d.et] = d.finish(*outcome)
@@ -388,145 +390,3 @@ class TorchNeighborSampler(BaseSampler):
             return targets[torch.searchsorted(targets, keys).clamp_(max=last)] != keys
 
         return allowed
-
-
-class _Draws:
-    """One edge type's draws in one hop (module docstring: how), in steps that
-    ``TorchNeighborSampler._hop`` runs in order, handing in the sizes it read as host ints:
-    ``gather`` (given ``_first_sizes``) → ``filtered`` → ``draw`` → ``outcome`` →
-    ``finish``. Hubs whose draws fall short are sorted after the other nodes."""
-
-    def __init__(self, sampler: TorchNeighborSampler, et: EdgeType, frontier: Tensor, k: int, allowed) -> None:
-        self.sampler, self.et, self.frontier, self.k, self.allowed = sampler, et, frontier, k, allowed
-        self.device = frontier.device
-        colptr = sampler.csc[et][1]
-        self.start = colptr[frontier]
-        self.deg = colptr[frontier + 1] - self.start
-        self.hub = _hubs(self.deg, k)
-
-    def gather(self, num_hubs: int, total: int, kept: int) -> None:
-        """Every candidate of the non-hub nodes, and which are allowed (not a target)."""
-        self.num_hubs = num_hubs
-        self.nonhub = _where(~self.hub, self.frontier.numel() - num_hubs)
-        self.hubs = _where(self.hub, num_hubs)
-        self.a = _Candidates(self, self.nonhub, total, 0)
-        self.nonhub_allowed, self.nonhub_kept = total, kept  # with targets excluded: read after filtered()
-
-    def filtered(self) -> list[Tensor]:
-        return self.a.sizes() if self.allowed is not None else []
-
-    def draw(self) -> None:
-        """``2k`` draws with replacement per hub; the first ``k`` distinct allowed ones in
-        draw order are taken where there are ``k`` of them."""
-        if not self.num_hubs:
-            return
-        k, hubs = self.k, self.hubs
-        d = self.deg[hubs]
-        u = torch.rand((hubs.numel(), 2 * k), generator=self.sampler.generator, device=self.device, dtype=torch.float64)
-        pos = self.start[hubs][:, None] + torch.minimum((u * d[:, None]).long(), d[:, None] - 1)
-        sorted_pos, order = torch.sort(pos, dim=1, stable=True)
-        first_sorted = torch.ones_like(sorted_pos, dtype=torch.bool)
-        first_sorted[:, 1:] = sorted_pos[:, 1:] != sorted_pos[:, :-1]
-        ok = torch.empty_like(first_sorted).scatter_(1, order, first_sorted)  # first draw of its position
-        if self.allowed is not None:
-            ok &= self.allowed(hubs[:, None].expand_as(pos), pos)
-        rank = ok.cumsum(1)
-        self.done = rank[:, -1] >= k
-        self.take = ok & (rank <= k) & self.done[:, None]
-        self.hub_pos, self.hub_deg = pos, d
-
-    def outcome(self) -> list[Tensor]:
-        """Hubs whose draws fell short, and their candidates (nothing without hubs)."""
-        if not self.num_hubs:
-            return []
-        missed = ~self.done
-        return [missed.sum(), self.hub_deg.masked_fill(self.done, 0).sum()]
-
-    def finish(self, num_missed: int = 0, missed_total: int = 0) -> tuple[Tensor, Tensor]:
-        """``(which, pos)``: the sorted nodes' kept candidates, then the hubs' draws."""
-        k, parts = self.k, [self.a]
-        which_h = pos_h = torch.empty(0, dtype=torch.long, device=self.device)
-        if self.num_hubs:
-            taken = _where(self.take, k * (self.num_hubs - num_missed))
-            which_h, pos_h = self.hubs[taken // (2 * k)], self.hub_pos.flatten()[taken]
-            if num_missed:
-                missed = self.hubs[_where(~self.done, num_missed)]
-                parts.append(_Candidates(self, missed, missed_total, self.nonhub.numel()))
-        if len(parts) > 1 and self.allowed is not None:
-            # sync point (rare): hubs missed with targets excluded, their allowed candidates
-            allowed_b, kept_b = _read(parts[1].sizes())
-        elif len(parts) > 1:
-            allowed_b, kept_b = missed_total, k * num_missed  # a hub has more than k neighbours
-        else:
-            allowed_b = kept_b = 0
-        seg, pos, count = parts[0].keep(self.nonhub_allowed)
-        if len(parts) > 1:
-            seg_b, pos_b, count_b = parts[1].keep(allowed_b)
-            seg, pos, count = torch.cat([seg, seg_b]), torch.cat([pos, pos_b]), torch.cat([count, count_b])
-        nodes = torch.cat([self.nonhub, missed]) if len(parts) > 1 else self.nonhub
-        total = seg.numel()
-        if k >= 0 and total:
-            keys = torch.randint(0, 1 << 32, (total,), generator=self.sampler.generator, device=self.device)
-            order = torch.sort((seg << 32) | keys, stable=True).indices
-            seg, pos = seg[order], pos[order]
-            rank = torch.arange(total, device=self.device) - (count.cumsum(0) - count)[seg]
-            kept = _where(rank < k, self.nonhub_kept + kept_b)
-            seg, pos = seg[kept], pos[kept]
-        return torch.cat([nodes[seg], which_h]), torch.cat([pos, pos_h])
-
-
-class _Candidates:
-    """Every CSC position of ``nodes`` (indices into the frontier), node by node: ``seg``
-    (the node's index into ``nodes``, plus ``base``), ``pos``, and with targets excluded
-    which are allowed and how many per node. ``total``: the nodes' degree sum."""
-
-    def __init__(self, draws: _Draws, nodes: Tensor, total: int, base: int) -> None:
-        device, k = draws.device, draws.k
-        d = draws.deg[nodes]
-        seg = torch.repeat_interleave(torch.arange(nodes.numel(), device=device), d, output_size=total)
-        first = d.cumsum(0) - d
-        self.seg = seg + base
-        self.pos = draws.start[nodes][seg] + torch.arange(total, device=device) - first[seg]
-        self.ok, self.count, self.k = None, d, k
-        if draws.allowed is not None:
-            self.ok = draws.allowed(nodes[seg], self.pos)
-            running = torch.zeros(total + 1, dtype=torch.long, device=device)
-            running[1:] = self.ok.cumsum(0)
-            self.count = running[first + d] - running[first]
-
-    def sizes(self) -> list[Tensor]:
-        """Allowed candidates and how many of them are kept."""
-        kept = self.count.clamp(max=self.k) if self.k >= 0 else self.count
-        return [self.count.sum(), kept.sum()]
-
-    def keep(self, allowed: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``(seg, pos, count)`` of the allowed candidates (``allowed`` of them)."""
-        if self.ok is None:
-            return self.seg, self.pos, self.count
-        i = _where(self.ok, allowed)
-        return self.seg[i], self.pos[i], self.count
-
-
-def _first_sizes(deg: Tensor, k: int) -> list[Tensor]:
-    """A hop's first sizes for nodes of degrees ``deg`` at fanout ``k``: hubs, non-hub
-    candidates, and (with nothing excluded) how many of those are kept."""
-    hub = _hubs(deg, k)
-    d = deg.masked_fill(hub, 0)
-    kept = d.sum() if k < 0 else d.clamp(max=k).sum()
-    return [hub.sum(), d.sum(), kept]
-
-
-def _hubs(deg: Tensor, k: int) -> Tensor:
-    """Which nodes of degrees ``deg`` are drawn from at fanout ``k`` rather than sorted."""
-    return deg > DRAW_FROM * k if k >= 0 else torch.zeros_like(deg, dtype=torch.bool)
-
-
-def _read(values: list[Tensor]) -> list[int]:
-    """Host ints of device scalars, in one read (one sync on CUDA; none for no values)."""
-    return torch.stack(values).tolist() if values else []
-
-
-def _where(mask: Tensor, count: int) -> Tensor:
-    """Flat indices of ``mask``'s true entries, ``count`` of them, read beforehand: unlike a
-    boolean index or ``nonzero``, ``nonzero_static`` does not read the size off the device."""
-    return torch.nonzero_static(mask.flatten(), size=count).flatten()
