@@ -333,6 +333,49 @@ def test_torchrun_restart_after_sigkill_resumes_from_last_checkpoint_by_itself(
     _assert_same_params(_last_model(ref_dir / "run-2"), _last_model(tmp_path / "run-kill"))
 
 
+def test_torch_sampler_under_two_ranks_samples_each_ranks_slice_with_its_own_seed_and_resumes(tiny_shards, tmp_path):
+    """``--sampler torch`` under a two-rank gloo job: each rank's batches are its own slice
+    (disjoint, together the epoch), its draws are seeded by seed + rank (the two ranks'
+    samplers draw differently from the same input edges, each the same on a rerun), the
+    ranks end with the same parameters, and a resume repeats the uninterrupted batches."""
+    cfg = {
+        **EXACT,
+        "epochs": 1,
+        "batch_size": 20,
+        "sampler": "torch",
+        "num_neighbors": [3, 2],
+        "supervision": "exclude_targets",
+    }
+    record = {"record_batches": True}
+    runs = {}
+
+    def run(name: str, run_name: str, **changes) -> Path:
+        prefix, _ = _torchrun(tmp_path, tiny_shards, {**cfg, **changes}, nproc=2, name=run_name, options=record)
+        runs[name] = [json.loads(Path(f"{prefix}-rank{r}.json").read_text()) for r in (0, 1)]
+        return prefix
+
+    full = run("full", "ts-full")
+    run("part", "ts-part", max_steps=4)
+    run("rest", "ts-part", resume=True)  # the same run directory: resumes after step 4
+    # Under DDP a loader's first iteration is the unused-parameter probe's single batch.
+    batches = {name: [ranks[r]["iterations"][1] for r in (0, 1)] for name, ranks in runs.items()}
+    n = 400  # supervision edges: the tiny graph's training edges
+    ids = [[i for b in batches["full"][r] for i in b["input_id"]] for r in (0, 1)]
+    assert len(batches["full"][0]) == len(batches["full"][1]) == 10 and runs["full"][0]["steps"] == 10
+    assert not set(ids[0]) & set(ids[1])  # each rank its own slice
+    assert sorted(ids[0] + ids[1]) == list(range(n))  # together the epoch, each edge once
+    probes = [runs["full"][r]["probe"] for r in (0, 1)]
+    assert probes[0] != probes[1]  # the same 16 input edges, drawn with seed + rank
+    assert [runs[name][r]["probe"] for name in ("part", "rest") for r in (0, 1)] == probes * 2  # reruns repeat
+    for r in (0, 1):
+        resumed = batches["part"][r] + batches["rest"][r]
+        assert len(batches["part"][r]) == 4 and resumed == batches["full"][r], f"rank {r}"
+    r0, r1 = torch.load(f"{full}-rank0.pt"), torch.load(f"{full}-rank1.pt")
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), f"{name} differs between ranks"
+    _assert_same_params(_last_model(tmp_path / "run-ts-full"), _last_model(tmp_path / "run-ts-part"))
+
+
 def test_hung_rank_fails_with_a_clear_error_after_the_collective_timeout(tiny_shards, tmp_path):
     cfg = {**EXACT, "epochs": 1, "batch_size": 20, "collective_timeout_s": 5}
     t0 = time.monotonic()

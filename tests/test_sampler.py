@@ -11,7 +11,8 @@ from scalable_rec.graph.index import GraphIndex, build_index
 from scalable_rec.graph.store import open_stores
 from scalable_rec.train import ModelConfig, TrainConfig, train
 from scalable_rec.train.batches import SupervisionEdges, make_loader, resolve_sampler
-from scalable_rec.train.sampler import DRAW_FROM, TorchNeighborSampler, device_stores, sampler_bytes
+from scalable_rec.train.draws import DRAW_FROM
+from scalable_rec.train.sampler import TorchNeighborSampler, device_stores, sampler_bytes
 
 CPU = torch.device("cpu")
 # The sampler's checks run on every device present; CUDA ones are skipped with a reason here.

@@ -6,7 +6,8 @@ hop's fanout of them uniformly without replacement. ``LinkLoader`` takes it as i
 ``link_sampler`` and turns its ``HeteroSamplerOutput`` into the ``HeteroData`` batch the
 model takes, over ``device_stores`` (the graph's CSC and node features on that device).
 
-How a node's neighbours are drawn (``k`` the fanout, ``d`` the node's degree):
+How a node's neighbours are drawn (``k`` the fanout, ``d`` the node's degree;
+``scalable_rec.train.draws``):
 
 - ``d <= DRAW_FROM * k``: every candidate gets a random 32-bit key and one sort by
   (node, key) orders each node's candidates at random; the first ``k`` are kept (all of
@@ -20,6 +21,16 @@ Each batch's target edges, and their reverse edges, are never candidates
 (``exclude_targets``): a node's fanout is filled from its other neighbours. A batch's
 draws are a function of the sampler's seed and the batch's input ids, so they repeat
 across runs, resumes and worker counts.
+
+Host syncs (on CUDA the host waits for the device wherever a size is read): a hop reads
+sizes only where a shape needs them, each read one ``tolist`` of every size known by
+then, and compacts with ``nonzero_static`` given that size (a boolean index, ``nonzero``,
+``unique`` or ``repeat_interleave`` without ``output_size`` would each read one). Three
+reads per hop at most, with hubs in both edge types (``_hop``, ``_fresh``), one more per
+batch (the first hop's sizes), and one per edge type whose hub draws fall short while
+targets are excluded (rare). A batch's own bookkeeping
+(its endpoints' ``unique``, its target keys, the ids that seed it) runs on the loader's
+CPU tensors, which are then copied over without a stream sync.
 """
 
 from __future__ import annotations
@@ -37,8 +48,8 @@ from torch_geometric.sampler import (
 from torch_geometric.typing import EdgeType, NodeType
 
 from scalable_rec.graph.store import MappedFeatureStore, MappedGraphStore
+from scalable_rec.train.draws import EdgeDraws, first_sizes, read_sizes, where_true
 
-DRAW_FROM = 4  # a node with more than DRAW_FROM × fanout neighbours is drawn from, not sorted
 _MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit constant (as int64) for the batch seed
 
 
@@ -179,10 +190,11 @@ class TorchNeighborSampler(BaseSampler):
                 "TorchNeighborSampler needs typed seed nodes without 'time' "
                 f"(got input_type {index.input_type!r}, time {'set' if index.time is not None else None})"
             )
-        seeds = index.node.to(self.device)
-        if seeds.unique().numel() != seeds.numel():
-            raise ValueError(f"TorchNeighborSampler needs distinct seed nodes (got {seeds.numel()} with repeats)")
+        # Checked where the seeds are (the loader's CPU tensors): no device read.
+        if index.node.unique().numel() != index.node.numel():
+            raise ValueError(f"TorchNeighborSampler needs distinct seed nodes (got {index.node.numel()} with repeats)")
         self._seed_batch(index.input_id)
+        seeds = index.node.to(self.device, non_blocking=True)
         out = self._sample({index.input_type: seeds}, index.input_type, None)
         out.metadata = (index.input_id, None)
         return out
@@ -204,7 +216,9 @@ class TorchNeighborSampler(BaseSampler):
             raise ValueError("TorchNeighborSampler needs the input edges' type (got 'input_type' None)")
         self._seed_batch(index.input_id)
         src_type, _, dst_type = index.input_type
-        row, col = index.row.to(self.device), index.col.to(self.device)
+        # The batch's own bookkeeping (deduplicated endpoints, target keys) runs where the
+        # loader made its input, the CPU: no device read; only the results are copied over.
+        row, col = index.row, index.col
         if src_type != dst_type:
             src, inv_src = row.unique(return_inverse=True)
             dst, inv_dst = col.unique(return_inverse=True)
@@ -217,16 +231,18 @@ class TorchNeighborSampler(BaseSampler):
             real = (
                 slice(None)
                 if self.num_edges is None or index.input_id is None
-                else (index.input_id.to(self.device) < self.num_edges)
+                else (index.input_id.to(row.device) < self.num_edges)
             )
-            targets = (row[real] * self.num_nodes[dst_type] + col[real]).unique()
+            targets = (row[real] * self.num_nodes[dst_type] + col[real]).unique().to(self.device, non_blocking=True)
+        seeds = {nt: ids.to(self.device, non_blocking=True) for nt, ids in seeds.items()}
         out = self._sample(seeds, index.input_type, targets)
-        out.metadata = (index.input_id, label_index, index.label, None)
+        out.metadata = (index.input_id, label_index.to(self.device, non_blocking=True), index.label, None)
         return out
 
     def _seed_batch(self, input_id: Tensor | None) -> None:
         """Seeds this batch's draws from (seed, input ids): a batch repeats whatever came
-        before it (other batches, a resume, another worker)."""
+        before it (other batches, a resume, another worker). The ids are read on the host:
+        from the loader they are CPU tensors, so this reads no device memory."""
         if input_id is None:
             return
         ids = input_id.to("cpu", torch.long)
@@ -244,30 +260,24 @@ class TorchNeighborSampler(BaseSampler):
         rows, cols, edges = ({et: [] for et in self.edge_types} for _ in range(3))
         sampled_nodes = {nt: [ids.numel()] for nt, ids in node.items()}
         empty = torch.empty(0, dtype=torch.long, device=self.device)
+        ahead = None  # the hop's first sizes, read with the hop before's new nodes
         try:
             for hop in range(self.num_hops):
-                found = []
-                for et in self.edge_types:
-                    f = frontier[et[2]]
-                    which, pos = (
-                        self._draw(et, f, self.num_neighbors[et][hop], input_type, targets)
-                        if f.numel()
-                        else (empty, empty)
-                    )
-                    found.append((et, self.csc[et][0][pos], which + offset[et[2]], pos))
-                for nt in node:
-                    cand = [src for et, src, _, _ in found if et[0] == nt]
-                    cand = torch.cat(cand) if cand else empty
-                    fresh = cand[self._local[nt][cand] < 0].unique()
+                found = self._hop(hop, frontier, input_type, targets, ahead)
+                src = {et: self.csc[et][0][pos] for et, (_, pos) in found.items()}
+                dst = {et: which + offset[et[2]] for et, (which, _) in found.items()}
+                candidates = {nt: [src[et] for et in found if et[0] == nt] for nt in node}
+                fresh, ahead = self._fresh(candidates, hop + 1 if hop + 1 < self.num_hops else None)
+                for nt, new in fresh.items():
                     offset[nt] = node[nt].numel()
-                    node[nt] = torch.cat([node[nt], fresh])
-                    self._local[nt][fresh] = torch.arange(offset[nt], node[nt].numel(), device=self.device)
-                    frontier[nt] = fresh
-                    sampled_nodes[nt].append(fresh.numel())
-                for et, src, dst_local, pos in found:  # one entry per hop and edge type
-                    rows[et].append(self._local[et[0]][src])
-                    cols[et].append(dst_local)
-                    edges[et].append(pos)
+                    node[nt] = torch.cat([node[nt], new])
+                    self._local[nt][new] = torch.arange(offset[nt], node[nt].numel(), device=self.device)
+                    frontier[nt] = new
+                    sampled_nodes[nt].append(new.numel())
+                for et in self.edge_types:  # one entry per hop and edge type
+                    rows[et].append(self._local[et[0]][src[et]] if et in src else empty)
+                    cols[et].append(dst.get(et, empty))
+                    edges[et].append(found[et][1] if et in found else empty)
         finally:
             for nt, ids in node.items():
                 self._local[nt][ids] = -1
@@ -280,28 +290,91 @@ class TorchNeighborSampler(BaseSampler):
             num_sampled_edges={et: [c.numel() for c in cols[et]] for et in self.edge_types},
         )
 
-    def _draw(
-        self, et: EdgeType, frontier: Tensor, k: int, input_type: EdgeType, targets: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """Up to ``k`` neighbours of each node of ``frontier`` over ``et``: ``(which, pos)``,
-        the index into ``frontier`` and the CSC position of each sampled edge."""
-        colptr = self.csc[et][1]
-        start = colptr[frontier]
-        deg = colptr[frontier + 1] - start
-        allowed = self._allowed_fn(et, input_type, targets, frontier)
-        if k < 0:
-            return self._by_sort(torch.arange(frontier.numel(), device=self.device), start, deg, k, allowed)
-        hub = deg > DRAW_FROM * k
-        if not bool(hub.any()):  # a sync: the branch decides which kernels run
-            return self._by_sort(torch.arange(frontier.numel(), device=self.device), start, deg, k, allowed)
-        which_h, pos_h, missed = self._by_draws(hub.nonzero().flatten(), start, deg, k, allowed)
-        rest = torch.cat([(~hub).nonzero().flatten(), missed])
-        which_s, pos_s = self._by_sort(rest, start, deg, k, allowed)
-        return torch.cat([which_s, which_h]), torch.cat([pos_s, pos_h])
+    def _fresh(
+        self, candidates: dict[NodeType, list[Tensor]], next_hop: int | None
+    ) -> tuple[dict[NodeType, Tensor], dict[EdgeType, list[int]] | None]:
+        """Per node type, the sampled sources not yet in the batch, deduplicated and sorted:
+        each type's candidates sorted (those already in the batch set past every id) and
+        their first occurrences counted. Read with those counts: ``next_hop``'s first sizes
+        per edge type (``first_sizes``, from the new nodes' degrees before they are
+        compacted into the next frontier); ``None`` after the last hop."""
+        ordered, first = {}, {}
+        for nt, parts in candidates.items():
+            cand = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=self.device)
+            cand = torch.where(self._local[nt][cand] < 0, cand, self.num_nodes[nt]).sort().values
+            new = cand < self.num_nodes[nt]
+            new[1:] &= cand[1:] != cand[:-1]
+            ordered[nt], first[nt] = cand, new
+        values = [first[nt].sum() for nt in candidates]
+        if next_hop is not None:
+            for et in self.edge_types:
+                nt, colptr = et[2], self.csc[et][1]
+                at = ordered[nt].clamp(max=self.num_nodes[nt] - 1)
+                deg = (colptr[at + 1] - colptr[at]).masked_fill(~first[nt], 0)
+                values += first_sizes(deg, self.num_neighbors[et][next_hop])
+        sizes = read_sizes(values)  # sync point: the hop's new nodes per type (and the next hop's first sizes)
+        fresh = {nt: ordered[nt][where_true(first[nt], n)] for nt, n in zip(candidates, sizes)}
+        if next_hop is None:
+            return fresh, None
+        rest = sizes[len(candidates) :]
+        return fresh, {et: rest[3 * i : 3 * i + 3] for i, et in enumerate(self.edge_types)}
+
+    def _hop(
+        self,
+        hop: int,
+        frontier: dict[NodeType, Tensor],
+        input_type: EdgeType,
+        targets: Tensor | None,
+        ahead: dict[EdgeType, list[int]] | None = None,
+    ) -> dict[EdgeType, tuple[Tensor, Tensor]]:
+        """Up to the hop's fanout of in-neighbours of every frontier node, per edge type with
+        a frontier: ``{et: (which, pos)}``, the index into the frontier and the CSC position
+        of each sampled edge.
+
+        Draws come from the one generator in edge-type order (each type's hub draws, then
+        its sort keys), and their sizes are read from the device only where a shape needs
+        them, each read taking every size known by then: the hub and candidate counts of all
+        types (``ahead``: read with the hop before's new nodes; read here at the first hop),
+        then the filtered counts of all types with the first type's draw outcome, then each
+        later type's draw outcome (only where it has hubs), and the hubs' ranges where draws
+        fell short and targets are excluded (rare).
+        """
+        todo = []
+        for et in self.edge_types:
+            f = frontier[et[2]]
+            if f.numel():
+                allowed = self._allowed_fn(et, input_type, targets, f)
+                k = self.num_neighbors[et][hop]
+                todo.append(EdgeDraws(et, f, k, self.csc[et][1], self.generator, allowed))
+        if not todo:
+            return {}
+        if ahead is None:  # the first hop (later ones were read with the new nodes)
+            # sync point: hubs and non-hub candidates of every edge type, one read
+            sizes = read_sizes([x for d in todo for x in first_sizes(d.deg, d.k)])
+            ahead = {d.et: sizes[3 * i : 3 * i + 3] for i, d in enumerate(todo)}
+        for d in todo:
+            d.gather(*ahead[d.et])
+        todo[0].draw()
+        # sync point: allowed and kept candidates of every edge type, and the first type's missed hubs
+        later = read_sizes([x for d in todo for x in d.filtered()] + todo[0].outcome())
+        for d in todo:
+            if d.allowed is not None:
+                d.nonhub_allowed, d.nonhub_kept = later[:2]
+                later = later[2:]
+        found = {}
+        for i, d in enumerate(todo):
+            if i:
+                d.draw()
+                outcome = read_sizes(d.outcome())  # sync point: this type's missed hubs (only where it has hubs)
+            else:
+                outcome = later
+            found[d.et] = d.finish(*outcome)
+        return found
 
     def _allowed_fn(self, et: EdgeType, input_type: EdgeType, targets: Tensor | None, frontier: Tensor):
         """``(which, pos) → bool mask``: which candidate edges are not a batch target (or
-        its reverse); ``None`` when every edge of ``et`` is allowed."""
+        its reverse); ``None`` when every edge of ``et`` is allowed. ``targets`` is sorted
+        (``unique``), so membership is a binary search (``isin`` would read sizes)."""
         if targets is None or targets.numel() == 0:
             return None
         if (et[0], et[2]) == (input_type[0], input_type[2]):
@@ -310,44 +383,10 @@ class TorchNeighborSampler(BaseSampler):
             key = lambda src, dst: dst * self.num_nodes[input_type[2]] + src  # noqa: E731
         else:
             return None
-        row = self.csc[et][0]
-        return lambda which, pos: ~torch.isin(key(row[pos], frontier[which]), targets)
+        row, last = self.csc[et][0], targets.numel() - 1
 
-    def _by_sort(self, nodes: Tensor, start: Tensor, deg: Tensor, k: int, allowed) -> tuple[Tensor, Tensor]:
-        """All allowed candidates of ``nodes`` (indices into the frontier), each node's in
-        random order by one sort of (node, random key), cut at ``k``."""
-        d = deg[nodes]
-        seg = torch.repeat_interleave(torch.arange(nodes.numel(), device=self.device), d)  # a sync (output size)
-        first = d.cumsum(0) - d
-        pos = start[nodes][seg] + torch.arange(seg.numel(), device=self.device) - first[seg]
-        if allowed is not None:
-            keep = allowed(nodes[seg], pos)
-            seg, pos = seg[keep], pos[keep]
-        if k >= 0 and seg.numel():
-            keys = torch.randint(0, 1 << 32, seg.shape, generator=self.generator, device=self.device)
-            order = torch.sort((seg << 32) | keys, stable=True).indices
-            seg, pos = seg[order], pos[order]
-            counts = torch.bincount(seg, minlength=nodes.numel())
-            rank = torch.arange(seg.numel(), device=self.device) - (counts.cumsum(0) - counts)[seg]
-            keep = rank < k
-            seg, pos = seg[keep], pos[keep]
-        return nodes[seg], pos
+        def allowed(which: Tensor, pos: Tensor) -> Tensor:
+            keys = key(row[pos], frontier[which])
+            return targets[torch.searchsorted(targets, keys).clamp_(max=last)] != keys
 
-    def _by_draws(self, hubs: Tensor, start: Tensor, deg: Tensor, k: int, allowed) -> tuple[Tensor, Tensor, Tensor]:
-        """``2k`` draws with replacement per hub; the first ``k`` distinct allowed ones in
-        draw order. Returns ``(which, pos, missed)``: hubs with fewer are ``missed`` (none
-        of their draws kept)."""
-        d = deg[hubs]
-        u = torch.rand((hubs.numel(), 2 * k), generator=self.generator, device=self.device, dtype=torch.float64)
-        pos = start[hubs][:, None] + torch.minimum((u * d[:, None]).long(), d[:, None] - 1)
-        sorted_pos, order = torch.sort(pos, dim=1, stable=True)
-        first_sorted = torch.ones_like(sorted_pos, dtype=torch.bool)
-        first_sorted[:, 1:] = sorted_pos[:, 1:] != sorted_pos[:, :-1]
-        ok = torch.empty_like(first_sorted).scatter_(1, order, first_sorted)  # first draw of its position
-        if allowed is not None:
-            ok &= allowed(hubs[:, None].expand_as(pos), pos)
-        rank = ok.cumsum(1)
-        done = rank[:, -1] >= k
-        take = ok & (rank <= k) & done[:, None]
-        which = hubs[:, None].expand_as(pos)[take]
-        return which, pos[take], hubs[~done]
+        return allowed
