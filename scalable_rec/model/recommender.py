@@ -24,7 +24,8 @@ from torch_geometric.nn import HeteroConv, SAGEConv
 
 from scalable_rec.errors import ConfigError
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
-from scalable_rec.graph.relations import message_types, split_coo
+from scalable_rec.graph.relations import message_types, split_coo, splits_by_rating
+from scalable_rec.model.gcmc import GCMCConv, inverse_total_degree
 
 # Full-graph encoding goes through torch.sparse CSR (via torch-sparse); torch labels it
 # beta on every call, which is noise for users of a stable code path.
@@ -166,8 +167,11 @@ class ModelConfig:
         retrieval_bias: Give every movie a learned ranking bias, added to each of its ranking
             scores (one more dimension of the ranking vectors).
         rating_messages: How an edge's rating reaches its messages: ``none`` (the neighbour's
-            state alone) or ``relation`` (one relation each way per rating bucket: below 3,
-            3 to 3.5, 4 and up, each with its own SAGEConv weights); see docs/rating.md.
+            state alone), ``relation`` (one relation each way per rating bucket: below 3,
+            3 to 3.5, 4 and up, each with its own SAGEConv weights, a mean over its bucket)
+            or ``gcmc`` (the same relations, each one's sum divided by the destination's
+            in-degree over all buckets, as GC-MC normalises; needs ``aggr`` mean); see
+            docs/rating.md.
     """
 
     hidden: int = 128
@@ -181,7 +185,7 @@ class ModelConfig:
     movie_id_dropout: float = 0.2
     retrieval_temperature: float = 0.15
     retrieval_bias: bool = True
-    rating_messages: Literal["none", "relation"] = "none"
+    rating_messages: Literal["none", "relation", "gcmc"] = "none"
 
     def __post_init__(self) -> None:
         problems = []
@@ -201,8 +205,15 @@ class ModelConfig:
             problems.append(f"'movie_id_dropout' needs to be in [0, 1) (got {self.movie_id_dropout})")
         if self.retrieval_temperature < 0:
             problems.append(f"'retrieval_temperature' needs to be non-negative (got {self.retrieval_temperature})")
-        if self.rating_messages not in ("none", "relation"):
-            problems.append(f"'rating_messages' needs to be 'none' or 'relation' (got {self.rating_messages!r})")
+        if self.rating_messages not in ("none", "relation", "gcmc"):
+            problems.append(
+                f"'rating_messages' needs to be 'none', 'relation' or 'gcmc' (got {self.rating_messages!r})"
+            )
+        elif self.rating_messages == "gcmc" and self.aggr != "mean":
+            problems.append(
+                f"'rating_messages' gcmc is a mean over all buckets' neighbours and needs 'aggr' mean "
+                f"(got {self.aggr!r})"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -240,10 +251,14 @@ class HeteroSAGEEncoder(nn.Module):
         self.movie_emb = nn.Embedding(num_movies, h)
         self.movie_lin = nn.Linear(movie_dim, h)
         self.rating_messages = cfg.rating_messages
+        # gcmc: each relation's sum is scaled by 1 / the destination's total in-degree
+        self.gcmc = cfg.rating_messages == "gcmc"
+
+        def conv():
+            return GCMCConv((h, h), h) if self.gcmc else SAGEConv((h, h), h, aggr=cfg.aggr)
+
         self.convs = nn.ModuleList(
-            HeteroConv(
-                {et: SAGEConv((h, h), h, aggr=cfg.aggr) for et in message_types(cfg.rating_messages)}, aggr="sum"
-            )
+            HeteroConv({et: conv() for et in message_types(cfg.rating_messages)}, aggr="sum")
             for _ in range(cfg.num_layers)
         )
         self.dropout = cfg.dropout
@@ -307,8 +322,12 @@ class HeteroSAGEEncoder(nn.Module):
     def forward(self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict) -> dict[str, Tensor]:
         with fp32_guard(self.unbounded, movie_x.device):
             x = self.input_features(n_id, movie_x)
+            kwargs = {}
+            if self.gcmc:  # one degree per destination over all its relations, for every layer
+                inv = inverse_total_degree(edge_index, {t: v.size(0) for t, v in x.items()})
+                kwargs["inv_degree_dict"] = {et: inv[et[2]] for et in edge_index}
             for i, conv in enumerate(self.convs):
-                x = conv({k: v.float() for k, v in x.items()}, edge_index)
+                x = conv({k: v.float() for k, v in x.items()}, edge_index, **kwargs)
                 if i < len(self.convs) - 1:
                     x = {k: F.dropout(F.relu(v), self.dropout, self.training) for k, v in x.items()}
         return x
@@ -612,10 +631,10 @@ class Recommender(nn.Module):
         empty one included: no SAGEConv sits unused in a step)."""
         edges = {}
         for et in (RATES, REV_RATES):
-            if self.encoder.rating_messages == "relation":
+            if splits_by_rating(self.encoder.rating_messages):
                 if "rating" not in data[et]:
                     raise ValueError(
-                        f"rating_messages 'relation' needs each edge's 'rating' on {et} "
+                        f"rating_messages {self.encoder.rating_messages!r} needs each edge's 'rating' on {et} "
                         "(RatingGraph.hetero_data and the batch loaders attach it)"
                     )
                 edges.update(split_coo(et, data[et].edge_index, data[et].rating))
