@@ -139,6 +139,12 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
         {"model": {"rating_messages": "relation"}},
     ),
     (
+        "rating-gcmc",
+        "the same rating relations, each relation's sum divided by the destination's in-degree over "
+        "all buckets (GC-MC's normalisation: rating_messages 'gcmc' instead of 'none')",
+        {"model": {"rating_messages": "gcmc"}},
+    ),
+    (
         "no-id-dropout",
         "no user or movie IDs hidden from the encoder (user_id_dropout and movie_id_dropout 0, "
         "the default two tables ago)",

@@ -77,6 +77,7 @@ def run_stage(
     score_users: int = 0,
     table_optimizer: str = "auto",
     heap_kb: int = 0,
+    rating_messages: str = "none",
 ) -> dict:
     """Child-process body: runs one stage and returns its figures."""
     import torch
@@ -125,7 +126,9 @@ def run_stage(
             heap_mmap_threshold_kb=heap_kb,
         )
         c0 = time.process_time()
-        result = train(g, split, ModelConfig(), cfg, workdir / f"run-{stage}-{edges}", data=data)
+        model_cfg = ModelConfig(rating_messages=rating_messages)
+        out["rating_messages"] = rating_messages
+        result = train(g, split, model_cfg, cfg, workdir / f"run-{stage}-{edges}", data=data)
         out["train_cpu_s"] = time.process_time() - c0
         if data is not None:  # what this rank's heap ran with ('auto' resolved: ranks on this node)
             from scalable_rec.dist import DistEnv
@@ -554,6 +557,12 @@ def main() -> None:
         help="TrainConfig.table_optimizer of the train stages (recorded in each row)",
     )
     p.add_argument(
+        "--rating-messages",
+        default="none",
+        choices=("none", "relation", "gcmc"),
+        help="ModelConfig.rating_messages of the train stages (recorded in each row)",
+    )
+    p.add_argument(
         "--score-users",
         type=int,
         default=0,
@@ -601,6 +610,7 @@ def main() -> None:
             args.score_users,
             args.table_optimizer,
             args.heap_mmap_threshold_kb,
+            args.rating_messages,
         )
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(row))
@@ -629,6 +639,8 @@ def main() -> None:
                 args.table_optimizer,
                 "--heap-mmap-threshold-kb",
                 str(args.heap_mmap_threshold_kb),
+                "--rating-messages",
+                args.rating_messages,
             ]
             two = stage in TWO_RANKS
             cmd = (

@@ -104,3 +104,54 @@ def test_every_sampled_edge_carries_its_own_rating(tiny, tiny_shards, tmp_path, 
                 assert not targets & set(zip(users.tolist(), movies.tolist()))
     assert checked > 100
     assert len(set(g.rating[split.train].tolist())) > 3  # ratings differ: a wrong lookup would show
+
+
+@pytest.mark.parametrize("sampler", ["pyg", "torch"])
+@pytest.mark.parametrize("backend", ["memory", "store"])
+def test_excluded_targets_leave_every_rating_relation_and_the_gcmc_degree(
+    tiny, tiny_shards, tmp_path, backend, sampler
+):
+    """With target exclusion, no rating relation the encoder aggregates over holds a batch's
+    target pair, each relation holds only its bucket's edges, and GC-MC's degree of a node
+    is what is left of its edges in the batch (the targets not counted)."""
+    from scalable_rec.graph import MOVIE, USER
+    from scalable_rec.graph.index import GraphIndex, build_index
+    from scalable_rec.graph.relations import bucket_of, parse
+    from scalable_rec.graph.store import open_stores
+    from scalable_rec.model.gcmc import inverse_total_degree
+    from scalable_rec.train import ModelConfig, Recommender
+
+    g, split = tiny
+    if backend == "store":
+        index = GraphIndex.open(build_index(tiny_shards, SplitConfig(val_ratio=0.1, test_ratio=0.11), root=tmp_path))
+        data = open_stores(index, "train")
+    else:
+        data = g.hetero_data(split.train)
+    truth = {(u, m): r for u, m, r in zip(g.src.tolist(), g.dst.tolist(), g.rating.tolist())}
+    loader, _ = make_loader(
+        data,
+        SupervisionEdges(g.src, g.dst, g.rating, split.train),
+        TrainConfig(num_neighbors=[-1, -1], progress=False, sampler=sampler),
+        32,
+        DistEnv(),
+        shuffle=True,
+        device=torch.device("cpu"),
+        exclude_targets=True,
+    )
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=4, rating_messages="gcmc"))
+    checked = 0
+    for batch in loader:
+        u, m = batch[RATES].edge_label_index
+        targets = set(zip(batch[USER].n_id[u].tolist(), batch[MOVIE].n_id[m].tolist()))
+        adj = model._adjacency(batch, torch.device("cpu"), "edge_index")
+        for et, ei in adj.items():
+            base, bucket = parse(et)
+            users, movies = (ei[0], ei[1]) if base == RATES else (ei[1], ei[0])
+            pairs = list(zip(batch[USER].n_id[users].tolist(), batch[MOVIE].n_id[movies].tolist()))
+            assert not targets & set(pairs), et
+            assert all(int(bucket_of(torch.tensor(truth[p]))) == bucket for p in pairs), et
+            checked += len(pairs)
+        inv = inverse_total_degree(adj, {USER: batch[USER].num_nodes, MOVIE: batch[MOVIE].num_nodes})
+        left = torch.bincount(batch[RATES].edge_index[1], minlength=batch[MOVIE].num_nodes)
+        torch.testing.assert_close(inv[MOVIE], 1.0 / left.clamp(min=1).float())
+    assert checked > 100

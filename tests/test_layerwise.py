@@ -26,6 +26,8 @@ def small(small_shards, tmp_path_factory):
         (ModelConfig(hidden=8, retrieval_ids=False), 300, False),
         (ModelConfig(hidden=8, rating_messages="relation"), 300, False),
         (ModelConfig(hidden=8, num_layers=3, rating_messages="relation"), 100, True),
+        (ModelConfig(hidden=8, rating_messages="gcmc"), 300, False),
+        (ModelConfig(hidden=8, num_layers=3, rating_messages="gcmc"), 100, True),
     ],
 )
 def test_layerwise_equals_full_graph_encoding(small, tmp_path, model_cfg, batch_size, spill):

@@ -580,7 +580,7 @@ def _rerated(graph: RatingGraph, seed: int) -> RatingGraph:
     return dataclasses.replace(graph, rating=torch.randint(1, 11, graph.rating.shape, generator=gen) / 2)
 
 
-@pytest.mark.parametrize("mode", ["none", "relation"])
+@pytest.mark.parametrize("mode", ["none", "relation", "gcmc"])
 def test_the_rating_reaches_the_messages_only_with_rating_relations(tiny_shards, mode):
     """Two graphs identical but for their ratings: a model with rating relations embeds them
     differently, one without embeds them identically (its messages ignore the rating)."""
@@ -612,8 +612,10 @@ def test_rating_relations_need_each_edges_rating():
     del data[RATES].rating
     with pytest.raises(ValueError, match="rating_messages 'relation' needs each edge's 'rating'"):
         model.encode_all(data)
-    with pytest.raises(ValueError, match="'rating_messages' needs to be 'none' or 'relation' \\(got 'weight'\\)"):
-        ModelConfig(rating_messages="weight")
+    with pytest.raises(ValueError, match="'rating_messages' needs to be 'none', 'relation' or 'gcmc' \\(got 'x'\\)"):
+        ModelConfig(rating_messages="x")
+    with pytest.raises(ValueError, match="'rating_messages' gcmc .* needs 'aggr' mean \\(got 'sum'\\)"):
+        ModelConfig(rating_messages="gcmc", aggr="sum")
 
 
 def test_a_config_saved_before_rating_messages_existed_loads_without_them():

@@ -67,6 +67,7 @@ def _new_edges(graph: RatingGraph, seed: int, n: int = 8, new_users: int = 2):
         dict(retrieval_head=False),
         dict(retrieval_ids=False),
         dict(rating_messages="relation"),
+        dict(rating_messages="gcmc"),
     ],
 )
 def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
@@ -86,6 +87,7 @@ def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
         dict(decoder="mlp", retrieval_head=False),
         dict(decoder="dot", retrieval_ids=False),
         dict(decoder="dot", rating_messages="relation"),
+        dict(decoder="dot", rating_messages="gcmc"),
     ],
 )
 @pytest.mark.parametrize("margin", [0, 10])
@@ -368,7 +370,7 @@ def test_refresh_into_arango_replaces_exactly_the_refreshed_users(
     assert all({r[-1] for r in after[u]} == {report["written"]["run_id"]} for u in changed)
 
 
-@pytest.mark.parametrize("rating_messages", ["none", "relation"])
+@pytest.mark.parametrize("rating_messages", ["none", "relation", "gcmc"])
 def test_bounded_incremental_mean_matches_full_aggregate_at_layer_one(sparse_graph, rating_messages):
     """Layer-1 inputs of existing nodes do not change, so the incremental mean update of
     the endpoints' first-layer aggregates (one per rating relation) must equal a full

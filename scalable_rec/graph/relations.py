@@ -1,5 +1,7 @@
 """Rating-typed relations: the ``rates`` edges split by rating bucket (GC-MC's relation per
-rating level, here per bucket), so each bucket's messages get their own weights.
+rating level, here per bucket), so each bucket's messages get their own weights. Both
+rating-aware modes split this way: ``relation`` (each relation a mean over its own bucket)
+and ``gcmc`` (each relation's sum over the destination's whole degree, ``model.gcmc``).
 
 A rating falls in bucket ``lo`` (below 3.0), ``mid`` (3.0 to below 4.0) or ``hi`` (4.0 and
 up, the ratings the ranking metrics call relevant). ``rates`` then becomes
@@ -19,6 +21,13 @@ BUCKETS = ("lo", "mid", "hi")
 # Lower bounds of ``mid`` and ``hi``: a rating's bucket is how many of them it reaches.
 BUCKET_BOUNDS = (3.0, 4.0)
 EdgeType = tuple[str, str, str]
+# ``ModelConfig.rating_messages`` modes whose encoder has one relation per bucket.
+SPLIT_MODES = ("relation", "gcmc")
+
+
+def splits_by_rating(mode: str) -> bool:
+    """Whether ``rating_messages`` ``mode`` passes messages over one relation per bucket."""
+    return mode in SPLIT_MODES
 
 
 def bucket_of(rating: Tensor) -> Tensor:
@@ -38,7 +47,7 @@ def relation(edge_type: EdgeType, bucket: int) -> EdgeType:
 
 def message_types(mode: str) -> list[EdgeType]:
     """The encoder's edge types for ``ModelConfig.rating_messages`` ``mode``."""
-    if mode == "relation":
+    if splits_by_rating(mode):
         return [relation(et, b) for et in (RATES, REV_RATES) for b in range(len(BUCKETS))]
     return [RATES, REV_RATES]
 

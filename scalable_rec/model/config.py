@@ -38,9 +38,9 @@ class ModelConfig:
             L2-normalised in training and scoring); 0 ranks by the raw dot product.
         retrieval_bias: Give every movie a learned ranking bias, added to each of its ranking
             scores (one more dimension of the ranking vectors).
-        rating_messages: How an edge's rating reaches its messages: ``none`` (the neighbour's
-            state alone) or ``relation`` (one relation each way per rating bucket: below 3,
-            3 to 3.5, 4 and up, each with its own SAGEConv weights); see docs/rating.md.
+        rating_messages: How an edge's rating reaches its messages: ``none``, ``relation`` (a
+            relation per rating bucket, each a mean with its own weights) or ``gcmc`` (the same
+            relations, each one's sum over the total in-degree; needs ``aggr`` mean).
     """
 
     hidden: int = 128
@@ -54,7 +54,7 @@ class ModelConfig:
     movie_id_dropout: float = 0.2
     retrieval_temperature: float = 0.15
     retrieval_bias: bool = True
-    rating_messages: Literal["none", "relation"] = "none"
+    rating_messages: Literal["none", "relation", "gcmc"] = "none"
 
     def __post_init__(self) -> None:
         problems = []
@@ -74,8 +74,15 @@ class ModelConfig:
             problems.append(f"'movie_id_dropout' needs to be in [0, 1) (got {self.movie_id_dropout})")
         if self.retrieval_temperature < 0:
             problems.append(f"'retrieval_temperature' needs to be non-negative (got {self.retrieval_temperature})")
-        if self.rating_messages not in ("none", "relation"):
-            problems.append(f"'rating_messages' needs to be 'none' or 'relation' (got {self.rating_messages!r})")
+        if self.rating_messages not in ("none", "relation", "gcmc"):
+            problems.append(
+                f"'rating_messages' needs to be 'none', 'relation' or 'gcmc' (got {self.rating_messages!r})"
+            )
+        elif self.rating_messages == "gcmc" and self.aggr != "mean":
+            problems.append(
+                f"'rating_messages' gcmc is a mean over all buckets' neighbours and needs 'aggr' mean "
+                f"(got {self.aggr!r})"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -7,7 +7,8 @@ contiguous slice of the memory-mapped CSC index, so a step needs the previous la
 embeddings and one batch's neighbourhood; with ``spill_dir`` the per-layer embeddings are
 memory-mapped files too. The result equals ``encode_all`` up to float summation order.
 With rating relations (``ModelConfig.rating_messages``) a batch's CSC slice is split by
-the ratings stored beside it (``store.edge_ratings``) into one adjacency per relation.
+the ratings stored beside it (``store.edge_ratings``) into one adjacency per relation (and
+with ``gcmc`` each destination's sums are divided by its degree over all of them).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from torch import Tensor
 from torch_geometric.data import FeatureStore, GraphStore
 
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
-from scalable_rec.graph.relations import split_csc
+from scalable_rec.graph.relations import split_csc, splits_by_rating
 from scalable_rec.graph.store import edge_ratings
+from scalable_rec.model.gcmc import inverse_total_degree
 from scalable_rec.model.recommender import sparse_adjacency
 
 # Destination type → the edge type whose messages it receives (one each in this model).
@@ -113,7 +115,7 @@ def encode_layerwise(
     missing = [et for et in INCOMING.values() if et not in row]
     if missing:
         raise ValueError(f"'graph_store' needs CSC edges of {missing} (got {list(row)})")
-    ratings = edge_ratings(feature_store) if enc.rating_messages == "relation" else {}
+    ratings = edge_ratings(feature_store) if splits_by_rating(enc.rating_messages) else {}
     work = Path(tempfile.mkdtemp(prefix="layerwise-", dir=spill_dir)) if spill_dir is not None else None
     # On CUDA the tables are pinned, so results come back without a wait per batch.
     buffers = _Buffers(work, pin=device.type == "cuda")
@@ -155,8 +157,10 @@ def encode_layerwise(
                         enc.aggr,
                     )
                     x_dst = x[dst][a:b].to(device, non_blocking=True)
+                    # gcmc: the batch's full neighbourhood over all relations is the degree
+                    extra = (inverse_total_degree(adj, {dst: b - a})[dst],) if enc.gcmc else ()
                     # PyG's ModuleDict takes edge-type tuples; relations sum as HeteroConv sums them
-                    hs = [hetero_conv.convs[et]((x_src, x_dst), adj[et]) for et in adj]
+                    hs = [hetero_conv.convs[et]((x_src, x_dst), adj[et], *extra) for et in adj]
                     h = hs[0] if len(hs) == 1 else torch.stack(hs).sum(0)
                     if i < len(enc.convs) - 1:
                         h = F.relu(h)  # dropout is the identity in inference

@@ -22,8 +22,9 @@ from torch_geometric.nn import HeteroConv, SAGEConv
 
 from scalable_rec.errors import ConfigError
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
-from scalable_rec.graph.relations import message_types, split_coo
+from scalable_rec.graph.relations import message_types, split_coo, splits_by_rating
 from scalable_rec.model.config import ModelConfig  # re-export
+from scalable_rec.model.gcmc import GCMCConv, inverse_total_degree
 
 # Full-graph encoding goes through torch.sparse CSR (via torch-sparse); torch labels it
 # beta on every call, which is noise for users of a stable code path.
@@ -171,10 +172,14 @@ class HeteroSAGEEncoder(nn.Module):
         self.movie_emb = nn.Embedding(num_movies, h)
         self.movie_lin = nn.Linear(movie_dim, h)
         self.rating_messages = cfg.rating_messages
+        # gcmc: each relation's sum is scaled by 1 / the destination's total in-degree
+        self.gcmc = cfg.rating_messages == "gcmc"
+
+        def conv():
+            return GCMCConv((h, h), h) if self.gcmc else SAGEConv((h, h), h, aggr=cfg.aggr)
+
         self.convs = nn.ModuleList(
-            HeteroConv(
-                {et: SAGEConv((h, h), h, aggr=cfg.aggr) for et in message_types(cfg.rating_messages)}, aggr="sum"
-            )
+            HeteroConv({et: conv() for et in message_types(cfg.rating_messages)}, aggr="sum")
             for _ in range(cfg.num_layers)
         )
         self.dropout = cfg.dropout
@@ -238,8 +243,12 @@ class HeteroSAGEEncoder(nn.Module):
     def forward(self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict) -> dict[str, Tensor]:
         with fp32_guard(self.unbounded, movie_x.device):
             x = self.input_features(n_id, movie_x)
+            kwargs = {}
+            if self.gcmc:  # one degree per destination over all its relations, for every layer
+                inv = inverse_total_degree(edge_index, {t: v.size(0) for t, v in x.items()})
+                kwargs["inv_degree_dict"] = {et: inv[et[2]] for et in edge_index}
             for i, conv in enumerate(self.convs):
-                x = conv({k: v.float() for k, v in x.items()}, edge_index)
+                x = conv({k: v.float() for k, v in x.items()}, edge_index, **kwargs)
                 if i < len(self.convs) - 1:
                     x = {k: F.dropout(F.relu(v), self.dropout, self.training) for k, v in x.items()}
         return x
@@ -543,10 +552,10 @@ class Recommender(nn.Module):
         empty one included: no SAGEConv sits unused in a step)."""
         edges = {}
         for et in (RATES, REV_RATES):
-            if self.encoder.rating_messages == "relation":
+            if splits_by_rating(self.encoder.rating_messages):
                 if "rating" not in data[et]:
                     raise ValueError(
-                        f"rating_messages 'relation' needs each edge's 'rating' on {et} "
+                        f"rating_messages {self.encoder.rating_messages!r} needs each edge's 'rating' on {et} "
                         "(RatingGraph.hetero_data and the batch loaders attach it)"
                     )
                 edges.update(split_coo(et, data[et].edge_index, data[et].rating))

@@ -21,7 +21,8 @@ in a full encode.
 With rating relations (``ModelConfig.rating_messages``) a node type receives one
 aggregate per relation: ``aggs`` then hold them side by side (``[n, relations × hidden]``)
 and ``degree`` one in-degree per relation (``[n, relations]``), so the cached state keeps
-one row per node either way.
+one row per node either way. With ``gcmc`` each relation's aggregate is its sum over the
+node's total in-degree (the row sum of ``degree``), as ``model.gcmc`` computes it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from torch_geometric.utils import spmm
 from torch_sparse import SparseTensor
 
 from scalable_rec.graph.hetero import MOVIE, RATES, USER
-from scalable_rec.graph.relations import BUCKETS, bucket_of, incoming, message_types, parse
+from scalable_rec.graph.relations import BUCKETS, bucket_of, incoming, message_types, parse, splits_by_rating
+from scalable_rec.model.gcmc import inverse_total_degree
 from scalable_rec.model.recommender import Recommender
 
 NodeSets = dict[str, Tensor]
@@ -168,12 +170,15 @@ def _combine(model: Recommender, i: int, agg: dict[str, Tensor], x_dst: dict[str
 
 def _aggregate(model: Recommender, i: int, prev: dict[str, Tensor], adj: dict) -> dict[str, Tensor]:
     """Neighbour aggregation of layer ``i`` per destination type, as SAGEConv computes it
-    (one per relation it receives, side by side)."""
+    (one per relation it receives, side by side; with ``gcmc`` each relation's sum over the
+    row's degree in all of ``adj``'s relations, as ``GCMCConv`` scales it)."""
     convs = model.encoder.convs[i].convs
-    return {
-        d: torch.cat([spmm(adj[et], prev[et[0]].float(), reduce=convs[et].aggr) for et in types], dim=1)
-        for d, types in _incoming(model).items()
-    }
+    out = {}
+    inv = inverse_total_degree(adj, {et[2]: a.size(0) for et, a in adj.items()}) if model.encoder.gcmc else {}
+    for d, types in _incoming(model).items():
+        parts = [spmm(adj[et], prev[et[0]].float(), reduce=convs[et].aggr) for et in types]
+        out[d] = torch.cat(parts, dim=1) * (inv[d][:, None] if d in inv else 1.0)
+    return out
 
 
 def _finish(model: Recommender, z: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -215,7 +220,7 @@ def _bucket_counts(index: Tensor, bucket: Tensor, n: int) -> Tensor:
 
 
 def _relations(model: Recommender) -> bool:
-    return model.encoder.rating_messages == "relation"
+    return splits_by_rating(model.encoder.rating_messages)
 
 
 @torch.no_grad()
@@ -297,11 +302,13 @@ def bounded_update(
     neighbours whose state changed (other endpoints) stay as cached: that, and not
     refreshing anything beyond the endpoints, is the drift from ``recompute``.
     Mean aggregation only. With rating relations each relation's mean is updated with the
-    new edges of its bucket (``rating``: the new edges' ratings).
+    new edges of its bucket (``rating``: the new edges' ratings); with ``gcmc`` each
+    relation's sum over the node's total degree, by the same rule with the total degree.
     """
     model.eval()
+    gcmc = model.encoder.gcmc
     for hetero in model.encoder.convs:
-        assert all(c.aggr == "mean" for c in hetero.convs.values()), "bounded refresh needs mean aggregation"
+        assert gcmc or all(c.aggr == "mean" for c in hetero.convs.values()), "bounded refresh needs mean aggregation"
     rows = {USER: torch.unique(src), MOVIE: torch.unique(dst)}
     old_deg = {t: _grown(cached.degree[t], edges.num_users if t == USER else edges.num_movies) for t in (USER, MOVIE)}
     if _relations(model):
@@ -332,12 +339,14 @@ def bounded_update(
         part_agg = {}
         for t, other, index, own in ((MOVIE, USER, src, dst), (USER, MOVIE, dst, src)):
             # [rows, relations, hidden]: one mean per relation (one relation without buckets)
-            old = old_deg[t][rows[t]].view(-1, n_rel, 1)
+            old, now = old_deg[t][rows[t]].view(-1, n_rel, 1), new_deg[t][rows[t]].view(-1, n_rel, 1)
+            if gcmc:  # every relation's sum is over the total degree
+                old, now = old.sum(1, keepdim=True), now.sum(1, keepdim=True)
             total = agg[t][rows[t]].view(-1, n_rel, h) * old
             pos = torch.searchsorted(rows[t], own)
             total.view(-1, h).index_add_(0, pos * n_rel + bucket, x[other][index].float())
             # a relation without any edge of the row keeps its mean at 0, as SAGEConv's
-            part_agg[t] = (total / new_deg[t][rows[t]].view(-1, n_rel, 1).clamp(min=1)).view(-1, n_rel * h)
+            part_agg[t] = (total / now.clamp(min=1)).view(-1, n_rel * h)
         part = _combine(model, i, part_agg, {t: x[t][rows[t]] for t in (USER, MOVIE)})
         for t in (USER, MOVIE):
             new[t][rows[t]], agg[t][rows[t]] = part[t], part_agg[t]
