@@ -52,6 +52,13 @@ def bucket_fractions(dst: Tensor, rating: Tensor, num_dst: int) -> Tensor:
     return counts / counts.sum(1, keepdim=True).clamp(min=1)
 
 
+def csc_bucket_fractions(colptr: Tensor, rating: Tensor) -> Tensor:
+    """``bucket_fractions`` of a CSC (``colptr`` over destinations, ``rating`` per position)."""
+    num_dst = colptr.numel() - 1
+    dst = torch.repeat_interleave(torch.arange(num_dst, device=rating.device), colptr.diff().to(rating.device))
+    return bucket_fractions(dst, rating, num_dst)
+
+
 def relation(edge_type: EdgeType, bucket: int) -> EdgeType:
     """``edge_type``'s relation for ``bucket`` (e.g. ``(user, rates_hi, movie)``)."""
     src, rel, dst = edge_type
