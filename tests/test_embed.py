@@ -185,3 +185,21 @@ def test_refresh_refuses_an_embed_run_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="'refresh' does not support runs trained with rating_messages 'embed'"):
         refresh(tmp_path, model, g, cfg)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_embed_run_trains_and_scores_by_the_cli_and_refresh_refuses_it_in_one_line(tiny_shards, tmp_path, caplog):
+    from scalable_rec import cli
+
+    run = tmp_path / "run"
+    common = ["--shards", str(tiny_shards.directory), "--run-dir", str(run)]
+    args = ["--epochs", "1", "--hidden", "8", "--batch-size", "128", "--no-progress", "--rating-messages", "embed"]
+    assert cli.main(["train", *common, *args]) == 0
+    assert cli.main(["score", "--run-dir", str(run), "--k", "5"]) == 0
+    new = tmp_path / "new.csv"
+    new.write_text("userId,movieId,rating,timestamp\n1,1,4.0,1\n")
+    caplog.clear()
+    assert cli.main(["refresh", "--run-dir", str(run), "--new-ratings", str(new)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "'refresh' does not support runs trained with rating_messages 'embed'" in errors[0]
+    assert "\n" not in errors[0]
+    assert not (run / "refresh").exists()
