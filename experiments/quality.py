@@ -145,6 +145,12 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
         {"model": {"rating_messages": "gcmc"}},
     ),
     (
+        "rating-embed",
+        "the default's one SAGEConv each way, each message plus a learned vector of its rating bucket "
+        "(zero at the start: rating_messages 'embed' instead of 'none')",
+        {"model": {"rating_messages": "embed"}},
+    ),
+    (
         "no-id-dropout",
         "no user or movie IDs hidden from the encoder (user_id_dropout and movie_id_dropout 0, "
         "the default two tables ago)",

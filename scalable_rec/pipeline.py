@@ -642,12 +642,13 @@ def refresh_stage(
     is needed only where no Parquet file records one. Predicted ratings are clamped to the
     run's rating range.
     """
-    from scalable_rec.refresh import refresh
+    from scalable_rec.refresh import check_refreshable, refresh
     from scalable_rec.source import RatingBounds
 
     run_dir = Path(run_dir or cfg.run_dir)
     with locking.hold(run_dir, "run directory"):
         saved, state = _check_scorable(run_dir, allow_interrupted, "refresh")
+        check_refreshable(saved.model)
         shards = GraphShards(saved.data.shards_dir())
         _check_same_shards(
             run_dir, state.get("config", {}).get("shards_identity"), shards, allow_shard_mismatch, "refresh"

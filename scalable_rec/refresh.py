@@ -40,7 +40,9 @@ import torch
 from torch import Tensor
 
 from scalable_rec.atomic import sha256_file, write_json_atomic
+from scalable_rec.errors import ConfigError
 from scalable_rec.graph.hetero import MOVIE, USER, RatingGraph
+from scalable_rec.model.config import ModelConfig
 from scalable_rec.model.recommender import Recommender
 from scalable_rec.model.topk import RatedIndex, to_record_batch
 from scalable_rec.refresh_config import RefreshConfig  # re-export
@@ -408,6 +410,15 @@ def parquet_writer(run_dir: Path, k: int) -> RowWriter:
     return write
 
 
+def check_refreshable(model_cfg: ModelConfig) -> None:
+    """Refuses a model whose layers ``refresh`` cannot re-evaluate from their parts:
+    ``rating_messages`` ``embed`` (its bucket vectors are not in the cached aggregates)."""
+    if model_cfg.rating_messages == "embed":
+        raise ConfigError(
+            "'refresh' does not support runs trained with rating_messages 'embed' (score the run again instead)"
+        )
+
+
 def refresh(
     run_dir: str | Path,
     model: Recommender,
@@ -433,6 +444,7 @@ def refresh(
 
     Returns a report: counts, skipped rows, timings.
     """
+    check_refreshable(model.cfg)
     run_dir = Path(run_dir)
     state_path = run_dir / "refresh" / "state.pt"
     model.eval()

@@ -612,7 +612,9 @@ def test_rating_relations_need_each_edges_rating():
     del data[RATES].rating
     with pytest.raises(ValueError, match="rating_messages 'relation' needs each edge's 'rating'"):
         model.encode_all(data)
-    with pytest.raises(ValueError, match="'rating_messages' needs to be 'none', 'relation' or 'gcmc' \\(got 'x'\\)"):
+    with pytest.raises(
+        ValueError, match="'rating_messages' needs to be 'none', 'relation', 'gcmc' or 'embed' \\(got 'x'\\)"
+    ):
         ModelConfig(rating_messages="x")
     with pytest.raises(ValueError, match="'rating_messages' gcmc .* needs 'aggr' mean \\(got 'sum'\\)"):
         ModelConfig(rating_messages="gcmc", aggr="sum")

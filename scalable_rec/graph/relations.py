@@ -39,6 +39,26 @@ def bucket_of(rating: Tensor) -> Tensor:
     return out
 
 
+def bucket_fractions(dst: Tensor, rating: Tensor, num_dst: int) -> Tensor:
+    """``[num_dst, len(BUCKETS)]``: each destination's share of its edges per bucket (bucket
+    counts over its in-degree; a row of zeros where it has no edges). ``dst``: every edge's
+    destination, ``rating``: its rating. Scattered with ``index_add_``, so no host sync."""
+    if rating.numel() != dst.numel():
+        raise ValueError(f"'rating' needs one entry per edge (got {rating.numel()} for {dst.numel()} edges)")
+    cells = dst * len(BUCKETS) + bucket_of(rating).to(dst.device)
+    counts = torch.zeros(num_dst * len(BUCKETS), device=dst.device)
+    counts.index_add_(0, cells, torch.ones(cells.shape, device=dst.device))
+    counts = counts.view(num_dst, len(BUCKETS))
+    return counts / counts.sum(1, keepdim=True).clamp(min=1)
+
+
+def csc_bucket_fractions(colptr: Tensor, rating: Tensor) -> Tensor:
+    """``bucket_fractions`` of a CSC (``colptr`` over destinations, ``rating`` per position)."""
+    num_dst = colptr.numel() - 1
+    dst = torch.repeat_interleave(torch.arange(num_dst, device=rating.device), colptr.diff().to(rating.device))
+    return bucket_fractions(dst, rating, num_dst)
+
+
 def relation(edge_type: EdgeType, bucket: int) -> EdgeType:
     """``edge_type``'s relation for ``bucket`` (e.g. ``(user, rates_hi, movie)``)."""
     src, rel, dst = edge_type

@@ -39,8 +39,10 @@ class ModelConfig:
         retrieval_bias: Give every movie a learned ranking bias, added to each of its ranking
             scores (one more dimension of the ranking vectors).
         rating_messages: How an edge's rating reaches its messages: ``none``, ``relation`` (a
-            relation per rating bucket, each a mean with its own weights) or ``gcmc`` (the same
-            relations, each one's sum over the total in-degree; needs ``aggr`` mean).
+            relation per rating bucket, each a mean with its own weights), ``gcmc`` (the same
+            relations, each one's sum over the total in-degree; needs ``aggr`` mean) or ``embed``
+            (the default's convolutions, each message plus a learned vector of its rating bucket,
+            initialised to zero; needs ``aggr`` mean).
     """
 
     hidden: int = 128
@@ -54,7 +56,7 @@ class ModelConfig:
     movie_id_dropout: float = 0.2
     retrieval_temperature: float = 0.15
     retrieval_bias: bool = True
-    rating_messages: Literal["none", "relation", "gcmc"] = "none"
+    rating_messages: Literal["none", "relation", "gcmc", "embed"] = "none"
 
     def __post_init__(self) -> None:
         problems = []
@@ -74,14 +76,18 @@ class ModelConfig:
             problems.append(f"'movie_id_dropout' needs to be in [0, 1) (got {self.movie_id_dropout})")
         if self.retrieval_temperature < 0:
             problems.append(f"'retrieval_temperature' needs to be non-negative (got {self.retrieval_temperature})")
-        if self.rating_messages not in ("none", "relation", "gcmc"):
+        if self.rating_messages not in ("none", "relation", "gcmc", "embed"):
             problems.append(
-                f"'rating_messages' needs to be 'none', 'relation' or 'gcmc' (got {self.rating_messages!r})"
+                f"'rating_messages' needs to be 'none', 'relation', 'gcmc' or 'embed' (got {self.rating_messages!r})"
             )
         elif self.rating_messages == "gcmc" and self.aggr != "mean":
             problems.append(
                 f"'rating_messages' gcmc is a mean over all buckets' neighbours and needs 'aggr' mean "
                 f"(got {self.aggr!r})"
+            )
+        elif self.rating_messages == "embed" and self.aggr != "mean":
+            problems.append(
+                f"'rating_messages' embed adds its bucket vectors to a mean and needs 'aggr' mean (got {self.aggr!r})"
             )
         if problems:
             raise ValueError("; ".join(problems))

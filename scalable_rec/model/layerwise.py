@@ -8,7 +8,8 @@ embeddings and one batch's neighbourhood; with ``spill_dir`` the per-layer embed
 memory-mapped files too. The result equals ``encode_all`` up to float summation order.
 With rating relations (``ModelConfig.rating_messages``) a batch's CSC slice is split by
 the ratings stored beside it (``store.edge_ratings``) into one adjacency per relation (and
-with ``gcmc`` each destination's sums are divided by its degree over all of them).
+with ``gcmc`` each destination's sums are divided by its degree over all of them); with
+``embed`` the slice's ratings give each destination's bucket fractions.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 from torch_geometric.data import FeatureStore, GraphStore
 
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
-from scalable_rec.graph.relations import split_csc, splits_by_rating
+from scalable_rec.graph.relations import csc_bucket_fractions, split_csc, splits_by_rating
 from scalable_rec.graph.store import edge_ratings
 from scalable_rec.model.gcmc import inverse_total_degree
 from scalable_rec.model.recommender import sparse_adjacency
@@ -115,7 +116,8 @@ def encode_layerwise(
     missing = [et for et in INCOMING.values() if et not in row]
     if missing:
         raise ValueError(f"'graph_store' needs CSC edges of {missing} (got {list(row)})")
-    ratings = edge_ratings(feature_store) if splits_by_rating(enc.rating_messages) else {}
+    split = splits_by_rating(enc.rating_messages)
+    ratings = edge_ratings(feature_store) if split or enc.embed else {}
     work = Path(tempfile.mkdtemp(prefix="layerwise-", dir=spill_dir)) if spill_dir is not None else None
     # On CUDA the tables are pinned, so results come back without a wait per batch.
     buffers = _Buffers(work, pin=device.type == "cuda")
@@ -149,7 +151,7 @@ def encode_layerwise(
                         edge_type,
                         colptr[edge_type],
                         row[edge_type],
-                        ratings.get(edge_type),
+                        ratings.get(edge_type) if split else None,
                         a,
                         b,
                         num[src],
@@ -159,6 +161,10 @@ def encode_layerwise(
                     x_dst = x[dst][a:b].to(device, non_blocking=True)
                     # gcmc: the batch's full neighbourhood over all relations is the degree
                     extra = (inverse_total_degree(adj, {dst: b - a})[dst],) if enc.gcmc else ()
+                    if enc.embed:  # the bucket fractions over the batch's whole CSC slice
+                        ptr = colptr[edge_type][a : b + 1]
+                        lo, hi = int(ptr[0]), int(ptr[-1])
+                        extra = (csc_bucket_fractions(ptr - lo, ratings[edge_type][lo:hi]).to(device),)
                     # PyG's ModuleDict takes edge-type tuples; relations sum as HeteroConv sums them
                     hs = [hetero_conv.convs[et]((x_src, x_dst), adj[et], *extra) for et in adj]
                     h = hs[0] if len(hs) == 1 else torch.stack(hs).sum(0)

@@ -22,9 +22,10 @@ from torch_geometric.nn import HeteroConv, SAGEConv
 
 from scalable_rec.errors import ConfigError
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
-from scalable_rec.graph.relations import message_types, split_coo, splits_by_rating
+from scalable_rec.graph.relations import bucket_fractions, message_types, split_coo, splits_by_rating
 from scalable_rec.model.config import ModelConfig  # re-export
 from scalable_rec.model.gcmc import GCMCConv, inverse_total_degree
+from scalable_rec.model.rating_embed import RatingEmbedConv
 
 # Full-graph encoding goes through torch.sparse CSR (via torch-sparse); torch labels it
 # beta on every call, which is noise for users of a stable code path.
@@ -174,9 +175,15 @@ class HeteroSAGEEncoder(nn.Module):
         self.rating_messages = cfg.rating_messages
         # gcmc: each relation's sum is scaled by 1 / the destination's total in-degree
         self.gcmc = cfg.rating_messages == "gcmc"
+        # embed: each message plus a learned vector of its rating bucket (zero at the start)
+        self.embed = cfg.rating_messages == "embed"
 
         def conv():
-            return GCMCConv((h, h), h) if self.gcmc else SAGEConv((h, h), h, aggr=cfg.aggr)
+            if self.gcmc:
+                return GCMCConv((h, h), h)
+            if self.embed:
+                return RatingEmbedConv((h, h), h)
+            return SAGEConv((h, h), h, aggr=cfg.aggr)
 
         self.convs = nn.ModuleList(
             HeteroConv({et: conv() for et in message_types(cfg.rating_messages)}, aggr="sum")
@@ -240,10 +247,18 @@ class HeteroSAGEEncoder(nn.Module):
         state_dict.setdefault(prefix + "movie_trained", torch.ones_like(self.movie_trained))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict) -> dict[str, Tensor]:
+    def forward(
+        self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict, bucket_frac: dict | None = None
+    ) -> dict[str, Tensor]:
+        """``bucket_frac`` (``embed`` only): per edge type, ``[num_dst, 3]`` bucket fractions of
+        each destination over the edges of ``edge_index`` (``relations.bucket_fractions``)."""
+        if self.embed and bucket_frac is None:
+            raise ValueError("rating_messages 'embed' needs each destination's bucket fractions ('bucket_frac')")
         with fp32_guard(self.unbounded, movie_x.device):
             x = self.input_features(n_id, movie_x)
             kwargs = {}
+            if self.embed:
+                kwargs["bucket_frac_dict"] = bucket_frac
             if self.gcmc:  # one degree per destination over all its relations, for every layer
                 inv = inverse_total_degree(edge_index, {t: v.size(0) for t, v in x.items()})
                 kwargs["inv_degree_dict"] = {et: inv[et[2]] for et in edge_index}
@@ -535,7 +550,8 @@ class Recommender(nn.Module):
             drop = torch.rand(n_id[MOVIE].shape, device=n_id[MOVIE].device) < self.cfg.movie_id_dropout
             n_id[MOVIE] = n_id[MOVIE].masked_fill(drop, self.encoder.movie_emb.num_embeddings)
         device = batch[MOVIE].x.device
-        z = self.encoder(n_id, batch[MOVIE].x, self._adjacency(batch, device, training_adjacency_kind(device)))
+        adj = self._adjacency(batch, device, training_adjacency_kind(device))
+        z = self.encoder(n_id, batch[MOVIE].x, adj, self._bucket_fractions(batch, device))
         u, m = batch[RATES].edge_label_index
         zu, zm = z[USER][u], z[MOVIE][m]
         with self._guard(zu):
@@ -566,6 +582,23 @@ class Recommender(nn.Module):
             for et, ei in edges.items()
         }
 
+    def _bucket_fractions(self, data, device: torch.device) -> dict | None:
+        """With ``embed``: per edge type of ``data``, each destination's bucket fractions over
+        its edges in ``data`` (a batch's after target exclusion: the targets' ratings are not
+        counted), on ``device``; ``None`` for the other modes."""
+        if not self.encoder.embed:
+            return None
+        out = {}
+        for et in (RATES, REV_RATES):
+            if "rating" not in data[et]:
+                raise ValueError(
+                    f"rating_messages 'embed' needs each edge's 'rating' on {et} "
+                    "(RatingGraph.hetero_data and the batch loaders attach it)"
+                )
+            dst = data[et].edge_index[1].to(device)
+            out[et] = bucket_fractions(dst, data[et].rating.to(device), data[et[2]].num_nodes)
+        return out
+
     def _guard(self, like: Tensor):
         """The heads read the encoder's output: in fp32 too when it is an unbounded sum."""
         return fp32_guard(self.encoder.unbounded, like.device)
@@ -582,7 +615,9 @@ class Recommender(nn.Module):
             USER: torch.arange(data[USER].num_nodes, device=device),
             MOVIE: torch.arange(data[MOVIE].num_nodes, device=device),
         }
-        z = self.encoder(n_id, data[MOVIE].x.to(device), self._adjacency(data, device))
+        z = self.encoder(
+            n_id, data[MOVIE].x.to(device), self._adjacency(data, device), self._bucket_fractions(data, device)
+        )
         if self.retrieval is not None:
             with self._guard(z[USER]):
                 z["user_rank"], z["movie_rank"], *_ = self.retrieval(
