@@ -38,11 +38,9 @@ class ModelConfig:
             L2-normalised in training and scoring); 0 ranks by the raw dot product.
         retrieval_bias: Give every movie a learned ranking bias, added to each of its ranking
             scores (one more dimension of the ranking vectors).
-        rating_messages: How an edge's rating reaches its messages: ``none``, ``relation`` (a
-            relation per rating bucket, each a mean with its own weights), ``gcmc`` (the same
-            relations, each one's sum over the total in-degree; needs ``aggr`` mean) or ``embed``
-            (the default's convolutions, each message plus a learned vector of its rating bucket,
-            initialised to zero; needs ``aggr`` mean).
+        rating_messages: How an edge's rating reaches its messages (docs/rating.md): ``none``,
+            ``relation`` (a mean per rating bucket), ``gcmc`` (each bucket's sum over the total
+            in-degree) or ``embed`` (a learned vector per bucket added to each message).
     """
 
     hidden: int = 128
