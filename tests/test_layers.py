@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
         "scalable_rec.locking",
         "scalable_rec.connection",
         "scalable_rec.dist_env",
+        "scalable_rec.lazy",
     ),
     ("scalable_rec.shards",),
     ("scalable_rec.source",),

@@ -11,8 +11,9 @@ scoring serves with them, so they sit below both ``scalable_rec.train`` and
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from scalable_rec.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from scalable_rec.model.config import ModelConfig, ScoreConfig
@@ -21,9 +22,7 @@ if TYPE_CHECKING:
     from scalable_rec.model.recommender import Recommender
     from scalable_rec.model.topk import RatedIndex, topk_chunks
 
-# Where each name lives: imported on first access (PEP 562), so that importing one light
-# submodule (the stage's ``config``) does not import what the others need (docs/design.md,
-# "Start-up").
+# Where each name lives, imported on first access (scalable_rec.lazy).
 _EXPORTS = {
     "ModelConfig": "scalable_rec.model.config",
     "ScoreConfig": "scalable_rec.model.config",
@@ -50,12 +49,4 @@ __all__ = [
     "topk_chunks",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

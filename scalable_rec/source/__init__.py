@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from scalable_rec.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from scalable_rec.source.base import RATING_EDGE, RatingBounds, RatingGraphSource, write_rating_shards
     from scalable_rec.source.movielens import MovieLensSource
     from scalable_rec.source.report import SkipReport
 
-# Where each name lives: imported on first access (PEP 562), so that importing one light
-# submodule (the stage's ``config``) does not import what the others need (docs/design.md,
-# "Start-up").
+# Where each name lives, imported on first access (scalable_rec.lazy).
 _EXPORTS = {
     "RATING_EDGE": "scalable_rec.source.base",
     "RatingBounds": "scalable_rec.source.base",
@@ -31,12 +30,4 @@ __all__ = [
     "write_rating_shards",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from scalable_rec.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from scalable_rec.model.config import ModelConfig
@@ -11,9 +12,7 @@ if TYPE_CHECKING:
     from scalable_rec.train.config import TrainConfig
     from scalable_rec.train.loop import TrainResult, train
 
-# Where each name lives: imported on first access (PEP 562), so that importing one light
-# submodule (the stage's ``config``) does not import what the others need (docs/design.md,
-# "Start-up").
+# Where each name lives, imported on first access (scalable_rec.lazy).
 _EXPORTS = {
     "ModelConfig": "scalable_rec.model.config",
     "Recommender": "scalable_rec.model.recommender",
@@ -30,12 +29,4 @@ __all__ = [
     "train",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
