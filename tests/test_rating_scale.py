@@ -137,4 +137,3 @@ def test_scale_needs_a_mean_and_each_edges_rating():
     del data[RATES].rating
     with pytest.raises(ValueError, match="rating_messages 'scale' needs each edge's 'rating'"):
         _model("scale").encode_all(data)
-

@@ -320,7 +320,9 @@ def bounded_update(
     model.eval()
     total_degree = model.encoder.total_degree
     for hetero in model.encoder.convs:
-        assert total_degree or all(c.aggr == "mean" for c in hetero.convs.values()), "bounded refresh needs mean aggregation"
+        assert total_degree or all(c.aggr == "mean" for c in hetero.convs.values()), (
+            "bounded refresh needs mean aggregation"
+        )
     rows = {USER: torch.unique(src), MOVIE: torch.unique(dst)}
     old_deg = {t: _grown(cached.degree[t], edges.num_users if t == USER else edges.num_movies) for t in (USER, MOVIE)}
     if _relations(model):
