@@ -39,9 +39,8 @@ class ModelConfig:
         retrieval_bias: Give every movie a learned ranking bias, added to each of its ranking
             scores (one more dimension of the ranking vectors).
         rating_messages: How an edge's rating reaches its messages (docs/rating.md): ``none``,
-            ``relation`` (a mean per rating bucket), ``gcmc`` (each bucket's sum over the total
-            in-degree), ``scale`` (one mean, each message times a learned scalar of its
-            bucket) or ``embed`` (a learned vector per bucket added to each message).
+            ``relation`` (a mean per bucket), ``gcmc`` (bucket sums over the total degree),
+            ``scale`` (a learned scalar per bucket) or ``embed`` (a learned vector per bucket).
     """
 
     hidden: int = 128
