@@ -26,10 +26,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import MessagePassing
+from torch_geometric.nn import HeteroConv, MessagePassing
 from torch_geometric.utils import spmm
 
-from scalable_rec.graph.relations import BUCKETS
+from scalable_rec.graph.hetero import RATES, REV_RATES
+from scalable_rec.graph.relations import BUCKETS, message_types, parse
 
 
 class ScaledMean(nn.Module):
@@ -80,3 +81,14 @@ class RatingScaleConv(MessagePassing):
 
     def message_and_aggregate(self, adj_t, x) -> Tensor:
         return spmm(adj_t, x[0], reduce=self.aggr)
+
+
+def scaled_mean_layer(hidden: int) -> HeteroConv:
+    """One encoder layer of ``scale``: a ``ScaledMean`` per direction, each seen by a
+    ``RatingScaleConv`` per bucket relation, summed by ``HeteroConv``."""
+    cores = {et: ScaledMean(hidden, hidden) for et in (RATES, REV_RATES)}
+    views = {}
+    for et in message_types("scale"):
+        base, bucket = parse(et)
+        views[et] = RatingScaleConv(cores[base], bucket)
+    return HeteroConv(views, aggr="sum")

@@ -22,11 +22,11 @@ from torch_geometric.nn import HeteroConv, SAGEConv
 
 from scalable_rec.errors import ConfigError
 from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
-from scalable_rec.graph.relations import bucket_fractions, message_types, parse, split_coo, splits_by_rating
+from scalable_rec.graph.relations import bucket_fractions, message_types, split_coo, splits_by_rating
 from scalable_rec.model.config import ModelConfig  # re-export
 from scalable_rec.model.gcmc import GCMCConv, inverse_total_degree
 from scalable_rec.model.rating_embed import RatingEmbedConv
-from scalable_rec.model.rating_scale import RatingScaleConv, ScaledMean
+from scalable_rec.model.rating_scale import scaled_mean_layer
 
 # Full-graph encoding goes through torch.sparse CSR (via torch-sparse); torch labels it
 # beta on every call, which is noise for users of a stable code path.
@@ -184,12 +184,8 @@ class HeteroSAGEEncoder(nn.Module):
         self.embed = cfg.rating_messages == "embed"
 
         def layer() -> HeteroConv:
-            if self.scale:  # one ScaledMean per direction, seen by each of its bucket relations
-                cores = {et: ScaledMean(h, h) for et in (RATES, REV_RATES)}
-                return HeteroConv(
-                    {et: RatingScaleConv(cores[base], b) for et in message_types("scale") for base, b in [parse(et)]},
-                    aggr="sum",
-                )
+            if self.scale:
+                return scaled_mean_layer(h)
             return HeteroConv({et: conv() for et in message_types(cfg.rating_messages)}, aggr="sum")
 
         def conv():
