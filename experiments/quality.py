@@ -145,6 +145,12 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
         {"model": {"rating_messages": "gcmc"}},
     ),
     (
+        "rating-scale",
+        "the default's one mean each way, each message times a learned scalar of its rating bucket "
+        "(ones at the start: rating_messages 'scale' instead of 'none')",
+        {"model": {"rating_messages": "scale"}},
+    ),
+    (
         "rating-embed",
         "the default's one SAGEConv each way, each message plus a learned vector of its rating bucket "
         "(zero at the start: rating_messages 'embed' instead of 'none')",

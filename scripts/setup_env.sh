@@ -6,7 +6,8 @@
 # The environment lives outside the checkout, in $SCALABLE_REC_VENV_ROOT (default
 # ~/.cache/scalable-rec), named by a hash of pyproject.toml and this script, so a warm
 # machine reuses it across clones and a changed spec builds a new one. It is only used
-# once the marker file .complete exists, so an interrupted install is redone, never used.
+# once the marker file .complete exists, so an interrupted install is redone, never used;
+# concurrent setups of one environment take turns (flock).
 #
 # Neighbor sampling: pyg-lib is used wherever it installs for this torch; otherwise
 # torch-sparse + torch-scatter, taken from $SCALABLE_REC_WHEELS (a --find-links folder of
@@ -43,6 +44,12 @@ venv_root=${SCALABLE_REC_VENV_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/scalable-rec
 venv=$venv_root/venv-$key
 log=$venv_root/install-$key.log
 mkdir -p "$venv_root"
+# One setup at a time per environment: a second clone's setup (or a second CI job on the
+# same machine) waits for the first build instead of racing it, then reuses it.
+if command -v flock >/dev/null; then
+  exec 9>"$venv_root/.lock-$key"
+  flock 9
+fi
 
 if [ ! -f "$venv/.complete" ]; then
   echo "setup: building $venv (log: $log)" >&2

@@ -341,19 +341,24 @@ def test_aggr_max_on_cuda_trains_or_is_refused_before_any_work(tiny_shards, tmp_
         assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("mode", ["gcmc", "scale"])
 @pytest.mark.parametrize("kind", ["torch_sparse", "csr", "edge_index"])
-def test_gcmc_encoding_on_cuda_equals_the_cpu(tiny_shards, kind):
-    """GC-MC's degree is read from the adjacency on the device (no bincount, no host sync)
-    for every adjacency kind a CUDA step or full-graph encode may use; under fp16 autocast
-    the scaled sums stay finite and close to the CPU's fp32 encoding."""
+def test_total_degree_encoding_on_cuda_equals_the_cpu(tiny_shards, kind, mode):
+    """GC-MC's degree (also ``scale``'s) is read from the adjacency on the device (no
+    bincount, no host sync) for every adjacency kind a CUDA step or full-graph encode may use;
+    under fp16 autocast the scaled sums stay finite and close to the CPU's fp32 encoding."""
     from scalable_rec.model.recommender import Recommender, torch_sparse_runs_on
 
     if kind == "torch_sparse" and not torch_sparse_runs_on(torch.device("cuda")):
         pytest.skip("torch-sparse has no CUDA kernels here")
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, rating_messages="gcmc"))
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, rating_messages=mode))
     model.eval()
+    with torch.no_grad():  # scale's scalars start at one: vary them
+        for name, p in model.named_parameters():
+            if name.endswith("core.scale"):
+                p.uniform_(-1.0, 2.0)
     data = g.hetero_data()
     n_id = {"user": torch.arange(g.num_users), "movie": torch.arange(g.num_movies)}
     with torch.no_grad():

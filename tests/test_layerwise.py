@@ -28,6 +28,8 @@ def small(small_shards, tmp_path_factory):
         (ModelConfig(hidden=8, num_layers=3, rating_messages="relation"), 100, True),
         (ModelConfig(hidden=8, rating_messages="gcmc"), 300, False),
         (ModelConfig(hidden=8, num_layers=3, rating_messages="gcmc"), 100, True),
+        (ModelConfig(hidden=8, rating_messages="scale"), 300, False),
+        (ModelConfig(hidden=8, num_layers=3, rating_messages="scale"), 100, True),
         (ModelConfig(hidden=8, rating_messages="embed"), 300, False),
         (ModelConfig(hidden=8, num_layers=3, rating_messages="embed"), 100, True),
     ],
@@ -36,10 +38,12 @@ def test_layerwise_equals_full_graph_encoding(small, tmp_path, model_cfg, batch_
     g, index = small
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), model_cfg).eval()
-    with torch.no_grad():  # embed's bucket vectors start at zero: give them values to check
+    with torch.no_grad():  # embed's bucket vectors start at zero, scale's scalars at one: vary them
         for name, p in model.named_parameters():
             if name.endswith("bucket_emb"):
                 p.normal_()
+            if name.endswith("core.scale"):
+                p.uniform_(-1.0, 2.0)
     ref = model.encode_all(g.hetero_data())
     got = encode_layerwise(
         model, *open_stores(index, "all"), batch_size=batch_size, spill_dir=tmp_path if spill else None

@@ -46,7 +46,12 @@ def sparse_graph(tmp_path_factory) -> RatingGraph:
 def _model(graph: RatingGraph, **kw) -> Recommender:
     torch.manual_seed(0)
     cfg = ModelConfig(hidden=16, **kw)
-    return Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), cfg).eval()
+    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), cfg).eval()
+    with torch.no_grad():  # scale's bucket scalars start at one (the rating unused): vary them
+        for name, p in model.named_parameters():
+            if name.endswith("core.scale"):
+                p.uniform_(-1.0, 2.0)
+    return model
 
 
 def _new_edges(graph: RatingGraph, seed: int, n: int = 8, new_users: int = 2):
@@ -68,6 +73,7 @@ def _new_edges(graph: RatingGraph, seed: int, n: int = 8, new_users: int = 2):
         dict(retrieval_ids=False),
         dict(rating_messages="relation"),
         dict(rating_messages="gcmc"),
+        dict(rating_messages="scale"),
     ],
 )
 def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
@@ -88,6 +94,7 @@ def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
         dict(decoder="dot", retrieval_ids=False),
         dict(decoder="dot", rating_messages="relation"),
         dict(decoder="dot", rating_messages="gcmc"),
+        dict(decoder="dot", rating_messages="scale"),
     ],
 )
 @pytest.mark.parametrize("margin", [0, 10])
@@ -370,7 +377,7 @@ def test_refresh_into_arango_replaces_exactly_the_refreshed_users(
     assert all({r[-1] for r in after[u]} == {report["written"]["run_id"]} for u in changed)
 
 
-@pytest.mark.parametrize("rating_messages", ["none", "relation", "gcmc"])
+@pytest.mark.parametrize("rating_messages", ["none", "relation", "gcmc", "scale"])
 def test_bounded_incremental_mean_matches_full_aggregate_at_layer_one(sparse_graph, rating_messages):
     """Layer-1 inputs of existing nodes do not change, so the incremental mean update of
     the endpoints' first-layer aggregates (one per rating relation) must equal a full

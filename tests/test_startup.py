@@ -46,6 +46,9 @@ CASES = [
     (["refresh", "--run-dir", "r", "--new-ratings", "n", "--candidate-margin", "-1"], 2),
     (["arango", "export"], 2),
     (["arango", "load", "--load-batch-size", "0"], 2),
+    (["run", "--data", "/nowhere/ml-latest-small"], 2),
+    (["prepare", "--data", "/nowhere/ml-latest-small"], 2),
+    (["prepare", "--train-file", "/nowhere/u1.base", "--test-file", "/nowhere/u1.test"], 2),
 ]
 
 PROBE = textwrap.dedent(
@@ -137,6 +140,11 @@ BOUND_S = 2.5
     [
         (["train", "--help"], 0, ""),
         (["train", "--lr", "-1"], 2, "'lr' needs to be positive (got -1.0)"),
+        (
+            ["run", "--data", "/nowhere/ml"],
+            2,
+            "'data' '/nowhere/ml': MovieLens directory '/nowhere/ml' lacks ['ratings.csv', 'movies.csv']",
+        ),
     ],
 )
 def test_python_m_answers_within_a_second(argv, expect, says):

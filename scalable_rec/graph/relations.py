@@ -1,7 +1,9 @@
 """Rating-typed relations: the ``rates`` edges split by rating bucket (GC-MC's relation per
-rating level, here per bucket), so each bucket's messages get their own weights. Both
-rating-aware modes split this way: ``relation`` (each relation a mean over its own bucket)
-and ``gcmc`` (each relation's sum over the destination's whole degree, ``model.gcmc``).
+rating level, here per bucket), so each bucket's messages get their own weights. Three
+rating-aware modes split this way: ``relation`` (each relation a mean over its own bucket),
+``gcmc`` (each relation's sum over the destination's whole degree, ``model.gcmc``) and
+``scale`` (the same sums with one shared weight and a learned scalar per bucket,
+``model.rating_scale``).
 
 A rating falls in bucket ``lo`` (below 3.0), ``mid`` (3.0 to below 4.0) or ``hi`` (4.0 and
 up, the ratings the ranking metrics call relevant). ``rates`` then becomes
@@ -22,7 +24,7 @@ BUCKETS = ("lo", "mid", "hi")
 BUCKET_BOUNDS = (3.0, 4.0)
 EdgeType = tuple[str, str, str]
 # ``ModelConfig.rating_messages`` modes whose encoder has one relation per bucket.
-SPLIT_MODES = ("relation", "gcmc")
+SPLIT_MODES = ("relation", "gcmc", "scale")
 
 
 def splits_by_rating(mode: str) -> bool:

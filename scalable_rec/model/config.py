@@ -39,8 +39,8 @@ class ModelConfig:
         retrieval_bias: Give every movie a learned ranking bias, added to each of its ranking
             scores (one more dimension of the ranking vectors).
         rating_messages: How an edge's rating reaches its messages (docs/rating.md): ``none``,
-            ``relation`` (a mean per rating bucket), ``gcmc`` (each bucket's sum over the total
-            in-degree) or ``embed`` (a learned vector per bucket added to each message).
+            ``relation`` (a mean per bucket), ``gcmc`` (bucket sums over the total degree),
+            ``scale`` (a learned scalar per bucket) or ``embed`` (a learned vector per bucket).
     """
 
     hidden: int = 128
@@ -54,7 +54,7 @@ class ModelConfig:
     movie_id_dropout: float = 0.2
     retrieval_temperature: float = 0.15
     retrieval_bias: bool = True
-    rating_messages: Literal["none", "relation", "gcmc", "embed"] = "none"
+    rating_messages: Literal["none", "relation", "gcmc", "scale", "embed"] = "none"
 
     def __post_init__(self) -> None:
         problems = []
@@ -74,14 +74,15 @@ class ModelConfig:
             problems.append(f"'movie_id_dropout' needs to be in [0, 1) (got {self.movie_id_dropout})")
         if self.retrieval_temperature < 0:
             problems.append(f"'retrieval_temperature' needs to be non-negative (got {self.retrieval_temperature})")
-        if self.rating_messages not in ("none", "relation", "gcmc", "embed"):
+        if self.rating_messages not in ("none", "relation", "gcmc", "scale", "embed"):
             problems.append(
-                f"'rating_messages' needs to be 'none', 'relation', 'gcmc' or 'embed' (got {self.rating_messages!r})"
+                "'rating_messages' needs to be 'none', 'relation', 'gcmc', 'scale' or 'embed' "
+                f"(got {self.rating_messages!r})"
             )
-        elif self.rating_messages == "gcmc" and self.aggr != "mean":
+        elif self.rating_messages in ("gcmc", "scale") and self.aggr != "mean":
             problems.append(
-                f"'rating_messages' gcmc is a mean over all buckets' neighbours and needs 'aggr' mean "
-                f"(got {self.aggr!r})"
+                f"'rating_messages' {self.rating_messages} is a mean over all buckets' neighbours and needs "
+                f"'aggr' mean (got {self.aggr!r})"
             )
         elif self.rating_messages == "embed" and self.aggr != "mean":
             problems.append(

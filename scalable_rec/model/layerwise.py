@@ -8,7 +8,7 @@ embeddings and one batch's neighbourhood; with ``spill_dir`` the per-layer embed
 memory-mapped files too. The result equals ``encode_all`` up to float summation order.
 With rating relations (``ModelConfig.rating_messages``) a batch's CSC slice is split by
 the ratings stored beside it (``store.edge_ratings``) into one adjacency per relation (and
-with ``gcmc`` each destination's sums are divided by its degree over all of them); with
+with ``gcmc`` and ``scale`` each destination's sums are divided by its degree over all of them); with
 ``embed`` the slice's ratings give each destination's bucket fractions.
 """
 
@@ -159,8 +159,8 @@ def encode_layerwise(
                         enc.aggr,
                     )
                     x_dst = x[dst][a:b].to(device, non_blocking=True)
-                    # gcmc: the batch's full neighbourhood over all relations is the degree
-                    extra = (inverse_total_degree(adj, {dst: b - a})[dst],) if enc.gcmc else ()
+                    # gcmc, scale: the batch's full neighbourhood over all relations is the degree
+                    extra = (inverse_total_degree(adj, {dst: b - a})[dst],) if enc.total_degree else ()
                     if enc.embed:  # the bucket fractions over the batch's whole CSC slice
                         ptr = colptr[edge_type][a : b + 1]
                         lo, hi = int(ptr[0]), int(ptr[-1])

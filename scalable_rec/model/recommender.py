@@ -26,6 +26,7 @@ from scalable_rec.graph.relations import bucket_fractions, message_types, split_
 from scalable_rec.model.config import ModelConfig  # re-export
 from scalable_rec.model.gcmc import GCMCConv, inverse_total_degree
 from scalable_rec.model.rating_embed import RatingEmbedConv
+from scalable_rec.model.rating_scale import scaled_mean_layer
 
 # Full-graph encoding goes through torch.sparse CSR (via torch-sparse); torch labels it
 # beta on every call, which is noise for users of a stable code path.
@@ -175,8 +176,17 @@ class HeteroSAGEEncoder(nn.Module):
         self.rating_messages = cfg.rating_messages
         # gcmc: each relation's sum is scaled by 1 / the destination's total in-degree
         self.gcmc = cfg.rating_messages == "gcmc"
+        # scale: one mean per direction, each message times a learned scalar of its bucket
+        self.scale = cfg.rating_messages == "scale"
+        # both divide every relation's sum by the destination's in-degree over all buckets
+        self.total_degree = self.gcmc or self.scale
         # embed: each message plus a learned vector of its rating bucket (zero at the start)
         self.embed = cfg.rating_messages == "embed"
+
+        def layer() -> HeteroConv:
+            if self.scale:
+                return scaled_mean_layer(h)
+            return HeteroConv({et: conv() for et in message_types(cfg.rating_messages)}, aggr="sum")
 
         def conv():
             if self.gcmc:
@@ -185,10 +195,7 @@ class HeteroSAGEEncoder(nn.Module):
                 return RatingEmbedConv((h, h), h)
             return SAGEConv((h, h), h, aggr=cfg.aggr)
 
-        self.convs = nn.ModuleList(
-            HeteroConv({et: conv() for et in message_types(cfg.rating_messages)}, aggr="sum")
-            for _ in range(cfg.num_layers)
-        )
+        self.convs = nn.ModuleList(layer() for _ in range(cfg.num_layers))
         self.dropout = cfg.dropout
         self.unbounded = cfg.aggr == "sum"
         self.aggr = cfg.aggr
@@ -259,7 +266,7 @@ class HeteroSAGEEncoder(nn.Module):
             kwargs = {}
             if self.embed:
                 kwargs["bucket_frac_dict"] = bucket_frac
-            if self.gcmc:  # one degree per destination over all its relations, for every layer
+            if self.total_degree:  # one degree per destination over all its relations, every layer
                 inv = inverse_total_degree(edge_index, {t: v.size(0) for t, v in x.items()})
                 kwargs["inv_degree_dict"] = {et: inv[et[2]] for et in edge_index}
             for i, conv in enumerate(self.convs):

@@ -21,8 +21,9 @@ in a full encode.
 With rating relations (``ModelConfig.rating_messages``) a node type receives one
 aggregate per relation: ``aggs`` then hold them side by side (``[n, relations × hidden]``)
 and ``degree`` one in-degree per relation (``[n, relations]``), so the cached state keeps
-one row per node either way. With ``gcmc`` each relation's aggregate is its sum over the
-node's total in-degree (the row sum of ``degree``), as ``model.gcmc`` computes it.
+one row per node either way. With ``gcmc`` and ``scale`` each relation's aggregate is its sum
+over the node's total in-degree (the row sum of ``degree``), as ``model.gcmc`` computes it
+(``scale`` then weighs each relation's share by its learned scalar, ``model.rating_scale``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from torch_sparse import SparseTensor
 from scalable_rec.graph.hetero import MOVIE, RATES, USER
 from scalable_rec.graph.relations import BUCKETS, bucket_of, incoming, message_types, parse, splits_by_rating
 from scalable_rec.model.gcmc import inverse_total_degree
+from scalable_rec.model.rating_scale import RatingScaleConv
 from scalable_rec.model.recommender import Recommender
 
 NodeSets = dict[str, Tensor]
@@ -147,11 +149,21 @@ def _check_supported(model: Recommender) -> None:
     for hetero in model.encoder.convs:
         assert [et for et, _ in hetero.convs.items()] == message_types(model.encoder.rating_messages)
         for conv in hetero.convs.values():
+            if isinstance(conv, RatingScaleConv):  # its own combine (rating_scale)
+                continue
             assert isinstance(conv.aggr, str) and not conv.project and not conv.normalize and conv.root_weight
 
 
 def _incoming(model: Recommender) -> dict[str, list[tuple[str, str, str]]]:
     return incoming(model.encoder.rating_messages)
+
+
+def _conv_output(conv, agg: Tensor, x_dst: Tensor) -> Tensor:
+    """One relation's share of the layer output from its aggregate: ``lin_l(agg) +
+    lin_r(x_dst)`` as SAGEConv computes it, or a ``RatingScaleConv``'s scaled share."""
+    if isinstance(conv, RatingScaleConv):
+        return conv.combine(agg, x_dst)
+    return conv.lin_l(agg) + conv.lin_r(x_dst)
 
 
 def _combine(model: Recommender, i: int, agg: dict[str, Tensor], x_dst: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -161,7 +173,7 @@ def _combine(model: Recommender, i: int, agg: dict[str, Tensor], x_dst: dict[str
     convs, out = model.encoder.convs[i].convs, {}
     for d, types in _incoming(model).items():
         parts = agg[d].chunk(len(types), dim=1)
-        outs = [convs[et].lin_l(a) + convs[et].lin_r(x_dst[d].float()) for et, a in zip(types, parts)]
+        outs = [_conv_output(convs[et], a, x_dst[d].float()) for et, a in zip(types, parts)]
         out[d] = outs[0] if len(outs) == 1 else torch.stack(outs).sum(0)
     if i < len(model.encoder.convs) - 1:
         out = {k: F.relu(v) for k, v in out.items()}
@@ -170,11 +182,11 @@ def _combine(model: Recommender, i: int, agg: dict[str, Tensor], x_dst: dict[str
 
 def _aggregate(model: Recommender, i: int, prev: dict[str, Tensor], adj: dict) -> dict[str, Tensor]:
     """Neighbour aggregation of layer ``i`` per destination type, as SAGEConv computes it
-    (one per relation it receives, side by side; with ``gcmc`` each relation's sum over the
+    (one per relation it receives, side by side; with ``gcmc``/``scale`` each relation's sum over the
     row's degree in all of ``adj``'s relations, as ``GCMCConv`` scales it)."""
     convs = model.encoder.convs[i].convs
     out = {}
-    inv = inverse_total_degree(adj, {et[2]: a.size(0) for et, a in adj.items()}) if model.encoder.gcmc else {}
+    inv = inverse_total_degree(adj, {et[2]: a.size(0) for et, a in adj.items()}) if model.encoder.total_degree else {}
     for d, types in _incoming(model).items():
         parts = [spmm(adj[et], prev[et[0]].float(), reduce=convs[et].aggr) for et in types]
         out[d] = torch.cat(parts, dim=1) * (inv[d][:, None] if d in inv else 1.0)
@@ -302,13 +314,15 @@ def bounded_update(
     neighbours whose state changed (other endpoints) stay as cached: that, and not
     refreshing anything beyond the endpoints, is the drift from ``recompute``.
     Mean aggregation only. With rating relations each relation's mean is updated with the
-    new edges of its bucket (``rating``: the new edges' ratings); with ``gcmc`` each
+    new edges of its bucket (``rating``: the new edges' ratings); with ``gcmc``/``scale`` each
     relation's sum over the node's total degree, by the same rule with the total degree.
     """
     model.eval()
-    gcmc = model.encoder.gcmc
+    total_degree = model.encoder.total_degree
     for hetero in model.encoder.convs:
-        assert gcmc or all(c.aggr == "mean" for c in hetero.convs.values()), "bounded refresh needs mean aggregation"
+        assert total_degree or all(c.aggr == "mean" for c in hetero.convs.values()), (
+            "bounded refresh needs mean aggregation"
+        )
     rows = {USER: torch.unique(src), MOVIE: torch.unique(dst)}
     old_deg = {t: _grown(cached.degree[t], edges.num_users if t == USER else edges.num_movies) for t in (USER, MOVIE)}
     if _relations(model):
@@ -340,7 +354,7 @@ def bounded_update(
         for t, other, index, own in ((MOVIE, USER, src, dst), (USER, MOVIE, dst, src)):
             # [rows, relations, hidden]: one mean per relation (one relation without buckets)
             old, now = old_deg[t][rows[t]].view(-1, n_rel, 1), new_deg[t][rows[t]].view(-1, n_rel, 1)
-            if gcmc:  # every relation's sum is over the total degree
+            if total_degree:  # every relation's sum is over the total degree
                 old, now = old.sum(1, keepdim=True), now.sum(1, keepdim=True)
             total = agg[t][rows[t]].view(-1, n_rel, h) * old
             pos = torch.searchsorted(rows[t], own)

@@ -8,6 +8,7 @@ its flags before those load (docs/design.md, "Start-up").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 PRESETS: dict[str, tuple[int, int, int]] = {
     # name: (users, movies, edges)
@@ -17,6 +18,27 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "large": (70_000, 30_000, 10_000_000),
     "ml-25m": (162_000, 59_000, 25_000_000),
 }
+
+
+MOVIELENS_FILES = ("ratings.csv", "movies.csv")
+
+
+def missing_movielens_files(root: str | Path, names: tuple[str, ...] = MOVIELENS_FILES) -> list[str]:
+    """Which of a MovieLens folder's files ``root`` lacks (checked by the source and, before
+    torch loads, by the command line)."""
+    return [n for n in names if not (Path(root) / n).is_file()]
+
+
+def missing_input(data: str | None, train_file: str | None, test_file: str | None) -> str | None:
+    """Why ``prepare`` could not read its local input, or ``None``: the same refusal its
+    source gives (``'data' ...`` or ``'train_file'/'test_file': ...``), answered before torch
+    loads. ``data`` ``None`` without a given split means the download (not checked here)."""
+    if train_file:
+        missing = [p for p in (train_file, test_file) if p and not Path(p).is_file()]
+        return f"'train_file'/'test_file': Rating file(s) not found: {missing}" if missing else None
+    if data and (missing := missing_movielens_files(data)):
+        return f"'data' {data!r}: MovieLens directory '{Path(data)}' lacks {missing}"
+    return None
 
 
 @dataclass

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from scalable_rec.source.config import missing_movielens_files
 from scalable_rec.source.report import SkipReport
 
 RATINGS_COLUMNS = ["userId", "movieId", "rating", "timestamp"]
@@ -41,7 +42,7 @@ class MovieLensSource:
 
     def __post_init__(self) -> None:
         root = Path(self.path)
-        missing = [n for n in ("ratings.csv", "movies.csv") if not (root / n).is_file()]
+        missing = missing_movielens_files(root)
         if missing:
             raise FileNotFoundError(f"MovieLens directory '{root}' lacks {missing}")
         self.path = str(root.resolve())
