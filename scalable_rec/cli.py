@@ -37,6 +37,7 @@ from scalable_rec.dist_env import DistEnv
 from scalable_rec.errors import ConfigError, InterruptedRunError, ScalableRecError
 from scalable_rec.refresh_config import RefreshConfig
 from scalable_rec.source.config import PRESETS, missing_input
+from scalable_rec.train.config import cuda_cannot_exist, device_problems
 from scalable_rec.train.launch import LAUNCHED_ENV, launch
 
 log = logging.getLogger("scalable_rec")
@@ -380,6 +381,9 @@ def check_command(cfg: RunConfig, refresh_cfg: RefreshConfig | None, args: argpa
         raise ConfigError("'score' needs --run-dir (a directory written by 'train' or 'run')")
     if args.command == "arango" and args.action == "export" and not cfg.data.shards:
         raise ScalableRecError("'arango export' needs --shards DIR (the shard directory to write)")
+    asks_cuda = cfg.train.device.startswith("cuda") or cfg.train.precision == "fp16"
+    if args.command in ("run", "train") and asks_cuda and cuda_cannot_exist():  # answered without torch
+        raise ConfigError("Invalid options: " + "; ".join(device_problems(cfg.train, cuda_available=False)))
     if args.command in ("prepare", "run"):  # what 'prepare' reads, before torch loads
         problem = missing_input(cfg.data.data, cfg.data.train_file, cfg.data.test_file)
         if problem:

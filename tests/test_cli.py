@@ -83,9 +83,11 @@ def test_every_command_formats_its_help():
 
 def test_aggr_max_on_cuda_without_its_kernels_is_one_line_before_any_work(tmp_path, caplog, monkeypatch):
     """As on a GPU machine whose torch-scatter is CPU-only: exit 2, one line, nothing read."""
+    import scalable_rec.cli as cli_mod
     from scalable_rec.model import recommender as model_mod
     from scalable_rec.train import config as train_config
 
+    monkeypatch.setattr(cli_mod, "cuda_cannot_exist", lambda: False)  # a driver is there
     monkeypatch.setattr(train_config, "resolve_device", lambda cfg, env: torch.device("cuda"))
     monkeypatch.setattr(model_mod, "torch_sparse_runs_on", lambda device: False)
     monkeypatch.setattr(model_mod, "torch_scatter_runs_on", lambda device: False)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from scalable_rec.train.config import cuda_cannot_exist
+
 # What parsing and checking flags must not import (each takes 0.1 s to several seconds).
 HEAVY = ("torch", "torch_geometric", "pyarrow", "arango", "numpy")
 
@@ -176,3 +178,53 @@ def test_every_invalid_option_is_named_on_one_line():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, lines
     assert "'lr' needs to be positive" in lines[0] and "'epochs' needs to be positive" in lines[0]
+
+
+@pytest.mark.skipif(not cuda_cannot_exist(), reason="this machine has a CUDA driver: torch decides, as it should")
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["train", "--device", "cuda"], "Invalid options: 'device' is 'cuda' but no CUDA device is available"),
+        (["run", "--device", "cuda:1"], "Invalid options: 'device' is 'cuda:1' but no CUDA device is available"),
+        (["train", "--precision", "fp16"], "Invalid options: 'precision' fp16 needs CUDA (CPU autocast supports bf16)"),
+    ],
+)
+def test_cuda_asked_of_a_machine_without_a_driver_is_refused_before_torch(argv, says):
+    best, stderr = _fastest([sys.executable, "-m", "scalable_rec", *argv], 2)
+    assert not _imported(stderr) & set(HEAVY), sorted(_imported(stderr) & set(HEAVY))
+    assert says in stderr and "Traceback" not in stderr
+    assert best < BOUND_S, f"scalable-rec {' '.join(argv)} took {best:.2f} s"
+
+
+def test_cuda_cannot_exist_only_without_nvidia_and_rocm_drivers(monkeypatch):
+    from scalable_rec.train import config
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(config.sys, "platform", "linux")
+    monkeypatch.setattr(config.os.path, "exists", lambda path: False)
+    monkeypatch.setattr(config.ctypes, "CDLL", no_library)
+    assert config.cuda_cannot_exist()
+    monkeypatch.setattr(config.ctypes, "CDLL", lambda name: object())  # NVIDIA's driver loads
+    assert not config.cuda_cannot_exist()
+    monkeypatch.setattr(config.ctypes, "CDLL", no_library)
+    monkeypatch.setattr(config.os.path, "exists", lambda path: path == "/dev/kfd")  # ROCm
+    assert not config.cuda_cannot_exist()
+    monkeypatch.setattr(config.os.path, "exists", lambda path: False)
+    monkeypatch.setattr(config.sys, "platform", "win32")  # elsewhere torch decides
+    assert not config.cuda_cannot_exist()
+
+
+def test_device_problems_name_what_a_machine_without_cuda_cannot_do():
+    from scalable_rec.train.config import TrainConfig, device_problems
+
+    assert device_problems(TrainConfig(device="auto"), cuda_available=False) == []
+    assert device_problems(TrainConfig(device="cpu", precision="bf16"), cuda_available=False) == []
+    assert device_problems(TrainConfig(device="cuda", precision="fp16"), cuda_available=True) == []
+    assert device_problems(TrainConfig(device="auto", precision="fp16"), cuda_available=False) == [
+        "'precision' fp16 needs CUDA (CPU autocast supports bf16)"
+    ]
+    assert device_problems(TrainConfig(device="cuda:0"), cuda_available=False) == [
+        "'device' is 'cuda:0' but no CUDA device is available"
+    ]

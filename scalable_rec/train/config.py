@@ -6,6 +6,9 @@ command line can parse and validate its flags before torch loads (docs/design.md
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -219,15 +222,36 @@ def precision_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
-    import torch
+def cuda_cannot_exist() -> bool:
+    """True when this Linux machine cannot give torch a CUDA device: neither NVIDIA's driver
+    library (``libcuda.so.1``) loads nor ROCm's kernel driver (``/dev/kfd``) is there. The
+    command line then refuses ``--device cuda`` before torch loads; when either is there (or
+    on another OS) torch decides, in ``resolve_device``."""
+    if not sys.platform.startswith("linux") or os.path.exists("/dev/kfd"):
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return True
+    return False
 
+
+def device_problems(cfg: TrainConfig, cuda_available: bool) -> list[str]:
+    """What ``cfg``'s device and precision ask of a machine with or without CUDA."""
     problems = []
-    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
+    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and cuda_available)
+    if want_cuda and not cuda_available:
         problems.append(f"'device' is {cfg.device!r} but no CUDA device is available")
     if cfg.precision == "fp16" and not want_cuda:
         problems.append("'precision' fp16 needs CUDA (CPU autocast supports bf16)")
+    return problems
+
+
+def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    import torch
+
+    problems = device_problems(cfg, torch.cuda.is_available())
+    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if want_cuda and torch.cuda.is_available() and torch.cuda._is_in_bad_fork():
         problems.append(
             "'device' is CUDA but this rank was forked from a process that had initialised CUDA, "
