@@ -24,6 +24,7 @@ imports the pipeline when it runs, so ``--help`` and a bad flag are answered at 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -384,6 +385,9 @@ def check_command(cfg: RunConfig, refresh_cfg: RefreshConfig | None, args: argpa
     asks_cuda = cfg.train.device.startswith("cuda") or cfg.train.precision == "fp16"
     if args.command in ("run", "train") and asks_cuda and cuda_cannot_exist():  # answered without torch
         raise ConfigError("Invalid options: " + "; ".join(device_problems(cfg.train, cuda_available=False)))
+    if args.command == "score" and cfg.score.score_device.startswith("cuda") and cuda_cannot_exist():
+        scoring = dataclasses.replace(cfg.train, device=cfg.score.score_device, precision="fp32")
+        raise ConfigError("Cannot score: " + "; ".join(device_problems(scoring, cuda_available=False)))
     if args.command in ("prepare", "run"):  # what 'prepare' reads, before torch loads
         problem = missing_input(cfg.data.data, cfg.data.train_file, cfg.data.test_file)
         if problem:

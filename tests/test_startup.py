@@ -187,6 +187,10 @@ def test_every_invalid_option_is_named_on_one_line():
         (["train", "--device", "cuda"], "Invalid options: 'device' is 'cuda' but no CUDA device is available"),
         (["run", "--device", "cuda:1"], "Invalid options: 'device' is 'cuda:1' but no CUDA device is available"),
         (["train", "--precision", "fp16"], "Invalid options: 'precision' fp16 needs CUDA (CPU autocast supports bf16)"),
+        (
+            ["score", "--run-dir", "r", "--score-device", "cuda"],
+            "Cannot score: 'device' is 'cuda' but no CUDA device is available",
+        ),
     ],
 )
 def test_cuda_asked_of_a_machine_without_a_driver_is_refused_before_torch(argv, says):
