@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rating_fixtures import vary_scale_scalars
 
 from scalable_rec.graph import RatingGraph, SplitConfig, split_edges
 from scalable_rec.train import ModelConfig, TrainConfig, train
@@ -354,11 +355,7 @@ def test_total_degree_encoding_on_cuda_equals_the_cpu(tiny_shards, kind, mode):
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, rating_messages=mode))
-    model.eval()
-    with torch.no_grad():  # scale's scalars start at one: vary them
-        for name, p in model.named_parameters():
-            if name.endswith("core.scale"):
-                p.uniform_(-1.0, 2.0)
+    vary_scale_scalars(model.eval())
     data = g.hetero_data()
     n_id = {"user": torch.arange(g.num_users), "movie": torch.arange(g.num_movies)}
     with torch.no_grad():

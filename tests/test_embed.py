@@ -2,9 +2,10 @@
 (the model starts as ``none``), ``lin_l(mean x + F E) + lin_r(x)`` with ``F`` a destination's
 bucket fractions over the edges it aggregates, targets of a batch excluded from ``F``."""
 
-import pyarrow as pa
 import pytest
 import torch
+from rating_fixtures import small_model as _model
+from rating_fixtures import three_user_graph as _graph
 
 from scalable_rec.dist import DistEnv
 from scalable_rec.graph import MOVIE, RATES, REV_RATES, USER, RatingGraph, SplitConfig, split_edges
@@ -12,25 +13,6 @@ from scalable_rec.graph.relations import bucket_fractions, bucket_of
 from scalable_rec.model.rating_embed import RatingEmbedConv
 from scalable_rec.train import ModelConfig, Recommender, TrainConfig
 from scalable_rec.train.batches import SupervisionEdges, make_loader
-
-
-def _graph(rating: list[float]) -> RatingGraph:
-    """3 users, 2 movies: movie 0 rated by all three users, movie 1 by user 0."""
-    return RatingGraph(
-        user_keys=pa.array([0, 1, 2]),
-        movie_keys=pa.array([0, 1]),
-        movie_x=torch.randn(2, 4, generator=torch.Generator().manual_seed(0)),
-        src=torch.tensor([0, 1, 2, 0]),
-        dst=torch.tensor([0, 0, 0, 1]),
-        rating=torch.tensor(rating),
-        timestamp=torch.zeros(4, dtype=torch.long),
-    )
-
-
-def _model(mode: str, num_layers: int = 1) -> Recommender:
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden=4, num_layers=num_layers, rating_messages=mode, retrieval_head=False)
-    return Recommender(3, 2, 4, cfg).eval()
 
 
 def _random_buckets(model: Recommender) -> None:

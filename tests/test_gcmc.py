@@ -3,34 +3,16 @@ destination's in-degree in all relations, the degree read alike from every adjac
 
 import dataclasses
 
-import pyarrow as pa
 import pytest
 import torch
+from rating_fixtures import small_model as _model
+from rating_fixtures import three_user_graph as _graph
 
 from scalable_rec.graph import MOVIE, RATES, REV_RATES, USER, RatingGraph
 from scalable_rec.graph.relations import relation
 from scalable_rec.model.gcmc import in_degree
 from scalable_rec.model.recommender import edge_adjacency
-from scalable_rec.train import ModelConfig, Recommender
-
-
-def _graph(rating: list[float]) -> RatingGraph:
-    """3 users, 2 movies: movie 0 rated by all three users, movie 1 by user 0."""
-    return RatingGraph(
-        user_keys=pa.array([0, 1, 2]),
-        movie_keys=pa.array([0, 1]),
-        movie_x=torch.randn(2, 4, generator=torch.Generator().manual_seed(0)),
-        src=torch.tensor([0, 1, 2, 0]),
-        dst=torch.tensor([0, 0, 0, 1]),
-        rating=torch.tensor(rating),
-        timestamp=torch.zeros(4, dtype=torch.long),
-    )
-
-
-def _model(mode: str, num_layers: int = 1, num_users: int = 3, num_movies: int = 2, dim: int = 4) -> Recommender:
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden=4, num_layers=num_layers, rating_messages=mode, retrieval_head=False)
-    return Recommender(num_users, num_movies, dim, cfg).eval()
+from scalable_rec.train import ModelConfig
 
 
 def test_each_relations_sum_is_divided_by_the_total_degree():

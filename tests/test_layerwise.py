@@ -1,5 +1,6 @@
 import pytest
 import torch
+from rating_fixtures import vary_scale_scalars
 
 from scalable_rec.graph import RatingGraph, SplitConfig
 from scalable_rec.graph.index import GraphIndex, build_index
@@ -38,12 +39,11 @@ def test_layerwise_equals_full_graph_encoding(small, tmp_path, model_cfg, batch_
     g, index = small
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), model_cfg).eval()
-    with torch.no_grad():  # embed's bucket vectors start at zero, scale's scalars at one: vary them
+    with torch.no_grad():  # embed's bucket vectors start at zero: give them values to check
         for name, p in model.named_parameters():
             if name.endswith("bucket_emb"):
                 p.normal_()
-            if name.endswith("core.scale"):
-                p.uniform_(-1.0, 2.0)
+    vary_scale_scalars(model)
     ref = model.encode_all(g.hetero_data())
     got = encode_layerwise(
         model, *open_stores(index, "all"), batch_size=batch_size, spill_dir=tmp_path if spill else None

@@ -106,3 +106,18 @@ def test_train_and_test_file_go_together():
 
     with pytest.raises(ValueError, match="'train_file' and 'test_file' go together"):
         DataConfig(train_file="a.tsv")
+
+
+def test_a_missing_rating_file_is_named(tmp_path):
+    """The source and the command line's early check (``source.config.missing_input``) give
+    the same refusal."""
+    from scalable_rec.source.config import missing_input
+
+    train_f = tmp_path / "u1.base"
+    train_f.write_text("1\t1\t5\t0\n")
+    with pytest.raises(FileNotFoundError, match=r"Rating file\(s\) not found: \['.*u1.test'\]"):
+        RatingFilesSource(str(train_f), str(tmp_path / "u1.test"))
+    assert missing_input(None, str(train_f), str(tmp_path / "u1.test")) == (
+        f"'train_file'/'test_file': Rating file(s) not found: ['{tmp_path / 'u1.test'}']"
+    )
+    assert missing_input(None, str(train_f), str(train_f)) is None

@@ -3,34 +3,17 @@ mean per direction, ``lin_l(mean_j s_{b(j)} x_j) + lin_r(x_i)``."""
 
 import io
 
-import pyarrow as pa
 import pytest
 import torch
+from rating_fixtures import small_model as _model
+from rating_fixtures import three_user_graph as _graph
+from rating_fixtures import vary_scale_scalars
 from torch_geometric.nn import SAGEConv
 
-from scalable_rec.graph import MOVIE, RATES, REV_RATES, USER, RatingGraph
+from scalable_rec.graph import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.graph.relations import relation
 from scalable_rec.model.rating_scale import RatingScaleConv
 from scalable_rec.train import ModelConfig, Recommender
-
-
-def _graph(rating: list[float]) -> RatingGraph:
-    """3 users, 2 movies: movie 0 rated by all three users, movie 1 by user 0."""
-    return RatingGraph(
-        user_keys=pa.array([0, 1, 2]),
-        movie_keys=pa.array([0, 1]),
-        movie_x=torch.randn(2, 4, generator=torch.Generator().manual_seed(0)),
-        src=torch.tensor([0, 1, 2, 0]),
-        dst=torch.tensor([0, 0, 0, 1]),
-        rating=torch.tensor(rating),
-        timestamp=torch.zeros(4, dtype=torch.long),
-    )
-
-
-def _model(mode: str, num_layers: int = 1, hidden: int = 4, **kw) -> Recommender:
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden=hidden, num_layers=num_layers, rating_messages=mode, retrieval_head=False, **kw)
-    return Recommender(3, 2, 4, cfg).eval()
 
 
 def _core(model: Recommender, layer: int, edge_type):
@@ -60,10 +43,7 @@ def test_the_rating_reaches_the_messages():
     differently once the scalars differ; with the rating dropped from the messages (all
     scalars equal) it would not."""
     model = _model("scale", num_layers=2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("core.scale"):
-                p.copy_(torch.tensor([-0.5, 0.7, 2.0]))
+    vary_scale_scalars(model, [-0.5, 0.7, 2.0])
     a = model.encode_all(_graph([1.0, 5.0, 4.5, 3.0]).hetero_data())
     b = model.encode_all(_graph([5.0, 5.0, 4.5, 3.0]).hetero_data())  # user 0 likes movie 0 now
     assert not torch.allclose(a[MOVIE][0], b[MOVIE][0])

@@ -9,6 +9,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from rating_fixtures import vary_scale_scalars
 
 from scalable_rec import cli
 from scalable_rec.graph import RatingGraph
@@ -46,12 +47,7 @@ def sparse_graph(tmp_path_factory) -> RatingGraph:
 def _model(graph: RatingGraph, **kw) -> Recommender:
     torch.manual_seed(0)
     cfg = ModelConfig(hidden=16, **kw)
-    model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), cfg).eval()
-    with torch.no_grad():  # scale's bucket scalars start at one (the rating unused): vary them
-        for name, p in model.named_parameters():
-            if name.endswith("core.scale"):
-                p.uniform_(-1.0, 2.0)
-    return model
+    return vary_scale_scalars(Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), cfg).eval())
 
 
 def _new_edges(graph: RatingGraph, seed: int, n: int = 8, new_users: int = 2):

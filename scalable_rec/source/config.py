@@ -29,13 +29,19 @@ def missing_movielens_files(root: str | Path, names: tuple[str, ...] = MOVIELENS
     return [n for n in names if not (Path(root) / n).is_file()]
 
 
+def missing_rating_files(train_file: str, test_file: str | None) -> str | None:
+    """Why a given split cannot be read (``Rating file(s) not found: [...]``), or ``None``."""
+    missing = [p for p in (train_file, test_file) if p and not Path(p).is_file()]
+    return f"Rating file(s) not found: {missing}" if missing else None
+
+
 def missing_input(data: str | None, train_file: str | None, test_file: str | None) -> str | None:
     """Why ``prepare`` could not read its local input, or ``None``: the same refusal its
     source gives (``'data' ...`` or ``'train_file'/'test_file': ...``), answered before torch
     loads. ``data`` ``None`` without a given split means the download (not checked here)."""
     if train_file:
-        missing = [p for p in (train_file, test_file) if p and not Path(p).is_file()]
-        return f"'train_file'/'test_file': Rating file(s) not found: {missing}" if missing else None
+        problem = missing_rating_files(train_file, test_file)
+        return f"'train_file'/'test_file': {problem}" if problem else None
     if data and (missing := missing_movielens_files(data)):
         return f"'data' {data!r}: MovieLens directory '{Path(data)}' lacks {missing}"
     return None

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from scalable_rec.source.config import missing_rating_files
 from scalable_rec.source.movielens import MovieLensSource, _parse, _skip_rows
 from scalable_rec.source.report import SkipReport
 
@@ -84,9 +85,9 @@ class RatingFilesSource:
     block_size: int = 16 << 20
 
     def __post_init__(self) -> None:
-        missing = [p for p in (self.train_file, self.test_file) if not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(f"Rating file(s) not found: {missing}")
+        problem = missing_rating_files(self.train_file, self.test_file)
+        if problem:
+            raise FileNotFoundError(problem)
         self.train_file, self.test_file = str(Path(self.train_file).resolve()), str(Path(self.test_file).resolve())
         self._movielens = None
         if self.movies_dir and (Path(self.movies_dir) / "movies.csv").is_file():
