@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from scalable_rec.atomic import dumps
 from scalable_rec.config import GROUPS, RunConfig, add_config_arguments, build_group
@@ -385,9 +386,11 @@ def check_command(cfg: RunConfig, refresh_cfg: RefreshConfig | None, args: argpa
     asks_cuda = cfg.train.device.startswith("cuda") or cfg.train.precision == "fp16"
     if args.command in ("run", "train") and asks_cuda and cuda_cannot_exist():  # answered without torch
         raise ConfigError("Invalid options: " + "; ".join(device_problems(cfg.train, cuda_available=False)))
-    if args.command == "score" and cfg.score.score_device.startswith("cuda") and cuda_cannot_exist():
-        scoring = dataclasses.replace(cfg.train, device=cfg.score.score_device, precision="fp32")
-        raise ConfigError("Cannot score: " + "; ".join(device_problems(scoring, cuda_available=False)))
+    if args.command == "score":
+        spec, hint = cfg.score.device_spec(_trained_on(cfg.run_dir))
+        if spec.startswith("cuda") and cuda_cannot_exist():
+            scoring = dataclasses.replace(cfg.train, device=spec, precision="fp32")
+            raise ConfigError("Cannot score: " + "; ".join(device_problems(scoring, cuda_available=False)) + hint)
     if args.command in ("prepare", "run"):  # what 'prepare' reads, before torch loads
         problem = missing_input(cfg.data.data, cfg.data.train_file, cfg.data.test_file)
         if problem:
@@ -406,6 +409,16 @@ def check_command(cfg: RunConfig, refresh_cfg: RefreshConfig | None, args: argpa
         problems.append("'refresh' does not take " + ", ".join(refused))
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _trained_on(run_dir: str) -> str:
+    """The device a run directory's ``config.json`` trained on, read without torch; ``cpu``
+    when it cannot be read (the score stage then names what is wrong with the directory)."""
+    try:
+        device = json.loads((Path(run_dir) / "config.json").read_text())["train"]["device"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "cpu"
+    return device if isinstance(device, str) else "cpu"
 
 
 def check_device(cfg: RunConfig, command: str) -> None:

@@ -413,11 +413,10 @@ def _finished_metrics(run_dir: Path) -> dict[str, Any] | None:
 
 def _score_device(score: ScoreConfig, train: TrainConfig, env: DistEnv) -> torch.device:
     """``--score-device``, or the device the run trained on (``run``); scoring runs in fp32."""
-    spec = train.device if score.score_device == "run" else score.score_device
+    spec, hint = score.device_spec(train.device)
     try:
         return resolve_device(dataclasses.replace(train, device=spec, precision="fp32"), env)
     except ValueError as err:
-        hint = " (the run trained there; --score-device cpu scores it here)" if score.score_device == "run" else ""
         raise ConfigError(f"Cannot score: {err}{hint}") from None
 
 
@@ -451,13 +450,13 @@ def score_stage(
     with locking.hold(run_dir, "run directory") if env.is_main else contextlib.nullcontext():
         saved, state = from_rank0(lambda: _check_scorable(run_dir, allow_interrupted), env, "read the run")
         saved.store = cfg.store  # the backend is this command's choice, the index key the run's
+        device = _score_device(cfg.score, saved.train, env)  # refused before the graph loads
         shards = GraphShards(saved.data.shards_dir(), verify=False)
         _check_same_shards(run_dir, state.get("config", {}).get("shards_identity"), shards, allow_shard_mismatch)
         index = _graph_index(saved, shards)
         if index is not None:
             graph = index.rating_graph(shards)
         graph = graph or load_graph(shards, saved.features, env)
-        device = _score_device(cfg.score, saved.train, env)
         model = Recommender(graph.num_users, graph.num_movies, graph.movie_x.size(1), saved.model).to(device)
         model.load_state_dict({k: v.to(device) for k, v in state["model"].items()})
         model.eval()

@@ -200,6 +200,16 @@ def test_cuda_asked_of_a_machine_without_a_driver_is_refused_before_torch(argv, 
     assert best < BOUND_S, f"scalable-rec {' '.join(argv)} took {best:.2f} s"
 
 
+@pytest.mark.skipif(not cuda_cannot_exist(), reason="this machine has a CUDA driver: torch decides, as it should")
+def test_scoring_a_cuda_trained_run_on_a_machine_without_a_driver_is_refused_before_torch(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"device": "cuda"}}))
+    best, stderr = _fastest([sys.executable, "-m", "scalable_rec", "score", "--run-dir", str(tmp_path)], 2)
+    assert not _imported(stderr) & set(HEAVY), sorted(_imported(stderr) & set(HEAVY))
+    says = "Cannot score: 'device' is 'cuda' but no CUDA device is available (the run trained there; --score-device cpu"
+    assert says in stderr and "Traceback" not in stderr
+    assert best < BOUND_S, f"scalable-rec score took {best:.2f} s"
+
+
 def test_cuda_cannot_exist_only_without_nvidia_and_rocm_drivers(monkeypatch):
     from scalable_rec.train import config
 

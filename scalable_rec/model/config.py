@@ -123,5 +123,12 @@ class ScoreConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def device_spec(self, trained_on: str) -> tuple[str, str]:
+        """The device ``score`` runs on, given the device the run ``trained_on``, and the
+        hint a refusal of it carries (set where the device is the run's, not a flag)."""
+        if self.score_device != "run":
+            return self.score_device, ""
+        return trained_on, " (the run trained there; --score-device cpu scores it here)"
+
     def chunk_users(self, num_movies: int) -> int:
         return max(1, (self.score_memory_mb << 20) // (4 * max(1, num_movies)))
