@@ -157,6 +157,12 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
         {"model": {"rating_messages": "embed"}},
     ),
     (
+        "rank-dislike-push",
+        "the ranking loss also pushes each labelled rating below 4.0 down in its own user's in-batch "
+        "softmax, -log(1 - p) per such edge (rank_dislike_weight 1 instead of 0)",
+        {"train": {"rank_dislike_weight": 1.0}},
+    ),
+    (
         "no-id-dropout",
         "no user or movie IDs hidden from the encoder (user_id_dropout and movie_id_dropout 0, "
         "the default two tables ago)",

@@ -91,6 +91,27 @@ def test_in_batch_softmax_loss_masks_repeated_movies_and_pads():
     assert shifted.item() < 0.05
 
 
+def test_dislike_rows_push_their_own_movie_down_in_the_same_softmax():
+    from scalable_rec.train.losses import in_batch_softmax_loss
+
+    ru = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    rm = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.2]], requires_grad=True)
+    movies, log_q = torch.tensor([3, 4, 5]), torch.log(torch.tensor([0.1] * 6))
+    positive, dislike = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 0.5])
+    plain = in_batch_softmax_loss(ru, rm, movies, movies, log_q, positive)
+    both = in_batch_softmax_loss(ru, rm, movies, movies, log_q, positive, dislike=dislike)
+    # row 2's own movie (column 2) among the same logQ-corrected logits, times its weight 0.5
+    logits = ru[2] @ rm.T - log_q[movies]
+    p = torch.softmax(logits, 0)[2]
+    assert both.item() == pytest.approx(plain.item() - 0.5 * torch.log1p(-p).item() / 2, rel=1e-5)
+    # its gradient lowers that movie's score for that user: the movie vector moves away from ru[2]
+    (grad,) = torch.autograd.grad(both - plain, rm)
+    assert (grad[2] @ ru[2]).item() > 0  # descent (-grad) lowers ru[2] . rm[2]
+    # a row that is neither (weight 0 in both) adds nothing; no dislike tensor: the old loss
+    none = in_batch_softmax_loss(ru, rm, movies, movies, log_q, positive, dislike=torch.zeros(3))
+    assert none.item() == pytest.approx(plain.item())
+
+
 def test_rating_class_weights_half_stars():
     r = torch.tensor([4.0, 4.0, 4.0, 4.5, 0.5, 0.5])
     w = rating_class_weights(r)
@@ -253,14 +274,19 @@ def test_training_loss_ranking_term_ignores_dislikes_and_class_weights(small, tm
     )
     batch = next(iter(loader))
 
-    def loss(rank_weight, label):
+    def loss(rank_weight, label, dislike_weight=0.0, dislike_below=None):
         batch[RATES].edge_label = label
         # the ranking term alone (without the ranking vectors' L2, which a batch of dislikes pays too)
         job = types.SimpleNamespace(
             autocast=torch.autocast("cpu", enabled=False),
             ddp_model=model,
             model=model,
-            cfg=_cfg(rank_loss_weight=rank_weight, rank_id_l2=0.0),
+            cfg=_cfg(
+                rank_loss_weight=rank_weight,
+                rank_id_l2=0.0,
+                rank_dislike_weight=dislike_weight,
+                rank_dislike_below=dislike_below,
+            ),
             env=DistEnv(),
             log_q=torch.zeros(g.num_movies),
         )
@@ -276,6 +302,26 @@ def test_training_loss_ranking_term_ignores_dislikes_and_class_weights(small, tm
     # only dislikes: no ranking term at all
     dislikes = torch.stack([rating.clamp(max=3.5), ones], 1)
     assert loss(1.0, dislikes) == pytest.approx(loss(0.0, dislikes), rel=1e-6)
+    # with rank_dislike_weight, ratings below relevant_min (4.0; or rank_dislike_below) add
+    # their push-down term; relevant ratings and pads do not
+    labelled = torch.stack([rating, ones], 1)
+    assert (rating < 3.0).any() and ((rating >= 3.0) & (rating < 4.0)).any() and (rating >= 4.0).any()
+    assert loss(1.0, labelled, dislike_weight=1.0) > loss(1.0, labelled)
+    padded = torch.stack([rating, (rating >= 4.0).float()], 1)
+    assert loss(1.0, padded, dislike_weight=1.0) == pytest.approx(loss(1.0, padded), rel=1e-6)
+    # below 3.0 only: 3.0-3.5 adds nothing
+    middling = torch.stack([torch.where(rating < 3.0, 3.0, rating), ones], 1)
+    below3 = dict(dislike_weight=1.0, dislike_below=3.0)
+    assert loss(1.0, middling, **below3) == pytest.approx(loss(1.0, middling), rel=1e-6)
+    assert loss(1.0, labelled, **below3) > loss(1.0, labelled)
+    assert loss(1.0, labelled, dislike_weight=1.0) > loss(1.0, labelled, **below3)
+
+
+def test_dislike_settings_are_checked():
+    with pytest.raises(ValueError, match="'rank_dislike_weight' needs to be non-negative"):
+        TrainConfig(rank_dislike_weight=-1.0)
+    with pytest.raises(ValueError, match="'rank_dislike_below' needs to be at most 'relevant_min' 4.0"):
+        TrainConfig(rank_dislike_below=4.5)
 
 
 def test_validation_runs_like_the_test_and_selects_by_the_configured_metric(small, tmp_path):

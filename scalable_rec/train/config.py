@@ -63,6 +63,12 @@ class TrainConfig:
             (with ``select_metric`` ``last`` only this second step runs). Needs whole epochs.
         rank_loss_weight: Weight of the ranking head's in-batch softmax loss added to the
             rating loss, non-negative; ignored without a ranking head.
+        rank_dislike_weight: Weight, relative to a relevant edge's, of a term that pushes each
+            disliked labelled edge's movie down in its own user's in-batch softmax
+            (``-log(1 - p)``, with ``p`` the softmax probability of that movie); non-negative,
+            0 turns it off.
+        rank_dislike_below: Ratings below this are dislikes for ``rank_dislike_weight``, at
+            most ``relevant_min``; ``None``: ``relevant_min`` (every rating that is not relevant).
         ema_decay: Decay in [0, 1) of an exponential moving average of the weights, which
             validation scores and ``best.pt`` holds; 0 turns it off. Not kept with row-wise
             tables.
@@ -114,6 +120,8 @@ class TrainConfig:
     refit: bool = False
     loss: Literal["mse", "weighted_mse"] = "mse"
     rank_loss_weight: float = 1.0
+    rank_dislike_weight: float = 0.0
+    rank_dislike_below: float | None = None
     ema_decay: float = 0.99
     logq_correction: bool = True
     rank_id_l2: float = 0.05
@@ -130,6 +138,10 @@ class TrainConfig:
     progress: bool = True
     stop_check_every: int = 1
     collective_timeout_s: float = 1800.0
+
+    def dislike_below(self) -> float:
+        """Ratings below this are dislikes for ``rank_dislike_weight``."""
+        return self.relevant_min if self.rank_dislike_below is None else self.rank_dislike_below
 
     def heap_threshold_kb(self, env: DistEnv) -> int:
         """``heap_mmap_threshold_kb`` resolved for this rank: ``auto`` (-1) is 1024 when
@@ -172,6 +184,13 @@ class TrainConfig:
             problems.append(f"'max_steps' needs to be positive (got {self.max_steps})")
         if self.rank_loss_weight < 0:
             problems.append(f"'rank_loss_weight' needs to be non-negative (got {self.rank_loss_weight})")
+        if self.rank_dislike_weight < 0:
+            problems.append(f"'rank_dislike_weight' needs to be non-negative (got {self.rank_dislike_weight})")
+        if self.rank_dislike_below is not None and self.rank_dislike_below > self.relevant_min:
+            problems.append(
+                f"'rank_dislike_below' needs to be at most 'relevant_min' {self.relevant_min} "
+                f"(got {self.rank_dislike_below})"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"'ema_decay' needs to be in [0, 1) (got {self.ema_decay})")
         if self.supervision not in ("exclude_targets", "disjoint", "none"):

@@ -498,8 +498,11 @@ def training_loss(job: Job, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         movies = batch["movie"].n_id[batch[RATES].edge_label_index[1]]
         # pads (weight 0) become column id -1: not a negative of any row
         rm_all, movies_all, offset = gather_columns(rm, torch.where(weight > 0, movies, -1), job.env)
+        dislike = None
+        if job.cfg.rank_dislike_weight > 0:
+            dislike = job.cfg.rank_dislike_weight * ((weight > 0) & (rating < job.cfg.dislike_below())).float()
         loss = loss + job.cfg.rank_loss_weight * in_batch_softmax_loss(
-            ru, rm_all, movies, movies_all, job.log_q, positive, offset, denominator=counts[1]
+            ru, rm_all, movies, movies_all, job.log_q, positive, offset, denominator=counts[1], dislike=dislike
         )
         if job.cfg.rank_id_l2 > 0:  # the rows the forward looked up (none an ID dropout hid)
             loss = loss + job.cfg.rank_id_l2 * ((rank[2] + rank[3]) * weight.bool()).sum() / counts[0]

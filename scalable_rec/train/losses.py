@@ -52,6 +52,7 @@ def in_batch_softmax_loss(
     weight: torch.Tensor,
     offset: int = 0,
     denominator: torch.Tensor | float | None = None,
+    dislike: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sampled softmax of each labelled user over all labelled movies of the global batch.
 
@@ -63,6 +64,10 @@ def in_batch_softmax_loss(
     are pad columns (``col_movies < 0``: the zero-weight copies that even out DDP ranks),
     so padding never changes the objective. ``denominator`` (default: the number of
     weighted rows) lets DDP normalise by the global batch's count.
+
+    ``dislike`` (row weights, 0 for a row that is not a dislike) adds ``-log(1 - p_i)`` per
+    disliked row, ``p_i`` the softmax probability of the row's own movie: the user's
+    disliked movie is pushed down among the same columns a positive is pulled up in.
     """
     logits = ru @ rm.T - log_q[col_movies.clamp(min=0)][None, :]
     target = torch.arange(ru.size(0), device=ru.device) + offset
@@ -72,7 +77,12 @@ def in_batch_softmax_loss(
     ce = F.cross_entropy(logits, target, reduction="none")
     if denominator is None:  # this batch's mean over weighted rows
         denominator = weight.bool().sum().clamp(min=1)
-    return (ce * weight).sum() / denominator
+    loss = ce * weight
+    if dislike is not None:
+        # log(1 - p) = log(-expm1(log p)), log p = -ce: exact where p is near 1 (ce near 0)
+        push = -torch.log(-torch.expm1(-ce.clamp(min=1e-6)))
+        loss = loss + torch.where(dislike > 0, push, 0.0) * dislike
+    return loss.sum() / denominator
 
 
 def gather_columns(rm: torch.Tensor, movies: torch.Tensor, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor, int]:
