@@ -63,10 +63,9 @@ class TrainConfig:
             (with ``select_metric`` ``last`` only this second step runs). Needs whole epochs.
         rank_loss_weight: Weight of the ranking head's in-batch softmax loss added to the
             rating loss, non-negative; ignored without a ranking head.
-        rank_dislike_weight: Weight, relative to a relevant edge's, of a term that pushes each
-            disliked labelled edge's movie down in its own user's in-batch softmax
-            (``-log(1 - p)``, with ``p`` the softmax probability of that movie); non-negative,
-            0 turns it off.
+        rank_dislike_weight: Weight (a relevant edge's is 1), non-negative, of ``-log(1 - p)``
+            per disliked labelled edge, ``p`` its movie's probability in its user's in-batch
+            softmax: dislikes are pushed down. 0 turns it off.
         rank_dislike_below: Ratings below this are dislikes for ``rank_dislike_weight``, at
             most ``relevant_min``; ``None``: ``relevant_min`` (every rating that is not relevant).
         ema_decay: Decay in [0, 1) of an exponential moving average of the weights, which
