@@ -39,11 +39,15 @@ def _train(args, g, split) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(g, split, model_cfg, cfg, Path(run_dir))
+    if result.interrupted:  # a half-trained model must not be averaged
+        raise SystemExit("training was interrupted (signal or max_steps); no model written")
     recalls = [h["val_recall@10"] for h in result.history]
     epochs = recalls.index(max(recalls)) + 1
     torch.save(result.model, out / f"select-{args.split_seed}-{args.model_seed}.pt")
     with tempfile.TemporaryDirectory() as run_dir:
         refit = train(g, split.refit(), model_cfg, cfg.for_refit(epochs), Path(run_dir))
+    if refit.interrupted:
+        raise SystemExit("the refit was interrupted (signal or max_steps); no refit model written")
     torch.save(refit.model, out / f"refit-{args.split_seed}-{args.model_seed}.pt")
     print(json.dumps({"model_seed": args.model_seed, "epochs": epochs, "seconds": time.perf_counter() - t0}))
 
