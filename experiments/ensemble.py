@@ -29,6 +29,7 @@ from scalable_rec.model.evaluate import ranking_metrics, rating_errors
 from scalable_rec.model.topk import RatedIndex
 from scalable_rec.shards import GraphShards
 from scalable_rec.train import ModelConfig, TrainConfig, train
+from scalable_rec.train import checkpoint as ckpt
 
 
 def _train(args, g, split) -> None:
@@ -39,10 +40,9 @@ def _train(args, g, split) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(g, split, model_cfg, cfg, Path(run_dir))
-    if result.interrupted:  # a half-trained model must not be averaged
-        raise SystemExit("training was interrupted (signal or max_steps); no model written")
-    recalls = [h["val_recall@10"] for h in result.history]
-    epochs = recalls.index(max(recalls)) + 1
+        if result.interrupted:  # a half-trained model must not be averaged
+            raise SystemExit("training was interrupted (signal or max_steps); no model written")
+        epochs = ckpt.load(Path(run_dir) / "best.pt")["epoch"] + 1  # what 'train --refit' refits for
     torch.save(result.model, out / f"select-{args.split_seed}-{args.model_seed}.pt")
     with tempfile.TemporaryDirectory() as run_dir:
         refit = train(g, split.refit(), model_cfg, cfg.for_refit(epochs), Path(run_dir))

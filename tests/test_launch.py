@@ -74,7 +74,8 @@ def forked_run(tiny_shards, tmp_path_factory):
                     continue
                 # a rank is a fork of the forkserver, with its command line; a program one of them
                 # runs for a moment (uname, ldconfig: seen under load) has another and is not a rank
-                if rank.cmdline() != rank.parent().cmdline():
+                parent = rank.parent()
+                if parent is None or rank.cmdline() != parent.cmdline():
                     continue
                 shared[rank.pid] = max(shared.get(rank.pid, 0), _shared_dirty_mib(rank.pid))
             except (OSError, psutil.Error):  # it has just exited

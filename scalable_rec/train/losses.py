@@ -81,7 +81,7 @@ def in_batch_softmax_loss(
     if dislike is not None:
         # log(1 - p) = log(-expm1(log p)), log p = -ce: exact where p is near 1 (ce near 0)
         push = -torch.log(-torch.expm1(-ce.clamp(min=1e-6)))
-        loss = loss + torch.where(dislike > 0, push, 0.0) * dislike
+        loss = loss + push * dislike
     return loss.sum() / denominator
 
 
