@@ -157,6 +157,12 @@ ABLATION: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
         {"model": {"rating_messages": "embed"}},
     ),
     (
+        "rating-center",
+        "users add a second mean of their movies, each weighted by its rating's deviation from the user's "
+        "mean rating, through its own weight (zero at the start: rating_messages 'center' instead of 'none')",
+        {"model": {"rating_messages": "center"}},
+    ),
+    (
         "rank-dislike-push",
         "the ranking loss also pushes each labelled rating below 4.0 down in its own user's in-batch "
         "softmax, -log(1 - p) per such edge (rank_dislike_weight 1 instead of 0)",

@@ -559,7 +559,7 @@ def main() -> None:
     p.add_argument(
         "--rating-messages",
         default="none",
-        choices=("none", "relation", "gcmc", "scale", "embed"),
+        choices=("none", "relation", "gcmc", "scale", "embed", "center"),
         help="ModelConfig.rating_messages of the train stages (recorded in each row)",
     )
     p.add_argument(

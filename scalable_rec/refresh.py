@@ -48,6 +48,7 @@ from scalable_rec.model.topk import RatedIndex, to_record_batch
 from scalable_rec.refresh_config import RefreshConfig  # re-export
 from scalable_rec.score import state_store
 from scalable_rec.score.incremental import (
+    USER_RATING_SUM,
     EdgeList,
     Encoded,
     affected_sets,
@@ -360,8 +361,9 @@ def bounded_dirty_rows(state: RefreshState, endpoints: dict[str, Tensor], rescor
     rows of every layer (retrieval projections included), aggregate and degree; scoring
     the re-scored users' candidates).
     Rows appended for new users are saved without being listed here."""
-    rows = {f"degree/{t}": endpoints[t] for t in (USER, MOVIE)}
-    node_type = {USER: USER, MOVIE: MOVIE, "user_rank": USER, "movie_rank": MOVIE}  # retrieval projections
+    # retrieval projections, and (``center``) each user's rating sum beside its degree
+    node_type = {USER: USER, MOVIE: MOVIE, "user_rank": USER, "movie_rank": MOVIE, USER_RATING_SUM: USER}
+    rows = {f"degree/{t}": endpoints[node_type[t]] for t in state.degree}
     for name in ("layers", "aggs"):
         for i, layer in enumerate(getattr(state, name)):
             for key in layer:

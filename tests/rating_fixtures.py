@@ -1,6 +1,7 @@
-"""Shared by the rating-aware message tests (``gcmc``, ``embed``, ``scale``): a graph small
-enough to compute by hand, the one-layer model they probe, and ``scale``'s scalars moved
-away from one (where they start, the rating would not reach the messages)."""
+"""Shared by the rating-aware message tests (``gcmc``, ``embed``, ``scale``, ``center``): a graph
+small enough to compute by hand, the one-layer model they probe, and ``scale``'s scalars
+moved away from one and ``center``'s ``lin_c`` away from zero (where they start, the rating
+would not reach the messages)."""
 
 import pyarrow as pa
 import torch
@@ -33,9 +34,12 @@ def small_model(
 
 @torch.no_grad()
 def vary_scale_scalars(model: Recommender, values: list[float] | None = None) -> Recommender:
-    """Every ``scale`` bucket scalar set to ``values`` (default: uniform in [-1, 2]); a model
-    of another mode is returned unchanged."""
+    """Every ``scale`` bucket scalar set to ``values`` (default: uniform in [-1, 2]) and every
+    ``center`` ``lin_c`` (zero at the start) drawn at random; a model of another mode is
+    returned unchanged."""
     for name, p in model.named_parameters():
         if name.endswith("core.scale"):
             p.copy_(torch.tensor(values)) if values is not None else p.uniform_(-1.0, 2.0)
+        elif name.endswith("lin_c.weight"):
+            p.normal_(std=0.3)
     return model

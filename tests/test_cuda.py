@@ -372,22 +372,23 @@ def test_total_degree_encoding_on_cuda_equals_the_cpu(tiny_shards, kind, mode):
         torch.testing.assert_close(half[key].float().cpu(), ref[key], atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("mode", ["embed", "center"])
 @pytest.mark.parametrize("kind", ["torch_sparse", "csr", "edge_index"])
-def test_embed_encoding_on_cuda_equals_the_cpu(tiny_shards, kind):
-    """``embed``'s bucket fractions are scattered on the device (``index_add_``, no host
-    sync) for every adjacency kind; under fp16 autocast the bucket term stays finite and close
-    to the CPU's fp32 encoding."""
+def test_embed_encoding_on_cuda_equals_the_cpu(tiny_shards, kind, mode):
+    """``embed``'s bucket fractions and ``center``'s deviation adjacency are built on the
+    device (``index_add_``, no host sync) for every adjacency kind; under fp16 autocast the
+    rating term stays finite and close to the CPU's fp32 encoding."""
     from scalable_rec.model.recommender import Recommender, torch_sparse_runs_on
 
     if kind == "torch_sparse" and not torch_sparse_runs_on(torch.device("cuda")):
         pytest.skip("torch-sparse has no CUDA kernels here")
     g = RatingGraph.from_shards(tiny_shards)
     torch.manual_seed(0)
-    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, rating_messages="embed"))
+    model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=16, rating_messages=mode))
     model.eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bucket_emb"):
+            if name.endswith(("bucket_emb", "lin_c.weight")):
                 p.normal_()
     data = g.hetero_data()
     n_id = {"user": torch.arange(g.num_users), "movie": torch.arange(g.num_movies)}
@@ -398,7 +399,8 @@ def test_embed_encoding_on_cuda_equals_the_cpu(tiny_shards, kind):
         model.cuda()
         n_id = {k: v.cuda() for k, v in n_id.items()}
         frac = model._bucket_fractions(data, cuda)
-        assert all(f.device.type == "cuda" for f in frac.values())
+        # a tensor, or torch-sparse's SparseTensor (whose device is a method)
+        assert all((f.device() if callable(f.device) else f.device).type == "cuda" for f in frac.values())
         got = model.encoder(n_id, g.movie_x.cuda(), model._adjacency(data, cuda, kind), frac)
         with torch.autocast("cuda", dtype=torch.float16):
             half = model.encoder(n_id, g.movie_x.cuda(), model._adjacency(data, cuda, kind), frac)
@@ -408,15 +410,16 @@ def test_embed_encoding_on_cuda_equals_the_cpu(tiny_shards, kind):
         torch.testing.assert_close(half[key].float().cpu(), ref[key], atol=5e-2, rtol=5e-2)
 
 
-def test_embed_trains_on_cuda_in_fp16(small_shards, tmp_path):
+@pytest.mark.parametrize("mode,learned", [("embed", "bucket_emb"), ("center", "lin_c.weight")])
+def test_embed_trains_on_cuda_in_fp16(small_shards, tmp_path, mode, learned):
     g = RatingGraph.from_shards(small_shards)
     split = split_edges(g, SplitConfig())
     result = train(
         g,
         split,
-        ModelConfig(rating_messages="embed"),
+        ModelConfig(rating_messages=mode),
         TrainConfig(epochs=2, device="cuda", precision="fp16", progress=False),
         tmp_path,
     )
     assert math.isfinite(result.best_val_rmse) and result.best_val_rmse < 1.2
-    assert any(bool(p.abs().sum() > 0) for name, p in result.model.named_parameters() if name.endswith("bucket_emb"))
+    assert any(bool(p.abs().sum() > 0) for name, p in result.model.named_parameters() if name.endswith(learned))

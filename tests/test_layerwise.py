@@ -33,15 +33,17 @@ def small(small_shards, tmp_path_factory):
         (ModelConfig(hidden=8, num_layers=3, rating_messages="scale"), 100, True),
         (ModelConfig(hidden=8, rating_messages="embed"), 300, False),
         (ModelConfig(hidden=8, num_layers=3, rating_messages="embed"), 100, True),
+        (ModelConfig(hidden=8, rating_messages="center"), 300, False),
+        (ModelConfig(hidden=8, num_layers=3, rating_messages="center"), 100, True),
     ],
 )
 def test_layerwise_equals_full_graph_encoding(small, tmp_path, model_cfg, batch_size, spill):
     g, index = small
     torch.manual_seed(0)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), model_cfg).eval()
-    with torch.no_grad():  # embed's bucket vectors start at zero: give them values to check
+    with torch.no_grad():  # embed's bucket vectors and center's lin_c start at zero: give them values
         for name, p in model.named_parameters():
-            if name.endswith("bucket_emb"):
+            if name.endswith(("bucket_emb", "lin_c.weight")):
                 p.normal_()
     vary_scale_scalars(model)
     ref = model.encode_all(g.hetero_data())

@@ -613,7 +613,8 @@ def test_rating_relations_need_each_edges_rating():
     with pytest.raises(ValueError, match="rating_messages 'relation' needs each edge's 'rating'"):
         model.encode_all(data)
     with pytest.raises(
-        ValueError, match="'rating_messages' needs to be 'none', 'relation', 'gcmc', 'scale' or 'embed' \\(got 'x'\\)"
+        ValueError,
+        match="'rating_messages' needs to be 'none', 'relation', 'gcmc', 'scale', 'embed' or 'center' \\(got 'x'\\)",
     ):
         ModelConfig(rating_messages="x")
     with pytest.raises(ValueError, match="'rating_messages' gcmc .* needs 'aggr' mean \\(got 'sum'\\)"):

@@ -70,6 +70,7 @@ def _new_edges(graph: RatingGraph, seed: int, n: int = 8, new_users: int = 2):
         dict(rating_messages="relation"),
         dict(rating_messages="gcmc"),
         dict(rating_messages="scale"),
+        dict(rating_messages="center"),
     ],
 )
 def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
@@ -91,6 +92,7 @@ def test_encode_layers_matches_encode_all(sparse_graph, num_layers, head):
         dict(decoder="dot", rating_messages="relation"),
         dict(decoder="dot", rating_messages="gcmc"),
         dict(decoder="dot", rating_messages="scale"),
+        dict(decoder="dot", rating_messages="center"),
     ],
 )
 @pytest.mark.parametrize("margin", [0, 10])
@@ -373,7 +375,7 @@ def test_refresh_into_arango_replaces_exactly_the_refreshed_users(
     assert all({r[-1] for r in after[u]} == {report["written"]["run_id"]} for u in changed)
 
 
-@pytest.mark.parametrize("rating_messages", ["none", "relation", "gcmc", "scale"])
+@pytest.mark.parametrize("rating_messages", ["none", "relation", "gcmc", "scale", "center"])
 def test_bounded_incremental_mean_matches_full_aggregate_at_layer_one(sparse_graph, rating_messages):
     """Layer-1 inputs of existing nodes do not change, so the incremental mean update of
     the endpoints' first-layer aggregates (one per rating relation) must equal a full
@@ -392,7 +394,9 @@ def test_bounded_incremental_mean_matches_full_aggregate_at_layer_one(sparse_gra
     for t, rows in (("user", src.unique()), ("movie", dst.unique())):
         torch.testing.assert_close(enc.aggs[0][t][rows], full.aggs[0][t][rows], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(enc.layers[0][t][rows], full.layers[0][t][rows], rtol=1e-5, atol=1e-6)
-        assert torch.equal(enc.degree[t], full.degree[t])
+    assert set(enc.degree) == set(full.degree)
+    for key in full.degree:  # with center each user's rating sum too
+        assert torch.equal(enc.degree[key], full.degree[key]), key
 
 
 @pytest.mark.parametrize("shuffled", [False, True])

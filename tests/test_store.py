@@ -61,7 +61,7 @@ def test_sampled_subgraphs_use_only_training_edges_with_the_fanout(tiny):
         assert batch[USER].x.shape == (batch[USER].num_nodes, 0)  # users: zero-width features
 
 
-@pytest.mark.parametrize("rating_messages", ["none", "relation", "gcmc", "scale", "embed"])
+@pytest.mark.parametrize("rating_messages", ["none", "relation", "gcmc", "scale", "embed", "center"])
 def test_training_through_the_stores_equals_training_on_hetero_data(tiny, tmp_path, rating_messages):
     g, split, index = tiny
     cfg = TrainConfig(epochs=2, batch_size=64, num_neighbors=[-1, -1], progress=False, num_workers=0)

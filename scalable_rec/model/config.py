@@ -38,9 +38,9 @@ class ModelConfig:
             L2-normalised in training and scoring); 0 ranks by the raw dot product.
         retrieval_bias: Give every movie a learned ranking bias, added to each of its ranking
             scores (one more dimension of the ranking vectors).
-        rating_messages: How an edge's rating reaches its messages (docs/rating.md): ``none``,
-            ``relation`` (a mean per bucket), ``gcmc`` (bucket sums over the total degree),
-            ``scale`` (a learned scalar per bucket) or ``embed`` (a learned vector per bucket).
+        rating_messages: How ratings reach the messages (docs/rating.md): ``none``, ``relation``,
+            ``gcmc``, ``scale`` (per-bucket relations or scalars), ``embed`` (bucket vectors) or
+            ``center`` (users add a mean weighted by each rating's deviation from their own).
     """
 
     hidden: int = 128
@@ -54,7 +54,7 @@ class ModelConfig:
     movie_id_dropout: float = 0.2
     retrieval_temperature: float = 0.15
     retrieval_bias: bool = True
-    rating_messages: Literal["none", "relation", "gcmc", "scale", "embed"] = "none"
+    rating_messages: Literal["none", "relation", "gcmc", "scale", "embed", "center"] = "none"
 
     def __post_init__(self) -> None:
         problems = []
@@ -74,9 +74,9 @@ class ModelConfig:
             problems.append(f"'movie_id_dropout' needs to be in [0, 1) (got {self.movie_id_dropout})")
         if self.retrieval_temperature < 0:
             problems.append(f"'retrieval_temperature' needs to be non-negative (got {self.retrieval_temperature})")
-        if self.rating_messages not in ("none", "relation", "gcmc", "scale", "embed"):
+        if self.rating_messages not in ("none", "relation", "gcmc", "scale", "embed", "center"):
             problems.append(
-                "'rating_messages' needs to be 'none', 'relation', 'gcmc', 'scale' or 'embed' "
+                "'rating_messages' needs to be 'none', 'relation', 'gcmc', 'scale', 'embed' or 'center' "
                 f"(got {self.rating_messages!r})"
             )
         elif self.rating_messages in ("gcmc", "scale") and self.aggr != "mean":

@@ -9,7 +9,8 @@ memory-mapped files too. The result equals ``encode_all`` up to float summation 
 With rating relations (``ModelConfig.rating_messages``) a batch's CSC slice is split by
 the ratings stored beside it (``store.edge_ratings``) into one adjacency per relation (and
 with ``gcmc`` and ``scale`` each destination's sums are divided by its degree over all of them); with
-``embed`` the slice's ratings give each destination's bucket fractions.
+``embed`` the slice's ratings give each destination's bucket fractions, with ``center``
+each user's deviation adjacency (``model.rating_center``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.graph.relations import csc_bucket_fractions, split_csc, splits_by_rating
 from scalable_rec.graph.store import edge_ratings
 from scalable_rec.model.gcmc import inverse_total_degree
-from scalable_rec.model.recommender import sparse_adjacency
+from scalable_rec.model.rating_center import deviation_adjacency
+from scalable_rec.model.recommender import sparse_adjacency, torch_sparse_runs_on
 
 # Destination type → the edge type whose messages it receives (one each in this model).
 INCOMING = {MOVIE: RATES, USER: REV_RATES}
@@ -117,7 +119,7 @@ def encode_layerwise(
     if missing:
         raise ValueError(f"'graph_store' needs CSC edges of {missing} (got {list(row)})")
     split = splits_by_rating(enc.rating_messages)
-    ratings = edge_ratings(feature_store) if split or enc.embed else {}
+    ratings = edge_ratings(feature_store) if split or enc.embed or enc.center else {}
     work = Path(tempfile.mkdtemp(prefix="layerwise-", dir=spill_dir)) if spill_dir is not None else None
     # On CUDA the tables are pinned, so results come back without a wait per batch.
     buffers = _Buffers(work, pin=device.type == "cuda")
@@ -165,6 +167,11 @@ def encode_layerwise(
                         ptr = colptr[edge_type][a : b + 1]
                         lo, hi = int(ptr[0]), int(ptr[-1])
                         extra = (csc_bucket_fractions(ptr - lo, ratings[edge_type][lo:hi]).to(device),)
+                    if enc.center and edge_type == REV_RATES:  # the users' deviations over the slice
+                        ptr = colptr[edge_type][a : b + 1]
+                        lo, hi = int(ptr[0]), int(ptr[-1])
+                        sizes = row[edge_type][lo:hi], ratings[edge_type][lo:hi], num[src]
+                        extra = (deviation_adjacency(ptr - lo, *sizes, device, torch_sparse_runs_on(device)),)
                     # PyG's ModuleDict takes edge-type tuples; relations sum as HeteroConv sums them
                     hs = [hetero_conv.convs[et]((x_src, x_dst), adj[et], *extra) for et in adj]
                     h = hs[0] if len(hs) == 1 else torch.stack(hs).sum(0)

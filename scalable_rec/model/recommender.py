@@ -25,6 +25,7 @@ from scalable_rec.graph.hetero import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.graph.relations import bucket_fractions, message_types, split_coo, splits_by_rating
 from scalable_rec.model.config import ModelConfig  # re-export
 from scalable_rec.model.gcmc import GCMCConv, inverse_total_degree
+from scalable_rec.model.rating_center import RatingCenterConv, coo_deviation_adjacency
 from scalable_rec.model.rating_embed import RatingEmbedConv
 from scalable_rec.model.rating_scale import scaled_mean_layer
 
@@ -182,17 +183,22 @@ class HeteroSAGEEncoder(nn.Module):
         self.total_degree = self.gcmc or self.scale
         # embed: each message plus a learned vector of its rating bucket (zero at the start)
         self.embed = cfg.rating_messages == "embed"
+        # center: users add a second mean, each movie times the rating's deviation from
+        # the user's mean rating (zero at the start)
+        self.center = cfg.rating_messages == "center"
 
         def layer() -> HeteroConv:
             if self.scale:
                 return scaled_mean_layer(h)
-            return HeteroConv({et: conv() for et in message_types(cfg.rating_messages)}, aggr="sum")
+            return HeteroConv({et: conv(et) for et in message_types(cfg.rating_messages)}, aggr="sum")
 
-        def conv():
+        def conv(et):
             if self.gcmc:
                 return GCMCConv((h, h), h)
             if self.embed:
                 return RatingEmbedConv((h, h), h)
+            if self.center and et == REV_RATES:
+                return RatingCenterConv((h, h), h, aggr=cfg.aggr)
             return SAGEConv((h, h), h, aggr=cfg.aggr)
 
         self.convs = nn.ModuleList(layer() for _ in range(cfg.num_layers))
@@ -257,15 +263,20 @@ class HeteroSAGEEncoder(nn.Module):
     def forward(
         self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict, bucket_frac: dict | None = None
     ) -> dict[str, Tensor]:
-        """``bucket_frac`` (``embed`` only): per edge type, ``[num_dst, 3]`` bucket fractions of
-        each destination over the edges of ``edge_index`` (``relations.bucket_fractions``)."""
+        """``bucket_frac`` (``embed``): per edge type, ``[num_dst, 3]`` bucket fractions of
+        each destination over the edges of ``edge_index`` (``relations.bucket_fractions``);
+        (``center``) for ``rev_rates``, the users' ``rating_center.deviation_adjacency``."""
         if self.embed and bucket_frac is None:
             raise ValueError("rating_messages 'embed' needs each destination's bucket fractions ('bucket_frac')")
+        if self.center and bucket_frac is None:
+            raise ValueError("rating_messages 'center' needs the users' deviation adjacency ('bucket_frac')")
         with fp32_guard(self.unbounded, movie_x.device):
             x = self.input_features(n_id, movie_x)
             kwargs = {}
             if self.embed:
                 kwargs["bucket_frac_dict"] = bucket_frac
+            if self.center:
+                kwargs["deviation_dict"] = bucket_frac
             if self.total_degree:  # one degree per destination over all its relations, every layer
                 inv = inverse_total_degree(edge_index, {t: v.size(0) for t, v in x.items()})
                 kwargs["inv_degree_dict"] = {et: inv[et[2]] for et in edge_index}
@@ -592,18 +603,23 @@ class Recommender(nn.Module):
     def _bucket_fractions(self, data, device: torch.device) -> dict | None:
         """With ``embed``: per edge type of ``data``, each destination's bucket fractions over
         its edges in ``data`` (a batch's after target exclusion: the targets' ratings are not
-        counted), on ``device``; ``None`` for the other modes."""
-        if not self.encoder.embed:
+        counted), on ``device``; with ``center``, the users' deviation adjacency over the
+        ``rev_rates`` edges of ``data`` (likewise); ``None`` for the other modes."""
+        if not (self.encoder.embed or self.encoder.center):
             return None
         out = {}
-        for et in (RATES, REV_RATES):
+        for et in (REV_RATES,) if self.encoder.center else (RATES, REV_RATES):
             if "rating" not in data[et]:
                 raise ValueError(
-                    f"rating_messages 'embed' needs each edge's 'rating' on {et} "
+                    f"rating_messages {self.encoder.rating_messages!r} needs each edge's 'rating' on {et} "
                     "(RatingGraph.hetero_data and the batch loaders attach it)"
                 )
-            dst = data[et].edge_index[1].to(device)
-            out[et] = bucket_fractions(dst, data[et].rating.to(device), data[et[2]].num_nodes)
+            ei, rating = data[et].edge_index, data[et].rating
+            if self.encoder.center:
+                sizes = data[et[0]].num_nodes, data[et[2]].num_nodes
+                out[et] = coo_deviation_adjacency(ei, rating, *sizes, device, torch_sparse_runs_on(device))
+            else:
+                out[et] = bucket_fractions(ei[1].to(device), rating.to(device), data[et[2]].num_nodes)
         return out
 
     def _guard(self, like: Tensor):

@@ -24,6 +24,11 @@ and ``degree`` one in-degree per relation (``[n, relations]``), so the cached st
 one row per node either way. With ``gcmc`` and ``scale`` each relation's aggregate is its sum
 over the node's total in-degree (the row sum of ``degree``), as ``model.gcmc`` computes it
 (``scale`` then weighs each relation's share by its learned scalar, ``model.rating_scale``).
+
+With ``center`` a user's aggregate is two side by side, its mean ``A`` and its deviation
+mean ``D = Σ_j (r_uj − r̄_u) x_j / deg(u)`` (``model.rating_center``), and the degrees keep
+each user's rating sum (``user_rating_sum``) beside its in-degree: a bounded update then
+recovers ``Σ_j r_uj x_j = (D + r̄_u A) deg(u)``, adds the new edges' ``r x`` and recentres.
 """
 
 from __future__ import annotations
@@ -40,10 +45,13 @@ from torch_sparse import SparseTensor
 from scalable_rec.graph.hetero import MOVIE, RATES, USER
 from scalable_rec.graph.relations import BUCKETS, bucket_of, incoming, message_types, parse, splits_by_rating
 from scalable_rec.model.gcmc import inverse_total_degree
+from scalable_rec.model.rating_center import RatingCenterConv
 from scalable_rec.model.rating_scale import RatingScaleConv
 from scalable_rec.model.recommender import Recommender
 
 NodeSets = dict[str, Tensor]
+USER_RATING_SUM = "user_rating_sum"
+"""``Encoded.degree`` key of each user's rating sum (``center`` only)."""
 """Sorted node indices per node type (``user``, ``movie``)."""
 
 
@@ -77,6 +85,37 @@ class EdgeList:
         if self.extra_src is not None and self.extra_src.numel():
             rating = torch.cat([rating, self.extra_rating.to(rating.dtype)])
         return bucket_of(rating)
+
+    @cached_property
+    def rating(self) -> Tensor:
+        """Every edge's rating, in ``src``/``dst`` order (float)."""
+        if self.base_rating is None:
+            raise ValueError("rating-aware messages need the edges' ratings ('base_rating' and 'extra_rating')")
+        rating = self.base_rating.float()
+        if self.extra_src is not None and self.extra_src.numel():
+            rating = torch.cat([rating, self.extra_rating.float()])
+        return rating
+
+    def user_rating_sums(self) -> Tensor:
+        """Per user, the sum of its ratings (float64, as the refresh state keeps it)."""
+        return torch.zeros(self.num_users, dtype=torch.float64).index_add_(0, self.src, self.rating.double())
+
+    def _deviation_rows(self, rows: Tensor | None) -> SparseTensor:
+        """``[len(rows), num_movies]`` deviation adjacency of users ``rows`` (all when
+        ``None``) over all their edges: values ``(r − r̄_u) / deg(u)``, as
+        ``rating_center.deviation_adjacency`` gives them."""
+        deg = torch.bincount(self.src, minlength=self.num_users).double()
+        mean = self.user_rating_sums() / deg.clamp(min=1)
+        value = ((self.rating.double() - mean[self.src]) / deg.clamp(min=1)[self.src]).float()
+        src, dst = self.src, self.dst
+        if rows is None:
+            return SparseTensor(row=src, col=dst, value=value, sparse_sizes=(self.num_users, self.num_movies))
+        local = torch.full((self.num_users,), -1, dtype=torch.long)
+        local[rows] = torch.arange(rows.numel())
+        keep = local[src] >= 0
+        return SparseTensor(
+            row=local[src[keep]], col=dst[keep], value=value[keep], sparse_sizes=(rows.numel(), self.num_movies)
+        )
 
     @cached_property
     def _all(self) -> tuple[Tensor, Tensor]:
@@ -160,9 +199,14 @@ def _incoming(model: Recommender) -> dict[str, list[tuple[str, str, str]]]:
 
 def _conv_output(conv, agg: Tensor, x_dst: Tensor) -> Tensor:
     """One relation's share of the layer output from its aggregate: ``lin_l(agg) +
-    lin_r(x_dst)`` as SAGEConv computes it, or a ``RatingScaleConv``'s scaled share."""
+    lin_r(x_dst)`` as SAGEConv computes it, a ``RatingScaleConv``'s scaled share, or with a
+    ``RatingCenterConv`` (``agg`` the mean and the deviation mean side by side) its
+    ``lin_c`` of the second added."""
     if isinstance(conv, RatingScaleConv):
         return conv.combine(agg, x_dst)
+    if isinstance(conv, RatingCenterConv):
+        mean, dev = agg.chunk(2, dim=1)
+        return conv.lin_l(mean) + conv.lin_r(x_dst) + conv.lin_c(dev)
     return conv.lin_l(agg) + conv.lin_r(x_dst)
 
 
@@ -180,15 +224,20 @@ def _combine(model: Recommender, i: int, agg: dict[str, Tensor], x_dst: dict[str
     return out
 
 
-def _aggregate(model: Recommender, i: int, prev: dict[str, Tensor], adj: dict) -> dict[str, Tensor]:
+def _aggregate(
+    model: Recommender, i: int, prev: dict[str, Tensor], adj: dict, deviation: SparseTensor | None = None
+) -> dict[str, Tensor]:
     """Neighbour aggregation of layer ``i`` per destination type, as SAGEConv computes it
     (one per relation it receives, side by side; with ``gcmc``/``scale`` each relation's sum over the
-    row's degree in all of ``adj``'s relations, as ``GCMCConv`` scales it)."""
+    row's degree in all of ``adj``'s relations, as ``GCMCConv`` scales it; with ``center`` the
+    users' deviation mean over ``deviation`` after their mean)."""
     convs = model.encoder.convs[i].convs
     out = {}
     inv = inverse_total_degree(adj, {et[2]: a.size(0) for et, a in adj.items()}) if model.encoder.total_degree else {}
     for d, types in _incoming(model).items():
         parts = [spmm(adj[et], prev[et[0]].float(), reduce=convs[et].aggr) for et in types]
+        if deviation is not None and d == USER:
+            parts.append(spmm(deviation, prev[MOVIE].float(), reduce="sum"))
         out[d] = torch.cat(parts, dim=1) * (inv[d][:, None] if d in inv else 1.0)
     return out
 
@@ -213,13 +262,17 @@ class Encoded:
     degree: dict[str, Tensor]
 
 
-def degrees(edges: EdgeList, relations: bool = False) -> dict[str, Tensor]:
-    """In-degree per node type; with ``relations`` one column per rating bucket."""
+def degrees(edges: EdgeList, relations: bool = False, center: bool = False) -> dict[str, Tensor]:
+    """In-degree per node type; with ``relations`` one column per rating bucket; with
+    ``center`` also each user's rating sum (``user_rating_sum``)."""
     if not relations:
-        return {
+        out = {
             USER: torch.bincount(edges.src, minlength=edges.num_users),
             MOVIE: torch.bincount(edges.dst, minlength=edges.num_movies),
         }
+        if center:
+            out[USER_RATING_SUM] = edges.user_rating_sums()
+        return out
     return {
         t: _bucket_counts(index, edges.bucket, n)
         for t, index, n in ((USER, edges.src, edges.num_users), (MOVIE, edges.dst, edges.num_movies))
@@ -235,21 +288,30 @@ def _relations(model: Recommender) -> bool:
     return splits_by_rating(model.encoder.rating_messages)
 
 
+def _degrees(model: Recommender, edges: EdgeList) -> dict[str, Tensor]:
+    return degrees(edges, _relations(model), model.encoder.center)
+
+
+def _deviation(model: Recommender, edges: EdgeList, rows: Tensor | None) -> SparseTensor | None:
+    return edges._deviation_rows(rows) if model.encoder.center else None
+
+
 @torch.no_grad()
 def encode_layers(model: Recommender, edges: EdgeList, movie_x: Tensor) -> Encoded:
     """Every layer's output and aggregate for every node. Matches ``Recommender.encode_all``."""
     model.eval()
     _check_supported(model)
     adj = {et: edges._rows(et, None) for et in message_types(model.encoder.rating_messages)}
+    deviation = _deviation(model, edges, None)
     x = _inputs(model, edges, movie_x)
     layers, aggs = [], []
     for i in range(len(model.encoder.convs)):
-        agg = _aggregate(model, i, x, adj)
+        agg = _aggregate(model, i, x, adj, deviation)
         x = _combine(model, i, agg, x)
         layers.append(x)
         aggs.append(agg)
     _finish(model, layers[-1])
-    return Encoded(layers, aggs, degrees(edges, _relations(model)))
+    return Encoded(layers, aggs, _degrees(model, edges))
 
 
 def _project_rows(model: Recommender, cached: dict[str, Tensor], last: dict[str, Tensor], rows: NodeSets) -> None:
@@ -283,7 +345,7 @@ def recompute(model: Recommender, edges: EdgeList, movie_x: Tensor, cached: Enco
     layers, aggs = [], []
     for i, rows in enumerate(sets):
         adj = {et: edges._rows(et, rows[et[2]]) for et in message_types(model.encoder.rating_messages)}
-        part_agg = _aggregate(model, i, x, adj)
+        part_agg = _aggregate(model, i, x, adj, _deviation(model, edges, rows[USER]))
         part = _combine(model, i, part_agg, {t: x[t][rows[t]] for t in (USER, MOVIE)})
         new, agg = _grown_all(cached.layers[i], edges), _grown_all(cached.aggs[i], edges)
         for t in (USER, MOVIE):
@@ -292,7 +354,7 @@ def recompute(model: Recommender, edges: EdgeList, movie_x: Tensor, cached: Enco
         aggs.append(agg)
         x = new
     _project_rows(model, cached.layers[-1], layers[-1], sets[-1])
-    return Encoded(layers, aggs, degrees(edges, _relations(model)))
+    return Encoded(layers, aggs, _degrees(model, edges))
 
 
 @torch.no_grad()
@@ -316,6 +378,8 @@ def bounded_update(
     Mean aggregation only. With rating relations each relation's mean is updated with the
     new edges of its bucket (``rating``: the new edges' ratings); with ``gcmc``/``scale`` each
     relation's sum over the node's total degree, by the same rule with the total degree.
+    With ``center`` a user's deviation mean is recovered, updated and recentred from its
+    rating sum (``rating``: the new edges' ratings).
     """
     model.eval()
     total_degree = model.encoder.total_degree
@@ -323,6 +387,9 @@ def bounded_update(
         assert total_degree or all(c.aggr == "mean" for c in hetero.convs.values()), (
             "bounded refresh needs mean aggregation"
         )
+    center = model.encoder.center
+    if center and rating is None:
+        raise ValueError("a model with rating_messages 'center' needs the new edges' 'rating' for a bounded refresh")
     rows = {USER: torch.unique(src), MOVIE: torch.unique(dst)}
     old_deg = {t: _grown(cached.degree[t], edges.num_users if t == USER else edges.num_movies) for t in (USER, MOVIE)}
     if _relations(model):
@@ -340,6 +407,14 @@ def bounded_update(
             MOVIE: old_deg[MOVIE] + torch.bincount(dst, minlength=edges.num_movies),
         }
     n_rel = len(BUCKETS) if _relations(model) else 1
+    if center:
+        old_sum = _grown(cached.degree[USER_RATING_SUM], edges.num_users)
+        new_deg[USER_RATING_SUM] = old_sum.index_add(0, src, rating.double())
+        # per re-encoded user: its mean rating before and after, and each new edge's row
+        upos = torch.searchsorted(rows[USER], src)
+        old_n, new_n = old_deg[USER][rows[USER]].double(), new_deg[USER][rows[USER]].double()
+        old_mean = (old_sum[rows[USER]] / old_n.clamp(min=1)).float()[:, None]
+        new_mean = (new_deg[USER_RATING_SUM][rows[USER]] / new_n.clamp(min=1)).float()[:, None]
     # Layer-0 inputs are needed only at the endpoints (the new messages' sources and the
     # re-encoded rows), so the movie-feature projection runs on those rows alone.
     h = cached.layers[0][USER].size(1)
@@ -356,11 +431,20 @@ def bounded_update(
             old, now = old_deg[t][rows[t]].view(-1, n_rel, 1), new_deg[t][rows[t]].view(-1, n_rel, 1)
             if total_degree:  # every relation's sum is over the total degree
                 old, now = old.sum(1, keepdim=True), now.sum(1, keepdim=True)
-            total = agg[t][rows[t]].view(-1, n_rel, h) * old
+            cached_agg = agg[t][rows[t]]
+            if center and t == USER:
+                cached_agg, dev = cached_agg.chunk(2, dim=1)
+            total = cached_agg.reshape(-1, n_rel, h) * old
             pos = torch.searchsorted(rows[t], own)
             total.view(-1, h).index_add_(0, pos * n_rel + bucket, x[other][index].float())
             # a relation without any edge of the row keeps its mean at 0, as SAGEConv's
             part_agg[t] = (total / now.clamp(min=1)).view(-1, n_rel * h)
+            if center and t == USER:  # Σ r x = (D + r̄ A) deg, plus the new edges' r x, recentred
+                weighted = (dev + old_mean * cached_agg) * old.view(-1, 1)
+                weighted.index_add_(0, upos, x[MOVIE][dst].float() * rating.float()[:, None])
+                now_mean = part_agg[t]
+                dev = weighted / now.view(-1, 1).clamp(min=1) - new_mean * now_mean
+                part_agg[t] = torch.cat([now_mean, dev], dim=1)
         part = _combine(model, i, part_agg, {t: x[t][rows[t]] for t in (USER, MOVIE)})
         for t in (USER, MOVIE):
             new[t][rows[t]], agg[t][rows[t]] = part[t], part_agg[t]
