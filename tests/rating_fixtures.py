@@ -6,8 +6,10 @@ would not reach the messages)."""
 import pyarrow as pa
 import torch
 
-from scalable_rec.graph import RatingGraph
-from scalable_rec.train import ModelConfig, Recommender
+from scalable_rec.dist import DistEnv
+from scalable_rec.graph import RatingGraph, SplitConfig, split_edges
+from scalable_rec.train import ModelConfig, Recommender, TrainConfig
+from scalable_rec.train.batches import SupervisionEdges, make_loader
 
 
 def three_user_graph(rating: list[float]) -> RatingGraph:
@@ -43,3 +45,22 @@ def vary_scale_scalars(model: Recommender, values: list[float] | None = None) ->
         elif name.endswith("lin_c.weight"):
             p.normal_(std=0.3)
     return model
+
+
+def target_excluding_loader(shards) -> tuple[RatingGraph, dict, object]:
+    """The graph of ``shards``, every edge's rating by ``(user, movie)``, and a loader of its
+    training edges (full neighbourhoods, batches of 32) with each batch's targets excluded."""
+    g = RatingGraph.from_shards(shards)
+    split = split_edges(g, SplitConfig(val_ratio=0.1, test_ratio=0.11))
+    truth = {(u, m): r for u, m, r in zip(g.src.tolist(), g.dst.tolist(), g.rating.tolist())}
+    loader, _ = make_loader(
+        g.hetero_data(split.train),
+        SupervisionEdges(g.src, g.dst, g.rating, split.train),
+        TrainConfig(num_neighbors=[-1, -1], progress=False),
+        32,
+        DistEnv(),
+        shuffle=True,
+        device=torch.device("cpu"),
+        exclude_targets=True,
+    )
+    return g, truth, loader

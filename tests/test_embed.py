@@ -5,14 +5,13 @@ bucket fractions over the edges it aggregates, targets of a batch excluded from 
 import pytest
 import torch
 from rating_fixtures import small_model as _model
+from rating_fixtures import target_excluding_loader
 from rating_fixtures import three_user_graph as _graph
 
-from scalable_rec.dist import DistEnv
-from scalable_rec.graph import MOVIE, RATES, REV_RATES, USER, RatingGraph, SplitConfig, split_edges
+from scalable_rec.graph import MOVIE, RATES, REV_RATES, USER
 from scalable_rec.graph.relations import bucket_fractions, bucket_of
 from scalable_rec.model.rating_embed import RatingEmbedConv
-from scalable_rec.train import ModelConfig, Recommender, TrainConfig
-from scalable_rec.train.batches import SupervisionEdges, make_loader
+from scalable_rec.train import ModelConfig, Recommender
 
 
 def _random_buckets(model: Recommender) -> None:
@@ -105,19 +104,7 @@ def test_the_bucket_vectors_learn_from_the_first_step():
 def test_a_batchs_targets_do_not_count_in_its_bucket_fractions(tiny_shards):
     """With target exclusion every destination's fractions are those of the edges left in
     the batch: the targets' ratings reach neither the messages nor ``F``."""
-    g = RatingGraph.from_shards(tiny_shards)
-    split = split_edges(g, SplitConfig(val_ratio=0.1, test_ratio=0.11))
-    truth = {(u, m): r for u, m, r in zip(g.src.tolist(), g.dst.tolist(), g.rating.tolist())}
-    loader, _ = make_loader(
-        g.hetero_data(split.train),
-        SupervisionEdges(g.src, g.dst, g.rating, split.train),
-        TrainConfig(num_neighbors=[-1, -1], progress=False),
-        32,
-        DistEnv(),
-        shuffle=True,
-        device=torch.device("cpu"),
-        exclude_targets=True,
-    )
+    g, truth, loader = target_excluding_loader(tiny_shards)
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=4, rating_messages="embed"))
     differs = 0
     for batch in loader:
