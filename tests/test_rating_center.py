@@ -7,9 +7,15 @@ import torch
 from rating_fixtures import small_model as _model
 from rating_fixtures import target_excluding_loader
 from rating_fixtures import three_user_graph as _graph
+from sync_count import HostSyncs
 
 from scalable_rec.graph import MOVIE, RATES, REV_RATES, USER
-from scalable_rec.model.rating_center import RatingCenterConv, deviation_values
+from scalable_rec.model.rating_center import (
+    RatingCenterConv,
+    coo_deviation_adjacency,
+    deviation_adjacency,
+    deviation_values,
+)
 from scalable_rec.refresh import check_refreshable
 from scalable_rec.train import ModelConfig, Recommender
 
@@ -150,3 +156,22 @@ def test_with_another_aggregation_the_rating_term_is_still_a_deviation_mean(aggr
         agg = pair.sum(0) if aggr == "sum" else pair.max(0).values
         want = conv.lin_l(agg) + conv.lin_r(x[USER][0]) + conv.lin_c((x[MOVIE][1] - x[MOVIE][0]) / 2)
         torch.testing.assert_close(got[USER][0], want)
+
+
+@pytest.mark.parametrize("sparse_tensor", [True, False], ids=["SparseTensor", "csr"])
+def test_a_batchs_deviation_adjacency_is_built_without_a_host_sync(sparse_tensor):
+    """A training step builds ``D`` from the batch's COO edges: no operation whose output
+    size or value the host must read on a GPU (counted on the CPU, where the same operations
+    run), and the CSR equals the one built from sorted edges."""
+    gen = torch.Generator().manual_seed(0)
+    edge_index = torch.stack([torch.randint(0, 40, (500,), generator=gen), torch.randint(0, 30, (500,), generator=gen)])
+    rating = torch.randint(1, 11, (500,), generator=gen) / 2
+    with HostSyncs() as syncs:
+        adj = coo_deviation_adjacency(edge_index, rating, 40, 30, torch.device("cpu"), sparse_tensor)
+    assert syncs.total == 0, syncs.counts
+    perm = torch.argsort(edge_index[1] * 40 + edge_index[0])
+    rowptr = torch.zeros(31, dtype=torch.long)
+    rowptr[1:] = torch.bincount(edge_index[1], minlength=30).cumsum(0)
+    ref = deviation_adjacency(rowptr, edge_index[0][perm], rating[perm], 40, torch.device("cpu"), sparse_tensor)
+    dense = adj.to_dense()
+    assert torch.equal(dense, ref.to_dense()) and dense.abs().sum() > 0

@@ -44,10 +44,33 @@ def deviation_adjacency(
 ):
     """``[num_dst, num_src]`` CSR (``rowptr`` over destinations, ``col`` sources, ``rating``
     per position) with ``deviation_values`` as its values, on ``device``: torch-sparse's
-    ``SparseTensor`` where ``sparse_tensor``, else torch's CSR."""
+    ``SparseTensor`` where ``sparse_tensor``, else torch's CSR. (Layer-wise encoding's CSC
+    slices, which sit on the host.)"""
     num_dst = rowptr.numel() - 1
     dst = torch.repeat_interleave(torch.arange(num_dst, device=rowptr.device), rowptr.diff())
-    value = deviation_values(dst, rating.to(rowptr.device), num_dst)
+    return _csr(rowptr, col, dst, rating.to(rowptr.device), num_src, device, sparse_tensor)
+
+
+def coo_deviation_adjacency(
+    edge_index: Tensor, rating: Tensor, num_src: int, num_dst: int, device, sparse_tensor: bool
+):
+    """``deviation_adjacency`` of a COO ``edge_index`` (row 0 sources, row 1 destinations),
+    its edges sorted by destination, then source, built where ``edge_index`` is and moved to
+    ``device``. On a GPU nothing here waits for the device (no ``bincount`` or
+    ``repeat_interleave``, whose output sizes the host would have to read)."""
+    src, dst = edge_index
+    if rating.numel() != src.numel():
+        raise ValueError(f"'rating' needs one entry per edge (got {rating.numel()} for {src.numel()} edges)")
+    perm = torch.argsort(dst * num_src + src)
+    counts = torch.zeros(num_dst, dtype=torch.long, device=dst.device).index_add_(0, dst, torch.ones_like(dst))
+    rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return _csr(rowptr, src[perm], dst[perm], rating.to(perm.device)[perm], num_src, device, sparse_tensor)
+
+
+def _csr(rowptr: Tensor, col: Tensor, dst: Tensor, rating: Tensor, num_src: int, device, sparse_tensor: bool):
+    """The CSR of sorted edges (``dst`` each position's destination) with its deviation values."""
+    num_dst = rowptr.numel() - 1
+    value = deviation_values(dst, rating, num_dst)
     if sparse_tensor:
         from torch_sparse import SparseTensor
 
@@ -55,20 +78,6 @@ def deviation_adjacency(
             rowptr=rowptr, col=col, value=value, sparse_sizes=(num_dst, num_src), is_sorted=True, trust_data=True
         ).to(device)
     return torch.sparse_csr_tensor(rowptr, col, value, size=(num_dst, num_src)).to(device)
-
-
-def coo_deviation_adjacency(
-    edge_index: Tensor, rating: Tensor, num_src: int, num_dst: int, device, sparse_tensor: bool
-):
-    """``deviation_adjacency`` of a COO ``edge_index`` (row 0 sources, row 1 destinations),
-    its edges sorted by destination, then source."""
-    src, dst = edge_index
-    if rating.numel() != src.numel():
-        raise ValueError(f"'rating' needs one entry per edge (got {rating.numel()} for {src.numel()} edges)")
-    perm = torch.argsort(dst * num_src + src)
-    rowptr = torch.zeros(num_dst + 1, dtype=torch.long, device=edge_index.device)
-    rowptr[1:] = torch.bincount(dst, minlength=num_dst).cumsum(0)
-    return deviation_adjacency(rowptr, src[perm], rating.to(perm.device)[perm], num_src, device, sparse_tensor)
 
 
 class RatingCenterConv(SAGEConv):
