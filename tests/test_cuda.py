@@ -394,11 +394,11 @@ def test_embed_encoding_on_cuda_equals_the_cpu(tiny_shards, kind, mode):
     n_id = {"user": torch.arange(g.num_users), "movie": torch.arange(g.num_movies)}
     with torch.no_grad():
         cpu = torch.device("cpu")
-        ref = model.encoder(n_id, g.movie_x, model._adjacency(data, cpu, kind), model._bucket_fractions(data, cpu))
+        ref = model.encoder(n_id, g.movie_x, model._adjacency(data, cpu, kind), model._rating_inputs(data, cpu))
         cuda = torch.device("cuda")
         model.cuda()
         n_id = {k: v.cuda() for k, v in n_id.items()}
-        frac = model._bucket_fractions(data, cuda)
+        frac = model._rating_inputs(data, cuda)
         # a tensor, or torch-sparse's SparseTensor (whose device is a method)
         assert all((f.device() if callable(f.device) else f.device).type == "cuda" for f in frac.values())
         got = model.encoder(n_id, g.movie_x.cuda(), model._adjacency(data, cuda, kind), frac)

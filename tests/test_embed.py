@@ -108,7 +108,7 @@ def test_a_batchs_targets_do_not_count_in_its_bucket_fractions(tiny_shards):
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=4, rating_messages="embed"))
     differs = 0
     for batch in loader:
-        frac = model._bucket_fractions(batch, torch.device("cpu"))
+        frac = model._rating_inputs(batch, torch.device("cpu"))
         u, m = batch[RATES].edge_label_index
         targets = list(zip(batch[USER].n_id[u].tolist(), batch[MOVIE].n_id[m].tolist()))
         target_set = set(targets)

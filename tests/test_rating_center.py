@@ -111,7 +111,7 @@ def test_a_batchs_targets_do_not_count_in_its_users_deviations(tiny_shards):
     model = Recommender(g.num_users, g.num_movies, g.movie_x.size(1), ModelConfig(hidden=4, rating_messages="center"))
     checked = 0
     for batch in loader:
-        dev = model._bucket_fractions(batch, torch.device("cpu"))
+        dev = model._rating_inputs(batch, torch.device("cpu"))
         assert set(dev) == {REV_RATES}
         dense = dev[REV_RATES].to_dense()  # [users, movies]
         u, m = batch[RATES].edge_label_index

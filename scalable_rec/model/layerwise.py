@@ -163,15 +163,15 @@ def encode_layerwise(
                     x_dst = x[dst][a:b].to(device, non_blocking=True)
                     # gcmc, scale: the batch's full neighbourhood over all relations is the degree
                     extra = (inverse_total_degree(adj, {dst: b - a})[dst],) if enc.total_degree else ()
-                    if enc.embed:  # the bucket fractions over the batch's whole CSC slice
+                    if enc.embed or (enc.center and edge_type == REV_RATES):
                         ptr = colptr[edge_type][a : b + 1]
                         lo, hi = int(ptr[0]), int(ptr[-1])
-                        extra = (csc_bucket_fractions(ptr - lo, ratings[edge_type][lo:hi]).to(device),)
-                    if enc.center and edge_type == REV_RATES:  # the users' deviations over the slice
-                        ptr = colptr[edge_type][a : b + 1]
-                        lo, hi = int(ptr[0]), int(ptr[-1])
-                        sizes = row[edge_type][lo:hi], ratings[edge_type][lo:hi], num[src]
-                        extra = (deviation_adjacency(ptr - lo, *sizes, device, torch_sparse_runs_on(device)),)
+                        rating = ratings[edge_type][lo:hi]
+                        if enc.embed:  # the bucket fractions over the batch's whole CSC slice
+                            extra = (csc_bucket_fractions(ptr - lo, rating).to(device),)
+                        else:  # center: the users' deviations over the slice
+                            slice_ = ptr - lo, row[edge_type][lo:hi], rating, num[src]
+                            extra = (deviation_adjacency(*slice_, device, torch_sparse_runs_on(device)),)
                     # PyG's ModuleDict takes edge-type tuples; relations sum as HeteroConv sums them
                     hs = [hetero_conv.convs[et]((x_src, x_dst), adj[et], *extra) for et in adj]
                     h = hs[0] if len(hs) == 1 else torch.stack(hs).sum(0)

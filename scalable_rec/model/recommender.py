@@ -261,22 +261,23 @@ class HeteroSAGEEncoder(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
-        self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict, bucket_frac: dict | None = None
+        self, n_id: dict[str, Tensor], movie_x: Tensor, edge_index: dict, rating_inputs: dict | None = None
     ) -> dict[str, Tensor]:
-        """``bucket_frac`` (``embed``): per edge type, ``[num_dst, 3]`` bucket fractions of
-        each destination over the edges of ``edge_index`` (``relations.bucket_fractions``);
-        (``center``) for ``rev_rates``, the users' ``rating_center.deviation_adjacency``."""
-        if self.embed and bucket_frac is None:
-            raise ValueError("rating_messages 'embed' needs each destination's bucket fractions ('bucket_frac')")
-        if self.center and bucket_frac is None:
-            raise ValueError("rating_messages 'center' needs the users' deviation adjacency ('bucket_frac')")
+        """``rating_inputs`` (``Recommender._rating_inputs``): with ``embed``, per edge type,
+        ``[num_dst, 3]`` bucket fractions of each destination over the edges of ``edge_index``
+        (``relations.bucket_fractions``); with ``center``, for ``rev_rates``, the users'
+        ``rating_center.deviation_adjacency``."""
+        if self.embed and rating_inputs is None:
+            raise ValueError("rating_messages 'embed' needs each destination's bucket fractions ('rating_inputs')")
+        if self.center and rating_inputs is None:
+            raise ValueError("rating_messages 'center' needs the users' deviation adjacency ('rating_inputs')")
         with fp32_guard(self.unbounded, movie_x.device):
             x = self.input_features(n_id, movie_x)
             kwargs = {}
             if self.embed:
-                kwargs["bucket_frac_dict"] = bucket_frac
+                kwargs["bucket_frac_dict"] = rating_inputs
             if self.center:
-                kwargs["deviation_dict"] = bucket_frac
+                kwargs["deviation_dict"] = rating_inputs
             if self.total_degree:  # one degree per destination over all its relations, every layer
                 inv = inverse_total_degree(edge_index, {t: v.size(0) for t, v in x.items()})
                 kwargs["inv_degree_dict"] = {et: inv[et[2]] for et in edge_index}
@@ -569,7 +570,7 @@ class Recommender(nn.Module):
             n_id[MOVIE] = n_id[MOVIE].masked_fill(drop, self.encoder.movie_emb.num_embeddings)
         device = batch[MOVIE].x.device
         adj = self._adjacency(batch, device, training_adjacency_kind(device))
-        z = self.encoder(n_id, batch[MOVIE].x, adj, self._bucket_fractions(batch, device))
+        z = self.encoder(n_id, batch[MOVIE].x, adj, self._rating_inputs(batch, device))
         u, m = batch[RATES].edge_label_index
         zu, zm = z[USER][u], z[MOVIE][m]
         with self._guard(zu):
@@ -600,7 +601,7 @@ class Recommender(nn.Module):
             for et, ei in edges.items()
         }
 
-    def _bucket_fractions(self, data, device: torch.device) -> dict | None:
+    def _rating_inputs(self, data, device: torch.device) -> dict | None:
         """With ``embed``: per edge type of ``data``, each destination's bucket fractions over
         its edges in ``data`` (a batch's after target exclusion: the targets' ratings are not
         counted), on ``device``; with ``center``, the users' deviation adjacency over the
@@ -639,7 +640,7 @@ class Recommender(nn.Module):
             MOVIE: torch.arange(data[MOVIE].num_nodes, device=device),
         }
         z = self.encoder(
-            n_id, data[MOVIE].x.to(device), self._adjacency(data, device), self._bucket_fractions(data, device)
+            n_id, data[MOVIE].x.to(device), self._adjacency(data, device), self._rating_inputs(data, device)
         )
         if self.retrieval is not None:
             with self._guard(z[USER]):

@@ -45,14 +45,14 @@ from torch_sparse import SparseTensor
 from scalable_rec.graph.hetero import MOVIE, RATES, USER
 from scalable_rec.graph.relations import BUCKETS, bucket_of, incoming, message_types, parse, splits_by_rating
 from scalable_rec.model.gcmc import inverse_total_degree
-from scalable_rec.model.rating_center import RatingCenterConv
+from scalable_rec.model.rating_center import RatingCenterConv, deviation_values
 from scalable_rec.model.rating_scale import RatingScaleConv
 from scalable_rec.model.recommender import Recommender
 
 NodeSets = dict[str, Tensor]
+"""Sorted node indices per node type (``user``, ``movie``)."""
 USER_RATING_SUM = "user_rating_sum"
 """``Encoded.degree`` key of each user's rating sum (``center`` only)."""
-"""Sorted node indices per node type (``user``, ``movie``)."""
 
 
 @dataclass
@@ -100,14 +100,15 @@ class EdgeList:
         """Per user, the sum of its ratings (float64, as the refresh state keeps it)."""
         return torch.zeros(self.num_users, dtype=torch.float64).index_add_(0, self.src, self.rating.double())
 
+    @cached_property
+    def deviation(self) -> Tensor:
+        """Every edge's ``(r − r̄_u) / deg(u)`` over its user's edges (``center``'s values)."""
+        return deviation_values(self.src, self.rating, self.num_users)
+
     def _deviation_rows(self, rows: Tensor | None) -> SparseTensor:
         """``[len(rows), num_movies]`` deviation adjacency of users ``rows`` (all when
-        ``None``) over all their edges: values ``(r − r̄_u) / deg(u)``, as
-        ``rating_center.deviation_adjacency`` gives them."""
-        deg = torch.bincount(self.src, minlength=self.num_users).double()
-        mean = self.user_rating_sums() / deg.clamp(min=1)
-        value = ((self.rating.double() - mean[self.src]) / deg.clamp(min=1)[self.src]).float()
-        src, dst = self.src, self.dst
+        ``None``) over all their edges, with the values ``rating_center`` gives them."""
+        src, dst, value = self.src, self.dst, self.deviation
         if rows is None:
             return SparseTensor(row=src, col=dst, value=value, sparse_sizes=(self.num_users, self.num_movies))
         local = torch.full((self.num_users,), -1, dtype=torch.long)
